@@ -1,0 +1,33 @@
+# One-command set-up: `make demo` and `make test` both install everything first.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+# torch is pinned in the same pip command as the rest: on this kind of machine the
+# pinned CPU wheel is on disk; an unpinned install would pull a multi-GB CUDA build.
+TORCH  ?= torch==2.13.0
+
+.PHONY: install demo test bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet "$(TORCH)" -e ".[dev]"
+	touch $@
+
+demo: install
+	$(PY) -m scenarios.demo
+
+test: install
+	$(PY) -m pytest -q
+
+bench: install
+	$(PY) benchmarks/transport.py --quick
+	$(PY) benchmarks/aggregation.py
+	$(PY) benchmarks/clustering.py
+	$(PY) benchmarks/memory_model.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

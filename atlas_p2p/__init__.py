@@ -1,0 +1,1 @@
+"""atlas_p2p package."""
