@@ -1,0 +1,8 @@
+"""Shared pytest set-up: keep torch to one thread so tests share the 2 cores fairly."""
+try:
+    import torch
+except ImportError:  # the transport tests do not need torch
+    torch = None
+
+if torch is not None:
+    torch.set_num_threads(1)
