@@ -1,0 +1,55 @@
+"""Liveness of peers as a pure state machine: alive -> suspect -> dead, and left.
+
+The bootstrap only knows when it last heard a heartbeat. Silence s (seconds) maps to a
+status with two thresholds T_suspect < T_dead:
+
+    s <  T_suspect          -> alive
+    T_suspect <= s < T_dead -> suspect
+    s >= T_dead             -> dead
+
+`dead` and `left` are sticky under silence: only a heartbeat (for dead) or a fresh join
+(for left) brings a node back. Silence is counted from the later of the last heartbeat
+and "bootstrap start + grace", so that after a bootstrap restart the nodes that kept
+running (and were backing off while it was away) get time to reach it again before
+anyone is declared suspect or dead. Everything here is synchronous and clock-free: the
+caller passes `now`.
+"""
+
+from __future__ import annotations
+
+ALIVE = "alive"
+SUSPECT = "suspect"
+DEAD = "dead"
+LEFT = "left"
+STATUSES = (ALIVE, SUSPECT, DEAD, LEFT)
+
+
+def silence(now: float, last_seen: float, started_at: float, grace_s: float) -> float:
+    """Seconds of silence that count: now - max(last_seen, started_at + grace_s)."""
+    return now - max(last_seen, started_at + grace_s)
+
+
+def status_after_silence(status: str, silent_s: float, suspect_after_s: float, dead_after_s: float) -> str:
+    """Status of a node that has been silent for `silent_s` seconds (see module doc)."""
+    if status not in STATUSES:
+        raise ValueError(f"status must be one of {STATUSES}, got {status!r}")
+    if status in (DEAD, LEFT):
+        return status
+    if silent_s >= dead_after_s:
+        return DEAD
+    if silent_s >= suspect_after_s:
+        return SUSPECT
+    return ALIVE
+
+
+def status_after_heartbeat(status: str) -> str | None:
+    """Status once a heartbeat arrives; None means the node must join again.
+
+    A heartbeat revives a suspect or dead node (it was only slow, or the bootstrap was
+    away); a node that said `leave` has to join again to come back.
+    """
+    if status not in STATUSES:
+        raise ValueError(f"status must be one of {STATUSES}, got {status!r}")
+    if status == LEFT:
+        return None
+    return ALIVE

@@ -1,0 +1,381 @@
+"""The bootstrap's peer table: one row per node ever joined, in memory or in SQLite.
+
+Two backends behind one interface (`PeerTable`), checked by one contract test suite:
+`MemoryPeerTable` (tests, throw-away swarms) and `SqlitePeerTable` (the real service:
+a file under `--state DIR` in WAL mode, so a bootstrap killed with SIGKILL and started
+again on the same directory sees the same peers, ids and settings).
+
+The columns are the fields of `PeerRecord`; the SQL schema is derived from them, and
+opening an older file adds any missing column, so a new column is one new field with a
+default. Small string settings that must survive a restart (the id counter, the
+fingerprint seed) live in a key/value `meta` table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sqlite3
+import types
+import typing
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from nodes.liveness import ALIVE, STATUSES
+
+log = logging.getLogger(__name__)
+
+DB_FILENAME = "peers.sqlite3"
+_ID_PREFIX = "n"
+
+
+class PeerTableError(RuntimeError):
+    """The state directory or database cannot be used (not a directory, not a database, ...)."""
+
+
+@dataclass(frozen=True)
+class PeerRecord:
+    """One node as the bootstrap sees it; `to_dict()` is the row `peers` returns."""
+
+    id: str  # node id assigned at first join ("n0001"), kept across rejoins
+    address: str  # HOST:PORT of the node's own RPC server
+    memory_mb: int  # memory budget offered, decimal MB
+    bandwidth_mbps: float  # uplink offered, Mbit/s
+    compute_score: float  # relative compute (GFLOP/s measured by the node)
+    has_data: bool  # False: a pure helper that lends compute
+    status: str  # alive | suspect | dead | left
+    joined_at: float  # unix time of the latest join
+    last_seen: float  # unix time of the latest join or heartbeat
+    model: str | None = None  # model the node said it runs
+    public_key: str | None = None  # CurveZMQ public key (z85), if any
+    role: str | None = None  # owner | helper | both (planning fills it)
+    state: str | None = None  # lifecycle state reported by the node's heartbeat
+    round: int | None = None  # merge round the node reports
+    base_version: int | None = None  # versioned base the node runs
+    cluster: int | None = None  # cluster id, None until assigned
+    split: int | None = None  # split layer, None until assigned
+    helper: str | None = None  # node id of its helper, None until assigned
+
+    def __post_init__(self) -> None:
+        _check_values(dataclasses.asdict(self))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready row (plain str/int/float/bool/None values)."""
+        return dataclasses.asdict(self)
+
+
+_HINTS: dict[str, Any] = typing.get_type_hints(PeerRecord)
+COLUMNS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(PeerRecord))
+_REQUIRED: frozenset[str] = frozenset(
+    f.name for f in dataclasses.fields(PeerRecord) if f.default is dataclasses.MISSING
+)
+
+
+def _base_type(hint: Any) -> tuple[type, bool]:
+    """(python type, nullable) of a column annotation such as `int | None`."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return args[0], True
+    return hint, False
+
+
+def _check_values(values: Mapping[str, Any]) -> None:
+    """Raise ValueError unless every (column, value) pair fits the column's type."""
+    for name, value in values.items():
+        if name not in _HINTS:
+            raise ValueError(f"unknown peer table column {name!r}")
+        kind, nullable = _base_type(_HINTS[name])
+        if value is None:
+            if not nullable:
+                raise ValueError(f"column {name!r} cannot be None")
+            continue
+        if kind is float:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        elif kind is int:
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        else:
+            ok = isinstance(value, kind)
+        if not ok:
+            raise ValueError(f"column {name!r} expects {kind.__name__}, got {value!r}")
+    if "status" in values and values["status"] not in STATUSES:
+        raise ValueError(f"column 'status' must be one of {STATUSES}, got {values['status']!r}")
+
+
+def format_node_id(number: int) -> str:
+    """The k-th id handed out: 1 -> "n0001" (more digits once past 9999)."""
+    return f"{_ID_PREFIX}{number:04d}"
+
+
+def node_sort_key(node_id: str) -> tuple[int, str]:
+    """Numeric order of ids ("n0002" < "n0010" < "n10000"); foreign ids sort last."""
+    digits = node_id[len(_ID_PREFIX):]
+    if node_id.startswith(_ID_PREFIX) and digits.isdigit():
+        return int(digits), ""
+    return 1 << 62, node_id
+
+
+class PeerTable(ABC):
+    """Interface of the peer table. Every write is durable once the call returns."""
+
+    @abstractmethod
+    def _next_number(self) -> int:
+        """Return and persist the next id number (1, 2, ...)."""
+
+    @abstractmethod
+    def put(self, record: PeerRecord) -> None:
+        """Insert the record, or replace the row with the same id."""
+
+    @abstractmethod
+    def get(self, node_id: str) -> PeerRecord | None:
+        """The row for `node_id`, or None."""
+
+    @abstractmethod
+    def rows(self) -> list[PeerRecord]:
+        """All rows in id order."""
+
+    @abstractmethod
+    def _write_many(self, records: list[PeerRecord]) -> None:
+        """Replace these rows in one transaction."""
+
+    @abstractmethod
+    def get_meta(self, key: str) -> str | None:
+        """A persisted setting, or None."""
+
+    @abstractmethod
+    def set_meta(self, key: str, value: str) -> None:
+        """Persist a setting."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release the backend; idempotent."""
+
+    def allocate_id(self) -> str:
+        """A fresh node id, never handed out before by this table."""
+        return format_node_id(self._next_number())
+
+    def update(self, node_id: str, **fields: Any) -> PeerRecord:
+        """Change some columns of one row; KeyError if unknown id, ValueError if bad field."""
+        self.update_many({node_id: fields})
+        record = self.get(node_id)
+        assert record is not None
+        return record
+
+    def update_many(self, changes: Mapping[str, Mapping[str, Any]]) -> None:
+        """Apply {node_id: {column: value}} atomically: all rows change or none."""
+        updated = []
+        for node_id, fields in changes.items():
+            if "id" in fields:
+                raise ValueError("column 'id' cannot be changed")
+            _check_values(fields)
+            current = self.get(node_id)
+            if current is None:
+                raise KeyError(node_id)
+            updated.append(dataclasses.replace(current, **fields))
+        if updated:
+            self._write_many(updated)
+
+    def __enter__(self) -> PeerTable:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class MemoryPeerTable(PeerTable):
+    """Peer table in a dict; gone with the process."""
+
+    def __init__(self) -> None:
+        self._rows: dict[str, PeerRecord] = {}
+        self._meta: dict[str, str] = {}
+        self._counter = 0
+
+    def _next_number(self) -> int:
+        self._counter += 1
+        return self._counter
+
+    def put(self, record: PeerRecord) -> None:
+        self._rows[record.id] = record
+
+    def get(self, node_id: str) -> PeerRecord | None:
+        return self._rows.get(node_id)
+
+    def rows(self) -> list[PeerRecord]:
+        return [self._rows[k] for k in sorted(self._rows, key=node_sort_key)]
+
+    def _write_many(self, records: list[PeerRecord]) -> None:
+        for record in records:
+            self._rows[record.id] = record
+
+    def get_meta(self, key: str) -> str | None:
+        return self._meta.get(key)
+
+    def set_meta(self, key: str, value: str) -> None:
+        self._meta[key] = str(value)
+
+    def close(self) -> None:
+        pass
+
+
+_SQL_TYPES = {str: "TEXT", int: "INTEGER", float: "REAL", bool: "INTEGER"}
+
+
+def _column_sql(name: str) -> str:
+    kind, nullable = _base_type(_HINTS[name])
+    sql = f'"{name}" {_SQL_TYPES[kind]}'
+    if name == "id":
+        return sql + " PRIMARY KEY"
+    if not nullable and name not in _REQUIRED:
+        raise AssertionError(f"non-null column {name} needs to be required")
+    return sql
+
+
+class SqlitePeerTable(PeerTable):
+    """Peer table in an SQLite file (WAL journal, synchronous=NORMAL).
+
+    WAL with synchronous=NORMAL makes every committed write survive the process being
+    killed (only a power cut can lose the last transactions), and readers never block
+    the writer.
+    """
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        try:
+            self._conn = sqlite3.connect(self.path, isolation_level=None, timeout=5.0)
+        except sqlite3.Error as exc:
+            raise PeerTableError(f"cannot open peer table {self.path}: {exc}") from None
+        try:
+            mode = self._conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise PeerTableError(f"peer table {self.path}: WAL journal not available (got {mode})")
+            self._conn.execute("PRAGMA synchronous=NORMAL")
+            self._create_schema()
+        except sqlite3.Error as exc:
+            self._conn.close()
+            raise PeerTableError(f"peer table {self.path} is not usable: {exc}") from None
+        self._closed = False
+
+    def _create_schema(self) -> None:
+        columns = ", ".join(_column_sql(name) for name in COLUMNS)
+        self._conn.execute(f"CREATE TABLE IF NOT EXISTS peers ({columns})")
+        self._conn.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        present = {row[1] for row in self._conn.execute("PRAGMA table_info(peers)")}
+        for name in COLUMNS:
+            if name not in present:
+                log.info("peer table %s: adding column %s", self.path, name)
+                self._conn.execute(f"ALTER TABLE peers ADD COLUMN {_column_sql(name)}")
+
+    def _next_number(self) -> int:
+        with self._transaction():
+            current = int(self.get_meta("next_id") or "1")
+            self.set_meta("next_id", str(current + 1))
+        return current
+
+    def put(self, record: PeerRecord) -> None:
+        self._write_many([record])
+
+    def get(self, node_id: str) -> PeerRecord | None:
+        cursor = self._conn.execute(f"SELECT {self._select} FROM peers WHERE id = ?", (node_id,))
+        row = cursor.fetchone()
+        return None if row is None else self._from_row(row)
+
+    def rows(self) -> list[PeerRecord]:
+        records = [self._from_row(r) for r in self._conn.execute(f"SELECT {self._select} FROM peers")]
+        return sorted(records, key=lambda r: node_sort_key(r.id))
+
+    def _write_many(self, records: list[PeerRecord]) -> None:
+        placeholders = ", ".join("?" for _ in COLUMNS)
+        sql = f"INSERT OR REPLACE INTO peers ({self._select}) VALUES ({placeholders})"
+        with self._transaction():
+            self._conn.executemany(sql, [tuple(getattr(r, c) for c in COLUMNS) for r in records])
+
+    def get_meta(self, key: str) -> str | None:
+        row = self._conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else row[0]
+
+    def set_meta(self, key: str, value: str) -> None:
+        self._conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, str(value)))
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._conn.close()
+
+    _select = ", ".join(f'"{c}"' for c in COLUMNS)
+
+    @staticmethod
+    def _from_row(row: tuple) -> PeerRecord:
+        values = dict(zip(COLUMNS, row))
+        for name, value in values.items():
+            kind, _ = _base_type(_HINTS[name])
+            if value is not None and kind is bool:
+                values[name] = bool(value)
+            elif value is not None and kind is float:
+                values[name] = float(value)
+        return PeerRecord(**values)
+
+    def _transaction(self) -> _Transaction:
+        return _Transaction(self._conn)
+
+
+class _Transaction:
+    """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on error; nests as a no-op."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+        self._outer = False
+
+    def __enter__(self) -> None:
+        if not self._conn.in_transaction:
+            self._conn.execute("BEGIN IMMEDIATE")
+            self._outer = True
+
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        if not self._outer:
+            return
+        self._conn.execute("ROLLBACK" if exc_type is not None else "COMMIT")
+
+
+def open_peer_table(state_dir: Path | str | None) -> PeerTable:
+    """SQLite table in `state_dir` (created if missing), or an in-memory one for None."""
+    if state_dir is None:
+        return MemoryPeerTable()
+    directory = Path(state_dir)
+    if directory.exists() and not directory.is_dir():
+        raise PeerTableError(f"state dir {directory} exists and is not a directory")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise PeerTableError(f"cannot create state dir {directory}: {exc.strerror or exc}") from None
+    return SqlitePeerTable(directory / DB_FILENAME)
+
+
+def new_record(
+    node_id: str,
+    *,
+    address: str,
+    memory_mb: int,
+    bandwidth_mbps: float,
+    compute_score: float,
+    has_data: bool,
+    now: float,
+    model: str | None = None,
+    public_key: str | None = None,
+) -> PeerRecord:
+    """Row for a node that has just joined: alive, seen now, nothing assigned yet."""
+    return PeerRecord(
+        id=node_id,
+        address=address,
+        memory_mb=memory_mb,
+        bandwidth_mbps=bandwidth_mbps,
+        compute_score=compute_score,
+        has_data=has_data,
+        status=ALIVE,
+        joined_at=now,
+        last_seen=now,
+        model=model,
+        public_key=public_key,
+        role="owner" if has_data else "helper",
+    )

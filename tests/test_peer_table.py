@@ -1,0 +1,218 @@
+"""Contract tests for the peer table, run against every backend, plus SQLite restarts."""
+
+from __future__ import annotations
+
+import dataclasses
+import sqlite3
+
+import pytest
+
+from nodes.peer_table import (
+    COLUMNS,
+    DB_FILENAME,
+    MemoryPeerTable,
+    PeerTable,
+    PeerTableError,
+    SqlitePeerTable,
+    new_record,
+    node_sort_key,
+    open_peer_table,
+)
+
+
+def _record(node_id: str, now: float = 100.0, **overrides):
+    fields = dict(
+        address="127.0.0.1:7001",
+        memory_mb=8000,
+        bandwidth_mbps=50.0,
+        compute_score=12.5,
+        has_data=False,
+        now=now,
+        model=None,
+    )
+    fields.update(overrides)
+    return new_record(node_id, **fields)
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+def table(request, tmp_path) -> PeerTable:
+    backend = MemoryPeerTable() if request.param == "memory" else open_peer_table(tmp_path / "state")
+    yield backend
+    backend.close()
+
+
+def test_allocated_ids_are_fresh_and_ordered(table):
+    ids = [table.allocate_id() for _ in range(3)]
+
+    assert ids == ["n0001", "n0002", "n0003"]
+
+
+def test_put_then_get_returns_the_same_record(table):
+    record = _record(table.allocate_id(), public_key="k" * 40, model="tiny-gpt2")
+
+    table.put(record)
+
+    assert table.get(record.id) == record
+    assert table.get("n9999") is None
+
+
+def test_new_record_is_alive_with_nothing_assigned(table):
+    record = _record(table.allocate_id())
+
+    row = record.to_dict()
+
+    assert row["status"] == "alive"
+    assert row["role"] == "helper"
+    assert row["cluster"] is None and row["split"] is None and row["helper"] is None
+    assert set(row) == set(COLUMNS)
+
+
+def test_update_changes_only_named_columns(table):
+    record = _record(table.allocate_id())
+    table.put(record)
+
+    updated = table.update(record.id, status="suspect", last_seen=150.0, cluster=2)
+
+    assert updated.status == "suspect" and updated.last_seen == 150.0 and updated.cluster == 2
+    assert updated.address == record.address and updated.memory_mb == record.memory_mb
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"status": "sleeping"},
+        {"memory_mb": "lots"},
+        {"memory_mb": True},
+        {"bandwidth_mbps": None},
+        {"no_such_column": 1},
+        {"id": "n0042"},
+        {"has_data": 1},
+    ],
+)
+def test_update_rejects_bad_fields_and_changes_nothing(table, fields):
+    record = _record(table.allocate_id())
+    table.put(record)
+
+    with pytest.raises(ValueError):
+        table.update(record.id, **fields)
+
+    assert table.get(record.id) == record
+
+
+def test_update_unknown_id_raises_key_error(table):
+    with pytest.raises(KeyError):
+        table.update("n0404", status="dead")
+
+
+def test_update_many_is_all_or_nothing(table):
+    a, b = _record(table.allocate_id()), _record(table.allocate_id())
+    table.put(a)
+    table.put(b)
+
+    with pytest.raises(KeyError):
+        table.update_many({a.id: {"status": "dead"}, "n0404": {"status": "dead"}})
+
+    assert table.get(a.id).status == "alive"
+
+    table.update_many({a.id: {"status": "dead"}, b.id: {"status": "suspect"}})
+
+    assert [r.status for r in table.rows()] == ["dead", "suspect"]
+
+
+def test_rows_are_in_numeric_id_order(table):
+    for node_id in ["n0010", "n0002", "n10000", "n0001"]:
+        table.put(_record(node_id))
+
+    assert [r.id for r in table.rows()] == ["n0001", "n0002", "n0010", "n10000"]
+
+
+def test_meta_round_trips(table):
+    assert table.get_meta("seed") is None
+
+    table.set_meta("seed", "1234")
+
+    assert table.get_meta("seed") == "1234"
+
+
+def test_record_rejects_unknown_status():
+    with pytest.raises(ValueError, match="status"):
+        dataclasses.replace(_record("n0001"), status="zombie")
+
+
+def test_node_sort_key_puts_foreign_ids_last():
+    assert sorted(["zz", "n0003", "n0001"], key=node_sort_key) == ["n0001", "n0003", "zz"]
+
+
+# --- SQLite specifics -------------------------------------------------------------
+
+
+def test_sqlite_restart_sees_same_rows_ids_and_meta(tmp_path):
+    state = tmp_path / "state"
+    first = open_peer_table(state)
+    a = _record(first.allocate_id())
+    b = _record(first.allocate_id(), has_data=True)
+    first.put(a)
+    first.put(b)
+    first.update(b.id, status="dead", base_version=3)
+    first.set_meta("seed", "77")
+    # no close(): the process may die without a clean shutdown
+
+    second = open_peer_table(state)
+
+    assert [r.id for r in second.rows()] == [a.id, b.id]
+    assert second.get(b.id).status == "dead" and second.get(b.id).base_version == 3
+    assert second.get(b.id).has_data is True
+    assert second.get_meta("seed") == "77"
+    assert second.allocate_id() == "n0003"
+    first.close()
+    second.close()
+
+
+def test_sqlite_uses_wal_journal(tmp_path):
+    table = open_peer_table(tmp_path)
+    table.put(_record(table.allocate_id()))
+
+    mode = sqlite3.connect(tmp_path / DB_FILENAME).execute("PRAGMA journal_mode").fetchone()[0]
+
+    assert mode == "wal"
+    table.close()
+
+
+def test_sqlite_adds_missing_columns_of_an_older_file(tmp_path):
+    path = tmp_path / DB_FILENAME
+    conn = sqlite3.connect(path)
+    conn.execute(
+        "CREATE TABLE peers (id TEXT PRIMARY KEY, address TEXT, memory_mb INTEGER, bandwidth_mbps REAL,"
+        " compute_score REAL, has_data INTEGER, status TEXT, joined_at REAL, last_seen REAL)"
+    )
+    conn.execute("INSERT INTO peers VALUES ('n0001', '127.0.0.1:9', 100, 1.0, 1.0, 0, 'alive', 1.0, 2.0)")
+    conn.commit()
+    conn.close()
+
+    table = SqlitePeerTable(path)
+
+    row = table.get("n0001")
+    assert row.cluster is None and row.base_version is None and row.has_data is False
+    table.close()
+
+
+def test_state_dir_that_is_a_file_is_a_clear_error(tmp_path):
+    blocker = tmp_path / "state"
+    blocker.write_text("not a dir")
+
+    with pytest.raises(PeerTableError, match="not a directory"):
+        open_peer_table(blocker)
+
+
+def test_garbage_database_file_is_a_clear_error(tmp_path):
+    (tmp_path / DB_FILENAME).write_bytes(b"this is not an sqlite database" * 100)
+
+    with pytest.raises(PeerTableError, match="not usable"):
+        open_peer_table(tmp_path)
+
+
+def test_close_is_idempotent(tmp_path):
+    table = open_peer_table(tmp_path)
+
+    table.close()
+    table.close()
