@@ -1,0 +1,66 @@
+"""Aggregation of LoRA updates (DESIGN section 8 and the baselines of section 9).
+
+- ``factors``: contributions (factors, scalings, sample counts) and their validation.
+- ``stacking``: the exact stacked merge, patches, apply / fold, byte counts.
+- ``refactor``: the optional lossy truncated-SVD re-factoring and its error.
+- ``digest`` / ``arrays``: content digests and the flat-array form of a patch.
+- ``baselines``: SplitLoRA's factor-wise FedAvg and MIRA's task-graph step.
+All functions are pure and synchronous: tensors in, tensors out.
+"""
+
+from .arrays import patch_from_arrays, patch_to_arrays
+from .baselines import (
+    FactorAverage,
+    cluster_adjacency,
+    cosine_adjacency,
+    fedavg_factors,
+    mira_mixing_matrix,
+    mira_update,
+)
+from .digest import DigestMismatchError, digest_entries
+from .factors import AdapterFactors, Contribution, as_factors, concat_factors
+from .refactor import LowRank, refactor_lossy, stacked_singular_values
+from .stacking import (
+    Patch,
+    StackedFactors,
+    apply_patch,
+    average_dense,
+    dense_delta,
+    dense_nbytes,
+    fold_patches,
+    patch_nbytes,
+    sample_weights,
+    stack_merge,
+    stacked_is_smaller,
+)
+
+__all__ = [
+    "AdapterFactors",
+    "Contribution",
+    "DigestMismatchError",
+    "FactorAverage",
+    "LowRank",
+    "Patch",
+    "StackedFactors",
+    "apply_patch",
+    "as_factors",
+    "average_dense",
+    "cluster_adjacency",
+    "concat_factors",
+    "cosine_adjacency",
+    "dense_delta",
+    "dense_nbytes",
+    "digest_entries",
+    "fedavg_factors",
+    "fold_patches",
+    "mira_mixing_matrix",
+    "mira_update",
+    "patch_from_arrays",
+    "patch_nbytes",
+    "patch_to_arrays",
+    "refactor_lossy",
+    "sample_weights",
+    "stack_merge",
+    "stacked_is_smaller",
+    "stacked_singular_values",
+]

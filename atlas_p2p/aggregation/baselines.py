@@ -1,0 +1,170 @@
+"""The aggregation rules of the baselines we compare against (DESIGN section 9).
+
+- SplitLoRA: factor-wise FedAvg, Ā = Σ p_k A_k and B̄ = Σ p_k B_k. Only defined when
+  every client has the same modules, ranks and scalings. It is NOT the mean of the
+  updates: B̄ Ā = Σ_k Σ_l p_k p_l B_k A_l carries cross terms (k ≠ l).
+- HSplitLoRA: the exact stacked merge over all clients (``stack_merge``), no clusters.
+- MIRA: every client keeps a personal update and the coordinator smooths it over a task
+  graph, ΔW_k ← ΔW_k − ηλ Σ_l a_kl (ΔW_k − ΔW_l). In matrix form ΔW ← (I − ηλ L) ΔW
+  with the graph Laplacian L = D − A, so each new ΔW_k is a combination of the old
+  ones with weights m_kl (row k of M = I − ηλ L, which sums to 1). With unequal ranks we
+  do this in product space, exactly, by stacking: ΔW'_k = Σ_l m_kl γ_l B_l A_l. The
+  diagonal weight is 1 − ηλ deg_k, so we require ηλ · deg_k < 1 for every k: then every
+  weight is non-negative and the step is a convex combination (a contraction towards
+  the neighbours, never an overshoot past them).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from .factors import AdapterFactors, Contribution, _compute_dtype
+from .stacking import (
+    Patch,
+    _check_contributions,
+    _module_holders,
+    _stack,
+    average_dense,
+    sample_weights,
+)
+
+__all__ = [
+    "FactorAverage",
+    "fedavg_factors",
+    "cluster_adjacency",
+    "cosine_adjacency",
+    "mira_mixing_matrix",
+    "mira_update",
+]
+
+
+@dataclass(frozen=True)
+class FactorAverage:
+    """SplitLoRA's aggregate: one adapter every client loads, and the mean dense changes."""
+
+    factors: dict[str, AdapterFactors]
+    dense: dict[str, torch.Tensor]
+    weights: dict[str, float]
+
+
+def fedavg_factors(contributions: Sequence[Contribution]) -> FactorAverage:
+    """SplitLoRA's rule: Ā = Σ p_k A_k, B̄ = Σ p_k B_k per module, p_k = n_k / Σ n.
+
+    Requires the same module set, the same rank and the same scaling everywhere (the
+    homogeneous setting SplitLoRA assumes); anything else is a ValueError naming the
+    module and the per-node values. Dense trainables are averaged with p_k.
+    """
+    _check_contributions(contributions)
+    weights = sample_weights(contributions)
+    module_sets = {frozenset(c.factors) for c in contributions}
+    if len(module_sets) != 1:
+        by_node = {c.node_id: sorted(c.factors) for c in contributions}
+        raise ValueError(f"factor-wise FedAvg needs the same modules on every client, got {by_node}")
+    factors = {}
+    for module in sorted(next(iter(module_sets))):
+        holders = _module_holders(contributions, module)
+        ranks = {c.node_id: f.rank for c, f in holders}
+        if len(set(ranks.values())) != 1:
+            raise ValueError(
+                f"factor-wise FedAvg needs equal ranks, module {module!r} has ranks {ranks} "
+                "(use stack_merge for heterogeneous ranks)"
+            )
+        scalings = {c.node_id: f.scaling for c, f in holders}
+        if len(set(scalings.values())) != 1:
+            raise ValueError(f"factor-wise FedAvg needs equal scalings, module {module!r} has {scalings}")
+        dtype = _compute_dtype([f.A for _, f in holders] + [f.B for _, f in holders])
+        a = sum(weights[c.node_id] * f.A.to(dtype) for c, f in holders)  # (r, d_in)
+        b = sum(weights[c.node_id] * f.B.to(dtype) for c, f in holders)  # (d_out, r)
+        factors[module] = AdapterFactors(a, b, holders[0][1].scaling)
+    return FactorAverage(factors, average_dense(contributions, weights), weights)
+
+
+def cluster_adjacency(labels: Sequence[Any]) -> np.ndarray:
+    """a_kl = 1 if clients k and l are in the same cluster (k ≠ l), else 0. (K, K)."""
+    labels = list(labels)
+    a = np.array([[1.0 if x == y else 0.0 for y in labels] for x in labels]).reshape(len(labels), len(labels))
+    np.fill_diagonal(a, 0.0)
+    return a
+
+
+def cosine_adjacency(fingerprints: Any, floor: float = 0.0) -> np.ndarray:
+    """a_kl = cos(f_k, f_l) clipped to [0, 1], zeroed below ``floor`` and on the diagonal.
+
+    fingerprints: (K, D) array, one row per client (need not be unit norm; zero rows
+    are an error since their cosine is undefined).
+    """
+    f = np.asarray(fingerprints, dtype=np.float64)
+    if f.ndim != 2 or f.shape[0] == 0:
+        raise ValueError(f"fingerprints must be a (K, D) array with K >= 1, got shape {f.shape}")
+    if not np.isfinite(f).all():
+        raise ValueError("fingerprints contain NaN or infinity")
+    if not (isinstance(floor, (int, float)) and 0.0 <= floor <= 1.0):
+        raise ValueError(f"floor must be in [0, 1], got {floor!r}")
+    norms = np.linalg.norm(f, axis=1)
+    if (norms == 0).any():
+        raise ValueError(f"fingerprint rows {np.flatnonzero(norms == 0).tolist()} are zero")
+    unit = f / norms[:, None]
+    a = np.clip(unit @ unit.T, 0.0, 1.0)  # (K, K)
+    a[a < floor] = 0.0
+    np.fill_diagonal(a, 0.0)
+    return a
+
+
+def mira_mixing_matrix(adjacency: Any, eta_lambda: float) -> np.ndarray:
+    """M = I − ηλ (D − A), checked: A non-negative and finite, ηλ · deg_k < 1 for all k.
+
+    The diagonal of ``adjacency`` is ignored (a_kk (ΔW_k − ΔW_k) = 0). (K, K) float64.
+    """
+    a = np.array(adjacency, dtype=np.float64)
+    if a.ndim != 2 or a.shape[0] != a.shape[1]:
+        raise ValueError(f"adjacency must be a square (K, K) matrix, got shape {a.shape}")
+    if not np.isfinite(a).all():
+        raise ValueError("adjacency contains NaN or infinity")
+    if (a < 0).any():
+        raise ValueError("adjacency weights a_kl must be >= 0")
+    if isinstance(eta_lambda, bool) or not isinstance(eta_lambda, (int, float)) or not (
+        math.isfinite(eta_lambda) and eta_lambda >= 0
+    ):
+        raise ValueError(f"eta_lambda must be a finite number >= 0, got {eta_lambda!r}")
+    np.fill_diagonal(a, 0.0)
+    deg = a.sum(axis=1)  # (K,)
+    worst = int(np.argmax(deg)) if deg.size else 0
+    if deg.size and eta_lambda * deg[worst] >= 1.0:
+        raise ValueError(
+            f"unstable MIRA step: eta_lambda * deg_k must be < 1, but client {worst} has "
+            f"deg {deg[worst]:g} and eta_lambda {eta_lambda:g} (product {eta_lambda * deg[worst]:g})"
+        )
+    return np.eye(a.shape[0]) - eta_lambda * (np.diag(deg) - a)
+
+
+def mira_update(
+    contributions: Sequence[Contribution], adjacency: Any, eta_lambda: float
+) -> dict[str, Patch]:
+    """MIRA's task-graph step, exact in product space: node id -> its new update.
+
+    Row k of ``adjacency`` belongs to ``contributions[k]``. The result for client k is a
+    ``Patch`` whose modules stack ΔW'_k = Σ_l m_kl γ_l B_l A_l (absent module = 0) and
+    whose dense entries are Σ_l m_kl D_l; ``weights`` holds row k of M. Densify with
+    ``dense_delta`` or re-factor to client k's rank with ``refactor_lossy``.
+    n_samples plays no part: MIRA's graph weights replace data-size weights.
+    """
+    round_ = _check_contributions(contributions)
+    mix = mira_mixing_matrix(adjacency, eta_lambda)
+    if mix.shape[0] != len(contributions):
+        raise ValueError(
+            f"adjacency is {mix.shape[0]}x{mix.shape[0]} but there are {len(contributions)} contributions"
+        )
+    ids = [c.node_id for c in contributions]
+    modules = sorted({m for c in contributions for m in c.factors})
+    holders = {m: _module_holders(contributions, m) for m in modules}
+    out = {}
+    for k, node in enumerate(ids):
+        row = {ids[l]: float(mix[k, l]) for l in range(len(ids))}
+        stacked = {m: _stack(h, [row[c.node_id] for c, _ in h]) for m, h in holders.items()}
+        out[node] = Patch(stacked, average_dense(contributions, row), row, round_)
+    return out
