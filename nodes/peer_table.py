@@ -29,7 +29,6 @@ from nodes.liveness import ALIVE, STATUSES
 log = logging.getLogger(__name__)
 
 DB_FILENAME = "peers.sqlite3"
-_ID_PREFIX = "n"
 
 
 class PeerTableError(RuntimeError):
@@ -40,7 +39,7 @@ class PeerTableError(RuntimeError):
 class PeerRecord:
     """One node as the bootstrap sees it; `to_dict()` is the row `peers` returns."""
 
-    id: str  # node id assigned at first join ("n0001"), kept across rejoins
+    id: int  # node id assigned at first join (1, 2, ...), kept across rejoins
     address: str  # HOST:PORT of the node's own RPC server
     memory_mb: int  # memory budget offered, decimal MB
     bandwidth_mbps: float  # uplink offered, Mbit/s
@@ -49,6 +48,7 @@ class PeerRecord:
     status: str  # alive | suspect | dead | left
     joined_at: float  # unix time of the latest join
     last_seen: float  # unix time of the latest join or heartbeat
+    n_samples: int = 0  # local training examples the node holds (aggregation weight)
     model: str | None = None  # model the node said it runs
     public_key: str | None = None  # CurveZMQ public key (z85), if any
     role: str | None = None  # owner | helper | both (planning fills it)
@@ -57,7 +57,7 @@ class PeerRecord:
     base_version: int | None = None  # versioned base the node runs
     cluster: int | None = None  # cluster id, None until assigned
     split: int | None = None  # split layer, None until assigned
-    helper: str | None = None  # node id of its helper, None until assigned
+    helper: int | None = None  # node id of its helper, None until assigned
 
     def __post_init__(self) -> None:
         _check_values(dataclasses.asdict(self))
@@ -69,9 +69,6 @@ class PeerRecord:
 
 _HINTS: dict[str, Any] = typing.get_type_hints(PeerRecord)
 COLUMNS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(PeerRecord))
-_REQUIRED: frozenset[str] = frozenset(
-    f.name for f in dataclasses.fields(PeerRecord) if f.default is dataclasses.MISSING
-)
 
 
 def _base_type(hint: Any) -> tuple[type, bool]:
@@ -104,32 +101,19 @@ def _check_values(values: Mapping[str, Any]) -> None:
         raise ValueError(f"column 'status' must be one of {STATUSES}, got {values['status']!r}")
 
 
-def format_node_id(number: int) -> str:
-    """The k-th id handed out: 1 -> "n0001" (more digits once past 9999)."""
-    return f"{_ID_PREFIX}{number:04d}"
-
-
-def node_sort_key(node_id: str) -> tuple[int, str]:
-    """Numeric order of ids ("n0002" < "n0010" < "n10000"); foreign ids sort last."""
-    digits = node_id[len(_ID_PREFIX):]
-    if node_id.startswith(_ID_PREFIX) and digits.isdigit():
-        return int(digits), ""
-    return 1 << 62, node_id
-
-
 class PeerTable(ABC):
     """Interface of the peer table. Every write is durable once the call returns."""
 
     @abstractmethod
-    def _next_number(self) -> int:
-        """Return and persist the next id number (1, 2, ...)."""
+    def allocate_id(self) -> int:
+        """A fresh node id (1, 2, ...), never handed out before by this table; persisted."""
 
     @abstractmethod
     def put(self, record: PeerRecord) -> None:
         """Insert the record, or replace the row with the same id."""
 
     @abstractmethod
-    def get(self, node_id: str) -> PeerRecord | None:
+    def get(self, node_id: int) -> PeerRecord | None:
         """The row for `node_id`, or None."""
 
     @abstractmethod
@@ -152,18 +136,14 @@ class PeerTable(ABC):
     def close(self) -> None:
         """Release the backend; idempotent."""
 
-    def allocate_id(self) -> str:
-        """A fresh node id, never handed out before by this table."""
-        return format_node_id(self._next_number())
-
-    def update(self, node_id: str, **fields: Any) -> PeerRecord:
+    def update(self, node_id: int, **fields: Any) -> PeerRecord:
         """Change some columns of one row; KeyError if unknown id, ValueError if bad field."""
         self.update_many({node_id: fields})
         record = self.get(node_id)
         assert record is not None
         return record
 
-    def update_many(self, changes: Mapping[str, Mapping[str, Any]]) -> None:
+    def update_many(self, changes: Mapping[int, Mapping[str, Any]]) -> None:
         """Apply {node_id: {column: value}} atomically: all rows change or none."""
         updated = []
         for node_id, fields in changes.items():
@@ -188,22 +168,22 @@ class MemoryPeerTable(PeerTable):
     """Peer table in a dict; gone with the process."""
 
     def __init__(self) -> None:
-        self._rows: dict[str, PeerRecord] = {}
+        self._rows: dict[int, PeerRecord] = {}
         self._meta: dict[str, str] = {}
         self._counter = 0
 
-    def _next_number(self) -> int:
+    def allocate_id(self) -> int:
         self._counter += 1
         return self._counter
 
     def put(self, record: PeerRecord) -> None:
         self._rows[record.id] = record
 
-    def get(self, node_id: str) -> PeerRecord | None:
+    def get(self, node_id: int) -> PeerRecord | None:
         return self._rows.get(node_id)
 
     def rows(self) -> list[PeerRecord]:
-        return [self._rows[k] for k in sorted(self._rows, key=node_sort_key)]
+        return [self._rows[k] for k in sorted(self._rows)]
 
     def _write_many(self, records: list[PeerRecord]) -> None:
         for record in records:
@@ -222,13 +202,20 @@ class MemoryPeerTable(PeerTable):
 _SQL_TYPES = {str: "TEXT", int: "INTEGER", float: "REAL", bool: "INTEGER"}
 
 
+_DEFAULTS: dict[str, Any] = {
+    f.name: f.default for f in dataclasses.fields(PeerRecord) if f.default is not dataclasses.MISSING
+}
+
+
 def _column_sql(name: str) -> str:
-    kind, nullable = _base_type(_HINTS[name])
+    """Column definition; a column with a default gets it, so older files migrate cleanly."""
+    kind, _ = _base_type(_HINTS[name])
     sql = f'"{name}" {_SQL_TYPES[kind]}'
     if name == "id":
         return sql + " PRIMARY KEY"
-    if not nullable and name not in _REQUIRED:
-        raise AssertionError(f"non-null column {name} needs to be required")
+    default = _DEFAULTS.get(name)
+    if default is not None:
+        sql += f" DEFAULT {int(default) if isinstance(default, bool) else repr(default)}"
     return sql
 
 
@@ -267,7 +254,7 @@ class SqlitePeerTable(PeerTable):
                 log.info("peer table %s: adding column %s", self.path, name)
                 self._conn.execute(f"ALTER TABLE peers ADD COLUMN {_column_sql(name)}")
 
-    def _next_number(self) -> int:
+    def allocate_id(self) -> int:
         with self._transaction():
             current = int(self.get_meta("next_id") or "1")
             self.set_meta("next_id", str(current + 1))
@@ -276,14 +263,13 @@ class SqlitePeerTable(PeerTable):
     def put(self, record: PeerRecord) -> None:
         self._write_many([record])
 
-    def get(self, node_id: str) -> PeerRecord | None:
+    def get(self, node_id: int) -> PeerRecord | None:
         cursor = self._conn.execute(f"SELECT {self._select} FROM peers WHERE id = ?", (node_id,))
         row = cursor.fetchone()
         return None if row is None else self._from_row(row)
 
     def rows(self) -> list[PeerRecord]:
-        records = [self._from_row(r) for r in self._conn.execute(f"SELECT {self._select} FROM peers")]
-        return sorted(records, key=lambda r: node_sort_key(r.id))
+        return [self._from_row(r) for r in self._conn.execute(f"SELECT {self._select} FROM peers ORDER BY id")]
 
     def _write_many(self, records: list[PeerRecord]) -> None:
         placeholders = ", ".join("?" for _ in COLUMNS)
@@ -353,7 +339,7 @@ def open_peer_table(state_dir: Path | str | None) -> PeerTable:
 
 
 def new_record(
-    node_id: str,
+    node_id: int,
     *,
     address: str,
     memory_mb: int,
@@ -361,6 +347,7 @@ def new_record(
     compute_score: float,
     has_data: bool,
     now: float,
+    n_samples: int = 0,
     model: str | None = None,
     public_key: str | None = None,
 ) -> PeerRecord:
@@ -372,6 +359,7 @@ def new_record(
         bandwidth_mbps=bandwidth_mbps,
         compute_score=compute_score,
         has_data=has_data,
+        n_samples=n_samples,
         status=ALIVE,
         joined_at=now,
         last_seen=now,

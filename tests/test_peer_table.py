@@ -15,12 +15,11 @@ from nodes.peer_table import (
     PeerTableError,
     SqlitePeerTable,
     new_record,
-    node_sort_key,
     open_peer_table,
 )
 
 
-def _record(node_id: str, now: float = 100.0, **overrides):
+def _record(node_id: int, now: float = 100.0, **overrides):
     fields = dict(
         address="127.0.0.1:7001",
         memory_mb=8000,
@@ -44,7 +43,7 @@ def table(request, tmp_path) -> PeerTable:
 def test_allocated_ids_are_fresh_and_ordered(table):
     ids = [table.allocate_id() for _ in range(3)]
 
-    assert ids == ["n0001", "n0002", "n0003"]
+    assert ids == [1, 2, 3]
 
 
 def test_put_then_get_returns_the_same_record(table):
@@ -53,7 +52,7 @@ def test_put_then_get_returns_the_same_record(table):
     table.put(record)
 
     assert table.get(record.id) == record
-    assert table.get("n9999") is None
+    assert table.get(9999) is None
 
 
 def test_new_record_is_alive_with_nothing_assigned(table):
@@ -85,7 +84,7 @@ def test_update_changes_only_named_columns(table):
         {"memory_mb": True},
         {"bandwidth_mbps": None},
         {"no_such_column": 1},
-        {"id": "n0042"},
+        {"id": 42},
         {"has_data": 1},
     ],
 )
@@ -101,7 +100,7 @@ def test_update_rejects_bad_fields_and_changes_nothing(table, fields):
 
 def test_update_unknown_id_raises_key_error(table):
     with pytest.raises(KeyError):
-        table.update("n0404", status="dead")
+        table.update(404, status="dead")
 
 
 def test_update_many_is_all_or_nothing(table):
@@ -110,7 +109,7 @@ def test_update_many_is_all_or_nothing(table):
     table.put(b)
 
     with pytest.raises(KeyError):
-        table.update_many({a.id: {"status": "dead"}, "n0404": {"status": "dead"}})
+        table.update_many({a.id: {"status": "dead"}, 404: {"status": "dead"}})
 
     assert table.get(a.id).status == "alive"
 
@@ -119,11 +118,11 @@ def test_update_many_is_all_or_nothing(table):
     assert [r.status for r in table.rows()] == ["dead", "suspect"]
 
 
-def test_rows_are_in_numeric_id_order(table):
-    for node_id in ["n0010", "n0002", "n10000", "n0001"]:
+def test_rows_are_in_id_order(table):
+    for node_id in [10, 2, 10000, 1]:
         table.put(_record(node_id))
 
-    assert [r.id for r in table.rows()] == ["n0001", "n0002", "n0010", "n10000"]
+    assert [r.id for r in table.rows()] == [1, 2, 10, 10000]
 
 
 def test_meta_round_trips(table):
@@ -136,11 +135,7 @@ def test_meta_round_trips(table):
 
 def test_record_rejects_unknown_status():
     with pytest.raises(ValueError, match="status"):
-        dataclasses.replace(_record("n0001"), status="zombie")
-
-
-def test_node_sort_key_puts_foreign_ids_last():
-    assert sorted(["zz", "n0003", "n0001"], key=node_sort_key) == ["n0001", "n0003", "zz"]
+        dataclasses.replace(_record(1), status="zombie")
 
 
 # --- SQLite specifics -------------------------------------------------------------
@@ -163,7 +158,7 @@ def test_sqlite_restart_sees_same_rows_ids_and_meta(tmp_path):
     assert second.get(b.id).status == "dead" and second.get(b.id).base_version == 3
     assert second.get(b.id).has_data is True
     assert second.get_meta("seed") == "77"
-    assert second.allocate_id() == "n0003"
+    assert second.allocate_id() == 3
     first.close()
     second.close()
 
@@ -182,17 +177,18 @@ def test_sqlite_adds_missing_columns_of_an_older_file(tmp_path):
     path = tmp_path / DB_FILENAME
     conn = sqlite3.connect(path)
     conn.execute(
-        "CREATE TABLE peers (id TEXT PRIMARY KEY, address TEXT, memory_mb INTEGER, bandwidth_mbps REAL,"
+        "CREATE TABLE peers (id INTEGER PRIMARY KEY, address TEXT, memory_mb INTEGER, bandwidth_mbps REAL,"
         " compute_score REAL, has_data INTEGER, status TEXT, joined_at REAL, last_seen REAL)"
     )
-    conn.execute("INSERT INTO peers VALUES ('n0001', '127.0.0.1:9', 100, 1.0, 1.0, 0, 'alive', 1.0, 2.0)")
+    conn.execute("INSERT INTO peers VALUES (1, '127.0.0.1:9', 100, 1.0, 1.0, 0, 'alive', 1.0, 2.0)")
     conn.commit()
     conn.close()
 
     table = SqlitePeerTable(path)
 
-    row = table.get("n0001")
+    row = table.get(1)
     assert row.cluster is None and row.base_version is None and row.has_data is False
+    assert row.n_samples == 0
     table.close()
 
 
