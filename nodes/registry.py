@@ -1,0 +1,184 @@
+"""Membership logic of the bootstrap, synchronous and transport-free.
+
+`Registry` turns join / heartbeat / leave / peers requests and the passage of time into
+changes of the peer table. It takes plain values and an explicit `now`, so it is tested
+without sockets or clocks; nodes/bootstrap.py is the thin async shell that feeds it
+messages. A request that does not make sense (unknown node, bad address) raises
+`RequestError(code, message)`, which the shell answers as an `error` reply; the table is
+left untouched in that case.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+from nodes.config import BootstrapConfig, parse_address
+from nodes.liveness import ALIVE, DEAD, LEFT, silence, status_after_heartbeat, status_after_silence
+from nodes.peer_table import PeerRecord, PeerTable, new_record
+
+log = logging.getLogger("atlas.bootstrap")
+
+_SEED_KEY = "fingerprint_seed"
+_UNROUTABLE_HOSTS = {"*", "0.0.0.0", "[::]"}
+
+
+class RequestError(Exception):
+    """A request the registry refuses; `code` is a stable token sent back to the caller."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class JoinResult:
+    """Outcome of a join: the node's id, and whether it kept an id it already had."""
+
+    node_id: int
+    rejoined: bool
+
+
+class Registry:
+    """Who is in the swarm and whether they are alive, backed by a `PeerTable`."""
+
+    def __init__(self, table: PeerTable, config: BootstrapConfig, *, now: float) -> None:
+        self.table = table
+        self.config = config
+        self.started_at = now
+        self.fingerprint_seed = self._settle_seed(config.fingerprint_seed)
+
+    def _settle_seed(self, wanted: int | None) -> int:
+        """The seed every node projects fingerprints with; kept in the table across restarts."""
+        stored = self.table.get_meta(_SEED_KEY)
+        if wanted is None:
+            if stored is not None:
+                return int(stored)
+            wanted = secrets.randbits(63)
+        elif stored is not None and int(stored) != wanted:
+            log.warning("fingerprint seed changed from %s to %s: fingerprints sent before are stale", stored, wanted)
+        self.table.set_meta(_SEED_KEY, str(wanted))
+        return wanted
+
+    # --- requests ----------------------------------------------------------------------
+
+    def join(
+        self,
+        *,
+        address: str,
+        memory_mb: int,
+        bandwidth_mbps: float,
+        compute_score: float,
+        has_data: bool,
+        now: float,
+        n_samples: int = 0,
+        model: str | None = None,
+        public_key: str | None = None,
+        node_id: int | None = None,
+    ) -> JoinResult:
+        """Admit a node; one that names an id the table knows keeps it (a rejoin)."""
+        _check_peer_address(address)
+        if memory_mb <= 0:
+            raise RequestError("bad_request", f"memory_mb must be > 0, got {memory_mb}")
+        if not bandwidth_mbps > 0:
+            raise RequestError("bad_request", f"bandwidth_mbps must be > 0, got {bandwidth_mbps}")
+        if compute_score < 0:
+            raise RequestError("bad_request", f"compute_score must be >= 0, got {compute_score}")
+        known = self.table.get(node_id) if node_id is not None else None
+        if node_id is not None and known is None:
+            log.info("join names unknown node id %s: handing out a new one", node_id)
+        fields = dict(
+            address=address,
+            memory_mb=memory_mb,
+            bandwidth_mbps=float(bandwidth_mbps),
+            compute_score=float(compute_score),
+            has_data=has_data,
+            n_samples=n_samples,
+            model=model or None,
+            public_key=public_key,
+            now=now,
+        )
+        if known is not None:
+            record = new_record(known.id, **fields)
+            # keep what planning assigned; the node reports its progress again by heartbeat
+            keep = {k: getattr(known, k) for k in ("cluster", "split", "helper", "round", "base_version")}
+            self.table.put(PeerRecord(**{**record.to_dict(), **keep}))
+            log.info("node %d rejoined from %s (was %s)", known.id, address, known.status)
+            return JoinResult(known.id, rejoined=True)
+        new_id = self.table.allocate_id()
+        self.table.put(new_record(new_id, **fields))
+        log.info(
+            "node %d joined from %s: %s, %d MB, %g Mbps",
+            new_id, address, "trainer" if has_data else "helper", memory_mb, bandwidth_mbps,
+        )
+        return JoinResult(new_id, rejoined=False)
+
+    def heartbeat(
+        self, node_id: int, *, now: float, state: str | None = None, round: int | None = None,
+        base_version: int | None = None,
+    ) -> PeerRecord:
+        """Record a sign of life; a suspect or dead node is alive again, a left one must rejoin."""
+        record = self._known(node_id)
+        status = status_after_heartbeat(record.status)
+        if status is None:
+            raise RequestError("unknown_node", f"node {node_id} has left; join again")
+        changes: dict[str, Any] = {"status": status, "last_seen": now}
+        if state is not None:
+            changes["state"] = state
+        if round is not None:
+            changes["round"] = round
+        if base_version is not None:
+            changes["base_version"] = base_version
+        if record.status != ALIVE:
+            log.info("node %d is back: %s -> alive", node_id, record.status)
+        return self.table.update(node_id, **changes)
+
+    def leave(self, node_id: int, *, now: float) -> None:
+        """Mark a node as gone on purpose; repeating it is harmless."""
+        record = self._known(node_id)
+        if record.status != LEFT:
+            self.table.update(node_id, status=LEFT, state="left", last_seen=now)
+            log.info("node %d left", node_id)
+
+    def rows(self) -> list[dict[str, Any]]:
+        """The peer table as JSON-ready dicts, in id order."""
+        return [record.to_dict() for record in self.table.rows()]
+
+    # --- time ----------------------------------------------------------------------------
+
+    def sweep(self, now: float) -> list[tuple[int, str, str]]:
+        """Apply silence-based liveness to every row; returns (node_id, old, new) changes."""
+        changes: list[tuple[int, str, str]] = []
+        for record in self.table.rows():
+            if record.status in (DEAD, LEFT):
+                continue
+            silent = silence(now, record.last_seen, self.started_at, self.config.restart_grace_s)
+            status = status_after_silence(
+                record.status, silent, self.config.suspect_after_s, self.config.dead_after_s
+            )
+            if status != record.status:
+                changes.append((record.id, record.status, status))
+        if changes:
+            self.table.update_many({node_id: {"status": new} for node_id, _, new in changes})
+            for node_id, old, new in changes:
+                log.info("node %d: %s -> %s (no heartbeat)", node_id, old, new)
+        return changes
+
+    def _known(self, node_id: int) -> PeerRecord:
+        record = self.table.get(node_id)
+        if record is None:
+            raise RequestError("unknown_node", f"node {node_id} is not in the peer table; join again")
+        return record
+
+
+def _check_peer_address(address: str) -> None:
+    """A node's advertised address must be dialable: HOST:PORT, a real host, port > 0."""
+    try:
+        host, _ = parse_address(address, what="address")
+    except ValueError as exc:
+        raise RequestError("bad_address", str(exc)) from None
+    if host in _UNROUTABLE_HOSTS:
+        raise RequestError("bad_address", f"address {address!r} is not dialable by peers (wildcard host)")
