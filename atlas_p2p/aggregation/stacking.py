@@ -152,7 +152,8 @@ def _check_contributions(contributions: Sequence[Contribution]) -> int:
 
 def _module_holders(contributions: Sequence[Contribution], module: str):
     """(contribution, factors) for every contribution carrying ``module``; checks shapes."""
-    holders = [(c, c.factors[module]) for c in contributions if module in c.factors]
+    ordered = sorted(contributions, key=lambda c: c.node_id)  # same bytes in any arrival order
+    holders = [(c, c.factors[module]) for c in ordered if module in c.factors]
     shapes = {f.shape for _, f in holders}
     if len(shapes) != 1:
         by_node = {c.node_id: f.shape for c, f in holders}
@@ -197,14 +198,15 @@ def average_dense(
         raise ValueError(f"every contribution must carry the same dense trainables, got {by_node}")
     out = {}
     for name in sorted(next(iter(names))):
-        tensors = [c.dense[name] for c in contributions]
+        ordered = sorted(contributions, key=lambda c: c.node_id)
+        tensors = [c.dense[name] for c in ordered]
         shapes = {tuple(t.shape) for t in tensors}
         if len(shapes) != 1:
             by_node = {c.node_id: tuple(c.dense[name].shape) for c in contributions}
             raise ValueError(f"dense {name!r}: shape differs across nodes: {by_node}")
         dtype = _compute_dtype(tensors)
         acc = torch.zeros_like(tensors[0], dtype=dtype)
-        for c, t in zip(contributions, tensors):
+        for c, t in zip(ordered, tensors):
             acc += weights[c.node_id] * t.to(dtype)
         out[name] = acc
     return out
@@ -222,8 +224,10 @@ def stack_merge(contributions: Sequence[Contribution]) -> Patch:
     budgets rather than on the data. It also keeps one weight vector p for the patch.
     Dense trainables are averaged with the same p (see ``average_dense``).
 
-    Contributions with p_k = 0 or rank 0 add no columns. The patch is float64 if any
-    input is, else float32. HSplitLoRA's global aggregation is this over all clients.
+    Contributions with p_k = 0 or rank 0 add no columns. Blocks are stacked in node-id
+    order, so every node merging the same set gets the same bytes (and digest) whatever
+    order the contributions arrived in. The patch is float64 if any input is, else
+    float32. HSplitLoRA's global aggregation is this over all clients.
     """
     round_ = _check_contributions(contributions)
     weights = sample_weights(contributions)
