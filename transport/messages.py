@@ -1,0 +1,296 @@
+"""Message types: one frozen dataclass per type, registered under its wire tag.
+
+Adding a type is a few lines:
+
+    @message("my_type")
+    class MyType(Message):
+        node_id: int
+        values: list[float] = field(default_factory=list)
+
+The decorator makes the class a frozen, keyword-only dataclass, derives its field schema
+from the annotations (see transport/schema.py), and registers it in `MESSAGE_TYPES`; a
+second class with the same tag is rejected at import. Constructing a message checks every
+field, so a bad message fails where it is built, and the codec uses the same schema to
+check a body received off the wire. Fields are all sent; a decoded body must carry
+exactly the declared fields (defaults only help the local constructor).
+
+Tensors arriving off the wire are read-only views over the received frames: copy before
+writing into them.
+
+Node ids are ints handed out by the bootstrap; addresses are "host:port" strings.
+"""
+from __future__ import annotations
+
+import typing
+from dataclasses import dataclass, field, fields
+from typing import Annotated, Any, ClassVar
+
+import numpy as np
+
+from transport.schema import Node, OneOf, Range, SchemaError, TensorSpec, node_for
+from transport.tensors import Tensor
+
+MESSAGE_TYPES: dict[str, type["Message"]] = {}
+ID_LIMIT = 1 << 63          # envelope ids are 0 <= id < 2**63
+SRC_MAX_LEN = 256
+
+NODE_STATES = ("joining", "fingerprinting", "waiting", "training", "merging", "repairing", "done", "left")
+NodeId = Annotated[int, Range(0, None)]
+Count = Annotated[int, Range(0, None)]
+
+
+class Message:
+    """Base of every message body. Subclasses are made by `@message(tag)`."""
+
+    TYPE: ClassVar[str] = ""
+    SCHEMA: ClassVar[dict[str, Node]] = {}
+
+    def __post_init__(self) -> None:
+        for name, node in self.SCHEMA.items():
+            checked = node.check(getattr(self, name), f"{self.TYPE}.{name}")
+            object.__setattr__(self, name, checked)
+
+    def to_dict(self) -> dict[str, object]:
+        """Field name -> value, shallow (tensors and lists are not copied)."""
+        return {name: getattr(self, name) for name in self.SCHEMA}
+
+
+def message(tag: str) -> typing.Callable[[type], type]:
+    """Class decorator: make a frozen keyword-only dataclass, derive its schema, register `tag`."""
+    if not isinstance(tag, str) or not tag:
+        raise ValueError(f"message tag must be a non-empty str, got {tag!r}")
+
+    def register(cls: type) -> type:
+        if not issubclass(cls, Message):
+            raise TypeError(f"@message({tag!r}): {cls.__name__} must subclass transport.messages.Message")
+        if tag in MESSAGE_TYPES:
+            raise ValueError(f"@message({tag!r}): tag already used by {MESSAGE_TYPES[tag].__qualname__}")
+        cls = dataclass(frozen=True, eq=False, kw_only=True)(cls)
+        hints = typing.get_type_hints(cls, include_extras=True)
+        cls.SCHEMA = {f.name: node_for(hints[f.name], f"{tag}.{f.name}") for f in fields(cls)}
+        cls.TYPE = tag
+        MESSAGE_TYPES[tag] = cls
+        return cls
+
+    return register
+
+
+@dataclass(frozen=True, eq=False)
+class Envelope:
+    """One message on the wire: its type tag, request id (replies reuse it), sender name, body."""
+
+    type: str
+    id: int
+    src: str
+    body: Message
+
+    def __post_init__(self) -> None:
+        cls = MESSAGE_TYPES.get(self.type)
+        if cls is None:
+            raise SchemaError("unknown_type", f"Envelope.type {self.type!r} is not a registered message type")
+        if not isinstance(self.body, cls):
+            raise SchemaError("bad_schema", f"Envelope.body is {type(self.body).__name__}, type {self.type!r} needs {cls.__name__}")
+        if isinstance(self.id, bool) or not isinstance(self.id, int) or not 0 <= self.id < ID_LIMIT:
+            raise SchemaError("bad_header", f"Envelope.id must be an int in [0, 2**63), got {self.id!r}")
+        if not isinstance(self.src, str) or len(self.src) > SRC_MAX_LEN:
+            raise SchemaError("bad_header", f"Envelope.src must be a str of <= {SRC_MAX_LEN} chars, got {self.src!r:.80}")
+
+    @classmethod
+    def of(cls, body: Message, id: int, src: str) -> "Envelope":
+        """Wrap a body, taking the type tag from its class."""
+        return cls(type(body).TYPE, id, src, body)
+
+
+# ---------------------------------------------------------------- generic replies
+
+@message("ok")
+class Ok(Message):
+    """Empty acknowledgement."""
+
+
+@message("error")
+class Error(Message):
+    """A request failed: `code` is a stable token (bad_schema, handler_error, unknown_node, ...)."""
+
+    code: str
+    message: str = ""
+
+
+# ---------------------------------------------------------------- node <-> bootstrap
+
+@message("join")
+class Join(Message):
+    """A node announces its capabilities; answered by `welcome`. node_id set = rejoin."""
+
+    memory_mb: Annotated[int, Range(1, None)]
+    bandwidth_mbps: Annotated[float, Range(0.0, None)]
+    compute_score: Annotated[float, Range(0.0, None)]
+    address: str                          # "host:port" of the node's own RpcServer
+    public_key: str | None = None         # CurveZMQ public key (Z85) when security is on
+    has_data: bool = False
+    n_samples: Count = 0                  # local training examples (aggregation weight)
+    model: str = ""                       # model the node runs; "" = whatever the swarm runs
+    node_id: NodeId | None = None         # set when rejoining after a restart
+
+
+@message("welcome")
+class Welcome(Message):
+    """Reply to join: the node's id and what every node must agree on."""
+
+    node_id: NodeId
+    model: str
+    fingerprint_seed: int
+    heartbeat_s: Annotated[float, Range(0.0, None)]
+    fingerprint_samples: Annotated[int, Range(1, None)] = 32
+    model_task: str = "causal_lm"         # or "classification"
+    num_labels: Annotated[int, Range(1, None)] | None = None
+    split_mode: Annotated[str, OneOf(("two-part", "u-shape"))] = "two-part"
+
+
+@message("heartbeat")
+class Heartbeat(Message):
+    """Liveness and progress; answered by `ok`, or by `assignment` when the node's is stale."""
+
+    node_id: NodeId
+    state: Annotated[str, OneOf(NODE_STATES)]
+    round: Count = 0
+    base_version: Count = 0
+    assignment_version: Count = 0
+    steps: Count = 0
+
+
+@message("leave")
+class Leave(Message):
+    """A node departs on purpose; answered by `ok`."""
+
+    node_id: NodeId
+    reason: str = ""
+
+
+@message("peers")
+class Peers(Message):
+    """Ask for the peer table (optionally one cluster's rows); answered by `peer_list`."""
+
+    cluster: int | None = None
+
+
+@message("peer_list")
+class PeerList(Message):
+    """Rows of the peer table, each a small map (node_id, address, state, cluster, ...)."""
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+
+@message("fingerprint")
+class Fingerprint(Message):
+    """A node's 64-d unit task fingerprint (DESIGN section 6); answered by `ok`."""
+
+    node_id: NodeId
+    vector: Annotated[np.ndarray, TensorSpec(("float32",), (64,))]
+    n_samples: Count
+    dp_epsilon: float | None = None       # privacy of this one release, when DP noise was added
+    dp_delta: float | None = None
+    importance: dict[str, float] | None = None   # per-weight importance probe (section 7)
+
+
+@message("report")
+class Report(Message):
+    """Metrics from a node (loss, bytes sent by kind, peak memory, ...); answered by `ok`."""
+
+    node_id: NodeId
+    metrics: dict[str, Any]
+
+
+@message("get_assignment")
+class GetAssignment(Message):
+    """Ask for the node's current assignment; answered by `assignment`."""
+
+    node_id: NodeId
+
+
+@message("assignment")
+class Assignment(Message):
+    """Where a node stands: cluster, partners, ranks and split point (DESIGN section 2.3)."""
+
+    node_id: NodeId
+    version: Count                        # bumps whenever the bootstrap changes this assignment
+    cluster: int
+    members: list[NodeId]
+    ranks: dict[str, Count]               # module name -> LoRA rank (0 = no adapter)
+    split: Count                          # owner runs blocks[:split]
+    helper: NodeId | None                 # who runs blocks[split:] for this node (None: itself/waiting)
+    fallbacks: list[NodeId]               # helpers to try next, in order
+    anchor: NodeId                        # member that publishes round manifests
+    reason: str = ""                      # why it changed: "initial", "churn", "replan", ...
+    serves: list[NodeId] = field(default_factory=list)   # owners this node helps
+    addresses: dict[str, str] = field(default_factory=dict)  # str(node_id) -> "host:port"
+    base_version: Count = 0
+
+
+# ---------------------------------------------------------------- peer <-> peer
+
+@message("forward")
+class Forward(Message):
+    """Owner -> helper: activations at the split; answered by `backward`."""
+
+    step: Count
+    activations: Tensor                   # (B, T, H)
+    attention_mask: Tensor                # (B, T)
+    labels: Tensor | None = None          # (B, T) or (B,); None in u-shape mode
+    position_ids: Tensor | None = None    # (B, T) when the family needs them carried
+    base_version: Count = 0               # both sides must run the same base
+    owner_id: NodeId = 0
+    cluster: int = 0
+    round: Count = 0
+
+
+@message("backward")
+class Backward(Message):
+    """Helper -> owner: gradient of the loss with respect to the activations it was sent."""
+
+    step: Count
+    grad: Tensor                          # (B, T, H), same dtype as the activations
+    loss: float | None = None
+
+
+@message("adapter_pull")
+class AdapterPull(Message):
+    """Ask a peer for its round contribution (gossip); answered by `adapter`."""
+
+    node_id: NodeId                       # who asks
+    cluster: int
+    round: Count
+
+
+@message("adapter")
+class Adapter(Message):
+    """One round contribution: LoRA factors with the scaling and weight exact merging needs."""
+
+    node_id: NodeId                       # whose contribution
+    cluster: int
+    round: Count
+    tensors: dict[str, Tensor]            # "<module>.lora_A" (r, d_in), "<module>.lora_B" (d_out, r)
+    ranks: dict[str, Count] = field(default_factory=dict)
+    alphas: dict[str, float] = field(default_factory=dict)   # scaling gamma = alpha / r
+    n_samples: Count = 0
+    digest: str = ""
+
+
+@message("adapter_return")
+class AdapterReturn(Message):
+    """Helper -> owner at a merge: the server-side LoRA it trained for that owner; answered by `ok`."""
+
+    owner_id: NodeId
+    helper_id: NodeId
+    round: Count
+    tensors: dict[str, Tensor]
+    ranks: dict[str, Count] = field(default_factory=dict)
+    alphas: dict[str, float] = field(default_factory=dict)
+    base_version: Count = 0
+
+
+@message("ping")
+class Ping(Message):
+    """Liveness probe between peers; answered by `ok`."""
+
+    sent_at: float = 0.0

@@ -1,0 +1,518 @@
+"""Request/response over ZeroMQ asyncio: `RpcServer` (ROUTER) and `RpcClient` (DEALER per peer).
+
+A request is an Envelope sent from a client's DEALER to a server's ROUTER; the server
+answers with the same `id`: `ok`, `error` (code, message) or a typed reply. The server
+decodes and validates every message before a handler sees it; a bad message or a
+failing handler is answered with `error` and counted in `server.stats` under its code,
+and the server keeps serving. Requests are identified by (src, id): a retried request
+whose reply is still remembered gets that reply again instead of running twice.
+
+On the client every call has a deadline (`RpcTimeout`), an `error` reply raises
+`RpcError(code, message)`, retries are explicit and reuse the request id (so the server
+runs the request once), and the bytes of requests awaiting replies are bounded per peer.
+Replies nobody waits for any more are dropped and counted.
+
+Addresses are "host:port" (tcp). Both classes are built by `await X.create(...)` or used
+as `async with X(...)`; `stop()` is idempotent.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import logging
+import secrets
+from dataclasses import dataclass
+from typing import Awaitable, Callable
+
+import zmq
+import zmq.asyncio
+
+from transport.codec import DEFAULT_MAX_BYTES, DecodeError, EncodeError, decode, encode
+from transport.link import LinkProfile, LinkShaper
+from transport.messages import Envelope, Error, Message, Ok
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[Envelope], Awaitable[Message | None]]
+
+
+class RpcError(Exception):
+    """A call failed with a code: the peer's `error` reply, or a local cause (timeout, stopped)."""
+
+    def __init__(self, code: str, message: str = ""):
+        super().__init__(f"{code}: {message}" if message else code)
+        self.code = code
+        self.message = message
+
+
+class RpcTimeout(RpcError, TimeoutError):
+    """No reply before the deadline (after all retries)."""
+
+    def __init__(self, message: str = ""):
+        super().__init__("timeout", message)
+
+
+def tcp_endpoint(address: str) -> str:
+    """'host:port' (or 'tcp://host:port') -> 'tcp://host:port'; ValueError names a bad address."""
+    if not isinstance(address, str):
+        raise ValueError(f"address must be a 'host:port' string, got {address!r}")
+    rest = address[len("tcp://"):] if address.startswith("tcp://") else address
+    host, sep, port = rest.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"address {address!r} is not 'host:port' with a port in 1..65535")
+    return f"tcp://{host}:{port}"
+
+
+def install_uvloop() -> bool:
+    """Use uvloop's event loop for asyncio when it is installed; return whether it is."""
+    try:
+        import uvloop
+    except ImportError:
+        return False
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return True
+
+
+def _set_common_options(sock: zmq.Socket, max_bytes: int, hwm: int) -> None:
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.MAXMSGSIZE, max_bytes)
+    sock.setsockopt(zmq.SNDHWM, hwm)
+    sock.setsockopt(zmq.RCVHWM, hwm)
+
+
+def _frames_nbytes(frames: list) -> int:
+    return sum(memoryview(f).nbytes for f in frames)
+
+
+# ====================================================================== server
+
+@dataclass(frozen=True)
+class RpcServerConfig:
+    """Limits of one RpcServer."""
+
+    name: str = "server"                   # `src` of the replies it sends
+    max_bytes: int = DEFAULT_MAX_BYTES     # largest message accepted (decode limit; MAXMSGSIZE per frame)
+    max_concurrency: int = 64              # handlers running at once; reading pauses beyond it
+    dedup_entries: int = 4096              # replies remembered for duplicate suppression
+    dedup_bytes: int = 64 << 20            # ... and their total size
+    send_timeout_s: float = 10.0           # deadline for handing a reply to ZeroMQ
+    hwm: int = 1000                        # ZeroMQ high-water mark (messages) each way
+
+    def __post_init__(self) -> None:
+        for name in ("max_bytes", "max_concurrency", "hwm"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"RpcServerConfig.{name} must be >= 1, got {getattr(self, name)!r}")
+        for name in ("dedup_entries", "dedup_bytes"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"RpcServerConfig.{name} must be >= 0, got {getattr(self, name)!r}")
+        if not self.send_timeout_s > 0:
+            raise ValueError(f"RpcServerConfig.send_timeout_s must be > 0, got {self.send_timeout_s!r}")
+
+
+class _ReplyCache:
+    """LRU of encoded replies keyed by (src, id), bounded in entries and bytes."""
+
+    def __init__(self, max_entries: int, max_bytes: int):
+        self.max_entries, self.max_bytes = max_entries, max_bytes
+        self.entries: collections.OrderedDict[tuple[str, int], tuple[list, int]] = collections.OrderedDict()
+        self.nbytes = 0
+
+    def get(self, key: tuple[str, int]) -> list | None:
+        hit = self.entries.get(key)
+        if hit is None:
+            return None
+        self.entries.move_to_end(key)
+        return hit[0]
+
+    def put(self, key: tuple[str, int], frames: list) -> None:
+        size = _frames_nbytes(frames)
+        if size > self.max_bytes or self.max_entries == 0:
+            return
+        self.entries[key] = (frames, size)
+        self.nbytes += size
+        while len(self.entries) > self.max_entries or self.nbytes > self.max_bytes:
+            _, (_, dropped) = self.entries.popitem(last=False)
+            self.nbytes -= dropped
+
+
+class RpcServer:
+    """A ROUTER that decodes requests, runs `handlers[type](env)` and answers with the same id.
+
+    A handler returns the reply body (None means `ok`) or raises `RpcError(code, message)`
+    to answer with that error; any other exception is answered as `handler_error`.
+    `stats` counts requests, replies, duplicates and every error code sent.
+    """
+
+    def __init__(self, host: str = "127.0.0.1", port: int | str = 0, handlers: dict[str, Handler] | None = None,
+                 *, config: RpcServerConfig | None = None, link: LinkProfile | None = None,
+                 context: zmq.asyncio.Context | None = None):
+        self.host, self._port_request = host, port
+        self.handlers: dict[str, Handler] = dict(handlers or {})
+        self.config = config or RpcServerConfig()
+        self.stats: collections.Counter[str] = collections.Counter()
+        self._shaper = LinkShaper(link) if link is not None else None
+        self._context = context or zmq.asyncio.Context.instance()
+        self._cache = _ReplyCache(self.config.dedup_entries, self.config.dedup_bytes)
+        self._running: set[tuple[str, int]] = set()
+        self._tasks: set[asyncio.Task] = set()
+        self._sock: zmq.asyncio.Socket | None = None
+        self._serve_task: asyncio.Task | None = None
+        self._slots: asyncio.Semaphore | None = None
+        self._stopped = False
+        self.port: int | None = None
+
+    @classmethod
+    async def create(cls, host: str = "127.0.0.1", port: int | str = 0, handlers: dict[str, Handler] | None = None,
+                     **kwargs) -> "RpcServer":
+        server = cls(host, port, handlers, **kwargs)
+        await server.start()
+        return server
+
+    async def __aenter__(self) -> "RpcServer":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.stop()
+
+    @property
+    def address(self) -> str:
+        """'host:port' to give to peers (a wildcard bind is reported as 127.0.0.1)."""
+        host = "127.0.0.1" if self.host in ("*", "0.0.0.0", "") else self.host
+        return f"{host}:{self.port}"
+
+    def register(self, msg_type: str, handler: Handler) -> None:
+        self.handlers[msg_type] = handler
+
+    async def start(self) -> None:
+        if self._sock is not None:
+            raise RuntimeError("RpcServer already started")
+        sock = self._context.socket(zmq.ROUTER)
+        try:
+            _set_common_options(sock, self.config.max_bytes, self.config.hwm)
+            sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+            if self._port_request in (0, "0", "random", None):
+                self.port = sock.bind_to_random_port(f"tcp://{self.host}")
+            else:
+                port = int(self._port_request)
+                sock.bind(f"tcp://{self.host}:{port}")
+                self.port = port
+        except BaseException:
+            sock.close(linger=0)
+            raise
+        self._sock = sock
+        self._slots = asyncio.Semaphore(self.config.max_concurrency)
+        self._serve_task = asyncio.create_task(self._serve(), name=f"rpc-server-{self.port}")
+        log.debug("rpc server listening on %s", self.address)
+
+    async def stop(self) -> None:
+        """Stop reading, cancel running handlers, close the socket. Safe to call twice."""
+        if self._stopped:
+            return
+        self._stopped = True
+        tasks = [t for t in (self._serve_task, *self._tasks) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._tasks.clear()
+        if self._sock is not None:
+            self._sock.close(linger=0)
+
+    # ---- the receive loop: decode, deduplicate, dispatch
+
+    async def _serve(self) -> None:
+        assert self._sock is not None and self._slots is not None
+        while True:
+            try:
+                parts = await self._sock.recv_multipart(copy=False)
+            except zmq.ZMQError as exc:
+                if self._sock.closed:
+                    return
+                log.warning("rpc server %s: receive failed: %s", self.address, exc)
+                continue
+            if len(parts) < 2:
+                self.stats["bad_header"] += 1   # an identity with no message: nothing to answer
+                continue
+            identity = parts[0].bytes
+            try:
+                env = decode(parts[1:], max_bytes=self.config.max_bytes)
+            except DecodeError as exc:
+                self.stats["requests"] += 1
+                self._reply_error(identity, exc.msg_id or 0, exc.code, exc.detail)
+                continue
+            self.stats["requests"] += 1
+            key = (env.src, env.id)
+            cached = self._cache.get(key)
+            if cached is not None:
+                self.stats["duplicates"] += 1
+                self._spawn(self._send(identity, cached))
+                continue
+            if key in self._running:
+                self.stats["duplicates"] += 1   # the reply on its way answers this copy too
+                continue
+            await self._slots.acquire()
+            self._running.add(key)
+            self._spawn(self._handle(identity, env), release=True)
+
+    def _spawn(self, coro: Awaitable, release: bool = False) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+
+        def finished(t: asyncio.Task) -> None:
+            self._tasks.discard(t)
+            if release:
+                self._slots.release()
+
+        task.add_done_callback(finished)
+
+    def _reply_error(self, identity: bytes, msg_id: int, code: str, detail: str) -> None:
+        self.stats[code] += 1
+        log.info("rpc server %s: answering error %s: %s", self.address, code, detail[:200])
+        frames = encode(Envelope.of(Error(code=code, message=detail[:1000]), msg_id, self.config.name))
+        self._spawn(self._send(identity, frames))
+
+    async def _handle(self, identity: bytes, env: Envelope) -> None:
+        key = (env.src, env.id)
+        try:
+            reply = await self._run_handler(env)
+            try:
+                frames = encode(Envelope.of(reply, env.id, self.config.name))
+            except EncodeError as exc:
+                reply = Error(code="handler_error", message=f"reply to {env.type} cannot be encoded: {exc}")
+                frames = encode(Envelope.of(reply, env.id, self.config.name))
+            if isinstance(reply, Error):
+                self.stats[reply.code] += 1
+            self._cache.put(key, frames)
+        finally:
+            self._running.discard(key)
+        await self._send(identity, frames)
+
+    async def _run_handler(self, env: Envelope) -> Message:
+        handler = self.handlers.get(env.type)
+        if handler is None:
+            return Error(code="no_handler", message=f"this node does not serve {env.type!r}")
+        try:
+            reply = await handler(env)
+        except RpcError as exc:
+            return Error(code=exc.code, message=exc.message)
+        except Exception as exc:  # a handler bug must not take the server down
+            log.exception("rpc server %s: handler for %s failed", self.address, env.type)
+            return Error(code="handler_error", message=f"{type(exc).__name__}: {exc}"[:1000])
+        if reply is None:
+            return Ok()
+        if not isinstance(reply, Message):
+            return Error(code="handler_error", message=f"handler for {env.type} returned {type(reply).__name__}")
+        return reply
+
+    async def _send(self, identity: bytes, frames: list) -> None:
+        if self._shaper is not None and not await self._shaper.admit(_frames_nbytes(frames)):
+            self.stats["link_dropped"] += 1
+            return
+        try:
+            await asyncio.wait_for(self._sock.send_multipart([identity, *frames], copy=False),
+                                   self.config.send_timeout_s)
+            self.stats["replies"] += 1
+        except zmq.ZMQError as exc:  # EHOSTUNREACH (ROUTER_MANDATORY): the caller went away
+            self.stats["unroutable"] += 1
+            log.debug("rpc server %s: reply not routable: %s", self.address, exc)
+        except asyncio.TimeoutError:
+            self.stats["send_timeout"] += 1
+
+
+# ====================================================================== client
+
+@dataclass(frozen=True)
+class RpcClientConfig:
+    """Limits of one RpcClient."""
+
+    max_bytes: int = DEFAULT_MAX_BYTES     # largest reply accepted
+    inflight_bytes: int = 64 << 20         # request bytes awaiting replies, per peer (one larger request may go alone)
+    hwm: int = 1000                        # ZeroMQ high-water mark (messages) each way
+
+    def __post_init__(self) -> None:
+        for name in ("max_bytes", "inflight_bytes", "hwm"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"RpcClientConfig.{name} must be >= 1, got {getattr(self, name)!r}")
+
+
+class _Peer:
+    """One remote address: its DEALER, reader task, in-flight byte budget and link shaper."""
+
+    def __init__(self, address: str, sock: zmq.asyncio.Socket, shaper: LinkShaper | None):
+        self.address, self.sock, self.shaper = address, sock, shaper
+        self.inflight = 0
+        self.space = asyncio.Condition()
+        self.reader: asyncio.Task | None = None
+
+    async def reserve(self, nbytes: int, limit: int) -> None:
+        async with self.space:
+            await self.space.wait_for(lambda: self.inflight == 0 or self.inflight + nbytes <= limit)
+            self.inflight += nbytes
+
+    async def release(self, nbytes: int) -> None:
+        async with self.space:
+            self.inflight -= nbytes
+            self.space.notify_all()
+
+
+class RpcClient:
+    """Calls peers: `await client.call("host:port", body, timeout=5.0, retries=0) -> reply body`.
+
+    `src` names this client in every request (with the id it makes requests unique, so
+    give each node its own). Ids start at a random 48-bit offset, so a restarted node
+    reusing its name does not collide with replies a server still remembers.
+    """
+
+    def __init__(self, src: str, *, config: RpcClientConfig | None = None, link: LinkProfile | None = None,
+                 context: zmq.asyncio.Context | None = None):
+        if not isinstance(src, str) or not src:
+            raise ValueError(f"RpcClient src must be a non-empty str, got {src!r}")
+        self.src = src
+        self.config = config or RpcClientConfig()
+        self.stats: collections.Counter[str] = collections.Counter()
+        self._link = link
+        self._uplink = LinkShaper(link) if link is not None else None
+        self._links: dict[str, LinkShaper] = {}
+        self._context = context or zmq.asyncio.Context.instance()
+        self._peers: dict[str, _Peer] = {}
+        self._pending: dict[int, tuple[asyncio.Future, _Peer]] = {}
+        self._ids = itertools.count(secrets.randbits(48) + 1)
+        self._stopped = False
+
+    @classmethod
+    async def create(cls, src: str, **kwargs) -> "RpcClient":
+        return cls(src, **kwargs)
+
+    async def __aenter__(self) -> "RpcClient":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.stop()
+
+    def set_link(self, address: str, profile: LinkProfile | None) -> None:
+        """Emulate a specific link to `address` (None: back to the client's default link)."""
+        endpoint = tcp_endpoint(address)
+        if profile is None:
+            self._links.pop(endpoint, None)
+        else:
+            self._links[endpoint] = LinkShaper(profile)
+        if endpoint in self._peers:
+            self._peers[endpoint].shaper = self._links.get(endpoint, self._uplink)
+
+    async def call(self, address: str, body: Message, timeout: float = 5.0, retries: int = 0,
+                   expect: type[Message] | None = None) -> Message:
+        """Send `body` to `address` and return the reply body.
+
+        Each attempt has `timeout` seconds (queueing for the in-flight budget, emulated
+        link delay and the reply all count); `retries` more attempts resend the same
+        request id. Raises RpcTimeout, RpcError(code) for an `error` reply, and
+        RpcError('bad_reply') when `expect` is given and the reply is another type.
+        """
+        if self._stopped:
+            raise RpcError("stopped", "RpcClient is stopped")
+        if not timeout > 0 or retries < 0:
+            raise ValueError(f"call needs timeout > 0 and retries >= 0, got {timeout!r}, {retries!r}")
+        msg_id = next(self._ids)
+        frames = encode(Envelope.of(body, msg_id, self.src))
+        nbytes = _frames_nbytes(frames)
+        peer = self._peer(address)
+        future = asyncio.get_running_loop().create_future()
+        self._pending[msg_id] = (future, peer)
+        reserved = False
+        self.stats["calls"] += 1
+        try:
+            for attempt in range(retries + 1):
+                try:
+                    async with asyncio.timeout(timeout):
+                        if not reserved:
+                            await peer.reserve(nbytes, self.config.inflight_bytes)
+                            reserved = True
+                        await self._send(peer, frames)
+                        reply = await asyncio.shield(future)
+                    break
+                except TimeoutError:
+                    if attempt == retries:
+                        self.stats["timeouts"] += 1
+                        raise RpcTimeout(f"{type(body).TYPE} to {address}: no reply in {timeout}s "
+                                         f"after {retries + 1} attempt(s)") from None
+                    self.stats["retries"] += 1
+        finally:
+            self._pending.pop(msg_id, None)
+            if reserved:
+                await peer.release(nbytes)
+            if not future.done():
+                future.cancel()
+        if isinstance(reply, Error):
+            raise RpcError(reply.code, reply.message)
+        if expect is not None and not isinstance(reply, expect):
+            raise RpcError("bad_reply", f"{type(body).TYPE} expected {expect.TYPE}, got {type(reply).TYPE}")
+        return reply
+
+    async def forget(self, address: str) -> None:
+        """Close the connection to `address`; calls waiting on it fail with RpcError('disconnected')."""
+        peer = self._peers.pop(tcp_endpoint(address), None)
+        if peer is not None:
+            await self._close_peer(peer, "disconnected")
+
+    async def stop(self) -> None:
+        """Close every connection; waiting calls fail with RpcError('stopped'). Safe to call twice."""
+        if self._stopped:
+            return
+        self._stopped = True
+        peers, self._peers = list(self._peers.values()), {}
+        for peer in peers:
+            await self._close_peer(peer, "stopped")
+
+    # ---- internals
+
+    def _peer(self, address: str) -> _Peer:
+        endpoint = tcp_endpoint(address)
+        peer = self._peers.get(endpoint)
+        if peer is None:
+            sock = self._context.socket(zmq.DEALER)
+            _set_common_options(sock, self.config.max_bytes, self.config.hwm)
+            sock.connect(endpoint)
+            peer = _Peer(endpoint, sock, self._links.get(endpoint, self._uplink))
+            peer.reader = asyncio.create_task(self._read(peer), name=f"rpc-client-{self.src}-{endpoint}")
+            self._peers[endpoint] = peer
+        return peer
+
+    async def _close_peer(self, peer: _Peer, reason: str) -> None:
+        if peer.reader is not None:
+            peer.reader.cancel()
+            await asyncio.gather(peer.reader, return_exceptions=True)
+        peer.sock.close(linger=0)
+        for msg_id, (future, owner) in list(self._pending.items()):
+            if owner is peer and not future.done():
+                future.set_exception(RpcError(reason, f"connection to {peer.address} closed"))
+
+    async def _send(self, peer: _Peer, frames: list) -> None:
+        if peer.shaper is not None and not await peer.shaper.admit(_frames_nbytes(frames)):
+            self.stats["link_dropped"] += 1
+            return
+        await peer.sock.send_multipart(frames, copy=False)
+        self.stats["sent"] += 1
+
+    async def _read(self, peer: _Peer) -> None:
+        while True:
+            try:
+                parts = await peer.sock.recv_multipart(copy=False)
+            except zmq.ZMQError as exc:
+                if peer.sock.closed:
+                    return
+                log.warning("rpc client %s: receive from %s failed: %s", self.src, peer.address, exc)
+                continue
+            try:
+                env = decode(parts, max_bytes=self.config.max_bytes)
+            except DecodeError as exc:
+                self.stats["bad_reply"] += 1
+                waiting = self._pending.get(exc.msg_id) if exc.msg_id is not None else None
+                if waiting is not None and waiting[1] is peer and not waiting[0].done():
+                    waiting[0].set_exception(RpcError("bad_reply", f"{exc.code}: {exc.detail}"))
+                continue
+            waiting = self._pending.get(env.id)
+            if waiting is None or waiting[1] is not peer or waiting[0].done():
+                self.stats["late_replies"] += 1
+                continue
+            waiting[0].set_result(env.body)
