@@ -76,7 +76,7 @@ def _check_int(value: Any, what: str, minimum: int = 0) -> int:
     return int(value)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class PatchRecord:
     """Patch number ``version`` of a cluster, its content digest and the chain after it."""
 

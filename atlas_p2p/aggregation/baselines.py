@@ -43,7 +43,7 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class FactorAverage:
     """SplitLoRA's aggregate: one adapter every client loads, and the mean dense changes."""
 

@@ -49,7 +49,7 @@ def _as_scaling(value: Any, what: str) -> float:
     return value
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class AdapterFactors:
     """ΔW = scaling · B @ A for one adapted module.
 
@@ -137,7 +137,7 @@ def _check_name(name: Any, what: str) -> str:
     return name
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Contribution:
     """What node ``node_id`` brings to the merge of round ``round``.
 

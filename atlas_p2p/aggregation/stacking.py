@@ -43,7 +43,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class StackedFactors:
     """ΔW = B @ A with the weights and scalings already folded into A."""
 
@@ -76,7 +76,7 @@ class StackedFactors:
         return self.B @ self.A  # (d_out, d_in)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Patch:
     """One exact merge: the update every copy of the cluster's layers adds to its base.
 
