@@ -1,0 +1,49 @@
+"""Models: loading, family adapters, splitting and losses (see DESIGN section 4)."""
+
+from atlas_p2p.models.families import (
+    CAUSAL_LM,
+    FAMILIES,
+    SEQ_CLS,
+    TASKS,
+    BlockContext,
+    Family,
+    family_of,
+    lora_module_names,
+    num_layers,
+    pool_last_token,
+    positions_from_mask,
+    task_of,
+    unwrap,
+)
+from atlas_p2p.models.loading import (
+    TINY_FAMILIES,
+    ModelLoadError,
+    load_model,
+    load_tokenizer,
+    save_base,
+    tiny_model,
+)
+from atlas_p2p.models.losses import (
+    IGNORE_INDEX,
+    causal_lm_labels,
+    causal_lm_loss,
+    classification_loss,
+    task_loss,
+)
+from atlas_p2p.models.split import (
+    SPLIT_MODES,
+    HelperPart,
+    MiddlePart,
+    OwnerPart,
+    UShapeHead,
+    split_model,
+    unsplit_forward,
+)
+
+__all__ = [
+    "CAUSAL_LM", "FAMILIES", "IGNORE_INDEX", "SEQ_CLS", "SPLIT_MODES", "TASKS", "TINY_FAMILIES",
+    "BlockContext", "Family", "HelperPart", "MiddlePart", "ModelLoadError", "OwnerPart", "UShapeHead",
+    "causal_lm_labels", "causal_lm_loss", "classification_loss", "family_of", "load_model", "load_tokenizer",
+    "lora_module_names", "num_layers", "pool_last_token", "positions_from_mask", "save_base", "split_model",
+    "task_loss", "task_of", "tiny_model", "unsplit_forward",
+]
