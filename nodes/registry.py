@@ -50,6 +50,9 @@ class Registry:
         self.config = config
         self.started_at = now
         self.fingerprint_seed = self._settle_seed(config.fingerprint_seed)
+        # client name -> node id it was given: a join retried by the same process (its
+        # earlier attempt was queued, not lost) gets the same id instead of a second row
+        self._ids_by_client: dict[str, int] = {}
 
     def _settle_seed(self, wanted: int | None) -> int:
         """The seed every node projects fingerprints with; kept in the table across restarts."""
@@ -78,8 +81,13 @@ class Registry:
         model: str | None = None,
         public_key: str | None = None,
         node_id: int | None = None,
+        client: str | None = None,
     ) -> JoinResult:
-        """Admit a node; one that names an id the table knows keeps it (a rejoin)."""
+        """Admit a node; one that names an id the table knows keeps it (a rejoin).
+
+        `client` is the sender's name on the wire (unique per process): a repeated join
+        from the same client without an id is the same node, so it keeps its first id.
+        """
         _check_peer_address(address)
         if memory_mb <= 0:
             raise RequestError("bad_request", f"memory_mb must be > 0, got {memory_mb}")
@@ -87,6 +95,8 @@ class Registry:
             raise RequestError("bad_request", f"bandwidth_mbps must be > 0, got {bandwidth_mbps}")
         if compute_score < 0:
             raise RequestError("bad_request", f"compute_score must be >= 0, got {compute_score}")
+        if node_id is None and client is not None:
+            node_id = self._ids_by_client.get(client)
         known = self.table.get(node_id) if node_id is not None else None
         if node_id is not None and known is None:
             log.info("join names unknown node id %s: handing out a new one", node_id)
@@ -107,14 +117,23 @@ class Registry:
             keep = {k: getattr(known, k) for k in ("cluster", "split", "helper", "round", "base_version")}
             self.table.put(PeerRecord(**{**record.to_dict(), **keep}))
             log.info("node %d rejoined from %s (was %s)", known.id, address, known.status)
+            self._remember(client, known.id)
             return JoinResult(known.id, rejoined=True)
         new_id = self.table.allocate_id()
         self.table.put(new_record(new_id, **fields))
+        self._remember(client, new_id)
         log.info(
             "node %d joined from %s: %s, %d MB, %g Mbps",
             new_id, address, "trainer" if has_data else "helper", memory_mb, bandwidth_mbps,
         )
         return JoinResult(new_id, rejoined=False)
+
+    def _remember(self, client: str | None, node_id: int) -> None:
+        if client is not None:
+            self._ids_by_client[client] = node_id
+            if len(self._ids_by_client) > 100_000:  # bound memory: forget the oldest clients
+                for stale in list(self._ids_by_client)[:10_000]:
+                    del self._ids_by_client[stale]
 
     def heartbeat(
         self, node_id: int, *, now: float, state: str | None = None, round: int | None = None,

@@ -196,3 +196,14 @@ def test_explicit_seed_wins_over_stored_one(tmp_path):
     registry = Registry(open_peer_table(tmp_path), BootstrapConfig(bind="127.0.0.1:0", fingerprint_seed=9), now=0.0)
 
     assert registry.fingerprint_seed == 9
+
+
+def test_join_repeated_by_the_same_client_keeps_its_first_id():
+    registry = Registry(MemoryPeerTable(), CONFIG, now=0.0)
+
+    first = _join(registry, client="node-abc")
+    again = _join(registry, now=1.0, client="node-abc")
+    other = _join(registry, now=1.0, client="node-xyz", address="127.0.0.1:7002")
+
+    assert first == again == 1 and other == 2
+    assert len(registry.rows()) == 2

@@ -1,0 +1,373 @@
+"""A node's control plane: join the bootstrap, heartbeat, reconnect, leave.
+
+`ControlClient` is the small reusable piece every node runtime embeds (today the helper
+node of `atlas-node join`, later nodes/peer.py). It runs one background task:
+
+    join (retry with backoff) -> every heartbeat_s: heartbeat -> reply hook
+         ^                                  | timeout: back off, retry (reconnecting)
+         +---- error "unknown_node" --------+ (bootstrap lost us: rejoin, same id)
+
+Failures are values, not crashes: a missing bootstrap makes the node back off with
+jittered exponential delays (`backoff_delay`) and keep trying for as long as it runs.
+`stop()` sends `leave` (best effort, short deadline) and is idempotent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import json
+import logging
+import random
+import socket
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from nodes.config import NodeConfig, format_address, parse_address
+
+log = logging.getLogger("atlas.node")
+
+IDENTITY_FILE = "node.json"
+# Error codes after which retrying the same join cannot help.
+_FATAL_JOIN_CODES = frozenset({"bad_address", "bad_request", "bad_schema", "forbidden"})
+
+ReplyHook = Callable[[Any], Awaitable[None] | None]
+ProgressFn = Callable[[], dict[str, Any]]
+
+
+class NodeIdentityError(RuntimeError):
+    """The node's --state directory holds something we cannot use."""
+
+
+class JoinRefused(RuntimeError):
+    """The bootstrap refused to admit this node (bad capabilities, not allowed)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+def backoff_delay(attempt: int, base_s: float, cap_s: float, rng: random.Random) -> float:
+    """Delay before retry number `attempt` (1, 2, ...): "equal jitter" exponential backoff.
+
+    d = min(cap, base * 2^(attempt-1)), then a uniform draw in [d/2, d]: the wait doubles
+    per failure up to the cap, and the random half keeps many nodes that lost the same
+    bootstrap from all knocking at the same instant when it comes back.
+    """
+    if attempt < 1:
+        raise ValueError(f"attempt must be >= 1, got {attempt}")
+    ceiling = min(cap_s, base_s * 2.0 ** min(attempt - 1, 60))
+    return rng.uniform(ceiling / 2.0, ceiling)
+
+
+def measure_compute_score(duration_s: float = 0.05, size: int = 128) -> float:
+    """Rough compute score: GFLOP/s of float32 matrix products (2 n^3 flops each) for ~duration_s."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((size, size), dtype=np.float32)
+    b = rng.standard_normal((size, size), dtype=np.float32)
+    runs, start = 0, time.perf_counter()
+    while True:
+        a @ b
+        runs += 1
+        elapsed = time.perf_counter() - start
+        if elapsed >= duration_s:
+            return round(2.0 * size**3 * runs / elapsed / 1e9, 3)
+
+
+def advertised_address(bound: str, bootstrap: str, advertise: str | None = None) -> str:
+    """HOST:PORT peers should dial: `advertise` if given, else the bound address, with a
+    wildcard host replaced by this machine's address on the route to the bootstrap."""
+    if advertise is not None:
+        return advertise
+    host, port = parse_address(bound, what="bound address")
+    if host not in ("*", "0.0.0.0", "[::]"):
+        return bound
+    boot_host, boot_port = parse_address(bootstrap, what="bootstrap")
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect((boot_host, boot_port))  # UDP connect sends nothing; it picks a route
+            local = probe.getsockname()[0]
+    except OSError:
+        local = "127.0.0.1"
+    return format_address(local, port)
+
+
+def load_identity(state_dir: Path | None, bootstrap: str) -> int | None:
+    """The node id this node had with `bootstrap`, from `state_dir/node.json`, or None."""
+    if state_dir is None:
+        return None
+    path = Path(state_dir) / IDENTITY_FILE
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        node_id, saved_for = data["node_id"], data["bootstrap"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise NodeIdentityError(f"--state: cannot read {path}: {exc}") from None
+    if isinstance(node_id, bool) or not isinstance(node_id, int) or node_id < 0:
+        raise NodeIdentityError(f"--state: {path} holds a bad node id {node_id!r}")
+    if saved_for != bootstrap:
+        log.info("state %s belongs to bootstrap %s, not %s: joining as a new node", path, saved_for, bootstrap)
+        return None
+    return node_id
+
+
+def save_identity(state_dir: Path | None, bootstrap: str, node_id: int) -> None:
+    """Write `state_dir/node.json` atomically (write a temp file, then rename)."""
+    if state_dir is None:
+        return
+    directory = Path(state_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / (IDENTITY_FILE + ".tmp")
+    tmp.write_text(json.dumps({"node_id": node_id, "bootstrap": bootstrap}))
+    tmp.replace(directory / IDENTITY_FILE)
+
+
+async def _maybe_await(result: Awaitable[None] | None) -> None:
+    if inspect.isawaitable(result):
+        await result
+
+
+class ControlClient:
+    """Join / heartbeat / reconnect / leave loop of one node. Build with `await create(...)`."""
+
+    def __init__(
+        self,
+        config: NodeConfig,
+        address: str,
+        client: Any,
+        *,
+        compute_score: float,
+        on_welcome: ReplyHook | None,
+        on_heartbeat_reply: ReplyHook | None,
+        progress: ProgressFn | None,
+        rng: random.Random,
+        owns_client: bool,
+    ) -> None:
+        self.config = config
+        self.address = address  # what peers dial to reach this node
+        self.client = client  # transport.rpc.RpcClient used for the bootstrap
+        self.compute_score = compute_score
+        self.node_id: int | None = load_identity(config.state_dir, config.bootstrap)
+        self.welcome: Any = None  # last transport.messages.Welcome
+        self.connected = False
+        self.failure: BaseException | None = None  # set when the loop gave up (join refused)
+        self._on_welcome = on_welcome
+        self._on_heartbeat_reply = on_heartbeat_reply
+        self._progress = progress or (lambda: {"state": "waiting"})
+        self._rng = rng
+        self._owns_client = owns_client
+        self._joined = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._stopped = False
+
+    @classmethod
+    async def create(
+        cls,
+        config: NodeConfig,
+        address: str,
+        *,
+        client: Any = None,
+        compute_score: float | None = None,
+        on_welcome: ReplyHook | None = None,
+        on_heartbeat_reply: ReplyHook | None = None,
+        progress: ProgressFn | None = None,
+        rng: random.Random | None = None,
+    ) -> ControlClient:
+        """Start the loop; it joins in the background (see `wait_joined`).
+
+        `address` is this node's dialable HOST:PORT. `client` is an RpcClient to reuse
+        (one is made and owned otherwise). `progress()` returns heartbeat fields
+        (state, round, base_version, ...). `on_welcome(welcome)` runs after every
+        (re)join, `on_heartbeat_reply(reply)` after every answered heartbeat.
+        """
+        owns = client is None
+        if owns:
+            from transport.rpc import RpcClient
+
+            client = await RpcClient.create(f"node-{uuid.uuid4().hex[:12]}")
+        if compute_score is None:
+            compute_score = config.compute_score or measure_compute_score()
+        self = cls(
+            config, address, client,
+            compute_score=compute_score,
+            on_welcome=on_welcome,
+            on_heartbeat_reply=on_heartbeat_reply,
+            progress=progress,
+            rng=rng or random.Random(),
+            owns_client=owns,
+        )
+        self._task = asyncio.create_task(self._run(), name=f"control:{address}")
+        return self
+
+    async def wait_joined(self, timeout: float | None = None) -> Any:
+        """Wait for the first welcome; raises the loop's failure (e.g. JoinRefused) if it gave up."""
+        waiter = asyncio.create_task(self._joined.wait())
+        assert self._task is not None
+        try:
+            await asyncio.wait({waiter, self._task}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+        if self.failure is not None:
+            raise self.failure
+        if not self._joined.is_set():
+            raise TimeoutError(f"not joined to {self.config.bootstrap} within {timeout} s")
+        return self.welcome
+
+    async def wait_done(self) -> None:
+        """Return once the loop has ended by itself (it gave up: see `failure`) or was stopped."""
+        assert self._task is not None
+        await asyncio.wait({self._task})
+
+    @property
+    def done(self) -> bool:
+        """True once the loop has ended (stopped, or gave up with `failure`)."""
+        return self._task is not None and self._task.done()
+
+    async def stop(self, *, leave: bool = True) -> None:
+        """Stop heartbeating, send `leave` if joined (best effort), release the client."""
+        if self._stopped:
+            return
+        self._stopped = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if leave and self.node_id is not None and self.welcome is not None:
+            await self._send_leave()
+        if self._owns_client:
+            await self.client.stop()
+
+    # --- the loop --------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        failures = 0
+        try:
+            while True:
+                if self.welcome is None:
+                    ok = await self._try_join(failures)
+                else:
+                    ok = await self._try_heartbeat(failures)
+                if ok:
+                    failures = 0
+                    # after a welcome or an answered heartbeat: the next beat; after
+                    # "unknown_node" (welcome dropped): rejoin at once
+                    await asyncio.sleep(self.welcome.heartbeat_s if self.welcome is not None else 0.0)
+                else:
+                    failures += 1
+                    await asyncio.sleep(
+                        backoff_delay(failures, self.config.backoff_base_s, self.config.backoff_cap_s, self._rng)
+                    )
+        except JoinRefused as exc:
+            self.failure = exc
+            log.error("bootstrap %s refused this node: %s", self.config.bootstrap, exc.message)
+
+    async def _try_join(self, failures: int) -> bool:
+        from transport.messages import Join, Welcome
+        from transport.rpc import RpcError, RpcTimeout
+
+        body = Join(
+            memory_mb=self.config.memory_mb,
+            bandwidth_mbps=self.config.bandwidth_mbps,
+            compute_score=self.compute_score,
+            address=self.address,
+            has_data=self.config.has_data,
+            model=self.config.model or "",
+            node_id=self.node_id,
+        )
+        try:
+            reply = await self.client.call(self.config.bootstrap, body, timeout=self.config.request_timeout_s)
+        except RpcTimeout:
+            self._note_unreachable(failures, "join")
+            return False
+        except RpcError as exc:
+            if exc.code in _FATAL_JOIN_CODES:
+                raise JoinRefused(exc.code, getattr(exc, "message", str(exc))) from None
+            log.warning("join refused by %s (%s); retrying", self.config.bootstrap, exc)
+            return False
+        if not isinstance(reply, Welcome):
+            log.warning("join answered with %s instead of welcome; retrying", type(reply).__name__)
+            return False
+        rejoined = self.node_id == reply.node_id
+        self.node_id = reply.node_id
+        self.welcome = reply
+        self.connected = True
+        save_identity(self.config.state_dir, self.config.bootstrap, reply.node_id)
+        log.info(
+            "%s bootstrap %s as node %d; serving peers on %s (%s, %d MB, %g Mbps, heartbeat %g s)",
+            "rejoined" if rejoined else "joined", self.config.bootstrap, reply.node_id, self.address,
+            "trainer" if self.config.has_data else "helper",
+            self.config.memory_mb, self.config.bandwidth_mbps, reply.heartbeat_s,
+        )
+        if self.config.model and reply.model and reply.model != self.config.model:
+            log.warning("this node runs %r but the swarm runs %r", self.config.model, reply.model)
+        self._joined.set()
+        await self._run_hook(self._on_welcome, reply)
+        return True
+
+    async def _try_heartbeat(self, failures: int) -> bool:
+        from transport.messages import Heartbeat
+        from transport.rpc import RpcError, RpcTimeout
+
+        assert self.node_id is not None
+        try:
+            body = Heartbeat(node_id=self.node_id, **self._progress())
+        except Exception:  # a bad progress report must not stop the heartbeats
+            log.exception("progress() returned bad heartbeat fields; sending a bare heartbeat")
+            body = Heartbeat(node_id=self.node_id, state="waiting")
+        timeout = min(self.config.request_timeout_s, max(self.welcome.heartbeat_s, 0.5))
+        try:
+            reply = await self.client.call(self.config.bootstrap, body, timeout=timeout)
+        except RpcTimeout:
+            self._note_unreachable(failures, "heartbeat")
+            return False
+        except RpcError as exc:
+            if exc.code == "unknown_node":
+                log.info("bootstrap %s does not know node %d; joining again", self.config.bootstrap, self.node_id)
+                self.welcome = None
+                self.connected = False
+                return True  # not a failure: rejoin right away
+            log.warning("heartbeat refused (%s)", exc)
+            return False
+        if not self.connected:
+            log.info("reconnected to bootstrap %s", self.config.bootstrap)
+            self.connected = True
+        await self._run_hook(self._on_heartbeat_reply, reply)
+        return True
+
+    def _note_unreachable(self, failures: int, what: str) -> None:
+        if failures == 0:
+            log.warning(
+                "bootstrap %s did not answer %s; retrying with backoff", self.config.bootstrap, what
+            )
+        self.connected = False
+
+    async def _run_hook(self, hook: ReplyHook | None, reply: Any) -> None:
+        if hook is None:
+            return
+        try:
+            await _maybe_await(hook(reply))
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # the embedding runtime's bug must not stop the heartbeats
+            log.exception("control hook %r failed", hook)
+
+    async def _send_leave(self) -> None:
+        from transport.messages import Leave
+        from transport.rpc import RpcError, RpcTimeout
+
+        try:
+            await self.client.call(
+                self.config.bootstrap, Leave(node_id=self.node_id, reason="shutdown"),
+                timeout=self.config.leave_timeout_s,
+            )
+            log.info("left bootstrap %s", self.config.bootstrap)
+        except (RpcTimeout, RpcError) as exc:
+            log.warning("leave not acknowledged by %s (%s); exiting anyway", self.config.bootstrap, exc)

@@ -1,0 +1,324 @@
+"""`atlas-node`: run a bootstrap, join a node, read the peer table.
+
+    atlas-node bootstrap --bind 0.0.0.0:5555 --state ./boot
+    atlas-node join --bootstrap 192.168.1.10:5555 --memory 8GB --bandwidth 50Mbps
+    atlas-node peers --bootstrap 192.168.1.10:5555 [--json]
+
+Every flag maps onto a field of a frozen config (nodes/config.py) and is checked before
+anything starts. Errors are one line on stderr and an exit code from tools/exit_codes.py;
+`main(argv) -> int` is the whole program, `app` is the typer app the console script runs.
+Heavy modules (torch) are never imported here, so starting a node stays quick.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+
+try:  # typer >= 0.2x ships its own copy of click; older ones use click itself
+    from typer._click import exceptions as _cx
+except ImportError:  # pragma: no cover - depends on the installed typer
+    from click import exceptions as _cx
+
+from nodes.config import BootstrapConfig, NodeConfig
+from tools.exit_codes import ExitCode
+
+PROG = "atlas-node"
+log = logging.getLogger("atlas.cli")
+
+
+class CliError(Exception):
+    """A failure to report as one line and an exit code."""
+
+    def __init__(self, code: ExitCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def fail(code: ExitCode, message: str) -> NoReturn:
+    raise CliError(code, message)
+
+
+class AtlasApp(typer.Typer):
+    """The typer app; calling it (the console script) runs `main` and exits with its code."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> NoReturn:  # noqa: ARG002 - console entry
+        sys.exit(main())
+
+
+app = AtlasApp(
+    name=PROG,
+    help="ATLAS: many small devices fine-tune one LLM together. Run a bootstrap, join nodes, read the peer table.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+@app.callback()
+def _setup(
+    log_level: Annotated[
+        str, typer.Option("--log-level", help="Logging detail on stderr: debug, info, warning or error.")
+    ] = "info",
+) -> None:
+    """ATLAS command line. Exit codes: 0 ok, 2 usage, 3 bad value, 4 bootstrap unreachable,
+    5 address in use, 6 unusable --state, 7 refused by the bootstrap, 1 internal error."""
+    level = logging.getLevelName(log_level.upper())
+    if not isinstance(level, int):
+        fail(ExitCode.BAD_VALUE, f"--log-level: expected debug, info, warning or error, got {log_level!r}")
+    configure_logging(level)
+
+
+def configure_logging(level: int = logging.INFO) -> None:
+    """Human lines on stderr: time, level letter, source, message."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname).1s %(name)s: %(message)s", "%H:%M:%S"))
+    root.addHandler(handler)
+    root.setLevel(level)
+
+
+# --- value parsing: every failure is BAD_VALUE with the flag named ------------------
+
+
+def _config(kind: type, **fields: Any) -> Any:
+    try:
+        return kind(**fields)
+    except ValueError as exc:
+        fail(ExitCode.BAD_VALUE, str(exc))
+
+
+def _size(flag: str, text: str) -> int:
+    from transport.units import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        fail(ExitCode.BAD_VALUE, f"{flag}: {exc}")
+
+
+def _rate(flag: str, text: str) -> float:
+    from transport.units import parse_rate
+
+    try:
+        return parse_rate(text)
+    except ValueError as exc:
+        fail(ExitCode.BAD_VALUE, f"{flag}: {exc}")
+
+
+def _address(flag: str, text: str, *, allow_port_zero: bool = False) -> str:
+    from nodes.config import parse_address
+
+    try:
+        parse_address(text, allow_port_zero=allow_port_zero, what=flag)
+    except ValueError as exc:
+        fail(ExitCode.BAD_VALUE, str(exc))
+    return text.strip().removeprefix("tcp://")
+
+
+def _run(main_coro: Callable[[asyncio.Event], Awaitable[Any]]) -> Any:
+    """Run `main_coro(stop)` on a fresh event loop; SIGINT/SIGTERM set `stop`."""
+    from transport.rpc import install_uvloop
+
+    install_uvloop()
+
+    async def runner() -> Any:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            return await main_coro(stop)
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+
+    try:
+        return asyncio.run(runner())
+    except OSError as exc:  # zmq.ZMQError is an OSError subclass
+        if exc.errno == errno.EADDRINUSE:
+            fail(ExitCode.ADDRESS_IN_USE, f"address already in use: {exc}")
+        if exc.errno == errno.EADDRNOTAVAIL:
+            fail(ExitCode.BAD_VALUE, f"cannot bind that address here: {exc}")
+        raise
+
+
+# --- commands -------------------------------------------------------------------------
+
+
+@app.command()
+def bootstrap(
+    bind: Annotated[str, typer.Option(help="HOST:PORT to listen on, e.g. 0.0.0.0:5555 (port 0 picks a free port).")],
+    state: Annotated[Path, typer.Option(help="Directory for the peer table (SQLite); reuse it after a restart.")],
+    heartbeat_s: Annotated[
+        float, typer.Option("--heartbeat-s", help="Heartbeat period handed to nodes, seconds.")
+    ] = BootstrapConfig.heartbeat_s,
+    suspect_after: Annotated[
+        float | None,
+        typer.Option("--suspect-after", help="Seconds of silence before a node is 'suspect' (default: 3 x heartbeat)."),
+    ] = None,
+    dead_after: Annotated[
+        float | None,
+        typer.Option("--dead-after", help="Seconds of silence before a node is 'dead' (default: 7.5 x heartbeat)."),
+    ] = None,
+    grace_s: Annotated[
+        float | None,
+        typer.Option(
+            "--grace-s",
+            help="After a restart, seconds nodes get to reconnect before silence counts (default: max(10, 2 x heartbeat)).",
+        ),
+    ] = None,
+    model: Annotated[str | None, typer.Option(help="Model name handed to joining nodes.")] = None,
+    seed: Annotated[
+        int | None, typer.Option(help="Fingerprint projection seed (default: drawn once, kept in --state).")
+    ] = None,
+) -> None:
+    """Run the bootstrap: the rendezvous that keeps the peer table and watches liveness."""
+    from nodes.bootstrap import serve_bootstrap
+    from nodes.peer_table import PeerTableError
+
+    bind = _address("--bind", bind, allow_port_zero=True)
+    heartbeat = heartbeat_s
+    config = _config(
+        BootstrapConfig,
+        bind=bind,
+        state_dir=state,
+        heartbeat_s=heartbeat,
+        suspect_after_s=suspect_after if suspect_after is not None else 3.0 * heartbeat,
+        dead_after_s=dead_after if dead_after is not None else 7.5 * heartbeat,
+        restart_grace_s=grace_s if grace_s is not None else max(10.0, 2.0 * heartbeat),
+        sweep_s=min(0.5, heartbeat / 2),
+        model=model,
+        fingerprint_seed=seed,
+    )
+    try:
+        _run(lambda stop: serve_bootstrap(config, stop))
+    except PeerTableError as exc:
+        fail(ExitCode.STATE_ERROR, str(exc))
+
+
+@app.command()
+def join(
+    bootstrap: Annotated[str, typer.Option(help="HOST:PORT of the bootstrap.")],
+    memory: Annotated[str, typer.Option(help="Memory this device lends, e.g. 512MB, 8GB, 2GiB.")],
+    bandwidth: Annotated[str, typer.Option(help="Uplink bandwidth of this device, e.g. 50Mbps, 1Gbps.")],
+    bind: Annotated[
+        str, typer.Option(help="HOST:PORT for this node's own server (port 0 picks a free port).")
+    ] = NodeConfig.bind,
+    advertise: Annotated[
+        str | None, typer.Option(help="HOST:PORT peers should dial (default: from --bind).")
+    ] = None,
+    data: Annotated[
+        Path | None, typer.Option(help="JSONL training data; without it the node joins as a helper.")
+    ] = None,
+    model: Annotated[str | None, typer.Option(help="Model name or local path (default: the bootstrap's).")] = None,
+    state: Annotated[
+        Path | None, typer.Option(help="Directory for node state; a restart with it keeps the node id.")
+    ] = None,
+    compute: Annotated[
+        float | None, typer.Option(help="Compute score in GFLOP/s (default: measured at start).")
+    ] = None,
+) -> None:
+    """Join a swarm: heartbeat the bootstrap, serve peers, reconnect by itself; Ctrl-C leaves cleanly."""
+    from nodes.control import JoinRefused, NodeIdentityError
+    from tools.node_runner import run_node
+
+    bootstrap = _address("--bootstrap", bootstrap)
+    bind = _address("--bind", bind, allow_port_zero=True)
+    if advertise is not None:
+        advertise = _address("--advertise", advertise)
+    memory_bytes = _size("--memory", memory)
+    bandwidth_bps = _rate("--bandwidth", bandwidth)
+    if data is not None and not data.is_file():
+        fail(ExitCode.BAD_VALUE, f"--data: no such file: {data}")
+    if state is not None and state.exists() and not state.is_dir():
+        fail(ExitCode.STATE_ERROR, f"--state: {state} exists and is not a directory")
+    config = _config(
+        NodeConfig,
+        bootstrap=bootstrap,
+        memory_bytes=memory_bytes,
+        bandwidth_bps=bandwidth_bps,
+        bind=bind,
+        advertise=advertise,
+        data=data,
+        model=model,
+        state_dir=state,
+        compute_score=compute,
+    )
+    try:
+        _run(lambda stop: run_node(config, stop))
+    except NodeIdentityError as exc:
+        fail(ExitCode.STATE_ERROR, str(exc))
+    except JoinRefused as exc:
+        fail(ExitCode.REJECTED, f"bootstrap {bootstrap} refused this node: {exc.message}")
+
+
+@app.command()
+def peers(
+    bootstrap: Annotated[str, typer.Option(help="HOST:PORT of the bootstrap.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON array (one object per peer).")] = False,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the bootstrap.")] = 3.0,
+) -> None:
+    """Print the bootstrap's peer table (readable, or --json for scripts)."""
+    from tools.peers_view import PeersRefused, fetch_peers, format_peer_table
+
+    bootstrap = _address("--bootstrap", bootstrap)
+    if not timeout > 0:
+        fail(ExitCode.BAD_VALUE, f"--timeout: must be > 0, got {timeout}")
+    try:
+        rows = _run(lambda stop: fetch_peers(bootstrap, timeout))
+    except PeersRefused as exc:
+        fail(ExitCode.REJECTED, str(exc))
+    if rows is None:
+        fail(ExitCode.UNREACHABLE, f"bootstrap {bootstrap} did not answer within {timeout:g} s")
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+    else:
+        typer.echo(format_peer_table(rows))
+
+
+# --- entry point ------------------------------------------------------------------------
+
+
+def _error_line(prog: str, message: str) -> None:
+    text = " ".join(str(message).split())
+    print(f"{prog}: error: {text}", file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI on `argv` (default: sys.argv[1:]) and return the exit code."""
+    command = typer.main.get_command(app)
+    try:
+        result = command.main(args=argv, prog_name=PROG, standalone_mode=False)
+    except CliError as exc:
+        _error_line(PROG, exc.message)
+        return int(exc.code)
+    except _cx.NoArgsIsHelpError:  # typer has already printed the help
+        return int(ExitCode.USAGE)
+    except _cx.ClickException as exc:
+        ctx = getattr(exc, "ctx", None)
+        prog = ctx.command_path if ctx is not None else PROG
+        hint = f" (see '{prog} --help')" if isinstance(exc, _cx.UsageError) else ""
+        _error_line(prog, exc.format_message() + hint)
+        return int(ExitCode.USAGE) if isinstance(exc, _cx.UsageError) else int(ExitCode.BAD_VALUE)
+    except typer.Abort:
+        _error_line(PROG, "aborted")
+        return 130
+    return int(result) if isinstance(result, int) else int(ExitCode.OK)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

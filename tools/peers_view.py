@@ -1,0 +1,82 @@
+"""`atlas-node peers`: fetch the peer table from a bootstrap and render it for people."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+log = logging.getLogger("atlas.cli")
+
+# (header, row key) in display order; `last_seen_ago_s` is computed by the bootstrap
+_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("ID", "id"),
+    ("STATUS", "status"),
+    ("ADDRESS", "address"),
+    ("MEMORY", "memory_mb"),
+    ("BANDWIDTH", "bandwidth_mbps"),
+    ("ROLE", "role"),
+    ("STATE", "state"),
+    ("CLUSTER", "cluster"),
+    ("SPLIT", "split"),
+    ("HELPER", "helper"),
+    ("ROUND", "round"),
+    ("BASE", "base_version"),
+    ("LAST SEEN", "last_seen_ago_s"),
+)
+
+
+class PeersRefused(RuntimeError):
+    """The bootstrap answered, but not with a peer list."""
+
+
+async def fetch_peers(bootstrap: str, timeout: float) -> list[dict[str, Any]] | None:
+    """Ask `bootstrap` for its rows; None when it does not answer within `timeout`."""
+    from transport.messages import PeerList, Peers
+    from transport.rpc import RpcClient, RpcError, RpcTimeout
+
+    client = await RpcClient.create(f"peers-{uuid.uuid4().hex[:8]}")
+    try:
+        reply = await client.call(bootstrap, Peers(), timeout=timeout)
+    except RpcTimeout:
+        return None
+    except RpcError as exc:
+        raise PeersRefused(f"bootstrap {bootstrap} refused the request: {exc}") from None
+    finally:
+        await client.stop()
+    if not isinstance(reply, PeerList):
+        raise PeersRefused(f"bootstrap {bootstrap} answered peers with {type(reply).__name__}")
+    return list(reply.rows)
+
+
+def _cell(key: str, value: Any) -> str:
+    if value is None:
+        return "-"
+    if key == "memory_mb":
+        return f"{value / 1000:.1f} GB" if value >= 1000 else f"{value} MB"
+    if key == "bandwidth_mbps":
+        return f"{value / 1000:g} Gbps" if value >= 1000 else f"{value:g} Mbps"
+    if key == "last_seen_ago_s":
+        seconds = max(0.0, float(value))
+        if seconds < 120:
+            return f"{seconds:.0f}s ago"
+        if seconds < 7200:
+            return f"{seconds / 60:.0f}m ago"
+        return f"{seconds / 3600:.0f}h ago"
+    return str(value)
+
+
+def format_peer_table(rows: Sequence[dict[str, Any]]) -> str:
+    """Aligned text table of peer rows plus a one-line summary ("3 peers: 2 alive, 1 dead")."""
+    if not rows:
+        return "no peers yet"
+    cells = [[header for header, _ in _COLUMNS]]
+    cells += [[_cell(key, row.get(key)) for _, key in _COLUMNS] for row in rows]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(_COLUMNS))]
+    lines = ["  ".join(text.ljust(width) for text, width in zip(line, widths)).rstrip() for line in cells]
+    counts = Counter(str(row.get("status")) for row in rows)
+    summary = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+    lines.append(f"{len(rows)} peer{'s' if len(rows) != 1 else ''}: {summary}")
+    return "\n".join(lines)
