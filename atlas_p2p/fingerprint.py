@@ -1,0 +1,333 @@
+"""Task fingerprints: a seeded gradient sketch of a node's local data (DESIGN 6).
+
+Every node runs the same recipe with the seed handed out by the bootstrap:
+
+1. Probe. A rank-r (r = 4) peft LoRA on the attention projections of block 0, with A and
+   B drawn from the seed (B small but non-zero, so the gradient reaches A as well).
+   Every node builds the identical probe whatever its split point: block 0 always sits
+   on the owner.
+2. Gradient. g = d/dθ_probe of the mean loss over the node's m samples (m = 32 by
+   default), flattened in sorted parameter-name order: dim(g) = Σ r·(d_in + d_out).
+3. Optional differential privacy (Gaussian mechanism): g ← g · min(1, C/‖g‖), then
+   g ← g + N(0, σ²C² I). The noise comes from a private generator, never from the
+   public seed (noise anyone can regenerate protects nothing).
+4. Sketch. f = P g / ‖P g‖ with P a (64, dim(g)) standard Gaussian matrix from the seed.
+   By Johnson-Lindenstrauss, cos(f_i, f_j) ≈ cos(g_i, g_j), so nodes whose data pull the
+   model the same way get nearby fingerprints. P is generated in column chunks so a big
+   model never needs the whole matrix in memory; the result does not depend on how the
+   gradient is chunked.
+
+The loss is a parameter, ``loss_fn(model, batch) -> scalar tensor``, so the runtime can
+compute it across an owner and a provisional helper. The probe is removed afterwards:
+the model comes back with the same modules, parameters, requires_grad flags and
+train/eval modes it had.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+PROBE_ADAPTER = "atlas_probe"
+PROJECTION_CHUNK = 4096  # columns of P generated at a time; part of P's definition
+_BLOCK_LIST_NAMES = ("h", "layers", "layer", "blocks")
+
+LossFn = Callable[[nn.Module, Mapping[str, torch.Tensor]], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class FingerprintConfig:
+    """How every node fingerprints (the bootstrap hands out ``seed``)."""
+
+    seed: int  # fixes the probe's A, B and the projection P
+    dim: int = 64  # length of the fingerprint
+    rank: int = 4  # rank of the probe LoRA
+    num_samples: int = 32  # m: examples the gradient is averaged over
+    b_std: float = 0.01  # std of the probe's B (non-zero so gradients reach A)
+    clip: float | None = None  # C: clip ||g|| to this before adding noise
+    sigma: float = 0.0  # noise multiplier: noise std is sigma * clip
+    target_modules: tuple[str, ...] | None = None  # override of the probe's module names
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"FingerprintConfig.seed must be an int >= 0, got {self.seed!r}")
+        for name in ("dim", "rank", "num_samples"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"FingerprintConfig.{name} must be an int >= 1, got {value!r}")
+        if not (math.isfinite(self.b_std) and self.b_std > 0):
+            raise ValueError(f"FingerprintConfig.b_std must be a finite number > 0, got {self.b_std!r}")
+        if self.clip is not None and not (math.isfinite(self.clip) and self.clip > 0):
+            raise ValueError(f"FingerprintConfig.clip must be None or a finite number > 0, got {self.clip!r}")
+        if not (math.isfinite(self.sigma) and self.sigma >= 0):
+            raise ValueError(f"FingerprintConfig.sigma must be a finite number >= 0, got {self.sigma!r}")
+        if self.sigma > 0 and self.clip is None:
+            raise ValueError(f"FingerprintConfig.sigma={self.sigma} needs clip (noise std is sigma * clip)")
+        if self.target_modules is not None and not self.target_modules:
+            raise ValueError("FingerprintConfig.target_modules must be None or a non-empty tuple")
+
+
+# -- the probe -----------------------------------------------------------------------
+def _is_projection(module: nn.Module) -> bool:
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, (nn.Linear, Conv1D))
+
+
+def probe_targets(model: nn.Module) -> list[str]:
+    """Names of block 0's attention projections (q/k/v/o, or GPT-2's c_attn/c_proj).
+
+    The block list is the first ``nn.ModuleList`` named h / layers / layer / blocks
+    (GPT-2, LLaMA-family, BERT, and split parts that keep those names).
+    """
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and name.rsplit(".", 1)[-1] in _BLOCK_LIST_NAMES and len(module):
+            prefix = f"{name}.0."
+            found = [
+                prefix + sub
+                for sub, leaf in module[0].named_modules()
+                if sub and _is_projection(leaf) and ("attn" in sub or "attention" in sub)
+            ]
+            if found:
+                return sorted(found)
+    raise ValueError(
+        "cannot find block 0's attention projections (no ModuleList named h/layers/layer/blocks "
+        "with Linear/Conv1D modules under an attention submodule); pass target_modules"
+    )
+
+
+def _probe_init(model: nn.Module, targets: Sequence[str], config: FingerprintConfig) -> None:
+    """Overwrite the probe's A ~ N(0, 1/d_in) and B ~ N(0, b_std²), in target order."""
+    gen = torch.Generator().manual_seed(config.seed)
+    with torch.no_grad():
+        for name in targets:
+            layer = model.get_submodule(name)
+            a = layer.lora_A[PROBE_ADAPTER].weight  # (r, d_in)
+            b = layer.lora_B[PROBE_ADAPTER].weight  # (d_out, r)
+            a.copy_(torch.randn(a.shape, generator=gen) / math.sqrt(a.shape[1]))
+            b.copy_(torch.randn(b.shape, generator=gen) * config.b_std)
+
+
+def _attach_probe(model: nn.Module, targets: Sequence[str], config: FingerprintConfig) -> None:
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.tuners.lora import LoraLayer
+    from transformers.pytorch_utils import Conv1D
+
+    modules = [model.get_submodule(t) for t in targets]
+    if any(isinstance(m, LoraLayer) for m in modules):
+        raise ValueError("block 0 already carries a LoRA adapter; fingerprint the base model")
+    lora = LoraConfig(
+        r=config.rank,
+        lora_alpha=config.rank,  # scaling 1
+        lora_dropout=0.0,
+        target_modules=list(targets),
+        fan_in_fan_out=any(isinstance(m, Conv1D) for m in modules),
+    )
+    inject_adapter_in_model(lora, model, adapter_name=PROBE_ADAPTER)
+    _probe_init(model, targets, config)
+
+
+def _detach_probe(model: nn.Module, targets: Sequence[str], had_config: bool, old_config) -> None:
+    for name in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        wrapped = getattr(parent, child)
+        if hasattr(wrapped, "get_base_layer"):
+            setattr(parent, child, wrapped.get_base_layer())
+    if had_config:
+        model.peft_config = old_config
+    elif hasattr(model, "peft_config"):
+        del model.peft_config
+
+
+def _batch_size(batch: Mapping[str, torch.Tensor]) -> int:
+    if "input_ids" in batch:
+        return int(batch["input_ids"].shape[0])
+    for value in batch.values():
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return int(value.shape[0])
+    raise ValueError("cannot tell the batch size: no tensor in the batch")
+
+
+def probe_gradient(
+    model: nn.Module,
+    batches: Mapping[str, torch.Tensor] | Sequence[Mapping[str, torch.Tensor]],
+    loss_fn: LossFn,
+    config: FingerprintConfig,
+) -> np.ndarray:
+    """(dim(g),) float64: gradient of the mean loss over all samples w.r.t. the probe.
+
+    ``batches`` is one batch or several micro-batches; with sizes n_b and per-batch mean
+    losses L_b the gradient is that of Σ_b (n_b / Σn) L_b, i.e. of the mean over every
+    sample. The model is left as it came (see module doc).
+    """
+    if isinstance(batches, Mapping):
+        batches = [batches]
+    batches = list(batches)
+    if not batches:
+        raise ValueError("probe_gradient needs at least one batch")
+    sizes = [_batch_size(b) for b in batches]
+    total = sum(sizes)
+    if total == 0:
+        raise ValueError("probe_gradient got only empty batches")
+    targets = sorted(config.target_modules) if config.target_modules else probe_targets(model)
+
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    modes = {name: m.training for name, m in model.named_modules()}
+    had_config = hasattr(model, "peft_config")
+    old_config = dict(model.peft_config) if had_config else None
+    _attach_probe(model, targets, config)
+    try:
+        probe = {n: p for n, p in model.named_parameters() if f".{PROBE_ADAPTER}." in n}
+        for name, p in model.named_parameters():
+            p.requires_grad_(name in probe)
+            if name in probe:
+                p.grad = None
+        model.eval()  # no dropout: the same data gives the same fingerprint
+        with torch.enable_grad():
+            for batch, n in zip(batches, sizes):
+                loss = loss_fn(model, batch)
+                if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+                    raise ValueError(f"loss_fn must return a scalar tensor, got {loss!r}")
+                if not torch.isfinite(loss):
+                    raise ValueError(f"loss_fn returned a non-finite loss {loss.item()}")
+                (loss * (n / total)).backward()
+        parts = []
+        for name in sorted(probe):
+            grad = probe[name].grad
+            parts.append(torch.zeros(probe[name].numel()) if grad is None else grad.detach().reshape(-1))
+        g = torch.cat(parts).to(torch.float64).cpu().numpy()  # (dim(g),)
+    finally:
+        _detach_probe(model, targets, had_config, old_config)
+        for name, p in model.named_parameters():
+            if name in flags:
+                p.requires_grad_(flags[name])
+        for name, m in model.named_modules():
+            if name in modes:
+                m.train(modes[name])
+    logger.debug("probe gradient over %d samples: dim %d, norm %.4g", total, g.size, np.linalg.norm(g))
+    return g
+
+
+# -- privacy and sketch --------------------------------------------------------------
+def privatize(g: np.ndarray, clip: float | None, sigma: float, rng: np.random.Generator | None = None) -> np.ndarray:
+    """Gaussian mechanism on g: clip ‖g‖ to ``clip`` (C), then add N(0, σ²C² I).
+
+    ``rng`` must be private to the node (default: fresh OS entropy). With ``clip=None``
+    and ``sigma=0`` this is the identity.
+    """
+    g = np.asarray(g, dtype=np.float64)
+    if sigma < 0 or not math.isfinite(sigma):
+        raise ValueError(f"sigma must be a finite number >= 0, got {sigma!r}")
+    if clip is None:
+        if sigma > 0:
+            raise ValueError(f"sigma={sigma} needs a clip norm")
+        return g.copy()
+    if not (math.isfinite(clip) and clip > 0):
+        raise ValueError(f"clip must be a finite number > 0, got {clip!r}")
+    norm = float(np.linalg.norm(g))
+    out = g * min(1.0, clip / norm) if norm > 0 else g.copy()
+    if sigma > 0:
+        rng = rng if rng is not None else np.random.default_rng()
+        out = out + rng.normal(0.0, sigma * clip, size=out.shape)
+    return out
+
+
+def project(g: np.ndarray, seed: int, dim: int = 64) -> np.ndarray:
+    """(dim,) float32 unit vector P g / ‖P g‖; P ~ N(0, 1) of shape (dim, len(g)) from ``seed``.
+
+    Column chunk c of P (PROJECTION_CHUNK wide) is drawn from ``default_rng([seed, c])``,
+    so P depends only on (seed, len(g)) and never exists whole.
+    """
+    g = np.asarray(g, dtype=np.float64).reshape(-1)
+    if g.size == 0 or not np.all(np.isfinite(g)):
+        raise ValueError("cannot project an empty or non-finite gradient")
+    out = np.zeros(dim, dtype=np.float64)
+    for c, start in enumerate(range(0, g.size, PROJECTION_CHUNK)):
+        piece = g[start : start + PROJECTION_CHUNK]
+        p = np.random.default_rng([seed, 0xF1, c]).standard_normal((dim, piece.size))  # (dim, chunk)
+        out += p @ piece
+    norm = float(np.linalg.norm(out))
+    if norm == 0.0:
+        raise ValueError("the projected gradient is zero (is the loss constant in the probe?)")
+    return (out / norm).astype(np.float32)
+
+
+def compute_fingerprint(
+    model: nn.Module,
+    batches: Mapping[str, torch.Tensor] | Sequence[Mapping[str, torch.Tensor]],
+    loss_fn: LossFn,
+    config: FingerprintConfig,
+    noise_rng: np.random.Generator | None = None,
+) -> np.ndarray:
+    """(config.dim,) float32 unit fingerprint of the data in ``batches`` (module doc)."""
+    g = probe_gradient(model, batches, loss_fn, config)
+    return project(privatize(g, config.clip, config.sigma, noise_rng), config.seed, config.dim)
+
+
+def fingerprint_sample(encoded, config: FingerprintConfig, micro_batch: int | None = None) -> list[dict]:
+    """The node's m = ``config.num_samples`` fingerprint examples as padded batches.
+
+    A seeded choice (from ``config.seed``) of min(m, N) examples of a
+    :class:`atlas_p2p.data.Encoded`, cut into micro-batches of ``micro_batch`` (default:
+    one batch) to bound memory.
+    """
+    from atlas_p2p.data import collate
+
+    n = len(encoded)
+    if n == 0:
+        raise ValueError("no examples to fingerprint")
+    m = min(config.num_samples, n)
+    chosen = np.sort(np.random.default_rng([config.seed, 0x5A]).choice(n, size=m, replace=False))
+    step = micro_batch or m
+    if step < 1:
+        raise ValueError(f"micro_batch must be >= 1, got {micro_batch!r}")
+    return [collate(encoded, chosen[i : i + step]) for i in range(0, m, step)]
+
+
+def dp_epsilon(sigma: float, delta: float, sensitivity: float = 2.0) -> float:
+    """ε of one release of the Gaussian mechanism above, for a given δ.
+
+    Analytic Gaussian mechanism (Balle & Wang, ICML 2018, Thm 8): with noise std s and
+    L2 sensitivity Δ, the release is (ε, δ)-DP iff
+        Φ(Δ/(2s) − εs/Δ) − e^ε Φ(−Δ/(2s) − εs/Δ) ≤ δ.
+    Here s = σC and Δ = κC, so only u = κ/σ matters; we solve for the smallest ε by
+    bisection. ``sensitivity`` κ is in units of C: 2 (default) bounds any change of the
+    node's data (two clipped gradients lie in a ball of radius C), 1 is the add/remove
+    convention for one clipped contribution. σ = 0 gives ε = inf.
+    """
+    if not (math.isfinite(sigma) and sigma >= 0):
+        raise ValueError(f"sigma must be a finite number >= 0, got {sigma!r}")
+    if not 0 < delta < 1:
+        raise ValueError(f"delta must be in (0, 1), got {delta!r}")
+    if not (math.isfinite(sensitivity) and sensitivity > 0):
+        raise ValueError(f"sensitivity must be a finite number > 0, got {sensitivity!r}")
+    if sigma == 0:
+        return math.inf
+    from scipy.special import log_ndtr, ndtr
+
+    u = sensitivity / sigma
+
+    def delta_of(eps: float) -> float:
+        return float(ndtr(u / 2 - eps / u) - math.exp(eps + log_ndtr(-u / 2 - eps / u)))
+
+    if delta_of(0.0) <= delta:
+        return 0.0
+    lo, hi = 0.0, 1.0
+    while delta_of(hi) > delta:
+        lo, hi = hi, hi * 2
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        if delta_of(mid) > delta:
+            lo = mid
+        else:
+            hi = mid
+    return hi
