@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
-import pytest
+import asyncio
+import time
 
+import msgpack
+import pytest
+import zmq
+import zmq.asyncio
+
+from nodes.bootstrap import Bootstrap, read_bootstrap_info
 from nodes.config import BootstrapConfig
 from nodes.liveness import (
     ALIVE,
@@ -14,8 +21,11 @@ from nodes.liveness import (
     status_after_heartbeat,
     status_after_silence,
 )
-from nodes.peer_table import MemoryPeerTable, open_peer_table
+from nodes.peer_table import MemoryPeerTable, PeerTableError, open_peer_table
 from nodes.registry import Registry, RequestError
+from transport.codec import decode
+from transport.messages import Envelope, Heartbeat, Join, Leave, Ok, PeerList, Peers, Welcome
+from transport.rpc import RpcClient, RpcError
 
 # --- liveness as a pure function --------------------------------------------------------
 
@@ -207,3 +217,200 @@ def test_join_repeated_by_the_same_client_keeps_its_first_id():
 
     assert first == again == 1 and other == 2
     assert len(registry.rows()) == 2
+
+
+# --- the service over real sockets on 127.0.0.1 -------------------------------------------
+
+SERVICE = BootstrapConfig(
+    bind="127.0.0.1:0", heartbeat_s=0.5, suspect_after_s=1.5, dead_after_s=3.0, restart_grace_s=0.0, sweep_s=0.05
+)
+
+
+def run(coro, timeout: float = 30.0):
+    """Run one async test body with an overall deadline."""
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+class FakeClock:
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def wait_for(predicate, timeout: float = 5.0, interval: float = 0.02):
+    """Poll `predicate()` until it returns something truthy; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        await asyncio.sleep(interval)
+
+
+def _join_body(**overrides) -> Join:
+    fields = dict(memory_mb=8000, bandwidth_mbps=50.0, compute_score=3.0, address="127.0.0.1:7001")
+    fields.update(overrides)
+    return Join(**fields)
+
+
+async def _raw_request(address: str, frames: list[bytes], timeout: float = 3.0) -> Envelope:
+    """Send arbitrary frames from a bare DEALER and decode the reply."""
+    ctx = zmq.asyncio.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(f"tcp://{address}")
+    try:
+        await sock.send_multipart(frames)
+        reply = await asyncio.wait_for(sock.recv_multipart(), timeout)
+    finally:
+        sock.close(linger=0)
+    return decode(reply)
+
+
+def _header(msg_type: str, body: dict, msg_id: int = 7) -> bytes:
+    return msgpack.packb({"v": 1, "type": msg_type, "id": msg_id, "src": "raw", "body": body})
+
+
+def test_service_join_heartbeat_peers_leave(tmp_path):
+    async def body():
+        service = await Bootstrap.create(BootstrapConfig(bind="127.0.0.1:0", state_dir=tmp_path, model="tiny"))
+        client = await RpcClient.create("test-client")
+        try:
+            welcome = await client.call(service.address, _join_body(has_data=True, n_samples=12), timeout=3)
+            assert isinstance(welcome, Welcome)
+            assert (welcome.node_id, welcome.model, welcome.heartbeat_s) == (1, "tiny", 2.0)
+            assert welcome.fingerprint_seed == service.registry.fingerprint_seed
+
+            beat = Heartbeat(node_id=1, state="training", round=2, base_version=1)
+            assert isinstance(await client.call(service.address, beat, timeout=3), Ok)
+
+            listing = await client.call(service.address, Peers(), timeout=3)
+            assert isinstance(listing, PeerList)
+            (row,) = listing.rows
+            assert row["id"] == 1 and row["status"] == "alive" and row["state"] == "training"
+            assert row["memory_mb"] == 8000 and row["n_samples"] == 12 and row["role"] == "owner"
+            required = {"id", "address", "memory_mb", "bandwidth_mbps", "status", "cluster", "split", "helper",
+                        "last_seen", "role", "state", "round", "base_version"}
+            assert required <= set(row)
+
+            assert isinstance(await client.call(service.address, Leave(node_id=1), timeout=3), Ok)
+            assert service.registry.table.get(1).status == "left"
+            assert read_bootstrap_info(tmp_path)["address"] == service.address
+        finally:
+            await client.stop()
+            await service.stop()
+
+    run(body())
+
+
+def test_service_rejoin_keeps_id_and_unknown_ids_are_told_to_rejoin():
+    async def body():
+        service = await Bootstrap.create(SERVICE)
+        client = await RpcClient.create("test-client")
+        try:
+            first = await client.call(service.address, _join_body(), timeout=3)
+            other = await RpcClient.create("another-process")
+            again = await other.call(service.address, _join_body(node_id=first.node_id), timeout=3)
+            await other.stop()
+            assert again.node_id == first.node_id
+
+            with pytest.raises(RpcError) as caught:
+                await client.call(service.address, Heartbeat(node_id=99, state="waiting"), timeout=3)
+            assert caught.value.code == "unknown_node"
+            with pytest.raises(RpcError) as caught:
+                await client.call(service.address, _join_body(address="0.0.0.0:1"), timeout=3)
+            assert caught.value.code == "bad_address"
+            assert service.stats["unknown_node"] == 1 and service.stats["bad_address"] == 1
+        finally:
+            await client.stop()
+            await service.stop()
+
+    run(body())
+
+
+@pytest.mark.parametrize(
+    "frames, code",
+    [
+        ([b"\xff\x00garbage"], "bad_header"),
+        ([_header("join", {"memory_mb": "lots"})], "bad_schema"),
+        (
+            [_header("join", {**_join_body().to_dict(), "memory_mb": "lots"})],
+            "bad_schema",
+        ),
+        ([_header("heartbeat", {"node_id": -3, "state": "waiting", "round": 0, "base_version": 0,
+                                "assignment_version": 0, "steps": 0})], "bad_schema"),
+        ([_header("no_such_type", {})], "unknown_type"),
+        ([_header("ping", {"sent_at": 0.0})], "no_handler"),
+        ([_header("peers", {"cluster": None}), b"extra frame"], "bad_frame_index"),
+    ],
+    ids=["garbage", "missing-fields", "wrong-type", "negative-id", "unknown-type", "not-served", "extra-frame"],
+)
+def test_bad_messages_get_an_error_reply_and_the_service_keeps_serving(frames, code):
+    async def body():
+        service = await Bootstrap.create(SERVICE)
+        client = await RpcClient.create("test-client")
+        try:
+            reply = await _raw_request(service.address, frames)
+            assert reply.type == "error" and reply.body.code == code
+            assert service.stats[code] >= 1
+            assert service.registry.rows() == []
+            listing = await client.call(service.address, Peers(), timeout=3)
+            assert listing.rows == []
+        finally:
+            await client.stop()
+            await service.stop()
+
+    run(body())
+
+
+def test_sweep_marks_silent_nodes_suspect_then_dead_and_heartbeat_revives():
+    async def body():
+        clock = FakeClock()
+        service = await Bootstrap.create(SERVICE, clock=clock)
+        client = await RpcClient.create("test-client")
+        try:
+            node = (await client.call(service.address, _join_body(), timeout=3)).node_id
+            status = lambda: service.registry.table.get(node).status  # noqa: E731
+
+            clock.now += 2.0
+            await wait_for(lambda: status() == "suspect")
+            clock.now += 2.0
+            await wait_for(lambda: status() == "dead")
+            await client.call(service.address, Heartbeat(node_id=node, state="waiting"), timeout=3)
+            assert status() == "alive"
+        finally:
+            await client.stop()
+            await service.stop()
+
+    run(body())
+
+
+def test_restart_on_same_state_shows_same_peers_and_known_heartbeats_revive(tmp_path):
+    async def body():
+        config = BootstrapConfig(
+            bind="127.0.0.1:0", state_dir=tmp_path, heartbeat_s=0.5, suspect_after_s=1.5, dead_after_s=3.0,
+            restart_grace_s=5.0,
+        )
+        first = await Bootstrap.create(config)
+        client = await RpcClient.create("test-client")
+        node = (await client.call(first.address, _join_body(), timeout=3)).node_id
+        seed = first.registry.fingerprint_seed
+        with pytest.raises(PeerTableError, match="in use"):
+            await Bootstrap.create(config)  # the state dir is locked while the first runs
+        await first.stop()
+
+        second = await Bootstrap.create(config)
+        try:
+            assert [r["id"] for r in second.registry.rows()] == [node]
+            assert second.registry.fingerprint_seed == seed
+            reply = await client.call(second.address, Heartbeat(node_id=node, state="waiting"), timeout=3)
+            assert isinstance(reply, Ok)
+        finally:
+            await client.stop()
+            await second.stop()
+
+    run(body())
