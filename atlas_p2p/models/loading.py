@@ -34,6 +34,13 @@ def _offline(offline: bool | None) -> bool:
     return any(f.strip().lower() in ("1", "true", "yes", "on") for f in flags)
 
 
+def _check_path_like(name: str, what: str) -> None:
+    """A name written as a filesystem path must exist (a hub id is ``org/name``, never ``/x`` or ``./x``)."""
+    looks_like_path = name.startswith((os.sep, ".", "~")) or (os.altsep is not None and os.altsep in name)
+    if looks_like_path and not Path(name).expanduser().is_dir():
+        raise ModelLoadError(f"cannot load {what} {name!r}: no such directory")
+
+
 def _check_task(task: str, num_labels: int | None) -> None:
     if task not in TASKS:
         raise ValueError(f"task: {task!r} is not one of {TASKS}")
@@ -64,7 +71,14 @@ def load_model(
 
     _check_task(task, num_labels)
     name = os.fspath(name_or_path)
-    kwargs: dict = {"dtype": dtype, "local_files_only": _offline(offline), "attn_implementation": attn_implementation}
+    _check_path_like(name, "model")
+    local_only = _offline(offline)
+    kwargs: dict = {
+        "dtype": dtype,
+        "local_files_only": local_only,
+        "adapter_kwargs": {"local_files_only": local_only},  # transformers would look for an adapter online
+        "attn_implementation": attn_implementation,
+    }
     if gguf_file is not None:
         kwargs["gguf_file"] = gguf_file
     if task == SEQ_CLS and num_labels is not None:
@@ -75,7 +89,7 @@ def load_model(
     except (OSError, ValueError, ImportError, KeyError) as exc:
         where = "offline (local files only)" if kwargs["local_files_only"] else "locally or from the hub"
         raise ModelLoadError(
-            f"cannot load model {name!r} for task {task!r} {where}: {exc}. "
+            f"cannot load model {name!r} for task {task!r} {where}: {str(exc).strip().rstrip('.')}. "
             "Pass a local checkpoint directory or a hub id present in the Hugging Face cache."
         ) from exc
     family = family_of(model)
@@ -94,10 +108,11 @@ def load_tokenizer(name_or_path: str | os.PathLike, offline: bool | None = None,
     name = os.fspath(name_or_path)
     if padding_side not in (None, "left", "right"):
         raise ValueError(f"padding_side: {padding_side!r} must be 'left', 'right' or None")
+    _check_path_like(name, "tokenizer")
     try:
         tok = AutoTokenizer.from_pretrained(name, local_files_only=_offline(offline))
     except (OSError, ValueError, ImportError, KeyError) as exc:
-        raise ModelLoadError(f"cannot load tokenizer {name!r}: {exc}") from exc
+        raise ModelLoadError(f"cannot load tokenizer {name!r}: {str(exc).strip().rstrip('.')}") from exc
     if tok.pad_token is None:
         if tok.eos_token is None:
             raise ModelLoadError(f"tokenizer {name!r} has neither a pad token nor an EOS token to pad with")
