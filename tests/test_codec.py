@@ -387,3 +387,9 @@ def test_tensor_errors_carry_the_request_id_too():
     with pytest.raises(DecodeError) as info:
         decode(craft(fingerprint_header(), [VECTOR[:-1]]))
     assert (info.value.code, info.value.msg_id) == ("size_mismatch", 7)
+
+
+def test_too_large_errors_carry_the_request_id_when_the_header_is_readable():
+    with pytest.raises(DecodeError) as info:
+        decode(craft(fingerprint_header(), [VECTOR]), max_bytes=200)
+    assert (info.value.code, info.value.msg_id, info.value.src) == ("too_large", 7, "n1")

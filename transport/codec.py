@@ -112,10 +112,10 @@ def decode(frames: list, max_bytes: int = DEFAULT_MAX_BYTES, max_frames: int = M
         raise DecodeError("too_large", f"{len(frames) - 1} tensor frames, limit is {max_frames}")
     views = [_frame_view(f) for f in frames]
     total = sum(v.nbytes for v in views)
-    if total > max_bytes:
-        raise DecodeError("too_large", f"message is {total} bytes, limit is {max_bytes}")
-    if views[0].nbytes > MAX_HEADER_BYTES:
-        raise DecodeError("too_large", f"header is {views[0].nbytes} bytes, limit is {MAX_HEADER_BYTES}")
+    if views[0].nbytes > min(MAX_HEADER_BYTES, max_bytes):
+        raise DecodeError("too_large", f"header is {views[0].nbytes} bytes, limit is {min(MAX_HEADER_BYTES, max_bytes)}")
+    if total > max_bytes:  # the header alone is small enough to read who should hear about it
+        raise DecodeError("too_large", f"message is {total} bytes, limit is {max_bytes}", *_sender_of(views[0]))
 
     used: set[int] = set()
 
