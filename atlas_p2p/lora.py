@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 ADAPTER = "default"  # the one peft adapter name ATLAS uses
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class Factors:
     """One module's adapter: update ``scaling * B @ A`` of shape (d_out, d_in)."""
 

@@ -247,6 +247,8 @@ def _bad_helper_inputs():
         ("labels", good_h, good_m, torch.full((2, 5), VOCAB)),
         ("labels", good_h, good_m, torch.zeros(2, 4, dtype=torch.long)),
         ("labels", good_h, good_m, "tokens"),
+        ("labels", good_h, good_m, torch.zeros(2, 5)),
+        ("hidden", torch.zeros(2, 0, HIDDEN), torch.ones(2, 0, dtype=torch.long), None),
     ]
 
 
@@ -267,9 +269,12 @@ def test_helper_rejects_bad_peer_input_with_a_clear_error(field, hidden, mask, l
     (torch.full((2, 5), VOCAB), None, "input_ids"),
     (torch.zeros(5, dtype=torch.long), None, "input_ids"),
     (torch.zeros(2, 5, dtype=torch.long), torch.ones(2, 4, dtype=torch.long), "attention_mask"),
+    (torch.zeros(2, 0, dtype=torch.long), None, "input_ids"),
+    (torch.zeros(2, 65, dtype=torch.long), None, "exceeds"),
 ])
 def test_owner_rejects_bad_input(ids, mask, field):
-    owner, _ = split_model(tiny_model("gpt2", CAUSAL_LM, VOCAB, num_layers=2, hidden=HIDDEN, heads=HEADS), 1)
+    model = tiny_model("gpt2", CAUSAL_LM, VOCAB, num_layers=2, hidden=HIDDEN, heads=HEADS, max_positions=64)
+    owner, _ = split_model(model, 1)
     with pytest.raises(ValueError, match=field):
         owner(ids, mask)
 

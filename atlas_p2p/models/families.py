@@ -35,7 +35,7 @@ TASKS = (CAUSAL_LM, SEQ_CLS)
 LORA_KINDS = ("attn", "mlp")
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class BlockContext:
     """Per-forward inputs shared by every block, rebuilt on each side of a split."""
 
@@ -99,6 +99,7 @@ class Family:
     attn_modules: tuple[str, ...] = ()  # LoRA-able linears of the attention, relative to a block
     mlp_modules: tuple[str, ...] = ()  # LoRA-able linears of the MLP, relative to a block
     conv1d: bool = False  # weights stored (in, out) (GPT-2 Conv1D): peft needs fan_in_fan_out
+    learned_positions: bool = False  # a position table caps the sequence length at max_position_embeddings
     tasks: tuple[str, ...] = TASKS
     head_attrs: dict[str, tuple[str, ...]] = {}  # task -> attributes of the task model forming the head
     trainable_head: dict[str, tuple[str, ...]] = {}  # task -> head modules trained with LoRA
@@ -176,6 +177,7 @@ class Gpt2Family(_DecoderFamily):
     attn_modules = ("attn.c_attn", "attn.c_proj")
     mlp_modules = ("mlp.c_fc", "mlp.c_proj")
     conv1d = True
+    learned_positions = True
 
     def embedding_modules(self, model):
         bb = self.backbone(model)
@@ -258,6 +260,7 @@ class BertFamily(Family):
     final_norm_attr = None  # BERT normalises inside every block
     attn_modules = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense")
     mlp_modules = ("intermediate.dense", "output.dense")
+    learned_positions = True
     tasks = (SEQ_CLS,)
     head_attrs = {SEQ_CLS: ("bert.pooler", "dropout", "classifier")}
     trainable_head = {SEQ_CLS: ("classifier",)}

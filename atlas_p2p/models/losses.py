@@ -54,6 +54,8 @@ def causal_lm_loss(
     """
     if logits.dim() != 3 or labels.shape != logits.shape[:2]:
         raise ValueError(f"labels: shape {tuple(labels.shape)} does not match logits {tuple(logits.shape)}")
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.is_complex():
+        raise ValueError(f"labels: dtype {labels.dtype} must be an integer type (token ids or {IGNORE_INDEX})")
     target = labels[:, 1:].long()  # (B, T-1)
     if loss_mask is not None:
         if loss_mask.shape != labels.shape:

@@ -35,9 +35,11 @@ from atlas_p2p.models.losses import task_loss
 SPLIT_MODES = ("two-part", "u-shape")
 
 
-def _check_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
-        raise ValueError(f"input_ids: expected a (B, T) tensor, got {_describe(input_ids)}")
+def _check_ids(input_ids: torch.Tensor, vocab_size: int, max_length: int | None) -> None:
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or 0 in input_ids.shape:
+        raise ValueError(f"input_ids: expected a non-empty (B, T) tensor, got {_describe(input_ids)}")
+    if max_length is not None and input_ids.shape[1] > max_length:
+        raise ValueError(f"input_ids: length {input_ids.shape[1]} exceeds the model's {max_length} positions")
     if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool or input_ids.is_complex():
         raise ValueError(f"input_ids: dtype {input_ids.dtype} must be an integer type")
     if input_ids.numel() and bool(((input_ids < 0) | (input_ids >= vocab_size)).any()):
@@ -54,6 +56,12 @@ def _check_mask(attention_mask: torch.Tensor | None, batch: int, length: int, de
     if bool(((attention_mask != 0) & (attention_mask != 1)).any()):
         raise ValueError("attention_mask: values must be 0 or 1")
     return attention_mask.to(device=device, dtype=torch.long)
+
+
+def _max_length(hf: nn.Module) -> int | None:
+    if not family_of(hf).learned_positions:
+        return None
+    return int(hf.config.max_position_embeddings)
 
 
 def _describe(x) -> str:
@@ -87,13 +95,23 @@ class _Part(nn.Module):
     def _device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def _check_hidden(self, hidden: torch.Tensor) -> None:
-        if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3 or hidden.shape[-1] != self.hidden_size:
-            raise ValueError(f"hidden: expected a (B, T, {self.hidden_size}) tensor, got {_describe(hidden)}")
+    def _check_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Validate activations received from a peer; return them on the model's device."""
+        if (
+            not isinstance(hidden, torch.Tensor)
+            or hidden.dim() != 3
+            or hidden.shape[-1] != self.hidden_size
+            or 0 in hidden.shape
+        ):
+            raise ValueError(f"hidden: expected a non-empty (B, T, {self.hidden_size}) tensor, got {_describe(hidden)}")
         if hidden.dtype != self._param_dtype():
             raise ValueError(f"hidden: dtype {hidden.dtype} != model dtype {self._param_dtype()}")
         if not bool(torch.isfinite(hidden).all()):
             raise ValueError("hidden: contains NaN or infinite values")
+        return hidden.to(self._device())
+
+    def _max_length(self) -> int | None:
+        return _max_length(self.model)
 
     def _context(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> BlockContext:
         return self.family.context(self.model, hidden, attention_mask)
@@ -112,7 +130,7 @@ class OwnerPart(_Part):
         self.embeddings = nn.ModuleDict(self.family.embedding_modules(self.model))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        _check_ids(input_ids, int(self.model.config.vocab_size))
+        _check_ids(input_ids, int(self.model.config.vocab_size), self._max_length())
         input_ids = input_ids.to(self._device())
         mask = _check_mask(attention_mask, input_ids.shape[0], input_ids.shape[1], input_ids.device)
         probe = torch.empty(*input_ids.shape, 0, dtype=self._param_dtype(), device=input_ids.device)
@@ -125,7 +143,7 @@ class MiddlePart(_Part):
     """blocks[start:stop] (the helper of a u-shape split): ``forward(hidden, mask) -> hidden``."""
 
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        self._check_hidden(hidden)
+        hidden = self._check_hidden(hidden)
         mask = _check_mask(attention_mask, hidden.shape[0], hidden.shape[1], hidden.device)
         return self._run_blocks(hidden, self._context(hidden, mask))
 
@@ -152,7 +170,7 @@ class HelperPart(_Part):
         labels: torch.Tensor | None = None,
         loss_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor]:
-        self._check_hidden(hidden)
+        hidden = self._check_hidden(hidden)
         mask = _check_mask(attention_mask, hidden.shape[0], hidden.shape[1], hidden.device)
         if loss_mask is not None:
             loss_mask = _check_mask(loss_mask, hidden.shape[0], hidden.shape[1], hidden.device)
@@ -206,7 +224,7 @@ def unsplit_forward(
     """
     hf = unwrap(model)
     family, task = family_of(hf), task_of(hf)
-    _check_ids(input_ids, int(hf.config.vocab_size))
+    _check_ids(input_ids, int(hf.config.vocab_size), _max_length(hf))
     device = next(hf.parameters()).device
     input_ids = input_ids.to(device)
     mask = _check_mask(attention_mask, input_ids.shape[0], input_ids.shape[1], device)
