@@ -55,7 +55,8 @@ class Factors:
             raise ValueError(f"B: expected a 2-D tensor, got {_describe(self.B)}")
         if self.A.shape[0] != self.B.shape[1]:
             raise ValueError(f"A/B: rank mismatch, A {tuple(self.A.shape)} vs B {tuple(self.B.shape)}")
-        if isinstance(self.scaling, bool) or not isinstance(self.scaling, (int, float)) or not math.isfinite(self.scaling):
+        s = self.scaling
+        if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s):
             raise ValueError(f"scaling: {self.scaling!r} must be a finite number")
 
     @property
@@ -275,9 +276,8 @@ def set_dense_trainables(peft_model: nn.Module, tensors: dict[str, torch.Tensor]
         if name not in params:
             raise ValueError(f"tensors: {name!r} is not a dense trainable (have {sorted(params)})")
         if not isinstance(t, torch.Tensor) or t.shape != params[name].shape or t.dtype != params[name].dtype:
-            raise ValueError(
-                f"tensors[{name!r}]: expected shape {tuple(params[name].shape)} dtype {params[name].dtype}, got {_describe(t)}"
-            )
+            want = f"shape {tuple(params[name].shape)} dtype {params[name].dtype}"
+            raise ValueError(f"tensors[{name!r}]: expected {want}, got {_describe(t)}")
         if not bool(torch.isfinite(t).all()):
             raise ValueError(f"tensors[{name!r}]: contains NaN or infinite values")
     with torch.no_grad():

@@ -78,7 +78,8 @@ def test_lora_targets_reject_bad_kinds_and_layers():
 
 def test_rank_pattern_gives_each_module_its_rank_and_rank_zero_no_adapter():
     model = _model("llama", CAUSAL_LM, layers=12)
-    q1, q11, k1 = "model.layers.1.self_attn.q_proj", "model.layers.11.self_attn.q_proj", "model.layers.1.self_attn.k_proj"
+    q1, q11 = "model.layers.1.self_attn.q_proj", "model.layers.11.self_attn.q_proj"
+    k1 = "model.layers.1.self_attn.k_proj"
     peft_model = attach_lora(model, {q1: 2, q11: 8, k1: 0}, alpha={q1: 4.0, q11: 4.0})
     modules = dict(peft_model.base_model.model.named_modules())
     factors = get_factors(peft_model)

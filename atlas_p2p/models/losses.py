@@ -72,7 +72,9 @@ def causal_lm_loss(
     counted = (target != IGNORE_INDEX).sum()
     if counted == 0:
         return pred.sum() * 0.0
-    total = F.cross_entropy(pred.reshape(-1, pred.shape[-1]), target.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+    total = F.cross_entropy(
+        pred.reshape(-1, pred.shape[-1]), target.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
     return total / counted
 
 
