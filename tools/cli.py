@@ -81,11 +81,13 @@ def _setup(
 
 
 def configure_logging(level: int = logging.INFO) -> None:
-    """Human lines on stderr: time, level letter, source, message."""
+    """Human lines on stderr: time, level letter, source, message (replaces only our own handler)."""
     root = logging.getLogger()
     for handler in list(root.handlers):
-        root.removeHandler(handler)
+        if getattr(handler, "_atlas_cli", False):
+            root.removeHandler(handler)
     handler = logging.StreamHandler(sys.stderr)
+    handler._atlas_cli = True  # type: ignore[attr-defined]
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname).1s %(name)s: %(message)s", "%H:%M:%S"))
     root.addHandler(handler)
     root.setLevel(level)

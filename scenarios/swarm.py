@@ -1,0 +1,296 @@
+"""Launch a bootstrap and N `atlas-node join` processes on 127.0.0.1, through the CLI.
+
+Shared by the process tests and the demo. Every child is a real `python -m tools.cli`
+process with its own log file under the work directory; ports are picked by the
+processes themselves (`--bind 127.0.0.1:0`) and read back from their state files
+(`bootstrap.json`, `node.json`), so no port is guessed. `Swarm` is a context manager:
+leaving it stops nodes with SIGTERM (they send `leave`), then the bootstrap, then
+SIGKILLs whatever is left, and always reaps every child. Waiting is done by polling a
+condition (`wait_until`), never by bare sleeps.
+
+    with Swarm(workdir, heartbeat_s=0.5) as swarm:
+        swarm.start_bootstrap()
+        swarm.add_node("a", memory="2GB", bandwidth="20Mbps")
+        swarm.wait_until(lambda: swarm.statuses() == {swarm.node_id("a"): "alive"})
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from nodes.bootstrap import read_bootstrap_info
+from nodes.control import IDENTITY_FILE
+
+log = logging.getLogger("atlas.swarm")
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+T = TypeVar("T")
+
+
+class SwarmError(RuntimeError):
+    """A child did not start, died early, or a condition was not met in time."""
+
+
+def wait_until(predicate: Callable[[], T], timeout: float, interval: float = 0.2, what: str = "condition") -> T:
+    """Call `predicate()` every `interval` s until it returns something truthy; return it.
+
+    Raises SwarmError naming `what` after `timeout` seconds. Exceptions from the
+    predicate count as "not yet" (the last one is reported on timeout).
+    """
+    deadline = time.monotonic() + timeout
+    last_error: BaseException | None = None
+    while True:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except Exception as exc:  # e.g. the bootstrap is restarting
+            last_error = exc
+        if time.monotonic() >= deadline:
+            detail = f" (last error: {last_error})" if last_error else ""
+            raise SwarmError(f"timed out after {timeout:g} s waiting for {what}{detail}")
+        time.sleep(interval)
+
+
+@dataclass
+class Child:
+    """One process started by the swarm."""
+
+    name: str
+    args: list[str]
+    proc: subprocess.Popen
+    log_path: Path
+    state_dir: Path | None = None
+    history: list[int] = field(default_factory=list)  # pids of earlier incarnations
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def running(self) -> bool:
+        return self.proc.poll() is None
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def log_tail(self, lines: int = 20) -> str:
+        return "\n".join(self.log_text().splitlines()[-lines:])
+
+
+class Swarm:
+    """A bootstrap plus node processes on this machine (see module doc)."""
+
+    def __init__(
+        self,
+        workdir: Path | str,
+        *,
+        heartbeat_s: float = 0.5,
+        suspect_after: float | None = None,
+        dead_after: float | None = None,
+        grace_s: float | None = None,
+        python: str = sys.executable,
+        log_level: str = "info",
+    ) -> None:
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.heartbeat_s = heartbeat_s
+        self.suspect_after = suspect_after
+        self.dead_after = dead_after
+        self.grace_s = grace_s
+        self.python = python
+        self.log_level = log_level
+        self.bootstrap: Child | None = None
+        self.address: str | None = None
+        self.nodes: dict[str, Child] = {}
+        self._log_counter = 0
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    def __enter__(self) -> Swarm:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def cli(self, *args: str) -> list[str]:
+        """Command line of `atlas-node ARGS` run with this swarm's interpreter."""
+        return [self.python, "-m", "tools.cli", "--log-level", self.log_level, *args]
+
+    def _spawn(self, name: str, args: list[str], state_dir: Path | None) -> Child:
+        self._log_counter += 1
+        log_path = self.workdir / "logs" / f"{self._log_counter:02d}-{name}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        with open(log_path, "wb") as out:
+            proc = subprocess.Popen(
+                args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                cwd=REPO_ROOT, env=env, start_new_session=True,  # our own signals only
+            )
+        log.debug("started %s (pid %d): %s", name, proc.pid, " ".join(args))
+        return Child(name=name, args=args, proc=proc, log_path=log_path, state_dir=state_dir)
+
+    def start_bootstrap(self, port: int = 0, timeout: float = 30.0) -> str:
+        """Start the bootstrap on 127.0.0.1:`port` (0: a free one); return its address."""
+        if self.bootstrap is not None and self.bootstrap.running:
+            raise SwarmError("the bootstrap is already running")
+        state = self.workdir / "bootstrap"
+        args = ["bootstrap", "--bind", f"127.0.0.1:{port}", "--state", str(state), "--heartbeat-s", str(self.heartbeat_s)]
+        for flag, value in (("--suspect-after", self.suspect_after), ("--dead-after", self.dead_after),
+                            ("--grace-s", self.grace_s)):
+            if value is not None:
+                args += [flag, str(value)]
+        history = self.bootstrap.history + [self.bootstrap.pid] if self.bootstrap is not None else []
+        child = self._spawn("bootstrap", self.cli(*args), state)
+        child.history = history
+        self.bootstrap = child
+
+        def bound() -> str | None:
+            if not child.running:
+                raise SwarmError(f"bootstrap exited with {child.proc.returncode}:\n{child.log_tail()}")
+            info = read_bootstrap_info(state)
+            return info["address"] if info and info.get("pid") == child.pid else None
+
+        try:
+            self.address = wait_until(bound, timeout, interval=0.05, what="the bootstrap to bind")
+        except SwarmError as exc:
+            raise SwarmError(f"{exc}\n{child.log_tail()}") from None
+        return self.address
+
+    def restart_bootstrap(self, timeout: float = 30.0) -> str:
+        """Start the bootstrap again on the same port and state (after kill/stop)."""
+        if self.address is None:
+            raise SwarmError("the bootstrap was never started")
+        if self.bootstrap is not None and self.bootstrap.running:
+            raise SwarmError("stop or kill the bootstrap before restarting it")
+        port = int(self.address.rpartition(":")[2])
+        return self.start_bootstrap(port=port, timeout=timeout)
+
+    def add_node(
+        self,
+        name: str,
+        *,
+        memory: str = "1GB",
+        bandwidth: str = "50Mbps",
+        data: Path | None = None,
+        extra: Sequence[str] = (),
+    ) -> Child:
+        """Start `atlas-node join` as `name` with its own --state dir under the work dir."""
+        if self.address is None:
+            raise SwarmError("start the bootstrap first")
+        if name in self.nodes and self.nodes[name].running:
+            raise SwarmError(f"node {name!r} is already running")
+        state = self.workdir / "nodes" / name
+        args = ["join", "--bootstrap", self.address, "--memory", memory, "--bandwidth", bandwidth,
+                "--bind", "127.0.0.1:0", "--state", str(state)]
+        if data is not None:
+            args += ["--data", str(data)]
+        child = self._spawn(name, self.cli(*args, *extra), state)
+        if name in self.nodes:
+            child.history = self.nodes[name].history + [self.nodes[name].pid]
+        self.nodes[name] = child
+        return child
+
+    def node_id(self, name: str, timeout: float = 30.0) -> int:
+        """The id the bootstrap gave node `name` (waits until it has joined)."""
+        child = self.nodes[name]
+
+        def joined() -> int | None:
+            path = child.state_dir / IDENTITY_FILE if child.state_dir else None
+            if path is not None and path.exists():
+                return int(json.loads(path.read_text())["node_id"])
+            if not child.running:
+                raise SwarmError(f"node {name} exited with {child.proc.returncode}:\n{child.log_tail()}")
+            return None
+
+        try:
+            return wait_until(joined, timeout, interval=0.05, what=f"node {name} to join")
+        except SwarmError as exc:
+            raise SwarmError(f"{exc}\n{child.log_tail()}") from None
+
+    # --- observing ---------------------------------------------------------------------------
+
+    def peers(self, timeout: float = 3.0) -> list[dict[str, Any]]:
+        """Rows from `atlas-node peers --json` (SwarmError when it fails)."""
+        result = self.run_cli("peers", "--bootstrap", str(self.address), "--json", "--timeout", str(timeout))
+        if result.returncode != 0:
+            raise SwarmError(f"atlas-node peers exited {result.returncode}: {result.stderr.strip()}")
+        return json.loads(result.stdout)
+
+    def statuses(self, timeout: float = 3.0) -> dict[int, str]:
+        """{node id: status} from `atlas-node peers --json`."""
+        return {row["id"]: row["status"] for row in self.peers(timeout)}
+
+    def run_cli(self, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+        """Run a short `atlas-node` command and capture its output."""
+        return subprocess.run(
+            self.cli(*args), capture_output=True, text=True, cwd=REPO_ROOT, timeout=timeout,
+            stdin=subprocess.DEVNULL,
+        )
+
+    def wait_until(self, predicate: Callable[[], T], timeout: float = 30.0, interval: float = 0.2,
+                   what: str = "condition") -> T:
+        """`wait_until` that adds the children's log tails to the error."""
+        try:
+            return wait_until(predicate, timeout, interval, what)
+        except SwarmError as exc:
+            raise SwarmError(f"{exc}\n{self.describe()}") from None
+
+    def describe(self) -> str:
+        """Every child's state and last log lines, for failure messages."""
+        parts = []
+        for child in self.children():
+            state = "running" if child.running else f"exited {child.proc.returncode}"
+            parts.append(f"--- {child.name} (pid {child.pid}, {state}) ---\n{child.log_tail(10)}")
+        return "\n".join(parts)
+
+    def children(self) -> list[Child]:
+        return ([self.bootstrap] if self.bootstrap else []) + list(self.nodes.values())
+
+    # --- stopping ----------------------------------------------------------------------------
+
+    def kill(self, name: str, sig: int = signal.SIGKILL, timeout: float = 10.0) -> int | None:
+        """Send `sig` to node `name` (or "bootstrap"), wait for it to exit; its return code."""
+        child = self.bootstrap if name == "bootstrap" else self.nodes[name]
+        if child is None:
+            raise SwarmError("no bootstrap")
+        return _signal_and_reap(child, sig, timeout)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """SIGTERM nodes (they leave), then the bootstrap; SIGKILL stragglers; reap all."""
+        for child in list(self.nodes.values()):
+            if child.running:
+                with contextlib.suppress(ProcessLookupError):
+                    child.proc.send_signal(signal.SIGTERM)
+        for child in list(self.nodes.values()):
+            _signal_and_reap(child, None, timeout)
+        if self.bootstrap is not None:
+            _signal_and_reap(self.bootstrap, signal.SIGTERM, timeout)
+
+
+def _signal_and_reap(child: Child, sig: int | None, timeout: float) -> int | None:
+    """Send `sig` (None: none) and wait up to `timeout` s; SIGKILL if it does not exit. Reaps."""
+    if child.running and sig is not None:
+        with contextlib.suppress(ProcessLookupError):
+            child.proc.send_signal(sig)
+    try:
+        return child.proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        log.warning("%s (pid %d) did not exit in %g s: SIGKILL", child.name, child.pid, timeout)
+        with contextlib.suppress(ProcessLookupError):
+            child.proc.kill()
+        return child.proc.wait(timeout=timeout)
