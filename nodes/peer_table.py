@@ -351,7 +351,7 @@ def new_record(
     model: str | None = None,
     public_key: str | None = None,
 ) -> PeerRecord:
-    """Row for a node that has just joined: alive, seen now, nothing assigned yet."""
+    """Row for a node that has just joined: alive, "joining", seen now, nothing assigned yet."""
     return PeerRecord(
         id=node_id,
         address=address,
@@ -366,4 +366,5 @@ def new_record(
         model=model,
         public_key=public_key,
         role="owner" if has_data else "helper",
+        state="joining",
     )

@@ -131,8 +131,10 @@ def _address(flag: str, text: str, *, allow_port_zero: bool = False) -> str:
     return text.strip().removeprefix("tcp://")
 
 
-def _run(main_coro: Callable[[asyncio.Event], Awaitable[Any]]) -> Any:
-    """Run `main_coro(stop)` on a fresh event loop; SIGINT/SIGTERM set `stop`."""
+def _run(main_coro: Callable[[asyncio.Event], Awaitable[Any]], bind: str | None = None) -> Any:
+    """Run `main_coro(stop)` on a fresh event loop; SIGINT/SIGTERM set `stop`.
+
+    `bind` names the --bind address for the error line when it cannot be bound."""
     from transport.rpc import install_uvloop
 
     install_uvloop()
@@ -148,13 +150,15 @@ def _run(main_coro: Callable[[asyncio.Event], Awaitable[Any]]) -> Any:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
 
+    import zmq
+
     try:
         return asyncio.run(runner())
-    except OSError as exc:  # zmq.ZMQError is an OSError subclass
+    except (OSError, zmq.ZMQError) as exc:
         if exc.errno == errno.EADDRINUSE:
-            fail(ExitCode.ADDRESS_IN_USE, f"address already in use: {exc}")
-        if exc.errno == errno.EADDRNOTAVAIL:
-            fail(ExitCode.BAD_VALUE, f"cannot bind that address here: {exc}")
+            fail(ExitCode.ADDRESS_IN_USE, f"--bind: {bind or 'address'} is already in use by another process")
+        if exc.errno in (errno.EADDRNOTAVAIL, errno.ENODEV, errno.EINVAL) and bind is not None:
+            fail(ExitCode.BAD_VALUE, f"--bind: cannot listen on {bind} on this machine ({exc.strerror})")
         raise
 
 
@@ -207,7 +211,7 @@ def bootstrap(
         fingerprint_seed=seed,
     )
     try:
-        _run(lambda stop: serve_bootstrap(config, stop))
+        _run(lambda stop: serve_bootstrap(config, stop), bind=bind)
     except PeerTableError as exc:
         fail(ExitCode.STATE_ERROR, str(exc))
 
@@ -261,7 +265,7 @@ def join(
         compute_score=compute,
     )
     try:
-        _run(lambda stop: run_node(config, stop))
+        _run(lambda stop: run_node(config, stop), bind=bind)
     except NodeIdentityError as exc:
         fail(ExitCode.STATE_ERROR, str(exc))
     except JoinRefused as exc:
