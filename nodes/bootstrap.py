@@ -190,13 +190,15 @@ class Bootstrap:
 
     @staticmethod
     def _call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """Run a registry request; its refusal becomes an `error` reply with that code."""
+        """Run a registry request; a refusal becomes an `error` reply with its code (and is counted)."""
         from transport.rpc import RpcError
 
         try:
             return fn(*args, **kwargs)
         except RequestError as exc:
             raise RpcError(exc.code, exc.message) from None
+        except ValueError as exc:  # a value the peer table cannot hold (e.g. beyond 64 bits)
+            raise RpcError("bad_request", str(exc)) from None
 
     # --- time --------------------------------------------------------------------------------
 

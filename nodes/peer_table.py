@@ -29,6 +29,7 @@ from nodes.liveness import ALIVE, STATUSES
 log = logging.getLogger(__name__)
 
 DB_FILENAME = "peers.sqlite3"
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1  # what an SQLite INTEGER holds
 
 
 class PeerTableError(RuntimeError):
@@ -92,11 +93,11 @@ def _check_values(values: Mapping[str, Any]) -> None:
         if kind is float:
             ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         elif kind is int:
-            ok = isinstance(value, int) and not isinstance(value, bool)
+            ok = isinstance(value, int) and not isinstance(value, bool) and INT64_MIN <= value <= INT64_MAX
         else:
             ok = isinstance(value, kind)
         if not ok:
-            raise ValueError(f"column {name!r} expects {kind.__name__}, got {value!r}")
+            raise ValueError(f"column {name!r} expects {kind.__name__} (64-bit for int), got {value!r:.60}")
     if "status" in values and values["status"] not in STATUSES:
         raise ValueError(f"column 'status' must be one of {STATUSES}, got {values['status']!r}")
 
@@ -264,6 +265,8 @@ class SqlitePeerTable(PeerTable):
         self._write_many([record])
 
     def get(self, node_id: int) -> PeerRecord | None:
+        if not INT64_MIN <= node_id <= INT64_MAX:
+            return None  # cannot be a stored id (and SQLite cannot even bind it)
         cursor = self._conn.execute(f"SELECT {self._select} FROM peers WHERE id = ?", (node_id,))
         row = cursor.fetchone()
         return None if row is None else self._from_row(row)

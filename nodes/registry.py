@@ -11,6 +11,7 @@ left untouched in that case.
 from __future__ import annotations
 
 import logging
+import math
 import secrets
 from dataclasses import dataclass
 from typing import Any
@@ -91,10 +92,10 @@ class Registry:
         _check_peer_address(address)
         if memory_mb <= 0:
             raise RequestError("bad_request", f"memory_mb must be > 0, got {memory_mb}")
-        if not bandwidth_mbps > 0:
-            raise RequestError("bad_request", f"bandwidth_mbps must be > 0, got {bandwidth_mbps}")
-        if compute_score < 0:
-            raise RequestError("bad_request", f"compute_score must be >= 0, got {compute_score}")
+        if not (bandwidth_mbps > 0 and math.isfinite(bandwidth_mbps)):
+            raise RequestError("bad_request", f"bandwidth_mbps must be finite and > 0, got {bandwidth_mbps}")
+        if not (compute_score >= 0 and math.isfinite(compute_score)):
+            raise RequestError("bad_request", f"compute_score must be finite and >= 0, got {compute_score}")
         if node_id is None and client is not None:
             node_id = self._ids_by_client.get(client)
         known = self.table.get(node_id) if node_id is not None else None

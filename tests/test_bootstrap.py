@@ -333,6 +333,36 @@ def test_service_rejoin_keeps_id_and_unknown_ids_are_told_to_rejoin():
 
 
 @pytest.mark.parametrize(
+    "request_body, code",
+    [
+        (Heartbeat(node_id=2**64 - 1, state="waiting"), "unknown_node"),
+        (Heartbeat(node_id=1, state="waiting", round=2**64 - 1), "bad_request"),
+        (Join(memory_mb=2**64 - 1, bandwidth_mbps=1.0, compute_score=1.0, address="127.0.0.1:9"), "bad_request"),
+        (Join(memory_mb=1, bandwidth_mbps=float("inf"), compute_score=1.0, address="127.0.0.1:9"), "bad_request"),
+        (Leave(node_id=12345), "unknown_node"),
+    ],
+    ids=["huge-node-id", "huge-round", "huge-memory", "infinite-bandwidth", "leave-unknown"],
+)
+def test_well_formed_but_wrong_values_are_refused_without_harm(request_body, code):
+    async def body():
+        service = await Bootstrap.create(SERVICE)
+        client = await RpcClient.create("test-client")
+        try:
+            node = (await client.call(service.address, _join_body(), timeout=3)).node_id
+            before = service.registry.rows()
+            with pytest.raises(RpcError) as caught:
+                await client.call(service.address, request_body, timeout=3)
+            assert caught.value.code == code and service.stats[code] == 1
+            assert service.registry.rows() == before
+            assert isinstance(await client.call(service.address, Heartbeat(node_id=node, state="waiting"), timeout=3), Ok)
+        finally:
+            await client.stop()
+            await service.stop()
+
+    run(body())
+
+
+@pytest.mark.parametrize(
     "frames, code",
     [
         ([b"\xff\x00garbage"], "bad_header"),

@@ -53,6 +53,7 @@ def test_put_then_get_returns_the_same_record(table):
 
     assert table.get(record.id) == record
     assert table.get(9999) is None
+    assert table.get(2**64) is None
 
 
 def test_new_record_is_alive_with_nothing_assigned(table):
@@ -86,6 +87,7 @@ def test_update_changes_only_named_columns(table):
         {"no_such_column": 1},
         {"id": 42},
         {"has_data": 1},
+        {"round": 2**63},
     ],
 )
 def test_update_rejects_bad_fields_and_changes_nothing(table, fields):
