@@ -55,8 +55,11 @@ def _find_weight(modules: Mapping[str, Any], name: str):
 def probe_scores(model, batch, loss_fn: Callable[[Any, Any], Any], names: Sequence[str]) -> Scores:
     """Raw scores s_i = Σ|W_i ⊙ ∂L/∂W_i| / (d_in + d_out) on one probe batch.
 
-    `loss_fn(model, batch)` returns a scalar loss (an owner part without the head may
-    return Σ(activations ⊙ gradient received) so that its gradient is the true one).
+    `model` is where the named weights live: the HF or peft model (names relative to
+    the HF model, as in memory.lora_candidates), or the model a split part was cut from.
+    `loss_fn(model, batch)` returns a scalar loss; an owner part, which has no head,
+    returns Σ(its activations ⊙ the gradient its helper sent back), whose gradient with
+    respect to its weights is the true one.
     The named base weights get requires_grad only for this probe and are restored
     afterwards; gradients come from torch.autograd.grad, so no `.grad` of any parameter
     (LoRA ones included) changes. A weight the loss does not reach scores 0.

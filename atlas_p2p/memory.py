@@ -519,13 +519,15 @@ def measure_step(module, run: Callable[[], object], *, lr: float = 1e-3, seed: i
     `run()` does the forward pass and returns either a scalar loss or an output tensor
     (an owner part's activations): then a seeded random gradient of its shape stands in
     for the one a helper sends back. A warm-up step first allocates the AdamW moments,
-    so the measured step is a steady-state one.
+    so the measured step is a steady-state one. The trainable parameters are restored
+    afterwards and their gradients cleared, so measuring leaves the module as it was.
     """
     import torch
 
     trainable = [p for p in module.parameters() if p.requires_grad]
     if not trainable:
         raise ValueError("module has no trainable parameters: attach LoRA before measuring")
+    before = [p.detach().clone() for p in trainable]
     optimizer = torch.optim.AdamW(trainable, lr=lr)
     generator = torch.Generator().manual_seed(seed)
     saved_storages: dict[int, int] = {}
@@ -551,12 +553,17 @@ def measure_step(module, run: Callable[[], object], *, lr: float = 1e-3, seed: i
         del out
         optimizer.step()
 
-    step(record=False)
-    optimizer.zero_grad(set_to_none=True)
-    state = [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
-    static = _distinct_bytes(list(module.parameters()) + state)
-    peak = _profiled_peak(lambda: step(record=True))
-    optimizer.zero_grad(set_to_none=True)
+    try:
+        step(record=False)
+        optimizer.zero_grad(set_to_none=True)
+        state = [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
+        static = _distinct_bytes(list(module.parameters()) + state)
+        peak = _profiled_peak(lambda: step(record=True))
+    finally:
+        optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for p, saved in zip(trainable, before):
+                p.copy_(saved)
     return StepMeasurement(static=static, saved=sum(saved_storages.values()), peak=static + peak)
 
 

@@ -7,6 +7,7 @@ centroids) in, a `Plan` out; ties are broken by node id and model order.
    its memory trains alone (split L). Otherwise its split is the deepest l whose owner
    footprint (memory.owner_footprint, with the minimum adapters) fits, clipped to
    [l_min, L-1]; l_min is the privacy floor. A node for which no such l exists waits.
+   (The footprint is memory.owner_footprint with the minimum adapters.)
 2. Ranks (HSplitLoRA's water-filling). From Q = {0, 2, 4, 8, 16}: reserve the smallest
    positive rank for the most important weight of every hosted block (at least one
    adapter per block), then visit weights by decreasing importance and give each the
@@ -99,7 +100,7 @@ class PlanConfig:
     headroom: float = 0.8  # share of a device's memory a plan may fill
     rank_set: tuple[int, ...] = RANK_SET  # ranks a weight may get, 0 = no adapter
     min_split: int = 1  # privacy floor l_min: blocks an owner must run before sending
-    adapter_share: float = 0.1  # at most this share of memory for a device's own adapters
+    adapter_share: float = 0.02  # at most this share of memory for a device's own adapters (+ grads, AdamW)
     max_fallbacks: int = 3  # length of each owner's fallback list
     split_all: bool = False  # split every data node, even one that could train alone
 
@@ -196,8 +197,13 @@ def _adapter_cost(module: LoraModule, rank: int, workload: Workload) -> int:
 
 
 def _order(modules: Sequence[LoraModule], importance: Mapping[str, float]) -> list[LoraModule]:
-    """Decreasing importance; model order breaks ties."""
-    position = {m.name: i for i, m in enumerate(modules)}
+    """Decreasing importance; ties go kind by kind across blocks (every block's first
+    weight, then every block's second, ...), so equal scores spread rank over blocks."""
+    position: dict[str, tuple[int, int]] = {}
+    seen: dict[int, int] = {}
+    for m in modules:
+        position[m.name] = (seen.get(m.block, 0), m.block)
+        seen[m.block] = seen.get(m.block, 0) + 1
     return sorted(modules, key=lambda m: (-importance.get(m.name, 0.0), position[m.name]))
 
 
