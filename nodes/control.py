@@ -145,6 +145,7 @@ class ControlClient:
         client: Any,
         *,
         compute_score: float,
+        node_id: int | None,
         on_welcome: ReplyHook | None,
         on_heartbeat_reply: ReplyHook | None,
         progress: ProgressFn | None,
@@ -155,7 +156,7 @@ class ControlClient:
         self.address = address  # what peers dial to reach this node
         self.client = client  # transport.rpc.RpcClient used for the bootstrap
         self.compute_score = compute_score
-        self.node_id: int | None = load_identity(config.state_dir, config.bootstrap)
+        self.node_id = node_id  # None until the first welcome (unless known from --state)
         self.welcome: Any = None  # last transport.messages.Welcome
         self.connected = False
         self.failure: BaseException | None = None  # set when the loop gave up (join refused)
@@ -188,6 +189,7 @@ class ControlClient:
         (state, round, base_version, ...). `on_welcome(welcome)` runs after every
         (re)join, `on_heartbeat_reply(reply)` after every answered heartbeat.
         """
+        node_id = load_identity(config.state_dir, config.bootstrap)  # fails before anything opens
         owns = client is None
         if owns:
             from transport.rpc import RpcClient
@@ -198,6 +200,7 @@ class ControlClient:
         self = cls(
             config, address, client,
             compute_score=compute_score,
+            node_id=node_id,
             on_welcome=on_welcome,
             on_heartbeat_reply=on_heartbeat_reply,
             progress=progress,
@@ -344,9 +347,9 @@ class ControlClient:
 
     def _note_unreachable(self, failures: int, what: str) -> None:
         if failures == 0:
-            log.warning(
-                "bootstrap %s did not answer %s; retrying with backoff", self.config.bootstrap, what
-            )
+            log.warning("bootstrap %s did not answer %s; retrying with backoff", self.config.bootstrap, what)
+        elif failures % 10 == 0:
+            log.info("still no answer from bootstrap %s after %d attempts; retrying", self.config.bootstrap, failures)
         self.connected = False
 
     async def _run_hook(self, hook: ReplyHook | None, reply: Any) -> None:

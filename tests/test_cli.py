@@ -235,3 +235,11 @@ def test_console_script_and_module_entry_points_run():
         "atlas-node join: error: Missing option '--memory'. (see 'atlas-node join --help')"
     ]
     assert by_module.returncode == 0 and "--json" in by_module.stdout
+
+
+def test_join_with_a_corrupt_state_file_is_a_state_error(tmp_path, capsys):
+    (tmp_path / "node.json").write_text("{broken")
+
+    got, _, err = _run(JOIN + ["--state", str(tmp_path), "--compute", "1"], capsys)
+
+    assert got == ExitCode.STATE_ERROR and "node.json" in _last_error_line(err)
