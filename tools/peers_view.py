@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import logging
 import uuid
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
-log = logging.getLogger("atlas.cli")
 
 # (header, row key) in display order; `last_seen_ago_s` is computed by the bootstrap
 _COLUMNS: tuple[tuple[str, str], ...] = (
