@@ -279,7 +279,7 @@ class Workload:
     def __post_init__(self):
         for name in ("batch", "seq_len", "weight_bytes", "act_bytes", "lora_bytes"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r}: must be a positive int")
 
 
@@ -369,7 +369,7 @@ def _activation_bytes(shape, layers, workload, constants, *, embeddings, head) -
 
 
 def _check_split(shape: ModelShape, split: int) -> None:
-    if not isinstance(split, int) or not 0 <= split <= shape.num_layers:
+    if isinstance(split, bool) or not isinstance(split, int) or not 0 <= split <= shape.num_layers:
         raise ValueError(f"split={split!r}: must be an int in [0, {shape.num_layers}]")
 
 
@@ -390,15 +390,22 @@ def adapter_bytes(shape: ModelShape, ranks: Mapping[str, int], workload: Workloa
 
 
 def owner_footprint(shape: ModelShape, split: int, ranks: Mapping[str, int],
-                    workload: Workload, constants: ActivationConstants | None = None) -> Footprint:
-    """Owner at split l: embeddings + blocks[:l], its adapters, its activations."""
+                    workload: Workload, constants: ActivationConstants | None = None,
+                    *, with_head: bool = False) -> Footprint:
+    """Owner at split l: embeddings + blocks[:l], its adapters, its activations.
+
+    `with_head`: u-shape mode, the owner also keeps the final norm and the head (a tied
+    LM head reuses its embedding matrix) and the head's activations.
+    """
     _check_split(shape, split)
     constants = constants or constants_for(shape)
-    frozen = (embedding_params(shape) + split * block_params(shape)) * workload.weight_bytes
+    params = embedding_params(shape) + split * block_params(shape)
+    if with_head:
+        params += head_params(shape, with_embedding_copy=False)
     return Footprint(
-        frozen,
+        params * workload.weight_bytes,
         adapter_bytes(shape, ranks, workload, range(split)),
-        _activation_bytes(shape, split, workload, constants, embeddings=True, head=False),
+        _activation_bytes(shape, split, workload, constants, embeddings=True, head=with_head),
     )
 
 
@@ -421,13 +428,16 @@ class ServedOwner:
     split: int
     workload: Workload
     ranks: Mapping[str, int] = field(default_factory=dict)  # modules in blocks[split:]
+    head: bool = True  # the helper runs the head (False: u-shape, the owner keeps it)
 
 
-def helper_weights_bytes(shape: ModelShape, split: int, weight_bytes: int) -> int:
-    """Frozen weights of the helper part at split l: blocks[l:] + final norm + head."""
+def helper_weights_bytes(shape: ModelShape, split: int, weight_bytes: int, head: bool = True) -> int:
+    """Frozen weights of the helper part at split l: blocks[l:] (+ final norm and head)."""
     _check_split(shape, split)
-    blocks = (shape.num_layers - split) * block_params(shape)
-    return (blocks + head_params(shape, with_embedding_copy=True)) * weight_bytes
+    params = (shape.num_layers - split) * block_params(shape)
+    if head:
+        params += head_params(shape, with_embedding_copy=True)
+    return params * weight_bytes
 
 
 def served_owner_footprint(shape: ModelShape, owner: ServedOwner,
@@ -440,7 +450,7 @@ def served_owner_footprint(shape: ModelShape, owner: ServedOwner,
         0,
         adapter_bytes(shape, owner.ranks, owner.workload, layers),
         _activation_bytes(shape, len(layers), owner.workload, constants,
-                          embeddings=False, head=True),
+                          embeddings=False, head=owner.head),
     )
 
 
@@ -454,7 +464,8 @@ def helper_footprint(shape: ModelShape, owners: Sequence[ServedOwner], *,
     """
     total = Footprint(0, 0, 0)
     if owners and not holds_weights:
-        total += Footprint(helper_weights_bytes(shape, min(o.split for o in owners), weight_bytes), 0, 0)
+        first = min(o.split for o in owners)
+        total += Footprint(helper_weights_bytes(shape, first, weight_bytes, any(o.head for o in owners)), 0, 0)
     for owner in owners:
         total += served_owner_footprint(shape, owner, constants)
     return total

@@ -103,6 +103,7 @@ class PlanConfig:
     adapter_share: float = 0.02  # at most this share of memory for a device's own adapters (+ grads, AdamW)
     max_fallbacks: int = 3  # length of each owner's fallback list
     split_all: bool = False  # split every data node, even one that could train alone
+    u_shape: bool = False  # owners keep the head and the labels (DESIGN 4 split modes)
 
     def __post_init__(self):
         if not 0 < self.headroom <= 1:
@@ -323,13 +324,14 @@ def _solo(info: NodeInfo, ctx: PlanContext, imp: Mapping[str, float]) -> tuple[s
     fitting = None
     for l in range(L - 1, 0, -1):
         hosted = [m for m in modules if m.block < l]
-        need = owner_footprint(shape, l, minimum_ranks(hosted, imp, cfg.rank_set), work, ctx.constants)
+        need = owner_footprint(shape, l, minimum_ranks(hosted, imp, cfg.rank_set), work, ctx.constants,
+                               with_head=cfg.u_shape)
         if need.total <= budget:
             fitting = (l, hosted, need)
             break
     if fitting is None:
         one = owner_footprint(shape, 1, minimum_ranks([m for m in modules if m.block < 1], imp, cfg.rank_set),
-                              work, ctx.constants)
+                              work, ctx.constants, with_head=cfg.u_shape)
         return WAITING, None, {}, f"waiting: {mem} budget cannot fit 1 block (needs {format_bytes(one.total / cfg.headroom)})", None
     l, hosted, need = fitting
     if l < cfg.min_split:
@@ -378,7 +380,7 @@ def _helper_note(h: _Helper, owner: NodeInfo, centroids) -> str:
 
 def _demand(ctx: PlanContext, split: int, ranks: Mapping[str, int]) -> ServedOwner:
     tail = {n: r for n, r in ranks.items() if r > 0 and n in {m.name for m in _tail(ctx, split)}}
-    return ServedOwner(split=split, workload=ctx.workload, ranks=tail)
+    return ServedOwner(split=split, workload=ctx.workload, ranks=tail, head=not ctx.config.u_shape)
 
 
 def _fill_helper_ranks(h: _Helper, ctx: PlanContext, rows: dict[str, dict],

@@ -293,3 +293,17 @@ def test_calibrate_refuses_to_mix_dropout_settings():
 
     with pytest.raises(ValueError, match="dropout"):
         M.calibrate("gpt2", samples)
+
+
+def test_u_shape_moves_the_head_and_its_activations_from_helper_to_owner():
+    c = M.constants_for(GPT2)
+    head_acts = c.head * WORK.batch * WORK.seq_len * GPT2.vocab_size * 4
+    two = M.owner_footprint(GPT2, 2, {}, WORK)
+    u = M.owner_footprint(GPT2, 2, {}, WORK, with_head=True)
+    with_head = M.helper_footprint(GPT2, [M.ServedOwner(2, WORK)])
+    without = M.helper_footprint(GPT2, [M.ServedOwner(2, WORK, head=False)])
+
+    assert u.frozen - two.frozen == 2 * GPT2.hidden * 4  # final norm; the tied head is the owner's wte
+    assert u.activations - two.activations == pytest.approx(head_acts, abs=2)
+    assert without.frozen == 2 * M.block_params(GPT2) * 4
+    assert with_head.activations - without.activations == pytest.approx(head_acts, abs=2)

@@ -40,11 +40,12 @@ def node(node_id, memory, cluster=0, has_data=True, bandwidth=100e6, compute=1.0
 BIG = 100 * MB  # trains the whole model with room to host several owners
 
 
-def helper_used(plan, helper_id, ctx=CTX):
+def helper_used(plan, helper_id, head=True):
     """Bytes the plan puts on `helper_id`, recomputed from the rows with the memory model."""
-    row = plan[helper_id]
+    ctx, row = plan.context, plan[helper_id]
     owners = [M.ServedOwner(plan[o].split, ctx.workload,
-                            {n: r for n, r in plan[o].ranks.items() if M.candidate(SHAPE, n).block >= plan[o].split})
+                            {n: r for n, r in plan[o].ranks.items() if M.candidate(SHAPE, n).block >= plan[o].split},
+                            head=head)
               for o in row.serves]
     own = M.whole_model_footprint(SHAPE, row.ranks, ctx.workload).total if row.role == P.WHOLE else 0
     return own + M.helper_footprint(SHAPE, owners, holds_weights=row.role == P.WHOLE).total
@@ -280,6 +281,17 @@ def test_split_all_splits_even_a_device_that_fits_everything():
     plan = P.make_plan([node("a", BIG), node("h", BIG, has_data=False, cluster=None)], ctx)
 
     assert (plan["a"].role, plan["a"].split, plan["a"].helper) == (P.OWNER, L - 1, "h")
+
+
+def test_u_shape_owner_keeps_the_head_so_its_split_is_shallower():
+    infos = [node("a", owner_memory(3)), node("h", BIG, cluster=None, has_data=False)]
+    u_shape = dataclasses.replace(CTX, config=P.PlanConfig(u_shape=True))
+
+    two_part, u = P.make_plan(infos, CTX), P.make_plan(infos, u_shape)
+
+    assert u["a"].role == P.OWNER and u["a"].split < two_part["a"].split == 3
+    used = helper_used(u, "h", head=False)  # the helper runs no head for a u-shape owner
+    assert used < helper_used(u, "h", head=True) and f"({P.format_bytes(used)} of" in u["h"].reason
 
 
 def test_privacy_floor_makes_a_small_device_wait():
