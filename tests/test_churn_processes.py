@@ -3,14 +3,23 @@ the bootstrap on its state, and watch the peer table through `atlas-node peers -
 
 from __future__ import annotations
 
+import asyncio
 import signal
 
 import pytest
 
 from scenarios.swarm import Swarm
+from transport.messages import Ok, Ping
+from transport.rpc import RpcClient
 
 # short timings so the whole scenario takes well under a minute
 TIMING = dict(heartbeat_s=0.5, suspect_after=1.5, dead_after=3.0, grace_s=3.0)
+
+
+async def _ping_all(addresses: list[str]) -> list:
+    """`ping` every node on the address it advertised in the peer table."""
+    async with RpcClient("churn-test") as client:
+        return [await client.call(address, Ping(), timeout=5) for address in addresses]
 
 
 @pytest.fixture
@@ -30,6 +39,7 @@ def test_killed_node_is_dead_and_survivors_stay_alive_across_a_bootstrap_crash(s
     rows = {row["id"]: row for row in swarm.peers()}
     assert rows[ids["b"]]["memory_mb"] == 512 and rows[ids["c"]]["bandwidth_mbps"] == 1000.0
     assert all(row["cluster"] is None and row["helper"] is None for row in rows.values())
+    assert all(isinstance(reply, Ok) for reply in asyncio.run(_ping_all([r["address"] for r in rows.values()])))
 
     swarm.kill("b", signal.SIGKILL)
     swarm.wait_until(lambda: swarm.statuses()[ids["b"]] == "dead", what="node b seen dead")
@@ -64,4 +74,7 @@ def test_killed_node_is_dead_and_survivors_stay_alive_across_a_bootstrap_crash(s
     swarm.wait_until(lambda: swarm.statuses()[ids["b"]] == "dead", timeout=5, what="b still dead")
 
     assert swarm.kill("a", signal.SIGTERM) == 0  # a clean exit sends `leave`
-    swarm.wait_until(lambda: swarm.statuses()[ids["a"]] == "left", what="node a seen left")
+    assert swarm.kill("c", signal.SIGINT) == 0  # Ctrl-C does the same
+    swarm.wait_until(
+        lambda: [swarm.statuses()[ids[n]] for n in ("a", "c")] == ["left", "left"], what="nodes a and c seen left"
+    )
