@@ -218,6 +218,8 @@ class ControlClient:
             await asyncio.wait({waiter, self._task}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         finally:
             waiter.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await waiter
         if self.failure is not None:
             raise self.failure
         if not self._joined.is_set():
@@ -271,6 +273,9 @@ class ControlClient:
         except JoinRefused as exc:
             self.failure = exc
             log.error("bootstrap %s refused this node: %s", self.config.bootstrap, exc.message)
+        except Exception as exc:  # a bug: end visibly (the runtime exits non-zero), never silently
+            self.failure = exc
+            log.exception("control loop failed")
 
     async def _try_join(self, failures: int) -> bool:
         from transport.messages import Join, Welcome
