@@ -14,13 +14,17 @@ The paper's fp32 figure l·(68·B·S·H + 10·B·N·S²) bytes is the case c_h =
 c_s = 2.5 with 4-byte elements. With frozen base weights and LoRA, autograd keeps far
 fewer tensors than in full fine-tuning (a frozen linear layer saves nothing for its
 weight gradient), and what it keeps depends on the family (MLP width and gating,
-attention kind and implementation, dropout), so the constants are fitted per family by
-`calibrate` against real measured peaks (`measure_step`, `benchmarks/memory_model.py`).
+attention kind and implementation, dropout), so the constants are fitted per family and
+dropout setting by `calibrate` against real measured peaks (`measure_step`,
+`benchmarks/memory_model.py`). The peak also holds the step's transient gradients and
+temporaries; the fitted constants absorb them. LoRA dropout is assumed 0 (with dropout
+peft keeps one more copy of each adapted layer's input).
 
 A helper at split l holds blocks[l:] + final norm + head, one adapter per owner it
 serves, and the activations of every owner's batch through its layers and the head
 (the head term is c_head·B·S·O elements, O the head's output width: logits, their
-log-softmax and gradient for a language model).
+log-softmax and gradient for a language model). In the u-shape mode the owner keeps
+the final norm and head instead (`with_head`, `ServedOwner.head`).
 
 Everything here is pure arithmetic on a `ModelShape` except `measure_step`, which runs
 one real training step and reads what it allocated.

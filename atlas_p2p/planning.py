@@ -38,7 +38,7 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Iterable, Mapping, Sequence
 
-from atlas_p2p.importance import TAU, importance_change
+from atlas_p2p.importance import TAU
 from atlas_p2p.memory import (
     ADAM_COPIES,
     ActivationConstants,
@@ -455,7 +455,10 @@ def make_plan(infos: Sequence[NodeInfo], context: PlanContext,
     for n in order:
         if rows[n]["role"] == OWNER:
             rows[n]["fallbacks"] = _fallbacks(by_id[n], rows[n], helpers, context, centroids)
-    return _assemble(rows, helpers, context, by_id)
+    plan = _assemble(rows, helpers, context, by_id)
+    log.info("plan for %d nodes: %s", len(rows),
+             {role: sum(r.role == role for r in plan.nodes.values()) for role in (WHOLE, OWNER, HELPER, WAITING)})
+    return plan
 
 
 def _fallbacks(info: NodeInfo, row: dict, helpers: Mapping[str, _Helper], ctx: PlanContext,
@@ -597,6 +600,6 @@ def replan_needed(old: Sequence[NodeInfo], new: Sequence[NodeInfo], importance_m
 
 __all__ = [
     "HELPER", "OWNER", "RANK_SET", "WAITING", "WHOLE", "NodeInfo", "NodePlan", "Plan", "PlanConfig",
-    "PlanContext", "format_bps", "format_bytes", "importance_change", "make_plan", "minimum_ranks",
+    "PlanContext", "format_bps", "format_bytes", "make_plan", "minimum_ranks",
     "privacy_min_split", "repair", "replan_needed", "replan_reason", "water_fill",
 ]
