@@ -42,6 +42,20 @@ class SwarmError(RuntimeError):
     """A child did not start, died early, or a condition was not met in time."""
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: ask Linux to SIGKILL it if the launcher dies first, so a
+    crashed test run leaves no orphan nodes behind (best effort; a no-op elsewhere)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
+
+
 def wait_until(predicate: Callable[[], T], timeout: float, interval: float = 0.2, what: str = "condition") -> T:
     """Call `predicate()` every `interval` s until it returns something truthy; return it.
 
@@ -140,6 +154,7 @@ class Swarm:
             proc = subprocess.Popen(
                 args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 cwd=REPO_ROOT, env=env, start_new_session=True,  # our own signals only
+                preexec_fn=_die_with_parent,
             )
         log.debug("started %s (pid %d): %s", name, proc.pid, " ".join(args))
         return Child(name=name, args=args, proc=proc, log_path=log_path, state_dir=state_dir)
