@@ -160,6 +160,29 @@ def test_duplicate_after_completion_replays_the_remembered_reply():
     run(main())
 
 
+def test_duplicate_of_a_request_whose_reply_was_too_big_to_keep_is_refused_not_rerun():
+    calls = []
+
+    async def big(env):
+        calls.append(env.id)
+        return Backward(step=env.body.step, grad=env.body.activations)
+
+    async def main():
+        config = RpcServerConfig(dedup_replay_max=1000)
+        async with RpcServer(handlers={"forward": big}, config=config) as server, raw_dealer(server.address) as sock:
+            frames = encode(Envelope.of(forward_request(step=2, nbytes=4096), 78, "dup"))
+
+            await sock.send_multipart(frames)
+            first = await recv_reply(sock)
+            await sock.send_multipart(frames)
+            second = await recv_reply(sock)
+
+            assert calls == [78]
+            assert isinstance(first.body, Backward) and first.id == 78
+            assert (second.id, second.body.code) == (78, "duplicate")
+    run(main())
+
+
 def test_same_id_from_another_sender_is_not_a_duplicate():
     calls = []
 
@@ -347,6 +370,29 @@ def test_inflight_bytes_per_peer_are_bounded():
         async with RpcServer(handlers={"forward": track}) as server, RpcClient("b") as client:
             await asyncio.gather(*(client.call(server.address, forward_request(i, nbytes=1 << 20)) for i in range(4)))
         assert peak > 1   # without the bound the same calls overlap
+    run(main())
+
+
+def test_a_call_that_times_out_waiting_for_inflight_budget_leaks_none_of_it():
+    release = asyncio.Event()
+
+    async def hold(env):
+        if env.body.step == 0:
+            await release.wait()
+        return Backward(step=env.body.step, grad=env.body.activations)
+
+    async def main():
+        limit = RpcClientConfig(inflight_bytes=1 << 20)
+        async with RpcServer(handlers={"forward": hold}) as server, RpcClient("a", config=limit) as client:
+            first = asyncio.create_task(client.call(server.address, forward_request(0, nbytes=900_000), timeout=10))
+            await eventually(lambda: server.stats["requests"] == 1)
+            with pytest.raises(RpcTimeout):   # waits for budget behind `first`, gives up
+                await client.call(server.address, forward_request(1, nbytes=900_000), timeout=0.1)
+
+            release.set()
+            assert (await first).step == 0
+            assert (await client.call(server.address, forward_request(2, nbytes=900_000), timeout=2)).step == 2
+            assert server.stats["requests"] == 2   # the timed-out call never went out
     run(main())
 
 

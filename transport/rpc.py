@@ -5,7 +5,8 @@ answers with the same `id`: `ok`, `error` (code, message) or a typed reply. The 
 decodes and validates every message before a handler sees it; a bad message or a
 failing handler is answered with `error` and counted in `server.stats` under its code,
 and the server keeps serving. Requests are identified by (src, id): a retried request
-whose reply is still remembered gets that reply again instead of running twice.
+whose reply is still remembered gets that reply again instead of running twice (a reply
+too large to keep is answered with error 'duplicate': the request never runs twice).
 
 On the client every call has a deadline (`RpcTimeout`), an `error` reply raises
 `RpcError(code, message)`, retries are explicit and reuse the request id (so the server
@@ -26,11 +27,11 @@ from dataclasses import dataclass
 from typing import Awaitable, Callable
 
 import zmq
-import zmq.asyncio
 
 from transport.codec import DEFAULT_MAX_BYTES, DecodeError, EncodeError, decode, encode
 from transport.link import LinkProfile, LinkShaper
 from transport.messages import Envelope, Error, Message, Ok
+from transport.pump import SocketPump
 
 log = logging.getLogger(__name__)
 
@@ -74,11 +75,14 @@ def install_uvloop() -> bool:
     return True
 
 
-def _set_common_options(sock: zmq.Socket, max_bytes: int, hwm: int) -> None:
+def _new_socket(context: zmq.Context, kind: int, max_bytes: int, hwm: int) -> zmq.Socket:
+    """A plain (non-asyncio) socket, whatever context it comes from: SocketPump drives it."""
+    sock = zmq.Socket(context, kind)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.MAXMSGSIZE, max_bytes)
     sock.setsockopt(zmq.SNDHWM, hwm)
     sock.setsockopt(zmq.RCVHWM, hwm)
+    return sock
 
 
 def _frames_nbytes(frames: list) -> int:
@@ -94,8 +98,10 @@ class RpcServerConfig:
     name: str = "server"                   # `src` of the replies it sends
     max_bytes: int = DEFAULT_MAX_BYTES     # largest message accepted (decode limit; MAXMSGSIZE per frame)
     max_concurrency: int = 64              # handlers running at once; reading pauses beyond it
-    dedup_entries: int = 4096              # replies remembered for duplicate suppression
-    dedup_bytes: int = 64 << 20            # ... and their total size
+    dedup_entries: int = 4096              # requests remembered for duplicate suppression
+    dedup_bytes: int = 32 << 20            # total size of the replies kept to replay to duplicates
+    dedup_replay_max: int = 1 << 20        # larger replies are not kept (keeping big buffers alive
+                                           # costs ~10% throughput); a duplicate gets error 'duplicate'
     send_timeout_s: float = 10.0           # deadline for handing a reply to ZeroMQ
     hwm: int = 1000                        # ZeroMQ high-water mark (messages) each way
 
@@ -103,22 +109,30 @@ class RpcServerConfig:
         for name in ("max_bytes", "max_concurrency", "hwm"):
             if getattr(self, name) < 1:
                 raise ValueError(f"RpcServerConfig.{name} must be >= 1, got {getattr(self, name)!r}")
-        for name in ("dedup_entries", "dedup_bytes"):
+        for name in ("dedup_entries", "dedup_bytes", "dedup_replay_max"):
             if getattr(self, name) < 0:
                 raise ValueError(f"RpcServerConfig.{name} must be >= 0, got {getattr(self, name)!r}")
         if not self.send_timeout_s > 0:
             raise ValueError(f"RpcServerConfig.send_timeout_s must be > 0, got {self.send_timeout_s!r}")
 
 
-class _ReplyCache:
-    """LRU of encoded replies keyed by (src, id), bounded in entries and bytes."""
+_TOO_BIG = object()   # cache marker: served, but the reply was too large to keep
 
-    def __init__(self, max_entries: int, max_bytes: int):
-        self.max_entries, self.max_bytes = max_entries, max_bytes
-        self.entries: collections.OrderedDict[tuple[str, int], tuple[list, int]] = collections.OrderedDict()
+
+class _ReplyCache:
+    """LRU of encoded replies keyed by (src, id), bounded in entries and bytes.
+
+    A reply larger than `max_reply` is remembered only as served (`_TOO_BIG`), so a
+    duplicate is never run twice even when its reply cannot be replayed.
+    """
+
+    def __init__(self, max_entries: int, max_bytes: int, max_reply: int):
+        self.max_entries, self.max_bytes, self.max_reply = max_entries, max_bytes, max_reply
+        self.entries: collections.OrderedDict[tuple[str, int], tuple[object, int]] = collections.OrderedDict()
         self.nbytes = 0
 
-    def get(self, key: tuple[str, int]) -> list | None:
+    def get(self, key: tuple[str, int]) -> object | None:
+        """The reply frames, `_TOO_BIG`, or None when this request was not served (or forgotten)."""
         hit = self.entries.get(key)
         if hit is None:
             return None
@@ -126,11 +140,12 @@ class _ReplyCache:
         return hit[0]
 
     def put(self, key: tuple[str, int], frames: list) -> None:
-        size = _frames_nbytes(frames)
-        if size > self.max_bytes or self.max_entries == 0:
+        if self.max_entries == 0:
             return
-        self.entries[key] = (frames, size)
-        self.nbytes += size
+        size = _frames_nbytes(frames)
+        entry = (frames, size) if size <= min(self.max_reply, self.max_bytes) else (_TOO_BIG, 0)
+        self.entries[key] = entry
+        self.nbytes += entry[1]
         while len(self.entries) > self.max_entries or self.nbytes > self.max_bytes:
             _, (_, dropped) = self.entries.popitem(last=False)
             self.nbytes -= dropped
@@ -146,19 +161,19 @@ class RpcServer:
 
     def __init__(self, host: str = "127.0.0.1", port: int | str = 0, handlers: dict[str, Handler] | None = None,
                  *, config: RpcServerConfig | None = None, link: LinkProfile | None = None,
-                 context: zmq.asyncio.Context | None = None):
+                 context: zmq.Context | None = None):
         self.host, self._port_request = host, port
         self.handlers: dict[str, Handler] = dict(handlers or {})
         self.config = config or RpcServerConfig()
         self.stats: collections.Counter[str] = collections.Counter()
         self._shaper = LinkShaper(link) if link is not None else None
-        self._context = context or zmq.asyncio.Context.instance()
-        self._cache = _ReplyCache(self.config.dedup_entries, self.config.dedup_bytes)
+        self._context = context or zmq.Context.instance()
+        self._cache = _ReplyCache(self.config.dedup_entries, self.config.dedup_bytes, self.config.dedup_replay_max)
         self._running: set[tuple[str, int]] = set()
         self._tasks: set[asyncio.Task] = set()
-        self._sock: zmq.asyncio.Socket | None = None
-        self._serve_task: asyncio.Task | None = None
-        self._slots: asyncio.Semaphore | None = None
+        self._sock: zmq.Socket | None = None
+        self._pump: SocketPump | None = None
+        self._active = 0          # handlers running now (reading pauses at max_concurrency)
         self._stopped = False
         self.port: int | None = None
 
@@ -188,9 +203,8 @@ class RpcServer:
     async def start(self) -> None:
         if self._sock is not None:
             raise RuntimeError("RpcServer already started")
-        sock = self._context.socket(zmq.ROUTER)
+        sock = _new_socket(self._context, zmq.ROUTER, self.config.max_bytes, self.config.hwm)
         try:
-            _set_common_options(sock, self.config.max_bytes, self.config.hwm)
             sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
             if self._port_request in (0, "0", "random", None):
                 self.port = sock.bind_to_random_port(f"tcp://{self.host}")
@@ -202,8 +216,7 @@ class RpcServer:
             sock.close(linger=0)
             raise
         self._sock = sock
-        self._slots = asyncio.Semaphore(self.config.max_concurrency)
-        self._serve_task = asyncio.create_task(self._serve(), name=f"rpc-server-{self.port}")
+        self._pump = SocketPump(sock, self._on_message)
         log.debug("rpc server listening on %s", self.address)
 
     async def stop(self) -> None:
@@ -211,7 +224,9 @@ class RpcServer:
         if self._stopped:
             return
         self._stopped = True
-        tasks = [t for t in (self._serve_task, *self._tasks) if t is not None]
+        if self._pump is not None:
+            self._pump.close()
+        tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -221,48 +236,47 @@ class RpcServer:
 
     # ---- the receive loop: decode, deduplicate, dispatch
 
-    async def _serve(self) -> None:
-        assert self._sock is not None and self._slots is not None
-        while True:
-            try:
-                parts = await self._sock.recv_multipart(copy=False)
-            except zmq.ZMQError as exc:
-                if self._sock.closed:
-                    return
-                log.warning("rpc server %s: receive failed: %s", self.address, exc)
-                continue
-            if len(parts) < 2:
-                self.stats["bad_header"] += 1   # an identity with no message: nothing to answer
-                continue
-            identity = parts[0].bytes
-            try:
-                env = decode(parts[1:], max_bytes=self.config.max_bytes)
-            except DecodeError as exc:
-                self.stats["requests"] += 1
-                self._reply_error(identity, exc.msg_id or 0, exc.code, exc.detail)
-                continue
-            self.stats["requests"] += 1
-            key = (env.src, env.id)
-            cached = self._cache.get(key)
-            if cached is not None:
-                self.stats["duplicates"] += 1
-                self._spawn(self._send(identity, cached))
-                continue
-            if key in self._running:
-                self.stats["duplicates"] += 1   # the reply on its way answers this copy too
-                continue
-            await self._slots.acquire()
-            self._running.add(key)
-            self._spawn(self._handle(identity, env), release=True)
+    def _on_message(self, parts: list) -> None:
+        """One multipart message from the ROUTER: [identity, header, tensor frames...]."""
+        if len(parts) < 2:
+            self.stats["bad_header"] += 1   # an identity with no message: nothing to answer
+            return
+        identity = parts[0].bytes
+        self.stats["requests"] += 1
+        try:
+            env = decode(parts[1:], max_bytes=self.config.max_bytes)
+        except DecodeError as exc:
+            self._reply_error(identity, exc.msg_id or 0, exc.code, exc.detail)
+            return
+        key = (env.src, env.id)
+        cached = self._cache.get(key)
+        if cached is _TOO_BIG:
+            self.stats["duplicates"] += 1
+            self._reply_error(identity, env.id, "duplicate", "request already served; its reply was too large to keep")
+            return
+        if cached is not None:
+            self.stats["duplicates"] += 1
+            self._spawn(self._send(identity, cached))
+            return
+        if key in self._running:
+            self.stats["duplicates"] += 1   # the reply on its way answers this copy too
+            return
+        self._running.add(key)
+        self._active += 1
+        if self._active >= self.config.max_concurrency:
+            self._pump.pause()
+        self._spawn(self._handle(identity, env), handler=True)
 
-    def _spawn(self, coro: Awaitable, release: bool = False) -> None:
+    def _spawn(self, coro: Awaitable, handler: bool = False) -> None:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
 
         def finished(t: asyncio.Task) -> None:
             self._tasks.discard(t)
-            if release:
-                self._slots.release()
+            if handler:
+                self._active -= 1
+                if self._active < self.config.max_concurrency and not self._stopped:
+                    self._pump.resume()
 
         task.add_done_callback(finished)
 
@@ -310,8 +324,7 @@ class RpcServer:
             self.stats["link_dropped"] += 1
             return
         try:
-            await asyncio.wait_for(self._sock.send_multipart([identity, *frames], copy=False),
-                                   self.config.send_timeout_s)
+            await asyncio.wait_for(self._pump.send([identity, *frames]), self.config.send_timeout_s)
             self.stats["replies"] += 1
         except zmq.ZMQError as exc:  # EHOSTUNREACH (ROUTER_MANDATORY): the caller went away
             self.stats["unroutable"] += 1
@@ -337,23 +350,46 @@ class RpcClientConfig:
 
 
 class _Peer:
-    """One remote address: its DEALER, reader task, in-flight byte budget and link shaper."""
+    """One remote address: its DEALER and pump, in-flight byte budget and link shaper."""
 
-    def __init__(self, address: str, sock: zmq.asyncio.Socket, shaper: LinkShaper | None):
+    def __init__(self, address: str, sock: zmq.Socket, shaper: LinkShaper | None):
         self.address, self.sock, self.shaper = address, sock, shaper
         self.inflight = 0
-        self.space = asyncio.Condition()
-        self.reader: asyncio.Task | None = None
+        self.waiters: collections.deque[tuple[asyncio.Future, int, int]] = collections.deque()
+        self.pump: SocketPump | None = None
 
     async def reserve(self, nbytes: int, limit: int) -> None:
-        async with self.space:
-            await self.space.wait_for(lambda: self.inflight == 0 or self.inflight + nbytes <= limit)
-            self.inflight += nbytes
+        """Wait (first come, first served) until `nbytes` more fit under `limit`, then take them.
 
-    async def release(self, nbytes: int) -> None:
-        async with self.space:
-            self.inflight -= nbytes
-            self.space.notify_all()
+        A request larger than the whole limit goes when nothing else is in flight.
+        """
+        if not self.waiters and (self.inflight == 0 or self.inflight + nbytes <= limit):
+            self.inflight += nbytes   # fast path: no queue, room now
+            return
+        turn = asyncio.get_running_loop().create_future()
+        entry = (turn, nbytes, limit)
+        self.waiters.append(entry)
+        try:
+            await turn
+        except BaseException:
+            if entry in self.waiters:
+                self.waiters.remove(entry)
+            elif turn.done() and not turn.cancelled():
+                self.release(nbytes)   # granted just as we were cancelled: give it back
+            raise
+
+    def release(self, nbytes: int) -> None:
+        self.inflight -= nbytes
+        while self.waiters:
+            turn, wanted, limit = self.waiters[0]
+            if turn.done():
+                self.waiters.popleft()
+                continue
+            if not (self.inflight == 0 or self.inflight + wanted <= limit):
+                break
+            self.waiters.popleft()
+            self.inflight += wanted
+            turn.set_result(None)
 
 
 class RpcClient:
@@ -365,7 +401,7 @@ class RpcClient:
     """
 
     def __init__(self, src: str, *, config: RpcClientConfig | None = None, link: LinkProfile | None = None,
-                 context: zmq.asyncio.Context | None = None):
+                 context: zmq.Context | None = None):
         if not isinstance(src, str) or not src:
             raise ValueError(f"RpcClient src must be a non-empty str, got {src!r}")
         self.src = src
@@ -374,7 +410,7 @@ class RpcClient:
         self._link = link
         self._uplink = LinkShaper(link) if link is not None else None
         self._links: dict[str, LinkShaper] = {}
-        self._context = context or zmq.asyncio.Context.instance()
+        self._context = context or zmq.Context.instance()
         self._peers: dict[str, _Peer] = {}
         self._pending: dict[int, tuple[asyncio.Future, _Peer]] = {}
         self._ids = itertools.count(secrets.randbits(48) + 1)
@@ -440,7 +476,7 @@ class RpcClient:
         finally:
             self._pending.pop(msg_id, None)
             if reserved:
-                await peer.release(nbytes)
+                peer.release(nbytes)
             if not future.done():
                 future.cancel()
         if isinstance(reply, Error):
@@ -470,18 +506,16 @@ class RpcClient:
         endpoint = tcp_endpoint(address)
         peer = self._peers.get(endpoint)
         if peer is None:
-            sock = self._context.socket(zmq.DEALER)
-            _set_common_options(sock, self.config.max_bytes, self.config.hwm)
+            sock = _new_socket(self._context, zmq.DEALER, self.config.max_bytes, self.config.hwm)
             sock.connect(endpoint)
             peer = _Peer(endpoint, sock, self._links.get(endpoint, self._uplink))
-            peer.reader = asyncio.create_task(self._read(peer), name=f"rpc-client-{self.src}-{endpoint}")
+            peer.pump = SocketPump(sock, lambda parts, peer=peer: self._on_reply(peer, parts))
             self._peers[endpoint] = peer
         return peer
 
     async def _close_peer(self, peer: _Peer, reason: str) -> None:
-        if peer.reader is not None:
-            peer.reader.cancel()
-            await asyncio.gather(peer.reader, return_exceptions=True)
+        if peer.pump is not None:
+            peer.pump.close()
         peer.sock.close(linger=0)
         for msg_id, (future, owner) in list(self._pending.items()):
             if owner is peer and not future.done():
@@ -491,28 +525,20 @@ class RpcClient:
         if peer.shaper is not None and not await peer.shaper.admit(_frames_nbytes(frames)):
             self.stats["link_dropped"] += 1
             return
-        await peer.sock.send_multipart(frames, copy=False)
+        await peer.pump.send(frames)
         self.stats["sent"] += 1
 
-    async def _read(self, peer: _Peer) -> None:
-        while True:
-            try:
-                parts = await peer.sock.recv_multipart(copy=False)
-            except zmq.ZMQError as exc:
-                if peer.sock.closed:
-                    return
-                log.warning("rpc client %s: receive from %s failed: %s", self.src, peer.address, exc)
-                continue
-            try:
-                env = decode(parts, max_bytes=self.config.max_bytes)
-            except DecodeError as exc:
-                self.stats["bad_reply"] += 1
-                waiting = self._pending.get(exc.msg_id) if exc.msg_id is not None else None
-                if waiting is not None and waiting[1] is peer and not waiting[0].done():
-                    waiting[0].set_exception(RpcError("bad_reply", f"{exc.code}: {exc.detail}"))
-                continue
-            waiting = self._pending.get(env.id)
-            if waiting is None or waiting[1] is not peer or waiting[0].done():
-                self.stats["late_replies"] += 1
-                continue
-            waiting[0].set_result(env.body)
+    def _on_reply(self, peer: _Peer, parts: list) -> None:
+        try:
+            env = decode(parts, max_bytes=self.config.max_bytes)
+        except DecodeError as exc:
+            self.stats["bad_reply"] += 1
+            waiting = self._pending.get(exc.msg_id) if exc.msg_id is not None else None
+            if waiting is not None and waiting[1] is peer and not waiting[0].done():
+                waiting[0].set_exception(RpcError("bad_reply", f"{exc.code}: {exc.detail}"))
+            return
+        waiting = self._pending.get(env.id)
+        if waiting is None or waiting[1] is not peer or waiting[0].done():
+            self.stats["late_replies"] += 1
+            return
+        waiting[0].set_result(env.body)

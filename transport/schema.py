@@ -22,7 +22,7 @@ from typing import Any, Annotated, Union
 
 import numpy as np
 
-from transport.tensors import DTYPE_ITEMSIZE, NUMPY_DTYPES, RawTensor, Tensor, TensorError
+from transport.tensors import DTYPE_ITEMSIZE, NUMPY_DTYPES, RawTensor, Tensor, TensorError, dtype_name
 
 INT_MIN, INT_MAX = -(1 << 63), (1 << 64) - 1   # what msgpack can carry
 ANY_MAX_DEPTH = 16                             # nesting allowed inside an Any value
@@ -198,9 +198,10 @@ class TensorNode(Node):
 
     def check(self, value, path):
         if isinstance(value, np.ndarray):
-            dtype = value.dtype.name
-            if dtype not in NUMPY_DTYPES:
-                raise SchemaError("bad_dtype", f"{path}: numpy dtype {value.dtype} is not allowed on the wire")
+            try:
+                dtype = dtype_name(value)
+            except TensorError as exc:
+                raise SchemaError("bad_dtype", f"{path}: {exc.detail}") from exc
             if self.form == "raw":
                 value = RawTensor.from_numpy(value)
         elif isinstance(value, RawTensor):

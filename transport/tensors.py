@@ -34,6 +34,9 @@ DTYPE_ITEMSIZE: dict[str, int] = {
 NUMPY_DTYPES: dict[str, np.dtype] = {
     name: np.dtype(name).newbyteorder("<") for name in DTYPE_ITEMSIZE if name != "bfloat16"
 }
+_NAME_OF: dict[np.dtype, str] = {}
+for _name, _dtype in NUMPY_DTYPES.items():
+    _NAME_OF[_dtype] = _NAME_OF[_dtype.newbyteorder("=")] = _NAME_OF[_dtype.newbyteorder(">")] = _name
 MAX_NDIM = 8                 # more dimensions than any model tensor needs
 MAX_ELEMENTS = 1 << 34       # 16 Gi elements: far above one message, below int64 overflow
 
@@ -136,8 +139,8 @@ Tensor = Union[np.ndarray, RawTensor]
 
 def dtype_name(array: np.ndarray) -> str:
     """The wire name of a numpy array's dtype, or TensorError('bad_dtype')."""
-    name = array.dtype.name
-    if name not in NUMPY_DTYPES:
+    name = _NAME_OF.get(array.dtype)
+    if name is None:
         raise TensorError("bad_dtype", f"numpy dtype {array.dtype} is not one of {sorted(NUMPY_DTYPES)}")
     return name
 
