@@ -52,13 +52,16 @@ class PeerRecord:
     n_samples: int = 0  # local training examples the node holds (aggregation weight)
     model: str | None = None  # model the node said it runs
     public_key: str | None = None  # CurveZMQ public key (z85), if any
-    role: str | None = None  # owner | helper | both (planning fills it)
+    role: str | None = None  # owner | helper before planning; then the plan's whole | owner | helper | waiting
     state: str | None = None  # lifecycle state reported by the node's heartbeat
     round: int | None = None  # merge round the node reports
     base_version: int | None = None  # versioned base the node runs
     cluster: int | None = None  # cluster id, None until assigned
     split: int | None = None  # split layer, None until assigned
     helper: int | None = None  # node id of its helper, None until assigned
+    ranks: str | None = None  # short summary of its LoRA ranks ("12 mods r2-16"), None until assigned
+    anchor: bool = False  # publishes its cluster's round manifests (lowest live member id)
+    reason: str | None = None  # the planner's one-line explanation of the row
 
     def __post_init__(self) -> None:
         _check_values(dataclasses.asdict(self))
