@@ -208,23 +208,34 @@ class GetAssignment(Message):
     node_id: NodeId
 
 
+ROLES = ("whole", "owner", "helper", "waiting")
+
+
 @message("assignment")
 class Assignment(Message):
-    """Where a node stands: cluster, partners, ranks and split point (DESIGN section 2.3)."""
+    """Where a node stands: cluster, partners, ranks and split point (DESIGN section 2.3).
+
+    Roles (atlas_p2p.planning): whole = trains the whole model alone (and may serve
+    owners), owner = runs blocks[:split] with `helper` running the rest, helper = a pure
+    helper (no data, no cluster), waiting = cannot train now (`reason` says why).
+    """
 
     node_id: NodeId
     version: Count                        # bumps whenever the bootstrap changes this assignment
-    cluster: int
-    members: list[NodeId]
+    cluster: int | None                   # None: pure helper, or not clustered yet
+    members: list[NodeId]                 # live data nodes of the cluster
     ranks: dict[str, Count]               # module name -> LoRA rank (0 = no adapter)
-    split: Count                          # owner runs blocks[:split]
+    split: Count | None                   # owner runs blocks[:split] (L: whole model); None: pure helper
     helper: NodeId | None                 # who runs blocks[split:] for this node (None: itself/waiting)
     fallbacks: list[NodeId]               # helpers to try next, in order
-    anchor: NodeId                        # member that publishes round manifests
-    reason: str = ""                      # why it changed: "initial", "churn", "replan", ...
+    anchor: NodeId | None                 # member that publishes round manifests (None: no cluster)
+    reason: str = ""                      # why it changed ("initial", "repair", ...) and the plan's note
     serves: list[NodeId] = field(default_factory=list)   # owners this node helps
     addresses: dict[str, str] = field(default_factory=dict)  # str(node_id) -> "host:port"
     base_version: Count = 0
+    role: Annotated[str, OneOf(ROLES)] = "waiting"
+    # one map per served owner: {"owner", "cluster", "split", "ranks" (blocks[split:] only), "anchor"}
+    owners: list[dict[str, Any]] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------- peer <-> peer
