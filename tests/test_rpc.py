@@ -396,6 +396,31 @@ def test_a_call_that_times_out_waiting_for_inflight_budget_leaks_none_of_it():
     run(main())
 
 
+def test_calls_queue_behind_full_zeromq_queues_and_all_complete_once_the_server_drains():
+    gate = asyncio.Event()
+
+    async def blocked(env):
+        await gate.wait()
+        return Backward(step=env.body.step, grad=env.body.activations[:, :1])
+
+    async def main():
+        tight_server = RpcServerConfig(hwm=1, max_concurrency=1)   # stops reading after one request
+        async with RpcServer(handlers={"forward": blocked}, config=tight_server) as server, \
+                RpcClient("a", config=RpcClientConfig(hwm=1)) as client:
+            activations = np.zeros((1, 1 << 20), np.float32)   # 4 MiB each: ZeroMQ and TCP fill up
+            calls = [asyncio.create_task(client.call(server.address, Forward(
+                step=i, activations=activations, attention_mask=np.ones((1, 1), np.int8)), timeout=20))
+                for i in range(16)]
+            await eventually(lambda: server.stats["requests"] == 1)
+
+            gate.set()
+            replies = await asyncio.gather(*calls)
+
+            assert sorted(r.step for r in replies) == list(range(16))
+            assert server.stats["requests"] == 16
+    run(main())
+
+
 def test_server_runs_at_most_max_concurrency_handlers():
     active, peak = 0, 0
 
@@ -478,3 +503,82 @@ def test_install_uvloop_runs_the_rpc_on_uvloop():
         assert run(main()).startswith("uvloop")
     finally:
         asyncio.set_event_loop_policy(None)
+
+
+# ---------------------------------------------------------------- CurveZMQ (optional security)
+
+from transport.security import (  # noqa: E402
+    AllowList, Keypair, create_keypair, load_keypair, load_or_create_keypair, load_public_keys,
+)
+
+
+def test_keypair_files_round_trip_and_the_secret_file_is_private(tmp_path):
+    made = create_keypair(tmp_path / "keys", "node-1")
+
+    loaded = load_keypair(tmp_path / "keys", "node-1")
+
+    assert (loaded.public, loaded.secret) == (made.public, made.secret)
+    assert load_or_create_keypair(tmp_path / "keys", "node-1").public == made.public
+    assert (tmp_path / "keys" / "node-1.key_secret").stat().st_mode & 0o077 == 0
+    assert load_public_keys(tmp_path / "keys") == {made.public}
+    assert made.secret.decode() not in repr(made)
+
+
+def test_missing_or_bad_key_material_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="no secret key file"):
+        load_keypair(tmp_path, "ghost")
+    with pytest.raises(ValueError, match="Z85"):
+        Keypair(b"x" * 40, b"y" * 39)
+    with pytest.raises(ValueError, match="allow-list directory"):
+        load_public_keys(tmp_path / "absent")
+
+
+def test_curve_server_admits_only_allowed_keys():
+    async def main():
+        server_keys, good, bad = Keypair.generate(), Keypair.generate(), Keypair.generate()
+        allow = AllowList({good.public})
+        async with RpcServer(handlers={"ping": noop}, keypair=server_keys, allow=allow) as server:
+            async with RpcClient("good", keypair=good) as client:
+                client.set_server_key(server.address, server_keys.public)
+                assert isinstance(await client.call(server.address, Ping()), Ok)
+
+            async with RpcClient("bad", keypair=bad) as client:
+                client.set_server_key(server.address, server_keys.public)
+                with pytest.raises(RpcTimeout):
+                    await client.call(server.address, Ping(), timeout=0.3)
+
+            async with RpcClient("plain") as client:   # no CURVE at all
+                with pytest.raises(RpcTimeout):
+                    await client.call(server.address, Ping(), timeout=0.3)
+
+            assert server.stats["requests"] == 1   # only the allowed client got through
+
+            allow.add(bad.public)                  # e.g. the bootstrap admitted a new node
+            async with RpcClient("bad-now-allowed", keypair=bad) as client:
+                client.set_server_key(server.address, server_keys.public)
+                assert isinstance(await client.call(server.address, Ping()), Ok)
+    run(main())
+
+
+def test_two_secured_servers_in_one_process_keep_their_own_allow_lists():
+    async def main():
+        a_keys, b_keys, client_keys = Keypair.generate(), Keypair.generate(), Keypair.generate()
+        async with RpcServer(handlers={"ping": noop}, keypair=a_keys, allow=AllowList({client_keys.public})) as a, \
+                RpcServer(handlers={"ping": noop}, keypair=b_keys, allow=AllowList()) as b, \
+                RpcClient("c", keypair=client_keys) as client:
+            client.set_server_key(a.address, a_keys.public)
+            client.set_server_key(b.address, b_keys.public)
+
+            assert isinstance(await client.call(a.address, Ping()), Ok)
+            with pytest.raises(RpcTimeout):
+                await client.call(b.address, Ping(), timeout=0.3)
+    run(main())
+
+
+def test_curve_client_needs_the_server_key_first():
+    async def main():
+        async with RpcClient("c", keypair=Keypair.generate()) as client:
+            with pytest.raises(RpcError) as info:
+                await client.call("127.0.0.1:5999", Ping(), timeout=0.2)
+            assert info.value.code == "no_server_key"
+    run(main())

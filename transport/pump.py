@@ -24,7 +24,8 @@ import zmq
 log = logging.getLogger(__name__)
 
 DRAIN_BATCH = 64          # messages handled per drain before yielding to other callbacks
-SEND_RETRY_S = 0.001      # back-off when ZeroMQ reports writable but our peer's queue is full
+SEND_RETRY_S = 0.001      # first back-off when a send is refused (peer queue full), doubling ...
+SEND_RETRY_MAX_S = 0.05   # ... up to this, so a dead peer costs a few wake-ups a second
 
 
 class SocketPump:
@@ -44,6 +45,7 @@ class SocketPump:
         self._closed = False
         self._scheduled = False
         self._retry: asyncio.TimerHandle | None = None
+        self._retry_s = SEND_RETRY_S
         self.loop.add_reader(self._fd, self._on_ready)
         self._schedule()  # messages may already be waiting; the descriptor will not say so
 
@@ -136,9 +138,11 @@ class SocketPump:
                 # A ROUTER may report room while this peer's queue is full: retry on a timer
                 # rather than spinning on call_soon.
                 if self._retry is None:
-                    self._retry = self.loop.call_later(SEND_RETRY_S, self._retry_now)
+                    self._retry = self.loop.call_later(self._retry_s, self._retry_now)
+                    self._retry_s = min(2 * self._retry_s, SEND_RETRY_MAX_S)
                 return
             self._queue.popleft()
+            self._retry_s = SEND_RETRY_S
 
     def _retry_now(self) -> None:
         self._retry = None

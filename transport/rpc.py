@@ -32,6 +32,7 @@ from transport.codec import DEFAULT_MAX_BYTES, DecodeError, EncodeError, decode,
 from transport.link import LinkProfile, LinkShaper
 from transport.messages import Envelope, Error, Message, Ok
 from transport.pump import SocketPump
+from transport.security import AllowList, Keypair, release_server, secure_client, secure_server
 
 log = logging.getLogger(__name__)
 
@@ -103,10 +104,11 @@ class RpcServerConfig:
     dedup_replay_max: int = 1 << 20        # larger replies are not kept (keeping big buffers alive
                                            # costs ~10% throughput); a duplicate gets error 'duplicate'
     send_timeout_s: float = 10.0           # deadline for handing a reply to ZeroMQ
+    max_pending_replies: int = 4096        # error/duplicate replies waiting to go out; beyond, shed
     hwm: int = 1000                        # ZeroMQ high-water mark (messages) each way
 
     def __post_init__(self) -> None:
-        for name in ("max_bytes", "max_concurrency", "hwm"):
+        for name in ("max_bytes", "max_concurrency", "hwm", "max_pending_replies"):
             if getattr(self, name) < 1:
                 raise ValueError(f"RpcServerConfig.{name} must be >= 1, got {getattr(self, name)!r}")
         for name in ("dedup_entries", "dedup_bytes", "dedup_replay_max"):
@@ -157,12 +159,19 @@ class RpcServer:
     A handler returns the reply body (None means `ok`) or raises `RpcError(code, message)`
     to answer with that error; any other exception is answered as `handler_error`.
     `stats` counts requests, replies, duplicates and every error code sent.
+    With `keypair` the socket speaks CURVE and admits only clients on `allow`
+    (None: any client that has a keypair); see transport/security.py.
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int | str = 0, handlers: dict[str, Handler] | None = None,
                  *, config: RpcServerConfig | None = None, link: LinkProfile | None = None,
-                 context: zmq.Context | None = None):
+                 context: zmq.Context | None = None, keypair: Keypair | None = None,
+                 allow: AllowList | None = None):
+        if allow is not None and keypair is None:
+            raise ValueError("RpcServer allow-list needs a keypair (CURVE) to be enforced")
         self.host, self._port_request = host, port
+        self.keypair, self.allow = keypair, allow
+        self._zap_domain: str | None = None
         self.handlers: dict[str, Handler] = dict(handlers or {})
         self.config = config or RpcServerConfig()
         self.stats: collections.Counter[str] = collections.Counter()
@@ -206,6 +215,8 @@ class RpcServer:
         sock = _new_socket(self._context, zmq.ROUTER, self.config.max_bytes, self.config.hwm)
         try:
             sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+            if self.keypair is not None:
+                self._zap_domain = secure_server(sock, self.keypair, self.allow or AllowList(allow_any=True))
             if self._port_request in (0, "0", "random", None):
                 self.port = sock.bind_to_random_port(f"tcp://{self.host}")
             else:
@@ -233,6 +244,8 @@ class RpcServer:
         self._tasks.clear()
         if self._sock is not None:
             self._sock.close(linger=0)
+        if self._zap_domain is not None:
+            release_server(self._context, self._zap_domain)
 
     # ---- the receive loop: decode, deduplicate, dispatch
 
@@ -256,7 +269,7 @@ class RpcServer:
             return
         if cached is not None:
             self.stats["duplicates"] += 1
-            self._spawn(self._send(identity, cached))
+            self._spawn_reply(identity, cached)
             return
         if key in self._running:
             self.stats["duplicates"] += 1   # the reply on its way answers this copy too
@@ -284,6 +297,13 @@ class RpcServer:
         self.stats[code] += 1
         log.info("rpc server %s: answering error %s: %s", self.address, code, detail[:200])
         frames = encode(Envelope.of(Error(code=code, message=detail[:1000]), msg_id, self.config.name))
+        self._spawn_reply(identity, frames)
+
+    def _spawn_reply(self, identity: bytes, frames: list) -> None:
+        """Send a reply that needs no handler, unless a flood already filled the queue."""
+        if len(self._tasks) - self._active >= self.config.max_pending_replies:
+            self.stats["shed"] += 1
+            return
         self._spawn(self._send(identity, frames))
 
     async def _handle(self, identity: bytes, env: Envelope) -> None:
@@ -398,10 +418,12 @@ class RpcClient:
     `src` names this client in every request (with the id it makes requests unique, so
     give each node its own). Ids start at a random 48-bit offset, so a restarted node
     reusing its name does not collide with replies a server still remembers.
+    With `keypair`, every connection speaks CURVE and needs the server's public key
+    first (`set_server_key`); a call to an address without one raises RpcError('no_server_key').
     """
 
     def __init__(self, src: str, *, config: RpcClientConfig | None = None, link: LinkProfile | None = None,
-                 context: zmq.Context | None = None):
+                 context: zmq.Context | None = None, keypair: Keypair | None = None):
         if not isinstance(src, str) or not src:
             raise ValueError(f"RpcClient src must be a non-empty str, got {src!r}")
         self.src = src
@@ -415,6 +437,8 @@ class RpcClient:
         self._pending: dict[int, tuple[asyncio.Future, _Peer]] = {}
         self._ids = itertools.count(secrets.randbits(48) + 1)
         self._stopped = False
+        self.keypair = keypair
+        self._server_keys: dict[str, bytes] = {}
 
     @classmethod
     async def create(cls, src: str, **kwargs) -> "RpcClient":
@@ -425,6 +449,14 @@ class RpcClient:
 
     async def __aexit__(self, *exc) -> None:
         await self.stop()
+
+    def set_server_key(self, address: str, public_key: bytes | str | None) -> None:
+        """Talk CURVE to `address`, whose public key this is (None: plain again). Applies to new connections."""
+        endpoint = tcp_endpoint(address)
+        if public_key is None:
+            self._server_keys.pop(endpoint, None)
+        else:
+            self._server_keys[endpoint] = public_key.encode("ascii") if isinstance(public_key, str) else public_key
 
     def set_link(self, address: str, profile: LinkProfile | None) -> None:
         """Emulate a specific link to `address` (None: back to the client's default link)."""
@@ -506,8 +538,17 @@ class RpcClient:
         endpoint = tcp_endpoint(address)
         peer = self._peers.get(endpoint)
         if peer is None:
+            server_key = self._server_keys.get(endpoint)
+            if self.keypair is not None and server_key is None:
+                raise RpcError("no_server_key", f"CURVE is on and the public key of {address} is unknown")
             sock = _new_socket(self._context, zmq.DEALER, self.config.max_bytes, self.config.hwm)
-            sock.connect(endpoint)
+            try:
+                if server_key is not None:
+                    secure_client(sock, self.keypair or Keypair.generate(), server_key)
+                sock.connect(endpoint)
+            except BaseException:
+                sock.close(linger=0)
+                raise
             peer = _Peer(endpoint, sock, self._links.get(endpoint, self._uplink))
             peer.pump = SocketPump(sock, lambda parts, peer=peer: self._on_reply(peer, parts))
             self._peers[endpoint] = peer
