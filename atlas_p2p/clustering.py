@@ -4,8 +4,16 @@
   distance is a monotone function of cosine similarity: ‖a − b‖² = 2 − 2 cos(a, b).
 - K fixed, or chosen in [2, Kmax] by the mean silhouette coefficient
   s = mean_i (b_i − a_i) / max(a_i, b_i)   (Rousseeuw, 1987; a_i: mean distance to the
-  own cluster, b_i: to the nearest other cluster); K = 1 when no K reaches
-  ``min_silhouette`` (one task, or fingerprints too noisy to tell tasks apart).
+  own cluster, b_i: to the nearest other cluster). K = 1 unless the best silhouette s*
+  clears two thresholds: the fixed ``min_silhouette``, and a null reference in the
+  spirit of the gap statistic (Tibshirani, Walther & Hastie, 2001): draw ``null_draws``
+  surrogate populations of n points from one Gaussian with the fingerprints' own mean
+  and covariance (projected back to the sphere), give each the same best-over-K
+  silhouette s_b, and require s* >= mean(s_b) + ``null_z`` · std(s_b). A fixed
+  threshold alone is fooled by one elongated blob: fingerprints of a single task spread
+  mostly along a few directions (e.g. how often each label occurs in a node's sample),
+  and k-means splits such a blob with silhouettes up to ~0.4, as high as real
+  multi-task structure gets on tiny models (see benchmarks/clustering.py).
 - Stable ids: a re-clustering matches its centroids to the previous ones with the
   Hungarian algorithm on centroid distances (scipy ``linear_sum_assignment``), so a
   cluster keeps its id (and with it its versioned base) when members come and go. New
@@ -31,7 +39,9 @@ class ClusteringConfig:
 
     k: int | None = None  # fixed number of clusters (--clusters); None: choose by silhouette
     k_max: int = 8  # largest K tried when choosing
-    min_silhouette: float = 0.2  # below this for every K >= 2, use K = 1
+    min_silhouette: float = 0.15  # below this for every K >= 2, use K = 1
+    null_draws: int = 20  # surrogate one-blob populations for the null test (0: no test)
+    null_z: float = 2.0  # s* must beat the surrogates' mean silhouette by this many stds
     n_init: int = 10  # k-means restarts (best inertia kept)
     seed: int = 0  # k-means random_state
     max_match_distance: float | None = None  # farther than this, a new cluster gets a fresh id
@@ -43,6 +53,10 @@ class ClusteringConfig:
             raise ValueError(f"ClusteringConfig.k_max must be an int >= 2, got {self.k_max!r}")
         if not -1.0 <= self.min_silhouette <= 1.0:
             raise ValueError(f"ClusteringConfig.min_silhouette must be in [-1, 1], got {self.min_silhouette!r}")
+        if not isinstance(self.null_draws, int) or self.null_draws < 0 or self.null_draws == 1:
+            raise ValueError(f"ClusteringConfig.null_draws must be 0 or an int >= 2, got {self.null_draws!r}")
+        if not (isinstance(self.null_z, (int, float)) and np.isfinite(self.null_z)):
+            raise ValueError(f"ClusteringConfig.null_z must be a finite number, got {self.null_z!r}")
         if not isinstance(self.n_init, int) or self.n_init < 10:
             raise ValueError(f"ClusteringConfig.n_init must be an int >= 10, got {self.n_init!r}")
         if not isinstance(self.seed, int):
@@ -62,6 +76,7 @@ class Clustering:
     centroids: np.ndarray  # (K, d) float64 k-means centroids
     silhouette: float | None  # mean silhouette of the chosen K (None when K = 1)
     scores: dict[int, float] = field(default_factory=dict)  # silhouette of every K tried
+    null_silhouette: tuple[float, float] | None = None  # (mean, std) of the surrogates' best
     next_id: int = 0  # first id never used so far (for clusters appearing later)
 
     @property
@@ -98,18 +113,12 @@ def _kmeans(x: np.ndarray, k: int, config: ClusteringConfig) -> tuple[np.ndarray
     return labels.astype(np.int64), km.cluster_centers_.astype(np.float64)
 
 
-def _choose(x: np.ndarray, config: ClusteringConfig):
-    """(labels, centroids, silhouette, scores) for the fixed or silhouette-chosen K."""
+def _best_silhouette(x: np.ndarray, config: ClusteringConfig):
+    """(labels, centroids, silhouette, scores per K) of the best K in [2, Kmax], or None."""
     from sklearn.metrics import silhouette_score
 
     n = x.shape[0]
     distinct = len(np.unique(np.round(x, 12), axis=0))
-    if config.k is not None:
-        if config.k > distinct:
-            raise ValueError(f"cannot make k={config.k} clusters from {distinct} distinct fingerprints")
-        labels, centroids = _kmeans(x, config.k, config)
-        sil = float(silhouette_score(x, labels)) if 2 <= config.k < n else None
-        return labels, centroids, sil, ({config.k: sil} if sil is not None else {})
     scores: dict[int, float] = {}
     best = None
     for k in range(2, min(config.k_max, n - 1, distinct) + 1):
@@ -117,9 +126,53 @@ def _choose(x: np.ndarray, config: ClusteringConfig):
         scores[k] = float(silhouette_score(x, labels))
         if best is None or scores[k] > best[2]:
             best = (labels, centroids, scores[k])
+    return (None if best is None else best), scores
+
+
+def _null_silhouettes(x: np.ndarray, config: ClusteringConfig) -> np.ndarray:
+    """(null_draws,) best silhouettes of one-Gaussian surrogates shaped like ``x``.
+
+    Surrogate rows are mu + Σ_i z_i (x_i − mu) / sqrt(n − 1) with z ~ N(0, I_n): a
+    Gaussian with the sample mean and covariance of x, then scaled to unit norm.
+    """
+    n = x.shape[0]
+    mu = x.mean(axis=0)  # (d,)
+    centred = (x - mu) / np.sqrt(n - 1)  # (n, d)
+    rng = np.random.default_rng([config.seed, 0x9A7])
+    out = []
+    for _ in range(config.null_draws):
+        surrogate = mu + rng.standard_normal((n, n)) @ centred  # (n, d)
+        norms = np.linalg.norm(surrogate, axis=1, keepdims=True)
+        surrogate = surrogate / np.where(norms > 0, norms, 1.0)
+        best, _ = _best_silhouette(surrogate, config)
+        out.append(best[2] if best is not None else 0.0)
+    return np.array(out)
+
+
+def _choose(x: np.ndarray, config: ClusteringConfig):
+    """(labels, centroids, silhouette, scores, null) for the fixed or chosen K."""
+    from sklearn.metrics import silhouette_score
+
+    n = x.shape[0]
+    if config.k is not None:
+        distinct = len(np.unique(np.round(x, 12), axis=0))
+        if config.k > distinct:
+            raise ValueError(f"cannot make k={config.k} clusters from {distinct} distinct fingerprints")
+        labels, centroids = _kmeans(x, config.k, config)
+        sil = float(silhouette_score(x, labels)) if 2 <= config.k < n else None
+        return labels, centroids, sil, ({config.k: sil} if sil is not None else {}), None
+    one = (np.zeros(n, dtype=np.int64), x.mean(axis=0, keepdims=True), None)
+    best, scores = _best_silhouette(x, config)
     if best is None or best[2] < config.min_silhouette:
-        return np.zeros(n, dtype=np.int64), x.mean(axis=0, keepdims=True), None, scores
-    return best[0], best[1], best[2], scores
+        return (*one, scores, None)
+    null = None
+    if config.null_draws:
+        draws = _null_silhouettes(x, config)
+        null = (float(draws.mean()), float(draws.std()))
+        if best[2] < null[0] + config.null_z * null[1]:
+            logger.info("best silhouette %.3f does not beat one-blob surrogates %.3f ± %.3f: K = 1", best[2], *null)
+            return (*one, scores, null)
+    return (*best, scores, null)
 
 
 def match_ids(
@@ -169,7 +222,7 @@ def cluster_fingerprints(
     """Cluster (n, d) fingerprints; ids stay stable against ``previous`` (module doc)."""
     config = config or ClusteringConfig()
     x = normalize_rows(fingerprints)
-    labels, centroids, sil, scores = _choose(x, config)
+    labels, centroids, sil, scores, null = _choose(x, config)
     ids, next_id = match_ids(centroids, previous, config.max_match_distance)
     order = np.argsort(ids)
     logger.info("clustered %d fingerprints into K=%d (silhouette %s)", x.shape[0], len(ids), sil)
@@ -179,6 +232,7 @@ def cluster_fingerprints(
         centroids=centroids[order],
         silhouette=sil,
         scores=scores,
+        null_silhouette=null,
         next_id=next_id,
     )
 

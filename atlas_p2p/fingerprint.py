@@ -83,11 +83,19 @@ def _is_projection(module: nn.Module) -> bool:
 
 
 def probe_targets(model: nn.Module) -> list[str]:
-    """Names of block 0's attention projections (q/k/v/o, or GPT-2's c_attn/c_proj).
+    """Sorted names of block 0's attention projections (q/k/v/o, or GPT-2's c_attn/c_proj).
 
-    The block list is the first ``nn.ModuleList`` named h / layers / layer / blocks
-    (GPT-2, LLaMA-family, BERT, and split parts that keep those names).
+    A Hugging Face model of a known family asks ``lora.lora_targets`` (the family's own
+    list); anything else, e.g. a split ``OwnerPart``, is searched: the first
+    ``nn.ModuleList`` named h / layers / layer / blocks, and in its block 0 the Linear or
+    Conv1D modules whose name mentions attn/attention.
     """
+    try:
+        from atlas_p2p.lora import lora_targets
+
+        return sorted(lora_targets(model, layers=[0], kinds=("attn",)))
+    except (ImportError, ValueError, AttributeError):
+        pass
     for name, module in model.named_modules():
         if isinstance(module, nn.ModuleList) and name.rsplit(".", 1)[-1] in _BLOCK_LIST_NAMES and len(module):
             prefix = f"{name}.0."

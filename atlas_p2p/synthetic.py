@@ -13,6 +13,14 @@ adapter can be right for at most one of them; the input distribution is the same
 all tasks, so only the targets (and hence the gradients) tell tasks apart, which is what
 task-aware clustering has to find.
 
+Keys are not equally frequent: P(k) ∝ (k+1)^(-s) (``key_skew`` s, the same for every
+task), so each task also has its own label prior, as real tasks do. This matters for
+fingerprints: at a random base the per-example gradient is roughly (head row of the
+label − mean row) · ∂h/∂θ, and with perfectly balanced labels the key-independent part
+of ∂h/∂θ cancels in the mean, leaving a task signal of a few percent of the
+per-example variance; with s = 1.5 the 4 tasks x 5 clients of
+``benchmarks/clustering.py`` separate at m = 32 (s = 0 needs m >= 64 on GPT-2).
+
 Three record kinds (the JSONL formats of DESIGN 11):
 
 - ``classification``: ``{"text": "w17 w03 k5 w40", "label": 2}``
@@ -39,7 +47,7 @@ logger = logging.getLogger(__name__)
 KINDS = ("classification", "lm", "instruction")
 
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<s>", "</s>"
-SPECIAL_TOKENS = (PAD, UNK, BOS, EOS)
+SPECIAL_TOKENS = (PAD, BOS, EOS, UNK)  # ids 0..3; pad/bos/eos match models.tiny_model
 QUESTION = "?"  # ends an instruction prompt; the completion follows it
 
 
@@ -53,6 +61,7 @@ class SyntheticConfig:
     num_fillers: int = 48  # filler (distractor) words shared by all tasks
     min_words: int = 2  # shortest sentence, key included
     max_words: int = 8  # longest sentence, key included
+    key_skew: float = 1.5  # s: P(key k) ∝ (k+1)^(-s), the same for every task; 0 = uniform
     seed: int = 0  # fixes the maps of tasks t >= num_labels
 
     def __post_init__(self) -> None:
@@ -71,6 +80,8 @@ class SyntheticConfig:
                 f"SyntheticConfig.max_words must be an int >= min_words ({self.min_words}), "
                 f"got {self.max_words!r}"
             )
+        if not (isinstance(self.key_skew, (int, float)) and 0 <= self.key_skew < 16):
+            raise ValueError(f"SyntheticConfig.key_skew must be a number in [0, 16), got {self.key_skew!r}")
         if not isinstance(self.seed, int):
             raise ValueError(f"SyntheticConfig.seed must be an int, got {self.seed!r}")
 
@@ -123,6 +134,12 @@ class SyntheticTasks:
             maps.append(best)
         return np.stack(maps).astype(np.int64)
 
+    @cached_property
+    def key_probs(self) -> np.ndarray:
+        """(num_keys,) probability of each key, shared by all tasks."""
+        w = (np.arange(self.config.num_keys) + 1.0) ** (-float(self.config.key_skew))
+        return w / w.sum()
+
     def target(self, task: int, key: int) -> int:
         """Target id (label or answer word index) of key ``key`` under task ``task``."""
         self._check_task(task)
@@ -148,7 +165,7 @@ class SyntheticTasks:
         for _ in range(n):
             length = int(rng.integers(cfg.min_words, cfg.max_words + 1))
             words = [self.fillers[i] for i in rng.integers(0, cfg.num_fillers, size=length - 1)]
-            key = int(rng.integers(0, cfg.num_keys))
+            key = int(rng.choice(cfg.num_keys, p=self.key_probs))
             words.insert(int(rng.integers(0, length)), self.keys[key])
             sentence = " ".join(words)
             label = int(self.task_maps[task, key])
@@ -171,16 +188,16 @@ def synthetic_tokenizer(config: SyntheticConfig | None = None):
     """A real ``transformers.PreTrainedTokenizerFast`` over the generator's vocabulary.
 
     Word-level model (``tokenizers.models.WordLevel``), whitespace pre-tokenizer, and
-    the special tokens pad ``<pad>`` (id 0), unk ``<unk>`` (1), bos ``<s>`` (2) and
-    eos ``</s>`` (3). No post-processor: ``data.py`` decides where bos/eos go.
+    the special tokens pad ``<pad>`` (id 0), bos ``<s>`` (1), eos ``</s>`` (2) and unk
+    ``<unk>`` (3); pad/bos/eos are the ids ``models.tiny_model`` configures. No
+    post-processor: ``data.py`` decides where eos goes.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {word: i for i, word in enumerate(SyntheticTasks(config).vocabulary)}
     backend = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    backend.decoder = decoders.Sequence([])  # plain tokens; decode joins them with spaces
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
         pad_token=PAD,
