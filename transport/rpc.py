@@ -344,7 +344,11 @@ class RpcServer:
             self.stats["link_dropped"] += 1
             return
         try:
-            await asyncio.wait_for(self._pump.send([identity, *frames]), self.config.send_timeout_s)
+            sent = self._pump.send([identity, *frames])
+            if sent.done():
+                sent.result()   # the usual case: ZeroMQ took it at once (raises its error, if any)
+            else:
+                await asyncio.wait_for(sent, self.config.send_timeout_s)
             self.stats["replies"] += 1
         except zmq.ZMQError as exc:  # EHOSTUNREACH (ROUTER_MANDATORY): the caller went away
             self.stats["unroutable"] += 1
