@@ -393,3 +393,25 @@ def test_too_large_errors_carry_the_request_id_when_the_header_is_readable():
     with pytest.raises(DecodeError) as info:
         decode(craft(fingerprint_header(), [VECTOR]), max_bytes=200)
     assert (info.value.code, info.value.msg_id, info.value.src) == ("too_large", 7, "n1")
+
+
+def test_narrowing_applies_inside_optional_annotations():
+    from typing import Annotated
+
+    from transport.schema import Range, TensorSpec
+    from transport.tensors import Tensor
+
+    try:
+        @message("test_narrowed")
+        class Narrowed(Message):
+            level: Annotated[int | None, Range(0, 5)] = None
+            probe: Annotated[Tensor | None, TensorSpec(("float32",), (None, 2))] = None
+
+        assert Narrowed(level=None).level is None and Narrowed(level=5).level == 5
+        with pytest.raises(SchemaError, match="outside"):
+            Narrowed(level=6)
+        assert Narrowed(probe=np.zeros((3, 2), np.float32)).probe.shape == (3, 2)
+        with pytest.raises(SchemaError, match="bad_shape"):
+            Narrowed(probe=np.zeros((3, 3), np.float32))
+    finally:
+        MESSAGE_TYPES.pop("test_narrowed", None)

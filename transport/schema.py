@@ -289,7 +289,7 @@ def node_for(annotation: object, where: str) -> Node:
         if set(args) == {np.ndarray, RawTensor}:
             inner: Node = TensorNode("any", spec)
         elif len(args) == 1:
-            inner = node_for(Annotated[args[0], *meta] if meta else args[0], where)
+            inner = node_for(Annotated[(args[0], *meta)] if meta else args[0], where)
         else:
             raise TypeError(f"{where}: unions other than X | None and Tensor are not supported ({annotation})")
         return OptionalNode(inner) if optional else inner
