@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import random
+from typing import Annotated
 
 import msgpack
 import numpy as np
@@ -13,9 +14,9 @@ from transport.messages import (
     MESSAGE_TYPES, Envelope, Fingerprint, Forward, Heartbeat, Message, Ok, PeerList, Report, message,
 )
 from transport.samples import sample_body, same_value
-from transport.schema import SchemaError
+from transport.schema import Range, SchemaError, TensorSpec
 from transport.tensors import (
-    DTYPE_ITEMSIZE, MAX_NDIM, RawTensor, TensorError, bfloat16_from_float32, bfloat16_to_float32,
+    DTYPE_ITEMSIZE, MAX_NDIM, RawTensor, Tensor, TensorError, bfloat16_from_float32, bfloat16_to_float32,
 )
 from transport.samples import sample_array
 
@@ -396,11 +397,6 @@ def test_too_large_errors_carry_the_request_id_when_the_header_is_readable():
 
 
 def test_narrowing_applies_inside_optional_annotations():
-    from typing import Annotated
-
-    from transport.schema import Range, TensorSpec
-    from transport.tensors import Tensor
-
     try:
         @message("test_narrowed")
         class Narrowed(Message):
