@@ -186,6 +186,10 @@ def probe_gradient(
     total = sum(sizes)
     if total == 0:
         raise ValueError("probe_gradient got only empty batches")
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel):
+        raise ValueError("model is peft-wrapped; fingerprint the base model (before attach_lora)")
     targets = sorted(config.target_modules) if config.target_modules else probe_targets(model)
 
     flags = {name: p.requires_grad for name, p in model.named_parameters()}

@@ -127,14 +127,18 @@ def dirichlet_label_skew(
 
 
 def length_bins(lengths: Sequence[int] | np.ndarray, num_bins: int) -> np.ndarray:
-    """(N,) bin id of each example: quantile bins of its length (ties stay together)."""
+    """(N,) bin id of each example: quantile bins of its length (ties stay together).
+
+    Ids are 0..B-1 in order of length; B < num_bins when quantile edges coincide.
+    """
     lengths = np.asarray(lengths, dtype=np.float64)
     if lengths.ndim != 1 or len(lengths) == 0:
         raise ValueError(f"lengths must be a non-empty 1-D array, got shape {lengths.shape}")
     if not isinstance(num_bins, (int, np.integer)) or num_bins < 1:
         raise ValueError(f"num_bins must be an int >= 1, got {num_bins!r}")
     edges = np.unique(np.quantile(lengths, np.linspace(0, 1, num_bins + 1)[1:-1]))
-    return np.searchsorted(edges, lengths, side="right").astype(np.int64)
+    raw = np.searchsorted(edges, lengths, side="right")
+    return np.unique(raw, return_inverse=True)[1].reshape(-1).astype(np.int64)
 
 
 def length_dirichlet(

@@ -1,0 +1,180 @@
+"""Clustering of fingerprints (atlas_p2p.clustering): K choice, stable ids, scores."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from atlas_p2p.clustering import (
+    Clustering,
+    ClusteringConfig,
+    adjusted_rand,
+    assign_nearest,
+    centroid_distances,
+    cluster_fingerprints,
+    fallback_order,
+    match_ids,
+    normalize_rows,
+    normalized_mutual_info,
+)
+
+FAST = ClusteringConfig(null_draws=0)  # where the K = 1 null test is not the point
+
+
+def unit(x):
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def planted(k=4, per=6, d=64, spread=0.25, seed=0):
+    """(k*per, d) unit vectors around k random unit centres, and their true cluster."""
+    rng = np.random.default_rng(seed)
+    centres = unit(rng.standard_normal((k, d)))
+    truth = np.repeat(np.arange(k), per)
+    points = unit(centres[truth] + spread * rng.standard_normal((k * per, d)) / np.sqrt(d) * 4)
+    return points, truth
+
+
+def test_recovers_planted_clusters_with_k_chosen():
+    points, truth = planted()
+
+    result = cluster_fingerprints(points)
+
+    assert result.k == 4
+    assert adjusted_rand(truth, result.labels) == 1.0
+    assert normalized_mutual_info(truth, result.labels) == pytest.approx(1.0)
+    assert result.silhouette == max(result.scores.values())
+    assert result.null_silhouette is not None and result.silhouette > result.null_silhouette[0]
+
+
+def test_one_round_blob_gives_k_1():
+    rng = np.random.default_rng(1)
+    blob = unit(np.ones(64) + 0.5 * rng.standard_normal((20, 64)))
+
+    result = cluster_fingerprints(blob)
+
+    assert result.k == 1
+    assert set(result.labels.tolist()) == {0}
+    assert result.centroids.shape == (1, 64)
+
+
+def test_one_elongated_blob_gives_k_1_only_with_the_null_test():
+    # One task's fingerprints spread mostly along one direction: k-means splits such a
+    # blob with a high silhouette, which a fixed threshold takes for structure.
+    rng = np.random.default_rng(2)
+    centre, axis = unit(rng.standard_normal(64)), unit(rng.standard_normal(64))
+    blob = unit(centre + np.outer(rng.standard_normal(20), axis) * 0.3 + 0.02 * rng.standard_normal((20, 64)))
+
+    with_null = cluster_fingerprints(blob)
+    threshold_only = cluster_fingerprints(blob, FAST)
+
+    assert max(with_null.scores.values()) > 0.35  # as high as real multi-task structure
+    assert threshold_only.k > 1
+    assert with_null.k == 1
+
+
+def test_fixed_k_is_used_as_given():
+    points, truth = planted(k=3)
+
+    result = cluster_fingerprints(points, ClusteringConfig(k=5))
+
+    assert result.k == 5
+    assert len(set(result.labels.tolist())) == 5
+
+
+def test_tiny_populations_get_one_cluster():
+    rng = np.random.default_rng(3)
+    for n in (1, 2):
+        assert cluster_fingerprints(rng.standard_normal((n, 8)), FAST).k == 1
+    with pytest.raises(ValueError, match="distinct"):
+        cluster_fingerprints(np.ones((4, 8)), ClusteringConfig(k=2))
+
+
+def test_ids_are_stable_when_inputs_are_permuted():
+    points, truth = planted(seed=4)
+    first = cluster_fingerprints(points, FAST)
+    order = np.random.default_rng(5).permutation(len(points))
+
+    canonical = cluster_fingerprints(points[order], FAST)
+    matched = cluster_fingerprints(points[order], FAST, previous=first)
+
+    assert np.array_equal(canonical.labels, first.labels[order])  # same ids even without history
+    assert np.array_equal(matched.labels, first.labels[order])
+    assert np.array_equal(matched.ids, first.ids) and matched.next_id == first.next_id
+
+
+def test_a_new_cluster_gets_a_fresh_id_and_old_ones_keep_theirs():
+    points, truth = planted(k=4, seed=6)
+    three = truth < 3
+    before = cluster_fingerprints(points[three], FAST)
+
+    after = cluster_fingerprints(points, FAST, previous=before)
+
+    assert before.k == 3 and after.k == 4
+    assert np.array_equal(after.labels[three], before.labels)
+    assert set(after.labels[~three].tolist()) == {3}  # never used before
+    assert after.next_id == 4
+    gone = cluster_fingerprints(points[truth != 0], FAST, previous=after)
+    assert set(gone.ids.tolist()) == {int(i) for i in after.labels[truth != 0]}
+    assert gone.next_id == 4
+
+
+def test_far_matches_are_not_forced():
+    points, truth = planted(k=2, seed=7)
+    old = Clustering(
+        labels=np.zeros(1, dtype=np.int64), ids=np.array([9]), centroids=-points[:1], silhouette=None, next_id=10
+    )
+
+    loose, _ = match_ids(points[:2], old)
+    strict, next_id = match_ids(points[:2], old, max_distance=0.5)
+
+    assert 9 in loose.tolist()
+    assert sorted(strict.tolist()) == [10, 11] and next_id == 12
+
+
+def test_nearest_assignment_distances_and_fallback_order():
+    centroids = np.array([[1.0, 0, 0], [0.8, 0.6, 0], [0, 0, 1.0]])
+    result = Clustering(
+        labels=np.array([5, 7, 2]), ids=np.array([2, 5, 7]), centroids=centroids, silhouette=0.5, next_id=8
+    )
+
+    dist = centroid_distances(centroids)
+
+    assert np.allclose(dist, dist.T) and np.allclose(np.diag(dist), 0)
+    assert fallback_order(result, 2) == [5, 7]
+    assert fallback_order(result, 7) == [2, 5]  # equal distance: lower id first
+    assert assign_nearest(np.array([[0.9, 0.5, 0.0], [0.0, 0.1, 3.0]]), result).tolist() == [5, 7]
+    with pytest.raises(KeyError):
+        fallback_order(result, 4)
+
+
+def test_ari_and_nmi_ignore_label_names():
+    truth = ["a", "a", "b", "b", "c", "c"]
+
+    assert adjusted_rand(truth, [2, 2, 0, 0, 1, 1]) == 1.0
+    assert normalized_mutual_info(truth, [2, 2, 0, 0, 1, 1]) == pytest.approx(1.0)
+    assert adjusted_rand(truth, [0, 1, 0, 1, 0, 1]) < 0.1
+    assert adjusted_rand([0, 0, 1, 1], [0, 0, 0, 0]) == 0.0
+
+
+@pytest.mark.parametrize(
+    "bad, words",
+    [
+        (np.zeros((0, 4)), "non-empty"),
+        (np.ones(4), "non-empty"),
+        (np.array([[1.0, np.nan]]), "NaN"),
+        (np.array([[1.0, 0.0], [0.0, 0.0]]), r"rows \[1\] are zero"),
+    ],
+)
+def test_bad_fingerprints_are_refused(bad, words):
+    with pytest.raises(ValueError, match=words):
+        normalize_rows(bad)
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [({"k": 0}, "k must"), ({"k_max": 1}, "k_max"), ({"n_init": 5}, "n_init"), ({"null_draws": 1}, "null_draws"),
+     ({"min_silhouette": 2.0}, "min_silhouette"), ({"max_match_distance": 0.0}, "max_match_distance")],
+)
+def test_bad_config_names_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        ClusteringConfig(**kwargs)
