@@ -25,7 +25,13 @@ STATUSES = (ALIVE, SUSPECT, DEAD, LEFT)
 
 
 def silence(now: float, last_seen: float, started_at: float, grace_s: float) -> float:
-    """Seconds of silence that count: now - max(last_seen, started_at + grace_s)."""
+    """Seconds of silence that count.
+
+    A node heard since this bootstrap started: now - last_seen. A node last heard by an
+    earlier run (before a restart): now - max(last_seen, started_at + grace_s).
+    """
+    if last_seen >= started_at:
+        return now - last_seen
     return now - max(last_seen, started_at + grace_s)
 
 
@@ -37,8 +43,9 @@ def status_after_silence(status: str, silent_s: float, suspect_after_s: float, d
         return status
     if silent_s >= dead_after_s:
         return DEAD
-    if silent_s >= suspect_after_s:
-        return SUSPECT
+    if silent_s >= suspect_after_s or status == SUSPECT:
+        return SUSPECT  # silence never revives: only a heartbeat does (a restart's grace
+        # shortens the silence that counts, it must not turn a suspect node alive)
     return ALIVE
 
 

@@ -38,7 +38,7 @@ from transport.rpc import RpcClient, RpcError
         (ALIVE, 6.0, SUSPECT),
         (ALIVE, 14.9, SUSPECT),
         (ALIVE, 15.0, DEAD),
-        (SUSPECT, 1.0, ALIVE),
+        (SUSPECT, 1.0, SUSPECT),  # silence never revives (a restart's grace must not)
         (SUSPECT, 7.0, SUSPECT),
         (SUSPECT, 99.0, DEAD),
         (DEAD, 0.0, DEAD),
@@ -69,6 +69,11 @@ def test_silence_counts_from_restart_plus_grace_at_the_earliest():
     assert silence(now=100.0, last_seen=90.0, started_at=0.0, grace_s=10.0) == 10.0
     assert silence(now=100.0, last_seen=10.0, started_at=95.0, grace_s=10.0) == -5.0
     assert silence(now=120.0, last_seen=10.0, started_at=95.0, grace_s=10.0) == 15.0
+
+
+def test_grace_only_covers_nodes_last_heard_before_the_restart():
+    # heard after this run started: no grace, a crash is noticed after dead_after_s
+    assert silence(now=100.0, last_seen=97.0, started_at=95.0, grace_s=10.0) == 3.0
 
 
 # --- registry (membership logic, no sockets) ----------------------------------------------
