@@ -8,6 +8,7 @@ import random
 import time
 
 import pytest
+import zmq
 
 from nodes.bootstrap import Bootstrap
 from nodes.config import BootstrapConfig, NodeConfig
@@ -83,7 +84,7 @@ async def restart_on(address: str, **config) -> Bootstrap:
     while True:
         try:
             return await Bootstrap.create(BootstrapConfig(bind=address, **config))
-        except OSError:
+        except (OSError, zmq.ZMQError):  # ZMQError (EADDRINUSE) is not an OSError
             if time.monotonic() > deadline:
                 raise
             await asyncio.sleep(0.05)
