@@ -305,3 +305,116 @@ class Ping(Message):
     """Liveness probe between peers; answered by `ok`."""
 
     sent_at: float = 0.0
+
+
+# ---------------------------------------------------------------- training runtime (issue #4)
+# Factor tensors travel in one `tensors` map keyed "A:<module>" (r, d_in), "B:<module>"
+# (d_out, r) and "D:<dense name>" (a head's change); `scalings` maps <module> -> gamma.
+
+Seed = Annotated[int, Range(0, (1 << 63) - 1)]
+
+
+
+@message("beat")
+class Beat(Message):
+    """Bootstrap -> node, the answer to a heartbeat once the swarm trains (docs/RUNTIME.md)."""
+
+    assignment_version: Count             # fetch `get_assignment` when it differs from the node's
+    swarm_done: bool = False              # every data node finished or left: helpers may stop
+    need_fingerprint: bool = False        # the bootstrap holds no fingerprint of this data node
+
+
+@message("round_begin")
+class RoundBegin(Message):
+    """Owner -> helper before step 0 of a round: the plan of its server-side adapter; -> `ok`."""
+
+    owner_id: NodeId
+    cluster: int
+    round: Count
+    split: Count
+    ranks: dict[str, Count]               # the owner's ranks (entries of blocks[:split] are ignored)
+    seed: Seed                            # the owner's round seed (training.round_seed)
+    lr: Annotated[float, Range(0.0, None)]
+    mode: Annotated[str, OneOf(("two-part", "u-shape"))] = "two-part"
+    base_version: Count = 0
+
+
+@message("return_get")
+class ReturnGet(Message):
+    """Owner -> helper at the end of a round: hand back my server-side adapter; -> `server_adapter`."""
+
+    owner_id: NodeId
+    cluster: int
+    round: Count
+
+
+@message("server_adapter")
+class ServerAdapterMsg(Message):
+    """The factors a helper trained for one owner this round (A:/B:/D: keys, see above)."""
+
+    owner_id: NodeId
+    round: Count
+    steps: Count
+    tensors: dict[str, Tensor]
+    scalings: dict[str, float]
+
+
+@message("contribution")
+class ContributionMsg(Message):
+    """One owner's round contribution, pushed by gossip inside its cluster; answered by `ok`."""
+
+    cluster: int
+    round: Count
+    node_id: NodeId                       # whose contribution
+    n_samples: Count
+    digest: str                           # aggregation.Contribution.digest, checked on arrival
+    tensors: dict[str, Tensor]
+    scalings: dict[str, float]
+    sender: NodeId = 0                    # who sent this copy (not forwarded back to it)
+
+
+@message("contribution_get")
+class ContributionGet(Message):
+    """Ask the anchor for a contribution it holds, by digest; answered by `contribution`."""
+
+    cluster: int
+    digest: str
+
+
+@message("manifest_get")
+class ManifestGet(Message):
+    """Ask a cluster's anchor for the manifest of `round`; answered by `manifest`."""
+
+    cluster: int
+    round: Count
+    node_id: NodeId = 0
+
+
+@message("manifest")
+class Manifest(Message):
+    """Which contributions a round merges, and the exact patch they make (DESIGN 8)."""
+
+    cluster: int
+    round: Count
+    ready: bool                           # False: not published yet, ask again
+    version: Count = 0                    # base version the patch brings the cluster to
+    digests: list[str] = field(default_factory=list)   # contribution digests, sorted
+    patch_digest: str = ""
+    chain: str = ""                       # versioning chain digest after this patch
+
+
+@message("patches_get")
+class PatchesGet(Message):
+    """Catch-up: ask the anchor for every patch after `since`; answered by `patches`."""
+
+    cluster: int
+    since: Count
+
+
+@message("patches")
+class Patches(Message):
+    """Patch records (version, digest, chain) with their arrays keyed "p<i>.<key>"."""
+
+    cluster: int
+    records: list[dict[str, Any]]
+    tensors: dict[str, Tensor]
