@@ -1,0 +1,162 @@
+"""Pure parts of the scenarios and the report: reading nodes' out dirs, per-cluster
+aggregation, lost-update accounting and ARI, all on hand-made metrics files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tools import report
+from tools.report import ReportError
+
+
+def _node(root: Path, name: str, rows: list[dict], summary: dict | None = None, tail: str = "") -> Path:
+    out = root / name
+    out.mkdir(parents=True)
+    text = "".join(json.dumps(row) + "\n" for row in rows) + tail
+    (out / report.METRICS_FILE).write_text(text)
+    if summary is not None:
+        (out / report.SUMMARY_FILE).write_text(json.dumps(summary))
+    return out
+
+
+def _row(node_id, cluster, rnd, loss, made=(), folded=(), sent=None, acc=None, **extra):
+    return {
+        "node_id": node_id, "cluster": cluster, "round": rnd, "loss": loss, "role": "owner",
+        "eval": None if acc is None else {"name": "accuracy", "value": acc},
+        "contributions": list(made), "manifests": [{"round": rnd, "digests": list(folded)}],
+        "bytes_by_kind": sent or {}, **extra,
+    }
+
+
+@pytest.fixture
+def swarm_dirs(tmp_path):
+    """Two clusters: a,b in 0 (a is the anchor and folds both), c alone in 1."""
+    a = _node(tmp_path, "a", [
+        _row(1, 0, 0, 2.0, made=["a0"], folded=["a0", "b0"], acc=0.25, sent={"activations": 10, "adapters": 5}),
+        _row(1, 0, 1, 1.0, made=["a1"], folded=["a1", "b1"], acc=0.75, sent={"activations": 30, "adapters": 9}),
+    ], summary={"finished": True, "rounds_done": 2, "cluster": 0, "adapter_dir": "a/adapter"})
+    b = _node(tmp_path, "b", [
+        _row(2, 0, 0, 3.0, made=["b0"], folded=["a0", "b0"], acc=0.25, sent={"activations": 7}),
+        _row(2, 0, 1, 2.0, made=["b1"], folded=["a1", "b1"], acc=0.5, sent={"activations": 20}),
+    ], summary={"finished": True, "rounds_done": 2, "cluster": 0})
+    c = _node(tmp_path, "c", [
+        _row(3, 1, 0, 5.0, made=["c0"], folded=["c0"], sent={"gradients": 4}),
+        _row(3, 1, 1, 4.5, made=["c1"], folded=["c1"], sent={"gradients": 8}),
+    ])
+    return [a, b, c]
+
+
+def test_loss_and_eval_are_averaged_per_cluster_and_round(swarm_dirs):
+    runs = report.read_runs(swarm_dirs)
+    assert report.loss_by_round_by_cluster(runs) == {"0": {0: 2.5, 1: 1.5}, "1": {0: 5.0, 1: 4.5}}
+    assert report.eval_by_round_by_cluster(runs) == {"0": {0: 0.25, 1: 0.625}}
+    assert report.eval_names(runs) == ["accuracy"]
+    assert report.final_loss_by_cluster(runs) == {"0": 1.5, "1": 4.5}
+    assert all(report.loss_falls(s) for s in report.loss_by_round_by_cluster(runs).values())
+
+
+def test_bytes_are_the_running_totals_of_each_nodes_last_line(swarm_dirs):
+    totals = report.bytes_by_kind(report.read_runs(swarm_dirs))
+    assert totals == {"activations": 50, "gradients": 8, "adapters": 9, "fingerprints": 0, "control": 0}
+
+
+def test_no_update_is_lost_when_every_contribution_is_in_a_folded_manifest(swarm_dirs):
+    runs = report.read_runs(swarm_dirs)
+    assert len(report.contributions_made(runs)) == 6
+    assert report.lost_updates(runs) == []
+
+
+def test_a_contribution_no_manifest_lists_is_lost_and_named(tmp_path):
+    a = _node(tmp_path, "a", [_row(1, 0, 0, 2.0, made=["a0"], folded=["a0"])])
+    b = _node(tmp_path, "b", [_row(2, 0, 0, 2.0, made=["b0"], folded=["a0"])])
+    assert report.lost_updates(report.read_runs([a, b])) == [{"digest": "b0", "node": "b", "round": 0}]
+
+
+def test_a_contribution_folded_only_by_a_node_that_was_killed_later_still_counts_as_folded(tmp_path):
+    # the anchor folded b0 and then died (no summary); b never saw the manifest itself
+    anchor = _node(tmp_path, "anchor", [_row(1, 0, 0, 2.0, made=["a0"], folded=["a0", "b0"])], tail='{"node_id": 1, "ro')
+    b = _node(tmp_path, "b", [_row(2, 0, 0, 2.0, made=["b0"], folded=[])])
+    runs = report.read_runs([anchor, b])
+    assert report.lost_updates(runs) == []
+    assert runs[0].bad_lines == 1  # the torn line left by SIGKILL is skipped, not fatal
+
+
+def test_a_late_contribution_carried_into_a_folded_one_is_not_lost(tmp_path):
+    a = _node(tmp_path, "a", [
+        _row(1, 0, 0, 2.0, made=["a0"], folded=[]),  # missed the round-0 manifest
+        _row(1, 0, 1, 1.0, made=["a1"], folded=["a1"], carried=["a0"]),
+    ])
+    assert report.lost_updates(report.read_runs([a])) == []
+    # the same history without the carry record loses a0
+    b = _node(tmp_path, "b", [_row(2, 0, 0, 2.0, made=["b0"]), _row(2, 0, 1, 1.0, made=["b1"], folded=["b1"])])
+    assert [x["digest"] for x in report.lost_updates(report.read_runs([b]))] == ["b0"]
+
+
+def test_a_replayed_round_after_a_restart_counts_once_with_the_last_line(tmp_path):
+    a = _node(tmp_path, "a", [
+        _row(1, 0, 0, 2.0), _row(1, 0, 1, 9.0),  # round 1 written, then the node was killed
+        _row(1, 0, 1, 1.5), _row(1, 0, 2, 1.0),  # restarted: round 1 again, then 2
+    ])
+    run = report.read_node_dir(a)
+    assert [row["round"] for row in run.rows] == [0, 1, 2]
+    assert report.loss_by_round_by_cluster([run]) == {"0": {0: 2.0, 1: 1.5, 2: 1.0}}
+    assert run.rounds_done == 3 and not run.finished
+
+
+def test_eval_value_accepts_the_shapes_a_runtime_may_write():
+    assert report.eval_value({"eval": 0.5}) == ("eval", 0.5)
+    assert report.eval_value({"eval": {"name": "accuracy", "value": 0.75}}) == ("accuracy", 0.75)
+    assert report.eval_value({"eval": {"perplexity": 12.0}}) == ("perplexity", 12.0)
+    assert report.eval_value({"eval": None}) is None
+    assert report.eval_value({"eval": {"name": "accuracy", "value": float("nan")}}) is None
+    assert report.eval_value({"eval": True}) is None
+
+
+def test_ari_is_one_for_a_renamed_perfect_clustering_and_penalises_unassigned_nodes():
+    truth = {"a": 0, "b": 0, "c": 1, "d": 1}
+    assert report.adjusted_rand(truth, {"a": 5, "b": 5, "c": 2, "d": 2}) == pytest.approx(1.0)
+    assert report.adjusted_rand(truth, {"a": 0, "b": 1, "c": 0, "d": 1}) < 0.1
+    assert report.adjusted_rand(truth, {"a": 5, "b": 5, "c": 2, "d": None}) < 1.0
+    assert report.adjusted_rand({"a": 0}, {"a": 0}) is None
+
+
+def test_ari_from_files_uses_the_summary_cluster_first(swarm_dirs, tmp_path):
+    truth_path = tmp_path / "truth.json"
+    truth_path.write_text(json.dumps({"nodes": {"a": {"task": 1}, "b": {"task": 1}, "c": {"task": 0}, "gone": {"task": 0}}}))
+    runs = report.read_runs(swarm_dirs)
+    figures = report.summarize(runs, report.load_truth(truth_path))
+    assert figures["ari"] == pytest.approx(1.0)
+    assert figures["lost_updates"] == 0 and figures["finished"] == ["a", "b"]
+
+
+def test_unreadable_inputs_are_clear_errors(tmp_path):
+    with pytest.raises(ReportError, match="not a directory"):
+        report.read_node_dir(tmp_path / "missing")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / report.SUMMARY_FILE).write_text("[1, 2]")
+    with pytest.raises(ReportError, match="expected a JSON object"):
+        report.read_node_dir(bad)
+    (tmp_path / "truth.json").write_text("[]")
+    with pytest.raises(ReportError, match="object of nodes"):
+        report.load_truth(tmp_path / "truth.json")
+
+
+def test_report_main_prints_tables_and_writes_json_and_plots(swarm_dirs, tmp_path, capsys):
+    out = tmp_path / "fig.json"
+    code = report.main([*map(str, swarm_dirs), "--json", str(out), "--plots", str(tmp_path / "plots")])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "training loss by round" in text and "cluster 0" in text and "lost updates 0" in text
+    assert json.loads(out.read_text())["final_loss_by_cluster"] == {"0": 1.5, "1": 4.5}
+    pytest.importorskip("matplotlib")
+    assert (tmp_path / "plots" / "loss_by_round.png").stat().st_size > 0
+
+
+def test_report_main_fails_clearly_on_empty_dirs(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert report.main([str(tmp_path / "empty")]) == 3
+    assert "none of the directories" in capsys.readouterr().err
