@@ -12,6 +12,10 @@ peft handles it with ``fan_in_fan_out`` and every function here speaks (d_out, d
 Initialisation (as peft does it): A ~ kaiming-uniform(a=√5), B = 0, so a fresh adapter changes
 nothing. Our A is drawn from a generator seeded by (seed, module name) alone, so every node that
 hosts a module draws the same A whatever else it hosts (the fingerprint probe relies on it).
+
+Named adapters: one peft model can hold several adapters side by side (a helper keeps one per
+owner it serves). Every function that reads or writes adapter tensors takes ``adapter_name``
+(default ``"default"``, the one adapter of an ordinary node); ``add_lora_adapter`` adds another.
 """
 
 from __future__ import annotations
@@ -120,7 +124,10 @@ def _validate_ranks(hf: nn.Module, ranks) -> dict[str, int]:
             raise ValueError(f"ranks[{name!r}]: {r!r} must be an int >= 0")
         if name not in modules:
             raise ValueError(f"ranks: no module named {name!r} in {type(hf).__name__}")
-        if not _adaptable(modules[name]):
+        module = modules[name]
+        if isinstance(module, LoraLayer):  # already adapted by another named adapter
+            module = module.get_base_layer()
+        if not _adaptable(module):
             raise ValueError(f"ranks: {name!r} is a {type(modules[name]).__name__}, not a Linear/Conv1D")
     positive = {n: r for n, r in ranks.items() if r > 0}
     if not positive:
@@ -144,6 +151,38 @@ def _alphas(positive: dict[str, int], alpha) -> dict[str, float]:
     return {n: float(a) for n, a in out.items()}
 
 
+def _check_adapter_name(adapter_name) -> str:
+    if not isinstance(adapter_name, str) or not re.fullmatch(r"[A-Za-z0-9_-]+", adapter_name):
+        raise ValueError(f"adapter_name: {adapter_name!r} must be a non-empty string of letters, digits, _ or -")
+    return adapter_name
+
+
+def _lora_config(hf: nn.Module, ranks, alpha, dropout, modules_to_save) -> tuple[LoraConfig, dict[str, int]]:
+    """Validated peft config for per-module ranks; also returns the positive ranks."""
+    if not (isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0):
+        raise ValueError(f"dropout: {dropout!r} must lie in [0, 1)")
+    family = family_of(hf)
+    positive = _validate_ranks(hf, ranks)
+    alphas = _alphas(positive, alpha)
+    if modules_to_save is None:
+        modules_to_save = list(family.trainable_head.get(task_of(hf), ()))
+    modules = dict(hf.named_modules())
+    for name in modules_to_save:
+        if name not in modules:
+            raise ValueError(f"modules_to_save: no module named {name!r}")
+    return LoraConfig(
+        r=max(positive.values()),
+        lora_alpha=max(alphas.values()),
+        target_modules=sorted(positive),
+        rank_pattern={re.escape(n): r for n, r in positive.items()},
+        alpha_pattern={re.escape(n): a for n, a in alphas.items()},
+        lora_dropout=float(dropout),
+        fan_in_fan_out=family.conv1d,
+        bias="none",
+        modules_to_save=list(modules_to_save) or None,
+    ), positive
+
+
 def attach_lora(
     model: nn.Module,
     ranks: dict[str, int],
@@ -151,6 +190,7 @@ def attach_lora(
     dropout: float = 0.0,
     seed: int = 0,
     modules_to_save: list[str] | None = None,
+    adapter_name: str = ADAPTER,
 ) -> PeftModel:
     """Wrap ``model`` with peft LoRA adapters of per-module ``ranks`` (0 = no adapter there).
 
@@ -161,73 +201,79 @@ def attach_lora(
     """
     if isinstance(model, PeftModel):
         raise ValueError("model: already wraps peft adapters; attach to the plain model")
-    if not (isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0):
-        raise ValueError(f"dropout: {dropout!r} must lie in [0, 1)")
+    _check_adapter_name(adapter_name)
     hf = unwrap(model)
-    family = family_of(hf)
-    positive = _validate_ranks(hf, ranks)
-    alphas = _alphas(positive, alpha)
-    if modules_to_save is None:
-        modules_to_save = list(family.trainable_head.get(task_of(hf), ()))
-    modules = dict(hf.named_modules())
-    for name in modules_to_save:
-        if name not in modules:
-            raise ValueError(f"modules_to_save: no module named {name!r}")
-    config = LoraConfig(
-        r=max(positive.values()),
-        lora_alpha=max(alphas.values()),
-        target_modules=sorted(positive),
-        rank_pattern={re.escape(n): r for n, r in positive.items()},
-        alpha_pattern={re.escape(n): a for n, a in alphas.items()},
-        lora_dropout=float(dropout),
-        fan_in_fan_out=family.conv1d,
-        bias="none",
-        modules_to_save=list(modules_to_save) or None,
-    )
-    peft_model = get_peft_model(hf, config)
-    reset_adapters(peft_model, seed)
+    config, positive = _lora_config(hf, ranks, alpha, dropout, modules_to_save)
+    peft_model = get_peft_model(hf, config, adapter_name=adapter_name)
+    reset_adapters(peft_model, seed, adapter_name=adapter_name)
     logger.info("attached LoRA to %d modules (ranks %s)", len(positive), sorted(set(positive.values())))
     return peft_model
 
 
-def reset_adapters(peft_model: nn.Module, seed: int) -> None:
+def add_lora_adapter(
+    peft_model: PeftModel,
+    adapter_name: str,
+    ranks: dict[str, int],
+    alpha: float | dict[str, float] | None = None,
+    dropout: float = 0.0,
+    seed: int = 0,
+    modules_to_save: list[str] | None = None,
+) -> None:
+    """Add one more named adapter to a peft model (same arguments as :func:`attach_lora`).
+
+    The new adapter is fresh (A from (seed, module name), B = 0) and not active; a trainable head
+    named in ``modules_to_save`` gets its own copy, taken from the frozen original head. Validation
+    happens before anything changes.
+    """
+    if not isinstance(peft_model, PeftModel):
+        raise ValueError(f"peft_model: expected a PeftModel, got {type(peft_model).__name__}")
+    _check_adapter_name(adapter_name)
+    if adapter_name in peft_model.peft_config:
+        raise ValueError(f"adapter_name: {adapter_name!r} already exists")
+    config, positive = _lora_config(unwrap(peft_model), ranks, alpha, dropout, modules_to_save)
+    peft_model.add_adapter(adapter_name, config)
+    reset_adapters(peft_model, seed, adapter_name=adapter_name)
+    logger.debug("added adapter %s on %d modules", adapter_name, len(positive))
+
+
+def reset_adapters(peft_model: nn.Module, seed: int, adapter_name: str = ADAPTER) -> None:
     """Fresh adapters at the current ranks: A kaiming-uniform from (seed, module name), B = 0."""
-    for name, layer in _lora_layers(peft_model).items():
-        a = layer.lora_A[ADAPTER].weight
+    for name, layer in _lora_layers(peft_model, adapter_name).items():
+        a = layer.lora_A[adapter_name].weight
         gen = torch.Generator().manual_seed(_module_seed(seed, name))
         fresh = torch.empty(a.shape, dtype=torch.float32)
         nn.init.kaiming_uniform_(fresh, a=math.sqrt(5), generator=gen)
         with torch.no_grad():
             a.copy_(fresh)
-            layer.lora_B[ADAPTER].weight.zero_()
+            layer.lora_B[adapter_name].weight.zero_()
 
 
 # ---- adapter tensors in and out -------------------------------------------------------------
 
 
-def _lora_layers(model: nn.Module) -> dict[str, LoraLayer]:
+def _lora_layers(model: nn.Module, adapter_name: str = ADAPTER) -> dict[str, LoraLayer]:
     hf = unwrap(model)
     return {
-        name: m for name, m in hf.named_modules() if isinstance(m, LoraLayer) and ADAPTER in m.lora_A
+        name: m for name, m in hf.named_modules() if isinstance(m, LoraLayer) and adapter_name in m.lora_A
     }
 
 
-def get_factors(peft_model: nn.Module) -> dict[str, Factors]:
+def get_factors(peft_model: nn.Module, adapter_name: str = ADAPTER) -> dict[str, Factors]:
     """Copies of every adapter: module name -> Factors(A (r, d_in), B (d_out, r), scaling)."""
     return {
         name: Factors(
-            layer.lora_A[ADAPTER].weight.detach().clone(),
-            layer.lora_B[ADAPTER].weight.detach().clone(),
-            float(layer.scaling[ADAPTER]),
+            layer.lora_A[adapter_name].weight.detach().clone(),
+            layer.lora_B[adapter_name].weight.detach().clone(),
+            float(layer.scaling[adapter_name]),
         )
-        for name, layer in _lora_layers(peft_model).items()
+        for name, layer in _lora_layers(peft_model, adapter_name).items()
     }
 
 
-def set_factors(peft_model: nn.Module, factors: dict[str, Factors]) -> None:
+def set_factors(peft_model: nn.Module, factors: dict[str, Factors], adapter_name: str = ADAPTER) -> None:
     """Load adapter factors (any subset of modules). Shapes, dtypes and scalings must match the
     attached adapters exactly; on any mismatch a ValueError names it and nothing changes."""
-    layers = _lora_layers(peft_model)
+    layers = _lora_layers(peft_model, adapter_name)
     if not isinstance(factors, dict):
         raise ValueError(f"factors: expected a dict module_name -> Factors, got {type(factors).__name__}")
     for name, f in factors.items():
@@ -236,40 +282,45 @@ def set_factors(peft_model: nn.Module, factors: dict[str, Factors]) -> None:
         if not isinstance(f, Factors):
             raise ValueError(f"factors[{name!r}]: expected Factors, got {type(f).__name__}")
         layer = layers[name]
-        for part, tensor, param in (("A", f.A, layer.lora_A[ADAPTER].weight), ("B", f.B, layer.lora_B[ADAPTER].weight)):
+        for part, tensor, param in (
+            ("A", f.A, layer.lora_A[adapter_name].weight),
+            ("B", f.B, layer.lora_B[adapter_name].weight),
+        ):
             if tensor.shape != param.shape:
                 raise ValueError(f"factors[{name!r}].{part}: shape {tuple(tensor.shape)} != {tuple(param.shape)}")
             if tensor.dtype != param.dtype:
                 raise ValueError(f"factors[{name!r}].{part}: dtype {tensor.dtype} != {param.dtype}")
             if not bool(torch.isfinite(tensor).all()):
                 raise ValueError(f"factors[{name!r}].{part}: contains NaN or infinite values")
-        expected = float(layer.scaling[ADAPTER])
+        expected = float(layer.scaling[adapter_name])
         if not math.isclose(f.scaling, expected, rel_tol=1e-6, abs_tol=1e-12):
             raise ValueError(f"factors[{name!r}].scaling: {f.scaling} != attached scaling {expected}")
     with torch.no_grad():
         for name, f in factors.items():
-            layers[name].lora_A[ADAPTER].weight.copy_(f.A)
-            layers[name].lora_B[ADAPTER].weight.copy_(f.B)
+            layers[name].lora_A[adapter_name].weight.copy_(f.A)
+            layers[name].lora_B[adapter_name].weight.copy_(f.B)
 
 
-def _dense_params(peft_model: nn.Module) -> dict[str, torch.nn.Parameter]:
+def _dense_params(peft_model: nn.Module, adapter_name: str = ADAPTER) -> dict[str, torch.nn.Parameter]:
     hf = unwrap(peft_model)
     out: dict[str, torch.nn.Parameter] = {}
     for name, m in hf.named_modules():
-        if isinstance(m, ModulesToSaveWrapper) and ADAPTER in m.modules_to_save:
-            for pname, p in m.modules_to_save[ADAPTER].named_parameters():
+        if isinstance(m, ModulesToSaveWrapper) and adapter_name in m.modules_to_save:
+            for pname, p in m.modules_to_save[adapter_name].named_parameters():
                 out[f"{name}.{pname}"] = p
     return out
 
 
-def get_dense_trainables(peft_model: nn.Module) -> dict[str, torch.Tensor]:
+def get_dense_trainables(peft_model: nn.Module, adapter_name: str = ADAPTER) -> dict[str, torch.Tensor]:
     """Copies of the dense trainable tensors (the classification head): ``score.weight`` -> tensor."""
-    return {k: p.detach().clone() for k, p in _dense_params(peft_model).items()}
+    return {k: p.detach().clone() for k, p in _dense_params(peft_model, adapter_name).items()}
 
 
-def set_dense_trainables(peft_model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+def set_dense_trainables(
+    peft_model: nn.Module, tensors: dict[str, torch.Tensor], adapter_name: str = ADAPTER
+) -> None:
     """Load dense trainable tensors (any subset); shape/dtype checked before anything changes."""
-    params = _dense_params(peft_model)
+    params = _dense_params(peft_model, adapter_name)
     if not isinstance(tensors, dict):
         raise ValueError(f"tensors: expected a dict name -> tensor, got {type(tensors).__name__}")
     for name, t in tensors.items():

@@ -1,0 +1,55 @@
+"""Split training as pure synchronous torch code (issue #4): the node runtime calls it.
+
+- ``seeds``: reproducible round and step seeds.
+- ``owner``: :class:`OwnerSession`, embeddings + blocks[:s] with the owner's LoRA.
+- ``helper``: :class:`HelperSession`, blocks[s:] + head with one server-side adapter per owner;
+  :class:`HelperPool`, one replica per cluster served.
+- ``carry``: a contribution that missed its manifest joins the next one, exactly.
+- ``fold``: add a merged patch to a node's base weights under its version log.
+- ``export``: a cluster's total update as a standard PEFT adapter directory.
+- ``errors``: typed errors the runtime maps to ``error(replay)`` / ``error(version)``.
+No sockets, no asyncio: tensors in, tensors out.
+"""
+
+from .carry import carry_over
+from .errors import (
+    ReplayNeeded,
+    RoundMismatchError,
+    SessionStateError,
+    StepOrderError,
+    UnknownOwnerError,
+    VersionMismatchError,
+)
+from .export import EXPORT_FORMAT, ExportReport, ModuleExport, export_adapter, total_update
+from .fold import apply_to_model, check_patch, fold_into
+from .helper import HelperConfig, HelperPool, HelperSession, ServerAdapter, StepResult
+from .owner import OwnerConfig, OwnerForward, OwnerSession
+from .seeds import round_seed, step_seed
+
+__all__ = [
+    "EXPORT_FORMAT",
+    "ExportReport",
+    "HelperConfig",
+    "HelperPool",
+    "HelperSession",
+    "ModuleExport",
+    "OwnerConfig",
+    "OwnerForward",
+    "OwnerSession",
+    "ReplayNeeded",
+    "RoundMismatchError",
+    "ServerAdapter",
+    "SessionStateError",
+    "StepOrderError",
+    "StepResult",
+    "UnknownOwnerError",
+    "VersionMismatchError",
+    "apply_to_model",
+    "carry_over",
+    "check_patch",
+    "export_adapter",
+    "fold_into",
+    "round_seed",
+    "step_seed",
+    "total_update",
+]
