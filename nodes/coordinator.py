@@ -1,0 +1,790 @@
+"""The bootstrap's assignment brain (issue #4): membership events in, assignments out.
+
+`Coordinator` is a pure synchronous object. The bootstrap service feeds it what it learns
+(a join, a fingerprint, a death, a departure, a finished node, an owner's report that its
+helper missed a deadline) with an explicit clock value, and asks it for each node's
+`assignment` (a plain dict matching transport.messages.Assignment) and for the peer table
+columns it should write. No sockets, no time.time, no randomness beyond the seeded k-means.
+
+What it decides (DESIGN 6 and 7, docs/RUNTIME.md):
+1. First clustering. Once `min_nodes` live data nodes have sent fingerprints, or
+   `assign_after_s` seconds after the first fingerprint, k-means on the unit
+   fingerprints (atlas_p2p.clustering) with K fixed (`clusters`) or chosen by the
+   silhouette score; then a full plan (atlas_p2p.planning.make_plan) of every live data
+   node with a fingerprint and every live pure helper. Pure helpers send no fingerprint;
+   they are planned task-blind (cluster None).
+2. Growth. A data node whose fingerprint arrives later is put in the cluster of the
+   nearest centroid (no re-clustering, ids stay), and the swarm is re-planned when
+   `planning.replan_reason` finds a reason (membership, budgets, or cluster importance
+   moved by more than τ). A pure helper joining later, or a node coming back, is the
+   same membership change.
+3. Loss. A node that is dead, left, done, or reported failed is taken out with
+   `planning.repair`, which changes as little as possible: only owners whose helper went
+   get a new one (same cluster or a pure helper: a *repair*; another cluster, nearest
+   centroid first: a *fallback*; none at all: the owner waits, *unpaired*). Each such
+   event is recorded (time, owner, old helper, new helper, kind) for the metrics;
+   `repairs` counts every helper replacement, `fallbacks` the cross-cluster ones.
+4. Anchors. The anchor of a cluster is its live member with the lowest id (members that
+   can train are preferred over waiting ones); a dead anchor is thus replaced at once,
+   and the change is recorded.
+
+Versions. Every node has an assignment version: the value of a global counter at the last
+change of that node's assignment. The counter increases by one for every event that
+changes at least one assignment, so each node's version only grows, and a heartbeat
+carrying an older version means the node must fetch its assignment again. A node that
+was never planned keeps version 0 (nothing to fetch yet).
+
+Ids are ints here and on the wire; atlas_p2p.planning names nodes by str, converted at
+this boundary. Every method either fully applies an event or raises ValueError and
+leaves the coordinator exactly as it was.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from atlas_p2p.clustering import (
+    Clustering,
+    ClusteringConfig,
+    assign_nearest,
+    cluster_fingerprints,
+)
+from atlas_p2p.importance import TAU, cluster_importance, importance_change
+from atlas_p2p.memory import ModelShape, Workload, candidate, lora_candidates
+from atlas_p2p.planning import (
+    HELPER,
+    WAITING,
+    NodeInfo,
+    Plan,
+    PlanConfig,
+    PlanContext,
+    make_plan,
+    repair,
+    replan_reason,
+)
+from nodes.config import parse_address
+
+log = logging.getLogger("atlas.coordinator")
+
+# Where a node stands in the coordinator (not the liveness status of the registry).
+LIVE = "live"
+DEAD = "dead"
+LEFT = "left"
+DONE = "done"
+FAILED = "failed"  # an owner reported it missed a deadline; out until it joins again
+
+# Kinds of repair events.
+REPAIR = "repair"  # new helper from the owner's cluster, or a pure helper
+FALLBACK = "fallback"  # new helper from another cluster (nearest centroid first)
+UNPAIRED = "unpaired"  # no feasible helper anywhere: the owner waits
+
+_MB = 10**6  # the peer table's memory unit (decimal megabytes)
+
+
+# ------------------------------------------------------------------ configuration and records
+
+@dataclass(frozen=True)
+class CoordinatorConfig:
+    """How the bootstrap clusters and plans (flags of `atlas-node bootstrap`)."""
+
+    shape: ModelShape  # the model the swarm trains (atlas_p2p.memory.shape_from_config)
+    workload: Workload  # batch and sequence length of one training step
+    plan: PlanConfig = PlanConfig()  # planner knobs (headroom, ranks, privacy floor, split mode)
+    min_nodes: int = 2  # data nodes with fingerprints that trigger the first clustering
+    assign_after_s: float = 30.0  # ... or seconds after the first fingerprint, whichever is first
+    clusters: int | None = None  # fixed K (--clusters); None: chosen by silhouette
+    k_max: int = 8  # largest K tried when choosing by silhouette
+    silhouette_threshold: float = 0.2  # no K >= 2 reaching this: one cluster
+    seed: int = 0  # k-means random state
+    fingerprint_dim: int = 64  # length of a fingerprint vector
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.shape, ModelShape):
+            raise ValueError(f"CoordinatorConfig.shape must be a ModelShape, got {self.shape!r:.80}")
+        if not isinstance(self.workload, Workload):
+            raise ValueError(f"CoordinatorConfig.workload must be a Workload, got {self.workload!r:.80}")
+        if not isinstance(self.plan, PlanConfig):
+            raise ValueError(f"CoordinatorConfig.plan must be a PlanConfig, got {self.plan!r:.80}")
+        if not _is_int(self.min_nodes) or self.min_nodes < 1:
+            raise ValueError(f"CoordinatorConfig.min_nodes must be an int >= 1, got {self.min_nodes!r}")
+        if not _is_number(self.assign_after_s) or self.assign_after_s < 0:
+            raise ValueError(
+                f"CoordinatorConfig.assign_after_s must be a finite number >= 0, got {self.assign_after_s!r}"
+            )
+        if self.clusters is not None and (not _is_int(self.clusters) or self.clusters < 1):
+            raise ValueError(f"CoordinatorConfig.clusters must be None or an int >= 1, got {self.clusters!r}")
+        if not _is_int(self.k_max) or self.k_max < 2:
+            raise ValueError(f"CoordinatorConfig.k_max must be an int >= 2, got {self.k_max!r}")
+        if not _is_number(self.silhouette_threshold) or not -1 <= self.silhouette_threshold <= 1:
+            raise ValueError(
+                f"CoordinatorConfig.silhouette_threshold must be in [-1, 1], got {self.silhouette_threshold!r}"
+            )
+        if not _is_int(self.seed):
+            raise ValueError(f"CoordinatorConfig.seed must be an int, got {self.seed!r}")
+        if not _is_int(self.fingerprint_dim) or self.fingerprint_dim < 1:
+            raise ValueError(f"CoordinatorConfig.fingerprint_dim must be an int >= 1, got {self.fingerprint_dim!r}")
+        self.context  # PlanContext checks the privacy floor against the model depth
+
+    @property
+    def context(self) -> PlanContext:
+        return PlanContext(self.shape, self.workload, self.plan)
+
+    def clustering(self, k: int | None) -> ClusteringConfig:
+        return ClusteringConfig(k=k, k_max=self.k_max, min_silhouette=float(self.silhouette_threshold),
+                                seed=self.seed)
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a node offers, as the planner needs it (bytes and bits per second)."""
+
+    address: str  # HOST:PORT of the node's RPC server
+    memory_bytes: int  # memory budget
+    bandwidth_bps: float  # uplink, bits per second
+    compute_score: float  # relative compute (higher is faster)
+    has_data: bool  # False: a pure helper
+    n_samples: int = 0  # local training examples
+
+    def __post_init__(self) -> None:
+        try:
+            parse_address(self.address, what="Capabilities.address")
+        except ValueError as exc:
+            raise ValueError(str(exc)) from None
+        if not _is_int(self.memory_bytes) or self.memory_bytes <= 0:
+            raise ValueError(f"Capabilities.memory_bytes must be a positive int, got {self.memory_bytes!r}")
+        if not _is_number(self.bandwidth_bps) or self.bandwidth_bps <= 0:
+            raise ValueError(f"Capabilities.bandwidth_bps must be finite and > 0, got {self.bandwidth_bps!r}")
+        if not _is_number(self.compute_score) or self.compute_score < 0:
+            raise ValueError(f"Capabilities.compute_score must be finite and >= 0, got {self.compute_score!r}")
+        if not isinstance(self.has_data, bool):
+            raise ValueError(f"Capabilities.has_data must be a bool, got {self.has_data!r}")
+        if not _is_int(self.n_samples) or self.n_samples < 0:
+            raise ValueError(f"Capabilities.n_samples must be an int >= 0, got {self.n_samples!r}")
+
+    @classmethod
+    def from_record(cls, record: Any) -> Capabilities:
+        """From a peer table row (nodes.peer_table.PeerRecord): MB -> bytes, Mbit/s -> bit/s."""
+        return cls(address=record.address, memory_bytes=int(record.memory_mb) * _MB,
+                   bandwidth_bps=float(record.bandwidth_mbps) * 1e6, compute_score=float(record.compute_score),
+                   has_data=bool(record.has_data), n_samples=int(record.n_samples))
+
+
+@dataclass(frozen=True)
+class RepairEvent:
+    """An owner lost its helper and what the coordinator did about it."""
+
+    time: float  # clock value of the event that caused it
+    owner: int
+    old_helper: int
+    new_helper: int | None  # None: nobody can help; the owner waits
+    kind: str  # REPAIR | FALLBACK | UNPAIRED
+    cause: str  # what happened to the old helper: dead | left | done | failed
+    cluster: int | None  # the owner's cluster
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(time=self.time, owner=self.owner, old_helper=self.old_helper, new_helper=self.new_helper,
+                    kind=self.kind, cause=self.cause, cluster=self.cluster)
+
+
+@dataclass(frozen=True)
+class AnchorChange:
+    """A cluster's anchor moved to another member (its anchor went, or a lower id came)."""
+
+    time: float
+    cluster: int
+    old_anchor: int
+    new_anchor: int | None  # None: no live member left
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(time=self.time, cluster=self.cluster, old_anchor=self.old_anchor, new_anchor=self.new_anchor)
+
+
+@dataclass
+class _Member:
+    """The coordinator's record of one node (mutable; copied whole by `_atomic`)."""
+
+    caps: Capabilities
+    status: str = LIVE
+    vector: np.ndarray | None = None  # (d,) unit fingerprint
+    n_samples: int = 0
+    importance: dict[str, float] | None = None  # per-weight importance probe
+    cluster: int | None = None
+    note: str = ""  # why it is out of the plan (status other than live)
+
+
+# ------------------------------------------------------------------ the coordinator
+
+class Coordinator:
+    """Clusters, plans, repairs; hands out versioned assignments (see the module doc)."""
+
+    def __init__(self, config: CoordinatorConfig) -> None:
+        if not isinstance(config, CoordinatorConfig):
+            raise ValueError(f"config must be a CoordinatorConfig, got {type(config).__name__}")
+        self.config = config
+        self._modules = frozenset(m.name for m in lora_candidates(config.shape))
+        self._members: dict[int, _Member] = {}
+        self._clustering: Clustering | None = None
+        self._plan: Plan | None = None
+        self._plan_importance: dict[int, dict[str, float]] = {}
+        self._first_fingerprint_at: float | None = None
+        self._version = 0
+        self._views: dict[int, dict[str, Any]] = {}  # last published assignment of each node, no version
+        self._versions: dict[int, int] = {}
+        self._causes: dict[int, str] = {}  # what last changed each node's assignment
+        self._anchors: dict[int, int | None] = {}
+        self._events: list[RepairEvent] = []
+        self._anchor_changes: list[AnchorChange] = []
+
+    # --- read-only views -----------------------------------------------------------------
+
+    @property
+    def version(self) -> int:
+        """The global assignment counter (the newest version any node holds)."""
+        return self._version
+
+    @property
+    def assigned(self) -> bool:
+        """True once the first clustering and plan are made."""
+        return self._plan is not None
+
+    @property
+    def plan(self) -> Plan | None:
+        return self._plan
+
+    @property
+    def clustering(self) -> Clustering | None:
+        return self._clustering
+
+    @property
+    def events(self) -> tuple[RepairEvent, ...]:
+        return tuple(self._events)
+
+    @property
+    def anchor_changes(self) -> tuple[AnchorChange, ...]:
+        return tuple(self._anchor_changes)
+
+    @property
+    def repairs(self) -> int:
+        """Helper replacements of any kind (inside the cluster or from another one)."""
+        return sum(e.kind in (REPAIR, FALLBACK) for e in self._events)
+
+    @property
+    def fallbacks(self) -> int:
+        """Helper replacements that came from another cluster."""
+        return sum(e.kind == FALLBACK for e in self._events)
+
+    def status(self, node_id: int) -> str:
+        """live | dead | left | done | failed."""
+        return self._member(node_id).status
+
+    def cluster_of(self, node_id: int) -> int | None:
+        return self._member(node_id).cluster
+
+    def anchors(self) -> dict[int, int]:
+        """Cluster id -> anchor node id, for clusters with live members."""
+        return {c: a for c, a in self._current_anchors().items() if a is not None}
+
+    def version_for(self, node_id: int) -> int:
+        """Version of `node_id`'s current assignment (0: never planned)."""
+        self._member(node_id)
+        return self._versions.get(node_id, 0)
+
+    def metrics(self) -> dict[str, Any]:
+        """Counts and records for the scenario's JSON (no task labels here: see scenarios)."""
+        c = self._clustering
+        return dict(
+            version=self._version,
+            clusters=0 if c is None else c.k,
+            silhouette=None if c is None else c.silhouette,
+            repairs=self.repairs,
+            fallbacks=self.fallbacks,
+            unpaired=sum(e.kind == UNPAIRED for e in self._events),
+            events=[e.to_dict() for e in self._events],
+            anchor_changes=[a.to_dict() for a in self._anchor_changes],
+        )
+
+    # --- events --------------------------------------------------------------------------
+
+    def on_join(self, node_id: int, capabilities: Capabilities, *, now: float) -> bool:
+        """A node joined, or joined again (a rejoin brings back a dead, left or failed node).
+
+        A rejoin that changes `has_data` forgets the node's fingerprint and cluster.
+        Returns whether any assignment changed.
+        """
+        _check_id(node_id)
+        _check_now(now)
+        if not isinstance(capabilities, Capabilities):
+            raise ValueError(f"capabilities must be a Capabilities, got {type(capabilities).__name__}")
+        with self._atomic():
+            member = self._members.get(node_id)
+            if member is None:
+                self._members[node_id] = _Member(capabilities)
+                log.info("node %d joined (%s)", node_id, "data" if capabilities.has_data else "pure helper")
+            else:
+                if member.caps.has_data != capabilities.has_data:
+                    member.vector, member.importance, member.cluster = None, None, None
+                member.caps = capabilities
+                if member.status != LIVE:
+                    log.info("node %d is back (was %s)", node_id, member.status)
+                member.status, member.note = LIVE, ""
+            return self._grow(now, "joined")
+
+    def on_alive(self, node_id: int, *, now: float) -> bool:
+        """A node declared dead answered again (a heartbeat): plan it back in.
+
+        Only a dead node comes back this way; a left or failed one must join again.
+        """
+        member = self._member(node_id)
+        _check_now(now)
+        if member.status != DEAD:
+            return False
+        with self._atomic():
+            member.status, member.note = LIVE, ""
+            log.info("node %d is alive again", node_id)
+            return self._grow(now, "back")
+
+    def on_fingerprint(self, node_id: int, vector: Any, n_samples: int,
+                       importance: Mapping[str, float] | None = None, *, now: float) -> bool:
+        """A data node's task fingerprint (and optional importance probe) arrived.
+
+        Before the first clustering it is only stored (see `maybe_assign`); after it, the
+        node joins the cluster of the nearest centroid and the swarm is re-planned.
+        """
+        member = self._member(node_id)
+        _check_now(now)
+        if not member.caps.has_data:
+            raise ValueError(f"node {node_id} is a pure helper (no data): helpers send no fingerprint")
+        if member.status != LIVE:
+            raise ValueError(f"node {node_id} is {member.status}: join again before sending a fingerprint")
+        unit = self._check_vector(vector)
+        if not _is_int(n_samples) or n_samples < 0:
+            raise ValueError(f"n_samples must be an int >= 0, got {n_samples!r}")
+        scores = self._check_importance(importance)
+        with self._atomic():
+            member.vector, member.n_samples, member.importance = unit, int(n_samples), scores
+            if self._first_fingerprint_at is None:
+                self._first_fingerprint_at = float(now)
+            if self._clustering is None:
+                return False
+            member.cluster = int(assign_nearest(unit[None, :], self._clustering)[0])
+            log.info("node %d fingerprint: nearest cluster %d", node_id, member.cluster)
+            return self._grow(now, "clustered")
+
+    def maybe_assign(self, now: float) -> bool:
+        """Make the first clustering and plan when it is due; True if it was made now.
+
+        Due once `min_nodes` live data nodes have fingerprints, or `assign_after_s`
+        seconds after the first fingerprint arrived (with at least one fingerprint).
+        """
+        _check_now(now)
+        if self._clustering is not None:
+            return False
+        ready = self._fingerprinted()
+        if not ready:
+            return False
+        waited = now - (self._first_fingerprint_at if self._first_fingerprint_at is not None else now)
+        if len(ready) < self.config.min_nodes and waited < self.config.assign_after_s:
+            return False
+        with self._atomic():
+            why = (f"{len(ready)} fingerprints" if len(ready) >= self.config.min_nodes
+                   else f"timer ({waited:.1f} s, {len(ready)}/{self.config.min_nodes} fingerprints)")
+            self._cluster(ready, previous=None)
+            log.info("first assignment after %s: K=%d", why, self._clustering.k)
+            self._plan = None
+            self._replan()
+            return self._publish(now, "initial")
+
+    def recluster(self, now: float) -> bool:
+        """Cluster every live fingerprint again (on demand), keeping ids by centroid matching."""
+        _check_now(now)
+        if self._clustering is None:
+            return self.maybe_assign(now)
+        ready = self._fingerprinted()
+        if not ready:
+            return False
+        with self._atomic():
+            self._cluster(ready, previous=self._clustering)
+            self._replan()
+            return self._publish(now, "reclustered")
+
+    def on_dead(self, node_id: int, *, now: float) -> bool:
+        """The bootstrap stopped hearing from the node; a helper's owners are repaired."""
+        return self._lose(node_id, DEAD, now, "dead: no heartbeat")
+
+    def on_left(self, node_id: int, *, now: float) -> bool:
+        """The node said `leave`."""
+        return self._lose(node_id, LEFT, now, "left the swarm")
+
+    def on_done(self, node_id: int, *, now: float) -> bool:
+        """The node finished every round: it is no longer a member of its cluster.
+
+        A done node that still serves owners keeps serving them (its assignment turns
+        into a helper's) until it leaves or dies, so they need no repair; one serving
+        nobody leaves the plan.
+        """
+        return self._lose(node_id, DONE, now, "done: finished every round")
+
+    def report_failure(self, owner: int, helper: int, *, now: float) -> bool:
+        """`owner` saw `helper` miss a deadline: the helper is failed for planning at once.
+
+        A failed node leaves the plan (as if dead) until it joins again. A report about a
+        node that is not (any more) the owner's helper is stale and changes nothing.
+        """
+        self._member(owner)
+        self._member(helper)
+        _check_now(now)
+        if owner == helper:
+            raise ValueError(f"report_failure: owner and helper are both node {owner}")
+        plan = self._plan
+        row = plan.nodes.get(str(owner)) if plan is not None else None
+        if row is None or row.helper != str(helper):
+            current = None if row is None or row.helper is None else int(row.helper)
+            log.info("stale failure report: node %d's helper is %s, not %d", owner, current, helper)
+            return False
+        return self._lose(helper, FAILED, now, f"failed: missed a deadline serving node {owner}")
+
+    # --- answers -------------------------------------------------------------------------
+
+    def assignment_for(self, node_id: int) -> dict[str, Any]:
+        """The node's assignment as a plain dict; `Assignment(**d)` builds the message."""
+        self._member(node_id)
+        view = self._views.get(node_id) or self._view(node_id)
+        cause = self._causes.get(node_id)
+        body = {k: v for k, v in view.items() if k != "note"}
+        body["reason"] = f"{cause}: {view['note']}" if cause else view["note"]
+        return dict(node_id=node_id, version=self._versions.get(node_id, 0), **copy.deepcopy(body))
+
+    def peer_columns(self) -> dict[int, dict[str, Any]]:
+        """{node_id: peer table columns} for every node planned at least once.
+
+        Feed it to `PeerTable.update_many` after an event returned True. Columns: cluster,
+        split, helper, role, ranks (summary), anchor, reason.
+        """
+        out = {}
+        for node_id in sorted(self._views):
+            view = self.assignment_for(node_id)
+            out[node_id] = dict(cluster=view["cluster"], split=view["split"], helper=view["helper"],
+                                role=view["role"], ranks=_ranks_summary(view["ranks"]),
+                                anchor=view["anchor"] == node_id, reason=view["reason"])
+        return out
+
+    # --- internals: validation -----------------------------------------------------------
+
+    def _member(self, node_id: int) -> _Member:
+        _check_id(node_id)
+        member = self._members.get(node_id)
+        if member is None:
+            raise ValueError(f"node {node_id} is unknown to the coordinator (it never joined)")
+        return member
+
+    def _check_vector(self, vector: Any) -> np.ndarray:
+        try:
+            x = np.asarray(vector, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise ValueError(f"fingerprint vector must be numeric, got {type(vector).__name__}") from None
+        dim = self.config.fingerprint_dim
+        if x.shape != (dim,):
+            raise ValueError(f"fingerprint vector must have shape ({dim},), got {x.shape}")
+        if not np.all(np.isfinite(x)):
+            raise ValueError("fingerprint vector contains NaN or inf")
+        norm = float(np.linalg.norm(x))
+        if norm == 0:
+            raise ValueError("fingerprint vector is all zeros")
+        return x / norm  # (d,)
+
+    def _check_importance(self, importance: Mapping[str, float] | None) -> dict[str, float] | None:
+        if importance is None:
+            return None
+        if not isinstance(importance, Mapping):
+            raise ValueError(f"importance must be a mapping module -> score, got {type(importance).__name__}")
+        scores = {}
+        for name, value in importance.items():
+            if name not in self._modules:
+                raise ValueError(f"importance: {name!r} is not an adaptable weight of this "
+                                 f"{self.config.shape.family} model")
+            if not _is_number(value) or value < 0:
+                raise ValueError(f"importance[{name!r}] must be finite and >= 0, got {value!r}")
+            scores[name] = float(value)
+        return scores or None
+
+    @contextmanager
+    def _atomic(self) -> Iterator[None]:
+        """Apply an event fully or not at all: any error restores the state before it."""
+        saved = {k: copy.deepcopy(v) for k, v in vars(self).items() if k not in ("config", "_modules")}
+        try:
+            yield
+        except BaseException:
+            vars(self).update(saved)
+            raise
+
+    # --- internals: clustering and planning ----------------------------------------------
+
+    def _fingerprinted(self) -> list[int]:
+        """Live data nodes with a fingerprint, in id order."""
+        return [n for n, m in sorted(self._members.items())
+                if m.status == LIVE and m.caps.has_data and m.vector is not None]
+
+    def _cluster(self, ready: list[int], previous: Clustering | None) -> None:
+        x = np.stack([self._members[n].vector for n in ready])  # (n, d)
+        k = self.config.clusters
+        if k is not None:
+            distinct = len(np.unique(np.round(x, 12), axis=0))
+            if k > distinct:
+                log.warning("asked for %d clusters but only %d distinct fingerprints: using %d", k, distinct, distinct)
+                k = distinct
+        clustering = cluster_fingerprints(x, self.config.clustering(k), previous)
+        for n, label in zip(ready, clustering.labels):
+            self._members[n].cluster = int(label)
+        self._clustering = clustering
+
+    def _infos(self) -> list[NodeInfo]:
+        """Planner records of every node that can be planned now."""
+        infos = []
+        for n, m in sorted(self._members.items()):
+            if m.status != LIVE:
+                continue
+            if m.caps.has_data and (m.vector is None or m.cluster is None):
+                continue  # not fingerprinted or not clustered yet
+            infos.append(NodeInfo(str(n), m.caps.memory_bytes, float(m.caps.bandwidth_bps),
+                                  float(m.caps.compute_score), m.caps.has_data,
+                                  m.cluster if m.caps.has_data else None))
+        return infos
+
+    def _importance(self) -> dict[int, dict[str, float]]:
+        """Cluster -> mean of its planned members' importance vectors (clusters that have any)."""
+        by_cluster: dict[int, list[dict[str, float]]] = {}
+        for m in self._members.values():
+            if m.status == LIVE and m.cluster is not None and m.importance:
+                by_cluster.setdefault(m.cluster, []).append(m.importance)
+        return {c: cluster_importance(vs) for c, vs in sorted(by_cluster.items())}
+
+    def _centroids(self) -> dict[int, list[float]] | None:
+        c = self._clustering
+        if c is None:
+            return None
+        return {int(i): c.centroids[j].tolist() for j, i in enumerate(c.ids)}
+
+    def _replan(self) -> None:
+        """A full plan of everyone plannable."""
+        importance = self._importance()
+        self._plan = make_plan(self._infos(), self.config.context, importance or None, self._centroids())
+        self._plan_importance = importance
+
+    def _grow(self, now: float, cause: str) -> bool:
+        """After a join, a return or a late fingerprint: re-plan if the planner sees a reason."""
+        if self._plan is None:
+            return self._publish(now, cause)
+        infos = self._infos()
+        importance = self._importance()
+        moved = max((importance_change(self._plan_importance.get(c), v) for c, v in importance.items()),
+                    default=0.0)
+        why = replan_reason(list(self._plan.infos.values()), infos, moved, tau=TAU)
+        if why is not None:
+            log.info("re-planning: %s", why)
+            self._replan()
+        return self._publish(now, cause)
+
+    def _lose(self, node_id: int, status: str, now: float, note: str) -> bool:
+        member = self._member(node_id)
+        _check_now(now)
+        if member.status == status:
+            return False
+        with self._atomic():
+            member.status, member.note = status, note
+            log.info("node %d: %s", node_id, note)
+            plan = self._plan
+            if plan is None or str(node_id) not in plan.nodes:
+                return self._publish(now, status)
+            events = []
+            if status != DONE or not plan.nodes[str(node_id)].serves:
+                events = self._repair_out(node_id, status, now)
+            self._prune_done(now)
+            return self._publish(now, status, {e.owner: e.kind for e in events})
+
+    def _repair_out(self, node_id: int, cause: str, now: float) -> list[RepairEvent]:
+        """Take `node_id` out of the plan with planning.repair; returns the repair events."""
+        plan = self._plan
+        infos = [i for i in plan.infos.values() if i.node_id != str(node_id)]
+        repaired = repair(plan, [str(node_id)], infos, self._centroids())
+        events = self._record_repairs(plan, repaired, node_id, cause, now)
+        self._plan = repaired
+        return events
+
+    def _prune_done(self, now: float) -> None:
+        """Done nodes left serving nobody leave the plan (no owner is affected)."""
+        while True:
+            idle = [n for n, row in self._plan.nodes.items()
+                    if self._members[int(n)].status == DONE and not row.serves]
+            if not idle:
+                return
+            self._repair_out(int(min(idle, key=int)), DONE, now)
+
+    def _record_repairs(self, old: Plan, new: Plan, lost: int, cause: str, now: float) -> list[RepairEvent]:
+        """Record what happened to every owner `lost` was helping; returns the new events."""
+        events = []
+        for n, row in sorted(old.nodes.items(), key=lambda kv: int(kv[0])):
+            if row.helper != str(lost) or n not in new.nodes:
+                continue
+            after = new.nodes[n]
+            if after.helper is None:
+                kind, helper = UNPAIRED, None
+            else:
+                helper = int(after.helper)
+                helper_cluster = new.infos[after.helper].cluster
+                kind = REPAIR if helper_cluster in (None, row.cluster) else FALLBACK
+            events.append(RepairEvent(float(now), int(n), lost, helper, kind, cause, row.cluster))
+            log.info("%s: owner %s lost helper %d (%s) -> %s", kind, n, lost, cause,
+                     "waits" if helper is None else f"helper {helper}")
+        self._events.extend(events)
+        return events
+
+    # --- internals: assignments and versions ---------------------------------------------
+
+    def _members_of(self, cluster: int) -> list[int]:
+        plan = self._plan
+        if plan is None:
+            return []
+        return sorted(int(n) for n, row in plan.nodes.items()
+                      if row.cluster == cluster and plan.infos[n].has_data and self._members[int(n)].status == LIVE)
+
+    def _current_anchors(self) -> dict[int, int | None]:
+        plan = self._plan
+        if plan is None:
+            return {}
+        clusters = {row.cluster for row in plan.nodes.values() if row.cluster is not None}
+        clusters |= {c for c in self._anchors}
+        anchors: dict[int, int | None] = {}
+        for c in sorted(clusters):
+            members = self._members_of(c)
+            active = [n for n in members if plan.nodes[str(n)].role != WAITING]
+            anchors[c] = (active or members or [None])[0]
+        return anchors
+
+    def _view(self, node_id: int) -> dict[str, Any]:
+        """The node's assignment without version (reason in `note`, the cause added later)."""
+        member = self._members[node_id]
+        plan = self._plan
+        row = plan.nodes.get(str(node_id)) if plan is not None else None
+        empty = dict(cluster=member.cluster, members=[], ranks={}, split=None, helper=None, fallbacks=[],
+                     anchor=None, serves=[], addresses={}, role=WAITING, owners=[])
+        if row is None:
+            if member.status != LIVE:
+                note = member.note
+            elif plan is None:
+                note = (f"waiting for the first assignment ({self.config.min_nodes} fingerprints "
+                        f"or {self.config.assign_after_s:g} s after the first)")
+            elif member.caps.has_data and member.vector is None:
+                note = "waiting for this node's fingerprint"
+            else:
+                note = "waiting to be planned"
+            return {**empty, "note": note}
+        anchors = self._current_anchors()
+        owners = self._owner_details(row, anchors)
+        if member.status != LIVE:  # done, still serving: a helper now
+            linked = {o["owner"] for o in owners} | {o["anchor"] for o in owners if o["anchor"] is not None}
+            return {**empty, "role": HELPER, "serves": [o["owner"] for o in owners], "owners": owners,
+                    "addresses": {str(n): self._members[n].caps.address for n in sorted(linked)},
+                    "note": f"{member.note}; still serves {', '.join(str(o['owner']) for o in owners)}"}
+        cluster = row.cluster
+        members = self._members_of(cluster) if cluster is not None else []
+        anchor = anchors.get(cluster) if cluster is not None else None
+        linked = {int(x) for x in members} | {int(f) for f in row.fallbacks} | {int(o) for o in row.serves}
+        linked |= {o["anchor"] for o in owners if o["anchor"] is not None}
+        if row.helper is not None:
+            linked.add(int(row.helper))
+        if anchor is not None:
+            linked.add(anchor)
+        addresses = {str(n): self._members[n].caps.address for n in sorted(linked)}
+        return dict(cluster=cluster, members=members, ranks=dict(row.ranks), split=row.split,
+                    helper=None if row.helper is None else int(row.helper),
+                    fallbacks=[int(f) for f in row.fallbacks], anchor=anchor,
+                    serves=sorted(int(o) for o in row.serves), addresses=addresses,
+                    role=row.role, owners=owners, note=row.reason)
+
+    def _owner_details(self, row: Any, anchors: Mapping[int, int | None]) -> list[dict[str, Any]]:
+        """What a helper needs per served owner: cluster, split, its tail ranks, the anchor."""
+        plan = self._plan
+        owners = []
+        for o in row.serves:
+            orow = plan.nodes[o]
+            tail = {name: r for name, r in orow.ranks.items()
+                    if candidate(self.config.shape, name).block >= (orow.split or 0)}
+            owners.append(dict(owner=int(o), cluster=orow.cluster, split=orow.split, ranks=tail,
+                               anchor=anchors.get(orow.cluster)))
+        return sorted(owners, key=lambda o: o["owner"])
+
+    def _publish(self, now: float, cause: str, causes: Mapping[int, str] | None = None) -> bool:
+        """Recompute every view; bump the version once if any changed. True if so.
+
+        `cause` is recorded as why a changed view changed; `causes` overrides it per node
+        (a repaired owner's cause is the repair's kind)."""
+        plan = self._plan
+        changed = []
+        views = {}
+        for node_id in sorted(self._members):
+            view = self._view(node_id)
+            planned = plan is not None and str(node_id) in plan.nodes
+            if node_id not in self._views and not planned:
+                continue  # never planned: stays at version 0
+            views[node_id] = view
+            if view != self._views.get(node_id):
+                changed.append(node_id)
+        anchors = self._current_anchors()
+        for c, new in anchors.items():
+            old = self._anchors.get(c)
+            if old is not None and old != new:
+                self._anchor_changes.append(AnchorChange(float(now), c, old, new))
+                log.info("cluster %d: anchor %d -> %s", c, old, new)
+        self._anchors = {c: a for c, a in anchors.items() if a is not None}
+        if not changed:
+            return False
+        self._version += 1
+        for node_id in changed:
+            self._views[node_id] = views[node_id]
+            self._versions[node_id] = self._version
+            self._causes[node_id] = (causes or {}).get(node_id, cause)
+        log.info("assignment version %d (%s): %d nodes changed", self._version, cause, len(changed))
+        return True
+
+
+# ------------------------------------------------------------------ small helpers
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_id(node_id: Any) -> None:
+    if not _is_int(node_id) or node_id < 0:
+        raise ValueError(f"node_id must be an int >= 0, got {node_id!r}")
+
+
+def _check_now(now: Any) -> None:
+    if not _is_number(now):
+        raise ValueError(f"now must be a finite number (seconds), got {now!r}")
+
+
+def _ranks_summary(ranks: Mapping[str, int]) -> str | None:
+    """"12 mods r2-16" (or "4 mods r8" when all equal); None without adapters."""
+    positive = [r for r in ranks.values() if r > 0]
+    if not positive:
+        return None
+    lo, hi = min(positive), max(positive)
+    return f"{len(positive)} mods r{lo}" + ("" if lo == hi else f"-{hi}")
+
+
+__all__ = [
+    "DEAD", "DONE", "FAILED", "FALLBACK", "LEFT", "LIVE", "REPAIR", "UNPAIRED",
+    "AnchorChange", "Capabilities", "Coordinator", "CoordinatorConfig", "RepairEvent",
+]
