@@ -131,6 +131,7 @@ class Swarm:
         self.bootstrap: Child | None = None
         self.address: str | None = None
         self.nodes: dict[str, Child] = {}
+        self.bootstrap_extra: list[str] = []
         self._log_counter = 0
 
     # --- lifecycle ------------------------------------------------------------------------
@@ -159,16 +160,22 @@ class Swarm:
         log.debug("started %s (pid %d): %s", name, proc.pid, " ".join(args))
         return Child(name=name, args=args, proc=proc, log_path=log_path, state_dir=state_dir)
 
-    def start_bootstrap(self, port: int = 0, timeout: float = 30.0) -> str:
-        """Start the bootstrap on 127.0.0.1:`port` (0: a free one); return its address."""
+    def start_bootstrap(self, port: int = 0, timeout: float = 30.0, extra: Sequence[str] | None = None) -> str:
+        """Start the bootstrap on 127.0.0.1:`port` (0: a free one); return its address.
+
+        `extra`: more `atlas-node bootstrap` flags (e.g. --min-nodes 6); a restart reuses
+        the previous ones when None."""
         if self.bootstrap is not None and self.bootstrap.running:
             raise SwarmError("the bootstrap is already running")
+        if extra is not None:
+            self.bootstrap_extra = list(extra)
         state = self.workdir / "bootstrap"
         args = ["bootstrap", "--bind", f"127.0.0.1:{port}", "--state", str(state), "--heartbeat-s", str(self.heartbeat_s)]
         for flag, value in (("--suspect-after", self.suspect_after), ("--dead-after", self.dead_after),
                             ("--grace-s", self.grace_s)):
             if value is not None:
                 args += [flag, str(value)]
+        args += self.bootstrap_extra
         history = self.bootstrap.history + [self.bootstrap.pid] if self.bootstrap is not None else []
         child = self._spawn("bootstrap", self.cli(*args), state)
         child.history = history
@@ -203,8 +210,12 @@ class Swarm:
         bandwidth: str = "50Mbps",
         data: Path | None = None,
         extra: Sequence[str] = (),
+        out: bool = False,
     ) -> Child:
-        """Start `atlas-node join` as `name` with its own --state dir under the work dir."""
+        """Start `atlas-node join` as `name` with its own --state dir under the work dir.
+
+        `out=True` also passes that directory as `--out` (metrics, summary, adapter and
+        checkpoint go there; adding the same name again resumes from it)."""
         if self.address is None:
             raise SwarmError("start the bootstrap first")
         if name in self.nodes and self.nodes[name].running:
@@ -214,6 +225,8 @@ class Swarm:
                 "--bind", "127.0.0.1:0", "--state", str(state)]
         if data is not None:
             args += ["--data", str(data)]
+        if out:
+            args += ["--out", str(state)]
         child = self._spawn(name, self.cli(*args, *extra), state)
         if name in self.nodes:
             child.history = self.nodes[name].history + [self.nodes[name].pid]
@@ -272,6 +285,10 @@ class Swarm:
             state = "running" if child.running else f"exited {child.proc.returncode}"
             parts.append(f"--- {child.name} (pid {child.pid}, {state}) ---\n{child.log_tail(10)}")
         return "\n".join(parts)
+
+    def out_dir(self, name: str) -> Path:
+        """Where node `name` keeps its state (and its results when started with out=True)."""
+        return self.workdir / "nodes" / name
 
     def children(self) -> list[Child]:
         return ([self.bootstrap] if self.bootstrap else []) + list(self.nodes.values())

@@ -160,3 +160,92 @@ def test_report_main_fails_clearly_on_empty_dirs(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert report.main([str(tmp_path / "empty")]) == 3
     assert "none of the directories" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- churn scenario, pure parts
+
+from scenarios import churn  # noqa: E402
+
+
+def test_churn_plan_mixes_budgets_with_pure_helpers_and_one_task_per_data_node(tmp_path):
+    specs = churn.plan_nodes(churn.ChurnConfig(nodes=8, tasks=2), tmp_path)
+    data = [s for s in specs if s.has_data]
+    helpers = [s for s in specs if not s.has_data]
+    assert len(specs) == 8 and len(helpers) == 2 and all(s.data is None for s in helpers)
+    assert sorted(s.task for s in data) == [0, 0, 0, 1, 1, 1]
+    for task in (0, 1):  # per task: one strong node, the rest need a helper
+        memories = [s.memory for s in data if s.task == task]
+        assert memories.count(churn.STRONG_MEMORY) == 1 and len(set(memories)) >= 2
+    assert len({s.name for s in specs}) == 8
+    assert churn.pure_helper_count(5) == 0 and churn.pure_helper_count(6) == 1
+
+
+def test_churn_data_files_carry_the_true_task_and_differ_between_train_and_eval(tmp_path):
+    config = churn.ChurnConfig(nodes=4, tasks=2, train_examples=12, eval_examples=6)
+    specs = churn.plan_nodes(config, tmp_path)
+    churn.write_data(specs, config)
+    for spec in specs:
+        train = [json.loads(line) for line in spec.data.read_text().splitlines()]
+        held = [json.loads(line) for line in spec.eval.read_text().splitlines()]
+        assert len(train) == 12 and len(held) == 6
+        assert {r["task"] for r in train + held} == {spec.task}
+        assert [r["text"] for r in train[:6]] != [r["text"] for r in held]
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(nodes=1), "nodes"), (dict(tasks=5), "tasks"), (dict(kill=1.5), "kill"), (dict(restart=-0.1), "restart"),
+    (dict(nodes=3, tasks=3, kill=0.5), "kill"), (dict(kind="images"), "kind"), (dict(rounds=True), "rounds"),
+    (dict(suspect_after=9.0), "suspect_after"),
+])
+def test_churn_config_names_the_bad_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        churn.ChurnConfig(**kwargs)
+
+
+def _peer(node_id, cluster, helper=None, anchor=False, status="alive"):
+    return {"id": node_id, "cluster": cluster, "helper": helper, "anchor": anchor, "status": status}
+
+
+def test_victims_are_a_serving_pure_helper_then_a_non_anchor_data_node():
+    # cluster 0: 1 (anchor, whole), 2 and 3 owners served by pure helper 7; cluster 1: 4 anchor, 5 served by 8
+    rows = [_peer(1, 0, anchor=True), _peer(2, 0, helper=7), _peer(3, 0, helper=1), _peer(4, 1, anchor=True),
+            _peer(5, 1, helper=8), _peer(6, 1, helper=8), _peer(7, None), _peer(8, None), _peer(9, None)]
+    names = {i: f"n{i}" for i in range(1, 10)}
+    pure = {"n7", "n8", "n9"}
+    victims = churn.choose_victims(rows, names, pure, 2)
+    assert victims[0] == "n8"  # pure helper serving the most owners; n9 serves nobody
+    assert victims[1] in {"n2", "n3", "n5", "n6"} and victims[1] not in {"n1", "n4"}
+    assert len(churn.choose_victims(rows, names, pure, 4)) == 4
+
+
+def test_victims_never_empty_a_cluster_or_pick_dead_nodes():
+    rows = [_peer(1, 0, anchor=True), _peer(2, 0, helper=5), _peer(3, 1, anchor=True), _peer(4, 1, status="dead"),
+            _peer(5, None)]
+    names = {i: f"n{i}" for i in range(1, 6)}
+    victims = churn.choose_victims(rows, names, {"n5"}, 3)
+    assert "n4" not in victims and "n1" not in victims and "n3" not in victims
+    assert victims == ["n5", "n2"]  # nothing else can go without emptying a cluster
+    assert churn.serving_helpers(rows) == {5: [2]}
+
+
+def _result(**changes):
+    base = dict(survivors=["a", "b"], finished=["a", "b"], restarted=[], data_nodes=["a", "b", "c"],
+                exit_codes={"a": 0, "b": 0, "c": None}, killed_for_good=["c"], lost_updates=0,
+                killed_serving_helpers=["h"], repairs=1, ari=1.0,
+                loss_by_round_by_cluster={"0": {"0": 2.0, "3": 1.0}, "1": {"0": 2.0, "3": 1.5}})
+    return {**base, **changes}
+
+
+def test_acceptance_passes_a_good_run_and_names_each_failed_check():
+    assert churn.acceptance_failures(_result()) == []
+    bad = churn.acceptance_failures(_result(
+        finished=["a"], lost_updates=2, repairs=0, ari=0.5, exit_codes={"a": 0, "b": 1, "c": None},
+        loss_by_round_by_cluster={"0": {"0": 2.0, "3": 2.5}},
+    ))
+    text = "\n".join(bad)
+    assert len(bad) == 6
+    for needle in ("did not finish every round: b", "exited with an error", "lost_updates = 2",
+                   "repairs = 0", "ari = 0.5", "cluster 0: loss did not fall"):
+        assert needle in text
+    assert churn.acceptance_failures(_result(killed_serving_helpers=[], repairs=0)) == []
+    assert "ari = None" in "\n".join(churn.acceptance_failures(_result(ari=None)))

@@ -1,0 +1,594 @@
+"""Churn scenario (issue #4): a swarm trains on 127.0.0.1 while some of its nodes are SIGKILLed.
+
+    python scenarios/churn.py --nodes 8 --tasks 2 --kill 0.25 --json out.json
+        [--restart FRACTION] [--rounds R] [--model tiny-gpt2] [--workdir DIR] [--seed S]
+
+What it does, in order:
+1. Writes synthetic data (atlas_p2p.synthetic): one task per data node, round-robin, with
+   the `task` field in every record (the nodes never use it; only this script scores
+   with it), plus a held-out eval file per node of the same task.
+2. Starts a bootstrap and N `atlas-node join` processes through the CLI (scenarios.swarm)
+   with mixed --memory budgets: per task one strong node that trains the whole model and
+   can help, the others too small for the whole model (they need a helper), and for
+   N >= 6 at least one pure helper without data (N // 4 of them).
+3. Once every data node has finished about half of its rounds, SIGKILLs the --kill
+   fraction of the N nodes, chosen from the peer table: helpers that serve someone
+   first, then data nodes that are neither their cluster's anchor nor its last member.
+4. Optionally starts the --restart fraction of the killed nodes again on the same --out
+   (they resume from their checkpoint).
+5. Waits (global --timeout, a progress line every few seconds) for every surviving data
+   node to finish all rounds and exit, then lets the helpers go.
+6. Reads every node's --out (tools.report) and the bootstrap's repair counts, writes the
+   figures as JSON and checks acceptance: every survivor finished, no lost update, a
+   repair when a serving helper was killed, ARI >= 0.9, each cluster's loss fell.
+   Exit code 0 only when every check passes; the failing ones are named.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as `python scenarios/churn.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from atlas_p2p.synthetic import SyntheticConfig, write_synthetic_jsonl  # noqa: E402
+from scenarios.swarm import Swarm, SwarmError  # noqa: E402
+from tools import report  # noqa: E402
+
+log = logging.getLogger("atlas.churn")
+
+ARI_TARGET = 0.9
+STRONG_MEMORY = "32MB"  # fits the embedded tiny model whole, with room to serve an owner
+WEAK_MEMORIES = ("3MB", "2500KB", "4MB")  # one or two blocks: these owners need a helper
+HELPER_MEMORY = "24MB"  # a pure helper: no data, serves owners' later layers
+BANDWIDTHS = ("50Mbps", "20Mbps", "100Mbps", "10Mbps")
+TRUTH_FILE = "truth.json"
+
+
+@dataclass(frozen=True)
+class ChurnConfig:
+    """One churn run. Fractions are of all N nodes (kill) and of the killed ones (restart)."""
+
+    nodes: int = 8  # N node processes (data nodes + pure helpers)
+    tasks: int = 2  # T synthetic tasks, one per data node (round-robin)
+    kill: float = 0.25  # share of the N nodes SIGKILLed mid-training
+    restart: float = 0.0  # share of the killed nodes started again on the same --out
+    rounds: int = 4  # merge rounds every data node trains
+    local_steps: int = 4  # E: local steps per round
+    batch_size: int = 8
+    model: str = "tiny-gpt2"  # the embedded default (no download) or an installed HF model
+    kind: str = "classification"  # synthetic records: classification (seq_cls) or lm (causal_lm)
+    clusters: int = 0  # --clusters for the bootstrap; 0 lets the silhouette choose
+    train_examples: int = 96  # per data node
+    eval_examples: int = 64  # per data node (held out, same task)
+    seed: int = 0
+    heartbeat_s: float = 0.5
+    suspect_after: float = 2.0
+    dead_after: float = 5.0
+    timeout_s: float = 900.0  # the whole run, start to finish
+    progress_s: float = 10.0  # seconds between progress lines
+
+    def __post_init__(self) -> None:
+        for name, low in (("nodes", 2), ("tasks", 1), ("rounds", 1), ("local_steps", 1), ("batch_size", 1),
+                          ("train_examples", 1), ("eval_examples", 1), ("clusters", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"ChurnConfig.{name} must be an int >= {low}, got {value!r}")
+        max_tasks = SyntheticConfig().num_tasks
+        if self.tasks > max_tasks:
+            raise ValueError(f"ChurnConfig.tasks must be <= {max_tasks} (the synthetic generator's tasks), got {self.tasks}")
+        if self.tasks > data_node_count(self.nodes):
+            raise ValueError(
+                f"ChurnConfig.tasks={self.tasks} needs at least as many data nodes, "
+                f"but nodes={self.nodes} gives {data_node_count(self.nodes)}"
+            )
+        for name in ("kill", "restart"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value < 1.0 + 1e-12:
+                raise ValueError(f"ChurnConfig.{name} must be a fraction in [0, 1], got {value!r}")
+        if kill_count(self.nodes, self.kill) > self.nodes - self.tasks:
+            raise ValueError(f"ChurnConfig.kill={self.kill} would kill too many of {self.nodes} nodes "
+                             f"to keep one per task")
+        if self.kind not in ("classification", "lm"):
+            raise ValueError(f"ChurnConfig.kind must be 'classification' or 'lm', got {self.kind!r}")
+        for name in ("heartbeat_s", "suspect_after", "dead_after", "timeout_s", "progress_s"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"ChurnConfig.{name} must be > 0, got {value!r}")
+        if not self.heartbeat_s < self.suspect_after < self.dead_after:
+            raise ValueError(f"ChurnConfig: need heartbeat_s < suspect_after < dead_after, got "
+                             f"{self.heartbeat_s}, {self.suspect_after}, {self.dead_after}")
+
+    @property
+    def model_task(self) -> str:
+        return "seq_cls" if self.kind == "classification" else "causal_lm"
+
+
+def pure_helper_count(nodes: int) -> int:
+    """Pure helpers among N nodes: N // 4 from N = 6 on (at least one), none below."""
+    return max(1, nodes // 4) if nodes >= 6 else 0
+
+
+def data_node_count(nodes: int) -> int:
+    return nodes - pure_helper_count(nodes)
+
+
+def kill_count(nodes: int, fraction: float) -> int:
+    """round(N · fraction), at least 1 when the fraction is positive."""
+    return max(1, round(nodes * fraction)) if fraction > 0 else 0
+
+
+def restart_count(killed: int, fraction: float) -> int:
+    return min(killed, math.ceil(killed * fraction - 1e-9)) if fraction > 0 else 0
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    """One node process of the scenario."""
+
+    name: str
+    memory: str
+    bandwidth: str
+    task: int | None  # true task of its data; None for a pure helper
+    data: Path | None = None
+    eval: Path | None = None
+
+    @property
+    def has_data(self) -> bool:
+        return self.task is not None
+
+
+def plan_nodes(config: ChurnConfig, data_dir: Path) -> list[NodeSpec]:
+    """Names, budgets and tasks of the N nodes (pure: no file is written).
+
+    Data node j has task j mod T; the first data node of each task is strong (trains the
+    whole model), the others are weak owners. Pure helpers come last."""
+    specs = []
+    for j in range(data_node_count(config.nodes)):
+        task = j % config.tasks
+        strong = j < config.tasks
+        memory = STRONG_MEMORY if strong else WEAK_MEMORIES[(j // config.tasks - 1) % len(WEAK_MEMORIES)]
+        name = f"t{task}-{'strong' if strong else 'weak'}{j // config.tasks}"
+        specs.append(NodeSpec(name, memory, BANDWIDTHS[j % len(BANDWIDTHS)], task,
+                              data_dir / f"{name}.train.jsonl", data_dir / f"{name}.eval.jsonl"))
+    for h in range(pure_helper_count(config.nodes)):
+        specs.append(NodeSpec(f"helper{h}", HELPER_MEMORY, BANDWIDTHS[(h + 2) % len(BANDWIDTHS)], None))
+    return specs
+
+
+def write_data(specs: Sequence[NodeSpec], config: ChurnConfig) -> None:
+    """Training and held-out JSONL for every data node (different seeds per node and split)."""
+    for index, spec in enumerate(specs):
+        if spec.has_data:
+            base = 1000 * (config.seed + 1) + 10 * index
+            write_synthetic_jsonl(spec.data, spec.task, config.train_examples, config.kind, seed=base)
+            write_synthetic_jsonl(spec.eval, spec.task, config.eval_examples, config.kind, seed=base + 1)
+
+
+# --------------------------------------------------------------------------- choosing victims
+
+
+def serving_helpers(rows: Sequence[Mapping[str, Any]]) -> dict[int, list[int]]:
+    """helper id -> ids of the alive owners it serves, from peer table rows."""
+    serving: dict[int, list[int]] = {}
+    for row in rows:
+        helper = row.get("helper")
+        if helper is not None and row.get("status") == "alive" and helper != row.get("id"):
+            serving.setdefault(int(helper), []).append(int(row["id"]))
+    return serving
+
+
+def choose_victims(rows: Sequence[Mapping[str, Any]], names_by_id: Mapping[int, str],
+                   pure_helpers: set[str], count: int) -> list[str]:
+    """`count` node names to kill, helpers among them (see the module doc, step 3).
+
+    Order: helpers serving someone (pure helpers first), alternating with data nodes that
+    are not their cluster's anchor and leave at least one other live member behind."""
+    alive = {int(r["id"]): r for r in rows if r.get("status") == "alive" and int(r["id"]) in names_by_id}
+    serving = serving_helpers(rows)
+    helpers = sorted((h for h in serving if h in alive),
+                     key=lambda h: (names_by_id[h] not in pure_helpers, -len(serving[h]), h))
+    members: dict[Any, set[int]] = {}
+    for node_id, row in alive.items():
+        if names_by_id[node_id] not in pure_helpers and row.get("cluster") is not None:
+            members.setdefault(row["cluster"], set()).add(node_id)
+    data_nodes = sorted(
+        (i for i, r in alive.items() if names_by_id[i] not in pure_helpers and not r.get("anchor")),
+        key=lambda i: (i in serving, -len(members.get(alive[i].get("cluster"), ())), -i),
+    )
+    chosen: list[int] = []
+
+    def can_take(node_id: int) -> bool:
+        if node_id in chosen:
+            return False
+        cluster = alive[node_id].get("cluster")
+        if names_by_id[node_id] in pure_helpers or cluster is None:
+            return True
+        left = members.get(cluster, set()) - set(chosen) - {node_id}
+        return len(left) >= 1
+
+    queues = [helpers, data_nodes]
+    turn = 0
+    while len(chosen) < count and any(queues):
+        queue = queues[turn % 2]
+        turn += 1
+        while queue:
+            candidate = queue.pop(0)
+            if can_take(candidate):
+                chosen.append(candidate)
+                break
+    if len(chosen) < count:  # anything else alive that keeps every cluster populated
+        for node_id in sorted(alive, reverse=True):
+            if len(chosen) >= count:
+                break
+            if can_take(node_id) and not alive[node_id].get("anchor"):
+                chosen.append(node_id)
+    return [names_by_id[i] for i in chosen]
+
+
+# --------------------------------------------------------------------------- acceptance
+
+
+def acceptance_failures(result: Mapping[str, Any]) -> list[str]:
+    """The acceptance checks of issue #4 that `result` fails, one sentence each."""
+    failures = []
+    missing = sorted(set(result["survivors"]) - set(result["finished"]))
+    if missing:
+        failures.append(f"survivors that did not finish every round: {', '.join(missing)}")
+    unfinished_restarts = sorted(set(result["restarted"]) & set(result["data_nodes"]) - set(result["finished"]))
+    if unfinished_restarts:
+        failures.append(f"restarted nodes that did not finish: {', '.join(unfinished_restarts)}")
+    crashed = {name: code for name, code in result["exit_codes"].items()
+               if name not in result["killed_for_good"] and code not in (0, None)}
+    if crashed:
+        failures.append(f"nodes that exited with an error: {crashed}")
+    if result["lost_updates"] != 0:
+        failures.append(f"lost_updates = {result['lost_updates']} (must be 0)")
+    if result["killed_serving_helpers"] and result["repairs"] < 1:
+        failures.append(f"helpers {result['killed_serving_helpers']} were killed but repairs = {result['repairs']}")
+    if result["ari"] is None or result["ari"] < ARI_TARGET:
+        failures.append(f"ari = {result['ari']} (must be >= {ARI_TARGET})")
+    series = result["loss_by_round_by_cluster"]
+    if not series:
+        failures.append("no loss was reported by any cluster")
+    for cluster, values in series.items():
+        if cluster == report.NO_CLUSTER:
+            continue
+        if not report.loss_falls({int(r): v for r, v in values.items()}):
+            failures.append(f"cluster {cluster}: loss did not fall over the rounds ({values})")
+    return failures
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def _bootstrap_repairs(swarm: Swarm) -> dict[str, Any]:
+    """The coordinator's repair figures the bootstrap persisted in its state dir, if any."""
+    state = swarm.workdir / "bootstrap"
+    for name in ("coordinator.json", "metrics.json", "assignment.json"):
+        path = state / name
+        with contextlib.suppress(OSError, json.JSONDecodeError):
+            data = json.loads(path.read_text())
+            if isinstance(data, dict) and "repairs" in data:
+                return data
+    return {}
+
+
+@dataclass
+class _Progress:
+    """What the run saw while it ran (peer table snapshots, kill and restart times)."""
+
+    table_before_kill: list[dict[str, Any]] = field(default_factory=list)
+    table_last: list[dict[str, Any]] = field(default_factory=list)
+    killed: list[str] = field(default_factory=list)
+    restarted: list[str] = field(default_factory=list)
+    kill_at_s: float | None = None
+    repaired_at_s: float | None = None
+    killed_serving_helpers: list[str] = field(default_factory=list)
+
+
+class ChurnRun:
+    """Runs one scenario in `workdir` (see the module doc); `run()` returns the figures."""
+
+    def __init__(self, config: ChurnConfig, workdir: Path, say=print) -> None:
+        self.config = config
+        self.workdir = Path(workdir)
+        self.say = say
+        self.specs = plan_nodes(config, self.workdir / "data")
+        self.by_name = {s.name: s for s in self.specs}
+        self.progress = _Progress()
+        self.started = time.monotonic()
+        self.deadline = self.started + config.timeout_s
+
+    # -- helpers -----------------------------------------------------------------------
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def remaining(self) -> float:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise SwarmError(f"global timeout of {self.config.timeout_s:g} s reached")
+        return left
+
+    def rounds_done(self, swarm: Swarm, name: str) -> int:
+        try:
+            return report.read_node_dir(swarm.out_dir(name)).rounds_done
+        except report.ReportError:
+            return 0
+
+    def data_names(self) -> list[str]:
+        return [s.name for s in self.specs if s.has_data]
+
+    def node_args(self) -> list[str]:
+        c = self.config
+        return ["--model", c.model, "--rounds", str(c.rounds), "--local-steps", str(c.local_steps),
+                "--batch-size", str(c.batch_size), "--seed", str(c.seed)]
+
+    def start_node(self, swarm: Swarm, spec: NodeSpec) -> None:
+        extra = self.node_args() + (["--eval", str(spec.eval)] if spec.eval else [])
+        swarm.add_node(spec.name, memory=spec.memory, bandwidth=spec.bandwidth, data=spec.data, extra=extra, out=True)
+
+    def peers_or_last(self, swarm: Swarm) -> list[dict[str, Any]]:
+        with contextlib.suppress(Exception):
+            self.progress.table_last = swarm.peers()
+        return self.progress.table_last
+
+    def progress_line(self, swarm: Swarm, waiting_for: Sequence[str]) -> str:
+        parts = []
+        for name in self.data_names():
+            child = swarm.nodes.get(name)
+            mark = "" if child is None or child.running else ("+" if child.proc.returncode == 0 else "x")
+            parts.append(f"{name} {self.rounds_done(swarm, name)}/{self.config.rounds}{mark}")
+        return f"[{self.elapsed():6.1f} s] rounds: {', '.join(parts)} (waiting for {len(waiting_for)})"
+
+    def wait_with_progress(self, swarm: Swarm, done, what: str, waiting_for) -> None:
+        """Poll `done()` until true, printing a progress line every progress_s seconds."""
+        next_line = time.monotonic() + self.config.progress_s
+        while not done():
+            if time.monotonic() >= next_line:
+                self.say(self.progress_line(swarm, waiting_for()))
+                next_line = time.monotonic() + self.config.progress_s
+            try:
+                self.remaining()
+            except SwarmError as exc:
+                raise SwarmError(f"{exc} while waiting for {what}\n{swarm.describe()}") from None
+            crashed = [n for n in waiting_for() if n in swarm.nodes and not swarm.nodes[n].running
+                       and swarm.nodes[n].proc.returncode != 0]
+            if crashed:
+                logs = "\n".join(f"--- {n} ---\n{swarm.nodes[n].log_tail(15)}" for n in crashed)
+                raise SwarmError(f"{', '.join(crashed)} exited with an error while waiting for {what}\n{logs}")
+            time.sleep(0.5)
+
+    # -- phases ------------------------------------------------------------------------
+
+    def start(self, swarm: Swarm) -> dict[str, int]:
+        c = self.config
+        write_data(self.specs, c)
+        extra = ["--model", c.model, "--task", c.model_task, "--min-nodes", str(len(self.data_names())),
+                 "--assign-after", "120"]
+        if c.model_task == "seq_cls":
+            extra += ["--num-labels", str(SyntheticConfig().num_labels)]
+        if c.clusters:
+            extra += ["--clusters", str(c.clusters)]
+        address = swarm.start_bootstrap(extra=extra)
+        self.say(f"bootstrap on {address}; starting {len(self.specs)} nodes "
+                 f"({len(self.data_names())} with data over {c.tasks} tasks, "
+                 f"{len(self.specs) - len(self.data_names())} pure helpers)")
+        for spec in self.specs:
+            self.start_node(swarm, spec)
+            self.say(f"  {spec.name:<14} --memory {spec.memory:<7} --bandwidth {spec.bandwidth:<8} "
+                     + (f"task {spec.task} ({spec.data.name})" if spec.has_data else "no data (helper)"))
+        ids = {spec.name: swarm.node_id(spec.name, timeout=self.remaining()) for spec in self.specs}
+        truth = {"nodes": {name: {"node_id": ids[name], "task": self.by_name[name].task,
+                                  "memory": self.by_name[name].memory, "has_data": self.by_name[name].has_data}
+                           for name in ids}}
+        (self.workdir / TRUTH_FILE).write_text(json.dumps(truth, indent=2))
+        return ids
+
+    def kill_midway(self, swarm: Swarm, ids: dict[str, int]) -> None:
+        c = self.config
+        count = kill_count(c.nodes, c.kill)
+        if count == 0:
+            return
+        halfway = max(1, (c.rounds - 1) // 2)
+        self.say(f"waiting until every data node has finished {halfway} of {c.rounds} rounds, then killing {count}")
+        self.wait_with_progress(
+            swarm, lambda: all(self.rounds_done(swarm, n) >= halfway for n in self.data_names()),
+            "training to reach the middle", lambda: self.data_names(),
+        )
+        rows = self.peers_or_last(swarm)
+        self.progress.table_before_kill = rows
+        names_by_id = {i: n for n, i in ids.items()}
+        pure = {s.name for s in self.specs if not s.has_data}
+        victims = choose_victims(rows, names_by_id, pure, count)
+        serving = serving_helpers(rows)
+        self.progress.killed_serving_helpers = [n for n in victims if ids[n] in serving]
+        self.progress.kill_at_s = self.elapsed()
+        for name in victims:
+            swarm.kill(name, signal.SIGKILL)
+            role = "helper serving " + ", ".join(names_by_id[o] for o in serving[ids[name]]) \
+                if ids[name] in serving else ("data node" if name not in pure else "idle helper")
+            self.say(f"[{self.elapsed():6.1f} s] SIGKILL {name} (id {ids[name]}, {role})")
+        self.progress.killed = victims
+
+    def restart_some(self, swarm: Swarm, ids: dict[str, int]) -> None:
+        count = restart_count(len(self.progress.killed), self.config.restart)
+        if count == 0:
+            return
+        names = self.progress.killed[:count]
+        swarm.wait_until(
+            lambda: all(swarm.statuses().get(ids[n]) == "dead" for n in names),
+            timeout=min(60.0, self.remaining()), what="the bootstrap to see the killed nodes dead",
+        )
+        for name in names:
+            self.start_node(swarm, self.by_name[name])
+            self.say(f"[{self.elapsed():6.1f} s] restarted {name} on the same --out (resumes from its checkpoint)")
+        self.progress.restarted = names
+
+    def finish(self, swarm: Swarm) -> dict[str, int | None]:
+        killed_for_good = set(self.progress.killed) - set(self.progress.restarted)
+        data_alive = [n for n in self.data_names() if n not in killed_for_good]
+
+        def pending() -> list[str]:
+            return [n for n in data_alive if swarm.nodes[n].running]
+
+        self.wait_with_progress(swarm, lambda: not pending(), "the surviving data nodes to finish", pending)
+        self.say(self.progress_line(swarm, []))
+        self.peers_or_last(swarm)
+        helpers = [s.name for s in self.specs if not s.has_data and s.name not in killed_for_good]
+        with contextlib.suppress(SwarmError):  # helpers leave when the swarm is done; else SIGTERM
+            swarm.wait_until(lambda: not any(swarm.nodes[n].running for n in helpers),
+                             timeout=min(20.0, self.remaining()), what="helpers to leave")
+        codes = {}
+        for name, child in swarm.nodes.items():
+            if child.running and name not in killed_for_good:
+                codes[name] = swarm.kill(name, signal.SIGTERM)
+            else:
+                codes[name] = child.proc.returncode
+        return {n: (None if n in killed_for_good else c) for n, c in codes.items()}
+
+    def figures(self, swarm: Swarm, ids: dict[str, int], codes: dict[str, int | None]) -> dict[str, Any]:
+        runs = report.read_runs([swarm.out_dir(s.name) for s in self.specs])
+        by_name = {r.name: r for r in runs}
+        killed_for_good = sorted(set(self.progress.killed) - set(self.progress.restarted))
+        survivors = [n for n in self.data_names() if n not in self.progress.killed]
+        finished = sorted(n for n in self.data_names()
+                          if n in by_name and by_name[n].finished and by_name[n].rounds_done >= self.config.rounds)
+        # clusters: each node's own files first, else the last peer table it appeared in
+        table = {int(r["id"]): r for r in self.progress.table_before_kill + self.progress.table_last}
+        clusters = {}
+        for name in self.data_names():
+            cluster = by_name[name].cluster if name in by_name else None
+            if cluster is None and ids.get(name) in table:
+                cluster = table[ids[name]].get("cluster")
+            clusters[name] = cluster
+        truth = {n: self.by_name[n].task for n in self.data_names()}
+        boot = _bootstrap_repairs(swarm)
+        node_repairs = sum(max((int(r.get("repairs") or 0) for r in run.rows), default=0)
+                           for run in runs if run.trains)
+        summary = report.summarize(runs)
+        return {
+            "nodes": self.config.nodes,
+            "data_nodes": self.data_names(),
+            "pure_helpers": [s.name for s in self.specs if not s.has_data],
+            "killed": self.progress.killed,
+            "killed_serving_helpers": self.progress.killed_serving_helpers,
+            "killed_for_good": killed_for_good,
+            "restarted": self.progress.restarted,
+            "survivors": survivors,
+            "finished": finished,
+            "repairs": int(boot.get("repairs", node_repairs)),
+            "fallbacks": int(boot.get("fallbacks", 0)),
+            "repair_source": "bootstrap" if boot else "nodes' metrics",
+            "repair_events": boot.get("events", []),
+            "lost_updates": summary["lost_updates"],
+            "lost": summary["lost"],
+            "contributions": summary["contributions"],
+            "ari": report.adjusted_rand(truth, clusters),
+            "clusters": clusters,
+            "tasks": truth,
+            "final_loss_by_cluster": summary["final_loss_by_cluster"],
+            "loss_by_round_by_cluster": summary["loss_by_round_by_cluster"],
+            "eval_by_round_by_cluster": summary["eval_by_round_by_cluster"],
+            "eval_metric": summary["eval_metric"],
+            "bytes_by_kind": summary["bytes_by_kind"],
+            "exit_codes": codes,
+            "kill_at_s": self.progress.kill_at_s,
+            "adapters": {r.name: (r.summary or {}).get("adapter_dir") for r in runs if r.summary},
+            "peer_table_before_kill": self.progress.table_before_kill,
+            "peer_table_last": self.progress.table_last,
+            "config": {k: v for k, v in asdict(self.config).items()},
+            "workdir": str(self.workdir),
+            "wall_s": round(self.elapsed(), 2),
+        }
+
+    def run(self) -> dict[str, Any]:
+        c = self.config
+        with Swarm(self.workdir, heartbeat_s=c.heartbeat_s, suspect_after=c.suspect_after,
+                   dead_after=c.dead_after) as swarm:
+            ids = self.start(swarm)
+            self.kill_midway(swarm, ids)
+            self.restart_some(swarm, ids)
+            codes = self.finish(swarm)
+            result = self.figures(swarm, ids, codes)
+        result["wall_s"] = round(self.elapsed(), 2)
+        return result
+
+
+def print_result(result: Mapping[str, Any], failures: Sequence[str], say=print) -> None:
+    say("")
+    say(f"killed {result['killed']} (serving helpers: {result['killed_serving_helpers']}), "
+        f"restarted {result['restarted']}")
+    say(f"finished {len(result['finished'])}/{len(result['survivors'])} survivors; repairs {result['repairs']}, "
+        f"fallbacks {result['fallbacks']} ({result['repair_source']}); lost updates {result['lost_updates']} "
+        f"of {result['contributions']} contributions; ARI {result['ari']}")
+    say(report.format_round_table("loss by round (mean over each cluster's nodes)",
+                                  {c: {int(r): v for r, v in s.items()} for c, s in result["loss_by_round_by_cluster"].items()}))
+    say("bytes sent by kind: " + ", ".join(f"{k} {v:,}" for k, v in result["bytes_by_kind"].items()))
+    say(f"wall time {result['wall_s']:.1f} s")
+    if failures:
+        say("ACCEPTANCE FAILED:")
+        for line in failures:
+            say(f"  - {line}")
+    else:
+        say("acceptance: every check passed")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--nodes", type=int, default=ChurnConfig.nodes)
+    parser.add_argument("--tasks", type=int, default=ChurnConfig.tasks)
+    parser.add_argument("--kill", type=float, default=ChurnConfig.kill, help="fraction of the nodes to SIGKILL")
+    parser.add_argument("--restart", type=float, default=ChurnConfig.restart, help="fraction of the killed to restart")
+    parser.add_argument("--rounds", type=int, default=ChurnConfig.rounds)
+    parser.add_argument("--local-steps", type=int, default=ChurnConfig.local_steps)
+    parser.add_argument("--batch-size", type=int, default=ChurnConfig.batch_size)
+    parser.add_argument("--model", default=ChurnConfig.model)
+    parser.add_argument("--kind", choices=("classification", "lm"), default=ChurnConfig.kind)
+    parser.add_argument("--clusters", type=int, default=ChurnConfig.clusters, help="0: chosen by silhouette")
+    parser.add_argument("--seed", type=int, default=ChurnConfig.seed)
+    parser.add_argument("--timeout", type=float, default=ChurnConfig.timeout_s, help="seconds for the whole run")
+    parser.add_argument("--json", type=Path, dest="json_path", help="write the figures here")
+    parser.add_argument("--workdir", type=Path, help="keep data, logs and outputs here (default: a temporary dir)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname).1s %(name)s: %(message)s")
+    try:
+        config = ChurnConfig(nodes=args.nodes, tasks=args.tasks, kill=args.kill, restart=args.restart,
+                             rounds=args.rounds, local_steps=args.local_steps, batch_size=args.batch_size,
+                             model=args.model, kind=args.kind, clusters=args.clusters, seed=args.seed,
+                             timeout_s=args.timeout)
+    except ValueError as exc:
+        parser.error(str(exc))
+    signal.signal(signal.SIGTERM, lambda signum, frame: (_ for _ in ()).throw(SystemExit(128 + signum)))
+    with contextlib.ExitStack() as stack:
+        workdir = args.workdir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="atlas-churn-")))
+        print(f"churn scenario in {workdir} (logs in {workdir / 'logs'})")
+        try:
+            result = ChurnRun(config, workdir).run()
+        except SwarmError as exc:
+            print(f"churn scenario failed: {exc}", file=sys.stderr)
+            return 1
+        failures = acceptance_failures(result)
+        result["acceptance_failures"] = failures
+        print_result(result, failures)
+        if args.json_path:
+            args.json_path.write_text(json.dumps(result, indent=2, default=str))
+            print(f"figures written to {args.json_path}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
