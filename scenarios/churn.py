@@ -44,8 +44,9 @@ if __package__ in (None, ""):  # run as `python scenarios/churn.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from atlas_p2p.synthetic import SyntheticConfig, write_synthetic_jsonl  # noqa: E402
-from scenarios.swarm import Swarm, SwarmError  # noqa: E402
+from scenarios.swarm import Swarm, SwarmError, wait_until  # noqa: E402
 from tools import report  # noqa: E402
+from tools.peers_view import format_peer_table  # noqa: E402
 
 log = logging.getLogger("atlas.churn")
 
@@ -286,6 +287,11 @@ def _bootstrap_repairs(swarm: Swarm) -> dict[str, Any]:
     return {}
 
 
+def wait_until_quiet(predicate, timeout: float):
+    """`swarm.wait_until` without the children's logs in the error (the caller only warns)."""
+    return wait_until(predicate, timeout, interval=0.5, what="the repair to show in the peer table")
+
+
 @dataclass
 class _Progress:
     """What the run saw while it ran (peer table snapshots, kill and restart times)."""
@@ -300,12 +306,15 @@ class _Progress:
 
 
 class ChurnRun:
-    """Runs one scenario in `workdir` (see the module doc); `run()` returns the figures."""
+    """Runs one scenario in `workdir` (see the module doc); `run()` returns the figures.
 
-    def __init__(self, config: ChurnConfig, workdir: Path, say=print) -> None:
+    `show_tables`: print the peer table before the kill and once the repair shows in it."""
+
+    def __init__(self, config: ChurnConfig, workdir: Path, say=print, show_tables: bool = False) -> None:
         self.config = config
         self.workdir = Path(workdir)
         self.say = say
+        self.show_tables = show_tables
         self.specs = plan_nodes(config, self.workdir / "data")
         self.by_name = {s.name: s for s in self.specs}
         self.progress = _Progress()
@@ -411,6 +420,8 @@ class ChurnRun:
         )
         rows = self.peers_or_last(swarm)
         self.progress.table_before_kill = rows
+        if self.show_tables:
+            self.say(f"\n$ atlas-node peers --bootstrap {swarm.address}\n{format_peer_table(rows)}\n")
         names_by_id = {i: n for n, i in ids.items()}
         pure = {s.name for s in self.specs if not s.has_data}
         victims = choose_victims(rows, names_by_id, pure, count)
@@ -423,6 +434,32 @@ class ChurnRun:
                 if ids[name] in serving else ("data node" if name not in pure else "idle helper")
             self.say(f"[{self.elapsed():6.1f} s] SIGKILL {name} (id {ids[name]}, {role})")
         self.progress.killed = victims
+        self.wait_for_repair(swarm, [ids[n] for n in victims])
+
+    def wait_for_repair(self, swarm: Swarm, victim_ids: list[int]) -> None:
+        """Wait until the peer table shows the victims gone and no live owner paired with one."""
+        gone = set(victim_ids)
+
+        def repaired() -> list[dict[str, Any]] | None:
+            rows = swarm.peers()
+            by_id = {int(r["id"]): r for r in rows}
+            if any(by_id.get(v, {}).get("status") == "alive" for v in gone):
+                return None
+            if any(r.get("status") == "alive" and r.get("helper") in gone for r in rows):
+                return None
+            return rows
+
+        try:
+            rows = wait_until_quiet(repaired, timeout=min(90.0, self.remaining()))
+        except SwarmError as exc:
+            self.say(f"[{self.elapsed():6.1f} s] no repair visible in the peer table: {exc}")
+            return
+        self.progress.repaired_at_s = self.elapsed()
+        self.progress.table_last = rows
+        latency = self.progress.repaired_at_s - (self.progress.kill_at_s or 0.0)
+        self.say(f"[{self.elapsed():6.1f} s] peer table repaired {latency:.1f} s after the kill")
+        if self.show_tables:
+            self.say(format_peer_table(rows))
 
     def restart_some(self, swarm: Swarm, ids: dict[str, int]) -> None:
         count = restart_count(len(self.progress.killed), self.config.restart)
@@ -507,6 +544,8 @@ class ChurnRun:
             "bytes_by_kind": summary["bytes_by_kind"],
             "exit_codes": codes,
             "kill_at_s": self.progress.kill_at_s,
+            "repair_seen_after_s": (None if self.progress.repaired_at_s is None
+                                    else round(self.progress.repaired_at_s - (self.progress.kill_at_s or 0.0), 2)),
             "adapters": {r.name: (r.summary or {}).get("adapter_dir") for r in runs if r.summary},
             "peer_table_before_kill": self.progress.table_before_kill,
             "peer_table_last": self.progress.table_last,

@@ -1,39 +1,40 @@
-"""`make demo` (interim, until the training runtime lands): a local swarm, start to finish.
+"""`make demo`: a local ATLAS swarm trains, loses a helper midway, repairs itself and finishes.
 
-Starts a bootstrap and four `atlas-node join` processes on 127.0.0.1 with mixed memory
-and bandwidth (one with a data file, three helpers), waits until all are alive, prints
-the peer table the way `atlas-node peers` shows it, then stops every node (each sends
-`leave`) and the bootstrap, and prints the table's final state. Logs stay in the work
-directory (a temporary one unless --workdir is given).
+A bootstrap and six `atlas-node join` processes on 127.0.0.1, started through the CLI,
+on the embedded default model (`tiny-gpt2`, built from a config: nothing is downloaded)
+and the built-in synthetic multi-task data: five data nodes over two conflicting tasks
+(one strong device per task that trains the whole model, weak ones that need a helper)
+and one pure helper without data. The demo prints
 
-    python -m scenarios.demo [--workdir DIR] [--nodes 4]
+1. the peer table once the bootstrap has clustered and paired everyone (clusters,
+   split points, ranks, helpers, anchors);
+2. the SIGKILL of a helper that is serving owners halfway through training, and the
+   peer table once the bootstrap has re-paired its owners (the repair);
+3. per-cluster training loss and held-out accuracy by round, the clustering's ARI
+   against the true tasks (which only this script knows), bytes sent by kind;
+4. where every node's PEFT adapter, metrics and logs are.
+
+It exits non-zero when any check of the churn scenario fails (a survivor did not
+finish, an update was lost, no repair, clusters wrong, a loss did not fall).
+
+    python -m scenarios.demo [--workdir DIR] [--rounds 4] [--nodes 6]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import signal
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from scenarios.swarm import Swarm, SwarmError
+from scenarios.churn import ChurnConfig, ChurnRun, acceptance_failures, pure_helper_count
+from scenarios.swarm import SwarmError
+from tools import report
 
-# (name, memory, bandwidth, has data): a phone, a laptop, a desktop, a small board
-DEVICES = [
-    ("laptop", "8GB", "50Mbps", True),
-    ("phone", "3GB", "20Mbps", False),
-    ("desktop", "16GiB", "1Gbps", False),
-    ("board", "512MB", "5Mbps", False),
-]
-
-
-def _write_sample_data(path: Path) -> Path:
-    rows = [{"text": f"sample sentence number {i}", "label": i % 2} for i in range(16)]
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return path
+DEMO_TIMEOUT_S = 600.0
 
 
 def _terminate_on_sigterm() -> None:
@@ -43,62 +44,84 @@ def _terminate_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
-def run_demo(workdir: Path, n_nodes: int) -> int:
-    """Run the demo in `workdir`; return a process exit code."""
-    print(f"ATLAS demo: a bootstrap and {n_nodes} nodes on 127.0.0.1 (logs in {workdir}/logs)\n")
-    started = time.monotonic()
-    with Swarm(workdir, heartbeat_s=1.0) as swarm:
-        address = swarm.start_bootstrap()
-        print(f"$ atlas-node bootstrap --bind {address} --state {workdir / 'bootstrap'} --heartbeat-s 1.0")
-        data = _write_sample_data(workdir / "laptop.jsonl")
-        devices = [DEVICES[i % len(DEVICES)] for i in range(n_nodes)]
-        names = []
-        for i, (kind, memory, bandwidth, has_data) in enumerate(devices):
-            name = kind if i < len(DEVICES) else f"{kind}{i}"
-            names.append(name)
-            swarm.add_node(name, memory=memory, bandwidth=bandwidth, data=data if has_data else None)
-            flags = f" --data {data}" if has_data else ""
-            print(f"$ atlas-node join --bootstrap {address} --memory {memory} --bandwidth {bandwidth}{flags}")
-        ids = {name: swarm.node_id(name) for name in names}
+def demo_config(nodes: int, rounds: int, seed: int) -> ChurnConfig:
+    """The demo's swarm: 2 tasks, exactly one node killed (a serving helper is picked first)."""
+    return ChurnConfig(nodes=nodes, tasks=2, kill=1.0 / nodes, restart=0.0, rounds=rounds, local_steps=4,
+                       batch_size=8, seed=seed, timeout_s=DEMO_TIMEOUT_S)
 
-        def all_alive_and_heartbeating() -> bool:
-            rows = swarm.peers()
-            return sorted(r["id"] for r in rows) == sorted(ids.values()) and all(
-                r["status"] == "alive" and r["state"] == "waiting" for r in rows
-            )
 
-        swarm.wait_until(all_alive_and_heartbeating, timeout=30, what="every node alive and heartbeating")
-        print(f"\n$ atlas-node peers --bootstrap {address}")
-        print(swarm.run_cli("peers", "--bootstrap", address).stdout)
+def show_results(result: dict, workdir: Path) -> None:
+    """Per-cluster tables, the repair, and where the adapters are."""
+    def table(title: str, key: str) -> str:
+        series = {c: {int(r): v for r, v in s.items()} for c, s in result[key].items()}
+        return report.format_round_table(title, series)
 
-        print("Stopping the nodes (SIGTERM: each sends `leave`) ...")
-        codes = [swarm.kill(name, signal.SIGTERM) for name in names]
-        swarm.wait_until(lambda: set(swarm.statuses().values()) == {"left"}, timeout=15, what="every node left")
-        print(f"$ atlas-node peers --bootstrap {address}")
-        print(swarm.run_cli("peers", "--bootstrap", address).stdout)
-        boot_code = swarm.kill("bootstrap", signal.SIGTERM)
-    clean = all(code == 0 for code in codes) and boot_code == 0
-    print(f"Node exit codes {codes}, bootstrap {boot_code}: {'clean shutdown' if clean else 'NOT clean'} "
-          f"in {time.monotonic() - started:.1f} s.")
-    return 0 if clean else 1
+    metric = ", ".join(result["eval_metric"]) or "eval"
+    print()
+    print(table("training loss by round (mean over each cluster's nodes)", "loss_by_round_by_cluster"))
+    print()
+    print(table(f"held-out {metric} by round (mean over each cluster's nodes)", "eval_by_round_by_cluster"))
+    print()
+    print(f"clusters found: {result['clusters']}")
+    print(f"true tasks:     {result['tasks']}   -> ARI {result['ari']}")
+    killed = ", ".join(result["killed"]) or "nobody"
+    print(f"killed {killed} at {result['kill_at_s']:.1f} s; repairs {result['repairs']}, fallbacks "
+          f"{result['fallbacks']}, repair visible after {result['repair_seen_after_s']} s; "
+          f"lost updates {result['lost_updates']} of {result['contributions']} contributions")
+    for event in result["repair_events"]:
+        print(f"  repair: {json.dumps(event)}")
+    print("bytes sent by kind: " + ", ".join(f"{k} {v:,}" for k, v in result["bytes_by_kind"].items()))
+    print("\nadapters (standard PEFT directories, load with PeftModel.from_pretrained):")
+    for name, path in sorted(result["adapters"].items()):
+        print(f"  {name:<14} {path}")
+    print(f"metrics: {workdir / 'nodes'}/*/metrics.jsonl   logs: {workdir / 'logs'}")
+    print(f"report again: python -m tools.report {workdir / 'nodes'}/* --truth {workdir / 'truth.json'} "
+          f"--plots {workdir / 'plots'}")
+
+
+def run_demo(workdir: Path, nodes: int, rounds: int, seed: int) -> int:
+    config = demo_config(nodes, rounds, seed)
+    print(f"ATLAS demo: a bootstrap and {nodes} nodes ({pure_helper_count(nodes)} pure helper) on 127.0.0.1, "
+          f"{config.tasks} tasks, {rounds} rounds, model {config.model}; work dir {workdir}\n")
+    try:
+        result = ChurnRun(config, workdir, show_tables=True).run()
+    except SwarmError as exc:
+        print(f"demo failed: {exc}", file=sys.stderr)
+        return 1
+    show_results(result, workdir)
+    runs = report.read_runs(sorted((workdir / "nodes").iterdir()))
+    plots = report.write_plots(runs, workdir / "plots")
+    for path in plots:
+        print(f"plot: {path}")
+    (workdir / "demo.json").write_text(json.dumps(result, indent=2, default=str))
+    failures = acceptance_failures(result)
+    print(f"\nfinished in {result['wall_s']:.1f} s")
+    if failures:
+        print("DEMO CHECKS FAILED:")
+        for line in failures:
+            print(f"  - {line}")
+        return 1
+    print("every check passed: survivors finished, no update lost, helper repaired, clusters match the tasks, "
+          "loss fell in every cluster")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workdir", type=Path, help="keep state and logs here (default: a temporary dir)")
-    parser.add_argument("--nodes", type=int, default=len(DEVICES), help="how many nodes to start (default 4)")
+    parser.add_argument("--workdir", type=Path, help="keep everything here (default: a new dir under /tmp, kept)")
+    parser.add_argument("--nodes", type=int, default=6, help="node processes, >= 6 (default 6)")
+    parser.add_argument("--rounds", type=int, default=4, help="merge rounds per data node (default 4)")
+    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    if args.nodes < 1:
-        parser.error(f"--nodes must be >= 1, got {args.nodes}")
+    if args.nodes < 6:
+        parser.error(f"--nodes must be >= 6, got {args.nodes}")
+    if args.rounds < 2:
+        parser.error(f"--rounds must be >= 2 (a helper dies midway), got {args.rounds}")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname).1s %(name)s: %(message)s")
     _terminate_on_sigterm()
-    try:
-        if args.workdir is not None:
-            return run_demo(args.workdir, args.nodes)
-        with tempfile.TemporaryDirectory(prefix="atlas-demo-") as tmp:
-            return run_demo(Path(tmp), args.nodes)
-    except SwarmError as exc:
-        print(f"demo failed: {exc}", file=sys.stderr)
-        return 1
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="atlas-demo-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    return run_demo(workdir, args.nodes, args.rounds, args.seed)
 
 
 if __name__ == "__main__":
