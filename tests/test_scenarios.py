@@ -249,3 +249,11 @@ def test_acceptance_passes_a_good_run_and_names_each_failed_check():
         assert needle in text
     assert churn.acceptance_failures(_result(killed_serving_helpers=[], repairs=0)) == []
     assert "ari = None" in "\n".join(churn.acceptance_failures(_result(ari=None)))
+
+
+def test_bytes_of_a_restarted_node_add_up_over_its_incarnations(tmp_path):
+    a = _node(tmp_path, "a", [
+        _row(1, 0, 0, 2.0, sent={"activations": 10}), _row(1, 0, 1, 2.0, sent={"activations": 25}),
+        _row(1, 0, 1, 2.0, sent={"activations": 4}), _row(1, 0, 2, 2.0, sent={"activations": 9}),  # restarted
+    ])
+    assert report.bytes_by_kind(report.read_runs([a]))["activations"] == 25 + 9

@@ -65,6 +65,7 @@ class NodeRun:
     rows: tuple[dict[str, Any], ...]  # metrics lines, one per round (the last written wins), by round
     summary: dict[str, Any] | None  # summary.json, None when absent (killed, still running, helper)
     bad_lines: int = 0  # torn or non-object lines skipped
+    bytes_sent: tuple[tuple[str, int], ...] = ()  # (kind, bytes) over all incarnations, see sent_totals
 
     @property
     def node_id(self) -> int | None:
@@ -161,7 +162,30 @@ def read_node_dir(path: Path | str, name: str | None = None) -> NodeRun:
             raise ReportError(f"{summary_path}: not readable JSON ({exc})") from None
         if not isinstance(summary, dict):
             raise ReportError(f"{summary_path}: expected a JSON object, got {type(summary).__name__}")
-    return NodeRun(name=name or out.name, out_dir=out, rows=_by_round(rows), summary=summary, bad_lines=bad)
+    return NodeRun(name=name or out.name, out_dir=out, rows=_by_round(rows), summary=summary, bad_lines=bad,
+                   bytes_sent=tuple(sent_totals(rows).items()))
+
+
+def sent_totals(rows: Sequence[Mapping[str, Any]]) -> dict[str, int]:
+    """Bytes sent by kind over a node's whole life, from its lines in file order.
+
+    Each line carries running totals since the process started; a restarted process
+    counts from zero again, so a total that drops starts a new segment:
+    total = Σ over segments of the segment's last value."""
+    closed: dict[str, int] = {}
+    current: dict[str, int] = {}
+    for row in rows:
+        counts = row.get("bytes_by_kind")
+        if not isinstance(counts, Mapping):
+            continue
+        values = {str(k): int(v) for k, v in counts.items() if _number(v) is not None}
+        if any(values.get(k, 0) < v for k, v in current.items()):  # a new incarnation
+            for k, v in current.items():
+                closed[k] = closed.get(k, 0) + v
+        current = values
+    for k, v in current.items():
+        closed[k] = closed.get(k, 0) + v
+    return closed
 
 
 def read_runs(paths: Iterable[Path | str]) -> list[NodeRun]:
@@ -254,16 +278,11 @@ def loss_falls(series: Mapping[int, float]) -> bool:
 
 
 def bytes_by_kind(runs: Sequence[NodeRun]) -> dict[str, int]:
-    """Bytes sent by all nodes, by kind: each node's last line carries its running totals."""
+    """Bytes sent by all nodes, by kind (each node's `sent_totals`)."""
     totals = dict.fromkeys(BYTE_KINDS, 0)
     for run in runs:
-        for row in reversed(run.rows):
-            counts = row.get("bytes_by_kind")
-            if isinstance(counts, Mapping):
-                for kind, value in counts.items():
-                    if _number(value) is not None:
-                        totals[str(kind)] = totals.get(str(kind), 0) + int(value)
-                break
+        for kind, value in run.bytes_sent:
+            totals[kind] = totals.get(kind, 0) + value
     return totals
 
 
