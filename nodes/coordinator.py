@@ -27,12 +27,18 @@ What it decides (DESIGN 6 and 7, docs/RUNTIME.md):
 4. Anchors. The anchor of a cluster is its live member with the lowest id (members that
    can train are preferred over waiting ones); a dead anchor is thus replaced at once,
    and the change is recorded.
+5. Provisional helpers. A data node too weak for the whole model cannot compute its
+   fingerprint alone (DESIGN 2.2); until its fingerprint arrives its assignment (role
+   waiting, no cluster) names a helper and split from a hypothetical task-blind plan.
+   The real plan does not change and the helper's own assignment does not list the
+   node (how a helper answers a fingerprint forward from a node it does not serve is
+   the runtime's decision).
 
 Versions. Every node has an assignment version: the value of a global counter at the last
 change of that node's assignment. The counter increases by one for every event that
 changes at least one assignment, so each node's version only grows, and a heartbeat
 carrying an older version means the node must fetch its assignment again. A node that
-was never planned keeps version 0 (nothing to fetch yet).
+was never planned nor given a provisional helper keeps version 0 (nothing to fetch yet).
 
 Ids are ints here and on the wire; atlas_p2p.planning names nodes by str, converted at
 this boundary. Every method either fully applies an event or raises ValueError and
@@ -61,6 +67,7 @@ from atlas_p2p.importance import TAU, cluster_importance, importance_change
 from atlas_p2p.memory import ModelShape, Workload, candidate, lora_candidates
 from atlas_p2p.planning import (
     HELPER,
+    OWNER,
     WAITING,
     NodeInfo,
     Plan,
@@ -373,7 +380,7 @@ class Coordinator:
             if self._first_fingerprint_at is None:
                 self._first_fingerprint_at = float(now)
             if self._clustering is None:
-                return False
+                return self._publish(now, "fingerprinted")  # a provisional helper is no longer needed
             member.cluster = int(assign_nearest(unit[None, :], self._clustering)[0])
             log.info("node %d fingerprint: nearest cluster %d", node_id, member.cluster)
             return self._grow(now, "clustered")
@@ -456,7 +463,7 @@ class Coordinator:
     def assignment_for(self, node_id: int) -> dict[str, Any]:
         """The node's assignment as a plain dict; `Assignment(**d)` builds the message."""
         self._member(node_id)
-        view = self._views.get(node_id) or self._view(node_id)
+        view = self._views.get(node_id) or self._view(node_id, self._provisional())
         cause = self._causes.get(node_id)
         body = {k: v for k, v in view.items() if k != "note"}
         body["reason"] = f"{cause}: {view['note']}" if cause else view["note"]
@@ -668,7 +675,36 @@ class Coordinator:
             anchors[c] = (active or members or [None])[0]
         return anchors
 
-    def _view(self, node_id: int) -> dict[str, Any]:
+    def _provisional(self) -> dict[int, tuple[int, int]]:
+        """Data node without a fingerprint -> (provisional helper, split) for fingerprinting.
+
+        A node too weak for the whole model needs a helper for the one forward/backward
+        of its fingerprint (DESIGN 2.2). It comes from a hypothetical task-blind plan of
+        every live node (the unfingerprinted ones with no cluster); the real plan is not
+        changed. Nodes that can run the whole model, or that nobody can help, get none.
+        """
+        pending = [n for n, m in self._members.items() if m.status == LIVE and m.caps.has_data and m.vector is None]
+        if not pending:
+            return {}
+        blind = 0 if self._clustering is None else self._clustering.next_id  # a cluster id nobody has
+        infos = []
+        for n, m in sorted(self._members.items()):
+            if m.status != LIVE:
+                continue
+            cluster = None
+            if m.caps.has_data:
+                cluster = m.cluster if m.vector is not None and m.cluster is not None else blind
+            infos.append(NodeInfo(str(n), m.caps.memory_bytes, float(m.caps.bandwidth_bps),
+                                  float(m.caps.compute_score), m.caps.has_data, cluster))
+        hypothetical = make_plan(infos, self.config.context, self._importance() or None, self._centroids())
+        out = {}
+        for n in pending:
+            row = hypothetical.nodes[str(n)]
+            if row.role == OWNER and row.helper is not None:
+                out[n] = (int(row.helper), int(row.split))
+        return out
+
+    def _view(self, node_id: int, provisional: Mapping[int, tuple[int, int]]) -> dict[str, Any]:
         """The node's assignment without version (reason in `note`, the cause added later)."""
         member = self._members[node_id]
         plan = self._plan
@@ -678,6 +714,12 @@ class Coordinator:
         if row is None:
             if member.status != LIVE:
                 note = member.note
+            elif node_id in provisional:
+                helper, split = provisional[node_id]
+                return {**empty, "helper": helper, "split": split,
+                        "addresses": {str(helper): self._members[helper].caps.address},
+                        "note": f"fingerprinting: provisional helper {helper} runs blocks[{split}:] "
+                                f"(task-blind, for the fingerprint only)"}
             elif plan is None:
                 note = (f"waiting for the first assignment ({self.config.min_nodes} fingerprints "
                         f"or {self.config.assign_after_s:g} s after the first)")
@@ -727,13 +769,14 @@ class Coordinator:
         `cause` is recorded as why a changed view changed; `causes` overrides it per node
         (a repaired owner's cause is the repair's kind)."""
         plan = self._plan
+        provisional = self._provisional()
         changed = []
         views = {}
         for node_id in sorted(self._members):
-            view = self._view(node_id)
+            view = self._view(node_id, provisional)
             planned = plan is not None and str(node_id) in plan.nodes
-            if node_id not in self._views and not planned:
-                continue  # never planned: stays at version 0
+            if node_id not in self._views and not planned and node_id not in provisional:
+                continue  # never planned nor given a provisional helper: stays at version 0
             views[node_id] = view
             if view != self._views.get(node_id):
                 changed.append(node_id)

@@ -165,7 +165,7 @@ def test_first_assignment_finds_planted_groups_and_pairs_weak_nodes(spec, partit
         a = coord.assignment_for(n)
         assert a["members"] == sorted(next(g for g in partition if n in g))
         assert a["anchor"] == min(a["members"])
-        assert a["version"] == coord.version == 1 and a["reason"].startswith("initial")
+        assert a["version"] == coord.version and a["reason"].startswith("initial")
 
 
 def test_pure_helper_has_no_cluster_and_no_fingerprint():
@@ -237,7 +237,24 @@ def test_timer_assigns_with_fewer_than_min_nodes():
     assert "fingerprint" in coord.assignment_for(3)["reason"]
 
 
-def test_before_assignment_nothing_is_versioned():
+def test_weak_node_gets_a_provisional_helper_for_its_fingerprint():
+    coord = Coordinator(config(min_nodes=3))
+    coord.on_join(1, caps(1, BIG, has_data=False), now=0.0)
+
+    got_helper = coord.on_join(2, caps(2, WEAK), now=1.0)
+    a = coord.assignment_for(2)
+    dropped = coord.on_fingerprint(2, planted(DIR_A, 2), 32, now=2.0)
+    b = coord.assignment_for(2)
+
+    assert got_helper and (a["role"], a["helper"], a["split"], a["cluster"]) == (WAITING, 1, 2, None)
+    assert a["addresses"] == {"1": "127.0.0.1:7001"} and a["version"] == 1
+    assert a["reason"].startswith("joined: fingerprinting: provisional helper 1")
+    assert dropped and (b["helper"], b["split"], b["version"]) == (None, None, 2)
+    assert coord.assignment_for(1)["serves"] == []  # the real plan is not touched
+    Assignment(**a)
+
+
+def test_before_assignment_strong_nodes_are_not_versioned():
     coord = Coordinator(config(min_nodes=3))
 
     changed = [coord.on_join(1, caps(1, BIG), now=0.0),
@@ -280,12 +297,13 @@ def test_dead_helper_is_replaced(spec, kill, owner, new_helper, kind, repairs, f
     coord = swarm(spec)
     assert coord.assignment_for(owner)["helper"] == kill
     others = {n: coord.assignment_for(n) for n in spec if coord.cluster_of(n) not in (None, coord.cluster_of(owner))}
+    version = coord.version
 
     changed = coord.on_dead(kill, now=50.0)
 
     assert changed and coord.status(kill) == DEAD
     a = coord.assignment_for(owner)
-    assert a["helper"] == new_helper and a["version"] == coord.version == 2
+    assert a["helper"] == new_helper and a["version"] == coord.version == version + 1
     assert a["role"] == (OWNER if new_helper is not None else WAITING)
     assert a["reason"].startswith(kind)
     assert kill not in a["members"] and kill not in a["fallbacks"]
@@ -392,18 +410,22 @@ def test_late_joiner_goes_to_nearest_cluster_and_ids_stay(direction, mates, anch
     partition_before = groups(coord, range(1, 8))
     target = coord.cluster_of(mates[0])
 
+    version = coord.version
     coord.on_join(9, caps(9, WEAK), now=100.0)
-    joined_only = coord.version
+    joined = coord.assignment_for(9)
     changed = coord.on_fingerprint(9, planted(direction, 9), 32, now=101.0)
 
-    assert joined_only == 1 and changed  # planned only once its fingerprint arrived
+    # planned only once its fingerprint arrived; until then a task-blind provisional helper
+    assert (joined["role"], joined["cluster"], joined["members"], joined["split"]) == (WAITING, None, [], 2)
+    assert joined["helper"] is not None and joined["reason"].startswith("joined: fingerprinting")
+    assert joined["version"] == version + 1 and changed
     assert coord.cluster_of(9) == target
     np.testing.assert_array_equal(coord.clustering.ids, ids_before)
     np.testing.assert_array_equal(coord.clustering.centroids, centroids_before)
     assert groups(coord, range(1, 8)) == partition_before
     a = coord.assignment_for(9)
     assert a["members"] == [*mates, 9] and a["anchor"] == anchor and a["role"] == OWNER
-    assert a["helper"] is not None and a["version"] == 2 and a["reason"].startswith("clustered")
+    assert a["helper"] is not None and a["version"] == version + 2 and a["reason"].startswith("clustered")
     assert all(9 in coord.assignment_for(m)["members"] for m in mates)
 
 
@@ -420,14 +442,16 @@ def test_late_pure_helper_takes_a_waiting_owner():
 
 def test_rejoin_with_same_capabilities_changes_nothing():
     coord = swarm(TWO_GROUPS)
+    version = coord.version
 
     changed = coord.on_join(2, caps(2, WEAK), now=5.0)
 
-    assert not changed and coord.version == 1
+    assert not changed and coord.version == version
 
 
 def test_cluster_importance_moves_the_rank_pattern_of_every_member():
     coord = swarm(TWO_GROUPS)
+    version = coord.version
     mlp_only = {m.name: (1.0 if ".mlp." in m.name else 0.0) for m in M.lora_candidates(SHAPE)}
     before = {n: coord.assignment_for(n)["ranks"] for n in (1, 5, 6)}
 
@@ -442,7 +466,7 @@ def test_cluster_importance_moves_the_rank_pattern_of_every_member():
         mlp_after, attn_after = by_kind(coord.assignment_for(n)["ranks"], split)
         assert mlp_after > mlp_before and attn_after < attn_before
     assert coord.assignment_for(1)["ranks"] == before[1]  # the other cluster is untouched
-    assert coord.version_for(1) == 1 and coord.version_for(2) == 1
+    assert coord.version_for(1) == version and coord.version_for(2) == version
 
 
 # ================================================================ peer table columns
