@@ -195,12 +195,14 @@ def choose_victims(rows: Sequence[Mapping[str, Any]], names_by_id: Mapping[int, 
                    pure_helpers: set[str], count: int) -> list[str]:
     """`count` node names to kill, helpers among them (see the module doc, step 3).
 
-    Order: helpers serving someone (pure helpers first), alternating with data nodes that
-    are not their cluster's anchor and leave at least one other live member behind."""
+    Order: helpers serving someone (pure helpers first, anchors last), alternating with
+    data nodes that are not their cluster's anchor and leave at least one other live
+    member behind."""
     alive = {int(r["id"]): r for r in rows if r.get("status") == "alive" and int(r["id"]) in names_by_id}
     serving = serving_helpers(rows)
     helpers = sorted((h for h in serving if h in alive),
-                     key=lambda h: (names_by_id[h] not in pure_helpers, -len(serving[h]), h))
+                     key=lambda h: (names_by_id[h] not in pure_helpers, bool(alive[h].get("anchor")),
+                                    -len(serving[h]), h))
     members: dict[Any, set[int]] = {}
     for node_id, row in alive.items():
         if names_by_id[node_id] not in pure_helpers and row.get("cluster") is not None:
