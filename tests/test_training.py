@@ -157,8 +157,8 @@ def _assert_trained(contribution, task):
 
 
 def _snapshot(helper, owner_id):
-    slot_factors = get_factors(helper.model, f"owner-{owner_id}")
-    heads = get_dense_trainables(helper.model, f"owner-{owner_id}")
+    slot_factors = get_factors(helper.model, helper.adapter_name(owner_id))
+    heads = get_dense_trainables(helper.model, helper.adapter_name(owner_id))
     return slot_factors, heads, dict(helper.owners)
 
 
@@ -371,8 +371,8 @@ def test_a_contribution_that_missed_the_manifest_is_carried_into_the_next_one_ex
 
     ranks1 = _ranks("llama", SEQ_CLS)
     carried = _split_round(o1, helper, _batches(SEQ_CLS, 2, seed=5), ranks1, n_samples=3)
-    factors, dense = _returned(helper, o1)
-    own = Contribution({**factors, **o1.factors()}, 3, "1", 1, {**dense, **o1.head_delta()})
+    back = helper.return_adapter(1, 1)
+    own = Contribution({**back.factors, **o1.factors()}, 3, "1", 1, {**back.dense, **o1.head_delta()})
 
     assert carried.n_samples == 9 and carried.round == 1
     for m in set(c1.factors) | set(own.factors):
@@ -476,6 +476,32 @@ def test_begin_is_idempotent_for_the_same_round_and_refuses_an_older_round():
     assert helper.owners == {}
 
 
+def test_dropped_owners_and_a_changed_plan_get_fresh_adapters_that_train_correctly():
+    ranks = _ranks()
+    batches = _batches(CAUSAL_LM, 2)
+    helper = HelperSession(_model(), HelperConfig(lr=LR))
+    first = _owner("llama", CAUSAL_LM, 1, node_id=1)
+    second = _owner("llama", CAUSAL_LM, 2, node_id=2, mode="u-shape")
+    for o in (first, second):
+        o.start_round(0)
+        _begin(helper, o, ranks)
+    helper.drop(1)
+    helper.drop(2)  # peft keeps its last adapter; the helper must still work afterwards
+    assert helper.owners == {}
+
+    moved = _owner("llama", CAUSAL_LM, 1, node_id=2)  # owner 2 comes back with another split and mode
+    contribution = _split_round(moved, helper, batches, ranks)
+    replanned = _owner("llama", CAUSAL_LM, 2, node_id=2)
+    replanned.start_round(1)
+    _begin(helper, replanned, ranks)
+
+    factors, head = _reference("llama", CAUSAL_LM, ranks, batches, node_id=2)
+    assert _max_diff(contribution, factors, head) <= TOL
+    assert {int(m.split(".")[2]) for m in helper.return_adapter(2, 1).factors} == {2}
+    with pytest.raises(UnknownOwnerError):
+        helper.adapter_name(1)
+
+
 def test_helper_pool_routes_owners_to_their_cluster_replica():
     pool = HelperPool()
     a = pool.add(HelperSession(_model(), HelperConfig(cluster="a", lr=LR)))
@@ -546,6 +572,40 @@ def test_helper_rejects_bad_tensors_before_any_state_changes(case):
     r = helper.step(7, 0, 1, _wire(f.activations), _wire(f.attention_mask), _wire(f.labels))
     owner.backward(_wire(r.grad))
     factors, dense = _returned(helper, owner)
+    assert _max_diff(owner.contribution(None, factors, dense), dict(clean.factors), dict(clean.dense)) == 0.0
+
+
+def test_u_shape_rejects_bad_hidden_states_and_gradients_and_answers_a_retry_from_cache():
+    ranks = _ranks("llama", SEQ_CLS)
+    batches = _batches(SEQ_CLS, 2)
+    clean = _split_round(_owner("llama", SEQ_CLS, 1, "u-shape"), HelperSession(_model("llama", SEQ_CLS),
+                         HelperConfig(lr=LR)), batches, ranks)
+    owner = _owner("llama", SEQ_CLS, 1, "u-shape")
+    helper = HelperSession(_model("llama", SEQ_CLS), HelperConfig(lr=LR))
+    owner.start_round(0)
+    _begin(helper, owner, ranks)
+    _exchange(owner, helper, batches[0])
+    f = owner.forward(batches[1])
+    hidden = helper.u_forward(7, 0, 1, _wire(f.activations), _wire(f.attention_mask))
+    with pytest.raises(ValueError):
+        owner.finish(hidden[:, :-1])
+    with pytest.raises(ValueError):
+        owner.finish(hidden * float("nan"))
+    _, g = owner.finish(_wire(hidden))
+    before = _snapshot(helper, 7)
+
+    for bad in (g[:, :-1], g.double(), g * float("inf"), "g"):
+        with pytest.raises(ValueError):
+            helper.u_backward(7, 0, 1, bad)
+    _same_snapshot(before, _snapshot(helper, 7))
+    with pytest.raises(StepOrderError):
+        helper.u_backward(7, 0, 0, _wire(g))
+    grad = helper.u_backward(7, 0, 1, _wire(g))
+    assert helper.u_backward(7, 0, 1, _wire(g)) is grad  # a retried request
+    owner.backward(_wire(grad))
+    factors, dense = _returned(helper, owner)
+
+    assert dense == {} and set(owner.head_delta()) == {"score.weight"}
     assert _max_diff(owner.contribution(None, factors, dense), dict(clean.factors), dict(clean.dense)) == 0.0
 
 

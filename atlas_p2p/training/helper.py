@@ -29,6 +29,7 @@ import dataclasses
 import logging
 import math
 import re
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -154,6 +155,8 @@ class HelperSession:
         self.base = base if base is not None else VersionedBase(config.cluster)
         self._slots: dict[str, _Slot] = {}
         self._active: str | None = None
+        self._created = 0  # adapters ever created: each gets a fresh peft name
+        self._orphans: list[str] = []  # adapters of dropped owners peft would not delete (its last one)
 
     # ---- state ----------------------------------------------------------------------------
     @property
@@ -220,9 +223,17 @@ class HelperSession:
             alpha = _check_number(alpha, "alpha")
         return _Plan(split, mode, tuple(sorted(mine.items())), alpha)
 
-    def _create(self, key: str, plan: _Plan, seed: int) -> None:
-        """Add the peft adapter of ``plan`` for owner ``key`` (validated by lora before any change)."""
-        name = f"owner-{key}"
+    def adapter_name(self, owner_id: int | str) -> str:
+        """The peft adapter name holding ``owner_id``'s server-side adapter (UnknownOwnerError if none)."""
+        key = self._key(owner_id)
+        if key not in self._slots:
+            raise UnknownOwnerError(f"owner {key}: no server-side adapter here")
+        return self._slots[key].name
+
+    def _create(self, key: str, plan: _Plan, seed: int) -> _Slot:
+        """A new peft adapter of ``plan`` for owner ``key`` (validated by lora before any change)."""
+        self._created += 1
+        name = f"owner-{key}-{self._created}"
         ranks = dict(plan.ranks)
         alpha = dict(plan.alpha) if isinstance(plan.alpha, tuple) else plan.alpha
         keep_head = None if plan.mode == "two-part" else []  # u-shape: the owner keeps the head
@@ -234,15 +245,22 @@ class HelperSession:
         self._active = None
         part = split_model(self.model, plan.split, plan.mode)[1]
         modules = tuple(m for m in adapted_modules(self.model, name) if m in ranks)
-        self._slots[key] = _Slot(name, plan, part, modules, round=0, seed=seed, lr=self.config.lr)
+        for orphan in self._orphans:  # now that another adapter exists, peft can delete them
+            self._retire(orphan)
+        self._orphans = []
+        return _Slot(name, plan, part, modules, round=0, seed=seed, lr=self.config.lr)
 
-    def _delete(self, key: str) -> None:
-        slot = self._slots.pop(key)
-        try:
-            self.model.delete_adapter(slot.name)
-        except Exception as exc:  # peft may refuse to delete its last adapter: leave it inert
-            log.debug("adapter %s kept inert (%s)", slot.name, exc)
+    def _retire(self, name: str) -> None:
+        """Delete a peft adapter; peft breaks when its last adapter goes, so that one stays, inert."""
         self._active = None
+        if list(self.model.peft_config) == [name]:
+            self._orphans.append(name)
+            return
+        keep = next(n for n in self.model.peft_config if n != name)
+        self.model.set_adapter(keep)  # peft must never be left without an active adapter
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self.model.delete_adapter(name)
 
     def begin(
         self,
@@ -275,12 +293,11 @@ class HelperSession:
                 raise RoundMismatchError(f"owner {key}: begin for round {round} but round {slot.round} is running")
             if (round, plan, seed, lr) == (slot.round, slot.plan, slot.seed, slot.lr):
                 return False
-            if plan != slot.plan:
-                self._delete(key)
-                slot = None
-        if slot is None:
-            self._create(key, plan, seed)
-            slot = self._slots[key]
+        if slot is None or plan != slot.plan:
+            old, slot = slot, self._create(key, plan, seed)
+            self._slots[key] = slot
+            if old is not None:
+                self._retire(old.name)
         slot.round, slot.seed, slot.lr = round, seed, lr
         self._fresh(slot)
         log.debug("helper: owner %s round %d begins (split %d, %s)", key, round, plan.split, plan.mode)
@@ -297,7 +314,7 @@ class HelperSession:
         """Forget an owner (re-paired elsewhere or gone); unknown owners are ignored."""
         key = self._key(owner_id)
         if key in self._slots:
-            self._delete(key)
+            self._retire(self._slots.pop(key).name)
 
     # ---- steps ----------------------------------------------------------------------------------
     def _slot(self, owner_id, round, base_version, mode: str | None) -> _Slot:
