@@ -48,6 +48,7 @@ leaves the coordinator exactly as it was.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
 from collections.abc import Iterator, Mapping
@@ -70,6 +71,7 @@ from atlas_p2p.planning import (
     OWNER,
     WAITING,
     NodeInfo,
+    NodePlan,
     Plan,
     PlanConfig,
     PlanContext,
@@ -94,6 +96,7 @@ FALLBACK = "fallback"  # new helper from another cluster (nearest centroid first
 UNPAIRED = "unpaired"  # no feasible helper anywhere: the owner waits
 
 _MB = 10**6  # the peer table's memory unit (decimal megabytes)
+STATE_FORMAT = 1  # version of the `snapshot()` layout
 
 
 # ------------------------------------------------------------------ configuration and records
@@ -108,8 +111,8 @@ class CoordinatorConfig:
     min_nodes: int = 2  # data nodes with fingerprints that trigger the first clustering
     assign_after_s: float = 30.0  # ... or seconds after the first fingerprint, whichever is first
     clusters: int | None = None  # fixed K (--clusters); None: chosen by silhouette
-    k_max: int = 8  # largest K tried when choosing by silhouette
-    silhouette_threshold: float = 0.2  # no K >= 2 reaching this: one cluster
+    k_max: int = ClusteringConfig.k_max  # largest K tried when choosing by silhouette
+    silhouette_threshold: float = ClusteringConfig.min_silhouette  # no K >= 2 reaching this: one cluster
     seed: int = 0  # k-means random state
     fingerprint_dim: int = 64  # length of a fingerprint vector
 
@@ -482,6 +485,75 @@ class Coordinator:
                                 role=view["role"], ranks=_ranks_summary(view["ranks"]),
                                 anchor=view["anchor"] == node_id, reason=view["reason"])
         return out
+
+    # --- persistence ---------------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        """The whole state as a JSON-ready dict (for the bootstrap's `--state`, so a
+        restarted bootstrap keeps clusters, plan, versions and the repair record)."""
+        c, plan = self._clustering, self._plan
+        return dict(
+            format=STATE_FORMAT,
+            members={str(n): dict(caps=dataclasses.asdict(m.caps), status=m.status,
+                                  vector=None if m.vector is None else m.vector.tolist(), n_samples=m.n_samples,
+                                  importance=m.importance, cluster=m.cluster, note=m.note)
+                     for n, m in sorted(self._members.items())},
+            clustering=None if c is None else dict(
+                labels=c.labels.tolist(), ids=c.ids.tolist(), centroids=c.centroids.tolist(),
+                silhouette=c.silhouette, scores={str(k): v for k, v in c.scores.items()}, next_id=c.next_id),
+            plan=None if plan is None else dict(
+                nodes={n: dict(dataclasses.asdict(r), ranks=dict(r.ranks)) for n, r in plan.nodes.items()},
+                infos={n: dataclasses.asdict(i) for n, i in plan.infos.items()}),
+            plan_importance={str(k): v for k, v in self._plan_importance.items()},
+            first_fingerprint_at=self._first_fingerprint_at,
+            version=self._version,
+            views={str(n): v for n, v in self._views.items()},
+            versions={str(n): v for n, v in self._versions.items()},
+            causes={str(n): v for n, v in self._causes.items()},
+            anchors={str(k): v for k, v in self._anchors.items()},
+            events=[e.to_dict() for e in self._events],
+            anchor_changes=[a.to_dict() for a in self._anchor_changes],
+        )
+
+    @classmethod
+    def restore(cls, config: CoordinatorConfig, state: Mapping[str, Any]) -> Coordinator:
+        """A coordinator from `snapshot()` output; ValueError if the state is not usable."""
+        coord = cls(config)
+        if not isinstance(state, Mapping) or state.get("format") != STATE_FORMAT:
+            raise ValueError(f"coordinator state: expected a map with format {STATE_FORMAT}")
+        try:
+            for n, m in state["members"].items():
+                vector = None if m["vector"] is None else np.asarray(m["vector"], dtype=np.float64)
+                if vector is not None and vector.shape != (config.fingerprint_dim,):
+                    raise ValueError(f"node {n} fingerprint has shape {vector.shape}")
+                coord._members[int(n)] = _Member(Capabilities(**m["caps"]), m["status"], vector, int(m["n_samples"]),
+                                                 m["importance"], m["cluster"], m["note"])
+            c = state["clustering"]
+            if c is not None:
+                coord._clustering = Clustering(
+                    labels=np.asarray(c["labels"], dtype=np.int64), ids=np.asarray(c["ids"], dtype=np.int64),
+                    centroids=np.asarray(c["centroids"], dtype=np.float64), silhouette=c["silhouette"],
+                    scores={int(k): v for k, v in c["scores"].items()}, next_id=int(c["next_id"]))
+            p = state["plan"]
+            if p is not None:
+                nodes = {n: NodePlan(**{**r, "fallbacks": tuple(r["fallbacks"]), "serves": tuple(r["serves"])})
+                         for n, r in p["nodes"].items()}
+                coord._plan = Plan(nodes, config.context, {n: NodeInfo(**i) for n, i in p["infos"].items()})
+            coord._plan_importance = {int(k): v for k, v in state["plan_importance"].items()}
+            coord._first_fingerprint_at = state["first_fingerprint_at"]
+            coord._version = int(state["version"])
+            coord._views = {int(n): v for n, v in state["views"].items()}
+            coord._versions = {int(n): int(v) for n, v in state["versions"].items()}
+            coord._causes = {int(n): v for n, v in state["causes"].items()}
+            coord._anchors = {int(k): v for k, v in state["anchors"].items()}
+            coord._events = [RepairEvent(**e) for e in state["events"]]
+            coord._anchor_changes = [AnchorChange(**a) for a in state["anchor_changes"]]
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"coordinator state is malformed: {exc!r}") from None
+        unknown = {n for n in coord._views if n not in coord._members}
+        if unknown or (coord._plan is not None and {int(n) for n in coord._plan.nodes} - set(coord._members)):
+            raise ValueError("coordinator state is malformed: views or plan name nodes it does not hold")
+        return coord
 
     # --- internals: validation -----------------------------------------------------------
 

@@ -9,6 +9,7 @@ real codec; only the clock is a number passed in.
 from __future__ import annotations
 
 import copy
+import json
 import math
 
 import numpy as np
@@ -485,6 +486,40 @@ def test_peer_columns_fit_the_peer_table():
     assert row.ranks.endswith(tuple("0123456789")) and "mods r" in row.ranks
     assert table.get(1).anchor and table.get(8).cluster is None and table.get(8).role == HELPER
     assert Capabilities.from_record(table.get(2)).memory_bytes == WEAK
+
+
+# ================================================================ persistence
+
+def test_snapshot_through_json_restores_the_same_coordinator():
+    coord = swarm(FALLBACK_NEAREST)
+    coord.on_dead(1, now=5.0)  # a fallback and an anchor change on record
+    coord.on_join(9, caps(9, WEAK), now=6.0)  # a provisional helper pending
+
+    back = Coordinator.restore(coord.config, json.loads(json.dumps(coord.snapshot())))
+    nodes = [*FALLBACK_NEAREST, 9]
+
+    assert json.loads(json.dumps(back.snapshot())) == json.loads(json.dumps(coord.snapshot()))
+    assert back.metrics() == coord.metrics() and back.metrics()["fallbacks"] == 1
+    assert {n: back.assignment_for(n) for n in nodes} == {n: coord.assignment_for(n) for n in nodes}
+    for c in (coord, back):  # both go on the same way
+        assert c.on_fingerprint(9, planted(DIR_A, 9), 32, now=7.0)
+        assert c.on_dead(3, now=8.0)
+    assert {n: back.assignment_for(n) for n in nodes} == {n: coord.assignment_for(n) for n in nodes}
+    assert back.version == coord.version and back.events == coord.events
+
+
+@pytest.mark.parametrize("mutate, match", [
+    (lambda s: {**s, "format": 99}, "format"),
+    (lambda s: {k: v for k, v in s.items() if k != "members"}, "malformed"),
+    (lambda s: {**s, "members": {**s["members"], "2": {**s["members"]["2"], "vector": [1.0, 2.0]}}}, "shape"),
+    (lambda s: {**s, "views": {**s["views"], "77": s["views"]["1"]}}, "malformed"),
+    (lambda s: [], "format"),
+], ids=["format", "no members", "short vector", "view of unknown node", "not a map"])
+def test_restore_refuses_a_bad_state(mutate, match):
+    coord = swarm(TWO_GROUPS)
+
+    with pytest.raises(ValueError, match=match):
+        Coordinator.restore(coord.config, mutate(json.loads(json.dumps(coord.snapshot()))))
 
 
 # ================================================================ bad input
