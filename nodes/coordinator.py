@@ -623,6 +623,16 @@ class Coordinator:
         for n, label in zip(ready, clustering.labels):
             self._members[n].cluster = int(label)
         self._clustering = clustering
+        for n, m in self._members.items():  # absent nodes: nearest centroid, should they come back
+            if n not in ready and m.vector is not None:
+                m.cluster = None
+        self._place_unclustered()
+
+    def _place_unclustered(self) -> None:
+        """Fingerprinted data nodes without a cluster go to the nearest centroid."""
+        for m in self._members.values():
+            if m.caps.has_data and m.vector is not None and m.cluster is None:
+                m.cluster = int(assign_nearest(m.vector[None, :], self._clustering)[0])
 
     def _infos(self) -> list[NodeInfo]:
         """Planner records of every node that can be planned now."""
@@ -661,6 +671,7 @@ class Coordinator:
         """After a join, a return or a late fingerprint: re-plan if the planner sees a reason."""
         if self._plan is None:
             return self._publish(now, cause)
+        self._place_unclustered()  # e.g. fingerprinted before the first clustering, absent at it
         infos = self._infos()
         importance = self._importance()
         moved = max((importance_change(self._plan_importance.get(c), v) for c, v in importance.items()),

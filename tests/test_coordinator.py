@@ -651,3 +651,19 @@ def test_churn_keeps_plans_consistent_and_versions_monotonic(spec, events):
                 assert m in coord.assignment_for(a["helper"])["serves"]
             if a["members"]:
                 assert a["anchor"] in a["members"] and m in a["members"]
+
+
+def test_node_absent_at_the_first_clustering_is_placed_when_it_comes_back():
+    coord = Coordinator(config(min_nodes=3, clusters=2))  # 3 points are too few for the silhouette test
+    for n, memory, direction in ((1, BIG, DIR_A), (2, BIG, DIR_C), (3, BIG, DIR_C), (4, WEAK, DIR_A)):
+        coord.on_join(n, caps(n, memory), now=0.0)
+        coord.on_fingerprint(n, planted(direction, n), 32, now=0.0)
+    coord.on_dead(4, now=1.0)  # fingerprinted, then silent before the clustering
+    coord.on_fingerprint(1, planted(DIR_A, 1), 32, now=2.0)
+    assert coord.maybe_assign(2.0) and coord.clustering.k == 2
+    assert coord.cluster_of(4) == coord.cluster_of(1) and coord.assignment_for(1)["members"] == [1]
+
+    back = coord.on_alive(4, now=3.0)
+
+    a = coord.assignment_for(4)
+    assert back and (a["role"], a["helper"], a["members"]) == (OWNER, 1, [1, 4])
