@@ -41,7 +41,7 @@ class ClusteringConfig:
     k_max: int = 8  # largest K tried when choosing
     min_silhouette: float = 0.15  # below this for every K >= 2, use K = 1
     null_draws: int = 20  # surrogate one-blob populations for the null test (0: no test)
-    null_z: float = 2.0  # s* must beat the surrogates' mean silhouette by this many stds
+    null_z: float = 1.5  # s* must beat the surrogates' mean silhouette by this many stds
     n_init: int = 10  # k-means restarts (best inertia kept)
     seed: int = 0  # k-means random_state
     max_match_distance: float | None = None  # farther than this, a new cluster gets a fresh id

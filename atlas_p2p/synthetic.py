@@ -1,7 +1,7 @@
 """Synthetic multi-task data: same inputs for every task, conflicting targets.
 
 Every example is a short sentence of filler words with exactly one *key* word somewhere
-in it, e.g. ``w17 w03 k5 w40``. The key decides the target, and each task maps keys
+in it, e.g. ``w17 w03 k2 w40``. The key decides the target, and each task maps keys
 to targets differently:
 
     target_t(k) = (k + t) mod L                  for t < L   (a cyclic Latin square)
@@ -18,14 +18,16 @@ task), so each task also has its own label prior, as real tasks do. This matters
 fingerprints: at a random base the per-example gradient is roughly (head row of the
 label − mean row) · ∂h/∂θ, and with perfectly balanced labels the key-independent part
 of ∂h/∂θ cancels in the mean, leaving a task signal of a few percent of the
-per-example variance; with s = 1.5 the 4 tasks x 5 clients of
-``benchmarks/clustering.py`` separate at m = 32 (s = 0 needs m >= 64 on GPT-2).
+per-example variance. With s = 1.5 (P ≈ 0.60, 0.21, 0.12, 0.07) the 4 tasks x 5
+clients of ``benchmarks/clustering.py`` separate at m = 32 for classification (ARI
+0.98–1.0 over 8 base seeds); prompt/completion data needs m = 64, plain LM text (one
+informative token among many) m >= 256.
 
-Three record kinds (the JSONL formats of DESIGN 11):
+Three record kinds (the JSONL formats of DESIGN 11), shown for task 0:
 
-- ``classification``: ``{"text": "w17 w03 k5 w40", "label": 2}``
-- ``instruction``:    ``{"prompt": "w17 w03 k5 w40 ?", "completion": "a2"}``
-- ``lm``:             ``{"text": "w17 w03 k5 w40 ? a2"}``
+- ``classification``: ``{"text": "w17 w03 k2 w40", "label": 2}``
+- ``instruction``:    ``{"prompt": "w17 w03 k2 w40 ?", "completion": "a2"}``
+- ``lm``:             ``{"text": "w17 w03 k2 w40 ? a2"}``
 
 Each record also carries ``"task": t`` for scoring only. Generation is deterministic
 for ``(config, task, n, kind, seed)``. :func:`synthetic_tokenizer` gives a real

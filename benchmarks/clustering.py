@@ -124,7 +124,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--kind", choices=("classification", "instruction", "lm"), default="classification")
     parser.add_argument("--clients-per-task", type=int, default=5)
     parser.add_argument("--tasks", type=int, default=4)
-    parser.add_argument("--labels", type=int, default=4, help="classes / answer words per task")
+    parser.add_argument("--labels", type=int, default=None,
+                        help="classes / answer words per task (default max(4, tasks): every pair of tasks conflicts)")
     parser.add_argument("--samples", type=int, default=32, help="m: examples per fingerprint")
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--hidden", type=int, default=64)
@@ -136,6 +137,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.tasks < 2 or args.clients_per_task < 2:
         parser.error("need --tasks >= 2 and --clients-per-task >= 2")
+    if args.labels is None:
+        args.labels = max(4, args.tasks)
     if args.family == "bert" and args.kind != "classification":
         parser.error("bert supports --kind classification only")
     torch.set_num_threads(1)
