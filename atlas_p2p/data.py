@@ -251,7 +251,8 @@ def encode(records: Records, tokenizer, max_len: int) -> Encoded:
     - classification: the tokenizer's own special tokens (e.g. [CLS] .. [SEP]); the
       tail is cut.
     - lm: special tokens, then eos (if the tokenizer has one and did not add it); the
-      tail is cut; labels = ids.
+      tail is cut; labels = ids, except IGNORE_INDEX on the first token (nothing
+      precedes it, and with left padding a loss would predict it from a pad).
     - instruction: prompt with special tokens, then completion + eos; labels are
       IGNORE_INDEX on the prompt. When too long, the completion keeps up to
       ``max_len - 1`` tokens and the prompt loses tokens from its start.
@@ -276,7 +277,7 @@ def encode(records: Records, tokenizer, max_len: int) -> Encoded:
             if eos is not None and (not ids or ids[-1] != eos):
                 ids.append(eos)
             ids = ids[:max_len]
-            target = tuple(ids)
+            target = (IGNORE_INDEX, *ids[1:])
         else:
             prompt = _ids(tokenizer, ex.prompt, True)
             completion = _ids(tokenizer, ex.completion, False)

@@ -124,14 +124,28 @@ def _probe_init(model: nn.Module, targets: Sequence[str], config: FingerprintCon
             b.copy_(torch.randn(b.shape, generator=gen) * config.b_std)
 
 
-def _attach_probe(model: nn.Module, targets: Sequence[str], config: FingerprintConfig) -> None:
-    from peft import LoraConfig, inject_adapter_in_model
+def _check_targets(model: nn.Module, targets: Sequence[str]) -> list[nn.Module]:
+    """The target modules, after checking they exist, are projections and carry no LoRA."""
     from peft.tuners.lora import LoraLayer
+
+    modules = []
+    for name in targets:
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"probe target {name!r} is not a module of {type(model).__name__}") from None
+        if isinstance(module, LoraLayer):
+            raise ValueError(f"probe target {name!r} already carries a LoRA adapter; fingerprint the base model")
+        if not _is_projection(module):
+            raise ValueError(f"probe target {name!r} is a {type(module).__name__}, not a Linear/Conv1D")
+        modules.append(module)
+    return modules
+
+
+def _attach_probe(model: nn.Module, targets: Sequence[str], modules: Sequence[nn.Module], config) -> None:
+    from peft import LoraConfig, inject_adapter_in_model
     from transformers.pytorch_utils import Conv1D
 
-    modules = [model.get_submodule(t) for t in targets]
-    if any(isinstance(m, LoraLayer) for m in modules):
-        raise ValueError("block 0 already carries a LoRA adapter; fingerprint the base model")
     lora = LoraConfig(
         r=config.rank,
         lora_alpha=config.rank,  # scaling 1
@@ -144,11 +158,13 @@ def _attach_probe(model: nn.Module, targets: Sequence[str], config: FingerprintC
 
 
 def _detach_probe(model: nn.Module, targets: Sequence[str], had_config: bool, old_config) -> None:
+    from peft.tuners.lora import LoraLayer
+
     for name in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         wrapped = getattr(parent, child)
-        if hasattr(wrapped, "get_base_layer"):
+        if isinstance(wrapped, LoraLayer):  # checked free of LoRA before the probe went on
             setattr(parent, child, wrapped.get_base_layer())
     if had_config:
         model.peft_config = old_config
@@ -191,13 +207,14 @@ def probe_gradient(
     if isinstance(model, PeftModel):
         raise ValueError("model is peft-wrapped; fingerprint the base model (before attach_lora)")
     targets = sorted(config.target_modules) if config.target_modules else probe_targets(model)
+    modules = _check_targets(model, targets)
 
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
     modes = {name: m.training for name, m in model.named_modules()}
     had_config = hasattr(model, "peft_config")
     old_config = dict(model.peft_config) if had_config else None
-    _attach_probe(model, targets, config)
     try:
+        _attach_probe(model, targets, modules, config)
         probe = {n: p for n, p in model.named_parameters() if f".{PROBE_ADAPTER}." in n}
         for name, p in model.named_parameters():
             p.requires_grad_(name in probe)
@@ -256,7 +273,7 @@ def privatize(g: np.ndarray, clip: float | None, sigma: float, rng: np.random.Ge
 def project(g: np.ndarray, seed: int, dim: int = 64) -> np.ndarray:
     """(dim,) float32 unit vector P g / ‖P g‖; P ~ N(0, 1) of shape (dim, len(g)) from ``seed``.
 
-    Column chunk c of P (PROJECTION_CHUNK wide) is drawn from ``default_rng([seed, c])``,
+    Column chunk c of P (PROJECTION_CHUNK wide) is drawn from ``default_rng([seed, 0xF1, c])``,
     so P depends only on (seed, len(g)) and never exists whole.
     """
     g = np.asarray(g, dtype=np.float64).reshape(-1)
@@ -299,9 +316,9 @@ def fingerprint_sample(encoded, config: FingerprintConfig, micro_batch: int | No
         raise ValueError("no examples to fingerprint")
     m = min(config.num_samples, n)
     chosen = np.sort(np.random.default_rng([config.seed, 0x5A]).choice(n, size=m, replace=False))
+    if micro_batch is not None and (not isinstance(micro_batch, int) or micro_batch < 1):
+        raise ValueError(f"micro_batch must be None or an int >= 1, got {micro_batch!r}")
     step = micro_batch or m
-    if step < 1:
-        raise ValueError(f"micro_batch must be >= 1, got {micro_batch!r}")
     return [collate(encoded, chosen[i : i + step]) for i in range(0, m, step)]
 
 

@@ -139,7 +139,7 @@ def test_lm_appends_eos_and_labels_every_real_token(tok):
 
     first = tok.convert_tokens_to_ids(["k1", "?", "a2"]) + [tok.eos_token_id]
     assert batch["input_ids"][0, :4].tolist() == first
-    assert batch["labels"][0].tolist() == first + [IGNORE_INDEX]  # padding is ignored
+    assert batch["labels"][0].tolist() == [IGNORE_INDEX] + first[1:] + [IGNORE_INDEX]  # first token, padding
     assert batch["attention_mask"][0].tolist() == [1, 1, 1, 1, 0]
 
 
@@ -253,3 +253,21 @@ def test_task_field_never_reaches_batches(tmp_path, tok):
         for a, b in zip(runs[0], batches):
             assert set(a) == set(b) == set(BATCH_KEYS)
             assert all(torch.equal(a[k], b[k]) for k in BATCH_KEYS)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_causal_batches_give_the_same_loss_to_hf_and_to_models_losses(side):
+    from atlas_p2p.models import causal_lm_loss, tiny_model
+
+    tok = synthetic_tokenizer()
+    tok.padding_side = side
+    model = tiny_model("llama", "causal_lm", vocab_size=len(tok), num_layers=1, seed=0)
+    for kind in ("lm", "instruction"):
+        records = records_from_dicts(SyntheticTasks().generate(0, 6, kind, seed=2))
+        batch = collate(encode(records, tok, max_len=16), range(6))
+
+        with torch.no_grad():
+            out = model(**batch)
+            ours = causal_lm_loss(out.logits, batch["labels"], attention_mask=batch["attention_mask"])
+
+        assert torch.allclose(out.loss, ours, atol=1e-6)

@@ -241,3 +241,15 @@ def test_bad_loss_or_model_is_refused_and_the_model_left_alone():
     assert_same(before, snapshot(model))
     with pytest.raises(ValueError, match="peft-wrapped"):
         probe_gradient(attach_lora(make_model(), {lora_targets(model)[0]: 2}), batches, hf_loss, CONFIG)
+
+
+def test_bad_probe_targets_are_refused_before_anything_changes():
+    model = make_model()
+    batches = client_batches(0, seed=1)
+    before = snapshot(model)
+
+    with pytest.raises(ValueError, match="not a module"):
+        probe_gradient(model, batches, hf_loss, FingerprintConfig(seed=1, target_modules=("transformer.h.9.attn",)))
+    with pytest.raises(ValueError, match="not a Linear/Conv1D"):
+        probe_gradient(model, batches, hf_loss, FingerprintConfig(seed=1, target_modules=("transformer.h.0.ln_1",)))
+    assert_same(before, snapshot(model))
