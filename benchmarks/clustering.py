@@ -106,11 +106,13 @@ def run_once(args, base_seed: int) -> dict:
     result["dp"] = []
     for sigma in args.sigmas:
         noisy = np.stack([project(privatize(g, clip, sigma, noise_rng), args.fingerprint_seed) for g in grads])
-        row = {"sigma": sigma, "epsilon": round(dp_epsilon(sigma, args.delta), 4), **cluster_scores(noisy, truth, base_seed)}
+        epsilon = round(dp_epsilon(sigma, args.delta), 4)
+        row = {"sigma": sigma, "epsilon": epsilon, **cluster_scores(noisy, truth, base_seed)}
         result["dp"].append(row)
 
     one_task = [0] * len(truth)
-    single = np.stack([project(g, args.fingerprint_seed) for g in client_gradients(args, one_task, model, tokenizer, generator)])
+    one_grads = client_gradients(args, one_task, model, tokenizer, generator)
+    single = np.stack([project(g, args.fingerprint_seed) for g in one_grads])
     one = cluster_fingerprints(single, ClusteringConfig(seed=base_seed))
     result["one_task_k"] = one.k
     result["one_task_best_silhouette"] = round(max(one.scores.values()), 4) if one.scores else None

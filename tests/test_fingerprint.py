@@ -145,7 +145,9 @@ def test_task_field_never_influences_the_fingerprint():
     renamed = [dict(r, task="something else") for r in records]
     removed = [{k: v for k, v in r.items() if k != "task"} for r in records]
 
-    prints = [compute_fingerprint(model, client_batches(0, 0, records=r), hf_loss, CONFIG) for r in (records, renamed, removed)]
+    prints = [
+        compute_fingerprint(model, client_batches(0, 0, records=r), hf_loss, CONFIG) for r in (records, renamed, removed)
+    ]
 
     assert np.array_equal(prints[0], prints[1]) and np.array_equal(prints[0], prints[2])
 
@@ -153,7 +155,11 @@ def test_task_field_never_influences_the_fingerprint():
 def test_same_task_clients_are_closer_than_other_task_clients():
     model = make_model("llama", seed=3)
 
-    prints = {(t, c): compute_fingerprint(model, client_batches(t, seed=100 * t + c), hf_loss, CONFIG) for t in (0, 1) for c in range(3)}
+    prints = {
+        (t, c): compute_fingerprint(model, client_batches(t, seed=100 * t + c), hf_loss, CONFIG)
+        for t in (0, 1)
+        for c in range(3)
+    }
 
     same = [float(prints[(t, a)] @ prints[(t, b)]) for t in (0, 1) for a in range(3) for b in range(a + 1, 3)]
     cross = [float(prints[(0, a)] @ prints[(1, b)]) for a in range(3) for b in range(3)]
@@ -220,7 +226,13 @@ def test_dp_epsilon_solves_the_analytic_gaussian_condition():
 # -- errors --------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "kwargs, field",
-    [({"sigma": 0.5}, "needs clip"), ({"clip": -1.0}, "clip"), ({"dim": 0}, "dim"), ({"seed": -1}, "seed"), ({"b_std": 0.0}, "b_std")],
+    [
+        ({"sigma": 0.5}, "needs clip"),
+        ({"clip": -1.0}, "clip"),
+        ({"dim": 0}, "dim"),
+        ({"seed": -1}, "seed"),
+        ({"b_std": 0.0}, "b_std"),
+    ],
 )
 def test_bad_config_names_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
