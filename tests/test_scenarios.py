@@ -257,3 +257,32 @@ def test_bytes_of_a_restarted_node_add_up_over_its_incarnations(tmp_path):
         _row(1, 0, 1, 2.0, sent={"activations": 4}), _row(1, 0, 2, 2.0, sent={"activations": 9}),  # restarted
     ])
     assert report.bytes_by_kind(report.read_runs([a]))["activations"] == 25 + 9
+
+
+def _runtime_row(node_id, rnd, made, patch, carried=False):
+    """A line in the shape nodes/peer.py writes: patch digests only in the line."""
+    return {"node_id": node_id, "cluster": 0, "round": rnd, "loss": 1.0, "eval": {"metric": "accuracy", "value": 0.5},
+            "contributions": [made], "manifests_folded": [patch], "carried_over": carried, "repairs_seen": 0}
+
+
+def test_lost_updates_read_the_manifest_records_of_summaries_and_killed_nodes_checkpoints(tmp_path):
+    # a (anchor, finished) folded p0 = {a0, b0}; b was killed after round 0: only its checkpoint says what it folded
+    a = _node(tmp_path, "a", [_runtime_row(1, 0, "a0", "p0")], summary={
+        "finished": True, "rounds_done": 1, "cluster": 0, "contributions": [{"round": 0, "digest": "a0"}],
+        "manifests_folded": [{"round": 0, "digest": "p0", "contributions": ["a0", "b0"], "via": "manifest"}]})
+    b = _node(tmp_path, "b", [_runtime_row(2, 0, "b0", "p0"), _runtime_row(2, 1, "b1", "p1")])
+    (b / "checkpoint").mkdir()
+    (b / "checkpoint" / "state.json").write_text(json.dumps({
+        "contributions": [{"round": 0, "digest": "b0"}, {"round": 1, "digest": "b1"}],
+        "manifests": [{"round": 0, "digest": "p0", "contributions": ["a0", "b0"]}, {"round": 1, "digest": "p1"}]}))
+    runs = report.read_runs([a, b])
+    assert report.eval_value(runs[0].rows[0]) == ("accuracy", 0.5)
+    assert set(report.contributions_made(runs)) == {"a0", "b0", "b1"}
+    # b1's manifest record carries no contribution list (a catch-up): b1 counts as lost
+    assert [x["digest"] for x in report.lost_updates(runs)] == ["b1"]
+
+
+def test_a_contribution_marked_carried_over_counts_through_the_nodes_next_one(tmp_path):
+    a = _node(tmp_path, "a", [_runtime_row(1, 0, "a0", "p0", carried=True), _runtime_row(1, 1, "a1", "p1")],
+              summary={"finished": True, "manifests_folded": [{"digest": "p1", "contributions": ["a1"]}]})
+    assert report.lost_updates(report.read_runs([a])) == []

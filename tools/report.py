@@ -40,6 +40,7 @@ log = logging.getLogger("atlas.report")
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
+CHECKPOINT_STATE = Path("checkpoint") / "state.json"  # a killed node's last round state
 BYTE_KINDS = ("activations", "gradients", "adapters", "fingerprints", "control")
 NO_CLUSTER = "none"  # key for rows without a cluster (pure helpers)
 
@@ -47,6 +48,7 @@ NO_CLUSTER = "none"  # key for rows without a cluster (pure helpers)
 CONTRIBUTION_KEYS = ("contributions", "contributions_made")
 MANIFEST_KEYS = ("manifests", "manifests_folded", "folded")
 CARRIED_KEYS = ("carried", "carried_over")
+RECORD_MANIFEST_KEYS = ("manifests_folded", "manifests")  # in summary.json / checkpoint state
 
 
 class ReportError(ValueError):
@@ -66,6 +68,7 @@ class NodeRun:
     summary: dict[str, Any] | None  # summary.json, None when absent (killed, still running, helper)
     bad_lines: int = 0  # torn or non-object lines skipped
     bytes_sent: tuple[tuple[str, int], ...] = ()  # (kind, bytes) over all incarnations, see sent_totals
+    records: Mapping[str, Any] | None = None  # full lists (contributions, manifests): summary, else checkpoint
 
     @property
     def node_id(self) -> int | None:
@@ -162,8 +165,16 @@ def read_node_dir(path: Path | str, name: str | None = None) -> NodeRun:
             raise ReportError(f"{summary_path}: not readable JSON ({exc})") from None
         if not isinstance(summary, dict):
             raise ReportError(f"{summary_path}: expected a JSON object, got {type(summary).__name__}")
+    records = summary
+    if records is None and (out / CHECKPOINT_STATE).exists():
+        try:
+            records = json.loads((out / CHECKPOINT_STATE).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:  # written atomically: should not happen
+            log.warning("%s: unreadable checkpoint state (%s)", out / CHECKPOINT_STATE, exc)
+        if not isinstance(records, dict):
+            records = None
     return NodeRun(name=name or out.name, out_dir=out, rows=_by_round(rows), summary=summary, bad_lines=bad,
-                   bytes_sent=tuple(sent_totals(rows).items()))
+                   bytes_sent=tuple(sent_totals(rows).items()), records=records)
 
 
 def sent_totals(rows: Sequence[Mapping[str, Any]]) -> dict[str, int]:
@@ -319,24 +330,42 @@ def contributions_made(runs: Sequence[NodeRun]) -> dict[str, tuple[str, int | No
         for index, row in enumerate(run.rows):
             for digest in _strings(_first(row, CONTRIBUTION_KEYS)):
                 made.setdefault(digest, (run.name, _round_number(run, index, row)))
+        for item in (run.records or {}).get("contributions") or []:
+            rnd = item.get("round") if isinstance(item, Mapping) else None
+            for digest in _strings(item):
+                made.setdefault(digest, (run.name, rnd if isinstance(rnd, int) else None))
     return made
 
 
 def digests_folded(runs: Sequence[NodeRun]) -> set[str]:
-    """Every contribution digest listed by a manifest that some node folded."""
-    return {d for run in runs for row in run.rows for d in _strings(_first(row, MANIFEST_KEYS))}
+    """Every contribution digest listed by a manifest that some node folded.
+
+    Read from the metrics lines and from the manifest records in summary.json (or a
+    killed node's checkpoint state), whose entries list the contributions they fold.
+    Patch digests land in the same set; they never equal a contribution digest."""
+    folded = {d for run in runs for row in run.rows for d in _strings(_first(row, MANIFEST_KEYS))}
+    for run in runs:
+        folded.update(_strings(_first(run.records or {}, RECORD_MANIFEST_KEYS)))
+    return folded
 
 
 def carried_into(runs: Sequence[NodeRun]) -> dict[str, str]:
     """older digest -> digest of the contribution it was carried over into (when recorded).
 
     A row's `carried` field is {new digest: [older digests]} or a list of older digests,
-    which then all went into the row's (single) contribution."""
+    which then all went into the row's (single) contribution; `carried_over: true` says
+    the row's own contribution missed the manifest and went into the node's next one."""
     links: dict[str, str] = {}
     for run in runs:
-        for row in run.rows:
+        for index, row in enumerate(run.rows):
             carried = _first(row, CARRIED_KEYS)
-            if isinstance(carried, Mapping):
+            if carried is True:
+                own = _strings(_first(row, CONTRIBUTION_KEYS))
+                later = [d for r in run.rows[index + 1:] for d in _strings(_first(r, CONTRIBUTION_KEYS))]
+                if own and later:
+                    for digest in own:
+                        links[digest] = later[0]
+            elif isinstance(carried, Mapping):
                 for new, olds in carried.items():
                     for old in _strings(olds):
                         links[old] = str(new)
