@@ -1,7 +1,10 @@
 """The bootstrap service: the registry behind a ZeroMQ RpcServer, plus the liveness sweep.
 
 It answers `join` (-> `welcome`), `heartbeat`, `leave` (-> `ok`) and `peers`
-(-> `peer_list`). The RpcServer decodes and validates every request before a handler
+(-> `peer_list`). With a `SwarmSpec` (the training runtime, issue #4) it also runs the
+coordinator (nodes/coordinator.py): `fingerprint` and `report` (-> `ok`), `get_assignment`
+(-> `assignment`), heartbeats answered by `beat` (assignment version, swarm done), the
+plan's columns written into the peer table, and `coordinator.json` in the state dir. The RpcServer decodes and validates every request before a handler
 runs; a handler refuses nonsense (unknown node, undialable address) with an `error`
 reply. Every error code sent is counted in `stats`, and nothing a peer sends can stop
 the service. The peer table lives in SQLite under `state_dir` (WAL); the directory is
@@ -66,8 +69,11 @@ def read_bootstrap_info(state_dir: Path | str) -> dict[str, Any] | None:
 class Bootstrap:
     """The running service. Build with `await Bootstrap.create(config)`; `stop()` is idempotent."""
 
-    def __init__(self, config: BootstrapConfig, clock: Callable[[], float]) -> None:
+    def __init__(self, config: BootstrapConfig, clock: Callable[[], float], swarm: Any = None) -> None:
         self.config = config
+        self.swarm = swarm  # nodes.runtime_config.SwarmSpec, or None: membership only
+        self.coordinator: Any = None  # nodes.coordinator.Coordinator when `swarm` is given
+        self._fingerprinted: set[int] = set()  # nodes whose fingerprint this run accepted
         self.clock = clock
         self.registry: Registry | None = None
         self.server: Any = None  # transport.rpc.RpcServer
@@ -78,9 +84,10 @@ class Bootstrap:
         self._stopped = False
 
     @classmethod
-    async def create(cls, config: BootstrapConfig, *, clock: Callable[[], float] = time.time) -> Bootstrap:
-        """Open (and lock) the state, bind the server, start the liveness sweep."""
-        self = cls(config, clock)
+    async def create(cls, config: BootstrapConfig, *, clock: Callable[[], float] = time.time,
+                     swarm: Any = None) -> Bootstrap:
+        """Open (and lock) the state, bind the server, start the liveness sweep (and the coordinator)."""
+        self = cls(config, clock, swarm)
         try:
             await self._start()
         except BaseException:
@@ -102,6 +109,13 @@ class Bootstrap:
             "leave": self.rpc_leave,
             "peers": self.rpc_peers,
         }
+        if self.swarm is not None:
+            from nodes.assign import make_coordinator
+
+            self.coordinator = make_coordinator(self.swarm)
+            handlers.update(fingerprint=self.rpc_fingerprint, report=self.rpc_report,
+                            get_assignment=self.rpc_get_assignment)
+            self._adopt_known_nodes()
         self.server = await RpcServer.create(
             host, port, handlers, config=RpcServerConfig(name="bootstrap", max_bytes=MAX_REQUEST_BYTES)
         )
@@ -160,6 +174,14 @@ class Bootstrap:
             client=env.src,
             now=self.clock(),
         )
+        if self.coordinator is not None:
+            self._coordinate(self.coordinator.on_join, result.node_id, self._capabilities(result.node_id))
+            spec = self.swarm
+            return Welcome(
+                node_id=result.node_id, model=spec.model, fingerprint_seed=self.registry.fingerprint_seed,
+                heartbeat_s=self.config.heartbeat_s, model_task=spec.task, num_labels=spec.num_labels,
+                split_mode=spec.split_mode,
+            )
         return Welcome(
             node_id=result.node_id,
             model=self.config.model or "",
@@ -167,15 +189,131 @@ class Bootstrap:
             heartbeat_s=self.config.heartbeat_s,
         )
 
-    async def rpc_heartbeat(self, env: Any) -> None:
+    async def rpc_heartbeat(self, env: Any) -> Any:
         body = env.body
+        before = self.registry.table.get(body.node_id) if self.coordinator is not None else None
         self._call(
             self.registry.heartbeat, body.node_id, now=self.clock(),
             state=body.state, round=body.round, base_version=body.base_version,
         )
+        if self.coordinator is None:
+            return None
+        from transport.messages import Beat
+
+        if before is not None and before.status == "dead":
+            self._coordinate(self.coordinator.on_alive, body.node_id)
+        try:
+            version = self.coordinator.version_for(body.node_id)
+        except ValueError:  # a node the coordinator never saw (e.g. joined before a restart)
+            self._coordinate(self.coordinator.on_join, body.node_id, self._capabilities(body.node_id))
+            version = 0
+        record = self.registry.table.get(body.node_id)
+        need = bool(record.has_data) and self._needs_fingerprint(body.node_id)
+        return Beat(assignment_version=version, swarm_done=self._swarm_done(), need_fingerprint=need)
 
     async def rpc_leave(self, env: Any) -> None:
         self._call(self.registry.leave, env.body.node_id, now=self.clock())
+        if self.coordinator is not None:
+            done = env.body.reason == "done"
+            self._coordinate(self.coordinator.on_done if done else self.coordinator.on_left, env.body.node_id)
+            if done:
+                self.registry.table.update(env.body.node_id, state="done")
+
+    # --- the coordinator (issue #4) ------------------------------------------------------------
+
+    async def rpc_fingerprint(self, env: Any) -> None:
+        from transport.rpc import RpcError
+
+        body = env.body
+        self._known(body.node_id)
+        try:
+            self._coordinate(self.coordinator.on_fingerprint, body.node_id, body.vector, body.n_samples,
+                             body.importance, strict=True)
+        except ValueError as exc:
+            raise RpcError("bad_request", str(exc)) from None
+        self._fingerprinted.add(body.node_id)
+        self._coordinate(self.coordinator.maybe_assign)
+
+    async def rpc_report(self, env: Any) -> None:
+        from transport.rpc import RpcError
+
+        body = env.body
+        self._known(body.node_id)
+        metrics = body.metrics
+        if metrics.get("event") == "helper_failed":
+            helper = metrics.get("helper")
+            if isinstance(helper, bool) or not isinstance(helper, int) or helper < 0:
+                raise RpcError("bad_request", f"report helper_failed: helper must be a node id, got {helper!r}")
+            log.info("node %d reports helper %d failed: %s", body.node_id, helper, metrics.get("why", ""))
+            try:
+                self._coordinate(self.coordinator.report_failure, body.node_id, helper, strict=True)
+            except ValueError as exc:
+                raise RpcError("bad_request", str(exc)) from None
+
+    async def rpc_get_assignment(self, env: Any) -> Any:
+        from transport.messages import Assignment
+        from transport.rpc import RpcError
+
+        node_id = env.body.node_id
+        self._known(node_id)
+        try:
+            return Assignment(**self.coordinator.assignment_for(node_id))
+        except ValueError as exc:
+            raise RpcError("unknown_node", str(exc)) from None
+
+    def _known(self, node_id: int) -> None:
+        from transport.rpc import RpcError
+
+        if self.registry.table.get(node_id) is None:
+            raise RpcError("unknown_node", f"node {node_id} is not in the peer table; join again")
+
+    def _capabilities(self, node_id: int) -> Any:
+        from nodes.coordinator import Capabilities
+
+        return Capabilities.from_record(self.registry.table.get(node_id))
+
+    def _coordinate(self, event: Callable[..., bool], *args: Any, strict: bool = False) -> None:
+        """Feed one event to the coordinator; on a change write the plan's columns and its metrics."""
+        try:
+            changed = event(*args, now=self.clock())
+        except ValueError as exc:
+            if strict:
+                raise
+            log.warning("coordinator refused %s: %s", getattr(event, "__name__", event), exc)
+            return
+        if changed:
+            self._publish_plan()
+
+    def _publish_plan(self) -> None:
+        columns = self.coordinator.peer_columns()
+        known = {r.id for r in self.registry.table.rows()}
+        self.registry.table.update_many({n: c for n, c in columns.items() if n in known})
+        if self.config.state_dir is not None:
+            data = {**self.coordinator.metrics(), "anchors": self.coordinator.anchors(),
+                    "clusters_of": {str(n): c["cluster"] for n, c in columns.items()}}
+            tmp = self.config.state_dir / "coordinator.json.tmp"
+            tmp.write_text(json.dumps(data, default=str))
+            tmp.replace(self.config.state_dir / "coordinator.json")
+
+    def _needs_fingerprint(self, node_id: int) -> bool:
+        try:
+            return self.coordinator.status(node_id) == "live" and node_id not in self._fingerprinted
+        except ValueError:
+            return False
+
+    def _swarm_done(self) -> bool:
+        """Assigned, and every data node still around says it is done."""
+        if not self.coordinator.assigned:
+            return False
+        rows = [r for r in self.registry.table.rows() if r.has_data]
+        around = [r for r in rows if r.status in ("alive", "suspect")]
+        return bool(rows) and all(r.state == "done" for r in around)
+
+    def _adopt_known_nodes(self) -> None:
+        """After a restart on the same state: every live row becomes a coordinator member again."""
+        for record in self.registry.table.rows():
+            if record.status in ("alive", "suspect"):
+                self._coordinate(self.coordinator.on_join, record.id, self._capabilities(record.id))
 
     async def rpc_peers(self, env: Any) -> Any:
         from transport.messages import PeerList
@@ -206,14 +344,19 @@ class Bootstrap:
         while True:
             await asyncio.sleep(self.config.sweep_s)
             try:
-                self.registry.sweep(self.clock())
+                changes = self.registry.sweep(self.clock())
+                if self.coordinator is not None:
+                    for node_id, _, new in changes:
+                        if new == "dead":
+                            self._coordinate(self.coordinator.on_dead, node_id)
+                    self._coordinate(self.coordinator.maybe_assign)
             except Exception:  # a failing disk must not end liveness tracking for good
                 log.exception("liveness sweep failed; retrying")
 
 
-async def serve_bootstrap(config: BootstrapConfig, stop: asyncio.Event) -> None:
+async def serve_bootstrap(config: BootstrapConfig, stop: asyncio.Event, swarm: Any = None) -> None:
     """Run a bootstrap until `stop` is set (the CLI sets it on SIGINT/SIGTERM)."""
-    service = await Bootstrap.create(config)
+    service = await Bootstrap.create(config, swarm=swarm)
     try:
         await stop.wait()
         log.info("bootstrap shutting down")

@@ -187,14 +187,37 @@ def bootstrap(
             help="After a restart, seconds nodes get to reconnect before silence counts (default: max(10, 2 x heartbeat)).",
         ),
     ] = None,
-    model: Annotated[str | None, typer.Option(help="Model name handed to joining nodes.")] = None,
+    model: Annotated[
+        str, typer.Option(help="The swarm's model: tiny-gpt2 | tiny-llama | tiny-bert (embedded) or an HF id/path.")
+    ] = "tiny-gpt2",
     seed: Annotated[
         int | None, typer.Option(help="Fingerprint projection seed (default: drawn once, kept in --state).")
     ] = None,
+    task: Annotated[str, typer.Option(help="The swarm's task: causal_lm or seq_cls.")] = "causal_lm",
+    num_labels: Annotated[int | None, typer.Option("--num-labels", help="Classes (seq_cls only).")] = None,
+    min_nodes: Annotated[
+        int, typer.Option("--min-nodes", help="Fingerprints that trigger the first clustering.")
+    ] = 2,
+    assign_after: Annotated[
+        float, typer.Option("--assign-after", help="... or seconds after the first fingerprint.")
+    ] = 30.0,
+    clusters: Annotated[
+        int | None, typer.Option(help="Fixed number of clusters (default: chosen by silhouette).")
+    ] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Planning workload: sequences per step.")] = 4,
+    max_seq_len: Annotated[int, typer.Option("--max-seq-len", help="Planning workload: tokens per sequence.")] = 32,
+    split_mode: Annotated[str, typer.Option("--split-mode", help="two-part or u-shape.")] = "two-part",
 ) -> None:
-    """Run the bootstrap: the rendezvous that keeps the peer table and watches liveness."""
+    """Run the bootstrap: peer table, liveness, clustering, planning and assignments."""
     from nodes.bootstrap import serve_bootstrap
     from nodes.peer_table import PeerTableError
+    from nodes.runtime_config import SwarmSpec
+
+    swarm = _config(SwarmSpec, model=model, task=task, num_labels=num_labels, min_nodes=min_nodes,
+                    assign_after_s=assign_after, clusters=clusters, batch_size=batch_size,
+                    max_seq_len=max_seq_len, split_mode=split_mode)
+    if split_mode != "two-part":
+        fail(ExitCode.BAD_VALUE, "--split-mode: u-shape is not yet supported in the runtime (the training core has it)")
 
     bind = _address("--bind", bind, allow_port_zero=True)
     heartbeat = heartbeat_s
@@ -211,7 +234,7 @@ def bootstrap(
         fingerprint_seed=seed,
     )
     try:
-        _run(lambda stop: serve_bootstrap(config, stop), bind=bind)
+        _run(lambda stop: serve_bootstrap(config, stop, swarm=swarm), bind=bind)
     except PeerTableError as exc:
         fail(ExitCode.STATE_ERROR, str(exc))
 
@@ -237,9 +260,34 @@ def join(
     compute: Annotated[
         float | None, typer.Option(help="Compute score in GFLOP/s (default: measured at start).")
     ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Results: adapter/, metrics.jsonl, summary.json, checkpoint/ (default: --state).")
+    ] = None,
+    rounds: Annotated[int, typer.Option(help="Merge rounds to train.")] = 3,
+    local_steps: Annotated[int, typer.Option("--local-steps", help="Steps per round (E).")] = 5,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences per step.")] = 4,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-3,
+    max_seq_len: Annotated[int, typer.Option("--max-seq-len", help="Tokens per sequence.")] = 32,
+    device: Annotated[str, typer.Option(help="Torch device.")] = "cpu",
+    seed: Annotated[int, typer.Option(help="Batch order seed.")] = 0,
+    eval_file: Annotated[
+        Path | None, typer.Option("--eval", help="Held-out JSONL: accuracy or perplexity after every round.")
+    ] = None,
+    split_mode: Annotated[str, typer.Option("--split-mode", help="two-part or u-shape.")] = "two-part",
+    export_rank: Annotated[int, typer.Option("--export-rank", help="Rank of the exported PEFT adapter.")] = 16,
+    threads: Annotated[int, typer.Option(help="Torch threads of the node's executor thread.")] = 1,
+    step_timeout: Annotated[
+        float, typer.Option("--step-timeout", help="Seconds a split step may take before the helper is reported.")
+    ] = 10.0,
+    round_deadline: Annotated[
+        float, typer.Option("--round-deadline", help="Seconds after a round's first contribution the anchor publishes.")
+    ] = 20.0,
+    fanout: Annotated[int, typer.Option(help="Gossip fanout inside the cluster.")] = 2,
 ) -> None:
-    """Join a swarm: heartbeat the bootstrap, serve peers, reconnect by itself; Ctrl-C leaves cleanly."""
+    """Join a swarm and train: fingerprint, get an assignment, train rounds, merge, export; Ctrl-C leaves cleanly."""
     from nodes.control import JoinRefused, NodeIdentityError
+    from nodes.peer import RuntimeFailure
+    from nodes.runtime_config import TrainConfig
     from tools.node_runner import run_node
 
     bootstrap = _address("--bootstrap", bootstrap)
@@ -261,11 +309,24 @@ def join(
         advertise=advertise,
         data=data,
         model=model,
-        state_dir=state,
+        state_dir=state if state is not None else out,
         compute_score=compute,
     )
+    if split_mode != "two-part":
+        fail(ExitCode.BAD_VALUE, "--split-mode: u-shape is not yet supported in the runtime (the training core has it)")
+    if eval_file is not None and not eval_file.is_file():
+        fail(ExitCode.BAD_VALUE, f"--eval: no such file: {eval_file}")
+    out_dir = out if out is not None else (state if state is not None else Path("atlas-out"))
+    train = _config(
+        TrainConfig, out_dir=out_dir, rounds=rounds, local_steps=local_steps, batch_size=batch_size, lr=lr,
+        max_seq_len=max_seq_len, device=device, seed=seed, eval_path=eval_file, split_mode=split_mode,
+        export_rank=export_rank, threads=threads, step_timeout_s=step_timeout, round_deadline_s=round_deadline,
+        fanout=fanout,
+    )
     try:
-        _run(lambda stop: run_node(config, stop), bind=bind)
+        _run(lambda stop: run_node(config, stop, train), bind=bind)
+    except RuntimeFailure as exc:
+        fail(ExitCode.BAD_VALUE, str(exc))
     except NodeIdentityError as exc:
         fail(ExitCode.STATE_ERROR, str(exc))
     except JoinRefused as exc:

@@ -1,0 +1,138 @@
+"""The helper's side of a split step as an async shell (docs/RUNTIME.md): RPC handlers only.
+
+Handlers: `round_begin` (prepare an owner's server-side adapter for a round), `forward`
+(one two-part step: blocks[s:] + head + loss, backward, AdamW step -> `backward`) and
+`return_get` (hand the round's server-side factors back -> `server_adapter`). The math is
+atlas_p2p.training.HelperSession, one replica per cluster served (HelperPool); every torch
+call runs in the node's executor thread.
+
+A request from an owner this node is not assigned to serve is refused (`not_serving`).
+The base version is checked on every forward: a replica behind the owner first pulls the
+missing patches from the cluster's anchor (digests and chain checked while folding); a
+replica ahead answers `version` and the owner catches up. Errors map to codes:
+ReplayNeeded -> `replay` (the owner replays its round from step 0), VersionMismatchError
+-> `version`, a malformed tensor -> `bad_request`; nothing a peer sends crashes the node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import logging
+from typing import Any, Awaitable, Callable
+
+from atlas_p2p.training import HelperConfig, HelperPool, HelperSession, ReplayNeeded, VersionMismatchError
+
+log = logging.getLogger("atlas.helper")
+
+
+class HelperService:
+    """Serves the owners of this node's assignment (`owners` entries of the assignment)."""
+
+    def __init__(self, node: Any) -> None:
+        self.node = node  # nodes.peer.Peer: executor, base model, assignment, catch-up
+        self.pool = HelperPool()
+        self._locks: dict[int, asyncio.Lock] = {}
+        self.steps_served = 0
+
+    # ---- plumbing --------------------------------------------------------------------
+    def _find(self, owner_id: int) -> dict[str, Any] | None:
+        a = self.node.assignment
+        for o in (a.owners if a is not None else []):
+            if int(o.get("owner", -1)) == owner_id:
+                return o
+        return None
+
+    async def _owner_plan(self, owner_id: int) -> dict[str, Any]:
+        """This owner's entry in our assignment (refetched once if absent: ours may be stale)."""
+        from transport.rpc import RpcError
+
+        if self.node.base_model is None:  # still building the model after the welcome
+            raise RpcError("not_serving", f"node {self.node.node_id} is still starting")
+        plan = self._find(owner_id)
+        if plan is None and self.node.node_id is not None:
+            await self.node.fetch_assignment()
+            plan = self._find(owner_id)
+        if plan is not None:
+            return plan
+        raise RpcError("not_serving", f"node {self.node.node_id} is not assigned to serve owner {owner_id}")
+
+    def _replica(self, cluster: int) -> HelperSession:
+        key = str(cluster)
+        if key not in self.pool.clusters:
+            model = copy.deepcopy(self.node.base_model)
+            self.pool.add(HelperSession(model, HelperConfig(cluster=key)))
+        return self.pool.get(key)
+
+    async def _sync(self, cluster: int, replica: HelperSession, wanted: int) -> None:
+        """Bring the replica to the owner's version `wanted` (pull patches from the anchor)."""
+        from transport.rpc import RpcError
+
+        lock = self._locks.setdefault(cluster, asyncio.Lock())
+        async with lock:
+            if replica.version < wanted:
+                records = await self.node.fetch_patches(cluster, replica.version)
+                for r in records:
+                    await self.node.executor.run(replica.fold, r.patch, version=r.version, digest=r.digest,
+                                                 chain=r.chain)
+                log.info("helper replica of cluster %d caught up to version %d", cluster, replica.version)
+        if replica.version != wanted:
+            raise RpcError("version", f"helper replica of cluster {cluster} is at version {replica.version}, "
+                                      f"the request at {wanted}")
+
+    async def _torch(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        from transport.rpc import RpcError
+
+        try:
+            return await self.node.executor.run(fn, *args, **kwargs)
+        except ReplayNeeded as exc:
+            raise RpcError("replay", str(exc)) from None
+        except VersionMismatchError as exc:
+            raise RpcError("version", str(exc)) from None
+        except ValueError as exc:
+            raise RpcError("bad_request", str(exc)) from None
+
+    # ---- handlers -------------------------------------------------------------------
+    async def rpc_round_begin(self, env: Any) -> None:
+        b = env.body
+        plan = await self._owner_plan(b.owner_id)
+        if plan.get("cluster") is not None and int(plan["cluster"]) != b.cluster:
+            from transport.rpc import RpcError
+
+            raise RpcError("bad_request", f"owner {b.owner_id} is in cluster {plan['cluster']}, not {b.cluster}")
+        replica = self._replica(b.cluster)
+        for other in self.pool.clusters:  # an owner that moved cluster is dropped from the old replica
+            if other != str(b.cluster):
+                await self.node.executor.run(self.pool.get(other).drop, b.owner_id)
+        await self._sync(b.cluster, replica, b.base_version)
+        await self._torch(replica.begin, b.owner_id, b.round, b.split, dict(b.ranks), b.seed, mode=b.mode, lr=b.lr)
+
+    async def rpc_forward(self, env: Any) -> Any:
+        from transport.messages import Backward
+
+        b = env.body
+        await self._owner_plan(b.owner_id)
+        replica = self._replica(b.cluster)
+        await self._sync(b.cluster, replica, b.base_version)
+        result = await self._torch(replica.step, b.owner_id, b.round, b.step, b.activations, b.attention_mask,
+                                   b.labels, base_version=b.base_version)
+        self.steps_served += 1
+        reply = Backward(step=b.step, grad=result.grad.detach().cpu().numpy(), loss=float(result.loss))
+        self.node.meter.count(reply)
+        return reply
+
+    async def rpc_return_get(self, env: Any) -> Any:
+        from nodes.wireconv import factors_to_wire
+        from transport.messages import ServerAdapterMsg
+
+        b = env.body
+        await self._owner_plan(b.owner_id)
+        back = await self._torch(self._replica(b.cluster).return_adapter, b.owner_id, b.round)
+        tensors, scalings = factors_to_wire(back.factors, back.dense)
+        reply = ServerAdapterMsg(owner_id=b.owner_id, round=back.round, steps=back.steps, tensors=tensors,
+                                 scalings=scalings)
+        self.node.meter.count(reply)
+        return reply
+
+    def handlers(self) -> dict[str, Callable[[Any], Awaitable[Any]]]:
+        return {"round_begin": self.rpc_round_begin, "forward": self.rpc_forward, "return_get": self.rpc_return_get}

@@ -1,0 +1,159 @@
+"""The owner's side of a split step as an async shell: one round of steps, then its contribution.
+
+The math is atlas_p2p.training.OwnerSession (forward, backward, local_step, contribution);
+this module moves its tensors over the wire and turns what can go wrong into values the
+node runtime acts on:
+
+- `HelperFailed`: the helper missed a step's deadline or cannot serve (the runtime reports
+  it to the bootstrap, waits for a new helper, rolls back and replays the round);
+- `VersionBehind`: the helper runs a newer base (the runtime catches up from the anchor).
+A helper answering `replay` (it lost this owner's server-side adapter, or a new helper)
+makes the owner roll back and replay the round from step 0 here, a bounded number of times.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+log = logging.getLogger("atlas.owner")
+
+MAX_REPLAYS = 3
+
+
+class HelperFailed(Exception):
+    def __init__(self, helper: int, why: str) -> None:
+        super().__init__(f"helper {helper}: {why}")
+        self.helper, self.why = helper, why
+
+
+class VersionBehind(Exception):
+    """The helper is on a newer base version than this owner."""
+
+
+@dataclass
+class RoundResult:
+    contribution: Any  # aggregation.Contribution
+    loss: float | None  # mean loss over the round's steps
+    steps: int
+    seconds: float
+
+
+class OwnerRunner:
+    """Runs rounds of one OwnerSession against the helper of the current assignment."""
+
+    def __init__(self, node: Any, session: Any, cluster: int, helper: int | None, helper_address: str | None,
+                 ranks: dict[str, int]) -> None:
+        self.node = node  # nodes.peer.Peer: executor, rpc client, meter, config
+        self.session = session  # atlas_p2p.training.OwnerSession
+        self.cluster = cluster
+        self.helper = helper
+        self.helper_address = helper_address
+        self.ranks = dict(ranks)
+
+    async def _call(self, body: Any, timeout: float) -> Any:
+        """One request to the helper; `not_serving` (its assignment lags ours) is retried until the deadline."""
+        from transport.rpc import RpcError, RpcTimeout
+
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return await self._call_once(body, max(0.05, deadline - time.monotonic()))
+            except RpcError as exc:
+                if exc.code != "not_serving" or time.monotonic() >= deadline:
+                    raise
+                await asyncio.sleep(0.2)
+
+    async def _call_once(self, body: Any, timeout: float) -> Any:
+        from transport.rpc import RpcError, RpcTimeout
+
+        self.node.meter.count(body)
+        try:
+            return await self.node.client.call(self.helper_address, body, timeout=timeout)
+        except RpcTimeout:
+            raise HelperFailed(self.helper, f"no answer to {type(body).TYPE} within {timeout:g} s") from None
+        except RpcError as exc:
+            if exc.code == "version":
+                raise VersionBehind(exc.message) from None
+            if exc.code in ("replay", "not_serving"):
+                raise
+            raise HelperFailed(self.helper, f"{type(body).TYPE} refused: {exc}") from None
+
+    async def _begin(self) -> None:
+        from transport.messages import RoundBegin
+
+        s = self.session
+        await self._call(RoundBegin(owner_id=self.node.node_id, cluster=self.cluster, round=s.round,
+                                    split=s.config.split, ranks=self.ranks, seed=s.seed, lr=s.config.lr,
+                                    mode=s.config.mode, base_version=s.version),
+                         self.node.train.step_timeout_s)
+
+    async def _split_steps(self, batches: list[dict]) -> None:
+        from transport.messages import Backward, Forward
+
+        s, run, timeout = self.session, self.node.executor.run, self.node.train.step_timeout_s
+        await self._begin()
+        for batch in batches:
+            fwd = await run(s.forward, batch)
+            body = Forward(step=fwd.step, activations=fwd.activations.cpu().numpy(),
+                           attention_mask=fwd.attention_mask.cpu().numpy(),
+                           labels=None if fwd.labels is None else fwd.labels.cpu().numpy(),
+                           base_version=s.version, owner_id=self.node.node_id, cluster=self.cluster,
+                           round=fwd.round)
+            reply = await self._call(body, timeout)
+            if not isinstance(reply, Backward) or reply.step != fwd.step:
+                raise HelperFailed(self.helper, f"answered step {fwd.step} with {type(reply).TYPE}")
+            try:
+                await run(s.backward, reply.grad, reply.loss)
+            except ValueError as exc:  # a malformed gradient: this helper is not to be trusted
+                raise HelperFailed(self.helper, f"sent a bad gradient ({exc})") from None
+
+    async def _returned(self) -> tuple[dict, dict]:
+        from nodes.wireconv import factors_from_wire
+        from transport.messages import ReturnGet, ServerAdapterMsg
+
+        s = self.session
+        reply = await self._call(ReturnGet(owner_id=self.node.node_id, cluster=self.cluster, round=s.round),
+                                 self.node.train.step_timeout_s)
+        if not isinstance(reply, ServerAdapterMsg) or reply.round != s.round or reply.steps != s.step:
+            raise HelperFailed(self.helper, "returned an adapter of another round or step count")
+        try:
+            return factors_from_wire(reply.tensors, reply.scalings)
+        except ValueError as exc:
+            raise HelperFailed(self.helper, f"returned a malformed adapter ({exc})") from None
+
+    async def train_round(self, batches: list[dict]) -> RoundResult:
+        """E steps of the current round on `batches`, then the contribution (closing the round)."""
+        from transport.rpc import RpcError
+
+        s, run = self.session, self.node.executor.run
+        started = time.perf_counter()
+        if s.local:
+            for batch in batches:
+                await run(s.local_step, batch)
+            contribution = await run(s.contribution)
+        else:
+            for attempt in range(MAX_REPLAYS + 1):
+                try:
+                    await self._split_steps(batches)
+                    helper_factors, helper_dense = await self._returned()
+                    break
+                except RpcError as exc:  # code 'replay': the helper lost our round
+                    if exc.code != "replay":
+                        await run(s.rollback)
+                        raise HelperFailed(self.helper, f"does not serve this owner ({exc.message})") from None
+                    log.info("helper %s asks for a replay of round %d (%s)", self.helper, s.round, exc.message)
+                    await run(s.rollback)
+                    if attempt == MAX_REPLAYS:
+                        raise HelperFailed(self.helper, "keeps asking for replays") from None
+            try:
+                contribution = await run(s.contribution, None, helper_factors, helper_dense)
+            except ValueError as exc:
+                await run(s.rollback)
+                raise HelperFailed(self.helper, f"returned an unusable adapter ({exc})") from None
+        losses = s.losses
+        loss = sum(losses) / len(losses) if losses else None
+        return RoundResult(contribution, loss, s.step, time.perf_counter() - started)

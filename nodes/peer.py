@@ -1,0 +1,776 @@
+"""The node runtime (issue #4): join -> fingerprint -> assignment -> rounds -> merge -> finish.
+
+One `Peer` per `atlas-node join`. It serves peers on its own RpcServer (split steps as a
+helper, gossip, manifests, catch-up), keeps its place with the bootstrap through a
+`ControlClient` (heartbeats carry its state, round and base version; the `beat` reply
+carries the assignment version, so a stale node fetches its new assignment), and runs
+every torch call in one executor thread.
+
+A data node (owner or whole) trains rounds r = its cluster's version .. R-1 (docs/RUNTIME.md):
+fresh adapters from the round seed, E steps (alone, or split with its helper), the
+helper's factors pulled back, one contribution pushed to the anchor and gossiped to
+`fanout` members, then the anchor's manifest is rebuilt from the contributions, checked
+against its digest and folded (base version v -> v+1). After each fold the node evaluates,
+writes one metrics line and an atomic checkpoint. When its rounds are done it exports the
+cluster adapter, and keeps serving (it may be an anchor or a helper) until the bootstrap
+says the swarm is done; then it leaves with reason "done". A node without data only serves.
+
+Failures are values: a helper that misses a step deadline is reported (`report`), the
+owner waits for its repaired assignment, rolls back to the round start and replays; a
+helper ahead of the owner makes it catch up from the anchor; a dead anchor is replaced by
+the bootstrap and contributions are pushed to the new one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import itertools
+import logging
+import math
+import random
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from nodes.config import NodeConfig, parse_address
+from nodes.control import ControlClient, advertised_address
+from nodes.executor import TorchExecutor
+from nodes.helper import HelperService
+from nodes.merge import AnchorLog, GossipStore, merge_manifest
+from nodes.metrics import ByteMeter, MetricsLog, write_json_atomic
+from nodes.owner import HelperFailed, OwnerRunner, VersionBehind
+from nodes.runtime_config import TrainConfig
+
+log = logging.getLogger("atlas.peer")
+progress_log = logging.getLogger("atlas.progress")
+
+MAX_MESSAGE_BYTES = 256 << 20
+CONTROL_TIMEOUT_S = 3.0
+_DATA_KIND_FOR_TASK = {"seq_cls": ("classification",), "causal_lm": ("lm", "instruction")}
+
+
+class RuntimeFailure(RuntimeError):
+    """The node cannot run as asked (model disagreement, unusable data); one clear line."""
+
+
+# ---- pure helpers (tests use them for references) --------------------------------------
+def round_batches(encoded, batch_size: int, seed: int, round_: int, steps: int) -> list[dict]:
+    """The batches of round `round_`: steps r*E .. r*E+E-1 of one seeded endless stream."""
+    from atlas_p2p.data import iterate_batches
+
+    stream = iterate_batches(encoded, batch_size, seed=seed, shuffle=True, epochs=None)
+    return list(itertools.islice(stream, round_ * steps, (round_ + 1) * steps))
+
+
+def fingerprint_loss(model, batch):
+    from atlas_p2p.models import unsplit_forward
+
+    loss, _ = unsplit_forward(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    return loss
+
+
+def node_fingerprint(base_model, encoded, seed: int, samples: int):
+    """(64,) float32 fingerprint of a node's encoded data (atlas_p2p.fingerprint, DESIGN 6)."""
+    from atlas_p2p.fingerprint import FingerprintConfig, compute_fingerprint, fingerprint_sample
+
+    config = FingerprintConfig(seed=seed, num_samples=samples)
+    return compute_fingerprint(copy.deepcopy(base_model), fingerprint_sample(encoded, config), fingerprint_loss, config)
+
+
+def load_data(path: Path, tokenizer, task: str, num_labels: int | None, max_len: int):
+    """Records -> Encoded; the `task` field of a record never leaves atlas_p2p.data.Records.tasks."""
+    from atlas_p2p.data import encode, load_jsonl
+
+    records = load_jsonl(path, num_labels=num_labels if task == "seq_cls" else None)
+    if records.kind not in _DATA_KIND_FOR_TASK[task]:
+        raise RuntimeFailure(f"--data {path}: {records.kind} records do not fit the swarm's task {task}")
+    return encode(records, tokenizer, max_len)
+
+
+def evaluate(model, encoded, task: str, batch_size: int) -> dict[str, Any]:
+    """Held-out accuracy (seq_cls) or perplexity (causal_lm) of `model` on `encoded`."""
+    import torch
+
+    from atlas_p2p.data import collate
+    from atlas_p2p.models import unsplit_forward
+
+    model.eval()
+    correct = total = 0
+    loss_sum = 0.0
+    with torch.no_grad():
+        for start in range(0, len(encoded), batch_size):
+            batch = collate(encoded, range(start, min(start + batch_size, len(encoded))))
+            loss, logits = unsplit_forward(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+            n = batch["input_ids"].shape[0]
+            loss_sum += float(loss) * n
+            total += n
+            if task == "seq_cls":
+                correct += int((logits.argmax(-1) == batch["labels"]).sum())
+    model.train()
+    if task == "seq_cls":
+        return {"metric": "accuracy", "value": correct / max(total, 1), "loss": loss_sum / max(total, 1)}
+    mean = loss_sum / max(total, 1)
+    return {"metric": "perplexity", "value": math.exp(min(mean, 50.0)), "loss": mean}
+
+
+# ---- the node --------------------------------------------------------------------------
+class Peer:
+    """One node of the swarm. `await Peer(config, train).run(stop)` returns its summary."""
+
+    def __init__(self, config: NodeConfig, train: TrainConfig) -> None:
+        self.config = config
+        self.train = train
+        self.out = Path(train.out_dir)
+        self.executor = TorchExecutor(train.threads)
+        self.meter = ByteMeter()
+        self.metrics = MetricsLog(self.out / "metrics.jsonl")
+        self.store = GossipStore()
+        self.anchor_logs: dict[int, AnchorLog] = {}
+        self.helper = HelperService(self)
+        self.rng = random.Random()
+        self.node_id: int | None = None
+        self.welcome: Any = None
+        self.assignment: Any = None
+        self.assignment_version = 0
+        self._assigned = asyncio.Event()
+        self.swarm_done = False
+        self.need_fingerprint = False
+        self.state = "joining"
+        self.task = "causal_lm"
+        self.num_labels: int | None = None
+        self.base_model: Any = None
+        self.tokenizer: Any = None
+        self.encoded: Any = None
+        self.eval_encoded: Any = None
+        self.fingerprint: Any = None
+        self.session: Any = None
+        self.runner: OwnerRunner | None = None
+        self._plan_key: tuple | None = None
+        self.rounds_done = 0
+        self.steps_total = 0
+        self.contributions: list[dict[str, Any]] = []
+        self.manifests: list[dict[str, Any]] = []
+        self.repairs: list[dict[str, Any]] = []
+        self.export: dict[str, Any] | None = None
+        self.finished = False
+        self._resume = None
+        self._tasks: set[asyncio.Task] = set()
+        self.server: Any = None
+        self.client: Any = None
+        self.control: ControlClient | None = None
+
+    # ---- small plumbing ------------------------------------------------------------------
+    def _spawn(self, coro, name: str) -> asyncio.Task:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    @property
+    def cluster(self) -> int | None:
+        return None if self.assignment is None else self.assignment.cluster
+
+    def address_of(self, node_id: int | None) -> str | None:
+        if node_id is None or self.assignment is None:
+            return None
+        return self.assignment.addresses.get(str(node_id))
+
+    async def call(self, address: str, body: Any, timeout: float = CONTROL_TIMEOUT_S) -> Any:
+        self.meter.count(body)
+        return await self.client.call(address, body, timeout=timeout)
+
+    def progress(self) -> dict[str, Any]:
+        from transport.messages import Heartbeat
+
+        s = self.session
+        fields = dict(state=self.state, round=max(s.round, 0) if s is not None else 0,
+                      base_version=s.version if s is not None else 0,
+                      assignment_version=self.assignment_version, steps=self.steps_total)
+        self.meter.count(Heartbeat(node_id=self.node_id or 0, **fields))
+        return fields
+
+    # ---- bootstrap side --------------------------------------------------------------------
+    async def on_beat(self, reply: Any) -> None:
+        from transport.messages import Beat
+
+        if not isinstance(reply, Beat):
+            return
+        self.swarm_done = reply.swarm_done
+        if reply.need_fingerprint and self.fingerprint is not None:
+            self._spawn(self.send_fingerprint(), "refingerprint")
+        if reply.assignment_version != self.assignment_version:
+            await self.fetch_assignment()
+
+    async def fetch_assignment(self) -> None:
+        from transport.messages import Assignment, GetAssignment
+        from transport.rpc import RpcError
+
+        try:
+            a = await self.call(self.config.bootstrap, GetAssignment(node_id=self.node_id))
+        except RpcError as exc:
+            log.warning("get_assignment failed (%s); will retry", exc)
+            return
+        if isinstance(a, Assignment) and a.version >= self.assignment_version:
+            changed = self.assignment is None or a.version != self.assignment.version
+            self.assignment, self.assignment_version = a, a.version
+            if changed:
+                log.info("assignment v%d: role %s, cluster %s, split %s, helper %s, anchor %s, serves %s (%s)",
+                         a.version, a.role, a.cluster, a.split, a.helper, a.anchor, a.serves, a.reason)
+            self._assigned.set()
+
+    async def send_fingerprint(self) -> None:
+        from transport.messages import Fingerprint
+        from transport.rpc import RpcError
+
+        body = Fingerprint(node_id=self.node_id, vector=self.fingerprint, n_samples=len(self.encoded))
+        for attempt in range(10):
+            try:
+                await self.call(self.config.bootstrap, body)
+                self.need_fingerprint = False
+                return
+            except RpcError as exc:
+                log.warning("fingerprint not accepted (%s); retrying", exc)
+                await asyncio.sleep(min(2.0, 0.2 * (attempt + 1)))
+
+    async def report_helper(self, helper: int, why: str) -> None:
+        from transport.messages import Report
+        from transport.rpc import RpcError
+
+        self.repairs.append({"time": time.time(), "round": self.session.round, "helper": helper, "why": why})
+        log.warning("round %d: helper %s failed (%s); reporting it", self.session.round, helper, why)
+        try:
+            await self.call(self.config.bootstrap, Report(node_id=self.node_id,
+                                                          metrics={"event": "helper_failed", "helper": helper,
+                                                                   "why": why[:200]}))
+        except RpcError as exc:
+            log.warning("report not delivered (%s)", exc)
+
+    async def wait_assignment(self, predicate, what: str) -> Any:
+        """Wait until the current assignment satisfies `predicate` (refetching now and then)."""
+        last_fetch = time.monotonic()
+        while True:
+            a = self.assignment
+            if a is not None and predicate(a):
+                return a
+            self._assigned.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._assigned.wait(), timeout=1.0)
+            if time.monotonic() - last_fetch > 2.0:
+                last_fetch = time.monotonic()
+                await self.fetch_assignment()
+                log.debug("still waiting for %s", what)
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    async def run(self, stop: asyncio.Event) -> dict[str, Any]:
+        from transport.rpc import RpcClient, RpcServer, RpcServerConfig
+
+        host, port = parse_address(self.config.bind, allow_port_zero=True, what="bind")
+        handlers = {"ping": self.rpc_ping, **self.helper.handlers(), "contribution": self.rpc_contribution,
+                    "contribution_get": self.rpc_contribution_get, "manifest_get": self.rpc_manifest_get,
+                    "patches_get": self.rpc_patches_get}
+        self.server = await RpcServer.create(host, port, handlers,
+                                             config=RpcServerConfig(name="node", max_bytes=MAX_MESSAGE_BYTES))
+        interrupted = False
+        try:
+            self.client = await RpcClient.create(f"node-{uuid.uuid4().hex[:12]}")
+            address = advertised_address(f"{host}:{self.server.port}", self.config.bootstrap, self.config.advertise)
+            self.control = await ControlClient.create(self.config, address, client=self.client,
+                                                      progress=self.progress, on_heartbeat_reply=self.on_beat)
+            main = asyncio.create_task(self._lifecycle(), name="lifecycle")
+            stopper = asyncio.create_task(stop.wait())
+            watched = asyncio.create_task(self.control.wait_done())
+            done, _ = await asyncio.wait({main, stopper, watched}, return_when=asyncio.FIRST_COMPLETED)
+            for task in (stopper, watched):
+                task.cancel()
+            if main not in done:
+                interrupted = True
+                main.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await main
+                if self.control.failure is not None:
+                    raise self.control.failure
+                log.info("interrupted: writing a checkpoint and leaving")
+            else:
+                main.result()
+        finally:
+            await self._shutdown(interrupted)
+        return self.summary()
+
+    async def _shutdown(self, interrupted: bool) -> None:
+        from transport.messages import Leave
+        from transport.rpc import RpcError
+
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self.session is not None:
+            with contextlib.suppress(Exception):
+                await self.executor.run(self.save_checkpoint)
+        with contextlib.suppress(Exception):
+            write_json_atomic(self.out / "summary.json", self.summary())
+        if self.control is not None:
+            if self.node_id is not None and self.control.welcome is not None:
+                reason = "done" if self.finished or (self.encoded is None and self.swarm_done) else "shutdown"
+                try:
+                    await self.client.call(self.config.bootstrap, Leave(node_id=self.node_id, reason=reason),
+                                           timeout=self.config.leave_timeout_s)
+                    log.info("left the swarm (%s)", reason)
+                except RpcError as exc:
+                    log.warning("leave not acknowledged (%s)", exc)
+            await self.control.stop(leave=False)
+        if self.client is not None:
+            await self.client.stop()
+        if self.server is not None:
+            await self.server.stop()
+        self.executor.shutdown()
+
+    async def _lifecycle(self) -> None:
+        from nodes.checkpoint import load_checkpoint
+        from nodes.modelname import build_model, build_tokenizer
+
+        welcome = await self.control.wait_joined()
+        self.node_id, self.welcome = welcome.node_id, welcome
+        if self.config.model and welcome.model and self.config.model != welcome.model:
+            raise RuntimeFailure(f"--model {self.config.model} disagrees with the swarm's model {welcome.model}")
+        name = welcome.model or self.config.model or "tiny-gpt2"
+        self.task = "seq_cls" if welcome.model_task in ("seq_cls", "classification") else "causal_lm"
+        self.num_labels = welcome.num_labels
+        if welcome.split_mode != "two-part" or self.train.split_mode != "two-part":
+            raise RuntimeFailure("split mode u-shape is not yet supported in the runtime (the training core has it)")
+        self.tokenizer = await self.executor.run(build_tokenizer, name)
+        self.base_model = await self.executor.run(build_model, name, self.task, self.num_labels, self.train.device)
+        log.info("node %d runs %s (%s%s)", self.node_id, name, self.task,
+                 f", {self.num_labels} labels" if self.num_labels else "")
+        if self.config.data is None:
+            self.state = "waiting"
+            self._spawn(self._merge_loop(), "merge-loop")
+            await self._serve_until_done()
+            return
+        self._resume = await self.executor.run(load_checkpoint, self.out)
+        if self._resume is not None:
+            log.info("resuming from checkpoint (round %s, version %d)", self._resume.state.get("round"),
+                     self._resume.base.version)
+            for key in ("contributions", "manifests", "repairs"):
+                setattr(self, key, list(self._resume.state.get(key, [])))
+            self.rounds_done = int(self._resume.state.get("rounds_done", 0))
+            self.steps_total = int(self._resume.state.get("steps_total", 0))
+        self.state = "fingerprinting"
+        max_len = self.train.max_seq_len
+        self.encoded = await self.executor.run(load_data, self.config.data, self.tokenizer, self.task,
+                                               self.num_labels, max_len)
+        if self.train.eval_path is not None:
+            self.eval_encoded = await self.executor.run(load_data, self.train.eval_path, self.tokenizer, self.task,
+                                                        self.num_labels, max_len)
+        self.fingerprint = await self.executor.run(node_fingerprint, self.base_model, self.encoded,
+                                                   welcome.fingerprint_seed, welcome.fingerprint_samples)
+        await self.send_fingerprint()
+        self.state = "waiting"
+        self._spawn(self._merge_loop(), "merge-loop")
+        await self._train_rounds()
+        self.state = "done"
+        await self._finish()
+        await self._serve_until_done()
+
+    async def _serve_until_done(self) -> None:
+        while not self.swarm_done:
+            await asyncio.sleep(self.train.poll_s * 5)
+        log.info("the swarm is done")
+
+    # ---- sessions --------------------------------------------------------------------------
+    def _build_session(self, a: Any):
+        """A fresh OwnerSession for assignment `a`, on this node's folded base (runs in the executor)."""
+        from atlas_p2p.lora import attach_lora
+        from atlas_p2p.training import OwnerConfig, OwnerSession, apply_to_model
+        from atlas_p2p.versioning import VersionedBase
+
+        key = str(a.cluster)
+        old = self.session
+        base, pending = None, None
+        if old is not None and old.base.cluster == key:
+            base, pending = old.base, old.pending
+        elif self._resume is not None and self._resume.base.cluster == key:
+            base, pending = self._resume.base, self._resume.pending
+        if base is None:
+            base = VersionedBase(key)
+        model = attach_lora(copy.deepcopy(self.base_model), {n: int(r) for n, r in a.ranks.items()})
+        if len(base):
+            apply_to_model(model, base.folded_delta())
+        config = OwnerConfig(node_id=self.node_id, split=int(a.split), lr=self.train.lr,
+                             run_seed=int(self.welcome.fingerprint_seed), mode="two-part", cluster=key)
+        session = OwnerSession(model, config, base=base)
+        session.pending = pending
+        session.start_round(base.version)
+        return session
+
+    async def _ensure_session(self, a: Any) -> None:
+        key = (a.cluster, a.split, tuple(sorted(a.ranks.items())))
+        if self.session is None or key != self._plan_key:
+            if self.session is not None:
+                log.info("assignment changed the plan (cluster/split/ranks): new adapters")
+            self.session = await self.executor.run(self._build_session, a)
+            self._plan_key = key
+            self._resume = None
+            await self.catch_up()
+        helper = a.helper if a.role == "owner" else None
+        self.runner = OwnerRunner(self, self.session, a.cluster, helper, self.address_of(helper), dict(a.ranks))
+
+    # ---- catch-up ----------------------------------------------------------------------------
+    async def fetch_patches(self, cluster: int, since: int) -> list:
+        """Patches after `since` from the anchor of `cluster` (or this node's own log)."""
+        from nodes.wireconv import records_from_msg
+        from transport.messages import Patches, PatchesGet
+        from transport.rpc import RpcError
+
+        log_ = self.anchor_logs.get(cluster)
+        if log_ is not None and log_.base.version > since:
+            return log_.patches_since(since)
+        anchor = self._anchor_of(cluster)
+        address = self.address_of(anchor)
+        if anchor is None or anchor == self.node_id or address is None:
+            return []
+        reply = await self.call(address, PatchesGet(cluster=cluster, since=since))
+        if not isinstance(reply, Patches):
+            raise RpcError("bad_reply", "patches_get answered with another type")
+        return await self.executor.run(records_from_msg, reply)
+
+    def _anchor_of(self, cluster: int) -> int | None:
+        a = self.assignment
+        if a is None:
+            return None
+        if a.cluster == cluster:
+            return a.anchor
+        for o in a.owners:
+            if o.get("cluster") == cluster:
+                return o.get("anchor")
+        return None
+
+    async def catch_up(self) -> None:
+        """Fold every patch the cluster's anchor has beyond this node's version."""
+        from transport.rpc import RpcError
+
+        s = self.session
+        try:
+            records = await self.fetch_patches(self.cluster, s.version)
+        except (RpcError, ValueError) as exc:
+            log.warning("catch-up from the anchor failed (%s)", exc)
+            return
+        for r in records:
+            if r.version <= s.version:
+                continue
+            await self.executor.run(s.fold, r.patch, version=r.version, digest=r.digest, chain=r.chain,
+                                    discard_round=True)
+            self.manifests.append({"round": r.patch.round, "version": r.version, "digest": r.digest,
+                                   "via": "catch-up"})
+        if records:
+            log.info("caught up to base version %d", s.version)
+
+    # ---- training rounds -------------------------------------------------------------------
+    def _trainable(self, a: Any) -> bool:
+        if a.role == "whole":
+            return a.cluster is not None and a.split is not None
+        return a.role == "owner" and a.helper is not None and self.address_of(a.helper) is not None
+
+    async def _train_rounds(self) -> None:
+        R = self.train.rounds
+        while True:
+            a = await self.wait_assignment(self._trainable, "a trainable assignment")
+            await self._ensure_session(a)
+            s = self.session
+            if s.round >= R:
+                break
+            self.state = "training"
+            r = s.round
+            batches = round_batches(self.encoded, self.train.batch_size, self.train.seed, r, self.train.local_steps)
+            try:
+                result = await self.runner.train_round(batches)
+            except HelperFailed as exc:
+                self.state = "repairing"
+                await self.report_helper(exc.helper, exc.why)
+                if not s.closed:
+                    await self.executor.run(s.rollback)
+                old = exc.helper
+                await self.wait_assignment(lambda x: not (x.role == "owner" and x.helper == old), "a new helper")
+                continue
+            except VersionBehind as exc:
+                log.info("round %d: %s; catching up", r, exc)
+                await self.catch_up()
+                continue
+            await self._merge(result)
+        log.info("all %d rounds done (base version %d)", R, self.session.version)
+
+    async def _merge(self, result) -> None:
+        s = self.session
+        c = result.contribution
+        r = c.round
+        self.state = "merging"
+        self.steps_total += result.steps
+        self.contributions.append({"round": r, "digest": c.digest, "n_samples": c.n_samples})
+        self.store.add(self.cluster, c, time.time())
+        await self._push(c)
+        manifest = await self._wait_manifest(r, c)
+        before = s.version
+        if manifest is not None:
+            await self._fold(manifest)
+        else:
+            await self.catch_up()
+        if s.version == before:
+            log.warning("round %d: nothing folded; will retry", r)
+            return
+        self.rounds_done += 1
+        self.store.forget_before(self.cluster, r)
+        evaluation = None
+        if self.eval_encoded is not None:
+            evaluation = await self.executor.run(evaluate, s.model, self.eval_encoded, self.task,
+                                                 self.train.batch_size)
+        folded = [m["digest"] for m in self.manifests if m["round"] == r]
+        line = {
+            "node_id": self.node_id, "cluster": self.cluster, "round": r, "role": self.assignment.role,
+            "loss": result.loss, "eval": evaluation, "steps": result.steps,
+            "step_rate": result.steps / result.seconds if result.seconds > 0 else None,
+            "bytes_by_kind": self.meter.snapshot(), "base_version": s.version,
+            "contributions": [c.digest], "manifests_folded": folded,
+            "carried_over": s.pending is not None, "repairs_seen": len(self.repairs),
+            "helper": self.runner.helper, "time": time.time(),
+        }
+        self.metrics.write(line)
+        await self.executor.run(self.save_checkpoint)
+        b = line["bytes_by_kind"]
+        ev = "" if evaluation is None else f" {evaluation['metric']} {evaluation['value']:.4f}"
+        progress_log.info(
+            "node %d round %d/%d cluster %s: loss %s%s, %.2f steps/s, sent act %s grad %s adapters %s fp %s ctl %s",
+            self.node_id, r + 1, self.train.rounds, self.cluster,
+            "n/a" if result.loss is None else f"{result.loss:.4f}", ev, line["step_rate"] or 0.0,
+            b["activations"], b["gradients"], b["adapters"], b["fingerprints"], b["control"])
+
+    async def _push(self, c) -> None:
+        """Send our contribution to the anchor and to `fanout` random members (gossip)."""
+        from nodes.wireconv import contribution_to_msg
+
+        body = contribution_to_msg(c, self.cluster, self.node_id)
+        anchor = self.assignment.anchor
+        targets = set(self._gossip_targets(exclude={self.node_id}))
+        if anchor is not None and anchor != self.node_id:
+            targets.add(anchor)
+        for t in targets:
+            self._spawn(self._send_contribution(t, body), f"push-{t}")
+
+    def _gossip_targets(self, exclude: set[int]) -> list[int]:
+        members = [m for m in (self.assignment.members if self.assignment else []) if m not in exclude]
+        return self.rng.sample(members, min(self.train.fanout, len(members)))
+
+    async def _send_contribution(self, target: int, body: Any) -> None:
+        from transport.rpc import RpcError
+
+        address = self.address_of(target)
+        if address is None:
+            return
+        try:
+            await self.call(address, body, timeout=CONTROL_TIMEOUT_S)
+        except RpcError as exc:
+            log.debug("contribution to node %d not delivered (%s)", target, exc)
+
+    async def _wait_manifest(self, r: int, c) -> Any:
+        """Round r's manifest from the cluster's anchor (re-pushing `c` if the anchor changes)."""
+        from nodes.wireconv import contribution_to_msg
+        from transport.messages import Manifest, ManifestGet
+        from transport.rpc import RpcError
+
+        anchor = self.assignment.anchor
+        while True:
+            a = self.assignment
+            if a.anchor != anchor:
+                anchor = a.anchor
+                log.info("cluster %s: anchor is now node %s; re-sending contribution", a.cluster, anchor)
+                if anchor is not None and anchor != self.node_id:
+                    self._spawn(self._send_contribution(anchor, contribution_to_msg(c, a.cluster, self.node_id)),
+                                "repush")
+            if anchor == self.node_id:
+                info = self.anchor_logs.get(a.cluster)
+                if info is not None and r in info.manifests:
+                    return info.manifests[r].to_msg()
+                if info is not None and info.next_round > r:
+                    return None  # published before this node became anchor: catch up instead
+            elif anchor is not None and self.address_of(anchor) is not None:
+                try:
+                    m = await self.call(self.address_of(anchor), ManifestGet(cluster=a.cluster, round=r,
+                                                                             node_id=self.node_id))
+                    if isinstance(m, Manifest) and m.ready:
+                        return m
+                except RpcError as exc:
+                    if exc.code == "too_old":
+                        return None
+                    log.debug("manifest of round %d not available from node %s (%s)", r, anchor, exc)
+            await asyncio.sleep(self.train.poll_s)
+
+    async def _fold(self, m) -> None:
+        from nodes.wireconv import contribution_from_msg
+        from transport.messages import ContributionGet, ContributionMsg
+        from transport.rpc import RpcError
+
+        s = self.session
+        if m.version <= s.version:
+            return
+        if m.version != s.version + 1:
+            await self.catch_up()
+            return
+        contributions = []
+        for d in m.digests:
+            c = self.store.get(d)
+            if c is None:
+                address = self.address_of(self.assignment.anchor)
+                try:
+                    reply = await self.call(address, ContributionGet(cluster=m.cluster, digest=d))
+                    if not isinstance(reply, ContributionMsg):
+                        raise ValueError("contribution_get answered with another type")
+                    c = await self.executor.run(contribution_from_msg, reply)
+                except (RpcError, ValueError) as exc:
+                    log.warning("cannot fetch contribution %s (%s); catching up instead", d[:12], exc)
+                    await self.catch_up()
+                    return
+            contributions.append(c)
+        patch = await self.executor.run(merge_manifest, m, contributions)
+        await self.executor.run(s.fold, patch, version=m.version, digest=m.patch_digest, chain=m.chain)
+        self.manifests.append({"round": m.round, "version": m.version, "digest": m.patch_digest,
+                               "contributions": list(m.digests), "via": "manifest"})
+
+    # ---- the anchor ----------------------------------------------------------------------------
+    async def _merge_loop(self) -> None:
+        """While this node anchors its cluster: publish each round's manifest when due."""
+        while True:
+            await asyncio.sleep(self.train.poll_s)
+            try:
+                await self._anchor_step()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # never let the anchor loop die silently
+                log.exception("anchor step failed")
+
+    async def _anchor_step(self) -> None:
+        a, s = self.assignment, self.session
+        if a is None or s is None or a.anchor != self.node_id or a.cluster is None:
+            return
+        cluster = a.cluster
+        alog = self.anchor_logs.get(cluster)
+        if alog is None:
+            alog = await self.executor.run(AnchorLog.from_base, cluster, s.base)
+            self.anchor_logs[cluster] = alog
+            log.info("node %d anchors cluster %d from version %d", self.node_id, cluster, alog.base.version)
+        await self.executor.run(alog.sync_from, s.base)
+        r = alog.next_round
+        held = self.store.of_round(cluster, r)
+        expected = {str(m) for m in a.members}
+        if alog.due(held, expected, self.store.first_seen.get((cluster, r)), time.time(),
+                    self.train.round_deadline_s):
+            await self.executor.run(alog.publish, held)
+
+    # ---- peer-to-peer handlers ------------------------------------------------------------------
+    async def rpc_ping(self, env: Any) -> None:
+        return None
+
+    async def rpc_contribution(self, env: Any) -> None:
+        from nodes.wireconv import contribution_from_msg
+        from transport.rpc import RpcError
+
+        b = env.body
+        if self.cluster is None or b.cluster != self.cluster:
+            raise RpcError("wrong_cluster", f"node {self.node_id} is not in cluster {b.cluster}")
+        try:
+            c = await self.executor.run(contribution_from_msg, b)
+        except ValueError as exc:
+            raise RpcError("bad_request", str(exc)) from None
+        if self.store.add(b.cluster, c, time.time()):
+            from dataclasses import replace
+
+            fwd = replace(b, sender=self.node_id)
+            for t in self._gossip_targets(exclude={self.node_id, b.sender, b.node_id}):
+                self._spawn(self._send_contribution(t, fwd), f"gossip-{t}")
+
+    async def rpc_contribution_get(self, env: Any) -> Any:
+        from nodes.wireconv import contribution_to_msg
+        from transport.rpc import RpcError
+
+        c = self.store.get(env.body.digest)
+        if c is None:
+            raise RpcError("not_found", f"no contribution {env.body.digest[:12]} here")
+        return contribution_to_msg(c, env.body.cluster, self.node_id or 0)
+
+    async def rpc_manifest_get(self, env: Any) -> Any:
+        from transport.messages import Manifest
+        from transport.rpc import RpcError
+
+        b = env.body
+        alog = self.anchor_logs.get(b.cluster)
+        if alog is not None and b.round in alog.manifests:
+            return alog.manifests[b.round].to_msg()
+        if alog is not None and b.round < alog.next_round:
+            raise RpcError("too_old", f"round {b.round} was published before node {self.node_id} anchored; catch up")
+        if self.assignment is not None and self.assignment.anchor == self.node_id and self.cluster == b.cluster:
+            return Manifest(cluster=b.cluster, round=b.round, ready=False)
+        raise RpcError("not_anchor", f"node {self.node_id} does not anchor cluster {b.cluster}")
+
+    async def rpc_patches_get(self, env: Any) -> Any:
+        from nodes.wireconv import records_to_msg
+        from transport.rpc import RpcError
+
+        b = env.body
+        alog = self.anchor_logs.get(b.cluster)
+        base = alog.base if alog is not None else (
+            self.session.base if self.session is not None and self.cluster == b.cluster else None)
+        if base is None:
+            raise RpcError("not_found", f"node {self.node_id} holds no log of cluster {b.cluster}")
+        try:
+            records = base.missing_since(b.since)
+        except ValueError as exc:
+            raise RpcError("bad_request", str(exc)) from None
+        reply = records_to_msg(b.cluster, records)
+        self.meter.count(reply)
+        return reply
+
+    # ---- results -----------------------------------------------------------------------------------
+    def save_checkpoint(self) -> None:
+        from nodes.checkpoint import save_checkpoint
+
+        s = self.session
+        state = {"node_id": self.node_id, "cluster": self.cluster, "round": s.round, "base_version": s.version,
+                 "rounds_done": self.rounds_done, "steps_total": self.steps_total,
+                 "contributions": self.contributions, "manifests": self.manifests, "repairs": self.repairs}
+        save_checkpoint(self.out, state, s.base, s.pending)
+
+    async def _finish(self) -> None:
+        from atlas_p2p.training import export_adapter
+
+        path = self.out / "adapter"
+        try:
+            report = await self.executor.run(export_adapter, copy.deepcopy(self.base_model), self.session.base,
+                                             path, self.train.export_rank)
+            self.export = {"path": str(path), "exact": report.exact, "max_error": report.max_error,
+                           "base_version": report.base_version, "error": None}
+        except ValueError as exc:
+            self.export = {"path": None, "error": str(exc)}
+            log.warning("adapter not exported: %s", exc)
+        self.finished = True
+        write_json_atomic(self.out / "summary.json", self.summary())
+        log.info("finished: adapter in %s", path if self.export.get("path") else "(none)")
+
+    def summary(self) -> dict[str, Any]:
+        a = self.assignment
+        return {
+            "node_id": self.node_id, "finished": self.finished, "rounds_done": self.rounds_done,
+            "rounds": self.train.rounds, "cluster": None if a is None else a.cluster,
+            "role": None if a is None else a.role, "has_data": self.config.data is not None,
+            "adapter_dir": None if self.export is None else self.export.get("path"),
+            "export": self.export, "export_error": None if self.export is None else self.export.get("error"),
+            "base_version": None if self.session is None else self.session.version,
+            "contributions": self.contributions, "manifests_folded": self.manifests, "repairs": self.repairs,
+            "steps_served": self.helper.steps_served, "bytes_by_kind": self.meter.snapshot(),
+        }
+
+
+async def run_peer(config: NodeConfig, train: TrainConfig, stop: asyncio.Event) -> dict[str, Any]:
+    """The whole life of one node (the CLI's `join`)."""
+    return await Peer(config, train).run(stop)
