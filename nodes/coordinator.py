@@ -65,7 +65,7 @@ from atlas_p2p.clustering import (
     cluster_fingerprints,
 )
 from atlas_p2p.importance import TAU, cluster_importance, importance_change
-from atlas_p2p.memory import ModelShape, Workload, candidate, lora_candidates
+from atlas_p2p.memory import ModelShape, Workload, candidate, lora_candidates, whole_model_footprint
 from atlas_p2p.planning import (
     HELPER,
     OWNER,
@@ -76,6 +76,7 @@ from atlas_p2p.planning import (
     PlanConfig,
     PlanContext,
     make_plan,
+    minimum_ranks,
     repair,
     replan_reason,
 )
@@ -217,6 +218,15 @@ class AnchorChange:
         return dict(time=self.time, cluster=self.cluster, old_anchor=self.old_anchor, new_anchor=self.new_anchor)
 
 
+@dataclass(frozen=True)
+class _Board:
+    """Per-publish summary shared by every view."""
+
+    members: dict[int, list[int]]  # cluster -> its live data nodes in the plan, ascending
+    anchors: dict[int, int | None]  # cluster -> anchor (None: nobody left)
+    provisional: dict[int, tuple[int, int]]  # node -> (provisional helper, split)
+
+
 @dataclass
 class _Member:
     """The coordinator's record of one node (mutable; copied whole by `_atomic`)."""
@@ -252,6 +262,7 @@ class Coordinator:
         self._anchors: dict[int, int | None] = {}
         self._events: list[RepairEvent] = []
         self._anchor_changes: list[AnchorChange] = []
+        self._provisional_cache: tuple[tuple[NodeInfo, ...], dict[int, tuple[int, int]]] | None = None
 
     # --- read-only views -----------------------------------------------------------------
 
@@ -300,7 +311,7 @@ class Coordinator:
 
     def anchors(self) -> dict[int, int]:
         """Cluster id -> anchor node id, for clusters with live members."""
-        return {c: a for c, a in self._current_anchors().items() if a is not None}
+        return {c: a for c, a in self._board().anchors.items() if a is not None}
 
     def version_for(self, node_id: int) -> int:
         """Version of `node_id`'s current assignment (0: never planned)."""
@@ -466,7 +477,7 @@ class Coordinator:
     def assignment_for(self, node_id: int) -> dict[str, Any]:
         """The node's assignment as a plain dict; `Assignment(**d)` builds the message."""
         self._member(node_id)
-        view = self._views.get(node_id) or self._view(node_id, self._provisional())
+        view = self._views.get(node_id) or self._view(node_id, self._board())
         cause = self._causes.get(node_id)
         body = {k: v for k, v in view.items() if k != "note"}
         body["reason"] = f"{cause}: {view['note']}" if cause else view["note"]
@@ -738,33 +749,31 @@ class Coordinator:
 
     # --- internals: assignments and versions ---------------------------------------------
 
-    def _members_of(self, cluster: int) -> list[int]:
+    def _board(self) -> _Board:
+        """What every view needs, computed once: members by cluster, anchors, provisional helpers."""
         plan = self._plan
-        if plan is None:
-            return []
-        return sorted(int(n) for n, row in plan.nodes.items()
-                      if row.cluster == cluster and plan.infos[n].has_data and self._members[int(n)].status == LIVE)
-
-    def _current_anchors(self) -> dict[int, int | None]:
-        plan = self._plan
-        if plan is None:
-            return {}
-        clusters = {row.cluster for row in plan.nodes.values() if row.cluster is not None}
-        clusters |= {c for c in self._anchors}
+        members: dict[int, list[int]] = {}
+        if plan is not None:
+            for n, row in plan.nodes.items():
+                if row.cluster is not None and plan.infos[n].has_data and self._members[int(n)].status == LIVE:
+                    members.setdefault(row.cluster, []).append(int(n))
         anchors: dict[int, int | None] = {}
-        for c in sorted(clusters):
-            members = self._members_of(c)
-            active = [n for n in members if plan.nodes[str(n)].role != WAITING]
-            anchors[c] = (active or members or [None])[0]
-        return anchors
+        for c in sorted(set(members) | set(self._anchors)):
+            ids = sorted(members.get(c, []))
+            members[c] = ids
+            active = [n for n in ids if plan.nodes[str(n)].role != WAITING]
+            anchors[c] = (active or ids or [None])[0]
+        return _Board(members, anchors, self._provisional())
 
     def _provisional(self) -> dict[int, tuple[int, int]]:
         """Data node without a fingerprint -> (provisional helper, split) for fingerprinting.
 
         A node too weak for the whole model needs a helper for the one forward/backward
         of its fingerprint (DESIGN 2.2). It comes from a hypothetical task-blind plan of
-        every live node (the unfingerprinted ones with no cluster); the real plan is not
-        changed. Nodes that can run the whole model, or that nobody can help, get none.
+        the waiting nodes (in a cluster of their own) and every live node able to host
+        later layers (pure helpers, data nodes that fit the whole model); the real plan
+        is not changed. Nodes that can run the whole model, or whom nobody can help, get
+        none. The hypothetical plan is cached on its inputs.
         """
         pending = [n for n, m in self._members.items() if m.status == LIVE and m.caps.has_data and m.vector is None]
         if not pending:
@@ -772,24 +781,37 @@ class Coordinator:
         blind = 0 if self._clustering is None else self._clustering.next_id  # a cluster id nobody has
         infos = []
         for n, m in sorted(self._members.items()):
-            if m.status != LIVE:
+            if m.status != LIVE or not (n in pending or not m.caps.has_data or self._can_host(m.caps)):
                 continue
             cluster = None
             if m.caps.has_data:
-                cluster = m.cluster if m.vector is not None and m.cluster is not None else blind
+                cluster = blind if n in pending or m.cluster is None else m.cluster
             infos.append(NodeInfo(str(n), m.caps.memory_bytes, float(m.caps.bandwidth_bps),
                                   float(m.caps.compute_score), m.caps.has_data, cluster))
-        hypothetical = make_plan(infos, self.config.context, self._importance() or None, self._centroids())
-        out = {}
-        for n in pending:
-            row = hypothetical.nodes[str(n)]
-            if row.role == OWNER and row.helper is not None:
-                out[n] = (int(row.helper), int(row.split))
-        return out
+        key = tuple(infos)
+        if self._provisional_cache is None or self._provisional_cache[0] != key:
+            hypothetical = make_plan(infos, self.config.context, None, self._centroids())
+            out = {}
+            for n in pending:
+                row = hypothetical.nodes[str(n)]
+                if row.role == OWNER and row.helper is not None:
+                    out[n] = (int(row.helper), int(row.split))
+            self._provisional_cache = (key, out)
+        return dict(self._provisional_cache[1])
 
-    def _view(self, node_id: int, provisional: Mapping[int, tuple[int, int]]) -> dict[str, Any]:
+    def _can_host(self, caps: Capabilities) -> bool:
+        """Whether a data node fits the whole model with minimum adapters (so it can host others)."""
+        cfg = self.config
+        if cfg.plan.split_all:
+            return False
+        need = whole_model_footprint(cfg.shape, minimum_ranks(lora_candidates(cfg.shape), {}, cfg.plan.rank_set),
+                                     cfg.workload)
+        return need.total <= int(caps.memory_bytes * cfg.plan.headroom)
+
+    def _view(self, node_id: int, board: _Board) -> dict[str, Any]:
         """The node's assignment without version (reason in `note`, the cause added later)."""
         member = self._members[node_id]
+        provisional, anchors = board.provisional, board.anchors
         plan = self._plan
         row = plan.nodes.get(str(node_id)) if plan is not None else None
         empty = dict(cluster=member.cluster, members=[], ranks={}, split=None, helper=None, fallbacks=[],
@@ -811,7 +833,6 @@ class Coordinator:
             else:
                 note = "waiting to be planned"
             return {**empty, "note": note}
-        anchors = self._current_anchors()
         owners = self._owner_details(row, anchors)
         if member.status != LIVE:  # done, still serving: a helper now
             linked = {o["owner"] for o in owners} | {o["anchor"] for o in owners if o["anchor"] is not None}
@@ -819,7 +840,7 @@ class Coordinator:
                     "addresses": {str(n): self._members[n].caps.address for n in sorted(linked)},
                     "note": f"{member.note}; still serves {', '.join(str(o['owner']) for o in owners)}"}
         cluster = row.cluster
-        members = self._members_of(cluster) if cluster is not None else []
+        members = list(board.members.get(cluster, [])) if cluster is not None else []
         anchor = anchors.get(cluster) if cluster is not None else None
         linked = {int(x) for x in members} | {int(f) for f in row.fallbacks} | {int(o) for o in row.serves}
         linked |= {o["anchor"] for o in owners if o["anchor"] is not None}
@@ -852,18 +873,18 @@ class Coordinator:
         `cause` is recorded as why a changed view changed; `causes` overrides it per node
         (a repaired owner's cause is the repair's kind)."""
         plan = self._plan
-        provisional = self._provisional()
+        board = self._board()
         changed = []
         views = {}
         for node_id in sorted(self._members):
-            view = self._view(node_id, provisional)
+            view = self._view(node_id, board)
             planned = plan is not None and str(node_id) in plan.nodes
-            if node_id not in self._views and not planned and node_id not in provisional:
+            if node_id not in self._views and not planned and node_id not in board.provisional:
                 continue  # never planned nor given a provisional helper: stays at version 0
             views[node_id] = view
             if view != self._views.get(node_id):
                 changed.append(node_id)
-        anchors = self._current_anchors()
+        anchors = board.anchors
         for c, new in anchors.items():
             old = self._anchors.get(c)
             if old is not None and old != new:
