@@ -40,9 +40,22 @@ changes at least one assignment, so each node's version only grows, and a heartb
 carrying an older version means the node must fetch its assignment again. A node that
 was never planned nor given a provisional helper keeps version 0 (nothing to fetch yet).
 
+A done node that still serves owners of a cluster still training keeps serving them
+(its assignment becomes a helper's) until it leaves or dies; then they are repaired.
+
 Ids are ints here and on the wire; atlas_p2p.planning names nodes by str, converted at
 this boundary. Every method either fully applies an event or raises ValueError and
 leaves the coordinator exactly as it was.
+
+Use from the bootstrap: `on_join(id, Capabilities.from_record(row))` after a join,
+`on_alive` when a heartbeat revives a dead row, `on_dead` / `on_left` from the sweep and
+`leave`, `on_fingerprint` per `fingerprint` message, `report_failure` per owner report,
+`maybe_assign(now)` on every sweep tick. When a call returns True, write `peer_columns()`
+into the peer table (and `snapshot()` where the state lives); a heartbeat whose
+`assignment_version` differs from `version_for(id)` is answered with
+`Assignment(**assignment_for(id))`. Not thread-safe; `maybe_assign` and `recluster` run
+k-means with its null reference and a full plan (about a second for tens of nodes), so
+call it from one executor thread if the event loop must keep answering meanwhile.
 """
 
 from __future__ import annotations
