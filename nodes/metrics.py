@@ -80,3 +80,25 @@ class MetricsLog:
         if not self.path.exists():
             return []
         return [json.loads(x) for x in self.path.read_text().splitlines() if x.strip()]
+
+
+def lost_updates(summaries: list[dict[str, Any]]) -> int:
+    """Contributions no folded patch took in, directly or carried inside a later one.
+
+    A contribution of node n in round r counts as merged when some node folded a patch of
+    round r whose weights name n, or when a later contribution of n was merged (it carried
+    the earlier one: training.carry_over). `summaries` are the nodes' summary.json contents.
+    """
+    merged: set[tuple[str, int]] = set()
+    for s in summaries:
+        for m in s.get("manifests_folded", []):
+            for n in m.get("nodes", []):
+                merged.add((str(n), int(m["round"])))
+    lost = 0
+    for s in summaries:
+        node = str(s.get("node_id"))
+        rounds = sorted(int(c["round"]) for c in s.get("contributions", []))
+        for i, r in enumerate(rounds):
+            if not any((node, later) in merged for later in rounds[i:]):
+                lost += 1
+    return lost

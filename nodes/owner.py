@@ -104,6 +104,8 @@ class OwnerRunner:
                            base_version=s.version, owner_id=self.node.node_id, cluster=self.cluster,
                            round=fwd.round)
             reply = await self._call(body, timeout)
+            if self.node.train.step_delay_s:
+                await asyncio.sleep(self.node.train.step_delay_s)
             if not isinstance(reply, Backward) or reply.step != fwd.step:
                 raise HelperFailed(self.helper, f"answered step {fwd.step} with {type(reply).TYPE}")
             try:
@@ -134,6 +136,8 @@ class OwnerRunner:
         if s.local:
             for batch in batches:
                 await run(s.local_step, batch)
+                if self.node.train.step_delay_s:
+                    await asyncio.sleep(self.node.train.step_delay_s)
             contribution = await run(s.contribution)
         else:
             for attempt in range(MAX_REPLAYS + 1):

@@ -465,7 +465,7 @@ class Peer:
             await self.executor.run(s.fold, r.patch, version=r.version, digest=r.digest, chain=r.chain,
                                     discard_round=True)
             self.manifests.append({"round": r.patch.round, "version": r.version, "digest": r.digest,
-                                   "via": "catch-up"})
+                                   "nodes": sorted(r.patch.weights), "via": "catch-up"})
         if records:
             log.info("caught up to base version %d", s.version)
 
@@ -636,7 +636,7 @@ class Peer:
         patch = await self.executor.run(merge_manifest, m, contributions)
         await self.executor.run(s.fold, patch, version=m.version, digest=m.patch_digest, chain=m.chain)
         self.manifests.append({"round": m.round, "version": m.version, "digest": m.patch_digest,
-                               "contributions": list(m.digests), "via": "manifest"})
+                               "nodes": sorted(patch.weights), "contributions": list(m.digests), "via": "manifest"})
 
     # ---- the anchor ----------------------------------------------------------------------------
     async def _merge_loop(self) -> None:
@@ -763,6 +763,8 @@ class Peer:
             "node_id": self.node_id, "finished": self.finished, "rounds_done": self.rounds_done,
             "rounds": self.train.rounds, "cluster": None if a is None else a.cluster,
             "role": None if a is None else a.role, "has_data": self.config.data is not None,
+            "split": None if a is None else a.split, "ranks": {} if a is None else dict(a.ranks),
+            "helper": None if a is None else a.helper,
             "adapter_dir": None if self.export is None else self.export.get("path"),
             "export": self.export, "export_error": None if self.export is None else self.export.get("error"),
             "base_version": None if self.session is None else self.session.version,

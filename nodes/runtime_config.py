@@ -80,6 +80,7 @@ class TrainConfig:
     round_deadline_s: float = 20.0  # anchor publishes this long after a round's first contribution
     fanout: int = 2  # gossip: members each contribution is pushed to
     poll_s: float = 0.1  # how often waits re-check (manifest, assignment)
+    step_delay_s: float = 0.0  # extra seconds per step: emulates a slow device (stragglers in scenarios)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "out_dir", Path(self.out_dir))
@@ -92,6 +93,7 @@ class TrainConfig:
         _int("seed", self.seed, 0)
         for name in ("lr", "step_timeout_s", "round_deadline_s", "poll_s"):
             _num(name, getattr(self, name))
+        _num("step_delay_s", self.step_delay_s, positive=False)
         if not isinstance(self.device, str) or not self.device:
             raise ValueError(f"device must be a torch device name, got {self.device!r}")
         if self.split_mode not in SPLIT_MODES:

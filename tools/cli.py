@@ -283,6 +283,9 @@ def join(
         float, typer.Option("--round-deadline", help="Seconds after a round's first contribution the anchor publishes.")
     ] = 20.0,
     fanout: Annotated[int, typer.Option(help="Gossip fanout inside the cluster.")] = 2,
+    step_delay: Annotated[
+        float, typer.Option("--step-delay", help="Extra seconds per step, to emulate a slow device (scenarios).")
+    ] = 0.0,
 ) -> None:
     """Join a swarm and train: fingerprint, get an assignment, train rounds, merge, export; Ctrl-C leaves cleanly."""
     from nodes.control import JoinRefused, NodeIdentityError
@@ -321,7 +324,7 @@ def join(
         TrainConfig, out_dir=out_dir, rounds=rounds, local_steps=local_steps, batch_size=batch_size, lr=lr,
         max_seq_len=max_seq_len, device=device, seed=seed, eval_path=eval_file, split_mode=split_mode,
         export_rank=export_rank, threads=threads, step_timeout_s=step_timeout, round_deadline_s=round_deadline,
-        fanout=fanout,
+        fanout=fanout, step_delay_s=step_delay,
     )
     try:
         _run(lambda stop: run_node(config, stop, train), bind=bind)
