@@ -350,6 +350,7 @@ class Peer:
             self.state = "waiting"
             self._spawn(self._merge_loop(), "merge-loop")
             await self._serve_until_done()
+            self.finished = True  # a helper's job ends with the swarm
             return
         self._resume = await self.executor.run(load_checkpoint, self.out)
         if self._resume is not None:
