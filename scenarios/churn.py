@@ -51,11 +51,14 @@ from tools.peers_view import format_peer_table  # noqa: E402
 log = logging.getLogger("atlas.churn")
 
 ARI_TARGET = 0.9
-STRONG_MEMORY = "32MB"  # fits the embedded tiny model whole, with room to serve an owner
-WEAK_MEMORIES = ("3MB", "2500KB", "4MB")  # one or two blocks: these owners need a helper
+# Budgets for the embedded tiny model at batch 8 x 16 tokens (what the planner plans with):
+STRONG_MEMORY = "12MB"  # trains the whole model, with room to serve one small owner
+WEAK_MEMORIES = ("4MB", "3MB", "3500KB")  # two or one block(s): these owners need a helper
 HELPER_MEMORY = "24MB"  # a pure helper: no data, serves owners' later layers
+MAX_SEQ_LEN = 16  # synthetic sentences are at most 8 words
 BANDWIDTHS = ("50Mbps", "20Mbps", "100Mbps", "10Mbps")
 TRUTH_FILE = "truth.json"
+LIVE = ("alive", "suspect")  # peer-table statuses of a node that may still be running
 
 
 @dataclass(frozen=True)
@@ -66,27 +69,31 @@ class ChurnConfig:
     tasks: int = 2  # T synthetic tasks, one per data node (round-robin)
     kill: float = 0.25  # share of the N nodes SIGKILLed mid-training
     restart: float = 0.0  # share of the killed nodes started again on the same --out
-    rounds: int = 4  # merge rounds every data node trains
-    local_steps: int = 4  # E: local steps per round
+    rounds: int = 8  # merge rounds every data node trains
+    local_steps: int = 8  # E: local steps per round
     batch_size: int = 8
     model: str = "tiny-gpt2"  # the embedded default (no download) or an installed HF model
     kind: str = "classification"  # synthetic records: classification (seq_cls) or lm (causal_lm)
-    clusters: int = 0  # --clusters for the bootstrap; 0 lets the silhouette choose
+    clusters: int | None = None  # bootstrap --clusters K; None: K = tasks; 0: the silhouette chooses K
     train_examples: int = 96  # per data node
     eval_examples: int = 64  # per data node (held out, same task)
     seed: int = 0
     heartbeat_s: float = 0.5
-    suspect_after: float = 2.0
-    dead_after: float = 5.0
+    suspect_after: float = 5.0
+    dead_after: float = 20.0  # generous: a loaded 2-core machine stalls event loops for seconds
+    step_timeout: float = 5.0  # an owner reports a silent helper after this (the usual repair path)
     timeout_s: float = 900.0  # the whole run, start to finish
     progress_s: float = 10.0  # seconds between progress lines
 
     def __post_init__(self) -> None:
         for name, low in (("nodes", 2), ("tasks", 1), ("rounds", 1), ("local_steps", 1), ("batch_size", 1),
-                          ("train_examples", 1), ("eval_examples", 1), ("clusters", 0)):
+                          ("train_examples", 1), ("eval_examples", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"ChurnConfig.{name} must be an int >= {low}, got {value!r}")
+        if self.clusters is not None and (isinstance(self.clusters, bool) or not isinstance(self.clusters, int)
+                                          or self.clusters < 0):
+            raise ValueError(f"ChurnConfig.clusters must be None or an int >= 0, got {self.clusters!r}")
         max_tasks = SyntheticConfig().num_tasks
         if self.tasks > max_tasks:
             raise ValueError(f"ChurnConfig.tasks must be <= {max_tasks} (the synthetic generator's tasks), got {self.tasks}")
@@ -104,13 +111,18 @@ class ChurnConfig:
                              f"to keep one per task")
         if self.kind not in ("classification", "lm"):
             raise ValueError(f"ChurnConfig.kind must be 'classification' or 'lm', got {self.kind!r}")
-        for name in ("heartbeat_s", "suspect_after", "dead_after", "timeout_s", "progress_s"):
+        for name in ("heartbeat_s", "suspect_after", "dead_after", "step_timeout", "timeout_s", "progress_s"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not value > 0:
                 raise ValueError(f"ChurnConfig.{name} must be > 0, got {value!r}")
         if not self.heartbeat_s < self.suspect_after < self.dead_after:
             raise ValueError(f"ChurnConfig: need heartbeat_s < suspect_after < dead_after, got "
                              f"{self.heartbeat_s}, {self.suspect_after}, {self.dead_after}")
+
+    @property
+    def bootstrap_clusters(self) -> int:
+        """K handed to the bootstrap (0: it chooses by silhouette)."""
+        return self.tasks if self.clusters is None else self.clusters
 
     @property
     def model_task(self) -> str:
@@ -186,7 +198,7 @@ def serving_helpers(rows: Sequence[Mapping[str, Any]]) -> dict[int, list[int]]:
     serving: dict[int, list[int]] = {}
     for row in rows:
         helper = row.get("helper")
-        if helper is not None and row.get("status") == "alive" and helper != row.get("id"):
+        if helper is not None and row.get("status") in LIVE and helper != row.get("id"):
             serving.setdefault(int(helper), []).append(int(row["id"]))
     return serving
 
@@ -198,7 +210,7 @@ def choose_victims(rows: Sequence[Mapping[str, Any]], names_by_id: Mapping[int, 
     Order: helpers serving someone (pure helpers first, anchors last), alternating with
     data nodes that are not their cluster's anchor and leave at least one other live
     member behind."""
-    alive = {int(r["id"]): r for r in rows if r.get("status") == "alive" and int(r["id"]) in names_by_id}
+    alive = {int(r["id"]): r for r in rows if r.get("status") in LIVE and int(r["id"]) in names_by_id}
     serving = serving_helpers(rows)
     helpers = sorted((h for h in serving if h in alive),
                      key=lambda h: (names_by_id[h] not in pure_helpers, bool(alive[h].get("anchor")),
@@ -289,6 +301,37 @@ def _bootstrap_repairs(swarm: Swarm) -> dict[str, Any]:
     return {}
 
 
+class _TableWatcher:
+    """Refreshes the peer table in a thread (`atlas-node peers` takes about a second), so
+    a kill can use a table that is at most that old without waiting for it."""
+
+    def __init__(self, swarm: Swarm, interval: float = 0.3) -> None:
+        import threading
+
+        self.swarm = swarm
+        self.interval = interval
+        self.rows: list[dict[str, Any]] = []
+        self.fetched_at: float | None = None  # monotonic time the fetch of `rows` started
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="peer-table", daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            started = time.monotonic()
+            with contextlib.suppress(Exception):
+                self.rows = self.swarm.peers()
+                self.fetched_at = started
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> _TableWatcher:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+
 def wait_until_quiet(predicate, timeout: float):
     """`swarm.wait_until` without the children's logs in the error (the caller only warns)."""
     return wait_until(predicate, timeout, interval=0.5, what="the repair to show in the peer table")
@@ -346,7 +389,8 @@ class ChurnRun:
     def node_args(self) -> list[str]:
         c = self.config
         return ["--model", c.model, "--rounds", str(c.rounds), "--local-steps", str(c.local_steps),
-                "--batch-size", str(c.batch_size), "--seed", str(c.seed)]
+                "--batch-size", str(c.batch_size), "--max-seq-len", str(MAX_SEQ_LEN), "--seed", str(c.seed),
+                "--step-timeout", str(c.step_timeout)]
 
     def start_node(self, swarm: Swarm, spec: NodeSpec) -> None:
         extra = self.node_args() + (["--eval", str(spec.eval)] if spec.eval else [])
@@ -381,7 +425,7 @@ class ChurnRun:
             if crashed:
                 logs = "\n".join(f"--- {n} ---\n{swarm.nodes[n].log_tail(15)}" for n in crashed)
                 raise SwarmError(f"{', '.join(crashed)} exited with an error while waiting for {what}\n{logs}")
-            time.sleep(0.5)
+            time.sleep(0.2)
 
     # -- phases ------------------------------------------------------------------------
 
@@ -389,13 +433,14 @@ class ChurnRun:
         c = self.config
         write_data(self.specs, c)
         extra = ["--model", c.model, "--task", c.model_task, "--min-nodes", str(len(self.data_names())),
-                 "--assign-after", "120"]
+                 "--assign-after", "120", "--batch-size", str(c.batch_size), "--max-seq-len", str(MAX_SEQ_LEN)]
         if c.model_task == "seq_cls":
             extra += ["--num-labels", str(SyntheticConfig().num_labels)]
-        if c.clusters:
-            extra += ["--clusters", str(c.clusters)]
+        if c.bootstrap_clusters:
+            extra += ["--clusters", str(c.bootstrap_clusters)]
         address = swarm.start_bootstrap(extra=extra)
-        self.say(f"bootstrap on {address}; starting {len(self.specs)} nodes "
+        k_note = f"K = {c.bootstrap_clusters} given" if c.bootstrap_clusters else "K by silhouette"
+        self.say(f"bootstrap on {address} ({k_note}; nodes are placed by their fingerprints); starting {len(self.specs)} nodes "
                  f"({len(self.data_names())} with data over {c.tasks} tasks, "
                  f"{len(self.specs) - len(self.data_names())} pure helpers)")
         for spec in self.specs:
@@ -414,13 +459,25 @@ class ChurnRun:
         count = kill_count(c.nodes, c.kill)
         if count == 0:
             return
-        halfway = max(1, (c.rounds - 1) // 2)
-        self.say(f"waiting until every data node has finished {halfway} of {c.rounds} rounds, then killing {count}")
-        self.wait_with_progress(
-            swarm, lambda: all(self.rounds_done(swarm, n) >= halfway for n in self.data_names()),
-            "training to reach the middle", lambda: self.data_names(),
-        )
-        rows = self.peers_or_last(swarm)
+        trigger = max(1, c.rounds // 3)
+        self.say(f"training; once every data node has a round done and the fastest {trigger} of {c.rounds}, "
+                 f"SIGKILL {count}")
+        watcher = _TableWatcher(swarm)
+        state: dict[str, float] = {}
+
+        def ready() -> bool:
+            done = [self.rounds_done(swarm, n) for n in self.data_names()]
+            if min(done) < 1:
+                return False
+            state.setdefault("training_since", time.monotonic())  # the table must be newer than this
+            fresh = watcher.fetched_at is not None and watcher.fetched_at > state["training_since"]
+            return fresh and max(done) >= trigger
+
+        with watcher:
+            self.wait_with_progress(swarm, ready, "training to reach the middle", lambda: self.data_names())
+            rows = watcher.rows
+        running = {ids[n] for n, child in swarm.nodes.items() if child.running}
+        rows = [r for r in rows if int(r["id"]) in running]
         self.progress.table_before_kill = rows
         if self.show_tables:
             self.say(f"\n$ atlas-node peers --bootstrap {swarm.address}\n{format_peer_table(rows)}\n")
@@ -504,8 +561,8 @@ class ChurnRun:
         by_name = {r.name: r for r in runs}
         killed_for_good = sorted(set(self.progress.killed) - set(self.progress.restarted))
         survivors = [n for n in self.data_names() if n not in self.progress.killed]
-        finished = sorted(n for n in self.data_names()
-                          if n in by_name and by_name[n].finished and by_name[n].rounds_done >= self.config.rounds)
+        expected = set(survivors) | set(self.progress.restarted)
+        finished = sorted(n for n in self.data_names() if n in expected and n in by_name and by_name[n].finished and by_name[n].rounds_done >= self.config.rounds)
         # clusters: each node's own files first, else the last peer table it appeared in
         table = {int(r["id"]): r for r in self.progress.table_before_kill + self.progress.table_last}
         clusters = {}
@@ -551,6 +608,7 @@ class ChurnRun:
             "adapters": {r.name: (r.summary or {}).get("adapter_dir") for r in runs if r.summary},
             "peer_table_before_kill": self.progress.table_before_kill,
             "peer_table_last": self.progress.table_last,
+            "clusters_given": self.config.bootstrap_clusters or None,
             "config": {k: v for k, v in asdict(self.config).items()},
             "workdir": str(self.workdir),
             "wall_s": round(self.elapsed(), 2),
@@ -599,7 +657,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=ChurnConfig.batch_size)
     parser.add_argument("--model", default=ChurnConfig.model)
     parser.add_argument("--kind", choices=("classification", "lm"), default=ChurnConfig.kind)
-    parser.add_argument("--clusters", type=int, default=ChurnConfig.clusters, help="0: chosen by silhouette")
+    parser.add_argument("--clusters", type=int, default=ChurnConfig.clusters,
+                        help="K for the bootstrap (default: the number of tasks; 0: chosen by silhouette). "
+                             "Only K is given: which node goes where comes from the fingerprints")
     parser.add_argument("--seed", type=int, default=ChurnConfig.seed)
     parser.add_argument("--timeout", type=float, default=ChurnConfig.timeout_s, help="seconds for the whole run")
     parser.add_argument("--json", type=Path, dest="json_path", help="write the figures here")

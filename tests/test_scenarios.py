@@ -195,7 +195,7 @@ def test_churn_data_files_carry_the_true_task_and_differ_between_train_and_eval(
 @pytest.mark.parametrize("kwargs, field", [
     (dict(nodes=1), "nodes"), (dict(tasks=5), "tasks"), (dict(kill=1.5), "kill"), (dict(restart=-0.1), "restart"),
     (dict(nodes=3, tasks=3, kill=0.5), "kill"), (dict(kind="images"), "kind"), (dict(rounds=True), "rounds"),
-    (dict(suspect_after=9.0), "suspect_after"),
+    (dict(suspect_after=30.0), "suspect_after"), (dict(clusters=-1), "clusters"),
 ])
 def test_churn_config_names_the_bad_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
