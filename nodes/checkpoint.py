@@ -84,6 +84,7 @@ def save_checkpoint(out_dir: Path, state: dict[str, Any], base: VersionedBase, p
 
 def load_checkpoint(out_dir: Path) -> Checkpoint | None:
     """The checkpoint under `out_dir`, or None; ValueError if it exists but is damaged."""
+    from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
     out_dir = Path(out_dir)
@@ -100,6 +101,6 @@ def load_checkpoint(out_dir: Path) -> Checkpoint | None:
         pending = None
         if (path / "pending.safetensors").exists():
             pending = _contribution_from(dict(load_file(str(path / "pending.safetensors"))))
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as exc:
         raise ValueError(f"checkpoint {path} is unusable: {exc}") from None
     return Checkpoint(state, base, pending)

@@ -1,0 +1,64 @@
+"""Churn with real processes (issue #4, test c): a helper SIGKILLed mid-training.
+
+Bootstrap + two owners (tasks 0 and 1, each too small for the whole model) + two pure
+helpers, all through the CLI. Once an owner has merged its first round, its helper is
+killed with SIGKILL. The owner's next step misses its deadline, it reports the helper, the
+bootstrap re-pairs it with the other helper, and it rolls back and replays the round. Every
+survivor finishes, the repair is recorded, and no contribution is lost.
+"""
+
+import json
+
+import pytest
+
+from atlas_p2p.synthetic import write_synthetic_jsonl
+from nodes.metrics import lost_updates
+from tests.runtime_launch import Procs, wait_for
+
+ROUNDS = 3
+
+
+@pytest.fixture
+def procs(tmp_path):
+    p = Procs(tmp_path)
+    yield p
+    p.close()
+
+
+def _lines(path):
+    try:
+        return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    except (OSError, ValueError):
+        return []
+
+
+def test_a_killed_helper_is_replaced_and_no_update_is_lost(procs, tmp_path):
+    procs.bootstrap("--heartbeat-s", "0.5", "--dead-after", "4", "--task", "seq_cls", "--num-labels", "4",
+                    "--min-nodes", "2", "--clusters", "2", "--seed", "5")
+    for name in ("h1", "h2"):
+        procs.join(name, "100MB")
+    wait_for(lambda: procs.node_id("h1") and procs.node_id("h2"), 60, "the helpers to join")
+    flags = ["--rounds", str(ROUNDS), "--local-steps", "3", "--lr", "0.01", "--step-delay", "0.25",
+             "--step-timeout", "2", "--round-deadline", "8"]
+    for i in (0, 1):
+        data = write_synthetic_jsonl(tmp_path / f"t{i}.jsonl", i, 48, seed=i)
+        procs.join(f"o{i}", "4MB", "--data", str(data), *flags)
+
+    first = wait_for(lambda: _lines(tmp_path / "o0" / "metrics.jsonl"), 120, "o0's first round")[0]
+    victim = {procs.node_id("h1"): "h1", procs.node_id("h2"): "h2"}[first["helper"]]
+    procs.kill(victim)
+
+    for name in ("o0", "o1"):
+        assert procs.wait_exit(name, 150) == 0, procs.log(name)
+    survivor = "h2" if victim == "h1" else "h1"
+    assert procs.wait_exit(survivor, 60) == 0, procs.log(survivor)
+
+    summaries = [procs.summary(n) for n in ("o0", "o1")]
+    assert all(s["finished"] and s["rounds_done"] == ROUNDS for s in summaries), summaries
+    o0 = summaries[0]
+    assert o0["repairs"] and o0["repairs"][0]["helper"] == first["helper"]
+    assert o0["helper"] == procs.node_id(survivor)
+    coordinator = json.loads((tmp_path / "boot" / "coordinator.json").read_text())
+    assert coordinator["repairs"] >= 1
+    assert lost_updates(summaries) == 0
+    assert all(s["adapter_dir"] for s in summaries)

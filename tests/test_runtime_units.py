@@ -1,0 +1,141 @@
+"""Pure pieces of the node runtime: task field isolation, merge bookkeeping, checkpoints, wire forms."""
+
+import numpy as np
+import pytest
+import torch
+
+from atlas_p2p.aggregation import AdapterFactors, Contribution, stack_merge
+from atlas_p2p.synthetic import SyntheticTasks
+from atlas_p2p.versioning import VersionedBase
+from nodes.checkpoint import load_checkpoint, save_checkpoint
+from nodes.merge import AnchorLog, GossipStore, merge_manifest
+from nodes.metrics import ByteMeter, lost_updates
+from nodes.modelname import build_model, build_tokenizer
+from nodes.runtime_config import SwarmSpec, TrainConfig
+from nodes.peer import load_data, node_fingerprint, round_batches
+from nodes.wireconv import contribution_from_msg, contribution_to_msg, records_from_msg, records_to_msg
+from transport.messages import Fingerprint
+
+
+def _contribution(node, round_=0, n=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    f = AdapterFactors(torch.randn(2, 8, generator=g), torch.randn(6, 2, generator=g), 0.5)
+    return Contribution({"m": f}, n, str(node), round_)
+
+
+# ---- (d) the task field never reaches training or the bootstrap --------------------------
+def test_task_field_changes_neither_batches_nor_fingerprint(tmp_path):
+    records = SyntheticTasks().generate(0, 40, seed=3)
+    paths = []
+    for name, shift in (("a", 0), ("b", 7)):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(__import__("json").dumps({**r, "task": r["task"] + shift}) + "\n" for r in records))
+        paths.append(path)
+    tok, model = build_tokenizer("tiny-gpt2"), build_model("tiny-gpt2", "seq_cls", 4)
+    encoded = [load_data(p, tok, "seq_cls", 4, 32) for p in paths]
+    assert encoded[0] == encoded[1]
+    a, b = (node_fingerprint(model, e, seed=9, samples=32) for e in encoded)
+    assert np.array_equal(a, b)
+    for x, y in zip(round_batches(encoded[0], 4, 0, 1, 3), round_batches(encoded[1], 4, 0, 1, 3)):
+        assert all(torch.equal(x[k], y[k]) for k in x)
+    assert set(Fingerprint.SCHEMA) == {"node_id", "vector", "n_samples", "dp_epsilon", "dp_delta", "importance"}
+
+
+def test_data_of_the_wrong_kind_is_a_clear_error(tmp_path):
+    from nodes.peer import RuntimeFailure
+
+    path = tmp_path / "lm.jsonl"
+    path.write_text('{"text": "alpha beta"}\n')
+    with pytest.raises(RuntimeFailure, match="do not fit the swarm's task seq_cls"):
+        load_data(path, build_tokenizer("tiny-gpt2"), "seq_cls", 4, 32)
+
+
+# ---- merge bookkeeping -------------------------------------------------------------------
+def test_anchor_publishes_when_all_expected_or_deadline_and_members_rebuild_the_same_patch():
+    store, log = GossipStore(), AnchorLog(0, VersionedBase("0"))
+    c1, c2 = _contribution(1, seed=1), _contribution(2, n=2, seed=2)
+    assert store.add(0, c1, now=10.0) and not store.add(0, c1, now=11.0)
+    held = store.of_round(0, 0)
+    assert not log.due(held, {"1", "2"}, store.first_seen[(0, 0)], now=12.0, deadline_s=5.0)
+    assert log.due(held, {"1", "2"}, store.first_seen[(0, 0)], now=15.0, deadline_s=5.0)  # straggler cut off
+    store.add(0, c2, now=12.0)
+    assert log.due(store.of_round(0, 0), {"1", "2"}, 10.0, now=12.0, deadline_s=5.0)
+    info = log.publish(store.of_round(0, 0))
+    assert info.version == 1 and log.next_round == 1
+    msg = info.to_msg()
+    patch = merge_manifest(msg, [c2, c1])  # any arrival order
+    assert patch.digest == msg.patch_digest
+    with pytest.raises(ValueError, match="do not match the manifest"):
+        merge_manifest(msg, [c1])
+    with pytest.raises(ValueError, match="other rounds"):
+        log.publish({"3": _contribution(3, round_=0)})
+
+
+def test_lost_updates_counts_contributions_no_patch_took_in():
+    merged = {"node_id": 1, "contributions": [{"round": 0}, {"round": 1}],
+              "manifests_folded": [{"round": 0, "nodes": ["1"]}, {"round": 1, "nodes": ["2"]}]}
+    carried = {"node_id": 2, "contributions": [{"round": 0}, {"round": 1}], "manifests_folded": []}
+    assert lost_updates([merged, carried]) == 1  # node 1's round-1 update went nowhere; node 2's round 0 was carried
+    merged["manifests_folded"].append({"round": 2, "nodes": ["1"]})
+    merged["contributions"].append({"round": 2})
+    assert lost_updates([merged, carried]) == 0
+
+
+# ---- checkpoints -------------------------------------------------------------------------
+def test_checkpoint_round_trip_and_damage_is_refused(tmp_path):
+    base = VersionedBase("3")
+    base.apply(stack_merge([_contribution(1), _contribution(2, seed=5)]))
+    pending = _contribution(1, round_=1, seed=9)
+    save_checkpoint(tmp_path, {"round": 1, "node_id": 1}, base, pending)
+    save_checkpoint(tmp_path, {"round": 1, "node_id": 1}, base, pending)  # replaces atomically
+    back = load_checkpoint(tmp_path)
+    assert back.state["round"] == 1 and back.base.chain == base.chain and back.pending.digest == pending.digest
+    (tmp_path / "checkpoint" / "base.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="unusable"):
+        load_checkpoint(tmp_path)
+    assert load_checkpoint(tmp_path / "nothing-here") is None
+
+
+# ---- wire forms ----------------------------------------------------------------------------
+def test_contributions_and_patches_survive_the_wire_and_tampering_is_caught():
+    from transport.codec import decode, encode
+    from transport.messages import Envelope
+
+    c = _contribution(4, seed=3)
+    body = decode(encode(Envelope.of(contribution_to_msg(c, cluster=0, sender=4), 1, "x"))).body
+    assert contribution_from_msg(body).digest == c.digest
+    forged = contribution_to_msg(_contribution(4, seed=8), cluster=0, sender=4)
+    with pytest.raises(ValueError, match="does not match digest"):
+        contribution_from_msg(type(forged)(**{**forged.to_dict(), "digest": c.digest}))
+    missing = {k: v for k, v in body.tensors.items() if not k.startswith("B:")}
+    with pytest.raises(ValueError, match="needs both A and B"):
+        contribution_from_msg(type(body)(**{**body.to_dict(), "tensors": missing}))
+    base = VersionedBase("0")
+    base.apply(stack_merge([c]))
+    msg = decode(encode(Envelope.of(records_to_msg(0, base.records), 2, "x"))).body
+    again = VersionedBase("0")
+    again.extend(records_from_msg(msg))
+    assert again.chain == base.chain
+
+
+def test_byte_meter_sorts_bytes_by_kind():
+    meter = ByteMeter()
+    meter.count(Fingerprint(node_id=1, vector=np.zeros(64, np.float32), n_samples=3))
+    snap = meter.snapshot()
+    assert snap["fingerprints"] > 256 and snap["activations"] == 0
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"task": "regression"}, "task"), ({"task": "seq_cls"}, "num_labels"), ({"min_nodes": 0}, "min_nodes"),
+    ({"split_mode": "v"}, "split_mode"),
+])
+def test_swarm_spec_names_the_bad_field(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SwarmSpec(**kwargs)
+
+
+def test_train_config_names_the_bad_field(tmp_path):
+    with pytest.raises(ValueError, match="local_steps"):
+        TrainConfig(out_dir=tmp_path, local_steps=0)
+    with pytest.raises(ValueError, match="lr"):
+        TrainConfig(out_dir=tmp_path, lr=float("nan"))
