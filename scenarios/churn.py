@@ -70,7 +70,7 @@ class ChurnConfig:
     kill: float = 0.25  # share of the N nodes SIGKILLed mid-training
     restart: float = 0.0  # share of the killed nodes started again on the same --out
     rounds: int = 8  # merge rounds every data node trains
-    local_steps: int = 8  # E: local steps per round
+    local_steps: int = 16  # E: local steps per round
     batch_size: int = 8
     model: str = "tiny-gpt2"  # the embedded default (no download) or an installed HF model
     kind: str = "classification"  # synthetic records: classification (seq_cls) or lm (causal_lm)
@@ -204,15 +204,17 @@ def serving_helpers(rows: Sequence[Mapping[str, Any]]) -> dict[int, list[int]]:
 
 
 def choose_victims(rows: Sequence[Mapping[str, Any]], names_by_id: Mapping[int, str],
-                   pure_helpers: set[str], count: int) -> list[str]:
+                   pure_helpers: set[str], count: int, eligible: set[int] | None = None) -> list[str]:
     """`count` node names to kill, helpers among them (see the module doc, step 3).
 
     Order: helpers serving someone (pure helpers first, anchors last), alternating with
     data nodes that are not their cluster's anchor and leave at least one other live
-    member behind."""
+    member behind. `eligible` (None: all) limits who may be picked, e.g. to nodes still
+    in the middle of training."""
     alive = {int(r["id"]): r for r in rows if r.get("status") in LIVE and int(r["id"]) in names_by_id}
+    pickable = set(alive) if eligible is None else set(alive) & set(eligible)
     serving = serving_helpers(rows)
-    helpers = sorted((h for h in serving if h in alive),
+    helpers = sorted((h for h in serving if h in pickable),
                      key=lambda h: (names_by_id[h] not in pure_helpers, bool(alive[h].get("anchor")),
                                     -len(serving[h]), h))
     members: dict[Any, set[int]] = {}
@@ -220,7 +222,7 @@ def choose_victims(rows: Sequence[Mapping[str, Any]], names_by_id: Mapping[int, 
         if names_by_id[node_id] not in pure_helpers and row.get("cluster") is not None:
             members.setdefault(row["cluster"], set()).add(node_id)
     data_nodes = sorted(
-        (i for i, r in alive.items() if names_by_id[i] not in pure_helpers and not r.get("anchor")),
+        (i for i, r in alive.items() if i in pickable and names_by_id[i] not in pure_helpers and not r.get("anchor")),
         key=lambda i: (i in serving, -len(members.get(alive[i].get("cluster"), ())), -i),
     )
     chosen: list[int] = []
@@ -248,7 +250,7 @@ def choose_victims(rows: Sequence[Mapping[str, Any]], names_by_id: Mapping[int, 
         for node_id in sorted(alive, reverse=True):
             if len(chosen) >= count:
                 break
-            if can_take(node_id) and not alive[node_id].get("anchor"):
+            if node_id in pickable and can_take(node_id) and not alive[node_id].get("anchor"):
                 chosen.append(node_id)
     return [names_by_id[i] for i in chosen]
 
@@ -259,6 +261,9 @@ def choose_victims(rows: Sequence[Mapping[str, Any]], names_by_id: Mapping[int, 
 def acceptance_failures(result: Mapping[str, Any]) -> list[str]:
     """The acceptance checks of issue #4 that `result` fails, one sentence each."""
     failures = []
+    if len(result["killed"]) < result.get("kill_requested", 0):
+        failures.append(f"only {len(result['killed'])} of {result['kill_requested']} nodes could be killed "
+                        f"mid-training (training ended first?)")
     missing = sorted(set(result["survivors"]) - set(result["finished"]))
     if missing:
         failures.append(f"survivors that did not finish every round: {', '.join(missing)}")
@@ -459,39 +464,59 @@ class ChurnRun:
         count = kill_count(c.nodes, c.kill)
         if count == 0:
             return
-        trigger = max(1, c.rounds // 3)
-        self.say(f"training; once every data node has a round done and the fastest {trigger} of {c.rounds}, "
-                 f"SIGKILL {count}")
-        watcher = _TableWatcher(swarm)
-        state: dict[str, float] = {}
-
-        def ready() -> bool:
-            done = [self.rounds_done(swarm, n) for n in self.data_names()]
-            if min(done) < 1:
-                return False
-            state.setdefault("training_since", time.monotonic())  # the table must be newer than this
-            fresh = watcher.fetched_at is not None and watcher.fetched_at > state["training_since"]
-            return fresh and max(done) >= trigger
-
-        with watcher:
-            self.wait_with_progress(swarm, ready, "training to reach the middle", lambda: self.data_names())
-            rows = watcher.rows
-        running = {ids[n] for n, child in swarm.nodes.items() if child.running}
-        rows = [r for r in rows if int(r["id"]) in running]
-        self.progress.table_before_kill = rows
-        if self.show_tables:
-            self.say(f"\n$ atlas-node peers --bootstrap {swarm.address}\n{format_peer_table(rows)}\n")
+        self.say(f"training; SIGKILL {count} node(s) in the middle of their training "
+                 f"(serving helpers first, chosen from the peer table)")
         names_by_id = {i: n for n, i in ids.items()}
         pure = {s.name for s in self.specs if not s.has_data}
-        victims = choose_victims(rows, names_by_id, pure, count)
+        watcher = _TableWatcher(swarm)
+        picked: dict[str, Any] = {}
+
+        def middle(node_id: int) -> bool:
+            """A data node between its first and its second-to-last round."""
+            name = names_by_id.get(node_id)
+            return name is not None and 1 <= self.rounds_done(swarm, name) <= c.rounds - 2
+
+        def ready() -> bool:
+            rows = watcher.rows
+            if not rows:
+                return False
+            if all(self.rounds_done(swarm, n) >= c.rounds for n in self.data_names()):
+                raise SwarmError("every data node finished before a kill could happen mid-training")
+            running = {ids[n] for n, child in swarm.nodes.items() if child.running}
+            rows = [r for r in rows if int(r["id"]) in running]
+            serving = serving_helpers(rows)
+            eligible = {h for h, owners in serving.items() if any(middle(o) for o in owners)}
+            eligible |= {int(r["id"]) for r in rows if middle(int(r["id"]))}
+            victims = choose_victims(rows, names_by_id, pure, count, eligible)
+            wants_helper = any(h in running for h in serving)
+            if len(victims) < count or (wants_helper and not any(ids[v] in serving for v in victims)):
+                return False
+            picked.update(rows=rows, victims=victims)
+            return True
+
+        with watcher:
+            try:
+                self.wait_with_progress(swarm, ready, "training to reach the middle", lambda: self.data_names())
+            except SwarmError as exc:
+                if "before a kill" not in str(exc):
+                    raise
+                self.say(f"[{self.elapsed():6.1f} s] no kill: {exc}")
+                return
+        rows, victims = picked["rows"], picked["victims"]
+        self.progress.table_before_kill = rows
         serving = serving_helpers(rows)
         self.progress.killed_serving_helpers = [n for n in victims if ids[n] in serving]
         self.progress.kill_at_s = self.elapsed()
         for name in victims:
             swarm.kill(name, signal.SIGKILL)
+        if self.show_tables:
+            self.say(f"\n$ atlas-node peers --bootstrap {swarm.address}   # just before the kill\n"
+                     f"{format_peer_table(rows)}\n")
+        for name in victims:
             role = "helper serving " + ", ".join(names_by_id[o] for o in serving[ids[name]]) \
                 if ids[name] in serving else ("data node" if name not in pure else "idle helper")
-            self.say(f"[{self.elapsed():6.1f} s] SIGKILL {name} (id {ids[name]}, {role})")
+            self.say(f"[{self.progress.kill_at_s:6.1f} s] SIGKILL {name} (id {ids[name]}, {role}, "
+                     f"{self.rounds_done(swarm, name)} rounds done)")
         self.progress.killed = victims
         self.wait_for_repair(swarm, [ids[n] for n in victims])
 
@@ -580,6 +605,7 @@ class ChurnRun:
             "nodes": self.config.nodes,
             "data_nodes": self.data_names(),
             "pure_helpers": [s.name for s in self.specs if not s.has_data],
+            "kill_requested": kill_count(self.config.nodes, self.config.kill),
             "killed": self.progress.killed,
             "killed_serving_helpers": self.progress.killed_serving_helpers,
             "killed_for_good": killed_for_good,

@@ -17,7 +17,7 @@ and one pure helper without data. The demo prints
 It exits non-zero when any check of the churn scenario fails (a survivor did not
 finish, an update was lost, no repair, clusters wrong, a loss did not fall).
 
-    python -m scenarios.demo [--workdir DIR] [--rounds 4] [--nodes 6]
+    python -m scenarios.demo [--workdir DIR] [--rounds 6] [--nodes 6]
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def _terminate_on_sigterm() -> None:
 
 def demo_config(nodes: int, rounds: int, seed: int) -> ChurnConfig:
     """The demo's swarm: 2 tasks, exactly one node killed (a serving helper is picked first)."""
-    return ChurnConfig(nodes=nodes, tasks=2, kill=1.0 / nodes, restart=0.0, rounds=rounds, local_steps=4,
+    return ChurnConfig(nodes=nodes, tasks=2, kill=1.0 / nodes, restart=0.0, rounds=rounds, local_steps=16,
                        batch_size=8, seed=seed, timeout_s=DEMO_TIMEOUT_S)
 
 
@@ -110,13 +110,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", type=Path, help="keep everything here (default: a new dir under /tmp, kept)")
     parser.add_argument("--nodes", type=int, default=6, help="node processes, >= 6 (default 6)")
-    parser.add_argument("--rounds", type=int, default=4, help="merge rounds per data node (default 4)")
+    parser.add_argument("--rounds", type=int, default=6, help="merge rounds per data node (default 6)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.nodes < 6:
         parser.error(f"--nodes must be >= 6, got {args.nodes}")
-    if args.rounds < 2:
-        parser.error(f"--rounds must be >= 2 (a helper dies midway), got {args.rounds}")
+    if args.rounds < 3:
+        parser.error(f"--rounds must be >= 3 (a helper dies midway), got {args.rounds}")
     logging.basicConfig(level=logging.WARNING, format="%(levelname).1s %(name)s: %(message)s")
     _terminate_on_sigterm()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="atlas-demo-"))

@@ -229,7 +229,7 @@ def test_victims_never_empty_a_cluster_or_pick_dead_nodes():
 
 
 def _result(**changes):
-    base = dict(survivors=["a", "b"], finished=["a", "b"], restarted=[], data_nodes=["a", "b", "c"],
+    base = dict(survivors=["a", "b"], finished=["a", "b"], restarted=[], data_nodes=["a", "b", "c"], killed=["h", "c"],
                 exit_codes={"a": 0, "b": 0, "c": None}, killed_for_good=["c"], lost_updates=0,
                 killed_serving_helpers=["h"], repairs=1, ari=1.0,
                 loss_by_round_by_cluster={"0": {"0": 2.0, "3": 1.0}, "1": {"0": 2.0, "3": 1.5}})
@@ -286,3 +286,13 @@ def test_a_contribution_marked_carried_over_counts_through_the_nodes_next_one(tm
     a = _node(tmp_path, "a", [_runtime_row(1, 0, "a0", "p0", carried=True), _runtime_row(1, 1, "a1", "p1")],
               summary={"finished": True, "manifests_folded": [{"digest": "p1", "contributions": ["a1"]}]})
     assert report.lost_updates(report.read_runs([a])) == []
+
+
+def test_victims_come_only_from_the_eligible_nodes_and_a_kill_shortfall_is_a_failure():
+    rows = [_peer(1, 0, anchor=True), _peer(2, 0, helper=7), _peer(3, 1, anchor=True), _peer(4, 1, helper=8),
+            _peer(5, 1), _peer(7, None), _peer(8, None)]
+    names = {i: f"n{i}" for i in (1, 2, 3, 4, 5, 7, 8)}
+    assert churn.choose_victims(rows, names, {"n7", "n8"}, 2, eligible={8, 5}) == ["n8", "n5"]
+    assert churn.choose_victims(rows, names, {"n7", "n8"}, 2, eligible=set()) == []
+    failures = churn.acceptance_failures(_result(killed=["h"], kill_requested=2))
+    assert failures == ["only 1 of 2 nodes could be killed mid-training (training ended first?)"]
