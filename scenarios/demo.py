@@ -73,7 +73,8 @@ def show_results(result: dict, workdir: Path) -> None:
     print("bytes sent by kind: " + ", ".join(f"{k} {v:,}" for k, v in result["bytes_by_kind"].items()))
     print("\nadapters (standard PEFT directories, load with PeftModel.from_pretrained):")
     for name, path in sorted(result["adapters"].items()):
-        print(f"  {name:<14} {path}")
+        if path is not None:  # pure helpers hold no adapter of their own
+            print(f"  {name:<14} {path}")
     print(f"metrics: {workdir / 'nodes'}/*/metrics.jsonl   logs: {workdir / 'logs'}")
     print(f"report again: python -m tools.report {workdir / 'nodes'}/* --truth {workdir / 'truth.json'} "
           f"--plots {workdir / 'plots'}")
