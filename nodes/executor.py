@@ -3,6 +3,11 @@
 Every torch call of a node (training steps, helper steps, folds, fingerprint, eval,
 export) goes through `TorchExecutor.run`, so they never overlap and the event loop never
 blocks on them. The thread sets `torch.set_num_threads(threads)` before its first job.
+
+Jobs of all executors in one process also take turns (`TORCH_LOCK`): torch's global RNG
+is shared by threads, and model builds, peft initialisation and the seeded steps all
+fork and seed it, so two nodes sharing a process (the in-process swarm) would otherwise
+draw each other's numbers. With one node per process the lock is never contended.
 """
 
 from __future__ import annotations
@@ -10,7 +15,15 @@ from __future__ import annotations
 import asyncio
 import functools
 from concurrent.futures import ThreadPoolExecutor
+import threading
 from typing import Any, Callable
+
+TORCH_LOCK = threading.RLock()
+
+
+def _locked(fn: Callable[..., Any]) -> Any:
+    with TORCH_LOCK:
+        return fn()
 
 
 class TorchExecutor:
@@ -25,7 +38,7 @@ class TorchExecutor:
 
     async def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, functools.partial(fn, *args, **kwargs))
+        return await loop.run_in_executor(self._pool, _locked, functools.partial(fn, *args, **kwargs))
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)

@@ -9,15 +9,12 @@ local path).
 
 from __future__ import annotations
 
-import threading
-
+from nodes.executor import TORCH_LOCK
 from nodes.runtime_config import EMBEDDED_MODELS
 
 EMBEDDED_SEED = 0  # every node builds the same embedded base
-# tiny_model seeds torch's global RNG inside fork_rng: two threads building at once (nodes
-# sharing one process, as in the in-process swarm) would interleave draws and get different
-# weights, so builds in one process take turns.
-_BUILD_LOCK = threading.Lock()
+# tiny_model seeds torch's global RNG inside fork_rng: builds take turns with every other
+# torch job of this process (nodes/executor.py explains why).
 
 
 def build_tokenizer(name: str):
@@ -42,7 +39,7 @@ def build_model(name: str, task: str, num_labels: int | None, device: str = "cpu
         if family == "bert" and task != "seq_cls":
             raise ValueError(f"model {name!r} supports task seq_cls only, the swarm runs {task}")
         vocab = len(build_tokenizer(name))
-        with _BUILD_LOCK:
+        with TORCH_LOCK:
             return tiny_model(family, task, vocab, num_labels=num_labels, seed=EMBEDDED_SEED).to(device)
     from atlas_p2p.models import load_model
 

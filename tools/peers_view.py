@@ -20,9 +20,12 @@ _COLUMNS: tuple[tuple[str, str], ...] = (
     ("CLUSTER", "cluster"),
     ("SPLIT", "split"),
     ("HELPER", "helper"),
+    ("RANKS", "ranks"),
+    ("ANCHOR", "anchor"),
     ("ROUND", "round"),
     ("BASE", "base_version"),
     ("LAST SEEN", "last_seen_ago_s"),
+    ("REASON", "reason"),
 )
 
 
@@ -56,6 +59,11 @@ def _cell(key: str, value: Any) -> str:
         return f"{value / 1000:.1f} GB" if value >= 1000 else f"{value} MB"
     if key == "bandwidth_mbps":
         return f"{value / 1000:g} Gbps" if value >= 1000 else f"{value:g} Mbps"
+    if key == "anchor":
+        return "yes" if value else ""
+    if key == "reason":
+        text = str(value)
+        return text if len(text) <= 60 else text[:57] + "..."
     if key == "last_seen_ago_s":
         seconds = max(0.0, float(value))
         if seconds < 120:
