@@ -657,7 +657,8 @@ def print_result(result: Mapping[str, Any], failures: Sequence[str], say=print) 
     say("")
     say(f"killed {result['killed']} (serving helpers: {result['killed_serving_helpers']}), "
         f"restarted {result['restarted']}")
-    say(f"finished {len(result['finished'])}/{len(result['survivors'])} survivors; repairs {result['repairs']}, "
+    expected = len(set(result["survivors"]) | (set(result["restarted"]) & set(result["data_nodes"])))
+    say(f"finished {len(result['finished'])}/{expected} (survivors and restarted data nodes); repairs {result['repairs']}, "
         f"fallbacks {result['fallbacks']} ({result['repair_source']}); lost updates {result['lost_updates']} "
         f"of {result['contributions']} contributions; ARI {result['ari']}")
     say(report.format_round_table("loss by round (mean over each cluster's nodes)",
