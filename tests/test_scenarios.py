@@ -296,3 +296,12 @@ def test_victims_come_only_from_the_eligible_nodes_and_a_kill_shortfall_is_a_fai
     assert churn.choose_victims(rows, names, {"n7", "n8"}, 2, eligible=set()) == []
     failures = churn.acceptance_failures(_result(killed=["h"], kill_requested=2))
     assert failures == ["only 1 of 2 nodes could be killed mid-training (training ended first?)"]
+
+
+def test_atlas_node_report_reads_out_dirs(swarm_dirs, capsys):
+    from tools.cli import main
+
+    args = ["report"] + [arg for d in swarm_dirs for arg in ("--out", str(d))]
+    assert main(args) == 0
+    assert "lost updates 0" in capsys.readouterr().out
+    assert main(["report", "--out", str(swarm_dirs[0].parent / "missing")]) == 3

@@ -360,6 +360,29 @@ def peers(
         typer.echo(format_peer_table(rows))
 
 
+@app.command()
+def report(
+    out: Annotated[
+        list[Path], typer.Option("--out", help="A node's --out directory; repeat for each node (DIR/nodes/* works).")
+    ],
+    truth: Annotated[
+        Path | None, typer.Option(help="truth.json written by a scenario: true task per node, for the ARI.")
+    ] = None,
+    plots: Annotated[Path | None, typer.Option(help="Write PNG plots here (needs matplotlib).")] = None,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Also write the figures as JSON here.")] = None,
+) -> None:
+    """Summarise a run from nodes' --out directories: per-cluster loss/eval by round, bytes, lost updates."""
+    from tools.report import main as report_main
+
+    argv = [str(p) for p in out]
+    for flag, value in (("--truth", truth), ("--plots", plots), ("--json", json_path)):
+        if value is not None:
+            argv += [flag, str(value)]
+    code = report_main(argv)
+    if code:
+        raise typer.Exit(code)
+
+
 # --- entry point ------------------------------------------------------------------------
 
 
