@@ -1,0 +1,96 @@
+"""End-to-end runtime figures: a swarm in one event loop over real sockets (issue #4).
+
+A bootstrap, one owner that needs a helper (4 MB budget), one strong node that trains
+alone (30 MB) and one pure helper, on the embedded tiny-gpt2 (seq_cls, 4 labels) and the
+synthetic tasks. Reported per role, from the nodes' own metrics:
+- step_rate: training steps per second inside rounds (split steps include the two RPCs);
+- act_bytes_per_step, grad_bytes_per_step: activation / gradient bytes on the wire per split step
+  (the gradients are counted on whichever node serves the owner: `served_by`);
+- adapter_bytes_per_round: factors returned, contributions gossiped, patches served;
+- wall_s: from the first join to every node done (rounds, merges, exports);
+- lost_updates (must be 0) and whether the cluster's members ended on one chain.
+
+    python benchmarks/runtime.py [--rounds 3] [--local-steps 8] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from atlas_p2p.synthetic import write_synthetic_jsonl  # noqa: E402
+from nodes.bootstrap import Bootstrap  # noqa: E402
+from nodes.config import BootstrapConfig, NodeConfig  # noqa: E402
+from nodes.metrics import lost_updates  # noqa: E402
+from nodes.peer import Peer  # noqa: E402
+from nodes.runtime_config import SwarmSpec, TrainConfig  # noqa: E402
+
+
+async def _run(workdir: Path, rounds: int, steps: int) -> dict:
+    boot = await Bootstrap.create(
+        BootstrapConfig(bind="127.0.0.1:0", state_dir=workdir / "boot", heartbeat_s=0.5, suspect_after_s=3.0,
+                        dead_after_s=6.0, restart_grace_s=1.0, sweep_s=0.1, fingerprint_seed=3),
+        swarm=SwarmSpec(task="seq_cls", num_labels=4, min_nodes=2, clusters=1),
+    )
+    nodes = {"owner": ("4MB", 0), "whole": ("30MB", 0), "helper": ("100MB", None)}
+    peers, stop = {}, asyncio.Event()
+    for name, (memory, task) in nodes.items():
+        data = None if task is None else write_synthetic_jsonl(workdir / f"{name}.jsonl", task, 96, seed=len(peers))
+        config = NodeConfig(bootstrap=boot.address, memory_bytes=int(memory[:-2]) * 10**6, bandwidth_bps=5e7,
+                            data=data, state_dir=workdir / name, compute_score=1.0)
+        peers[name] = Peer(config, TrainConfig(out_dir=workdir / name, rounds=rounds, local_steps=steps, lr=0.01))
+    started = time.perf_counter()
+    try:
+        out = await asyncio.gather(*(p.run(stop) for p in peers.values()))
+    finally:
+        await boot.stop()
+    wall = time.perf_counter() - started
+    summaries = dict(zip(peers, out))
+    figures = {"wall_s": round(wall, 2), "rounds": rounds, "local_steps": steps,
+               "lost_updates": lost_updates(list(summaries.values()))}
+    for name in ("owner", "whole"):
+        lines = [json.loads(x) for x in (workdir / name / "metrics.jsonl").read_text().splitlines()]
+        rates = [x["step_rate"] for x in lines if x["step_rate"]]
+        b = lines[-1]["bytes_by_kind"]
+        n_steps = sum(x["steps"] for x in lines)
+        figures[name] = {
+            "role": summaries[name]["role"], "step_rate": round(sorted(rates)[len(rates) // 2], 2),
+            "act_bytes_per_step": b["activations"] // max(n_steps, 1),
+            "adapter_bytes_per_round": b["adapters"] // max(len(lines), 1),
+            "final_loss": lines[-1]["loss"], "first_loss": lines[0]["loss"],
+        }
+    server = next(n for n, s in summaries.items() if s["node_id"] == summaries["owner"]["helper"])
+    served = summaries[server]["steps_served"]
+    figures["owner"]["served_by"] = server
+    figures["owner"]["grad_bytes_per_step"] = summaries[server]["bytes_by_kind"]["gradients"] // max(served, 1)
+    chains = {json.dumps(summaries[n]["manifests_folded"][-1]["digest"]) for n in ("owner", "whole")}
+    figures["one_chain"] = len(chains) == 1
+    return figures
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--local-steps", type=int, default=8)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        figures = asyncio.run(_run(Path(tmp), args.rounds, args.local_steps))
+    print(json.dumps(figures, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2))
+    return 0 if figures["lost_updates"] == 0 and figures["one_chain"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
