@@ -305,3 +305,9 @@ def test_atlas_node_report_reads_out_dirs(swarm_dirs, capsys):
     assert main(args) == 0
     assert "lost updates 0" in capsys.readouterr().out
     assert main(["report", "--out", str(swarm_dirs[0].parent / "missing")]) == 3
+
+
+def test_final_loss_is_the_clusters_last_round_not_a_killed_nodes_old_loss(tmp_path):
+    a = _node(tmp_path, "a", [_row(1, 0, 0, 2.0), _row(1, 0, 1, 1.0), _row(1, 0, 2, 0.5)])
+    killed = _node(tmp_path, "killed", [_row(2, 0, 0, 2.2)])
+    assert report.final_loss_by_cluster(report.read_runs([a, killed])) == {"0": 0.5}

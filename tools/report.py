@@ -269,15 +269,9 @@ def eval_names(runs: Sequence[NodeRun]) -> list[str]:
 
 
 def final_loss_by_cluster(runs: Sequence[NodeRun]) -> dict[str, float]:
-    """Per cluster, the mean over its nodes of each node's last reported loss."""
-    last: dict[str, list[float]] = {}
-    for run in runs:
-        for row in reversed(run.rows):
-            loss = _number(row.get("loss"))
-            if loss is not None:
-                last.setdefault(cluster_key(row.get("cluster", run.cluster)), []).append(loss)
-                break
-    return {c: sum(v) / len(v) for c, v in sorted(last.items())}
+    """Per cluster, its mean loss at the last round any member reported (a node killed
+    early does not drag its old loss into the final figure)."""
+    return {c: series[max(series)] for c, series in loss_by_round_by_cluster(runs).items() if series}
 
 
 def loss_falls(series: Mapping[int, float]) -> bool:
