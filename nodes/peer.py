@@ -513,15 +513,16 @@ class Peer:
         self.contributions.append({"round": r, "digest": c.digest, "n_samples": c.n_samples})
         self.store.add(self.cluster, c, time.time())
         await self._push(c)
-        manifest = await self._wait_manifest(r, c)
         before = s.version
-        if manifest is not None:
-            await self._fold(manifest)
-        else:
-            await self.catch_up()
-        if s.version == before:
-            log.warning("round %d: nothing folded; will retry", r)
-            return
+        while s.version == before:  # a closed round cannot train again: wait until its patch is in
+            manifest = await self._wait_manifest(r, c)
+            if manifest is not None:
+                await self._fold(manifest)
+            else:
+                await self.catch_up()
+            if s.version == before:
+                log.warning("round %d: nothing folded yet; asking the anchor again", r)
+                await asyncio.sleep(self.train.poll_s * 10)
         self.rounds_done += 1
         self.store.forget_before(self.cluster, r)
         evaluation = None
