@@ -375,12 +375,21 @@ class Peer:
         await self._train_rounds()
         self.state = "done"
         await self._finish()
-        await self._serve_until_done()
+        if await self._serve_until_done(follow=True):
+            await self._finish()  # later patches were folded: export the cluster's final adapter
 
-    async def _serve_until_done(self) -> None:
+    async def _serve_until_done(self, follow: bool = False) -> bool:
+        """Serve peers until the bootstrap says the swarm is done; True if more patches were folded."""
+        folded = False
         while not self.swarm_done:
             await asyncio.sleep(self.train.poll_s * 5)
+            if follow:
+                try:
+                    folded = await self._follow() or folded
+                except Exception:  # a bad manifest must not end serving
+                    log.exception("following the cluster failed")
         log.info("the swarm is done")
+        return folded
 
     # ---- sessions --------------------------------------------------------------------------
     def _build_session(self, a: Any):
@@ -502,7 +511,61 @@ class Peer:
                 await self.catch_up()
                 continue
             await self._merge(result)
+        while self.session.pending is not None:
+            await self._carry_round()
         log.info("all %d rounds done (base version %d)", R, self.session.version)
+
+    async def _carry_round(self) -> None:
+        """After the last round: merge a contribution that missed its manifest on its own.
+
+        It becomes this node's contribution to the next round of the cluster; the anchor
+        publishes that round at its deadline, and finished members still fold it (`_follow`).
+        """
+        from atlas_p2p.aggregation import Contribution
+
+        s = self.session
+        p = s.pending
+        c = Contribution(p.factors, p.n_samples, p.node_id, s.round, p.dense)
+        log.info("round %d: merging the contribution that missed the last manifest", s.round)
+        self.state = "merging"
+        self.contributions.append({"round": c.round, "digest": c.digest, "n_samples": c.n_samples, "carry": True})
+        self.store.add(self.cluster, c, time.time())
+        await self._push(c)
+        before = s.version
+        while s.version == before:
+            manifest = await self._wait_manifest(c.round, c)
+            if manifest is not None:
+                await self._fold(manifest)
+            else:
+                await self.catch_up()
+            if s.version == before:
+                await asyncio.sleep(self.train.poll_s * 10)
+        if self.manifests and str(self.node_id) in self.manifests[-1].get("nodes", []):
+            s.pending = None
+        await self.executor.run(self.save_checkpoint)
+
+    async def _follow(self) -> bool:
+        """A finished member folds rounds its cluster still publishes (others' carry rounds)."""
+        from transport.messages import Manifest, ManifestGet
+        from transport.rpc import RpcError
+
+        s, a = self.session, self.assignment
+        if s is None or a is None or a.cluster is None:
+            return False
+        before = s.version
+        if a.anchor == self.node_id:
+            alog = self.anchor_logs.get(a.cluster)
+            if alog is not None and s.round in alog.manifests:
+                await self._fold(alog.manifests[s.round].to_msg())
+        elif a.anchor is not None and self.address_of(a.anchor) is not None:
+            try:
+                m = await self.call(self.address_of(a.anchor), ManifestGet(cluster=a.cluster, round=s.round,
+                                                                           node_id=self.node_id))
+                if isinstance(m, Manifest) and m.ready:
+                    await self._fold(m)
+            except RpcError:
+                pass
+        return s.version > before
 
     async def _merge(self, result) -> None:
         s = self.session
