@@ -213,7 +213,7 @@ class Peer:
         except RpcError as exc:
             log.warning("get_assignment failed (%s); will retry", exc)
             return
-        if isinstance(a, Assignment) and a.version >= self.assignment_version:
+        if isinstance(a, Assignment):  # the bootstrap is the authority (a restarted one counts from 0 again)
             changed = self.assignment is None or a.version != self.assignment.version
             self.assignment, self.assignment_version = a, a.version
             if changed:
