@@ -302,12 +302,18 @@ class Bootstrap:
             return False
 
     def _swarm_done(self) -> bool:
-        """Assigned, and every data node still around says it is done."""
+        """Assigned, and every data node still around says it is done.
+
+        A data node that died recently still counts as around for another 2 x dead_after_s:
+        it may be restarted on its --out and resume, and it needs its cluster's anchor then.
+        """
         if not self.coordinator.assigned:
             return False
+        now = self.clock()
         rows = [r for r in self.registry.table.rows() if r.has_data]
-        around = [r for r in rows if r.status in ("alive", "suspect")]
-        return bool(rows) and all(r.state == "done" for r in around)
+        recent = 3.0 * self.config.dead_after_s  # dead_after_s of silence, then the grace
+        around = [r for r in rows if r.status in ("alive", "suspect") or (r.status == "dead" and now - r.last_seen < recent)]
+        return bool(rows) and all(r.state == "done" and r.status != "dead" for r in around)
 
     def _adopt_known_nodes(self) -> None:
         """After a restart on the same state: every live row becomes a coordinator member again."""

@@ -123,10 +123,12 @@ class Peer:
     def __init__(self, config: NodeConfig, train: TrainConfig) -> None:
         self.config = config
         self.train = train
-        self.out = Path(train.out_dir)
+        self.out = None if train.out_dir is None else Path(train.out_dir)
+        if self.out is None and config.data is not None:
+            raise RuntimeFailure("a node with --data needs --out (or --state) for its adapter and metrics")
         self.executor = TorchExecutor(train.threads)
         self.meter = ByteMeter()
-        self.metrics = MetricsLog(self.out / "metrics.jsonl")
+        self.metrics = MetricsLog(self.out / "metrics.jsonl") if self.out is not None else None
         self.store = GossipStore()
         self.anchor_logs: dict[int, AnchorLog] = {}
         self.helper = HelperService(self)
@@ -308,11 +310,12 @@ class Peer:
         for task in list(self._tasks):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        if self.session is not None:
+        if self.session is not None and self.out is not None:
             with contextlib.suppress(Exception):
                 await self.executor.run(self.save_checkpoint)
-        with contextlib.suppress(Exception):
-            write_json_atomic(self.out / "summary.json", self.summary())
+        if self.out is not None:
+            with contextlib.suppress(Exception):
+                write_json_atomic(self.out / "summary.json", self.summary())
         if self.control is not None:
             if self.node_id is not None and self.control.welcome is not None:
                 reason = "done" if self.finished or (self.encoded is None and self.swarm_done) else "shutdown"

@@ -64,7 +64,7 @@ class SwarmSpec:
 class TrainConfig:
     """How one node trains (`atlas-node join` flags)."""
 
-    out_dir: Path  # adapter, metrics.jsonl, summary.json and checkpoint/ go here
+    out_dir: Path | None  # adapter, metrics.jsonl, summary.json, checkpoint/ (None: a helper writes nothing)
     rounds: int = 3  # merge rounds to train
     local_steps: int = 5  # E: steps per round
     batch_size: int = 4  # sequences per step
@@ -83,7 +83,8 @@ class TrainConfig:
     step_delay_s: float = 0.0  # extra seconds per step: emulates a slow device (stragglers in scenarios)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "out_dir", Path(self.out_dir))
+        if self.out_dir is not None:
+            object.__setattr__(self, "out_dir", Path(self.out_dir))
         if self.eval_path is not None:
             object.__setattr__(self, "eval_path", Path(self.eval_path))
         for name in ("rounds", "local_steps", "batch_size", "export_rank", "threads"):

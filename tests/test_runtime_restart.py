@@ -36,7 +36,7 @@ def test_a_killed_node_resumes_from_its_checkpoint(procs, tmp_path):
     procs.join("b", "30MB", "--data", str(data[1]), *flags)
     b_id = wait_for(lambda: procs.node_id("b"), 60, "b to join")
 
-    wait_for(lambda: (tmp_path / "b" / "metrics.jsonl").exists(), 120, "b's first round")
+    wait_for(lambda: (tmp_path / "b" / "checkpoint" / "state.json").exists(), 120, "b's first checkpoint")
     procs.kill("b")
     saved = load_checkpoint(tmp_path / "b")
     assert saved is not None and saved.base.version >= 1

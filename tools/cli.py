@@ -319,7 +319,9 @@ def join(
         fail(ExitCode.BAD_VALUE, "--split-mode: u-shape is not yet supported in the runtime (the training core has it)")
     if eval_file is not None and not eval_file.is_file():
         fail(ExitCode.BAD_VALUE, f"--eval: no such file: {eval_file}")
-    out_dir = out if out is not None else (state if state is not None else Path("atlas-out"))
+    out_dir = out if out is not None else state
+    if data is not None and out_dir is None:
+        fail(ExitCode.BAD_VALUE, "--out: required with --data (the adapter, metrics and checkpoint go there)")
     train = _config(
         TrainConfig, out_dir=out_dir, rounds=rounds, local_steps=local_steps, batch_size=batch_size, lr=lr,
         max_seq_len=max_seq_len, device=device, seed=seed, eval_path=eval_file, split_mode=split_mode,

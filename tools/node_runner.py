@@ -8,7 +8,6 @@ returns. Without --data the node is a helper that serves owners until the swarm 
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 from typing import Any
 
 from nodes.config import NodeConfig
@@ -20,5 +19,5 @@ async def run_node(config: NodeConfig, stop: asyncio.Event, train: Any = None) -
     from nodes.runtime_config import TrainConfig
 
     if train is None:
-        train = TrainConfig(out_dir=config.state_dir or Path("atlas-out"))
+        train = TrainConfig(out_dir=config.state_dir)
     return await run_peer(config, train, stop)
