@@ -17,10 +17,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import functools
 import json
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -74,6 +76,8 @@ class Bootstrap:
         self.swarm = swarm  # nodes.runtime_config.SwarmSpec, or None: membership only
         self.coordinator: Any = None  # nodes.coordinator.Coordinator when `swarm` is given
         self._fingerprinted: set[int] = set()  # nodes whose fingerprint this run accepted
+        self._coord_lock = asyncio.Lock()  # one coordinator event (or read) at a time
+        self._coord_thread = ThreadPoolExecutor(1, thread_name_prefix="coordinator")
         self.clock = clock
         self.registry: Registry | None = None
         self.server: Any = None  # transport.rpc.RpcServer
@@ -115,7 +119,7 @@ class Bootstrap:
             self.coordinator = make_coordinator(self.swarm)
             handlers.update(fingerprint=self.rpc_fingerprint, report=self.rpc_report,
                             get_assignment=self.rpc_get_assignment)
-            self._adopt_known_nodes()
+            await self._adopt_known_nodes()
         self.server = await RpcServer.create(
             host, port, handlers, config=RpcServerConfig(name="bootstrap", max_bytes=MAX_REQUEST_BYTES)
         )
@@ -144,6 +148,7 @@ class Bootstrap:
                 await self._sweeper
         if self.server is not None:
             await self.server.stop()
+        self._coord_thread.shutdown(wait=True)  # an event still running finishes before the table closes
         if self._table is not None:
             self._table.close()
         if self._lock is not None:
@@ -175,7 +180,7 @@ class Bootstrap:
             now=self.clock(),
         )
         if self.coordinator is not None:
-            self._coordinate(self.coordinator.on_join, result.node_id, self._capabilities(result.node_id))
+            await self._coordinate(self.coordinator.on_join, result.node_id, self._capabilities(result.node_id))
             spec = self.swarm
             return Welcome(
                 node_id=result.node_id, model=spec.model, fingerprint_seed=self.registry.fingerprint_seed,
@@ -201,21 +206,21 @@ class Bootstrap:
         from transport.messages import Beat
 
         if before is not None and before.status == "dead":
-            self._coordinate(self.coordinator.on_alive, body.node_id)
+            await self._coordinate(self.coordinator.on_alive, body.node_id)
         try:
-            version = self.coordinator.version_for(body.node_id)
+            version = await self._read(self.coordinator.version_for, body.node_id)
         except ValueError:  # a node the coordinator never saw (e.g. joined before a restart)
-            self._coordinate(self.coordinator.on_join, body.node_id, self._capabilities(body.node_id))
+            await self._coordinate(self.coordinator.on_join, body.node_id, self._capabilities(body.node_id))
             version = 0
         record = self.registry.table.get(body.node_id)
-        need = bool(record.has_data) and self._needs_fingerprint(body.node_id)
-        return Beat(assignment_version=version, swarm_done=self._swarm_done(), need_fingerprint=need)
+        need = bool(record.has_data) and await self._read(self._needs_fingerprint, body.node_id)
+        return Beat(assignment_version=version, swarm_done=await self._read(self._swarm_done), need_fingerprint=need)
 
     async def rpc_leave(self, env: Any) -> None:
         self._call(self.registry.leave, env.body.node_id, now=self.clock())
         if self.coordinator is not None:
             done = env.body.reason == "done"
-            self._coordinate(self.coordinator.on_done if done else self.coordinator.on_left, env.body.node_id)
+            await self._coordinate(self.coordinator.on_done if done else self.coordinator.on_left, env.body.node_id)
             if done:
                 self.registry.table.update(env.body.node_id, state="done")
 
@@ -227,12 +232,12 @@ class Bootstrap:
         body = env.body
         self._known(body.node_id)
         try:
-            self._coordinate(self.coordinator.on_fingerprint, body.node_id, body.vector, body.n_samples,
+            await self._coordinate(self.coordinator.on_fingerprint, body.node_id, body.vector, body.n_samples,
                              body.importance, strict=True)
         except ValueError as exc:
             raise RpcError("bad_request", str(exc)) from None
         self._fingerprinted.add(body.node_id)
-        self._coordinate(self.coordinator.maybe_assign)
+        await self._coordinate(self.coordinator.maybe_assign)
 
     async def rpc_report(self, env: Any) -> None:
         from transport.rpc import RpcError
@@ -246,7 +251,7 @@ class Bootstrap:
                 raise RpcError("bad_request", f"report helper_failed: helper must be a node id, got {helper!r}")
             log.info("node %d reports helper %d failed: %s", body.node_id, helper, metrics.get("why", ""))
             try:
-                self._coordinate(self.coordinator.report_failure, body.node_id, helper, strict=True)
+                await self._coordinate(self.coordinator.report_failure, body.node_id, helper, strict=True)
             except ValueError as exc:
                 raise RpcError("bad_request", str(exc)) from None
 
@@ -257,7 +262,7 @@ class Bootstrap:
         node_id = env.body.node_id
         self._known(node_id)
         try:
-            return Assignment(**self.coordinator.assignment_for(node_id))
+            return Assignment(**await self._read(self.coordinator.assignment_for, node_id))
         except ValueError as exc:
             raise RpcError("unknown_node", str(exc)) from None
 
@@ -272,17 +277,30 @@ class Bootstrap:
 
         return Capabilities.from_record(self.registry.table.get(node_id))
 
-    def _coordinate(self, event: Callable[..., bool], *args: Any, strict: bool = False) -> None:
-        """Feed one event to the coordinator; on a change write the plan's columns and its metrics."""
-        try:
-            changed = event(*args, now=self.clock())
-        except ValueError as exc:
-            if strict:
-                raise
-            log.warning("coordinator refused %s: %s", getattr(event, "__name__", event), exc)
-            return
-        if changed:
-            self._publish_plan()
+    async def _coordinate(self, event: Callable[..., bool], *args: Any, strict: bool = False) -> None:
+        """Feed one event to the coordinator; on a change write the plan's columns and its metrics.
+
+        Events run on one worker thread (clustering and planning can take seconds on a busy
+        device), so the event loop keeps answering heartbeats meanwhile: a stalled loop made
+        every node look dead at once. The lock keeps loop-side reads (`_read`) from seeing
+        the coordinator half-way through an event.
+        """
+        async with self._coord_lock:
+            call = functools.partial(event, *args, now=self.clock())
+            try:
+                changed = await asyncio.get_running_loop().run_in_executor(self._coord_thread, call)
+            except ValueError as exc:
+                if strict:
+                    raise
+                log.warning("coordinator refused %s: %s", getattr(event, "__name__", event), exc)
+                return
+            if changed:
+                self._publish_plan()
+
+    async def _read(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Call a cheap coordinator (or coordinator-reading) function once no event is running."""
+        async with self._coord_lock:
+            return fn(*args)
 
     def _publish_plan(self) -> None:
         columns = self.coordinator.peer_columns()
@@ -315,11 +333,11 @@ class Bootstrap:
         around = [r for r in rows if r.status in ("alive", "suspect") or (r.status == "dead" and now - r.last_seen < recent)]
         return bool(rows) and all(r.state == "done" and r.status != "dead" for r in around)
 
-    def _adopt_known_nodes(self) -> None:
+    async def _adopt_known_nodes(self) -> None:
         """After a restart on the same state: every live row becomes a coordinator member again."""
         for record in self.registry.table.rows():
             if record.status in ("alive", "suspect"):
-                self._coordinate(self.coordinator.on_join, record.id, self._capabilities(record.id))
+                await self._coordinate(self.coordinator.on_join, record.id, self._capabilities(record.id))
 
     async def rpc_peers(self, env: Any) -> Any:
         from transport.messages import PeerList
@@ -354,8 +372,8 @@ class Bootstrap:
                 if self.coordinator is not None:
                     for node_id, _, new in changes:
                         if new == "dead":
-                            self._coordinate(self.coordinator.on_dead, node_id)
-                    self._coordinate(self.coordinator.maybe_assign)
+                            await self._coordinate(self.coordinator.on_dead, node_id)
+                    await self._coordinate(self.coordinator.maybe_assign)
             except Exception:  # a failing disk must not end liveness tracking for good
                 log.exception("liveness sweep failed; retrying")
 
