@@ -483,7 +483,7 @@ class Coordinator:
             current = None if row is None or row.helper is None else int(row.helper)
             log.info("stale failure report: node %d's helper is %s, not %d", owner, current, helper)
             return False
-        return self._lose(helper, FAILED, now, f"failed: missed a deadline serving node {owner}")
+        return self._lose(helper, FAILED, now, f"missed a deadline serving node {owner}")
 
     # --- answers -------------------------------------------------------------------------
 
