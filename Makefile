@@ -28,6 +28,7 @@ bench: install
 	$(PY) benchmarks/aggregation.py
 	$(PY) benchmarks/clustering.py
 	$(PY) benchmarks/memory_model.py
+	$(PY) benchmarks/runtime.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
