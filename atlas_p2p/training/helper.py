@@ -39,13 +39,13 @@ from torch import nn
 
 from atlas_p2p.aggregation import Patch
 from atlas_p2p.lora import Factors, add_lora_adapter, attach_lora, get_factors, reset_adapters
-from atlas_p2p.models import SEQ_CLS, SPLIT_MODES, family_of, num_layers, split_model, task_of, unwrap
+from atlas_p2p.models import SPLIT_MODES, family_of, num_layers, split_model, task_of, unwrap
 from atlas_p2p.versioning import PatchRecord, VersionedBase
 
 from .errors import RoundMismatchError, StepOrderError, UnknownOwnerError, VersionMismatchError
 from .fold import fold_into
 from .inputs import check_float, check_labels, check_mask
-from .modules import adapted_modules, head_params, layer_of, lora_params, reset_head, weight_shape
+from .modules import adapted_modules, head_params, layer_of, lora_params, model_device, model_dtype, num_classes, reset_head, weight_shape
 from .rng import seeded
 from .seeds import step_seed
 
@@ -183,14 +183,13 @@ class HelperSession:
         return key
 
     def _device(self) -> torch.device:
-        return next(unwrap(self.model).parameters()).device
+        return model_device(self.model)
 
     def _dtype(self) -> torch.dtype:
-        return next(unwrap(self.model).parameters()).dtype
+        return model_dtype(self.model)
 
     def _classes(self) -> int:
-        config = unwrap(self.model).config
-        return int(config.num_labels) if self.task == SEQ_CLS else int(config.vocab_size)
+        return num_classes(self.model, self.task)
 
     # ---- begin --------------------------------------------------------------------------------
     def _plan(self, split, ranks, mode, alpha) -> _Plan:

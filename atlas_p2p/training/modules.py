@@ -16,7 +16,7 @@ from peft.utils import ModulesToSaveWrapper
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from atlas_p2p.models import family_of, num_layers, unwrap
+from atlas_p2p.models import SEQ_CLS, family_of, num_layers, unwrap
 
 __all__ = [
     "adapted_modules",
@@ -112,3 +112,19 @@ def reset_head(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
             p.copy_(dense_base_param(model, name))
             start[name] = p.detach().clone()
     return start
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Device of the model's (first) parameters."""
+    return next(unwrap(model).parameters()).device
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """Floating dtype of the model's (first) parameters."""
+    return next(unwrap(model).parameters()).dtype
+
+
+def num_classes(model: nn.Module, task: str) -> int:
+    """Label count a target must stay below: classes for seq_cls, the vocabulary for causal LM."""
+    config = unwrap(model).config
+    return int(config.num_labels) if task == SEQ_CLS else int(config.vocab_size)

@@ -36,14 +36,15 @@ from peft import PeftModel
 
 from atlas_p2p.aggregation import Contribution, Patch, as_factors
 from atlas_p2p.lora import ADAPTER, get_factors, reset_adapters
-from atlas_p2p.models import SEQ_CLS, SPLIT_MODES, num_layers, split_model, task_of, unsplit_forward, unwrap
+from atlas_p2p.models import SPLIT_MODES, num_layers, split_model, task_of, unsplit_forward
 from atlas_p2p.versioning import PatchRecord, VersionedBase
 
 from .carry import carry_over
 from .errors import SessionStateError
 from .fold import fold_into
 from .inputs import as_tensor, check_float, check_labels
-from .modules import adapted_modules, dense_base_param, head_params, layer_of, lora_params, reset_head, weight_shape
+from .modules import (adapted_modules, dense_base_param, head_params, layer_of, lora_params, model_device,
+                      model_dtype, num_classes, reset_head, weight_shape)
 from .rng import seeded
 from .seeds import round_seed, step_seed
 
@@ -189,14 +190,13 @@ class OwnerSession:
         return params
 
     def _device(self) -> torch.device:
-        return next(unwrap(self.model).parameters()).device
+        return model_device(self.model)
 
     def _dtype(self) -> torch.dtype:
-        return next(unwrap(self.model).parameters()).dtype
+        return model_dtype(self.model)
 
     def _classes(self) -> int:
-        config = unwrap(self.model).config
-        return int(config.num_labels) if self.task == SEQ_CLS else int(config.vocab_size)
+        return num_classes(self.model, self.task)
 
     # ---- rounds ---------------------------------------------------------------------------
     def start_round(self, round: int) -> None:
