@@ -451,7 +451,7 @@ class Coordinator:
 
     def on_dead(self, node_id: int, *, now: float) -> bool:
         """The bootstrap stopped hearing from the node; a helper's owners are repaired."""
-        return self._lose(node_id, DEAD, now, "dead: no heartbeat")
+        return self._lose(node_id, DEAD, now, "no heartbeat")
 
     def on_left(self, node_id: int, *, now: float) -> bool:
         """The node said `leave`."""
@@ -464,7 +464,7 @@ class Coordinator:
         into a helper's) until it leaves or dies, so they need no repair; one serving
         nobody leaves the plan.
         """
-        return self._lose(node_id, DONE, now, "done: finished every round")
+        return self._lose(node_id, DONE, now, "finished every round")
 
     def report_failure(self, owner: int, helper: int, *, now: float) -> bool:
         """`owner` saw `helper` miss a deadline: the helper is failed for planning at once.
