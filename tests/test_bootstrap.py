@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
 import msgpack
 import pytest
+
+from tests.aio import run, wait_for
 import zmq
 import zmq.asyncio
 
@@ -231,11 +232,6 @@ SERVICE = BootstrapConfig(
 )
 
 
-def run(coro, timeout: float = 30.0):
-    """Run one async test body with an overall deadline."""
-    return asyncio.run(asyncio.wait_for(coro, timeout))
-
-
 class FakeClock:
     def __init__(self, now: float = 1000.0) -> None:
         self.now = now
@@ -244,16 +240,6 @@ class FakeClock:
         return self.now
 
 
-async def wait_for(predicate, timeout: float = 5.0, interval: float = 0.02):
-    """Poll `predicate()` until it returns something truthy; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
-        await asyncio.sleep(interval)
 
 
 def _join_body(**overrides) -> Join:

@@ -10,6 +10,9 @@ import time
 import pytest
 import zmq
 
+from tests import aio
+from tests.aio import run
+
 from nodes.bootstrap import Bootstrap
 from nodes.config import BootstrapConfig, NodeConfig
 from nodes.control import (
@@ -90,19 +93,9 @@ async def restart_on(address: str, **config) -> Bootstrap:
             await asyncio.sleep(0.05)
 
 
-def run(coro, timeout: float = 30.0):
-    return asyncio.run(asyncio.wait_for(coro, timeout))
-
-
 async def wait_for(predicate, timeout: float = 10.0, interval: float = 0.02):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
-        await asyncio.sleep(interval)
+    """The shared polling wait with this file's longer default (nodes back off between tries)."""
+    return await aio.wait_for(predicate, timeout, interval)
 
 
 def test_joins_heartbeats_with_progress_and_leaves_on_stop(tmp_path):

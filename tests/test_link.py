@@ -6,14 +6,12 @@ import asyncio
 import numpy as np
 import pytest
 
+from tests.aio import run
+
 from transport.link import LinkProfile, LinkShaper, TokenBucket
 from transport.messages import Backward, Forward, Ok, Ping
 from transport.rpc import RpcClient, RpcServer, RpcTimeout
 from transport.units import parse_rate, parse_size
-
-
-def run(coro, timeout: float = 30.0):
-    return asyncio.run(asyncio.wait_for(coro, timeout))
 
 
 # ---------------------------------------------------------------- token bucket (virtual clock)

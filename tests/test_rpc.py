@@ -7,6 +7,8 @@ import contextlib
 import msgpack
 import numpy as np
 import pytest
+
+from tests.aio import run
 import zmq
 import zmq.asyncio
 
@@ -15,11 +17,6 @@ from transport.messages import Assignment, Backward, Envelope, Error, Forward, L
 from transport.rpc import (
     RpcClient, RpcClientConfig, RpcError, RpcServer, RpcServerConfig, RpcTimeout, install_uvloop, tcp_endpoint,
 )
-
-
-def run(coro, timeout: float = 30.0):
-    """Run one test coroutine in a fresh event loop, with an overall deadline."""
-    return asyncio.run(asyncio.wait_for(coro, timeout))
 
 
 async def eventually(predicate, timeout: float = 5.0) -> None:
