@@ -1,8 +1,9 @@
 """The helper's side of a split step as an async shell (docs/RUNTIME.md): RPC handlers only.
 
 Handlers: `round_begin` (prepare an owner's server-side adapter for a round), `forward`
-(one two-part step: blocks[s:] + head + loss, backward, AdamW step -> `backward`) and
-`return_get` (hand the round's server-side factors back -> `server_adapter`). The math is
+(two-part, with labels: blocks[s:] + head + loss, backward, AdamW step -> `backward`;
+u-shape, without labels: blocks[s:L] -> `hidden`), `u_backward` (u-shape: the owner's
+gradient of those hidden states, backward, AdamW step -> `backward`) and `return_get` (hand the round's server-side factors back -> `server_adapter`). The math is
 atlas_p2p.training.HelperSession, one replica per cluster served (HelperPool); every torch
 call runs in the node's executor thread.
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import logging
+from collections import Counter
 from typing import Any, Awaitable, Callable
 
 from atlas_p2p.training import HelperConfig, HelperPool, HelperSession, ReplayNeeded, VersionMismatchError
@@ -34,6 +36,10 @@ class HelperService:
         self.pool = HelperPool()
         self._locks: dict[int, asyncio.Lock] = {}
         self.steps_served = 0
+        # what arrived, for the summary: requests by type, and forwards that carried labels
+        # (in a u-shape swarm this stays 0: labels never leave their owner)
+        self.requests: Counter[str] = Counter()
+        self.labels_received = 0
 
     # ---- plumbing --------------------------------------------------------------------
     def _find(self, owner_id: int) -> dict[str, Any] | None:
@@ -108,16 +114,39 @@ class HelperService:
         await self._torch(replica.begin, b.owner_id, b.round, b.split, dict(b.ranks), b.seed, mode=b.mode, lr=b.lr)
 
     async def rpc_forward(self, env: Any) -> Any:
-        from transport.messages import Backward
+        from transport.messages import Backward, Hidden
 
         b = env.body
+        self.requests["forward"] += 1
+        self.labels_received += b.labels is not None
         await self._owner_plan(b.owner_id)
         replica = self._replica(b.cluster)
         await self._sync(b.cluster, replica, b.base_version)
-        result = await self._torch(replica.step, b.owner_id, b.round, b.step, b.activations, b.attention_mask,
-                                   b.labels, base_version=b.base_version)
+        if b.labels is None:  # u-shape: blocks[s:L] only, the owner keeps head, labels and loss
+            out = await self._torch(replica.u_forward, b.owner_id, b.round, b.step, b.activations,
+                                    b.attention_mask, base_version=b.base_version)
+            reply = Hidden(step=b.step, hidden=out.detach().cpu().numpy())
+        else:
+            result = await self._torch(replica.step, b.owner_id, b.round, b.step, b.activations,
+                                       b.attention_mask, b.labels, base_version=b.base_version)
+            self.steps_served += 1
+            reply = Backward(step=b.step, grad=result.grad.detach().cpu().numpy(), loss=float(result.loss))
+        self.node.meter.count(reply)
+        return reply
+
+    async def rpc_u_backward(self, env: Any) -> Any:
+        """u-shape, second half of a step: the owner's ∂L/∂hidden -> backward, AdamW step -> ∂L/∂activations."""
+        from transport.messages import Backward
+
+        b = env.body
+        self.requests["u_backward"] += 1
+        await self._owner_plan(b.owner_id)
+        replica = self._replica(b.cluster)
+        await self._sync(b.cluster, replica, b.base_version)
+        grad = await self._torch(replica.u_backward, b.owner_id, b.round, b.step, b.grad,
+                                 base_version=b.base_version)
         self.steps_served += 1
-        reply = Backward(step=b.step, grad=result.grad.detach().cpu().numpy(), loss=float(result.loss))
+        reply = Backward(step=b.step, grad=grad.detach().cpu().numpy(), loss=None)
         self.node.meter.count(reply)
         return reply
 
@@ -135,4 +164,5 @@ class HelperService:
         return reply
 
     def handlers(self) -> dict[str, Callable[[Any], Awaitable[Any]]]:
-        return {"round_begin": self.rpc_round_begin, "forward": self.rpc_forward, "return_get": self.rpc_return_get}
+        return {"round_begin": self.rpc_round_begin, "forward": self.rpc_forward,
+                "u_backward": self.rpc_u_backward, "return_get": self.rpc_return_get}

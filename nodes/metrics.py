@@ -20,6 +20,8 @@ KINDS = ("activations", "gradients", "adapters", "fingerprints", "control")
 KIND_OF = {
     "forward": "activations",
     "backward": "gradients",
+    "hidden": "activations",  # u-shape: the helper's output hidden states
+    "u_backward": "gradients",  # u-shape: the owner's gradient of those hidden states
     "server_adapter": "adapters",
     "contribution": "adapters",
     "patches": "adapters",

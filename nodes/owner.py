@@ -1,7 +1,9 @@
 """The owner's side of a split step as an async shell: one round of steps, then its contribution.
 
-The math is atlas_p2p.training.OwnerSession (forward, backward, local_step, contribution);
-this module moves its tensors over the wire and turns what can go wrong into values the
+The math is atlas_p2p.training.OwnerSession (forward, finish, backward, local_step,
+contribution); this module moves its tensors over the wire (two-part: `forward` with labels
+-> `backward`; u-shape: `forward` without labels -> `hidden`, head and loss here,
+`u_backward` -> `backward`) and turns what can go wrong into values the
 node runtime acts on:
 
 - `HelperFailed`: the helper missed a step's deadline or cannot serve (the runtime reports
@@ -106,12 +108,31 @@ class OwnerRunner:
             reply = await self._call(body, timeout)
             if self.node.train.step_delay_s:
                 await asyncio.sleep(self.node.train.step_delay_s)
+            loss = None
+            if s.config.mode == "u-shape":  # u-shape: head and loss here, then the helper's backward
+                loss, reply = await self._u_finish(fwd, reply, timeout)
             if not isinstance(reply, Backward) or reply.step != fwd.step:
                 raise HelperFailed(self.helper, f"answered step {fwd.step} with {type(reply).TYPE}")
             try:
-                await run(s.backward, reply.grad, reply.loss)
+                await run(s.backward, reply.grad, reply.loss if loss is None else loss)
             except ValueError as exc:  # a malformed gradient: this helper is not to be trusted
                 raise HelperFailed(self.helper, f"sent a bad gradient ({exc})") from None
+
+    async def _u_finish(self, fwd: Any, reply: Any, timeout: float) -> tuple[float, Any]:
+        """u-shape: the helper's hidden states -> final norm + head + loss here (labels never leave)
+        -> `u_backward` with ∂L/∂hidden; returns (loss, the helper's `backward` reply)."""
+        from transport.messages import Hidden, UBackward
+
+        s = self.session
+        if not isinstance(reply, Hidden) or reply.step != fwd.step:
+            raise HelperFailed(self.helper, f"answered u-shape step {fwd.step} with {type(reply).TYPE}")
+        try:
+            loss, grad = await self.node.executor.run(s.finish, reply.hidden)
+        except ValueError as exc:  # malformed hidden states: this helper is not to be trusted
+            raise HelperFailed(self.helper, f"sent bad hidden states ({exc})") from None
+        body = UBackward(step=fwd.step, grad=grad.cpu().numpy(), base_version=s.version,
+                         owner_id=self.node.node_id, cluster=self.cluster, round=fwd.round)
+        return loss, await self._call(body, timeout)
 
     async def _returned(self) -> tuple[dict, dict]:
         from nodes.wireconv import factors_from_wire

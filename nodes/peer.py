@@ -143,6 +143,7 @@ class Peer:
         self.state = "joining"
         self.task = "causal_lm"
         self.num_labels: int | None = None
+        self.split_mode = "two-part"  # the swarm's (welcome): u-shape keeps head, labels and loss on owners
         self.base_model: Any = None
         self.tokenizer: Any = None
         self.encoded: Any = None
@@ -343,8 +344,10 @@ class Peer:
         name = welcome.model or self.config.model or "tiny-gpt2"
         self.task = "seq_cls" if welcome.model_task in ("seq_cls", "classification") else "causal_lm"
         self.num_labels = welcome.num_labels
-        if welcome.split_mode != "two-part" or self.train.split_mode != "two-part":
-            raise RuntimeFailure("split mode u-shape is not yet supported in the runtime (the training core has it)")
+        self.split_mode = welcome.split_mode or "two-part"  # the swarm's, set by the bootstrap
+        if self.train.split_mode is not None and self.train.split_mode != self.split_mode:
+            raise RuntimeFailure(f"--split-mode {self.train.split_mode} disagrees with the swarm's split mode "
+                                 f"{self.split_mode}")
         self.tokenizer = await self.executor.run(build_tokenizer, name)
         self.base_model = await self.executor.run(build_model, name, self.task, self.num_labels, self.train.device)
         log.info("node %d runs %s (%s%s)", self.node_id, name, self.task,
@@ -414,7 +417,7 @@ class Peer:
         if len(base):
             apply_to_model(model, base.folded_delta())
         config = OwnerConfig(node_id=self.node_id, split=int(a.split), lr=self.train.lr,
-                             run_seed=int(self.welcome.fingerprint_seed), mode="two-part", cluster=key)
+                             run_seed=int(self.welcome.fingerprint_seed), mode=self.split_mode, cluster=key)
         session = OwnerSession(model, config, base=base)
         session.pending = pending
         session.start_round(base.version)
@@ -837,7 +840,9 @@ class Peer:
             "export": self.export, "export_error": None if self.export is None else self.export.get("error"),
             "base_version": None if self.session is None else self.session.version,
             "contributions": self.contributions, "manifests_folded": self.manifests, "repairs": self.repairs,
-            "steps_served": self.helper.steps_served, "bytes_by_kind": self.meter.snapshot(),
+            "split_mode": self.split_mode, "steps_served": self.helper.steps_served,
+            "requests_served": dict(self.helper.requests), "labels_received": self.helper.labels_received,
+            "bytes_by_kind": self.meter.snapshot(),
         }
 
 

@@ -73,7 +73,7 @@ class TrainConfig:
     device: str = "cpu"  # torch device
     seed: int = 0  # batch order seed (the round seeds come from the swarm's seed)
     eval_path: Path | None = None  # held-out JSONL: accuracy (seq_cls) or perplexity (causal_lm) per round
-    split_mode: str = "two-part"  # two-part | u-shape
+    split_mode: str | None = None  # two-part | u-shape; None: the swarm's (the bootstrap decides)
     export_rank: int = 16  # rank of the exported PEFT adapter
     threads: int = 1  # torch threads of the node's single executor thread
     step_timeout_s: float = 10.0  # deadline of one forward/backward exchange before the helper is reported
@@ -97,5 +97,5 @@ class TrainConfig:
         _num("step_delay_s", self.step_delay_s, positive=False)
         if not isinstance(self.device, str) or not self.device:
             raise ValueError(f"device must be a torch device name, got {self.device!r}")
-        if self.split_mode not in SPLIT_MODES:
-            raise ValueError(f"split_mode must be one of {SPLIT_MODES}, got {self.split_mode!r}")
+        if self.split_mode is not None and self.split_mode not in SPLIT_MODES:
+            raise ValueError(f"split_mode must be one of {SPLIT_MODES} (or None: the swarm's), got {self.split_mode!r}")

@@ -81,8 +81,8 @@ def test_bad_peer_requests_get_error_codes_and_the_node_keeps_serving(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["join", "--bootstrap", "127.0.0.1:5555", "--memory", "1GB", "--bandwidth", "1Mbps", "--split-mode", "u-shape"],
-     "u-shape is not yet supported in the runtime"),
+    (["join", "--bootstrap", "127.0.0.1:5555", "--memory", "1GB", "--bandwidth", "1Mbps", "--split-mode", "three-part"],
+     "split_mode must be one of"),
     (["join", "--bootstrap", "127.0.0.1:5555", "--memory", "1GB", "--bandwidth", "1Mbps", "--local-steps", "0"],
      "local_steps must be an int >= 1"),
     (["bootstrap", "--bind", "127.0.0.1:0", "--state", "/tmp/x", "--task", "seq_cls"], "num_labels"),

@@ -206,7 +206,10 @@ def bootstrap(
     ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Planning workload: sequences per step.")] = 4,
     max_seq_len: Annotated[int, typer.Option("--max-seq-len", help="Planning workload: tokens per sequence.")] = 32,
-    split_mode: Annotated[str, typer.Option("--split-mode", help="two-part or u-shape.")] = "two-part",
+    split_mode: Annotated[
+        str,
+        typer.Option("--split-mode", help="two-part (labels travel to the helper) or u-shape (head, labels and loss stay with owners)."),
+    ] = "two-part",
 ) -> None:
     """Run the bootstrap: peer table, liveness, clustering, planning and assignments."""
     from nodes.bootstrap import serve_bootstrap
@@ -216,8 +219,6 @@ def bootstrap(
     swarm = _config(SwarmSpec, model=model, task=task, num_labels=num_labels, min_nodes=min_nodes,
                     assign_after_s=assign_after, clusters=clusters, batch_size=batch_size,
                     max_seq_len=max_seq_len, split_mode=split_mode)
-    if split_mode != "two-part":
-        fail(ExitCode.BAD_VALUE, "--split-mode: u-shape is not yet supported in the runtime (the training core has it)")
 
     bind = _address("--bind", bind, allow_port_zero=True)
     heartbeat = heartbeat_s
@@ -273,7 +274,10 @@ def join(
     eval_file: Annotated[
         Path | None, typer.Option("--eval", help="Held-out JSONL: accuracy or perplexity after every round.")
     ] = None,
-    split_mode: Annotated[str, typer.Option("--split-mode", help="two-part or u-shape.")] = "two-part",
+    split_mode: Annotated[
+        str | None,
+        typer.Option("--split-mode", help="two-part or u-shape; must match the bootstrap's (default: the bootstrap's)."),
+    ] = None,
     export_rank: Annotated[int, typer.Option("--export-rank", help="Rank of the exported PEFT adapter.")] = 16,
     threads: Annotated[int, typer.Option(help="Torch threads of the node's executor thread.")] = 1,
     step_timeout: Annotated[
@@ -315,8 +319,6 @@ def join(
         state_dir=state if state is not None else out,
         compute_score=compute,
     )
-    if split_mode != "two-part":
-        fail(ExitCode.BAD_VALUE, "--split-mode: u-shape is not yet supported in the runtime (the training core has it)")
     if eval_file is not None and not eval_file.is_file():
         fail(ExitCode.BAD_VALUE, f"--eval: no such file: {eval_file}")
     out_dir = out if out is not None else state

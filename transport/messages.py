@@ -242,7 +242,8 @@ class Assignment(Message):
 
 @message("forward")
 class Forward(Message):
-    """Owner -> helper: activations at the split; answered by `backward`."""
+    """Owner -> helper: activations at the split; answered by `backward` (two-part), or, without
+    labels in u-shape mode, by `hidden` (labels never leave the owner)."""
 
     step: Count
     activations: Tensor                   # (B, T, H)
@@ -337,6 +338,29 @@ class RoundBegin(Message):
     lr: Annotated[float, Range(0.0, None)]
     mode: Annotated[str, OneOf(("two-part", "u-shape"))] = "two-part"
     base_version: Count = 0
+
+
+@message("hidden")
+class Hidden(Message):
+    """Helper -> owner in u-shape mode, the answer to a `forward` without labels: the output
+    hidden states of blocks[s:L]; the owner runs the final norm, head and loss itself."""
+
+    step: Count
+    hidden: Tensor                        # (B, T, H), same dtype as the activations
+
+
+@message("u_backward")
+class UBackward(Message):
+    """Owner -> helper in u-shape mode: gradient of the owner's loss with respect to the hidden
+    states of `hidden`; the helper backpropagates it through blocks[s:L], steps the owner's
+    server-side adapter and answers `backward` (gradient of the activations)."""
+
+    step: Count
+    grad: Tensor                          # (B, T, H), same dtype as the hidden states
+    base_version: Count = 0
+    owner_id: NodeId = 0
+    cluster: int = 0
+    round: Count = 0
 
 
 @message("return_get")

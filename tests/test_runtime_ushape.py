@@ -1,0 +1,195 @@
+"""u-shape split training in the runtime: labels never leave the owner (issue #4, u-shape).
+
+Per step the owner sends `forward` without labels, the helper answers `hidden` (the output
+of blocks[s:L]), the owner runs final norm + head + loss and sends `u_backward` (the
+gradient of those hidden states), the helper answers `backward` (the gradient of the
+activations). Three checks:
+
+- two real processes (bootstrap, owner, pure helper via `atlas-node`) fold the same
+  patches as OwnerSession(mode="u-shape") + HelperSession.u_forward/u_backward in this
+  process, within 1e-4 (mirrors tests/test_runtime_split.py);
+- what arrived at the helper's RPC handlers carried no labels (the helper counts forwards
+  that carried labels; the in-process test shows that counter does count them);
+- a bad u-shape request (wrong shape or dtype of the gradient, labels in a u-shape round)
+  gets an error reply, and the helper keeps serving the owner's round.
+"""
+
+import asyncio
+
+import numpy as np
+import pytest
+import torch
+
+from atlas_p2p.aggregation import stack_merge
+from atlas_p2p.lora import attach_lora
+from atlas_p2p.synthetic import write_synthetic_jsonl
+from atlas_p2p.training import HelperConfig, HelperSession, OwnerConfig, OwnerSession
+from nodes.bootstrap import Bootstrap
+from nodes.checkpoint import load_checkpoint
+from nodes.config import BootstrapConfig, NodeConfig
+from nodes.control import ControlClient
+from nodes.modelname import build_model, build_tokenizer
+from nodes.peer import Peer, load_data, round_batches
+from nodes.runtime_config import SwarmSpec, TrainConfig
+from tests.runtime_launch import Procs, wait_for
+from transport.messages import Assignment, Backward, Fingerprint, Forward, GetAssignment, Hidden, Ping, RoundBegin, UBackward
+from transport.rpc import RpcClient, RpcError
+
+SEED, LR, STEPS, ROUNDS, BATCH = 1234, 0.01, 3, 2, 4
+
+
+@pytest.fixture
+def procs(tmp_path):
+    p = Procs(tmp_path)
+    yield p
+    p.close()
+
+
+def _reference(data, node_id, split, ranks):
+    """ROUNDS rounds of STEPS u-shape steps in one process, folding each round's patch."""
+    tok = build_tokenizer("tiny-gpt2")
+    encoded = load_data(data, tok, "seq_cls", 4, 32)
+    owner = OwnerSession(attach_lora(build_model("tiny-gpt2", "seq_cls", 4), ranks),
+                         OwnerConfig(node_id=node_id, split=split, lr=LR, run_seed=SEED, cluster="0", mode="u-shape"))
+    helper = HelperSession(build_model("tiny-gpt2", "seq_cls", 4), HelperConfig(cluster="0"))
+    owner.start_round(0)
+    patches = []
+    for r in range(ROUNDS):
+        helper.begin(node_id, r, split, ranks, owner.seed, lr=LR, mode="u-shape")
+        for batch in round_batches(encoded, BATCH, 0, r, STEPS):
+            f = owner.forward(batch)
+            assert f.labels is None
+            hidden = helper.u_forward(node_id, f.round, f.step, f.activations, f.attention_mask,
+                                      base_version=owner.version)
+            _, g = owner.finish(hidden)
+            owner.backward(helper.u_backward(node_id, f.round, f.step, g, base_version=owner.version))
+        back = helper.return_adapter(node_id, r)
+        patch = stack_merge([owner.contribution(None, back.factors, back.dense)])
+        owner.fold(patch)
+        helper.fold(patch)
+        patches.append(patch)
+    return patches
+
+
+def test_u_shape_rounds_across_two_processes_match_one_process_and_labels_stay_home(procs, tmp_path):
+    data = write_synthetic_jsonl(tmp_path / "t0.jsonl", 0, 48, seed=3)
+    procs.bootstrap("--heartbeat-s", "0.5", "--task", "seq_cls", "--num-labels", "4", "--min-nodes", "1",
+                    "--clusters", "1", "--seed", str(SEED), "--split-mode", "u-shape")
+    procs.join("helper", "100MB")
+    procs.join("owner", "4MB", "--data", str(data), "--rounds", str(ROUNDS), "--local-steps", str(STEPS),
+               "--lr", str(LR), "--batch-size", str(BATCH), "--split-mode", "u-shape")
+
+    summary = wait_for(lambda: (procs.summary("owner") or {}).get("finished") and procs.summary("owner"), 150,
+                       "the owner to finish")
+    assert procs.wait_exit("owner", 60) == 0, procs.log("owner")
+    assert procs.wait_exit("helper", 60) == 0, procs.log("helper")
+    assert summary["role"] == "owner" and summary["helper"] is not None, summary
+    assert summary["split_mode"] == "u-shape"
+    split, ranks = summary["split"], summary["ranks"]
+    assert 1 <= split < 4
+
+    ckpt = load_checkpoint(tmp_path / "owner")
+    assert ckpt.base.version == ROUNDS
+    expected = _reference(data, summary["node_id"], split, {k: int(v) for k, v in ranks.items()})
+    for record, ref in zip(ckpt.base.records, expected):
+        assert set(record.patch.modules) == set(ref.modules)
+        assert [m for m in ref.modules if int(m.split(".")[2]) >= split], "the helper trained no module"
+        for name, sf in ref.modules.items():
+            torch.testing.assert_close(record.patch.modules[name].dense(), sf.dense(), atol=1e-4, rtol=0)
+        assert set(record.patch.dense) == set(ref.dense) and ref.dense, "u-shape: the owner trains the head"
+        for name, d in ref.dense.items():
+            torch.testing.assert_close(record.patch.dense[name], d, atol=1e-4, rtol=0)
+
+    helper_summary = procs.summary("helper")
+    assert helper_summary["steps_served"] == ROUNDS * STEPS
+    assert helper_summary["requests_served"]["forward"] >= ROUNDS * STEPS
+    assert helper_summary["requests_served"]["u_backward"] >= ROUNDS * STEPS
+    assert helper_summary["labels_received"] == 0  # no forward that reached the helper carried labels
+    owner_bytes, helper_bytes = summary["bytes_by_kind"], helper_summary["bytes_by_kind"]
+    # both legs: the owner sends activations (forward) and gradients (u_backward), the helper
+    # hidden states (hidden) and gradients (backward)
+    assert owner_bytes["activations"] > 0 and owner_bytes["gradients"] > 0
+    assert helper_bytes["activations"] > 0 and helper_bytes["gradients"] > 0
+
+
+async def _bootstrap(tmp_path):
+    return await Bootstrap.create(
+        BootstrapConfig(bind="127.0.0.1:0", state_dir=tmp_path / "boot", heartbeat_s=0.3, suspect_after_s=3.0,
+                        dead_after_s=6.0, restart_grace_s=1.0, sweep_s=0.1),
+        swarm=SwarmSpec(task="seq_cls", num_labels=4, min_nodes=1, clusters=1, split_mode="u-shape"),
+    )
+
+
+def test_bad_u_shape_requests_get_errors_and_the_helper_keeps_serving(tmp_path):
+    """A real helper node; the test is its owner on the wire (join, fingerprint, u-shape steps)."""
+
+    async def run():
+        boot = await _bootstrap(tmp_path)
+        stop = asyncio.Event()
+        helper = Peer(NodeConfig(bootstrap=boot.address, memory_bytes=10**8, bandwidth_bps=5e7,
+                                 state_dir=tmp_path / "h", compute_score=1.0), TrainConfig(out_dir=None))
+        task = asyncio.create_task(helper.run(stop))
+        client = await RpcClient.create("owner-on-the-wire")
+        control = None
+        try:
+            while helper.base_model is None or helper.server is None:
+                await asyncio.sleep(0.05)
+            control = await ControlClient.create(
+                NodeConfig(bootstrap=boot.address, memory_bytes=4 * 10**6, bandwidth_bps=5e7,
+                           state_dir=tmp_path / "o", compute_score=1.0, data=tmp_path / "o.jsonl"),
+                "127.0.0.1:1", client=client)
+            me = (await control.wait_joined()).node_id
+            vec = np.random.default_rng(0).standard_normal(64).astype(np.float32)
+            await client.call(boot.address, Fingerprint(node_id=me, vector=vec, n_samples=16), timeout=5)
+            for _ in range(200):
+                a = await client.call(boot.address, GetAssignment(node_id=me), timeout=5)
+                if isinstance(a, Assignment) and a.role == "owner" and a.helper == helper.node_id:
+                    break
+                await asyncio.sleep(0.1)
+            else:
+                raise AssertionError(f"no u-shape owner assignment with the helper: {a}")
+            addr = helper.server.address
+            await client.call(addr, RoundBegin(owner_id=me, cluster=a.cluster, round=0, split=a.split,
+                                               ranks=dict(a.ranks), seed=7, lr=0.01, mode="u-shape"), timeout=10)
+            rng = np.random.default_rng(1)
+            acts = rng.standard_normal((2, 5, 64)).astype(np.float32)
+            mask = np.ones((2, 5), np.int64)
+            fwd = dict(activations=acts, attention_mask=mask, owner_id=me, cluster=a.cluster, round=0)
+
+            async def refused(body, code):
+                with pytest.raises(RpcError) as err:
+                    await client.call(addr, body, timeout=10)
+                assert err.value.code == code, (type(body).TYPE, err.value)
+                return err.value
+
+            # labels in a u-shape round: refused (and counted: the counter the process test reads works)
+            e = await refused(Forward(step=0, labels=np.zeros(2, np.int64), **fwd), "bad_request")
+            assert "u-shape" in str(e)
+            assert helper.helper.labels_received == 1
+            hidden = await client.call(addr, Forward(step=0, **fwd), timeout=10)
+            assert isinstance(hidden, Hidden) and hidden.step == 0 and hidden.hidden.shape == acts.shape
+            ub = dict(owner_id=me, cluster=a.cluster, round=0, step=0)
+            await refused(UBackward(grad=np.ones((2, 4, 64), np.float32), **ub), "bad_request")  # wrong shape
+            await refused(UBackward(grad=np.ones((2, 5, 64), np.float64), **ub), "bad_request")  # wrong dtype
+            await refused(UBackward(grad=np.full((2, 5, 64), np.nan, np.float32), **ub), "bad_request")
+            await refused(UBackward(grad=np.ones((2, 5, 64), np.float32), **{**ub, "step": 3}), "replay")
+            assert helper.helper.steps_served == 0  # nothing above trained anything
+            # the helper still serves: the pending forward needs recomputing after the NaN backward spent
+            # its graph, then a good u_backward completes the step
+            hidden = await client.call(addr, Forward(step=0, **fwd), timeout=10)
+            grad = rng.standard_normal(hidden.hidden.shape).astype(np.float32)
+            back = await client.call(addr, UBackward(grad=grad, **ub), timeout=10)
+            assert isinstance(back, Backward) and back.step == 0 and back.grad.shape == acts.shape
+            assert np.isfinite(back.grad).all() and np.abs(back.grad).sum() > 0
+            assert helper.helper.steps_served == 1 and helper.helper.labels_received == 1
+            assert await client.call(addr, Ping(), timeout=5) is not None
+            assert not task.done()
+        finally:
+            stop.set()
+            if control is not None:
+                await control.stop(leave=False)
+            await client.stop()
+            await asyncio.wait_for(task, 30)
+            await boot.stop()
+
+    asyncio.run(run())
