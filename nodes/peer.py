@@ -195,6 +195,15 @@ class Peer:
         self.meter.count(Heartbeat(node_id=self.node_id or 0, **fields))
         return fields
 
+    def link_profile(self) -> Any:
+        """With --emulate-link: this node's sends (requests and replies) shaped by its own
+        --bandwidth and --latency-ms (transport.link); None otherwise (the real link is the link)."""
+        from transport.link import LinkProfile
+
+        if not self.train.emulate_link:
+            return None
+        return LinkProfile(bandwidth_mbps=self.config.bandwidth_mbps, latency_ms=self.train.latency_ms)
+
     # ---- bootstrap side --------------------------------------------------------------------
     async def on_beat(self, reply: Any) -> None:
         from transport.messages import Beat
@@ -271,14 +280,16 @@ class Peer:
         from transport.rpc import RpcClient, RpcServer, RpcServerConfig
 
         host, port = parse_address(self.config.bind, allow_port_zero=True, what="bind")
+        link = self.link_profile()
         handlers = {"ping": self.rpc_ping, **self.helper.handlers(), "contribution": self.rpc_contribution,
                     "contribution_get": self.rpc_contribution_get, "manifest_get": self.rpc_manifest_get,
                     "patches_get": self.rpc_patches_get}
         self.server = await RpcServer.create(host, port, handlers,
-                                             config=RpcServerConfig(name="node", max_bytes=MAX_MESSAGE_BYTES))
+                                             config=RpcServerConfig(name="node", max_bytes=MAX_MESSAGE_BYTES),
+                                             link=link)
         interrupted = False
         try:
-            self.client = await RpcClient.create(f"node-{uuid.uuid4().hex[:12]}")
+            self.client = await RpcClient.create(f"node-{uuid.uuid4().hex[:12]}", link=link)
             address = advertised_address(f"{host}:{self.server.port}", self.config.bootstrap, self.config.advertise)
             self.control = await ControlClient.create(self.config, address, client=self.client,
                                                       progress=self.progress, on_heartbeat_reply=self.on_beat)

@@ -81,6 +81,8 @@ class TrainConfig:
     fanout: int = 2  # gossip: members each contribution is pushed to
     poll_s: float = 0.1  # how often waits re-check (manifest, assignment)
     step_delay_s: float = 0.0  # extra seconds per step: emulates a slow device (stragglers in scenarios)
+    emulate_link: bool = False  # shape this node's sends by its own --bandwidth (scenarios on one machine)
+    latency_ms: float = 0.0  # with emulate_link: one-way delay added to every message this node sends
 
     def __post_init__(self) -> None:
         if self.out_dir is not None:
@@ -95,6 +97,11 @@ class TrainConfig:
         for name in ("lr", "step_timeout_s", "round_deadline_s", "poll_s"):
             _num(name, getattr(self, name))
         _num("step_delay_s", self.step_delay_s, positive=False)
+        if not isinstance(self.emulate_link, bool):
+            raise ValueError(f"emulate_link must be a bool, got {self.emulate_link!r}")
+        _num("latency_ms", self.latency_ms, positive=False)
+        if self.latency_ms and not self.emulate_link:
+            raise ValueError(f"latency_ms ({self.latency_ms!r}) is emulated only with emulate_link")
         if not isinstance(self.device, str) or not self.device:
             raise ValueError(f"device must be a torch device name, got {self.device!r}")
         if self.split_mode is not None and self.split_mode not in SPLIT_MODES:

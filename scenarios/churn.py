@@ -395,7 +395,7 @@ class ChurnRun:
         c = self.config
         return ["--model", c.model, "--rounds", str(c.rounds), "--local-steps", str(c.local_steps),
                 "--batch-size", str(c.batch_size), "--max-seq-len", str(MAX_SEQ_LEN), "--seed", str(c.seed),
-                "--step-timeout", str(c.step_timeout)]
+                "--step-timeout", str(c.step_timeout), "--emulate-link"]  # each node's sends at its --bandwidth
 
     def start_node(self, swarm: Swarm, spec: NodeSpec) -> None:
         extra = self.node_args() + (["--eval", str(spec.eval)] if spec.eval else [])

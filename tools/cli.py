@@ -290,6 +290,14 @@ def join(
     step_delay: Annotated[
         float, typer.Option("--step-delay", help="Extra seconds per step, to emulate a slow device (scenarios).")
     ] = 0.0,
+    emulate_link: Annotated[
+        bool,
+        typer.Option("--emulate-link", help="Shape this node's sends by its own --bandwidth (one-machine scenarios; "
+                                            "off: on a real device the real link is the link)."),
+    ] = False,
+    latency_ms: Annotated[
+        float, typer.Option("--latency-ms", help="With --emulate-link: one-way delay added to every message sent.")
+    ] = 0.0,
 ) -> None:
     """Join a swarm and train: fingerprint, get an assignment, train rounds, merge, export; Ctrl-C leaves cleanly."""
     from nodes.control import JoinRefused, NodeIdentityError
@@ -328,7 +336,7 @@ def join(
         TrainConfig, out_dir=out_dir, rounds=rounds, local_steps=local_steps, batch_size=batch_size, lr=lr,
         max_seq_len=max_seq_len, device=device, seed=seed, eval_path=eval_file, split_mode=split_mode,
         export_rank=export_rank, threads=threads, step_timeout_s=step_timeout, round_deadline_s=round_deadline,
-        fanout=fanout, step_delay_s=step_delay,
+        fanout=fanout, step_delay_s=step_delay, emulate_link=emulate_link, latency_ms=latency_ms,
     )
     try:
         _run(lambda stop: run_node(config, stop, train), bind=bind)
