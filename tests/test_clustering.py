@@ -178,3 +178,19 @@ def test_bad_fingerprints_are_refused(bad, words):
 def test_bad_config_names_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
         ClusteringConfig(**kwargs)
+
+
+def test_two_tasks_of_three_clients_get_k_2_and_one_task_of_six_gets_k_1():
+    # The churn scenario's population: the one-blob surrogate of 6 points carries the
+    # between-task scatter, so a 1.5 sd margin missed real splits (silhouette ~0.7).
+    for seed in range(3):
+        rng = np.random.default_rng(seed)
+        centre, shift = unit(rng.standard_normal(64)), unit(rng.standard_normal(64))
+        truth = np.repeat([0, 1], 3)
+        pairs = unit(centre + 0.5 * shift * (2 * truth[:, None] - 1) + 0.25 * rng.standard_normal((6, 64)) / 8)
+        one = unit(centre + 0.25 * rng.standard_normal((6, 64)) / 8)
+
+        split = cluster_fingerprints(pairs, ClusteringConfig(seed=seed))
+
+        assert split.k == 2 and adjusted_rand(truth, split.labels) == 1.0
+        assert cluster_fingerprints(one, ClusteringConfig(seed=seed)).k == 1
