@@ -13,6 +13,14 @@ says K = 1 when there is nothing to separate.
 
     python benchmarks/clustering.py [--json PATH] [--family gpt2|llama|bert]
         [--clients-per-task 5] [--tasks 4] [--kind classification|instruction|lm]
+
+``--small-n`` instead measures the rate of correct K at the churn scenario's sizes:
+populations 2 x 3, 2 x 4 and one-task controls of 6 and 20 clients, over --seeds (base
+model, probe seed and every client's data change with the seed), once with the old
+settings (m = 32, null_z = 1.5) and once with the current ones (--samples, default
+null_z), from the same data in one run.
+
+    python benchmarks/clustering.py --small-n --layers 4 --samples 64 --seeds 0 1 2 3 4 5 6 7
 """
 
 from __future__ import annotations
@@ -119,6 +127,52 @@ def run_once(args, base_seed: int) -> dict:
     return result
 
 
+SMALL_POPULATIONS = {"2x3": (2, 3), "2x4": (2, 4), "1x6": (1, 6), "1x20": (1, 20)}
+
+
+def small_n(args) -> dict:
+    """Correct-K rate and ARI per population and setting (before / after), see module doc."""
+    synth = SyntheticConfig(num_tasks=max(args.tasks, 2), num_labels=args.labels, num_keys=max(args.labels, 4))
+    generator, tokenizer = SyntheticTasks(synth), synthetic_tokenizer(synth)
+    settings = {"before": (32, ClusteringConfig(null_z=1.5)), "after": (args.samples, ClusteringConfig())}
+    rows = {(name, label): [] for name in SMALL_POPULATIONS for label in settings}
+    for seed in args.seeds:
+        model = tiny_model(args.family, "seq_cls", vocab_size=len(tokenizer), num_labels=args.labels,
+                           num_layers=args.layers, hidden=args.hidden, seed=seed)
+        probe_seed = args.fingerprint_seed + 13 * seed
+        for p, (name, (tasks, per)) in enumerate(SMALL_POPULATIONS.items()):
+            truth = [t for t in range(tasks) for _ in range(per)]
+            encoded = [
+                encode(records_from_dicts(generator.generate(t, 96, "classification",
+                                                             seed=1000 * (seed + 1) + 100 * p + c)),
+                       tokenizer, max_len=args.max_len)
+                for c, t in enumerate(truth)
+            ]
+            for label, (m, base) in settings.items():
+                fp = FingerprintConfig(seed=probe_seed, num_samples=m)
+                grads = [probe_gradient(model, fingerprint_sample(e, fp), hf_loss, fp) for e in encoded]
+                points = np.stack([project(g, probe_seed) for g in grads])  # (n, 64)
+                config = ClusteringConfig(null_z=base.null_z, seed=seed)
+                c = cluster_fingerprints(points, config)
+                rows[(name, label)].append({"k": c.k, "ari": adjusted_rand(truth, c.labels) if tasks > 1 else None,
+                                            "best_silhouette": max(c.scores.values()) if c.scores else None})
+    summary = {}
+    for (name, label), runs in rows.items():
+        tasks = SMALL_POPULATIONS[name][0]
+        aris = [r["ari"] for r in runs if r["ari"] is not None]
+        summary.setdefault(name, {})[label] = {
+            "correct_k": sum(r["k"] == tasks for r in runs),
+            "seeds": len(runs),
+            "ari": round(float(np.mean(aris)), 4) if aris else None,
+            "k": [r["k"] for r in runs],
+        }
+        m, config = settings[label]
+        ari = "" if not aris else f" ari={np.mean(aris):.3f}"
+        print(f"{name:5} {label:6} (m={m:3} z={config.null_z}): correct K {summary[name][label]['correct_k']}/"
+              f"{len(runs)}{ari} K={summary[name][label]['k']}")
+    return summary
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", type=Path, default=None, help="write the figures here as JSON")
@@ -136,6 +190,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--fingerprint-seed", type=int, default=7)
     parser.add_argument("--sigmas", type=float, nargs="+", default=[0.0, 0.005, 0.01, 0.02, 0.05, 0.5, 1.0, 2.0])
     parser.add_argument("--delta", type=float, default=1e-5)
+    parser.add_argument("--small-n", action="store_true", help="correct-K rate at 2x3, 2x4, 1x6, 1x20 (module doc)")
     args = parser.parse_args(argv)
     if args.tasks < 2 or args.clients_per_task < 2:
         parser.error("need --tasks >= 2 and --clients-per-task >= 2")
@@ -145,6 +200,12 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error("bert supports --kind classification only")
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.WARNING)
+    if args.small_n:
+        summary = {"small_n": small_n(args), "layers": args.layers, "samples": args.samples, "seeds": args.seeds}
+        if args.json is not None:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(summary, indent=2))
+        return summary
 
     runs = [run_once(args, seed) for seed in args.seeds]
     summary = {
