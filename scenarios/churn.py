@@ -74,7 +74,7 @@ class ChurnConfig:
     batch_size: int = 8
     model: str = "tiny-gpt2"  # the embedded default (no download) or an installed HF model
     kind: str = "classification"  # synthetic records: classification (seq_cls) or lm (causal_lm)
-    clusters: int | None = None  # bootstrap --clusters K; None: K = tasks; 0: the silhouette chooses K
+    clusters: int = 0  # bootstrap --clusters K; 0 (default): the bootstrap chooses K by silhouette
     train_examples: int = 96  # per data node
     eval_examples: int = 64  # per data node (held out, same task)
     seed: int = 0
@@ -91,9 +91,8 @@ class ChurnConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"ChurnConfig.{name} must be an int >= {low}, got {value!r}")
-        if self.clusters is not None and (isinstance(self.clusters, bool) or not isinstance(self.clusters, int)
-                                          or self.clusters < 0):
-            raise ValueError(f"ChurnConfig.clusters must be None or an int >= 0, got {self.clusters!r}")
+        if isinstance(self.clusters, bool) or not isinstance(self.clusters, int) or self.clusters < 0:
+            raise ValueError(f"ChurnConfig.clusters must be an int >= 0, got {self.clusters!r}")
         max_tasks = SyntheticConfig().num_tasks
         if self.tasks > max_tasks:
             raise ValueError(f"ChurnConfig.tasks must be <= {max_tasks} (the synthetic generator's tasks), got {self.tasks}")
@@ -122,7 +121,7 @@ class ChurnConfig:
     @property
     def bootstrap_clusters(self) -> int:
         """K handed to the bootstrap (0: it chooses by silhouette)."""
-        return self.tasks if self.clusters is None else self.clusters
+        return self.clusters
 
     @property
     def model_task(self) -> str:
@@ -685,7 +684,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default=ChurnConfig.model)
     parser.add_argument("--kind", choices=("classification", "lm"), default=ChurnConfig.kind)
     parser.add_argument("--clusters", type=int, default=ChurnConfig.clusters,
-                        help="K for the bootstrap (default: the number of tasks; 0: chosen by silhouette). "
+                        help="K for the bootstrap (default 0: the bootstrap chooses K by silhouette). "
                              "Only K is given: which node goes where comes from the fingerprints")
     parser.add_argument("--seed", type=int, default=ChurnConfig.seed)
     parser.add_argument("--timeout", type=float, default=ChurnConfig.timeout_s, help="seconds for the whole run")
