@@ -9,20 +9,12 @@ survivor finishes, the repair is recorded, and no contribution is lost.
 
 import json
 
-import pytest
 
 from atlas_p2p.synthetic import write_synthetic_jsonl
 from nodes.metrics import lost_updates
-from tests.runtime_launch import Procs, wait_for
+from tests.runtime_launch import wait_for
 
 ROUNDS = 3
-
-
-@pytest.fixture
-def procs(tmp_path):
-    p = Procs(tmp_path)
-    yield p
-    p.close()
 
 
 def _lines(path):

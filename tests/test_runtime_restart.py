@@ -8,21 +8,13 @@ on the same base (same chain digest) as the node that never stopped.
 
 import json
 
-import pytest
 
 from atlas_p2p.synthetic import write_synthetic_jsonl
 from nodes.checkpoint import load_checkpoint
 from nodes.metrics import lost_updates
-from tests.runtime_launch import Procs, wait_for
+from tests.runtime_launch import wait_for
 
 ROUNDS = 4
-
-
-@pytest.fixture
-def procs(tmp_path):
-    p = Procs(tmp_path)
-    yield p
-    p.close()
 
 
 def test_a_killed_node_resumes_from_its_checkpoint(procs, tmp_path):

@@ -8,7 +8,6 @@ reference runs the same N steps with OwnerSession + HelperSession in this proces
 the same base, seeds, ranks and batches; the folded updates must agree within 1e-4.
 """
 
-import pytest
 import torch
 
 from atlas_p2p.aggregation import stack_merge
@@ -18,16 +17,9 @@ from atlas_p2p.training import HelperConfig, HelperSession, OwnerConfig, OwnerSe
 from nodes.checkpoint import load_checkpoint
 from nodes.modelname import build_model, build_tokenizer
 from nodes.peer import load_data, round_batches
-from tests.runtime_launch import Procs, wait_for
+from tests.runtime_launch import wait_for
 
 SEED, LR, STEPS, ROUNDS, BATCH = 1234, 0.01, 3, 2, 4
-
-
-@pytest.fixture
-def procs(tmp_path):
-    p = Procs(tmp_path)
-    yield p
-    p.close()
 
 
 def _reference(data, node_id, split, ranks):

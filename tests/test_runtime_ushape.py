@@ -31,18 +31,11 @@ from nodes.control import ControlClient
 from nodes.modelname import build_model, build_tokenizer
 from nodes.peer import Peer, load_data, round_batches
 from nodes.runtime_config import SwarmSpec, TrainConfig
-from tests.runtime_launch import Procs, wait_for
+from tests.runtime_launch import wait_for
 from transport.messages import Assignment, Backward, Fingerprint, Forward, GetAssignment, Hidden, Ping, RoundBegin, UBackward
 from transport.rpc import RpcClient, RpcError
 
 SEED, LR, STEPS, ROUNDS, BATCH = 1234, 0.01, 3, 2, 4
-
-
-@pytest.fixture
-def procs(tmp_path):
-    p = Procs(tmp_path)
-    yield p
-    p.close()
 
 
 def _reference(data, node_id, split, ranks):
