@@ -27,6 +27,7 @@ from .factors import AdapterFactors, Contribution, _compute_dtype
 from .stacking import (
     Patch,
     _check_contributions,
+    _common_keys,
     _module_holders,
     _stack,
     average_dense,
@@ -61,12 +62,8 @@ def fedavg_factors(contributions: Sequence[Contribution]) -> FactorAverage:
     """
     _check_contributions(contributions)
     weights = sample_weights(contributions)
-    module_sets = {frozenset(c.factors) for c in contributions}
-    if len(module_sets) != 1:
-        by_node = {c.node_id: sorted(c.factors) for c in contributions}
-        raise ValueError(f"factor-wise FedAvg needs the same modules on every client, got {by_node}")
     factors = {}
-    for module in sorted(next(iter(module_sets))):
+    for module in _common_keys(contributions, "factors", "factor-wise FedAvg needs the same modules on every client"):
         holders = _module_holders(contributions, module)
         ranks = {c.node_id: f.rank for c, f in holders}
         if len(set(ranks.values())) != 1:

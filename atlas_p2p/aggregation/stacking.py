@@ -150,6 +150,15 @@ def _check_contributions(contributions: Sequence[Contribution]) -> int:
     return rounds[0]
 
 
+def _common_keys(contributions: Sequence[Contribution], field: str, what: str) -> list[str]:
+    """The names every contribution carries in `field` ("factors" or "dense"), sorted; they must agree."""
+    key_sets = {frozenset(getattr(c, field)) for c in contributions}
+    if len(key_sets) != 1:
+        by_node = {c.node_id: sorted(getattr(c, field)) for c in contributions}
+        raise ValueError(f"{what}, got {by_node}")
+    return sorted(next(iter(key_sets)))
+
+
 def _module_holders(contributions: Sequence[Contribution], module: str):
     """(contribution, factors) for every contribution carrying ``module``; checks shapes."""
     ordered = sorted(contributions, key=lambda c: c.node_id)  # same bytes in any arrival order
@@ -192,12 +201,8 @@ def average_dense(
     module (a classification head) is trained by every node, and with Σ p_k = 1 the
     mean is then the same whether D_k are new values or changes since the base.
     """
-    names = {frozenset(c.dense) for c in contributions}
-    if len(names) != 1:
-        by_node = {c.node_id: sorted(c.dense) for c in contributions}
-        raise ValueError(f"every contribution must carry the same dense trainables, got {by_node}")
     out = {}
-    for name in sorted(next(iter(names))):
+    for name in _common_keys(contributions, "dense", "every contribution must carry the same dense trainables"):
         ordered = sorted(contributions, key=lambda c: c.node_id)
         tensors = [c.dense[name] for c in ordered]
         shapes = {tuple(t.shape) for t in tensors}
