@@ -10,40 +10,11 @@ the same base, seeds, ranks and batches; the folded updates must agree within 1e
 
 import torch
 
-from atlas_p2p.aggregation import stack_merge
-from atlas_p2p.lora import attach_lora
 from atlas_p2p.synthetic import write_synthetic_jsonl
-from atlas_p2p.training import HelperConfig, HelperSession, OwnerConfig, OwnerSession
 from nodes.checkpoint import load_checkpoint
-from nodes.modelname import build_model, build_tokenizer
-from nodes.peer import load_data, round_batches
 from tests.runtime_launch import wait_for
+from tests.split_reference import BATCH, LR, ROUNDS, SEED, STEPS, reference_patches
 
-SEED, LR, STEPS, ROUNDS, BATCH = 1234, 0.01, 3, 2, 4
-
-
-def _reference(data, node_id, split, ranks):
-    """ROUNDS rounds of STEPS split steps in one process, folding each round's patch."""
-    tok = build_tokenizer("tiny-gpt2")
-    encoded = load_data(data, tok, "seq_cls", 4, 32)
-    owner = OwnerSession(attach_lora(build_model("tiny-gpt2", "seq_cls", 4), ranks),
-                         OwnerConfig(node_id=node_id, split=split, lr=LR, run_seed=SEED, cluster="0"))
-    helper = HelperSession(build_model("tiny-gpt2", "seq_cls", 4), HelperConfig(cluster="0"))
-    owner.start_round(0)
-    patches = []
-    for r in range(ROUNDS):
-        helper.begin(node_id, r, split, ranks, owner.seed, lr=LR)
-        for batch in round_batches(encoded, BATCH, 0, r, STEPS):
-            f = owner.forward(batch)
-            out = helper.step(node_id, f.round, f.step, f.activations, f.attention_mask, f.labels,
-                              base_version=owner.version)
-            owner.backward(out.grad, out.loss)
-        back = helper.return_adapter(node_id, r)
-        patch = stack_merge([owner.contribution(None, back.factors, back.dense)])
-        owner.fold(patch)
-        helper.fold(patch)
-        patches.append(patch)
-    return patches
 
 
 def test_split_rounds_across_two_processes_match_one_process(procs, tmp_path):
@@ -64,7 +35,7 @@ def test_split_rounds_across_two_processes_match_one_process(procs, tmp_path):
 
     ckpt = load_checkpoint(tmp_path / "owner")
     assert ckpt.base.version == ROUNDS
-    expected = _reference(data, summary["node_id"], split, {k: int(v) for k, v in ranks.items()})
+    expected = reference_patches(data, summary["node_id"], split, {k: int(v) for k, v in ranks.items()})
     for record, ref in zip(ckpt.base.records, expected):
         assert set(record.patch.modules) == set(ref.modules)
         helper_side = [m for m in ref.modules if int(m.split(".")[2]) >= split]

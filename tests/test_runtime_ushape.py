@@ -20,48 +20,18 @@ import numpy as np
 import pytest
 import torch
 
-from atlas_p2p.aggregation import stack_merge
-from atlas_p2p.lora import attach_lora
 from atlas_p2p.synthetic import write_synthetic_jsonl
-from atlas_p2p.training import HelperConfig, HelperSession, OwnerConfig, OwnerSession
 from nodes.bootstrap import Bootstrap
 from nodes.checkpoint import load_checkpoint
 from nodes.config import BootstrapConfig, NodeConfig
 from nodes.control import ControlClient
-from nodes.modelname import build_model, build_tokenizer
-from nodes.peer import Peer, load_data, round_batches
+from nodes.peer import Peer
 from nodes.runtime_config import SwarmSpec, TrainConfig
 from tests.runtime_launch import wait_for
+from tests.split_reference import BATCH, LR, ROUNDS, SEED, STEPS, reference_patches
 from transport.messages import Assignment, Backward, Fingerprint, Forward, GetAssignment, Hidden, Ping, RoundBegin, UBackward
 from transport.rpc import RpcClient, RpcError
 
-SEED, LR, STEPS, ROUNDS, BATCH = 1234, 0.01, 3, 2, 4
-
-
-def _reference(data, node_id, split, ranks):
-    """ROUNDS rounds of STEPS u-shape steps in one process, folding each round's patch."""
-    tok = build_tokenizer("tiny-gpt2")
-    encoded = load_data(data, tok, "seq_cls", 4, 32)
-    owner = OwnerSession(attach_lora(build_model("tiny-gpt2", "seq_cls", 4), ranks),
-                         OwnerConfig(node_id=node_id, split=split, lr=LR, run_seed=SEED, cluster="0", mode="u-shape"))
-    helper = HelperSession(build_model("tiny-gpt2", "seq_cls", 4), HelperConfig(cluster="0"))
-    owner.start_round(0)
-    patches = []
-    for r in range(ROUNDS):
-        helper.begin(node_id, r, split, ranks, owner.seed, lr=LR, mode="u-shape")
-        for batch in round_batches(encoded, BATCH, 0, r, STEPS):
-            f = owner.forward(batch)
-            assert f.labels is None
-            hidden = helper.u_forward(node_id, f.round, f.step, f.activations, f.attention_mask,
-                                      base_version=owner.version)
-            _, g = owner.finish(hidden)
-            owner.backward(helper.u_backward(node_id, f.round, f.step, g, base_version=owner.version))
-        back = helper.return_adapter(node_id, r)
-        patch = stack_merge([owner.contribution(None, back.factors, back.dense)])
-        owner.fold(patch)
-        helper.fold(patch)
-        patches.append(patch)
-    return patches
 
 
 def test_u_shape_rounds_across_two_processes_match_one_process_and_labels_stay_home(procs, tmp_path):
@@ -83,7 +53,7 @@ def test_u_shape_rounds_across_two_processes_match_one_process_and_labels_stay_h
 
     ckpt = load_checkpoint(tmp_path / "owner")
     assert ckpt.base.version == ROUNDS
-    expected = _reference(data, summary["node_id"], split, {k: int(v) for k, v in ranks.items()})
+    expected = reference_patches(data, summary["node_id"], split, {k: int(v) for k, v in ranks.items()}, mode="u-shape")
     for record, ref in zip(ckpt.base.records, expected):
         assert set(record.patch.modules) == set(ref.modules)
         assert [m for m in ref.modules if int(m.split(".")[2]) >= split], "the helper trained no module"
