@@ -348,25 +348,31 @@ def test_client_survives_garbage_replies_and_fails_the_call_when_it_can_tell_whi
 
 # ---------------------------------------------------------------- bounds
 
-def test_inflight_bytes_per_peer_are_bounded():
-    active, peak = 0, 0
+class OverlapMeter:
+    """A handler that holds each request 50 ms and records the most handled at once (`peak`)."""
 
-    async def track(env):
-        nonlocal active, peak
-        active += 1
-        peak = max(peak, active)
+    def __init__(self) -> None:
+        self.active = self.peak = 0
+
+    async def __call__(self, env) -> None:
+        self.active += 1
+        self.peak = max(self.peak, self.active)
         await asyncio.sleep(0.05)
-        active -= 1
+        self.active -= 1
+
+
+def test_inflight_bytes_per_peer_are_bounded():
+    track = OverlapMeter()
 
     async def main():
         limit = RpcClientConfig(inflight_bytes=int(1.5 * (1 << 20)))
         async with RpcServer(handlers={"forward": track}) as server, RpcClient("a", config=limit) as client:
             await asyncio.gather(*(client.call(server.address, forward_request(i, nbytes=1 << 20)) for i in range(4)))
-        assert peak == 1
+        assert track.peak == 1
 
         async with RpcServer(handlers={"forward": track}) as server, RpcClient("b") as client:
             await asyncio.gather(*(client.call(server.address, forward_request(i, nbytes=1 << 20)) for i in range(4)))
-        assert peak > 1   # without the bound the same calls overlap
+        assert track.peak > 1   # without the bound the same calls overlap
     run(main())
 
 
@@ -419,20 +425,13 @@ def test_calls_queue_behind_full_zeromq_queues_and_all_complete_once_the_server_
 
 
 def test_server_runs_at_most_max_concurrency_handlers():
-    active, peak = 0, 0
-
-    async def track(env):
-        nonlocal active, peak
-        active += 1
-        peak = max(peak, active)
-        await asyncio.sleep(0.05)
-        active -= 1
+    track = OverlapMeter()
 
     async def main():
         config = RpcServerConfig(max_concurrency=2)
         async with RpcServer(handlers={"ping": track}, config=config) as server, RpcClient("a") as client:
             await asyncio.gather(*(client.call(server.address, Ping()) for _ in range(8)))
-        assert peak == 2
+        assert track.peak == 2
     run(main())
 
 
