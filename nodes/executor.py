@@ -13,12 +13,24 @@ draw each other's numbers. With one node per process the lock is never contended
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 from concurrent.futures import ThreadPoolExecutor
 import threading
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 TORCH_LOCK = threading.RLock()
+
+
+@contextlib.contextmanager
+def torch_lock_released() -> Iterator[None]:
+    """Inside a job: let other nodes' torch jobs run while this one waits on the network
+    (a fingerprint computed across a cut waits for its helper, which may share the process)."""
+    TORCH_LOCK.release()
+    try:
+        yield
+    finally:
+        TORCH_LOCK.acquire()
 
 
 def _locked(fn: Callable[..., Any]) -> Any:

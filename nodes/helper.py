@@ -163,6 +163,30 @@ class HelperService:
         self.node.meter.count(reply)
         return reply
 
+    async def rpc_probe(self, env: Any) -> Any:
+        """One micro-batch of another node's fingerprint across a cut, on the ORIGINAL base
+        (atlas_p2p.training.probe): nothing here changes, so any joined node may ask."""
+        from atlas_p2p.training import probe
+        from transport.messages import Backward, Hidden
+        from transport.rpc import RpcError
+
+        b = env.body
+        self.requests["probe"] += 1
+        base = self.node.base_model
+        if base is None:
+            raise RpcError("not_serving", f"node {self.node.node_id} is still starting")
+        if b.labels is not None:
+            grad, loss = await self._torch(probe.probe_grad, base, b.split, b.activations, b.attention_mask, b.labels)
+            reply = Backward(step=0, grad=grad.cpu().numpy(), loss=loss)
+        elif b.hidden_grad is None:
+            hidden = await self._torch(probe.probe_hidden, base, b.split, b.activations, b.attention_mask)
+            reply = Hidden(step=0, hidden=hidden.cpu().numpy())
+        else:
+            grad = await self._torch(probe.probe_vjp, base, b.split, b.activations, b.attention_mask, b.hidden_grad)
+            reply = Backward(step=0, grad=grad.cpu().numpy(), loss=None)
+        self.node.meter.count(reply)
+        return reply
+
     def handlers(self) -> dict[str, Callable[[Any], Awaitable[Any]]]:
         return {"round_begin": self.rpc_round_begin, "forward": self.rpc_forward,
-                "u_backward": self.rpc_u_backward, "return_get": self.rpc_return_get}
+                "u_backward": self.rpc_u_backward, "return_get": self.rpc_return_get, "probe": self.rpc_probe}

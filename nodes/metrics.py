@@ -26,6 +26,7 @@ KIND_OF = {
     "contribution": "adapters",
     "patches": "adapters",
     "fingerprint": "fingerprints",
+    "probe": "fingerprints",  # owner activations of a fingerprint computed across a cut
 }
 
 

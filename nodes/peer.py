@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import functools
 import itertools
 import logging
 import math
@@ -42,6 +43,7 @@ from nodes.helper import HelperService
 from nodes.merge import AnchorLog, GossipStore, merge_manifest
 from nodes.metrics import ByteMeter, MetricsLog, write_json_atomic
 from nodes.owner import HelperFailed, OwnerRunner, VersionBehind
+from nodes.rss import PeakRss
 from nodes.runtime_config import TrainConfig
 
 log = logging.getLogger("atlas.peer")
@@ -63,21 +65,6 @@ def round_batches(encoded, batch_size: int, seed: int, round_: int, steps: int) 
 
     stream = iterate_batches(encoded, batch_size, seed=seed, shuffle=True, epochs=None)
     return list(itertools.islice(stream, round_ * steps, (round_ + 1) * steps))
-
-
-def fingerprint_loss(model, batch):
-    from atlas_p2p.models import unsplit_forward
-
-    loss, _ = unsplit_forward(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
-    return loss
-
-
-def node_fingerprint(base_model, encoded, seed: int, samples: int):
-    """(64,) float32 fingerprint of a node's encoded data (atlas_p2p.fingerprint, DESIGN 6)."""
-    from atlas_p2p.fingerprint import FingerprintConfig, compute_fingerprint, fingerprint_sample
-
-    config = FingerprintConfig(seed=seed, num_samples=samples)
-    return compute_fingerprint(copy.deepcopy(base_model), fingerprint_sample(encoded, config), fingerprint_loss, config)
 
 
 def load_data(path: Path, tokenizer, task: str, num_labels: int | None, max_len: int):
@@ -158,6 +145,7 @@ class Peer:
         self.manifests: list[dict[str, Any]] = []
         self.repairs: list[dict[str, Any]] = []
         self.export: dict[str, Any] | None = None
+        self.peaks: dict[str, float | None] = {}  # peak RSS (MB) by phase: fingerprint, train
         self.finished = False
         self._resume = None
         self._tasks: set[asyncio.Task] = set()
@@ -246,6 +234,49 @@ class Peer:
             except RpcError as exc:
                 log.warning("fingerprint not accepted (%s); retrying", exc)
                 await asyncio.sleep(min(2.0, 0.2 * (attempt + 1)))
+
+    async def compute_fingerprint(self) -> Any:
+        """This node's fingerprint (nodes/fingerprinting.py): across a cut through the provisional
+        helper its first assignment names, else on the whole model here. A helper that fails is
+        asked again after a fresh assignment; after 3 failures the node computes it alone."""
+        from nodes.fingerprinting import node_fingerprint, split_loss
+        from transport.rpc import RpcError
+
+        w, t = self.welcome, self.train
+        job = functools.partial(node_fingerprint, self.base_model, self.encoded, w.fingerprint_seed,
+                                w.fingerprint_samples, t.batch_size, t.step_delay_s)
+        peak = PeakRss()
+        for attempt in range(3):
+            await self.fetch_assignment()
+            a = self.assignment
+            address = self.address_of(a.helper) if a is not None and a.cluster is None and a.split else None
+            if address is None:
+                break
+            log.info("fingerprint across a cut: blocks[:%d] here, the rest on provisional helper %d", a.split, a.helper)
+            try:
+                vector = await self.executor.run(job, loss_fn=split_loss(a.split, self.split_mode,
+                                                                         self._blocking_call(address), self.node_id))
+                self.peaks["fingerprint"] = peak.read_mb()
+                return vector
+            except (RpcError, ValueError) as exc:
+                log.warning("fingerprint through helper %d failed (%s); asking again", a.helper, exc)
+                await asyncio.sleep(1.0 + attempt)
+        vector = await self.executor.run(job)
+        self.peaks["fingerprint"] = peak.read_mb()
+        return vector
+
+    def _blocking_call(self, address: str, timeout: float = 30.0):
+        """`call` for code in the executor thread: waits on the event loop, other nodes' torch jobs run meanwhile."""
+        from nodes.executor import torch_lock_released
+
+        loop = asyncio.get_running_loop()
+
+        def call(body: Any) -> Any:
+            future = asyncio.run_coroutine_threadsafe(self.call(address, body, timeout=timeout), loop)
+            with torch_lock_released():
+                return future.result()
+
+        return call
 
     async def report_helper(self, helper: int, why: str) -> None:
         from transport.messages import Report
@@ -384,12 +415,13 @@ class Peer:
         if self.train.eval_path is not None:
             self.eval_encoded = await self.executor.run(load_data, self.train.eval_path, self.tokenizer, self.task,
                                                         self.num_labels, max_len)
-        self.fingerprint = await self.executor.run(node_fingerprint, self.base_model, self.encoded,
-                                                   welcome.fingerprint_seed, welcome.fingerprint_samples)
+        self.fingerprint = await self.compute_fingerprint()
         await self.send_fingerprint()
         self.state = "waiting"
         self._spawn(self._merge_loop(), "merge-loop")
+        peak = PeakRss()
         await self._train_rounds()
+        self.peaks["train"] = peak.read_mb()
         self.state = "done"
         await self._finish()
         if await self._serve_until_done(follow=True):
@@ -853,7 +885,7 @@ class Peer:
             "contributions": self.contributions, "manifests_folded": self.manifests, "repairs": self.repairs,
             "split_mode": self.split_mode, "steps_served": self.helper.steps_served,
             "requests_served": dict(self.helper.requests), "labels_received": self.helper.labels_received,
-            "bytes_by_kind": self.meter.snapshot(),
+            "bytes_by_kind": self.meter.snapshot(), "peak_rss_mb": dict(self.peaks),
         }
 
 

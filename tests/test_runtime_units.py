@@ -12,7 +12,8 @@ from nodes.merge import AnchorLog, GossipStore, merge_manifest
 from nodes.metrics import ByteMeter, lost_updates
 from nodes.modelname import build_model, build_tokenizer
 from nodes.runtime_config import SwarmSpec, TrainConfig
-from nodes.peer import load_data, node_fingerprint, round_batches
+from nodes.fingerprinting import node_fingerprint
+from nodes.peer import load_data, round_batches
 from nodes.wireconv import contribution_from_msg, contribution_to_msg, records_from_msg, records_to_msg
 from transport.messages import Fingerprint
 
@@ -34,7 +35,7 @@ def test_task_field_changes_neither_batches_nor_fingerprint(tmp_path):
     tok, model = build_tokenizer("tiny-gpt2"), build_model("tiny-gpt2", "seq_cls", 4)
     encoded = [load_data(p, tok, "seq_cls", 4, 32) for p in paths]
     assert encoded[0] == encoded[1]
-    a, b = (node_fingerprint(model, e, seed=9, samples=32) for e in encoded)
+    a, b = (node_fingerprint(model, e, seed=9, samples=32, micro_batch=8) for e in encoded)
     assert np.array_equal(a, b)
     for x, y in zip(round_batches(encoded[0], 4, 0, 1, 3), round_batches(encoded[1], 4, 0, 1, 3)):
         assert all(torch.equal(x[k], y[k]) for k in x)

@@ -442,3 +442,18 @@ class Patches(Message):
     cluster: int
     records: list[dict[str, Any]]
     tensors: dict[str, Tensor]
+
+
+@message("probe")
+class Probe(Message):
+    """Owner -> provisional helper, one micro-batch of a fingerprint computed across a cut
+    (atlas_p2p.training.probe). The helper runs the ORIGINAL base (no adapter, nothing kept):
+    with labels (two-part) it answers `backward` (gradient of the activations, loss); without
+    labels (u-shape) `hidden`; with `hidden_grad` (u-shape, second leg) `backward`."""
+
+    owner_id: NodeId
+    split: Annotated[int, Range(1, None)]
+    activations: Tensor                   # (B, T, H)
+    attention_mask: Tensor                # (B, T)
+    labels: Tensor | None = None          # (B, T) or (B,); two-part only
+    hidden_grad: Tensor | None = None     # (B, T, H): u-shape second leg

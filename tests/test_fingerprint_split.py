@@ -1,0 +1,70 @@
+"""A fingerprint computed across a cut (owner blocks[:s] + probe, helper the rest of the
+original base) equals the whole-model fingerprint, in both split modes, and leaves both
+models as they were."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from atlas_p2p.training import probe
+from nodes.fingerprinting import node_fingerprint, split_loss
+from nodes.modelname import build_model, build_tokenizer
+from nodes.peer import load_data
+from atlas_p2p.synthetic import write_synthetic_jsonl
+from transport.codec import decode, encode
+from transport.messages import Backward, Envelope, Hidden
+
+
+def _helper(base):
+    """What a provisional helper does with a `probe` (the same functions nodes/helper.py calls),
+    each body sent through the real codec both ways."""
+
+    def wire(body):
+        return decode(encode(Envelope(type=type(body).TYPE, id=1, src="t", body=body))).body
+
+    def call(body):
+        b = wire(body)
+        if b.labels is not None:
+            grad, loss = probe.probe_grad(base, b.split, b.activations, b.attention_mask, b.labels)
+            return wire(Backward(step=0, grad=grad.numpy(), loss=loss))
+        if b.hidden_grad is None:
+            return wire(Hidden(step=0, hidden=probe.probe_hidden(base, b.split, b.activations, b.attention_mask).numpy()))
+        return wire(Backward(step=0, grad=probe.probe_vjp(base, b.split, b.activations, b.attention_mask,
+                                                          b.hidden_grad).numpy()))
+
+    return call
+
+
+@pytest.mark.parametrize("model_name, task, labels", [("tiny-gpt2", "seq_cls", 4), ("tiny-bert", "seq_cls", 4),
+                                                      ("tiny-gpt2", "causal_lm", None)])
+@pytest.mark.parametrize("mode", ["two-part", "u-shape"])
+def test_fingerprint_across_a_cut_equals_the_whole_model(tmp_path, model_name, task, labels, mode):
+    tok = build_tokenizer(model_name)
+    data = write_synthetic_jsonl(tmp_path / "d.jsonl", 1, 40, seed=3, kind="classification" if labels else "lm")
+    encoded = load_data(data, tok, task, labels, 24)
+    owner_base, helper_base = build_model(model_name, task, labels), build_model(model_name, task, labels)
+    before = copy.deepcopy(helper_base.state_dict())
+
+    whole = node_fingerprint(build_model(model_name, task, labels), encoded, seed=4, samples=24, micro_batch=8)
+    for split in (1, 3):
+        across = node_fingerprint(owner_base, encoded, seed=4, samples=24, micro_batch=8,
+                                  loss_fn=split_loss(split, mode, _helper(helper_base), owner_id=7))
+        assert np.allclose(across, whole, atol=1e-5), (split, np.abs(across - whole).max())
+    after = helper_base.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(p.grad is None for p in helper_base.parameters())
+
+
+def test_a_probe_with_a_bad_split_or_shape_is_refused_and_changes_nothing():
+    base = build_model("tiny-gpt2", "seq_cls", 4)
+    acts, mask, y = np.zeros((2, 5, 64), np.float32), np.ones((2, 5), np.int64), np.zeros(2, np.int64)
+    for split in (0, 4, True):
+        with pytest.raises(ValueError, match="split"):
+            probe.probe_grad(base, split, acts, mask, y)
+    with pytest.raises(ValueError, match="activations"):
+        probe.probe_grad(base, 2, np.zeros((2, 5, 63), np.float32), mask, y)
+    with pytest.raises(ValueError, match="hidden_grad"):
+        probe.probe_vjp(base, 2, acts, mask, np.zeros((2, 4, 64), np.float32))
+    assert all(p.grad is None for p in base.parameters())
