@@ -185,7 +185,7 @@ class Bootstrap:
             return Welcome(
                 node_id=result.node_id, model=spec.model, fingerprint_seed=self.registry.fingerprint_seed,
                 heartbeat_s=self.config.heartbeat_s, model_task=spec.task, num_labels=spec.num_labels,
-                split_mode=spec.split_mode, fingerprint_samples=64,  # m: 3 clients/task need 64 (benchmarks/clustering.py --small-n)
+                split_mode=spec.split_mode, fingerprint_samples=spec.fingerprint_samples,
             )
         return Welcome(
             node_id=result.node_id,

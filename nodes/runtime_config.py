@@ -14,6 +14,7 @@ from pathlib import Path
 TASKS = ("causal_lm", "seq_cls")
 SPLIT_MODES = ("two-part", "u-shape")
 EMBEDDED_MODELS = {"tiny-gpt2": "gpt2", "tiny-llama": "llama", "tiny-bert": "bert"}
+FINGERPRINT_SAMPLES = 256  # default m; real text needs it (docs/DECISIONS.md, benchmarks/fingerprint_sweep.py)
 
 
 def _int(name: str, value: object, low: int) -> None:
@@ -40,6 +41,7 @@ class SwarmSpec:
     batch_size: int = 4  # planning workload: sequences per step
     max_seq_len: int = 32  # planning workload: tokens per sequence
     split_mode: str = "two-part"  # two-part | u-shape
+    fingerprint_samples: int = FINGERPRINT_SAMPLES  # m: examples each node's fingerprint averages over
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model.strip():
@@ -56,6 +58,7 @@ class SwarmSpec:
             _int("clusters", self.clusters, 1)
         _int("batch_size", self.batch_size, 1)
         _int("max_seq_len", self.max_seq_len, 2)
+        _int("fingerprint_samples", self.fingerprint_samples, 1)
         if self.split_mode not in SPLIT_MODES:
             raise ValueError(f"split_mode must be one of {SPLIT_MODES}, got {self.split_mode!r}")
 

@@ -30,6 +30,7 @@ except ImportError:  # pragma: no cover - depends on the installed typer
     from click import exceptions as _cx
 
 from nodes.config import BootstrapConfig, NodeConfig
+from nodes.runtime_config import FINGERPRINT_SAMPLES
 from tools.exit_codes import ExitCode
 
 PROG = "atlas-node"
@@ -210,6 +211,11 @@ def bootstrap(
         str,
         typer.Option("--split-mode", help="two-part (labels travel to the helper) or u-shape (head, labels and loss stay with owners)."),
     ] = "two-part",
+    fingerprint_samples: Annotated[
+        int,
+        typer.Option("--fingerprint-samples", help="m: examples each node's fingerprint averages over (real text needs "
+                     "about 256; nodes compute it in micro-batches of their --batch-size)."),
+    ] = FINGERPRINT_SAMPLES,
 ) -> None:
     """Run the bootstrap: peer table, liveness, clustering, planning and assignments."""
     from nodes.bootstrap import serve_bootstrap
@@ -218,7 +224,7 @@ def bootstrap(
 
     swarm = _config(SwarmSpec, model=model, task=task, num_labels=num_labels, min_nodes=min_nodes,
                     assign_after_s=assign_after, clusters=clusters, batch_size=batch_size,
-                    max_seq_len=max_seq_len, split_mode=split_mode)
+                    max_seq_len=max_seq_len, split_mode=split_mode, fingerprint_samples=fingerprint_samples)
 
     bind = _address("--bind", bind, allow_port_zero=True)
     heartbeat = heartbeat_s
