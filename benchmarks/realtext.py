@@ -157,8 +157,7 @@ def score(label: str, specs: list[dict[str, Any]], runs: dict[str, report.NodeRu
     summaries = {name: run.summary or {} for name, run in runs.items()}
     roles = {name: s.get("role") for name, s in summaries.items()}
     exports = [s.get("export") or {} for s in summaries.values()]
-    rel_errors = [max((m.get("relative_error", 0.0) for m in (e.get("modules") or {}).values()), default=None)
-                  if e.get("modules") else e.get("max_rel_error") for e in exports]
+    rel_errors = [e.get("max_relative_error") for e in exports]
     checks = [e.get("check") for e in exports if e.get("check")]
     bytes_nodes = {name: dict(report.sent_totals(run.rows)) for name, run in runs.items()}
     kinds = sorted({k for b in bytes_nodes.values() for k in b})
