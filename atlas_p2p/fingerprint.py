@@ -307,7 +307,10 @@ def fingerprint_sample(encoded, config: FingerprintConfig, micro_batch: int | No
 
     A seeded choice (from ``config.seed``) of min(m, N) examples of a
     :class:`atlas_p2p.data.Encoded`, cut into micro-batches of ``micro_batch`` (default:
-    one batch) to bound memory.
+    one batch) to bound memory. Micro-batches take the chosen examples shortest first
+    (ties by index), so each pads to about its own length: on real text (lengths 5 to
+    64 tokens) that halves the tokens pushed through the model. The gradient of the
+    mean over the m examples does not depend on how they are grouped.
     """
     from atlas_p2p.data import collate
 
@@ -319,6 +322,8 @@ def fingerprint_sample(encoded, config: FingerprintConfig, micro_batch: int | No
     if micro_batch is not None and (not isinstance(micro_batch, int) or micro_batch < 1):
         raise ValueError(f"micro_batch must be None or an int >= 1, got {micro_batch!r}")
     step = micro_batch or m
+    if step < m:
+        chosen = chosen[np.argsort(encoded.lengths[chosen], kind="stable")]  # (m,) shortest first
     return [collate(encoded, chosen[i : i + step]) for i in range(0, m, step)]
 
 

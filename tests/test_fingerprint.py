@@ -111,13 +111,60 @@ def test_probe_is_seeded_and_gradients_reach_both_factors():
     assert all(np.linalg.norm(p) > 0 for p in parts)  # B != 0, so A gets a gradient too
 
 
-def test_micro_batches_give_the_same_gradient():
-    model = make_model("llama")
+@pytest.mark.parametrize("family", ["gpt2", "llama", "bert"])
+def test_micro_batches_give_the_one_batch_gradient(family):
+    model = make_model(family)
 
     whole = probe_gradient(model, client_batches(2, seed=3), hf_loss, CONFIG)
     pieces = probe_gradient(model, client_batches(2, seed=3, micro_batch=5), hf_loss, CONFIG)
 
-    assert np.allclose(whole, pieces, rtol=1e-4, atol=1e-7)
+    assert np.max(np.abs(pieces - whole)) <= 1e-5 * np.max(np.abs(whole))
+
+
+def test_micro_batches_hold_the_chosen_examples_shortest_first():
+    records = GEN.generate(1, 80, seed=8)
+    config = FingerprintConfig(seed=11, num_samples=50)
+
+    whole = client_batches(1, 0, config=config, records=records)
+    pieces = client_batches(1, 0, config=config, records=records, micro_batch=8)
+
+    def rows(batches):
+        return sorted((tuple(ids[mask.bool()].tolist()), int(label)) for b in batches
+                      for ids, mask, label in zip(b["input_ids"], b["attention_mask"], b["labels"]))
+
+    assert len(whole) == 1 and [len(b["labels"]) for b in pieces] == [8] * 6 + [2]
+    assert rows(pieces) == rows(whole)  # the same 50 examples, only grouped differently
+    widths = [b["input_ids"].shape[1] for b in pieces]
+    assert widths == sorted(widths) and widths[0] < widths[-1]
+    assert sum(b["input_ids"].numel() for b in pieces) < whole[0]["input_ids"].numel()
+
+
+def test_each_micro_batch_frees_its_graph_before_the_next_one_runs():
+    import weakref
+
+    class Saved:  # what autograd keeps for the backward pass, one object per saved tensor
+        def __init__(self, tensor):
+            self.tensor = tensor
+
+    saved: list[weakref.ref] = []
+    alive_at_start: list[int] = []
+
+    def tracked_loss(model, batch):
+        alive_at_start.append(sum(ref() is not None for ref in saved))
+
+        def pack(tensor):
+            box = Saved(tensor)
+            saved.append(weakref.ref(box))
+            return box
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda box: box.tensor):
+            return model(**batch).loss
+
+    probe_gradient(make_model("bert"), client_batches(0, seed=2, micro_batch=16), tracked_loss, CONFIG)
+
+    assert len(alive_at_start) == 4 and len(saved) > 0
+    assert alive_at_start == [0, 0, 0, 0]  # micro-batch b's activations are gone when b + 1 starts
+    assert all(ref() is None for ref in saved)
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
