@@ -19,7 +19,7 @@ from .baselines import (
 )
 from .digest import DigestMismatchError, digest_entries
 from .factors import AdapterFactors, Contribution, as_factors, concat_factors
-from .refactor import LowRank, refactor_lossy, stacked_singular_values
+from .refactor import LowRank, numerical_rank, rank_within, refactor_lossy, stacked_singular_values
 from .stacking import (
     Patch,
     StackedFactors,
@@ -55,9 +55,11 @@ __all__ = [
     "fold_patches",
     "mira_mixing_matrix",
     "mira_update",
+    "numerical_rank",
     "patch_from_arrays",
     "patch_nbytes",
     "patch_to_arrays",
+    "rank_within",
     "refactor_lossy",
     "sample_weights",
     "stack_merge",

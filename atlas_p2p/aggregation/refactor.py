@@ -11,6 +11,10 @@ standard PEFT adapter) we want the best rank-r approximation in Frobenius norm
 
 Keeping the r largest singular values leaves an error ||B̃ Ã − B A||_F =
 sqrt(Σ_{i>r} σ_i²), zero when r is at least the true rank. Cost O((d_out + d_in) R²).
+
+The numerical rank for a relative tolerance τ is the smallest r whose dropped tail is
+within τ of the whole: sqrt(Σ_{i>r} σ_i²) <= τ sqrt(Σ_i σ_i²) = τ ||B̃ Ã||_F. Re-factoring
+to that rank keeps the update to relative Frobenius error τ (exact export).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import torch
 
 from .stacking import StackedFactors
 
-__all__ = ["LowRank", "refactor_lossy", "stacked_singular_values"]
+__all__ = ["LowRank", "numerical_rank", "rank_within", "refactor_lossy", "stacked_singular_values"]
 
 
 class LowRank(NamedTuple):
@@ -49,6 +53,30 @@ def stacked_singular_values(stacked: StackedFactors) -> torch.Tensor:
     if stacked.rank == 0:
         return stacked.A.new_zeros(0)
     return _svd_of_stack(stacked)[1]
+
+
+def rank_within(singular_values: torch.Tensor, rel_tol: float) -> int:
+    """Smallest r with sqrt(Σ_{i>=r} σ_i²) <= rel_tol · sqrt(Σ_i σ_i²), σ descending (0-based i).
+
+    The tails are summed from the smallest value up, in float64, so tiny tails are not lost.
+    All zeros (or no values) give 0.
+    """
+    if isinstance(rel_tol, bool) or not isinstance(rel_tol, (int, float)) or not (
+        math.isfinite(rel_tol) and rel_tol >= 0
+    ):
+        raise ValueError(f"rel_tol must be a finite number >= 0, got {rel_tol!r}")
+    s2 = singular_values.detach().double().flatten() ** 2  # (k,)
+    tails = torch.cat([torch.flip(torch.cumsum(torch.flip(s2, [0]), 0), [0]), s2.new_zeros(1)])  # (k+1,)
+    within = torch.nonzero(tails <= (rel_tol**2) * tails[0]).flatten()  # tails[k] = 0 always qualifies
+    return int(within[0])
+
+
+def numerical_rank(stacked: StackedFactors, rel_tol: float) -> int:
+    """Rank of B̃ Ã to relative Frobenius tolerance ``rel_tol`` (see ``rank_within``), in float64."""
+    if not isinstance(stacked, StackedFactors):
+        raise ValueError(f"expected StackedFactors, got {type(stacked).__name__}")
+    wide = StackedFactors(stacked.B.double(), stacked.A.double())
+    return rank_within(stacked_singular_values(wide), rel_tol)
 
 
 def refactor_lossy(stacked: StackedFactors, rank: int, scaling: float = 1.0) -> LowRank:
