@@ -385,12 +385,16 @@ def add_delta_to_base(model: nn.Module, module_name: str, delta) -> None:
 
 def save_peft_dir(peft_model: PeftModel, path: str | os.PathLike) -> Path:
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (loadable by
-    ``PeftModel.from_pretrained(base, path)``, base being the model the adapters sit on)."""
+    ``PeftModel.from_pretrained(base, path)``, base being the model the adapters sit on).
+
+    Embedding layers are never saved: ATLAS adapts linears and the head only, and peft's
+    "auto" choice would look the base up on the hub (``base_model_name_or_path``) to decide.
+    """
     if not isinstance(peft_model, PeftModel):
         raise ValueError(f"peft_model: expected a PeftModel, got {type(peft_model).__name__}")
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
-    peft_model.save_pretrained(out, safe_serialization=True)
+    peft_model.save_pretrained(out, safe_serialization=True, save_embedding_layers=False)
     for required in ("adapter_config.json", "adapter_model.safetensors"):
         if not (out / required).is_file():
             raise OSError(f"save_peft_dir: {required} was not written to {out}")

@@ -20,7 +20,18 @@ from .errors import (
     UnknownOwnerError,
     VersionMismatchError,
 )
-from .export import EXPORT_FORMAT, ExportReport, ModuleExport, export_adapter, total_update
+from .export import (
+    EXPORT_FORMAT,
+    AdapterCard,
+    ExportCheck,
+    ExportReport,
+    ModuleExport,
+    RoundEval,
+    compare_predictions,
+    export_adapter,
+    render_card,
+    total_update,
+)
 from .fold import apply_to_model, check_patch, fold_into
 from .helper import HelperConfig, HelperPool, HelperSession, ServerAdapter, StepResult
 from .owner import OwnerConfig, OwnerForward, OwnerSession
@@ -28,6 +39,8 @@ from .seeds import round_seed, step_seed
 
 __all__ = [
     "EXPORT_FORMAT",
+    "AdapterCard",
+    "ExportCheck",
     "ExportReport",
     "HelperConfig",
     "HelperPool",
@@ -37,6 +50,7 @@ __all__ = [
     "OwnerForward",
     "OwnerSession",
     "ReplayNeeded",
+    "RoundEval",
     "RoundMismatchError",
     "ServerAdapter",
     "SessionStateError",
@@ -47,8 +61,10 @@ __all__ = [
     "apply_to_model",
     "carry_over",
     "check_patch",
+    "compare_predictions",
     "export_adapter",
     "fold_into",
+    "render_card",
     "round_seed",
     "step_seed",
     "total_update",
