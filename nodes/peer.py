@@ -855,16 +855,53 @@ class Peer:
                  "contributions": self.contributions, "manifests": self.manifests, "repairs": self.repairs}
         save_checkpoint(self.out, state, s.base, s.pending)
 
+    def _adapter_card(self) -> Any:
+        """The model card of the exported adapter: the swarm's base, this cluster, eval by round."""
+        import json
+
+        from atlas_p2p.training import AdapterCard, RoundEval
+        from nodes.runtime_config import EMBEDDED_MODELS
+
+        name = self.welcome.model or self.config.model or "tiny-gpt2"
+        evals = {}
+        if self.metrics is not None and self.metrics.path.is_file():
+            for text in self.metrics.path.read_text(encoding="utf-8").splitlines():
+                line = json.loads(text)
+                if line.get("eval"):  # a resumed node's file may repeat a round: the last line wins
+                    evals[line["round"]] = RoundEval(line["round"], line["eval"]["metric"], line["eval"]["value"])
+        id2label = dict(getattr(self.base_model.config, "id2label", None) or {})
+        names = tuple(str(id2label.get(i, "")) for i in range(self.num_labels or 0))
+        if not all(names) or names == tuple(f"LABEL_{i}" for i in range(len(names))):
+            names = ()  # transformers' placeholders say nothing
+        code = None
+        if name in EMBEDDED_MODELS:
+            code = (f"from nodes.modelname import build_model  # ATLAS's embedded model\n"
+                    f"base = build_model({name!r}, {self.task!r}, {self.num_labels!r})")
+        a = self.assignment
+        return AdapterCard(base_model=name, task=self.task, num_labels=self.num_labels, label_names=names,
+                           cluster=None if a is None else str(a.cluster), members=tuple(a.members) if a else (),
+                           rounds=self.rounds_done, node_id=self.node_id, evals=tuple(evals[r] for r in sorted(evals)),
+                           base_code=code)
+
+    def _eval_batches(self) -> list:
+        from atlas_p2p.data import collate
+
+        enc, b = self.eval_encoded, self.train.batch_size
+        return [] if enc is None else [collate(enc, range(i, min(i + b, len(enc)))) for i in range(0, len(enc), b)]
+
     async def _finish(self) -> None:
+        """Export the cluster's adapter (exact unless --export-rank) and, with --eval, check it loads
+        with stock peft and predicts as this node's model does (export.json and summary.json)."""
         from atlas_p2p.training import export_adapter
 
         path = self.out / "adapter"
         try:
-            report = await self.executor.run(export_adapter, copy.deepcopy(self.base_model), self.session.base,
-                                             path, self.train.export_rank)
-            self.export = {"path": str(path), "exact": report.exact, "max_error": report.max_error,
-                           "base_version": report.base_version, "error": None}
-        except ValueError as exc:
+            batches = await self.executor.run(self._eval_batches)
+            report = await self.executor.run(export_adapter, self.base_model, self.session.base, path,
+                                             self.train.export_rank, card=self._adapter_card(),
+                                             reference=self.session.model if batches else None, eval_batches=batches)
+            self.export = {"path": str(path), **report.summary(), "error": None}
+        except (ValueError, OSError, RuntimeError) as exc:  # a failed export or check must not kill the node
             self.export = {"path": None, "error": str(exc)}
             log.warning("adapter not exported: %s", exc)
         self.finished = True

@@ -77,7 +77,7 @@ class TrainConfig:
     seed: int = 0  # batch order seed (the round seeds come from the swarm's seed)
     eval_path: Path | None = None  # held-out JSONL: accuracy (seq_cls) or perplexity (causal_lm) per round
     split_mode: str | None = None  # two-part | u-shape; None: the swarm's (the bootstrap decides)
-    export_rank: int = 16  # rank of the exported PEFT adapter
+    export_rank: int | None = None  # None: exact export (numerical rank per module); R: lossy, ranks capped at R
     threads: int = 1  # torch threads of the node's single executor thread
     step_timeout_s: float = 10.0  # deadline of one forward/backward exchange before the helper is reported
     round_deadline_s: float = 20.0  # anchor publishes this long after a round's first contribution
@@ -92,8 +92,10 @@ class TrainConfig:
             object.__setattr__(self, "out_dir", Path(self.out_dir))
         if self.eval_path is not None:
             object.__setattr__(self, "eval_path", Path(self.eval_path))
-        for name in ("rounds", "local_steps", "batch_size", "export_rank", "threads"):
+        for name in ("rounds", "local_steps", "batch_size", "threads"):
             _int(name, getattr(self, name), 1)
+        if self.export_rank is not None:
+            _int("export_rank", self.export_rank, 1)
         _int("max_seq_len", self.max_seq_len, 2)
         _int("fanout", self.fanout, 0)
         _int("seed", self.seed, 0)

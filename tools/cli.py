@@ -284,7 +284,11 @@ def join(
         str | None,
         typer.Option("--split-mode", help="two-part or u-shape; must match the bootstrap's (default: the bootstrap's)."),
     ] = None,
-    export_rank: Annotated[int, typer.Option("--export-rank", help="Rank of the exported PEFT adapter.")] = 16,
+    export_rank: Annotated[
+        int | None,
+        typer.Option("--export-rank", help="Cap every module of the exported PEFT adapter at this rank (lossy, error "
+                                           "in export.json); default: exact, each module at its numerical rank."),
+    ] = None,
     threads: Annotated[int, typer.Option(help="Torch threads of the node's executor thread.")] = 1,
     step_timeout: Annotated[
         float, typer.Option("--step-timeout", help="Seconds a split step may take before the helper is reported.")
