@@ -1,5 +1,6 @@
 """Models: loading, family adapters, splitting and losses (see DESIGN section 4)."""
 
+from atlas_p2p.models.base import base_digest, mismatch_message, seeded_init_, tensor_seed
 from atlas_p2p.models.families import (
     CAUSAL_LM,
     FAMILIES,
@@ -18,8 +19,11 @@ from atlas_p2p.models.families import (
 from atlas_p2p.models.loading import (
     TINY_FAMILIES,
     ModelLoadError,
+    UnsupportedModelError,
+    load_config,
     load_model,
     load_tokenizer,
+    model_revision,
     save_base,
     tiny_model,
 )
@@ -46,4 +50,6 @@ __all__ = [
     "causal_lm_labels", "causal_lm_loss", "classification_loss", "family_of", "load_model", "load_tokenizer",
     "lora_module_names", "num_layers", "pool_last_token", "positions_from_mask", "save_base", "split_model",
     "task_loss", "task_of", "tiny_model", "unsplit_forward",
+    "UnsupportedModelError", "base_digest", "load_config", "mismatch_message", "model_revision", "seeded_init_",
+    "tensor_seed",
 ]
