@@ -7,7 +7,10 @@ coordinator (nodes/coordinator.py): `fingerprint` and `report` (-> `ok`), `get_a
 plan's columns written into the peer table, and `coordinator.json` in the state dir. The RpcServer decodes and validates every request before a handler
 runs; a handler refuses nonsense (unknown node, undialable address) with an `error`
 reply. Every error code sent is counted in `stats`, and nothing a peer sends can stop
-the service. The peer table lives in SQLite under `state_dir` (WAL); the directory is
+the service. One base per swarm: `base_digest` (-> `ok`, or `error(base_mismatch)`) carries
+the digest of the base a node loaded; the first accepted one is the swarm's, a node with
+another is refused, and with a coordinator a node is planned only once its base is
+accepted (heartbeats answer `need_base` until then). The peer table lives in SQLite under `state_dir` (WAL); the directory is
 locked so two bootstraps cannot share it, and `bootstrap.json` there tells tools which
 address the running bootstrap bound.
 """
@@ -112,6 +115,7 @@ class Bootstrap:
             "heartbeat": self.rpc_heartbeat,
             "leave": self.rpc_leave,
             "peers": self.rpc_peers,
+            "base_digest": self.rpc_base_digest,
         }
         if self.swarm is not None:
             from nodes.assign import make_coordinator
@@ -180,19 +184,52 @@ class Bootstrap:
             now=self.clock(),
         )
         if self.coordinator is not None:
-            await self._coordinate(self.coordinator.on_join, result.node_id, self._capabilities(result.node_id))
+            if self._base_accepted(result.node_id):  # a new node is planned once its base is accepted
+                await self._coordinate(self.coordinator.on_join, result.node_id, self._capabilities(result.node_id))
             spec = self.swarm
             return Welcome(
                 node_id=result.node_id, model=spec.model, fingerprint_seed=self.registry.fingerprint_seed,
                 heartbeat_s=self.config.heartbeat_s, model_task=spec.task, num_labels=spec.num_labels,
                 split_mode=spec.split_mode, fingerprint_samples=spec.fingerprint_samples,
+                init_seed=self.registry.init_seed,
             )
         return Welcome(
             node_id=result.node_id,
             model=self.config.model or "",
             fingerprint_seed=self.registry.fingerprint_seed,
             heartbeat_s=self.config.heartbeat_s,
+            init_seed=self.registry.init_seed,
         )
+
+    async def rpc_base_digest(self, env: Any) -> None:
+        """Accept the base a node loaded (the first one is the swarm's) or refuse it (`base_mismatch`)."""
+        from transport.rpc import RpcError
+
+        body = env.body
+        try:
+            self._call(self.registry.accept_base, body.node_id, body.digest, now=self.clock(), model=body.model)
+        except RpcError as exc:
+            if exc.code == "base_mismatch" and await self._is_member(body.node_id):
+                await self._coordinate(self.coordinator.on_left, body.node_id)  # never planned again
+            raise
+        log.info("node %d runs base %s (%s, %s)", body.node_id, body.digest[:12], body.revision or body.model,
+                 body.dtype or "?")
+        if self.coordinator is not None and not await self._is_member(body.node_id):
+            await self._coordinate(self.coordinator.on_join, body.node_id, self._capabilities(body.node_id))
+
+    async def _is_member(self, node_id: int) -> bool:
+        """Whether the coordinator plans with `node_id` (it has joined and its base was accepted)."""
+        if self.coordinator is None:
+            return False
+        try:
+            await self._read(self.coordinator.version_for, node_id)
+        except ValueError:
+            return False
+        return True
+
+    def _base_accepted(self, node_id: int) -> bool:
+        record = self.registry.table.get(node_id)
+        return record is not None and record.base_digest is not None
 
     async def rpc_heartbeat(self, env: Any) -> Any:
         body = env.body
@@ -210,15 +247,17 @@ class Bootstrap:
         try:
             version = await self._read(self.coordinator.version_for, body.node_id)
         except ValueError:  # a node the coordinator never saw (e.g. joined before a restart)
-            await self._coordinate(self.coordinator.on_join, body.node_id, self._capabilities(body.node_id))
+            if self._base_accepted(body.node_id):
+                await self._coordinate(self.coordinator.on_join, body.node_id, self._capabilities(body.node_id))
             version = 0
         record = self.registry.table.get(body.node_id)
         need = bool(record.has_data) and await self._read(self._needs_fingerprint, body.node_id)
-        return Beat(assignment_version=version, swarm_done=await self._read(self._swarm_done), need_fingerprint=need)
+        return Beat(assignment_version=version, swarm_done=await self._read(self._swarm_done), need_fingerprint=need,
+                    need_base=record.base_digest is None)
 
     async def rpc_leave(self, env: Any) -> None:
         self._call(self.registry.leave, env.body.node_id, now=self.clock())
-        if self.coordinator is not None:
+        if await self._is_member(env.body.node_id):  # a node refused or still loading was never planned
             done = env.body.reason == "done"
             await self._coordinate(self.coordinator.on_done if done else self.coordinator.on_left, env.body.node_id)
             if done:
@@ -336,7 +375,7 @@ class Bootstrap:
     async def _adopt_known_nodes(self) -> None:
         """After a restart on the same state: every live row becomes a coordinator member again."""
         for record in self.registry.table.rows():
-            if record.status in ("alive", "suspect"):
+            if record.status in ("alive", "suspect") and record.base_digest is not None:
                 await self._coordinate(self.coordinator.on_join, record.id, self._capabilities(record.id))
 
     async def rpc_peers(self, env: Any) -> Any:

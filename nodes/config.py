@@ -88,6 +88,8 @@ class BootstrapConfig:
     model: str | None = None
     # Seed for the fingerprint projection (None: drawn once and kept in the state).
     fingerprint_seed: int | None = None
+    # Seed of the parameters a checkpoint lacks, e.g. a new head (None: drawn once and kept in the state).
+    init_seed: int | None = None
 
     def __post_init__(self) -> None:
         parse_address(self.bind, allow_port_zero=True, what="bind")
@@ -114,6 +116,10 @@ class BootstrapConfig:
             or not 0 <= self.fingerprint_seed < 2**63
         ):
             raise ValueError(f"fingerprint_seed must be an int in [0, 2**63), got {self.fingerprint_seed!r}")
+        if self.init_seed is not None and (
+            isinstance(self.init_seed, bool) or not isinstance(self.init_seed, int) or not 0 <= self.init_seed < 2**63
+        ):
+            raise ValueError(f"init_seed must be an int in [0, 2**63), got {self.init_seed!r}")
 
 
 @dataclass(frozen=True)

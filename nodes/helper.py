@@ -7,7 +7,9 @@ gradient of those hidden states, backward, AdamW step -> `backward`) and `return
 atlas_p2p.training.HelperSession, one replica per cluster served (HelperPool); every torch
 call runs in the node's executor thread.
 
-A request from an owner this node is not assigned to serve is refused (`not_serving`).
+A request from an owner this node is not assigned to serve is refused (`not_serving`), and a
+`round_begin` whose base digest is not this node's base is refused (`base_mismatch`): the
+owner reports the helper like a failed one and gets another.
 The base version is checked on every forward: a replica behind the owner first pulls the
 missing patches from the cluster's anchor (digests and chain checked while folding); a
 replica ahead answers `version` and the owner catches up. Errors map to codes:
@@ -99,9 +101,22 @@ class HelperService:
             raise RpcError("bad_request", str(exc)) from None
 
     # ---- handlers -------------------------------------------------------------------
+    def _check_base(self, owner_id: int, digest: str) -> None:
+        """Serve only an owner that runs this node's base (atlas_p2p.models.base digest)."""
+        from atlas_p2p.models.base import short
+        from transport.rpc import RpcError
+
+        mine = (getattr(self.node, "base_identity", None) or {}).get("digest")
+        if mine is None:
+            raise RpcError("not_serving", f"node {self.node.node_id} is still starting")
+        if digest != mine:
+            raise RpcError("base_mismatch", f"owner {owner_id} runs base {short(digest) if digest else '(none stated)'}, "
+                                            f"helper {self.node.node_id} runs {short(mine)}: not serving it")
+
     async def rpc_round_begin(self, env: Any) -> None:
         b = env.body
         plan = await self._owner_plan(b.owner_id)
+        self._check_base(b.owner_id, b.base_digest)
         if plan.get("cluster") is not None and int(plan["cluster"]) != b.cluster:
             from transport.rpc import RpcError
 

@@ -4,7 +4,9 @@
 built from a config (atlas_p2p.models.tiny_model, seed 0) over the synthetic word-level
 tokenizer, so every process builds identical weights and nothing is downloaded. Any other
 name goes through load_model / load_tokenizer (an HF id where the hub is reachable, or a
-local path).
+local path). Parameters a checkpoint lacks (a new head) are drawn from the swarm's
+init seed (the bootstrap's welcome), and `base_identity` names the exact base a node runs
+(the digest the bootstrap compares, atlas_p2p.models.base).
 """
 
 from __future__ import annotations
@@ -30,8 +32,11 @@ def build_tokenizer(name: str):
     return tok
 
 
-def build_model(name: str, task: str, num_labels: int | None, device: str = "cpu"):
-    """The plain base model (no adapters) the swarm trains."""
+def build_model(name: str, task: str, num_labels: int | None, device: str = "cpu", init_seed: int = 0):
+    """The plain base model (no adapters) the swarm trains.
+
+    Embedded models are fully drawn from EMBEDDED_SEED; a checkpoint's missing
+    parameters come from `init_seed` (atlas_p2p.models.base.seeded_init_)."""
     if name in EMBEDDED_MODELS:
         from atlas_p2p.models import tiny_model
 
@@ -43,13 +48,61 @@ def build_model(name: str, task: str, num_labels: int | None, device: str = "cpu
             return tiny_model(family, task, vocab, num_labels=num_labels, seed=EMBEDDED_SEED).to(device)
     from atlas_p2p.models import load_model
 
-    return load_model(name, task, num_labels=num_labels, device=device)
+    return load_model(name, task, num_labels=num_labels, device=device, init_seed=init_seed)
 
 
 def model_config(name: str, task: str, num_labels: int | None):
-    """The HF config of the swarm's model (the bootstrap plans with it)."""
+    """The HF config of the swarm's model (the bootstrap plans with it).
+
+    Raises atlas_p2p.models.ModelLoadError (one line: the model, the cause, what to do)
+    when the config cannot be read or names a family or task ATLAS does not run."""
     if name in EMBEDDED_MODELS:
         return build_model(name, task, num_labels).config
-    from transformers import AutoConfig
+    from atlas_p2p.models import load_config
 
-    return AutoConfig.from_pretrained(name)
+    return load_config(name, task)
+
+
+def check_model(name: str, task: str | None = None) -> None:
+    """Fail early, before joining or binding anything, when `name` cannot be used (ModelLoadError)."""
+    if name in EMBEDDED_MODELS:
+        if task is not None and EMBEDDED_MODELS[name] == "bert" and task != "seq_cls":
+            from atlas_p2p.models import UnsupportedModelError
+
+            raise UnsupportedModelError(f"model {name!r} supports task seq_cls only; use --task seq_cls")
+        return
+    from atlas_p2p.models import UnsupportedModelError, load_config
+
+    config = load_config(name, task)
+    layers = getattr(config, "num_hidden_layers", None)
+    if isinstance(layers, int) and layers < 2:
+        raise UnsupportedModelError(f"model {name!r} has {layers} transformer block(s); ATLAS splits a model "
+                                    "between blocks and needs at least 2")
+
+
+def base_identity(model, name: str) -> dict:
+    """What names the base a node runs: digest, revision, dtype, and the tensors drawn from the
+    init seed (their sums, and a sha256 of each one's bytes: equal hashes, bit-identical heads).
+
+    The digest covers every state-dict entry (atlas_p2p.models.base.base_digest); the
+    revision is the model's commit when known, else its name (embedded: name + seed)."""
+    import hashlib
+
+    import torch
+
+    from atlas_p2p.models import base_digest, model_revision
+
+    if name in EMBEDDED_MODELS:
+        revision = f"{name}@seed{EMBEDDED_SEED}"
+    else:
+        revision = model_revision(name, model.config)
+    with TORCH_LOCK:
+        digest = base_digest(model, revision)
+        params = dict(model.named_parameters())
+        fresh = [n for n in getattr(model, "atlas_fresh_parameters", ()) if n in params]
+        sums = {n: float(params[n].detach().double().sum()) for n in fresh}
+        hashes = {n: hashlib.sha256(params[n].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+                  .hexdigest() for n in fresh}
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    return {"digest": digest, "revision": revision, "dtype": dtype, "model": name, "fresh_sums": sums,
+            "fresh_sha256": hashes}

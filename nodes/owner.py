@@ -90,7 +90,8 @@ class OwnerRunner:
         s = self.session
         await self._call(RoundBegin(owner_id=self.node.node_id, cluster=self.cluster, round=s.round,
                                     split=s.config.split, ranks=self.ranks, seed=s.seed, lr=s.config.lr,
-                                    mode=s.config.mode, base_version=s.version),
+                                    mode=s.config.mode, base_version=s.version,
+                                    base_digest=(getattr(self.node, "base_identity", None) or {}).get("digest", "")),
                          self.node.train.step_timeout_s)
 
     async def _split_steps(self, batches: list[dict]) -> None:

@@ -377,6 +377,7 @@ class Peer:
 
     async def _lifecycle(self) -> None:
         from nodes.checkpoint import load_checkpoint
+        from nodes.base_check import settle_base
         from nodes.modelname import build_model, build_tokenizer
 
         welcome = await self.control.wait_joined()
@@ -391,13 +392,17 @@ class Peer:
             raise RuntimeFailure(f"--split-mode {self.train.split_mode} disagrees with the swarm's split mode "
                                  f"{self.split_mode}")
         self.tokenizer = await self.executor.run(build_tokenizer, name)
-        self.base_model = await self.executor.run(build_model, name, self.task, self.num_labels, self.train.device)
+        self.base_model = await self.executor.run(build_model, name, self.task, self.num_labels, self.train.device,
+                                                  welcome.init_seed)
         log.info("node %d runs %s (%s%s)", self.node_id, name, self.task,
                  f", {self.num_labels} labels" if self.num_labels else "")
+        await settle_base(self, name)  # one base per swarm: refused (JoinRefused) when the swarm runs another
         if self.config.data is None:
             self.state = "waiting"
             self._spawn(self._merge_loop(), "merge-loop")
+            peak = PeakRss()
             await self._serve_until_done()
+            self.peaks["serve"] = peak.read_mb()
             self.finished = True  # a helper's job ends with the swarm
             return
         self._resume = await self.executor.run(load_checkpoint, self.out)

@@ -62,6 +62,7 @@ class PeerRecord:
     ranks: str | None = None  # short summary of its LoRA ranks ("12 mods r2-16"), None until assigned
     anchor: bool = False  # publishes its cluster's round manifests (lowest live member id)
     reason: str | None = None  # the planner's one-line explanation of the row
+    base_digest: str | None = None  # sha256 of the base the node loaded, once the bootstrap accepted it
 
     def __post_init__(self) -> None:
         _check_values(dataclasses.asdict(self))

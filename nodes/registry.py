@@ -6,10 +6,16 @@ without sockets or clocks; nodes/bootstrap.py is the thin async shell that feeds
 messages. A request that does not make sense (unknown node, bad address) raises
 `RequestError(code, message)`, which the shell answers as an `error` reply; the table is
 left untouched in that case.
+
+One base per swarm: the registry hands out an init seed (the parameters a checkpoint
+lacks are drawn from it) and keeps the swarm's base digest, the first one a node
+reports for the swarm's model (both persisted in the table's meta). A node reporting
+another digest is refused with `base_mismatch` and marked left.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import secrets
@@ -23,6 +29,8 @@ from nodes.peer_table import PeerRecord, PeerTable, new_record
 log = logging.getLogger("atlas.bootstrap")
 
 _SEED_KEY = "fingerprint_seed"
+_INIT_SEED_KEY = "init_seed"
+_BASE_KEY = "base_digest"
 _UNROUTABLE_HOSTS = {"*", "0.0.0.0", "[::]"}
 
 
@@ -51,21 +59,69 @@ class Registry:
         self.config = config
         self.started_at = now
         self.fingerprint_seed = self._settle_seed(config.fingerprint_seed)
+        self.init_seed = self._settle_seed(config.init_seed, _INIT_SEED_KEY, "init seed")
         # client name -> node id it was given: a join retried by the same process (its
         # earlier attempt was queued, not lost) gets the same id instead of a second row
         self._ids_by_client: dict[str, int] = {}
 
-    def _settle_seed(self, wanted: int | None) -> int:
-        """The seed every node projects fingerprints with; kept in the table across restarts."""
-        stored = self.table.get_meta(_SEED_KEY)
+    def _settle_seed(self, wanted: int | None, key: str = _SEED_KEY, what: str = "fingerprint seed") -> int:
+        """A seed every node uses (fingerprint projection, init of missing parameters); kept in the
+        table across restarts."""
+        stored = self.table.get_meta(key)
         if wanted is None:
             if stored is not None:
                 return int(stored)
             wanted = secrets.randbits(63)
         elif stored is not None and int(stored) != wanted:
-            log.warning("fingerprint seed changed from %s to %s: fingerprints sent before are stale", stored, wanted)
-        self.table.set_meta(_SEED_KEY, str(wanted))
+            log.warning("%s changed from %s to %s: what nodes computed with the old one is stale", what, stored, wanted)
+        self.table.set_meta(key, str(wanted))
         return wanted
+
+    # --- one base per swarm --------------------------------------------------------------
+
+    @property
+    def swarm_base(self) -> str | None:
+        """The swarm's base digest (first accepted for this model and init seed), or None yet."""
+        raw = self.table.get_meta(_BASE_KEY)
+        if raw is None:
+            return None
+        try:
+            stored = json.loads(raw)
+        except ValueError:
+            return None
+        if stored.get("model") != (self.config.model or "") or stored.get("init_seed") != self.init_seed:
+            return None  # another model or seed than the one this bootstrap runs: start over
+        return stored.get("digest")
+
+    def accept_base(self, node_id: int, digest: str, *, now: float, model: str = "") -> bool:
+        """Record the base a node loaded; the first one accepted becomes the swarm's.
+
+        Returns True when the node's row changed (a first acceptance). A digest other than
+        the swarm's raises RequestError("base_mismatch") naming both digests and the usual
+        causes; the node's row is marked left so nothing plans with it.
+        """
+        from atlas_p2p.models.base import mismatch_message
+
+        record = self._known(node_id)
+        if not isinstance(digest, str) or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+            raise RequestError("bad_request", f"base digest must be 64 lowercase hex digits, got {digest!r:.80}")
+        swarm = self.swarm_base
+        if swarm is None:
+            self.table.set_meta(_BASE_KEY, json.dumps({"model": self.config.model or "", "init_seed": self.init_seed,
+                                                        "digest": digest, "first_node": node_id, "at": now}))
+            log.info("swarm base is %s (model %s, first reported by node %d)", digest[:12],
+                     self.config.model or model or "?", node_id)
+            swarm = digest
+        if digest != swarm:
+            message = mismatch_message(self.config.model or model, swarm, digest)
+            self.table.update(node_id, status=LEFT, state="left", last_seen=now, base_digest=None,
+                              reason=f"refused: base {digest[:12]} != swarm {swarm[:12]}")
+            log.warning("node %d refused: %s", node_id, message)
+            raise RequestError("base_mismatch", message)
+        if record.base_digest == digest:
+            return False
+        self.table.update(node_id, base_digest=digest)
+        return True
 
     # --- requests ----------------------------------------------------------------------
 
@@ -115,7 +171,8 @@ class Registry:
         if known is not None:
             record = new_record(known.id, **fields)
             # keep what planning assigned; the node reports its progress again by heartbeat
-            keep = {k: getattr(known, k) for k in ("cluster", "split", "helper", "round", "base_version")}
+            keep = {k: getattr(known, k) for k in ("cluster", "split", "helper", "round", "base_version",
+                                                   "base_digest")}
             self.table.put(PeerRecord(**{**record.to_dict(), **keep}))
             log.info("node %d rejoined from %s (was %s)", known.id, address, known.status)
             self._remember(client, known.id)

@@ -29,7 +29,8 @@ from nodes.peer import Peer
 from nodes.runtime_config import SwarmSpec, TrainConfig
 from tests.runtime_launch import wait_for
 from tests.split_reference import BATCH, LR, ROUNDS, SEED, STEPS, reference_patches
-from transport.messages import Assignment, Backward, Fingerprint, Forward, GetAssignment, Hidden, Ping, RoundBegin, UBackward
+from transport.messages import (Assignment, Backward, BaseDigest, Fingerprint, Forward, GetAssignment, Hidden, Ping,
+                                RoundBegin, UBackward)
 from transport.rpc import RpcClient, RpcError
 
 
@@ -95,13 +96,15 @@ def test_bad_u_shape_requests_get_errors_and_the_helper_keeps_serving(tmp_path):
         client = await RpcClient.create("owner-on-the-wire")
         control = None
         try:
-            while helper.base_model is None or helper.server is None:
+            while getattr(helper, "base_identity", None) is None or helper.server is None:
                 await asyncio.sleep(0.05)
             control = await ControlClient.create(
                 NodeConfig(bootstrap=boot.address, memory_bytes=4 * 10**6, bandwidth_bps=5e7,
                            state_dir=tmp_path / "o", compute_score=1.0, data=tmp_path / "o.jsonl"),
                 "127.0.0.1:1", client=client)
             me = (await control.wait_joined()).node_id
+            digest = helper.base_identity["digest"]  # the owner on the wire runs the helper's base
+            await client.call(boot.address, BaseDigest(node_id=me, digest=digest), timeout=5)
             vec = np.random.default_rng(0).standard_normal(64).astype(np.float32)
             await client.call(boot.address, Fingerprint(node_id=me, vector=vec, n_samples=16), timeout=5)
             for _ in range(200):
@@ -113,7 +116,8 @@ def test_bad_u_shape_requests_get_errors_and_the_helper_keeps_serving(tmp_path):
                 raise AssertionError(f"no u-shape owner assignment with the helper: {a}")
             addr = helper.server.address
             await client.call(addr, RoundBegin(owner_id=me, cluster=a.cluster, round=0, split=a.split,
-                                               ranks=dict(a.ranks), seed=7, lr=0.01, mode="u-shape"), timeout=10)
+                                               ranks=dict(a.ranks), seed=7, lr=0.01, mode="u-shape",
+                                               base_digest=digest), timeout=10)
             rng = np.random.default_rng(1)
             acts = rng.standard_normal((2, 5, 64)).astype(np.float32)
             mask = np.ones((2, 5), np.int64)

@@ -145,6 +145,22 @@ class Welcome(Message):
     model_task: str = "causal_lm"         # or "classification"
     num_labels: Annotated[int, Range(1, None)] | None = None
     split_mode: Annotated[str, OneOf(("two-part", "u-shape"))] = "two-part"
+    init_seed: Annotated[int, Range(0, (1 << 63) - 1)] = 0   # draws the parameters a checkpoint lacks
+
+
+Digest = str  # sha256 hex of a base (atlas_p2p.models.base); "" = not stated
+
+
+@message("base_digest")
+class BaseDigest(Message):
+    """Node -> bootstrap once its model is loaded: the digest of the base it runs; -> `ok`, or
+    `error(base_mismatch)` when the swarm runs another base (the node must stop)."""
+
+    node_id: NodeId
+    digest: Digest
+    model: str = ""                       # the model name it loaded
+    revision: str = ""                    # the checkpoint revision the digest covers
+    dtype: str = ""
 
 
 @message("heartbeat")
@@ -323,6 +339,7 @@ class Beat(Message):
     assignment_version: Count             # fetch `get_assignment` when it differs from the node's
     swarm_done: bool = False              # every data node finished or left: helpers may stop
     need_fingerprint: bool = False        # the bootstrap holds no fingerprint of this data node
+    need_base: bool = False               # the bootstrap holds no base digest of this node: send `base_digest`
 
 
 @message("round_begin")
@@ -338,6 +355,7 @@ class RoundBegin(Message):
     lr: Annotated[float, Range(0.0, None)]
     mode: Annotated[str, OneOf(("two-part", "u-shape"))] = "two-part"
     base_version: Count = 0
+    base_digest: Digest = ""              # the owner's base; a helper on another base refuses (`base_mismatch`)
 
 
 @message("hidden")
