@@ -163,6 +163,20 @@ def _run(main_coro: Callable[[asyncio.Event], Awaitable[Any]], bind: str | None 
         raise
 
 
+def _check_model(name: str, task: str | None = None) -> None:
+    """--model must be loadable here and of a family (and task) ATLAS runs: else one line, BAD_VALUE.
+
+    Reads the config only (no weights); imports torch and transformers, so it runs after
+    every cheap flag check."""
+    from atlas_p2p.models.loading import ModelLoadError
+    from nodes.modelname import check_model
+
+    try:
+        check_model(name, task)
+    except ModelLoadError as exc:
+        fail(ExitCode.BAD_VALUE, str(exc))
+
+
 # --- commands -------------------------------------------------------------------------
 
 
@@ -193,6 +207,11 @@ def bootstrap(
     ] = "tiny-gpt2",
     seed: Annotated[
         int | None, typer.Option(help="Fingerprint projection seed (default: drawn once, kept in --state).")
+    ] = None,
+    init_seed: Annotated[
+        int | None,
+        typer.Option("--init-seed", help="Seed of the parameters the checkpoint lacks, e.g. a new classification "
+                                         "head, the same on every node (default: drawn once, kept in --state)."),
     ] = None,
     task: Annotated[str, typer.Option(help="The swarm's task: causal_lm or seq_cls.")] = "causal_lm",
     num_labels: Annotated[int | None, typer.Option("--num-labels", help="Classes (seq_cls only).")] = None,
@@ -239,11 +258,17 @@ def bootstrap(
         sweep_s=min(0.5, heartbeat / 2),
         model=model,
         fingerprint_seed=seed,
+        init_seed=init_seed,
     )
+    _check_model(model, task)
+    from atlas_p2p.models.loading import ModelLoadError
+
     try:
         _run(lambda stop: serve_bootstrap(config, stop, swarm=swarm), bind=bind)
     except PeerTableError as exc:
         fail(ExitCode.STATE_ERROR, str(exc))
+    except ModelLoadError as exc:
+        fail(ExitCode.BAD_VALUE, str(exc))
 
 
 @app.command()
@@ -342,14 +367,20 @@ def join(
     out_dir = out if out is not None else state
     if data is not None and out_dir is None:
         fail(ExitCode.BAD_VALUE, "--out: required with --data (the adapter, metrics and checkpoint go there)")
+    if model is not None:
+        _check_model(model)
     train = _config(
         TrainConfig, out_dir=out_dir, rounds=rounds, local_steps=local_steps, batch_size=batch_size, lr=lr,
         max_seq_len=max_seq_len, device=device, seed=seed, eval_path=eval_file, split_mode=split_mode,
         export_rank=export_rank, threads=threads, step_timeout_s=step_timeout, round_deadline_s=round_deadline,
         fanout=fanout, step_delay_s=step_delay, emulate_link=emulate_link, latency_ms=latency_ms,
     )
+    from atlas_p2p.models.loading import ModelLoadError
+
     try:
         _run(lambda stop: run_node(config, stop, train), bind=bind)
+    except ModelLoadError as exc:  # the swarm's model cannot be loaded on this node
+        fail(ExitCode.BAD_VALUE, str(exc))
     except RuntimeFailure as exc:
         fail(ExitCode.BAD_VALUE, str(exc))
     except NodeIdentityError as exc:

@@ -24,6 +24,7 @@ _COLUMNS: tuple[tuple[str, str], ...] = (
     ("ANCHOR", "anchor"),
     ("ROUND", "round"),
     ("BASE", "base_version"),
+    ("DIGEST", "base_digest"),
     ("LAST SEEN", "last_seen_ago_s"),
     ("REASON", "reason"),
 )
@@ -61,6 +62,8 @@ def _cell(key: str, value: Any) -> str:
         return f"{value / 1000:g} Gbps" if value >= 1000 else f"{value:g} Mbps"
     if key == "anchor":
         return "yes" if value else ""
+    if key == "base_digest":
+        return str(value)[:12]  # short form; --json has the whole sha256
     if key == "reason":
         text = str(value)
         return text if len(text) <= 60 else text[:57] + "..."
