@@ -194,6 +194,8 @@ class AdapterCard:
     base_code: str | None = None  # Python that builds `base` (default: transformers from_pretrained)
 
     def __post_init__(self) -> None:
+        if isinstance(self.base_model, os.PathLike):
+            object.__setattr__(self, "base_model", os.fspath(self.base_model))
         if not isinstance(self.base_model, str) or not self.base_model.strip():
             raise ValueError(f"base_model: {self.base_model!r} must be a non-empty name or path")
         if self.task not in TASKS:
@@ -234,12 +236,13 @@ def _norm(sf: StackedFactors) -> float:
 def _refactor(sf: StackedFactors, rank_limit: int | None, exact_tol: float, dtype: torch.dtype):
     """(A, B) of the written rank in ``dtype`` (γ = 1), and the module's ModuleExport."""
     wide = StackedFactors(sf.B.double(), sf.A.double())  # (d_out, R), (R, d_in)
-    exact_rank = rank_within(stacked_singular_values(wide), exact_tol * RANK_TOL_SHARE)
+    s = stacked_singular_values(wide)  # (k,) descending
+    exact_rank = rank_within(s, exact_tol * RANK_TOL_SHARE)
     rank = max(1, exact_rank if rank_limit is None else min(rank_limit, exact_rank))  # peft needs r >= 1
     low = refactor_lossy(wide, rank, 1.0)
     b, a = low.B.to(dtype), low.A.to(dtype)  # (d_out, r), (r, d_in) as stored
     residual = StackedFactors(torch.cat([wide.B, -b.double()], dim=1), torch.cat([wide.A, a.double()], dim=0))
-    return a, b, ModuleExport(sf.rank, exact_rank, rank, _norm(wide), _norm(residual))
+    return a, b, ModuleExport(sf.rank, exact_rank, rank, float(torch.sqrt(torch.sum(s**2))), _norm(residual))
 
 
 def _check_args(original, rank, exact_tol, card, reference) -> None:
