@@ -145,6 +145,10 @@ class Peer:
         self.manifests: list[dict[str, Any]] = []
         self.repairs: list[dict[str, Any]] = []
         self.export: dict[str, Any] | None = None
+        self.base_identity: dict[str, Any] | None = None  # nodes.base_check.settle_base
+        self._rebasing = False
+        self.refused: Exception | None = None  # the bootstrap refused this node's base after a restart
+        self._main: asyncio.Task | None = None
         self.peaks: dict[str, float | None] = {}  # peak RSS (MB) by phase: fingerprint, train
         self.finished = False
         self._resume = None
@@ -201,8 +205,27 @@ class Peer:
         self.swarm_done = reply.swarm_done
         if reply.need_fingerprint and self.fingerprint is not None:
             self._spawn(self.send_fingerprint(), "refingerprint")
+        if reply.need_base and self.base_identity is not None and not self._rebasing:
+            self._rebasing = True
+            self._spawn(self._resend_base(), "rebase")
         if reply.assignment_version != self.assignment_version:
             await self.fetch_assignment()
+
+    async def _resend_base(self) -> None:
+        """The bootstrap lost this node's base digest (e.g. its state was wiped): say it again;
+        a refusal now (the swarm runs another base) stops the node like one at join."""
+        from nodes.base_check import send_base
+        from nodes.control import JoinRefused
+
+        try:
+            await send_base(self)
+        except JoinRefused as exc:
+            log.error("%s", exc)
+            self.refused = exc
+            if self._main is not None:
+                self._main.cancel()
+        finally:
+            self._rebasing = False
 
     async def fetch_assignment(self) -> None:
         from transport.messages import Assignment, GetAssignment
@@ -324,7 +347,7 @@ class Peer:
             address = advertised_address(f"{host}:{self.server.port}", self.config.bootstrap, self.config.advertise)
             self.control = await ControlClient.create(self.config, address, client=self.client,
                                                       progress=self.progress, on_heartbeat_reply=self.on_beat)
-            main = asyncio.create_task(self._lifecycle(), name="lifecycle")
+            main = self._main = asyncio.create_task(self._lifecycle(), name="lifecycle")
             stopper = asyncio.create_task(stop.wait())
             watched = asyncio.create_task(self.control.wait_done())
             done, _ = await asyncio.wait({main, stopper, watched}, return_when=asyncio.FIRST_COMPLETED)
@@ -338,6 +361,8 @@ class Peer:
                 if self.control.failure is not None:
                     raise self.control.failure
                 log.info("interrupted: writing a checkpoint and leaving")
+            elif self.refused is not None:
+                raise self.refused
             else:
                 main.result()
         finally:
@@ -928,6 +953,7 @@ class Peer:
             "split_mode": self.split_mode, "steps_served": self.helper.steps_served,
             "requests_served": dict(self.helper.requests), "labels_received": self.helper.labels_received,
             "bytes_by_kind": self.meter.snapshot(), "peak_rss_mb": dict(self.peaks),
+            "base_digest": None if self.base_identity is None else self.base_identity["digest"],
         }
 
 
