@@ -96,7 +96,8 @@ def run_swarm(label: str, model: Path, specs: list[dict[str, Any]], args: argpar
     """One swarm through the CLI; returns what its nodes left on disk, read and scored."""
     workdir = Path(args.workdir) / label
     boot = ["--model", str(model), "--task", "seq_cls", "--num-labels", "4", "--batch-size", "16",
-            "--max-seq-len", "64", "--min-nodes", str(len(specs)), "--assign-after", "600"]
+            "--max-seq-len", "64", "--min-nodes", str(len(specs)), "--assign-after", "600",
+            "--seed", str(args.fingerprint_seed), "--init-seed", str(args.init_seed)]
     if clusters is not None:
         boot += ["--clusters", str(clusters)]
     train = ["--rounds", str(args.rounds), "--local-steps", str(args.local_steps), "--batch-size", "16",
@@ -222,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--strong-memory", default="2GB")
     parser.add_argument("--helper-memory", default="4GB")
     parser.add_argument("--seed", type=int, default=0, help="partition seed")
+    parser.add_argument("--fingerprint-seed", type=int, default=0, help="the bootstraps' fingerprint seed")
+    parser.add_argument("--init-seed", type=int, default=0, help="the bootstraps' init seed (the new head)")
     parser.add_argument("--seeds", type=int, nargs="+", default=list(range(8)), help="fingerprint seeds of the sweep")
     parser.add_argument("--sweep-samples", type=int, default=None, help="m of the sweep (default: the swarm's)")
     parser.add_argument("--skip-swarm", action="store_true")
