@@ -23,7 +23,9 @@ def test_a_killed_node_resumes_from_its_checkpoint(procs, tmp_path):
     flags = ["--rounds", str(ROUNDS), "--local-steps", "3", "--lr", "0.01", "--step-delay", "0.3",
              "--round-deadline", "3"]
     data = [write_synthetic_jsonl(tmp_path / f"t{i}.jsonl", 0, 48, seed=i) for i in (0, 1)]
-    procs.join("a", "30MB", "--data", str(data[0]), *flags)
+    # a is a slow device (1 s a step): a node process takes seconds to start again, and b
+    # must come back while a still trains, or it only catches up and trains no round
+    procs.join("a", "30MB", "--data", str(data[0]), *flags, "--step-delay", "1.0")
     wait_for(lambda: procs.node_id("a"), 60, "a to join")
     procs.join("b", "30MB", "--data", str(data[1]), *flags)
     b_id = wait_for(lambda: procs.node_id("b"), 60, "b to join")
