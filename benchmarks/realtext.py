@@ -274,11 +274,12 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks.fingerprint_sweep import seed_sweep
 
         sweep = seed_sweep(model, data, args.seeds, args.sweep_samples or FINGERPRINT_SAMPLES)
-        result["seed_sweep"] = sweep
+        result["seed_sweep"] = {name: {"correct_k_rate": row["correct_k_rate"], "mean_ari": row["mean_ari"],
+                                       "ks": row.get("ks")} for name, row in sweep["populations"].items()}
+        result["seed_sweep_detail"] = sweep
         print("\n== fingerprint seed sweep (correct K rate, mean ARI)")
-        for population, row in sweep.items():
-            if isinstance(row, dict) and "correct_k_rate" in row:
-                print(f"   {population:10s} correct K {row['correct_k_rate']:.3f}  ARI {row['mean_ari']:.3f}")
+        for name, row in result["seed_sweep"].items():
+            print(f"   {name:10s} correct K {row['correct_k_rate']:.3f}  ARI {row['mean_ari']:.3f}  Ks {row['ks']}")
     if "k" in result:
         print(f"\nK = {result['k']}, ARI {result['ari']:.3f}; mean accuracy ATLAS {result['atlas_mean_accuracy']:.4f} "
               f"vs task-blind {result['blind_mean_accuracy']:.4f} ({result.get('gap_points')} points)")
