@@ -6,8 +6,14 @@ Every node runs the same recipe with the seed handed out by the bootstrap:
    B drawn from the seed (B small but non-zero, so the gradient reaches A as well).
    Every node builds the identical probe whatever its split point: block 0 always sits
    on the owner.
-2. Gradient. g = d/dθ_probe of the mean loss over the node's m samples (m = 64 by
+2. Gradient. g = d/dθ_probe of the mean loss over the node's m samples (m = 256 by
    default), flattened in sorted parameter-name order: dim(g) = Σ r·(d_in + d_out).
+   On real text (all-MiniLM-L6-v2, four 4-way tasks, 400 examples per node) the mean
+   cosine between two nodes of one task is 0.36 at m = 64, 0.46 at m = 128 and 0.63 at
+   m = 256 (between tasks about 0.03), and only at m = 256 does k-means find the tasks
+   and the clustering's null test accept them in every fingerprint seed
+   (benchmarks/fingerprint_sweep.py). The m samples go through the model in
+   micro-batches, so memory stays at one micro-batch's activations.
 3. Optional differential privacy (Gaussian mechanism): g ← g · min(1, C/‖g‖), then
    g ← g + N(0, σ²C² I). The noise comes from a private generator, never from the
    public seed (noise anyone can regenerate protects nothing).
@@ -50,7 +56,7 @@ class FingerprintConfig:
     seed: int  # fixes the probe's A, B and the projection P
     dim: int = 64  # length of the fingerprint
     rank: int = 4  # rank of the probe LoRA
-    num_samples: int = 64  # m: examples averaged over (32 left 2 tasks x 3 clients unseparated)
+    num_samples: int = 256  # m: examples averaged over (64 and 128 leave real-text tasks unseparated)
     b_std: float = 0.01  # std of the probe's B (non-zero so gradients reach A)
     clip: float | None = None  # C: clip ||g|| to this before adding noise
     sigma: float = 0.0  # noise multiplier: noise std is sigma * clip

@@ -16,9 +16,8 @@ says K = 1 when there is nothing to separate.
 
 ``--small-n`` instead measures the rate of correct K at the churn scenario's sizes:
 populations 2 x 3, 2 x 4 and one-task controls of 6 and 20 clients, over --seeds (base
-model, probe seed and every client's data change with the seed), once with the old
-settings (m = 32, null_z = 1.5) and once with the current ones (--samples, default
-null_z), from the same data in one run.
+model, probe seed and every client's data change with the seed), with the bootstrap's
+K rule (ClusteringConfig defaults) at m = --samples.
 
     python benchmarks/clustering.py --small-n --layers 4 --samples 64 --seeds 0 1 2 3 4 5 6 7
 """
@@ -131,10 +130,10 @@ SMALL_POPULATIONS = {"2x3": (2, 3), "2x4": (2, 4), "1x6": (1, 6), "1x20": (1, 20
 
 
 def small_n(args) -> dict:
-    """Correct-K rate and ARI per population and setting (before / after), see module doc."""
+    """Correct-K rate and ARI per population at the current K rule, see module doc."""
     synth = SyntheticConfig(num_tasks=max(args.tasks, 2), num_labels=args.labels, num_keys=max(args.labels, 4))
     generator, tokenizer = SyntheticTasks(synth), synthetic_tokenizer(synth)
-    settings = {"before": (32, ClusteringConfig(null_z=1.5)), "after": (args.samples, ClusteringConfig())}
+    settings = {"current": (args.samples, ClusteringConfig())}
     rows = {(name, label): [] for name in SMALL_POPULATIONS for label in settings}
     for seed in args.seeds:
         model = tiny_model(args.family, "seq_cls", vocab_size=len(tokenizer), num_labels=args.labels,
@@ -152,10 +151,11 @@ def small_n(args) -> dict:
                 fp = FingerprintConfig(seed=probe_seed, num_samples=m)
                 grads = [probe_gradient(model, fingerprint_sample(e, fp), hf_loss, fp) for e in encoded]
                 points = np.stack([project(g, probe_seed) for g in grads])  # (n, 64)
-                config = ClusteringConfig(null_z=base.null_z, seed=seed)
+                config = ClusteringConfig(null_level=base.null_level, seed=seed)
                 c = cluster_fingerprints(points, config)
                 rows[(name, label)].append({"k": c.k, "ari": adjusted_rand(truth, c.labels) if tasks > 1 else None,
-                                            "best_silhouette": max(c.scores.values()) if c.scores else None})
+                                            "best_silhouette": max(c.scores.values()) if c.scores else None,
+                                            "null_p": c.null_p})
     summary = {}
     for (name, label), runs in rows.items():
         tasks = SMALL_POPULATIONS[name][0]
@@ -168,7 +168,7 @@ def small_n(args) -> dict:
         }
         m, config = settings[label]
         ari = "" if not aris else f" ari={np.mean(aris):.3f}"
-        print(f"{name:5} {label:6} (m={m:3} z={config.null_z}): correct K {summary[name][label]['correct_k']}/"
+        print(f"{name:5} {label:7} (m={m:3} level={config.null_level}): correct K {summary[name][label]['correct_k']}/"
               f"{len(runs)}{ari} K={summary[name][label]['k']}")
     return summary
 

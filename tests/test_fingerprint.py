@@ -26,7 +26,7 @@ from atlas_p2p.synthetic import SyntheticTasks, synthetic_tokenizer
 
 TOK = synthetic_tokenizer()
 GEN = SyntheticTasks()
-CONFIG = FingerprintConfig(seed=11)
+CONFIG = FingerprintConfig(seed=11, num_samples=64)  # synthetic tasks separate at m = 64; keeps the tests fast
 
 
 def hf_loss(model, batch):
