@@ -1,4 +1,4 @@
-"""The bootstrap's assignment brain (issue #4): membership events in, assignments out.
+"""The bootstrap's assignment brain: membership events in, assignments out.
 
 `Coordinator` is a pure synchronous object. The bootstrap service feeds it what it learns
 (a join, a fingerprint, a death, a departure, a finished node, an owner's report that its
@@ -78,7 +78,7 @@ from atlas_p2p.clustering import (
     cluster_fingerprints,
 )
 from atlas_p2p.importance import TAU, cluster_importance, importance_change
-from atlas_p2p.memory import ModelShape, Workload, candidate, lora_candidates, whole_model_footprint
+from atlas_p2p.memory import ModelShape, Workload, lora_candidates, whole_model_footprint
 from atlas_p2p.planning import (
     HELPER,
     OWNER,
@@ -827,7 +827,7 @@ class Coordinator:
         provisional, anchors = board.provisional, board.anchors
         plan = self._plan
         row = plan.nodes.get(str(node_id)) if plan is not None else None
-        empty = dict(cluster=member.cluster, members=[], ranks={}, split=None, helper=None, fallbacks=[],
+        empty = dict(cluster=member.cluster, members=[], ranks={}, split=None, helper=None,
                      anchor=None, serves=[], addresses={}, role=WAITING, owners=[])
         if row is None:
             if member.status != LIVE:
@@ -855,7 +855,7 @@ class Coordinator:
         cluster = row.cluster
         members = list(board.members.get(cluster, [])) if cluster is not None else []
         anchor = anchors.get(cluster) if cluster is not None else None
-        linked = {int(x) for x in members} | {int(f) for f in row.fallbacks} | {int(o) for o in row.serves}
+        linked = {int(x) for x in members} | {int(o) for o in row.serves}
         linked |= {o["anchor"] for o in owners if o["anchor"] is not None}
         if row.helper is not None:
             linked.add(int(row.helper))
@@ -863,21 +863,18 @@ class Coordinator:
             linked.add(anchor)
         addresses = {str(n): self._members[n].caps.address for n in sorted(linked)}
         return dict(cluster=cluster, members=members, ranks=dict(row.ranks), split=row.split,
-                    helper=None if row.helper is None else int(row.helper),
-                    fallbacks=[int(f) for f in row.fallbacks], anchor=anchor,
+                    helper=None if row.helper is None else int(row.helper), anchor=anchor,
                     serves=sorted(int(o) for o in row.serves), addresses=addresses,
                     role=row.role, owners=owners, note=row.reason)
 
     def _owner_details(self, row: Any, anchors: Mapping[int, int | None]) -> list[dict[str, Any]]:
-        """What a helper needs per served owner: cluster, split, its tail ranks, the anchor."""
+        """What a helper needs per served owner: its cluster (a `round_begin` must name it) and the
+        cluster's anchor (where the helper's replica pulls patches)."""
         plan = self._plan
         owners = []
         for o in row.serves:
             orow = plan.nodes[o]
-            tail = {name: r for name, r in orow.ranks.items()
-                    if candidate(self.config.shape, name).block >= (orow.split or 0)}
-            owners.append(dict(owner=int(o), cluster=orow.cluster, split=orow.split, ranks=tail,
-                               anchor=anchors.get(orow.cluster)))
+            owners.append(dict(owner=int(o), cluster=orow.cluster, anchor=anchors.get(orow.cluster)))
         return sorted(owners, key=lambda o: o["owner"])
 
     def _publish(self, now: float, cause: str, causes: Mapping[int, str] | None = None) -> bool:

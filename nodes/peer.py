@@ -182,8 +182,7 @@ class Peer:
 
         s = self.session
         fields = dict(state=self.state, round=max(s.round, 0) if s is not None else 0,
-                      base_version=s.version if s is not None else 0,
-                      assignment_version=self.assignment_version, steps=self.steps_total)
+                      base_version=s.version if s is not None else 0)
         self.meter.count(Heartbeat(node_id=self.node_id or 0, **fields))
         return fields
 
@@ -638,8 +637,7 @@ class Peer:
                 await self._fold(alog.manifests[s.round].to_msg())
         elif a.anchor is not None and self.address_of(a.anchor) is not None:
             try:
-                m = await self.call(self.address_of(a.anchor), ManifestGet(cluster=a.cluster, round=s.round,
-                                                                           node_id=self.node_id))
+                m = await self.call(self.address_of(a.anchor), ManifestGet(cluster=a.cluster, round=s.round))
                 if isinstance(m, Manifest) and m.ready:
                     await self._fold(m)
             except RpcError:
@@ -741,8 +739,7 @@ class Peer:
                     return None  # published before this node became anchor: catch up instead
             elif anchor is not None and self.address_of(anchor) is not None:
                 try:
-                    m = await self.call(self.address_of(anchor), ManifestGet(cluster=a.cluster, round=r,
-                                                                             node_id=self.node_id))
+                    m = await self.call(self.address_of(anchor), ManifestGet(cluster=a.cluster, round=r))
                     if isinstance(m, Manifest) and m.ready:
                         return m
                 except RpcError as exc:

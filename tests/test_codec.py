@@ -40,7 +40,7 @@ def ref(dtype, shape, index) -> msgpack.ExtType:
 
 def fingerprint_header(vector=None, **overrides) -> dict:
     body = {"node_id": 1, "vector": ref("float32", [64], 1) if vector is None else vector, "n_samples": 8,
-            "dp_epsilon": None, "dp_delta": None, "importance": None}
+            "importance": None}
     header = {"v": 1, "type": "fingerprint", "id": 7, "src": "n1", "body": body}
     header.update(overrides)
     return header
@@ -143,7 +143,7 @@ def test_decode_accepts_zmq_frames_and_memoryviews():
 
 def test_int_fields_widen_to_float_fields_but_bool_never_counts_as_int():
     assert Report(node_id=1, metrics={}).node_id == 1
-    assert Fingerprint(node_id=1, vector=np.zeros(64, np.float32), n_samples=1, dp_epsilon=2).dp_epsilon == 2.0
+    assert Fingerprint(node_id=1, vector=np.zeros(64, np.float32), n_samples=1, importance={"q": 2}).importance == {"q": 2.0}
     with pytest.raises(SchemaError, match="bad_schema"):
         Report(node_id=True, metrics={})
 
@@ -281,7 +281,7 @@ def test_frame_referenced_twice():
     header["body"]["vector"] = ref("float32", [64], 1)
     forward = {"v": 1, "type": "forward", "id": 1, "src": "a", "body": {
         "step": 0, "activations": ref("float32", [64], 1), "attention_mask": ref("float32", [64], 1),
-        "labels": None, "position_ids": None, "base_version": 0, "owner_id": 0, "cluster": 0, "round": 0}}
+        "labels": None, "base_version": 0, "owner_id": 0, "cluster": 0, "round": 0}}
     assert code_of(craft(forward, [VECTOR])) == "bad_frame_index"
 
 
@@ -310,13 +310,13 @@ def test_field_spec_violations():
 def test_bool_tensor_with_invalid_bytes():
     header = {"v": 1, "type": "forward", "id": 1, "src": "a", "body": {
         "step": 0, "activations": ref("bool", [3], 1), "attention_mask": ref("bool", [3], 2),
-        "labels": None, "position_ids": None, "base_version": 0, "owner_id": 0, "cluster": 0, "round": 0}}
+        "labels": None, "base_version": 0, "owner_id": 0, "cluster": 0, "round": 0}}
     assert code_of(craft(header, [b"\x00\x01\x02", b"\x00\x01\x01"])) == "bad_tensor"
 
 
 @pytest.mark.parametrize("field, value", [
     ("node_id", "1"), ("node_id", 1.5), ("node_id", True), ("node_id", -1), ("n_samples", None),
-    ("dp_epsilon", "x"), ("importance", {"q": "high"}), ("importance", [1.0]), ("vector", [0.0] * 64),
+    ("importance", {"q": "high"}), ("importance", [1.0]), ("vector", [0.0] * 64),
 ])
 def test_wrong_field_types(field, value):
     header = fingerprint_header()
@@ -333,7 +333,7 @@ def test_unknown_field():
 
 def test_missing_field():
     header = fingerprint_header()
-    del header["body"]["dp_delta"]
+    del header["body"]["importance"]  # even a field with a default must be sent
     assert code_of(craft(header, [VECTOR])) == "bad_schema"
 
 

@@ -165,14 +165,13 @@ class BaseDigest(Message):
 
 @message("heartbeat")
 class Heartbeat(Message):
-    """Liveness and progress; answered by `ok`, or by `assignment` when the node's is stale."""
+    """Liveness and progress (kept in the peer table); answered by `ok`, or by `beat` once the
+    bootstrap runs a swarm."""
 
     node_id: NodeId
     state: Annotated[str, OneOf(NODE_STATES)]
     round: Count = 0
     base_version: Count = 0
-    assignment_version: Count = 0
-    steps: Count = 0
 
 
 @message("leave")
@@ -204,8 +203,6 @@ class Fingerprint(Message):
     node_id: NodeId
     vector: Annotated[np.ndarray, TensorSpec(("float32",), (64,))]
     n_samples: Count
-    dp_epsilon: float | None = None       # privacy of this one release, when DP noise was added
-    dp_delta: float | None = None
     importance: dict[str, float] | None = None   # per-weight importance probe (section 7)
 
 
@@ -243,14 +240,12 @@ class Assignment(Message):
     ranks: dict[str, Count]               # module name -> LoRA rank (0 = no adapter)
     split: Count | None                   # owner runs blocks[:split] (L: whole model); None: pure helper
     helper: NodeId | None                 # who runs blocks[split:] for this node (None: itself/waiting)
-    fallbacks: list[NodeId]               # helpers to try next, in order
     anchor: NodeId | None                 # member that publishes round manifests (None: no cluster)
     reason: str = ""                      # why it changed ("initial", "repair", ...) and the plan's note
     serves: list[NodeId] = field(default_factory=list)   # owners this node helps
     addresses: dict[str, str] = field(default_factory=dict)  # str(node_id) -> "host:port"
-    base_version: Count = 0
     role: Annotated[str, OneOf(ROLES)] = "waiting"
-    # one map per served owner: {"owner", "cluster", "split", "ranks" (blocks[split:] only), "anchor"}
+    # one map per served owner: {"owner", "cluster", "anchor"} (a `round_begin` must name that cluster)
     owners: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -265,7 +260,6 @@ class Forward(Message):
     activations: Tensor                   # (B, T, H)
     attention_mask: Tensor                # (B, T)
     labels: Tensor | None = None          # (B, T) or (B,); None in u-shape mode
-    position_ids: Tensor | None = None    # (B, T) when the family needs them carried
     base_version: Count = 0               # both sides must run the same base
     owner_id: NodeId = 0
     cluster: int = 0
@@ -281,50 +275,12 @@ class Backward(Message):
     loss: float | None = None
 
 
-@message("adapter_pull")
-class AdapterPull(Message):
-    """Ask a peer for its round contribution (gossip); answered by `adapter`."""
-
-    node_id: NodeId                       # who asks
-    cluster: int
-    round: Count
-
-
-@message("adapter")
-class Adapter(Message):
-    """One round contribution: LoRA factors with the scaling and weight exact merging needs."""
-
-    node_id: NodeId                       # whose contribution
-    cluster: int
-    round: Count
-    tensors: dict[str, Tensor]            # "<module>.lora_A" (r, d_in), "<module>.lora_B" (d_out, r)
-    ranks: dict[str, Count] = field(default_factory=dict)
-    alphas: dict[str, float] = field(default_factory=dict)   # scaling gamma = alpha / r
-    n_samples: Count = 0
-    digest: str = ""
-
-
-@message("adapter_return")
-class AdapterReturn(Message):
-    """Helper -> owner at a merge: the server-side LoRA it trained for that owner; answered by `ok`."""
-
-    owner_id: NodeId
-    helper_id: NodeId
-    round: Count
-    tensors: dict[str, Tensor]
-    ranks: dict[str, Count] = field(default_factory=dict)
-    alphas: dict[str, float] = field(default_factory=dict)
-    base_version: Count = 0
-
-
 @message("ping")
 class Ping(Message):
-    """Liveness probe between peers; answered by `ok`."""
-
-    sent_at: float = 0.0
+    """Liveness probe of a node (tests and benchmarks/transport.py); answered by `ok`."""
 
 
-# ---------------------------------------------------------------- training runtime (issue #4)
+# ---------------------------------------------------------------- training runtime
 # Factor tensors travel in one `tensors` map keyed "A:<module>" (r, d_in), "B:<module>"
 # (d_out, r) and "D:<dense name>" (a head's change); `scalings` maps <module> -> gamma.
 
@@ -429,7 +385,6 @@ class ManifestGet(Message):
 
     cluster: int
     round: Count
-    node_id: NodeId = 0
 
 
 @message("manifest")
