@@ -13,11 +13,14 @@ loader (tokenisation, batches, fingerprints, training) can see it. Other extra f
 
 Flow: ``load_jsonl(path) -> Records``; ``encode(records, tokenizer, max_len) -> Encoded``
 (token ids and per-example targets, unpadded); ``iterate_batches(encoded, batch_size,
-seed=...)`` yields padded batches ``{"input_ids", "attention_mask", "labels"}``.
+seed=...)`` yields padded batches ``{"input_ids", "attention_mask", "labels"}``;
+``round_batches`` cuts one round's steps out of that stream. ``load_for_task`` is load +
+encode for a swarm's task, refusing records of a kind the task cannot train on.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 from collections.abc import Iterable, Iterator, Sequence
@@ -43,6 +46,10 @@ class DataError(ValueError):
         where = f"{source}:{line}" if line is not None else source
         super().__init__(f"{where}: {reason}")
         self.source, self.line, self.reason = source, line, reason
+
+
+class TaskMismatch(DataError):
+    """A well-formed file whose record kind the swarm's task cannot train on."""
 
 
 @dataclass(frozen=True)
@@ -352,3 +359,32 @@ def iterate_batches(
         for start in range(0, stop, batch_size):
             yield collate(encoded, order[start : start + batch_size])
         epoch += 1
+
+
+def round_batches(
+    encoded: Encoded, batch_size: int, seed: int, round_: int, steps: int
+) -> list[dict[str, torch.Tensor]]:
+    """The batches of round ``round_``: steps r*E .. r*E+E-1 (E = ``steps``) of one seeded endless stream.
+
+    Both sides of a replayed round (and a restarted node) get the same batches: the stream
+    depends only on (seed, len(encoded)).
+    """
+    stream = iterate_batches(encoded, batch_size, seed=seed, shuffle=True, epochs=None)
+    return list(itertools.islice(stream, round_ * steps, (round_ + 1) * steps))
+
+
+# -- a swarm's data ------------------------------------------------------------------
+DATA_KINDS_FOR_TASK = {"seq_cls": ("classification",), "causal_lm": ("lm", "instruction")}
+
+
+def load_for_task(path: str | Path, tokenizer, task: str, num_labels: int | None, max_len: int) -> Encoded:
+    """Records of ``path`` encoded for a swarm of ``task`` (seq_cls or causal_lm).
+
+    TaskMismatch when the file's record kind does not fit the task (classification records
+    for seq_cls; lm or instruction records for causal_lm). Labels are checked against
+    ``num_labels`` for seq_cls only.
+    """
+    records = load_jsonl(path, num_labels=num_labels if task == "seq_cls" else None)
+    if records.kind not in DATA_KINDS_FOR_TASK[task]:
+        raise TaskMismatch(str(path), None, f"{records.kind} records do not fit the swarm's task {task}")
+    return encode(records, tokenizer, max_len)

@@ -27,15 +27,15 @@ import asyncio
 import contextlib
 import copy
 import functools
-import itertools
 import logging
-import math
 import random
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
+from atlas_p2p.data import Encoded, TaskMismatch, load_for_task, round_batches
+from atlas_p2p.training import eval_batches, evaluate, node_fingerprint
 from nodes.config import NodeConfig, parse_address
 from nodes.control import ControlClient, advertised_address
 from nodes.executor import TorchExecutor
@@ -51,56 +51,10 @@ progress_log = logging.getLogger("atlas.progress")
 
 MAX_MESSAGE_BYTES = 256 << 20
 CONTROL_TIMEOUT_S = 3.0
-_DATA_KIND_FOR_TASK = {"seq_cls": ("classification",), "causal_lm": ("lm", "instruction")}
 
 
 class RuntimeFailure(RuntimeError):
     """The node cannot run as asked (model disagreement, unusable data); one clear line."""
-
-
-# ---- pure helpers (tests use them for references) --------------------------------------
-def round_batches(encoded, batch_size: int, seed: int, round_: int, steps: int) -> list[dict]:
-    """The batches of round `round_`: steps r*E .. r*E+E-1 of one seeded endless stream."""
-    from atlas_p2p.data import iterate_batches
-
-    stream = iterate_batches(encoded, batch_size, seed=seed, shuffle=True, epochs=None)
-    return list(itertools.islice(stream, round_ * steps, (round_ + 1) * steps))
-
-
-def load_data(path: Path, tokenizer, task: str, num_labels: int | None, max_len: int):
-    """Records -> Encoded; the `task` field of a record never leaves atlas_p2p.data.Records.tasks."""
-    from atlas_p2p.data import encode, load_jsonl
-
-    records = load_jsonl(path, num_labels=num_labels if task == "seq_cls" else None)
-    if records.kind not in _DATA_KIND_FOR_TASK[task]:
-        raise RuntimeFailure(f"--data {path}: {records.kind} records do not fit the swarm's task {task}")
-    return encode(records, tokenizer, max_len)
-
-
-def evaluate(model, encoded, task: str, batch_size: int) -> dict[str, Any]:
-    """Held-out accuracy (seq_cls) or perplexity (causal_lm) of `model` on `encoded`."""
-    import torch
-
-    from atlas_p2p.data import collate
-    from atlas_p2p.models import unsplit_forward
-
-    model.eval()
-    correct = total = 0
-    loss_sum = 0.0
-    with torch.no_grad():
-        for start in range(0, len(encoded), batch_size):
-            batch = collate(encoded, range(start, min(start + batch_size, len(encoded))))
-            loss, logits = unsplit_forward(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
-            n = batch["input_ids"].shape[0]
-            loss_sum += float(loss) * n
-            total += n
-            if task == "seq_cls":
-                correct += int((logits.argmax(-1) == batch["labels"]).sum())
-    model.train()
-    if task == "seq_cls":
-        return {"metric": "accuracy", "value": correct / max(total, 1), "loss": loss_sum / max(total, 1)}
-    mean = loss_sum / max(total, 1)
-    return {"metric": "perplexity", "value": math.exp(min(mean, 50.0)), "loss": mean}
 
 
 # ---- the node --------------------------------------------------------------------------
@@ -261,7 +215,7 @@ class Peer:
         """This node's fingerprint (nodes/fingerprinting.py): across a cut through the provisional
         helper its first assignment names, else on the whole model here. A helper that fails is
         asked again after a fresh assignment; after 3 failures the node computes it alone."""
-        from nodes.fingerprinting import node_fingerprint, split_loss
+        from nodes.fingerprinting import split_loss
         from transport.rpc import RpcError
 
         w, t = self.welcome, self.train
@@ -438,12 +392,9 @@ class Peer:
             self.rounds_done = int(self._resume.state.get("rounds_done", 0))
             self.steps_total = int(self._resume.state.get("steps_total", 0))
         self.state = "fingerprinting"
-        max_len = self.train.max_seq_len
-        self.encoded = await self.executor.run(load_data, self.config.data, self.tokenizer, self.task,
-                                               self.num_labels, max_len)
+        self.encoded = await self._load_data(self.config.data)
         if self.train.eval_path is not None:
-            self.eval_encoded = await self.executor.run(load_data, self.train.eval_path, self.tokenizer, self.task,
-                                                        self.num_labels, max_len)
+            self.eval_encoded = await self._load_data(self.train.eval_path)
         self.fingerprint = await self.compute_fingerprint()
         await self.send_fingerprint()
         self.state = "waiting"
@@ -455,6 +406,14 @@ class Peer:
         await self._finish()
         if await self._serve_until_done(follow=True):
             await self._finish()  # later patches were folded: export the cluster's final adapter
+
+    async def _load_data(self, path: Path) -> Encoded:
+        """`path` encoded for the swarm's task; records of a kind the task cannot train on stop the node."""
+        try:
+            return await self.executor.run(load_for_task, path, self.tokenizer, self.task, self.num_labels,
+                                           self.train.max_seq_len)
+        except TaskMismatch as exc:
+            raise RuntimeFailure(f"--data {exc}") from None
 
     async def _serve_until_done(self, follow: bool = False) -> bool:
         """Serve peers until the bootstrap says the swarm is done; True if more patches were folded."""
@@ -911,10 +870,7 @@ class Peer:
                            base_code=code)
 
     def _eval_batches(self) -> list:
-        from atlas_p2p.data import collate
-
-        enc, b = self.eval_encoded, self.train.batch_size
-        return [] if enc is None else [collate(enc, range(i, min(i + b, len(enc)))) for i in range(0, len(enc), b)]
+        return [] if self.eval_encoded is None else eval_batches(self.eval_encoded, self.train.batch_size)
 
     async def _finish(self) -> None:
         """Export the cluster's adapter (exact unless --export-rank) and, with --eval, check it loads

@@ -11,7 +11,7 @@ from atlas_p2p.aggregation import stack_merge
 from atlas_p2p.lora import attach_lora
 from atlas_p2p.training import HelperConfig, HelperSession, OwnerConfig, OwnerSession
 from nodes.modelname import build_model, build_tokenizer
-from nodes.peer import load_data, round_batches
+from atlas_p2p.data import load_for_task, round_batches
 
 SEED, LR, STEPS, ROUNDS, BATCH = 1234, 0.01, 3, 2, 4
 
@@ -35,7 +35,7 @@ _EXCHANGE = {"two-part": _two_part_step, "u-shape": _u_shape_step}
 
 def reference_patches(data, node_id, split, ranks, mode="two-part"):
     """The patches of ROUNDS rounds of `mode` split training done in this process."""
-    encoded = load_data(data, build_tokenizer("tiny-gpt2"), "seq_cls", 4, 32)
+    encoded = load_for_task(data, build_tokenizer("tiny-gpt2"), "seq_cls", 4, 32)
     owner = OwnerSession(attach_lora(build_model("tiny-gpt2", "seq_cls", 4), ranks),
                          OwnerConfig(node_id=node_id, split=split, lr=LR, run_seed=SEED, cluster="0", mode=mode))
     helper = HelperSession(build_model("tiny-gpt2", "seq_cls", 4), HelperConfig(cluster="0"))

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from atlas_p2p.training import probe
-from nodes.fingerprinting import node_fingerprint, split_loss
+from atlas_p2p.data import load_for_task
+from atlas_p2p.training import node_fingerprint
+from nodes.fingerprinting import split_loss
 from nodes.modelname import build_model, build_tokenizer
-from nodes.peer import load_data
 from atlas_p2p.synthetic import write_synthetic_jsonl
 from transport.codec import decode, encode
 from transport.messages import Backward, Envelope, Hidden
@@ -43,7 +44,7 @@ def _helper(base):
 def test_fingerprint_across_a_cut_equals_the_whole_model(tmp_path, model_name, task, labels, mode):
     tok = build_tokenizer(model_name)
     data = write_synthetic_jsonl(tmp_path / "d.jsonl", 1, 40, seed=3, kind="classification" if labels else "lm")
-    encoded = load_data(data, tok, task, labels, 24)
+    encoded = load_for_task(data, tok, task, labels, 24)
     owner_base, helper_base = build_model(model_name, task, labels), build_model(model_name, task, labels)
     before = copy.deepcopy(helper_base.state_dict())
 

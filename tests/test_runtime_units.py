@@ -5,15 +5,15 @@ import pytest
 import torch
 
 from atlas_p2p.aggregation import AdapterFactors, Contribution, stack_merge
+from atlas_p2p.data import TaskMismatch, load_for_task, round_batches
 from atlas_p2p.synthetic import SyntheticTasks
+from atlas_p2p.training import node_fingerprint
 from atlas_p2p.versioning import VersionedBase
 from nodes.checkpoint import load_checkpoint, save_checkpoint
 from nodes.merge import AnchorLog, GossipStore, merge_manifest
 from nodes.metrics import ByteMeter, lost_updates
 from nodes.modelname import build_model, build_tokenizer
 from nodes.runtime_config import SwarmSpec, TrainConfig
-from nodes.fingerprinting import node_fingerprint
-from nodes.peer import load_data, round_batches
 from nodes.wireconv import contribution_from_msg, contribution_to_msg, records_from_msg, records_to_msg
 from transport.messages import Fingerprint
 
@@ -33,7 +33,7 @@ def test_task_field_changes_neither_batches_nor_fingerprint(tmp_path):
         path.write_text("".join(__import__("json").dumps({**r, "task": r["task"] + shift}) + "\n" for r in records))
         paths.append(path)
     tok, model = build_tokenizer("tiny-gpt2"), build_model("tiny-gpt2", "seq_cls", 4)
-    encoded = [load_data(p, tok, "seq_cls", 4, 32) for p in paths]
+    encoded = [load_for_task(p, tok, "seq_cls", 4, 32) for p in paths]
     assert encoded[0] == encoded[1]
     a, b = (node_fingerprint(model, e, seed=9, samples=32, micro_batch=8) for e in encoded)
     assert np.array_equal(a, b)
@@ -43,12 +43,10 @@ def test_task_field_changes_neither_batches_nor_fingerprint(tmp_path):
 
 
 def test_data_of_the_wrong_kind_is_a_clear_error(tmp_path):
-    from nodes.peer import RuntimeFailure
-
     path = tmp_path / "lm.jsonl"
     path.write_text('{"text": "alpha beta"}\n')
-    with pytest.raises(RuntimeFailure, match="do not fit the swarm's task seq_cls"):
-        load_data(path, build_tokenizer("tiny-gpt2"), "seq_cls", 4, 32)
+    with pytest.raises(TaskMismatch, match="lm records do not fit the swarm's task seq_cls"):
+        load_for_task(path, build_tokenizer("tiny-gpt2"), "seq_cls", 4, 32)
 
 
 # ---- merge bookkeeping -------------------------------------------------------------------

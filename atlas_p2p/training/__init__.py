@@ -7,6 +7,8 @@
 - ``carry``: a contribution that missed its manifest joins the next one, exactly.
 - ``fold``: add a merged patch to a node's base weights under its version log.
 - ``export``: a cluster's total update as a standard PEFT adapter directory.
+- ``evaluate``: held-out accuracy or perplexity of a node's model.
+- ``fingerprinting``: a node's fingerprint on its data, whole or across a cut.
 - ``errors``: typed errors the runtime maps to ``error(replay)`` / ``error(version)``.
 No sockets, no asyncio: tensors in, tensors out.
 """
@@ -20,6 +22,7 @@ from .errors import (
     UnknownOwnerError,
     VersionMismatchError,
 )
+from .evaluate import eval_batches, evaluate
 from .export import (
     EXPORT_FORMAT,
     AdapterCard,
@@ -32,6 +35,7 @@ from .export import (
     render_card,
     total_update,
 )
+from .fingerprinting import CutHelper, cut_loss, node_fingerprint, whole_model_loss
 from .fold import apply_to_model, check_patch, fold_into
 from .helper import HelperConfig, HelperPool, HelperSession, ServerAdapter, StepResult
 from .owner import OwnerConfig, OwnerForward, OwnerSession
@@ -40,6 +44,7 @@ from .seeds import round_seed, step_seed
 __all__ = [
     "EXPORT_FORMAT",
     "AdapterCard",
+    "CutHelper",
     "ExportCheck",
     "ExportReport",
     "HelperConfig",
@@ -62,10 +67,15 @@ __all__ = [
     "carry_over",
     "check_patch",
     "compare_predictions",
+    "cut_loss",
+    "eval_batches",
+    "evaluate",
     "export_adapter",
     "fold_into",
+    "node_fingerprint",
     "render_card",
     "round_seed",
     "step_seed",
     "total_update",
+    "whole_model_loss",
 ]

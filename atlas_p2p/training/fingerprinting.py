@@ -1,0 +1,98 @@
+"""A node's task fingerprint on its own data (DESIGN 2.2 and 6): the owner's torch side.
+
+- ``node_fingerprint``: the m fingerprint examples (a seeded choice) go through the model
+  in micro-batches of the node's training batch size, so at most one micro-batch's
+  activations are alive at a time (atlas_p2p.fingerprint weights each micro-batch by its
+  size, so the result equals the one-batch gradient). ``step_delay_s`` slows each
+  micro-batch as it slows a training step: an emulated slow device is slow at both.
+- ``whole_model_loss``: the loss when the node runs the whole model.
+- ``cut_loss``: the loss across a cut at ``split`` when a provisional helper runs the rest
+  of the ORIGINAL base (``CutHelper``, reached however the caller likes). The owner runs
+  embeddings + blocks[:s] with the probe; the helper answers ∂L/∂h (two-part), or hidden
+  states z and then, given ∂L/∂z from the owner's head and loss, ∂L/∂h (u-shape). The
+  surrogate ⟨h, ∂L/∂h⟩ has the probe gradient dL/dθ (atlas_p2p.training.probe), so the
+  fingerprint equals the whole-model one.
+
+Nothing here changes the base model: atlas_p2p.fingerprint attaches and removes the probe.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from atlas_p2p.data import Encoded
+from atlas_p2p.fingerprint import FingerprintConfig, LossFn, compute_fingerprint, fingerprint_sample
+from atlas_p2p.models import split_model, unsplit_forward
+
+from .inputs import check_float
+from .probe import surrogate
+
+__all__ = ["CutHelper", "cut_loss", "node_fingerprint", "whole_model_loss"]
+
+
+class CutHelper(Protocol):
+    """The provisional helper's half of a cut (it may block; it raises ValueError on a bad answer)."""
+
+    def grad(self, activations: np.ndarray, attention_mask: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        """Two-part: ∂L/∂h of blocks[s:] + head + loss."""
+
+    def hidden(self, activations: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        """u-shape, first leg: z = blocks[s:L](h)."""
+
+    def vjp(self, activations: np.ndarray, attention_mask: np.ndarray, hidden_grad: np.ndarray) -> np.ndarray:
+        """u-shape, second leg: (∂z/∂h)ᵀ ∂L/∂z."""
+
+
+def whole_model_loss(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    loss, _ = unsplit_forward(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    return loss
+
+
+def cut_loss(split: int, mode: str, helper: CutHelper) -> LossFn:
+    """loss_fn for atlas_p2p.fingerprint across a cut at ``split`` (module doc)."""
+
+    def checked(x: np.ndarray, field: str, like: torch.Tensor) -> torch.Tensor:
+        return check_float(x, f"helper's {field}", like.dtype, shape=tuple(like.shape))
+
+    def loss_fn(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        mask, labels = batch["attention_mask"], batch["labels"]
+        parts = split_model(model, split, mode)
+        h = parts[0](batch["input_ids"], mask)  # (B, T, H), carries the probe's graph
+        acts = h.detach().cpu().numpy()
+        if mode == "two-part":
+            grad = checked(helper.grad(acts, mask.numpy(), labels.numpy()), "grad", h)
+        else:  # u-shape: labels stay here; the helper gives z, we give back ∂L/∂z
+            z = checked(helper.hidden(acts, mask.numpy()), "hidden", h).requires_grad_()
+            loss, _ = parts[2](z, mask, labels)
+            (dz,) = torch.autograd.grad(loss, [z])
+            grad = checked(helper.vjp(acts, mask.numpy(), dz.numpy()), "grad", h)
+        return surrogate(h, grad)
+
+    return loss_fn
+
+
+def node_fingerprint(
+    base_model: nn.Module,
+    encoded: Encoded,
+    seed: int,
+    samples: int,
+    micro_batch: int,
+    step_delay_s: float = 0.0,
+    loss_fn: LossFn | None = None,
+) -> np.ndarray:
+    """(64,) float32 fingerprint of a node's encoded data, in micro-batches of ``micro_batch``."""
+    config = FingerprintConfig(seed=seed, num_samples=samples)
+    inner = loss_fn or whole_model_loss
+
+    def paced(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        if step_delay_s:
+            time.sleep(step_delay_s)
+        return inner(model, batch)
+
+    return compute_fingerprint(base_model, fingerprint_sample(encoded, config, micro_batch), paced, config)
