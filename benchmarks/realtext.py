@@ -44,7 +44,8 @@ from typing import Any
 if __package__ in (None, ""):  # run as `python benchmarks/realtext.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from scenarios.swarm import Swarm, wait_until  # noqa: E402
+from scenarios.swarm import Swarm  # noqa: E402
+from scenarios.waiting import wait_until  # noqa: E402
 from tools import report  # noqa: E402
 
 log = logging.getLogger("atlas.realtext")

@@ -44,7 +44,8 @@ if __package__ in (None, ""):  # run as `python scenarios/churn.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from atlas_p2p.synthetic import SyntheticConfig, write_synthetic_jsonl  # noqa: E402
-from scenarios.swarm import Swarm, SwarmError, wait_until  # noqa: E402
+from scenarios.swarm import Swarm, SwarmError  # noqa: E402
+from scenarios.waiting import WaitTimeout, wait_until  # noqa: E402
 from tools import report  # noqa: E402
 from tools.peers_view import format_peer_table  # noqa: E402
 
@@ -534,7 +535,7 @@ class ChurnRun:
 
         try:
             rows = wait_until_quiet(repaired, timeout=min(90.0, self.remaining()))
-        except SwarmError as exc:
+        except (SwarmError, WaitTimeout) as exc:
             self.say(f"[{self.elapsed():6.1f} s] no repair visible in the peer table: {exc}")
             return
         self.progress.repaired_at_s = self.elapsed()

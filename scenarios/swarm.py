@@ -5,8 +5,9 @@ process with its own log file under the work directory; ports are picked by the
 processes themselves (`--bind 127.0.0.1:0`) and read back from their state files
 (`bootstrap.json`, `node.json`), so no port is guessed. `Swarm` is a context manager:
 leaving it stops nodes with SIGTERM (they send `leave`), then the bootstrap, then
-SIGKILLs whatever is left, and always reaps every child. Waiting is done by polling a
-condition (`wait_until`), never by bare sleeps.
+SIGKILLs whatever is left, and always reaps every child (`close(signal.SIGKILL)` kills
+them all at once, as the test fixture does). Waiting is done by polling a condition
+(`scenarios.waiting.wait_until`), never by bare sleeps.
 
     with Swarm(workdir, heartbeat_s=0.5) as swarm:
         swarm.start_bootstrap()
@@ -23,14 +24,14 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 from nodes.bootstrap import read_bootstrap_info
 from nodes.control import IDENTITY_FILE
+from scenarios.waiting import WaitTimeout, wait_until
 
 log = logging.getLogger("atlas.swarm")
 
@@ -54,27 +55,6 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
     except (OSError, AttributeError):
         pass
-
-
-def wait_until(predicate: Callable[[], T], timeout: float, interval: float = 0.2, what: str = "condition") -> T:
-    """Call `predicate()` every `interval` s until it returns something truthy; return it.
-
-    Raises SwarmError naming `what` after `timeout` seconds. Exceptions from the
-    predicate count as "not yet" (the last one is reported on timeout).
-    """
-    deadline = time.monotonic() + timeout
-    last_error: BaseException | None = None
-    while True:
-        try:
-            value = predicate()
-            if value:
-                return value
-        except Exception as exc:  # e.g. the bootstrap is restarting
-            last_error = exc
-        if time.monotonic() >= deadline:
-            detail = f" (last error: {last_error})" if last_error else ""
-            raise SwarmError(f"timed out after {timeout:g} s waiting for {what}{detail}")
-        time.sleep(interval)
 
 
 @dataclass
@@ -119,6 +99,7 @@ class Swarm:
         grace_s: float | None = None,
         python: str = sys.executable,
         log_level: str = "info",
+        env: Mapping[str, str] | None = None,
     ) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -128,10 +109,13 @@ class Swarm:
         self.grace_s = grace_s
         self.python = python
         self.log_level = log_level
+        # the children's environment: ours, unbuffered, plus `env` (e.g. HF_HUB_OFFLINE=1)
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.bootstrap: Child | None = None
         self.address: str | None = None
         self.nodes: dict[str, Child] = {}
         self.bootstrap_extra: list[str] = []
+        self.commands: list[subprocess.Popen[str]] = []  # short commands still running (start_command)
         self._log_counter = 0
 
     # --- lifecycle ------------------------------------------------------------------------
@@ -150,11 +134,10 @@ class Swarm:
         self._log_counter += 1
         log_path = self.workdir / "logs" / f"{self._log_counter:02d}-{name}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         with open(log_path, "wb") as out:
             proc = subprocess.Popen(
                 args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                cwd=REPO_ROOT, env=env, start_new_session=True,  # our own signals only
+                cwd=REPO_ROOT, env=self.env, start_new_session=True,  # our own signals only
                 preexec_fn=_die_with_parent,
             )
         log.debug("started %s (pid %d): %s", name, proc.pid, " ".join(args))
@@ -189,7 +172,7 @@ class Swarm:
 
         try:
             self.address = wait_until(bound, timeout, interval=0.05, what="the bootstrap to bind")
-        except SwarmError as exc:
+        except WaitTimeout as exc:
             raise SwarmError(f"{exc}\n{child.log_tail()}") from None
         return self.address
 
@@ -247,7 +230,7 @@ class Swarm:
 
         try:
             return wait_until(joined, timeout, interval=0.05, what=f"node {name} to join")
-        except SwarmError as exc:
+        except WaitTimeout as exc:
             raise SwarmError(f"{exc}\n{child.log_tail()}") from None
 
     # --- observing ---------------------------------------------------------------------------
@@ -263,20 +246,56 @@ class Swarm:
         """{node id: status} from `atlas-node peers --json`."""
         return {row["id"]: row["status"] for row in self.peers(timeout)}
 
+    def start_command(self, *args: str) -> subprocess.Popen[str]:
+        """Start a short `atlas-node` command with its stdout and stderr piped (text).
+
+        Several can run side by side; `close` kills and reaps any still running."""
+        proc = subprocess.Popen(
+            self.cli(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+            cwd=REPO_ROOT, env=self.env,
+        )
+        self.commands.append(proc)
+        return proc
+
+    def finish_command(self, proc: subprocess.Popen[str], timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+        """Wait for a command from `start_command` and capture its output (killed after `timeout` s)."""
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise
+        finally:
+            if proc.poll() is not None:
+                self.commands.remove(proc)
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
     def run_cli(self, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
         """Run a short `atlas-node` command and capture its output."""
-        return subprocess.run(
-            self.cli(*args), capture_output=True, text=True, cwd=REPO_ROOT, timeout=timeout,
-            stdin=subprocess.DEVNULL,
-        )
+        return self.finish_command(self.start_command(*args), timeout)
 
     def wait_until(self, predicate: Callable[[], T], timeout: float = 30.0, interval: float = 0.2,
                    what: str = "condition") -> T:
         """`wait_until` that adds the children's log tails to the error."""
         try:
             return wait_until(predicate, timeout, interval, what)
-        except SwarmError as exc:
+        except WaitTimeout as exc:
             raise SwarmError(f"{exc}\n{self.describe()}") from None
+
+    def wait_exit(self, name: str, timeout: float) -> int:
+        """Wait for node `name` to exit by itself; its return code (SwarmError with its log if it runs on)."""
+        child = self.nodes[name]
+        try:
+            return child.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise SwarmError(f"node {name} still running after {timeout:g} s:\n{child.log_tail(40)}") from None
+
+    def summary(self, name: str) -> dict[str, Any] | None:
+        """Node `name`'s summary.json (started with out=True), or None while it has written none."""
+        try:
+            return json.loads((self.out_dir(name) / "summary.json").read_text())
+        except (OSError, ValueError):
+            return None
 
     def describe(self) -> str:
         """Every child's state and last log lines, for failure messages."""
@@ -302,16 +321,22 @@ class Swarm:
             raise SwarmError("no bootstrap")
         return _signal_and_reap(child, sig, timeout)
 
-    def close(self, timeout: float = 10.0) -> None:
-        """SIGTERM nodes (they leave), then the bootstrap; SIGKILL stragglers; reap all."""
+    def close(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
+        """Send `sig` to the nodes, then to the bootstrap; SIGKILL stragglers; reap all.
+
+        SIGTERM lets nodes send `leave`; SIGKILL (the test fixture) ends them at once."""
+        for proc in list(self.commands):
+            proc.kill()
+            proc.communicate()
+            self.commands.remove(proc)
         for child in list(self.nodes.values()):
             if child.running:
                 with contextlib.suppress(ProcessLookupError):
-                    child.proc.send_signal(signal.SIGTERM)
+                    child.proc.send_signal(sig)
         for child in list(self.nodes.values()):
             _signal_and_reap(child, None, timeout)
         if self.bootstrap is not None:
-            _signal_and_reap(self.bootstrap, signal.SIGTERM, timeout)
+            _signal_and_reap(self.bootstrap, sig, timeout)
 
 
 def _signal_and_reap(child: Child, sig: int | None, timeout: float) -> int | None:

@@ -7,7 +7,8 @@ import asyncio
 import msgpack
 import pytest
 
-from tests.aio import run, wait_for
+from scenarios.waiting import wait_until_async
+from tests.aio import run
 import zmq
 import zmq.asyncio
 
@@ -398,9 +399,9 @@ def test_sweep_marks_silent_nodes_suspect_then_dead_and_heartbeat_revives():
             status = lambda: service.registry.table.get(node).status  # noqa: E731
 
             clock.now += 2.0
-            await wait_for(lambda: status() == "suspect")
+            await wait_until_async(lambda: status() == "suspect", 5, what="the node seen suspect")
             clock.now += 2.0
-            await wait_for(lambda: status() == "dead")
+            await wait_until_async(lambda: status() == "dead", 5, what="the node seen dead")
             await client.call(service.address, Heartbeat(node_id=node, state="waiting"), timeout=3)
             assert status() == "alive"
         finally:

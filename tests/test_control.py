@@ -10,7 +10,7 @@ import time
 import pytest
 import zmq
 
-from tests import aio
+from scenarios.waiting import wait_until_async
 from tests.aio import run
 
 from nodes.bootstrap import Bootstrap
@@ -93,9 +93,7 @@ async def restart_on(address: str, **config) -> Bootstrap:
             await asyncio.sleep(0.05)
 
 
-async def wait_for(predicate, timeout: float = 10.0, interval: float = 0.02):
-    """The shared polling wait with this file's longer default (nodes back off between tries)."""
-    return await aio.wait_for(predicate, timeout, interval)
+WAIT_S = 10.0  # deadline of each wait here (nodes back off between tries)
 
 
 def test_joins_heartbeats_with_progress_and_leaves_on_stop(tmp_path):
@@ -112,7 +110,7 @@ def test_joins_heartbeats_with_progress_and_leaves_on_stop(tmp_path):
         try:
             welcome = await node.wait_joined(timeout=5)
             assert welcome.node_id == node.node_id == 1 and welcomes == [welcome]
-            await wait_for(lambda: len(replies) >= 2)
+            await wait_until_async(lambda: len(replies) >= 2, WAIT_S)
             assert all(isinstance(r, Ok) for r in replies)
             row = boot.registry.table.get(1)
             assert (row.state, row.round, row.base_version, row.role) == ("training", 3, 2, "owner")
@@ -134,14 +132,16 @@ def test_reconnects_after_bootstrap_restart_on_same_state_without_rejoining(tmp_
         node = await ControlClient.create(_node_config(address), "127.0.0.1:4002", on_welcome=welcomes.append)
         await node.wait_joined(timeout=5)
         await first.stop()
-        await wait_for(lambda: not node.connected)
+        await wait_until_async(lambda: not node.connected, WAIT_S)
 
         second = await restart_on(address, state_dir=tmp_path, **BOOT)
         try:
-            await wait_for(lambda: node.connected)
+            await wait_until_async(lambda: node.connected, WAIT_S)
             assert len(welcomes) == 1  # kept heartbeating under its id: no second join
             assert [r["id"] for r in second.registry.rows()] == [node.node_id]
-            await wait_for(lambda: second.registry.table.get(node.node_id).last_seen > second.registry.started_at)
+            await wait_until_async(
+                lambda: second.registry.table.get(node.node_id).last_seen > second.registry.started_at, WAIT_S
+            )
         finally:
             await node.stop()
             await second.stop()
@@ -160,7 +160,7 @@ def test_bootstrap_that_lost_its_state_makes_the_node_rejoin():
 
         second = await restart_on(address, **BOOT)
         try:
-            await wait_for(lambda: len(welcomes) == 2)
+            await wait_until_async(lambda: len(welcomes) == 2, WAIT_S)
             assert [r["status"] for r in second.registry.rows()] == ["alive"]
         finally:
             await node.stop()
@@ -217,7 +217,7 @@ def test_a_failing_hook_does_not_stop_heartbeats():
         node = await ControlClient.create(_node_config(boot.address), "127.0.0.1:4006", on_heartbeat_reply=broken)
         try:
             await node.wait_joined(timeout=5)
-            await wait_for(lambda: len(calls) >= 3)
+            await wait_until_async(lambda: len(calls) >= 3, WAIT_S)
             assert node.connected and not node.done
         finally:
             await node.stop()

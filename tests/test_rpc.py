@@ -8,6 +8,7 @@ import msgpack
 import numpy as np
 import pytest
 
+from scenarios.waiting import wait_until_async
 from tests.aio import run
 import zmq
 import zmq.asyncio
@@ -17,15 +18,6 @@ from transport.messages import Assignment, Backward, Envelope, Error, Forward, L
 from transport.rpc import (
     RpcClient, RpcClientConfig, RpcError, RpcServer, RpcServerConfig, RpcTimeout, install_uvloop, tcp_endpoint,
 )
-
-
-async def eventually(predicate, timeout: float = 5.0) -> None:
-    """Poll until `predicate()` holds (instead of sleeping a guessed time)."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not predicate():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.01)
 
 
 async def echo_forward(env: Envelope) -> Backward:
@@ -101,7 +93,7 @@ def test_deadline_expiry_raises_rpc_timeout_and_the_late_reply_is_dropped_and_co
             with pytest.raises(RpcTimeout):
                 await client.call(server.address, Ping(), timeout=0.1)
 
-            await eventually(lambda: client.stats["late_replies"] == 1)
+            await wait_until_async(lambda: client.stats["late_replies"] == 1, 5)
     run(main())
 
 
@@ -388,7 +380,7 @@ def test_a_call_that_times_out_waiting_for_inflight_budget_leaks_none_of_it():
         limit = RpcClientConfig(inflight_bytes=1 << 20)
         async with RpcServer(handlers={"forward": hold}) as server, RpcClient("a", config=limit) as client:
             first = asyncio.create_task(client.call(server.address, forward_request(0, nbytes=900_000), timeout=10))
-            await eventually(lambda: server.stats["requests"] == 1)
+            await wait_until_async(lambda: server.stats["requests"] == 1, 5)
             with pytest.raises(RpcTimeout):   # waits for budget behind `first`, gives up
                 await client.call(server.address, forward_request(1, nbytes=900_000), timeout=0.1)
 
@@ -414,7 +406,7 @@ def test_calls_queue_behind_full_zeromq_queues_and_all_complete_once_the_server_
             calls = [asyncio.create_task(client.call(server.address, Forward(
                 step=i, activations=activations, attention_mask=np.ones((1, 1), np.int8)), timeout=20))
                 for i in range(16)]
-            await eventually(lambda: server.stats["requests"] == 1)
+            await wait_until_async(lambda: server.stats["requests"] == 1, 5)
 
             gate.set()
             replies = await asyncio.gather(*calls)
@@ -445,7 +437,7 @@ def test_stop_is_idempotent_and_fails_waiting_calls():
         server = await RpcServer.create(handlers={"ping": never})
         client = await RpcClient.create("a")
         waiting = asyncio.create_task(client.call(server.address, Ping(), timeout=10))
-        await eventually(lambda: server.stats["requests"] == 1)
+        await wait_until_async(lambda: server.stats["requests"] == 1, 5)
 
         await client.stop()
         await client.stop()
@@ -467,7 +459,7 @@ def test_forget_closes_one_peer_and_fails_its_waiting_calls():
     async def main():
         async with RpcServer(handlers={"ping": never, "leave": noop}) as server, RpcClient("a") as client:
             waiting = asyncio.create_task(client.call(server.address, Ping(), timeout=10))
-            await eventually(lambda: server.stats["requests"] == 1)
+            await wait_until_async(lambda: server.stats["requests"] == 1, 5)
 
             await client.forget(server.address)
 
