@@ -38,6 +38,7 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Iterable, Mapping, Sequence
 
+from atlas_p2p.capabilities import Capabilities
 from atlas_p2p.importance import TAU
 from atlas_p2p.memory import (
     ADAM_COPIES,
@@ -52,44 +53,30 @@ from atlas_p2p.memory import (
     owner_footprint,
     whole_model_footprint,
 )
+from atlas_p2p.validation import require_int
+from atlas_p2p.vocabulary import HELPER, OWNER, WAITING, WHOLE
 
 log = logging.getLogger(__name__)
 
 RANK_SET = (0, 2, 4, 8, 16)
 
-WHOLE = "whole"  # trains the whole model alone; may also serve owners
-OWNER = "owner"  # runs blocks[:split], paired with a helper
-HELPER = "helper"  # no data: hosts later layers for owners
-WAITING = "waiting"  # cannot train now; the reason says why
-
 
 @dataclass(frozen=True)
 class NodeInfo:
-    """What the planner knows about one device."""
+    """What the planner knows about one device: its offer and its task cluster."""
 
     node_id: str
-    memory_bytes: int  # memory budget the device offers
-    bandwidth_bps: float  # link speed, bits per second
-    compute_score: float  # relative speed (higher is faster)
-    has_data: bool  # trains its own data (False: pure helper)
+    caps: Capabilities  # memory (bytes), bandwidth (bit/s), compute, has_data
     cluster: int | None  # task cluster; None for a pure helper nobody clustered
 
     def __post_init__(self):
         if not isinstance(self.node_id, str) or not self.node_id:
             raise ValueError(f"node_id={self.node_id!r}: must be a non-empty string")
-        if not isinstance(self.memory_bytes, int) or self.memory_bytes <= 0:
-            raise ValueError(f"memory_bytes={self.memory_bytes!r}: must be a positive int")
-        if not (isinstance(self.bandwidth_bps, (int, float)) and math.isfinite(self.bandwidth_bps)
-                and self.bandwidth_bps > 0):
-            raise ValueError(f"bandwidth_bps={self.bandwidth_bps!r}: must be finite and > 0")
-        if not (isinstance(self.compute_score, (int, float)) and math.isfinite(self.compute_score)
-                and self.compute_score >= 0):
-            raise ValueError(f"compute_score={self.compute_score!r}: must be finite and >= 0")
-        if not isinstance(self.has_data, bool):
-            raise ValueError(f"has_data={self.has_data!r}: must be a bool")
-        if self.cluster is not None and (not isinstance(self.cluster, int) or self.cluster < 0):
-            raise ValueError(f"cluster={self.cluster!r}: must be None or an int >= 0")
-        if self.has_data and self.cluster is None:
+        if not isinstance(self.caps, Capabilities):
+            raise ValueError(f"caps={self.caps!r:.80}: must be a Capabilities")
+        if self.cluster is not None:
+            require_int("cluster", self.cluster, 0)
+        if self.caps.has_data and self.cluster is None:
             raise ValueError(f"cluster=None: node {self.node_id!r} has data and needs a cluster")
 
 
@@ -283,18 +270,18 @@ class _Helper:
 
 
 def _budget(info: NodeInfo, config: PlanConfig) -> int:
-    return int(info.memory_bytes * config.headroom)
+    return int(info.caps.memory_bytes * config.headroom)
 
 
 def _allowance(info: NodeInfo, config: PlanConfig, spare: int, minimum: int) -> int:
     """Adapter bytes for a device: what is left at its split, capped at `adapter_share`
     of its memory, never below the minimum adapters the split was chosen with."""
-    return max(minimum, min(spare, int(config.adapter_share * info.memory_bytes)))
+    return max(minimum, min(spare, int(config.adapter_share * info.caps.memory_bytes)))
 
 
 def _serving_reason(role: str, info: NodeInfo, num_layers: int) -> str:
     """Base reason of a node that can host later layers (WHOLE or HELPER)."""
-    mem = format_bytes(info.memory_bytes)
+    mem = format_bytes(info.caps.memory_bytes)
     if role == WHOLE:
         return f"whole model {num_layers}/{num_layers}: {mem} budget"
     return f"helper: {mem} budget"
@@ -311,8 +298,8 @@ def _solo(info: NodeInfo, ctx: PlanContext, imp: Mapping[str, float]) -> tuple[s
     shape, work, cfg = ctx.shape, ctx.workload, ctx.config
     budget, L = _budget(info, cfg), shape.num_layers
     modules = lora_candidates(shape)
-    mem = format_bytes(info.memory_bytes)
-    if not info.has_data:
+    mem = format_bytes(info.caps.memory_bytes)
+    if not info.caps.has_data:
         return HELPER, None, {}, _serving_reason(HELPER, info, L), None
     if not cfg.split_all:
         base = whole_model_footprint(shape, minimum_ranks(modules, imp, cfg.rank_set), work, ctx.constants)
@@ -365,14 +352,14 @@ def _rank_helpers(owner: NodeInfo, helpers: Iterable[_Helper], ctx: PlanContext,
             continue
         share = len(h.served) + 1
         key = (tier, _centroid_distance(centroids, owner.cluster, h.info.cluster),
-               -h.info.bandwidth_bps / share, -h.info.compute_score / share,
+               -h.info.caps.bandwidth_bps / share, -h.info.caps.compute_score / share,
                -(h.capacity - h.used(ctx)), h.info.node_id)
         ranked.append((key, h))
     return [h for _, h in sorted(ranked, key=lambda kv: kv[0])]
 
 
 def _helper_note(h: _Helper, owner: NodeInfo, centroids) -> str:
-    note = f"helper {h.info.node_id} ({format_bytes(h.info.memory_bytes)}, {format_bps(h.info.bandwidth_bps)})"
+    note = f"helper {h.info.node_id} ({format_bytes(h.info.caps.memory_bytes)}, {format_bps(h.info.caps.bandwidth_bps)})"
     if h.info.cluster is not None and h.info.cluster != owner.cluster:
         note += f" from cluster {h.info.cluster}"
     return note
@@ -392,7 +379,7 @@ def _fill_helper_ranks(h: _Helper, ctx: PlanContext, rows: dict[str, dict],
     minimum = {o: helper_footprint(ctx.shape, [s], weight_bytes=ctx.workload.weight_bytes,
                                    holds_weights=True, constants=ctx.constants).adapter
                for o, s in h.served.items()}
-    pool = min(leftover + sum(minimum.values()), int(ctx.config.adapter_share * h.info.memory_bytes))
+    pool = min(leftover + sum(minimum.values()), int(ctx.config.adapter_share * h.info.caps.memory_bytes))
     total_min = sum(minimum.values()) or 1
     for owner_id in sorted(h.served):
         row = rows[owner_id]
@@ -540,7 +527,7 @@ def repair(plan: Plan, dead_node_ids: Iterable[str], infos: Sequence[NodeInfo],
         lost = rows[n]["helper"]
         demand = _demand(ctx, rows[n]["split"], rows[n]["ranks"])
         ranked = _rank_helpers(by_id[n], helpers.values(), ctx, demand, centroids, (0, 1, 2))
-        base = f"split {rows[n]['split']}/{ctx.shape.num_layers}: {format_bytes(by_id[n].memory_bytes)} budget"
+        base = f"split {rows[n]['split']}/{ctx.shape.num_layers}: {format_bytes(by_id[n].caps.memory_bytes)} budget"
         if ranked:
             chosen = ranked[0]
             chosen.served[n] = demand
@@ -581,11 +568,11 @@ def replan_reason(old: Sequence[NodeInfo], new: Sequence[NodeInfo], importance_m
         return f"membership changed (joined {joined}, left {left})"
     for n in sorted(a):
         x, y = a[n], b[n]
-        if x.cluster != y.cluster or x.has_data != y.has_data:
+        if x.cluster != y.cluster or x.caps.has_data != y.caps.has_data:
             return f"node {n} changed cluster or role"
-        if abs(y.memory_bytes - x.memory_bytes) > budget_tolerance * x.memory_bytes:
+        if abs(y.caps.memory_bytes - x.caps.memory_bytes) > budget_tolerance * x.caps.memory_bytes:
             return f"node {n} memory budget changed"
-        if abs(y.bandwidth_bps - x.bandwidth_bps) > budget_tolerance * x.bandwidth_bps:
+        if abs(y.caps.bandwidth_bps - x.caps.bandwidth_bps) > budget_tolerance * x.caps.bandwidth_bps:
             return f"node {n} bandwidth changed"
     if importance_moved > tau:
         return f"importance moved {importance_moved:.3f} > {tau}"

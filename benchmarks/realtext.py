@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
 
         args.workdir = tempfile.mkdtemp(prefix="atlas-realtext-")
     print(f"model {model}\ndata {data}\nworkdir {args.workdir}")
-    from nodes.runtime_config import FINGERPRINT_SAMPLES
+    from nodes.config import FINGERPRINT_SAMPLES
 
     result: dict[str, Any] = {"model": str(model), "tasks": list(TASKS), "nodes_per_task": args.nodes_per_task,
                               "per_node": args.per_node, "rounds": args.rounds, "local_steps": args.local_steps,

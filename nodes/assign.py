@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from nodes.coordinator import Coordinator, CoordinatorConfig
-from nodes.runtime_config import SwarmSpec
+from nodes.config import SwarmSpec
 
 
 def make_coordinator(spec: SwarmSpec) -> Coordinator:

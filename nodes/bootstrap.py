@@ -31,6 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
+from atlas_p2p.capabilities import Capabilities
 from nodes.config import BootstrapConfig, parse_address
 from nodes.peer_table import PeerTable, PeerTableError, open_peer_table
 from nodes.registry import Registry, RequestError
@@ -76,7 +77,7 @@ class Bootstrap:
 
     def __init__(self, config: BootstrapConfig, clock: Callable[[], float], swarm: Any = None) -> None:
         self.config = config
-        self.swarm = swarm  # nodes.runtime_config.SwarmSpec, or None: membership only
+        self.swarm = swarm  # nodes.config.SwarmSpec, or None: membership only
         self.coordinator: Any = None  # nodes.coordinator.Coordinator when `swarm` is given
         self._fingerprinted: set[int] = set()  # nodes whose fingerprint this run accepted
         self._coord_lock = asyncio.Lock()  # one coordinator event (or read) at a time
@@ -170,13 +171,8 @@ class Bootstrap:
 
         body = env.body
         result = self._call(
-            self.registry.join,
+            lambda **fields: self.registry.join(body.capabilities(), **fields),
             address=body.address,
-            memory_mb=body.memory_mb,
-            bandwidth_mbps=body.bandwidth_mbps,
-            compute_score=body.compute_score,
-            has_data=body.has_data,
-            n_samples=body.n_samples,
             model=body.model or None,
             public_key=body.public_key,
             node_id=body.node_id,
@@ -185,7 +181,7 @@ class Bootstrap:
         )
         if self.coordinator is not None:
             if self._base_accepted(result.node_id):  # a new node is planned once its base is accepted
-                await self._coordinate(self.coordinator.on_join, result.node_id, self._capabilities(result.node_id))
+                await self._coordinate(self.coordinator.on_join, result.node_id, *self._offer(result.node_id))
             spec = self.swarm
             return Welcome(
                 node_id=result.node_id, model=spec.model, fingerprint_seed=self.registry.fingerprint_seed,
@@ -215,7 +211,7 @@ class Bootstrap:
         log.info("node %d runs base %s (%s, %s)", body.node_id, body.digest[:12], body.revision or body.model,
                  body.dtype or "?")
         if self.coordinator is not None and not await self._is_member(body.node_id):
-            await self._coordinate(self.coordinator.on_join, body.node_id, self._capabilities(body.node_id))
+            await self._coordinate(self.coordinator.on_join, body.node_id, *self._offer(body.node_id))
 
     async def _is_member(self, node_id: int) -> bool:
         """Whether the coordinator plans with `node_id` (it has joined and its base was accepted)."""
@@ -248,7 +244,7 @@ class Bootstrap:
             version = await self._read(self.coordinator.version_for, body.node_id)
         except ValueError:  # a node the coordinator never saw (e.g. joined before a restart)
             if self._base_accepted(body.node_id):
-                await self._coordinate(self.coordinator.on_join, body.node_id, self._capabilities(body.node_id))
+                await self._coordinate(self.coordinator.on_join, body.node_id, *self._offer(body.node_id))
             version = 0
         record = self.registry.table.get(body.node_id)
         need = bool(record.has_data) and await self._read(self._needs_fingerprint, body.node_id)
@@ -311,10 +307,10 @@ class Bootstrap:
         if self.registry.table.get(node_id) is None:
             raise RpcError("unknown_node", f"node {node_id} is not in the peer table; join again")
 
-    def _capabilities(self, node_id: int) -> Any:
-        from nodes.coordinator import Capabilities
-
-        return Capabilities.from_record(self.registry.table.get(node_id))
+    def _offer(self, node_id: int) -> tuple[Capabilities, str]:
+        """What a node offered at its latest join and where it serves peers (coordinator.on_join)."""
+        record = self.registry.table.get(node_id)
+        return record.capabilities, record.address
 
     async def _coordinate(self, event: Callable[..., bool], *args: Any, strict: bool = False) -> None:
         """Feed one event to the coordinator; on a change write the plan's columns and its metrics.
@@ -376,7 +372,7 @@ class Bootstrap:
         """After a restart on the same state: every live row becomes a coordinator member again."""
         for record in self.registry.table.rows():
             if record.status in ("alive", "suspect") and record.base_digest is not None:
-                await self._coordinate(self.coordinator.on_join, record.id, self._capabilities(record.id))
+                await self._coordinate(self.coordinator.on_join, record.id, *self._offer(record.id))
 
     async def rpc_peers(self, env: Any) -> Any:
         from transport.messages import PeerList

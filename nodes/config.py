@@ -1,12 +1,16 @@
-"""Frozen configuration for the bootstrap service and for a node's control plane.
+"""Frozen configuration of the node side: the bootstrap, a node's control plane, the swarm
+and one node's training.
 
-One dataclass per component; every field says what it means and `__post_init__`
-rejects a bad value with a message that names the field and the value. The CLI maps
-its flags 1:1 onto these fields, so a bad flag fails here, before anything starts.
+One dataclass per component: `BootstrapConfig` (the bootstrap service), `NodeConfig` (a
+node's control plane), `SwarmSpec` (what the bootstrap decides for everyone: model, task,
+when to cluster) and `TrainConfig` (how one node trains). Every field says what it means
+and `__post_init__` rejects a bad value with a message that names the field and the
+value (atlas_p2p.validation). The CLI maps its flags 1:1 onto these fields, so a bad flag
+fails here, before anything starts.
 
-Units: memory is carried in bytes here and shown as decimal megabytes (10^6 bytes) in
-the peer table, so `--memory 8GB` reads as 8000 MB; bandwidth is carried in bits per
-second and shown in Mbit/s.
+Units: memory is carried in bytes and bandwidth in bits per second, from the CLI parse
+to the planner (atlas_p2p.capabilities.Capabilities); only the peer table view shows
+them as decimal megabytes and Mbit/s.
 """
 
 from __future__ import annotations
@@ -15,6 +19,14 @@ import ipaddress
 import re
 from dataclasses import dataclass
 from pathlib import Path
+
+from atlas_p2p.capabilities import Capabilities
+from atlas_p2p.validation import require_bool, require_choice, require_int, require_name, require_number
+from atlas_p2p.vocabulary import SEQ_CLS, SPLIT_MODES, TASKS
+
+EMBEDDED_MODELS = {"tiny-gpt2": "gpt2", "tiny-llama": "llama", "tiny-bert": "bert"}
+FINGERPRINT_SAMPLES = 256  # default m; real text needs it (docs/DECISIONS.md, benchmarks/fingerprint_sweep.py)
+SEED_MAX = (1 << 63) - 1  # seeds travel as non-negative 64-bit ints
 
 # A DNS name or an IPv4 literal; `*` means every interface (bind only).
 _HOST_RE = re.compile(r"^(\*|[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}))*\.?)$")
@@ -55,16 +67,6 @@ def format_address(host: str, port: int) -> str:
     return f"{host}:{port}"
 
 
-def _positive(name: str, value: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"{name} must be a positive number, got {value!r}")
-
-
-def _non_negative(name: str, value: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-        raise ValueError(f"{name} must be a number >= 0, got {value!r}")
-
-
 @dataclass(frozen=True)
 class BootstrapConfig:
     """Settings of the bootstrap service (`atlas-node bootstrap`)."""
@@ -95,11 +97,9 @@ class BootstrapConfig:
         parse_address(self.bind, allow_port_zero=True, what="bind")
         if self.state_dir is not None and not isinstance(self.state_dir, Path):
             object.__setattr__(self, "state_dir", Path(self.state_dir))
-        _positive("heartbeat_s", self.heartbeat_s)
-        _positive("suspect_after_s", self.suspect_after_s)
-        _positive("dead_after_s", self.dead_after_s)
-        _non_negative("restart_grace_s", self.restart_grace_s)
-        _positive("sweep_s", self.sweep_s)
+        for name in ("heartbeat_s", "suspect_after_s", "dead_after_s", "sweep_s"):
+            require_number(name, getattr(self, name), positive=True)
+        require_number("restart_grace_s", self.restart_grace_s, 0)
         if self.suspect_after_s <= self.heartbeat_s:
             raise ValueError(
                 f"suspect_after_s must exceed heartbeat_s ({self.heartbeat_s}), got {self.suspect_after_s}"
@@ -108,18 +108,11 @@ class BootstrapConfig:
             raise ValueError(
                 f"dead_after_s must exceed suspect_after_s ({self.suspect_after_s}), got {self.dead_after_s}"
             )
-        if self.model is not None and (not isinstance(self.model, str) or not self.model.strip()):
-            raise ValueError(f"model must be a non-empty name, got {self.model!r}")
-        if self.fingerprint_seed is not None and (
-            isinstance(self.fingerprint_seed, bool)
-            or not isinstance(self.fingerprint_seed, int)
-            or not 0 <= self.fingerprint_seed < 2**63
-        ):
-            raise ValueError(f"fingerprint_seed must be an int in [0, 2**63), got {self.fingerprint_seed!r}")
-        if self.init_seed is not None and (
-            isinstance(self.init_seed, bool) or not isinstance(self.init_seed, int) or not 0 <= self.init_seed < 2**63
-        ):
-            raise ValueError(f"init_seed must be an int in [0, 2**63), got {self.init_seed!r}")
+        if self.model is not None:
+            require_name("model", self.model)
+        for name in ("fingerprint_seed", "init_seed"):
+            if getattr(self, name) is not None:
+                require_int(name, getattr(self, name), 0, SEED_MAX)
 
 
 @dataclass(frozen=True)
@@ -130,8 +123,8 @@ class NodeConfig:
     bootstrap: str
     # Memory budget the node offers, bytes.
     memory_bytes: int
-    # Uplink bandwidth the node offers, bits per second.
-    bandwidth_bps: float
+    # Uplink bandwidth the node offers, bits per second (a float is rounded to whole bit/s).
+    bandwidth_bps: int
     # HOST:PORT this node's RPC server binds; port 0 picks a free port.
     bind: str = "127.0.0.1:0"
     # HOST:PORT peers should use to reach this node (None: derived from `bind`).
@@ -157,37 +150,111 @@ class NodeConfig:
         parse_address(self.bind, allow_port_zero=True, what="bind")
         if self.advertise is not None:
             parse_address(self.advertise, what="advertise")
-        if isinstance(self.memory_bytes, bool) or not isinstance(self.memory_bytes, int) or self.memory_bytes <= 0:
-            raise ValueError(f"memory_bytes must be a positive int, got {self.memory_bytes!r}")
-        _positive("bandwidth_bps", self.bandwidth_bps)
+        require_int("memory_bytes", self.memory_bytes, 1)
+        require_number("bandwidth_bps", self.bandwidth_bps, 1)
+        object.__setattr__(self, "bandwidth_bps", round(self.bandwidth_bps))
         for name in ("data", "state_dir"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, Path):
                 object.__setattr__(self, name, Path(value))
-        if self.model is not None and (not isinstance(self.model, str) or not self.model.strip()):
-            raise ValueError(f"model must be a non-empty name, got {self.model!r}")
+        if self.model is not None:
+            require_name("model", self.model)
         if self.compute_score is not None:
-            _positive("compute_score", self.compute_score)
-        _positive("request_timeout_s", self.request_timeout_s)
-        _positive("backoff_base_s", self.backoff_base_s)
-        _positive("backoff_cap_s", self.backoff_cap_s)
-        _positive("leave_timeout_s", self.leave_timeout_s)
+            require_number("compute_score", self.compute_score, positive=True)
+        for name in ("request_timeout_s", "backoff_base_s", "backoff_cap_s", "leave_timeout_s"):
+            require_number(name, getattr(self, name), positive=True)
         if self.backoff_cap_s < self.backoff_base_s:
             raise ValueError(
                 f"backoff_cap_s must be >= backoff_base_s ({self.backoff_base_s}), got {self.backoff_cap_s}"
             )
 
     @property
-    def memory_mb(self) -> int:
-        """Memory budget in decimal megabytes (10^6 bytes), as the peer table shows it."""
-        return self.memory_bytes // 1_000_000
-
-    @property
-    def bandwidth_mbps(self) -> float:
-        """Bandwidth in Mbit/s, as the peer table shows it."""
-        return self.bandwidth_bps / 1e6
-
-    @property
     def has_data(self) -> bool:
         """A node without data joins as a helper that lends compute."""
         return self.data is not None
+
+    def capabilities(self, compute_score: float, n_samples: int = 0) -> Capabilities:
+        """The offer this node joins with: its flags (bytes, bit/s, data or not) and what it measured."""
+        return Capabilities(memory_bytes=self.memory_bytes, bandwidth_bps=self.bandwidth_bps,
+                            compute_score=compute_score, has_data=self.has_data, n_samples=n_samples)
+
+
+@dataclass(frozen=True)
+class SwarmSpec:
+    """What the bootstrap decides for the whole swarm (`atlas-node bootstrap` flags)."""
+
+    model: str = "tiny-gpt2"  # embedded tiny-* name, or an HF id / local path
+    task: str = "causal_lm"  # causal_lm | seq_cls
+    num_labels: int | None = None  # classes (seq_cls only)
+    min_nodes: int = 2  # fingerprints that trigger the first clustering
+    assign_after_s: float = 30.0  # ... or seconds after the first fingerprint
+    clusters: int | None = None  # fixed K; None: chosen by silhouette
+    batch_size: int = 4  # planning workload: sequences per step
+    max_seq_len: int = 32  # planning workload: tokens per sequence
+    split_mode: str = "two-part"  # two-part | u-shape
+    fingerprint_samples: int = FINGERPRINT_SAMPLES  # m: examples each node's fingerprint averages over
+
+    def __post_init__(self) -> None:
+        require_name("model", self.model)
+        require_choice("task", self.task, TASKS)
+        if self.task == SEQ_CLS:
+            require_int("num_labels", self.num_labels, 1)
+        elif self.num_labels is not None:
+            raise ValueError(f"num_labels is for task seq_cls only, got {self.num_labels!r} with {self.task}")
+        require_int("min_nodes", self.min_nodes, 1)
+        require_number("assign_after_s", self.assign_after_s, 0)
+        if self.clusters is not None:
+            require_int("clusters", self.clusters, 1)
+        require_int("batch_size", self.batch_size, 1)
+        require_int("max_seq_len", self.max_seq_len, 2)
+        require_int("fingerprint_samples", self.fingerprint_samples, 1)
+        require_choice("split_mode", self.split_mode, SPLIT_MODES)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How one node trains (`atlas-node join` flags)."""
+
+    out_dir: Path | None  # adapter, metrics.jsonl, summary.json, checkpoint/ (None: a helper writes nothing)
+    rounds: int = 3  # merge rounds to train
+    local_steps: int = 5  # E: steps per round
+    batch_size: int = 4  # sequences per step
+    lr: float = 1e-3  # AdamW learning rate (owner and its helper)
+    max_seq_len: int = 32  # tokens per sequence (longer ones are cut)
+    device: str = "cpu"  # torch device
+    seed: int = 0  # batch order seed (the round seeds come from the swarm's seed)
+    eval_path: Path | None = None  # held-out JSONL: accuracy (seq_cls) or perplexity (causal_lm) per round
+    split_mode: str | None = None  # two-part | u-shape; None: the swarm's (the bootstrap decides)
+    export_rank: int | None = None  # None: exact export (numerical rank per module); R: lossy, ranks capped at R
+    threads: int = 1  # torch threads of the node's single executor thread
+    step_timeout_s: float = 10.0  # deadline of one forward/backward exchange before the helper is reported
+    round_deadline_s: float = 20.0  # anchor publishes this long after a round's first contribution
+    fanout: int = 2  # gossip: members each contribution is pushed to
+    poll_s: float = 0.1  # how often waits re-check (manifest, assignment)
+    step_delay_s: float = 0.0  # extra seconds per step: emulates a slow device (stragglers in scenarios)
+    emulate_link: bool = False  # shape this node's sends by its own --bandwidth (scenarios on one machine)
+    latency_ms: float = 0.0  # with emulate_link: one-way delay added to every message this node sends
+
+    def __post_init__(self) -> None:
+        if self.out_dir is not None:
+            object.__setattr__(self, "out_dir", Path(self.out_dir))
+        if self.eval_path is not None:
+            object.__setattr__(self, "eval_path", Path(self.eval_path))
+        for name in ("rounds", "local_steps", "batch_size", "threads"):
+            require_int(name, getattr(self, name), 1)
+        if self.export_rank is not None:
+            require_int("export_rank", self.export_rank, 1)
+        require_int("max_seq_len", self.max_seq_len, 2)
+        require_int("fanout", self.fanout, 0)
+        require_int("seed", self.seed, 0)
+        for name in ("lr", "step_timeout_s", "round_deadline_s", "poll_s"):
+            require_number(name, getattr(self, name), positive=True)
+        require_number("step_delay_s", self.step_delay_s, 0)
+        require_bool("emulate_link", self.emulate_link)
+        require_number("latency_ms", self.latency_ms, 0)
+        if self.latency_ms and not self.emulate_link:
+            raise ValueError(f"latency_ms ({self.latency_ms!r}) is emulated only with emulate_link")
+        if not isinstance(self.device, str) or not self.device:
+            raise ValueError(f"device must be a torch device name, got {self.device!r}")
+        if self.split_mode is not None:
+            require_choice("split_mode", self.split_mode, SPLIT_MODES)

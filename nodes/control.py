@@ -281,12 +281,9 @@ class ControlClient:
         from transport.messages import Join, Welcome
         from transport.rpc import RpcError, RpcTimeout
 
-        body = Join(
-            memory_mb=self.config.memory_mb,
-            bandwidth_mbps=self.config.bandwidth_mbps,
-            compute_score=self.compute_score,
+        body = Join.offer(
+            self.config.capabilities(self.compute_score),
             address=self.address,
-            has_data=self.config.has_data,
             model=self.config.model or "",
             node_id=self.node_id,
         )
@@ -309,10 +306,10 @@ class ControlClient:
         self.connected = True
         save_identity(self.config.state_dir, self.config.bootstrap, reply.node_id)
         log.info(
-            "%s bootstrap %s as node %d; serving peers on %s (%s, %d MB, %g Mbps, heartbeat %g s)",
+            "%s bootstrap %s as node %d; serving peers on %s (%s, %d bytes, %d bit/s, heartbeat %g s)",
             "rejoined" if rejoined else "joined", self.config.bootstrap, reply.node_id, self.address,
             "trainer" if self.config.has_data else "helper",
-            self.config.memory_mb, self.config.bandwidth_mbps, reply.heartbeat_s,
+            self.config.memory_bytes, self.config.bandwidth_bps, reply.heartbeat_s,
         )
         if self.config.model and reply.model and reply.model != self.config.model:
             log.warning("this node runs %r but the swarm runs %r", self.config.model, reply.model)

@@ -47,7 +47,7 @@ Ids are ints here and on the wire; atlas_p2p.planning names nodes by str, conver
 this boundary. Every method either fully applies an event or raises ValueError and
 leaves the coordinator exactly as it was.
 
-Use from the bootstrap: `on_join(id, Capabilities.from_record(row))` after a join,
+Use from the bootstrap: `on_join(id, row.capabilities, row.address)` after a join,
 `on_alive` when a heartbeat revives a dead row, `on_dead` / `on_left` from the sweep and
 `leave`, `on_fingerprint` per `fingerprint` message, `report_failure` per owner report,
 `maybe_assign(now)` on every sweep tick. When a call returns True, write `peer_columns()`
@@ -63,7 +63,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-import math
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -93,6 +92,8 @@ from atlas_p2p.planning import (
     repair,
     replan_reason,
 )
+from atlas_p2p.capabilities import Capabilities
+from atlas_p2p.validation import is_number, require_int, require_number
 from nodes.config import parse_address
 
 log = logging.getLogger("atlas.coordinator")
@@ -109,7 +110,6 @@ REPAIR = "repair"  # new helper from the owner's cluster, or a pure helper
 FALLBACK = "fallback"  # new helper from another cluster (nearest centroid first)
 UNPAIRED = "unpaired"  # no feasible helper anywhere: the owner waits
 
-_MB = 10**6  # the peer table's memory unit (decimal megabytes)
 STATE_FORMAT = 1  # version of the `snapshot()` layout
 
 
@@ -137,24 +137,14 @@ class CoordinatorConfig:
             raise ValueError(f"CoordinatorConfig.workload must be a Workload, got {self.workload!r:.80}")
         if not isinstance(self.plan, PlanConfig):
             raise ValueError(f"CoordinatorConfig.plan must be a PlanConfig, got {self.plan!r:.80}")
-        if not _is_int(self.min_nodes) or self.min_nodes < 1:
-            raise ValueError(f"CoordinatorConfig.min_nodes must be an int >= 1, got {self.min_nodes!r}")
-        if not _is_number(self.assign_after_s) or self.assign_after_s < 0:
-            raise ValueError(
-                f"CoordinatorConfig.assign_after_s must be a finite number >= 0, got {self.assign_after_s!r}"
-            )
-        if self.clusters is not None and (not _is_int(self.clusters) or self.clusters < 1):
-            raise ValueError(f"CoordinatorConfig.clusters must be None or an int >= 1, got {self.clusters!r}")
-        if not _is_int(self.k_max) or self.k_max < 2:
-            raise ValueError(f"CoordinatorConfig.k_max must be an int >= 2, got {self.k_max!r}")
-        if not _is_number(self.silhouette_threshold) or not -1 <= self.silhouette_threshold <= 1:
-            raise ValueError(
-                f"CoordinatorConfig.silhouette_threshold must be in [-1, 1], got {self.silhouette_threshold!r}"
-            )
-        if not _is_int(self.seed):
-            raise ValueError(f"CoordinatorConfig.seed must be an int, got {self.seed!r}")
-        if not _is_int(self.fingerprint_dim) or self.fingerprint_dim < 1:
-            raise ValueError(f"CoordinatorConfig.fingerprint_dim must be an int >= 1, got {self.fingerprint_dim!r}")
+        require_int("CoordinatorConfig.min_nodes", self.min_nodes, 1)
+        require_number("CoordinatorConfig.assign_after_s", self.assign_after_s, 0)
+        if self.clusters is not None:
+            require_int("CoordinatorConfig.clusters", self.clusters, 1)
+        require_int("CoordinatorConfig.k_max", self.k_max, 2)
+        require_number("CoordinatorConfig.silhouette_threshold", self.silhouette_threshold, -1, 1)
+        require_int("CoordinatorConfig.seed", self.seed)
+        require_int("CoordinatorConfig.fingerprint_dim", self.fingerprint_dim, 1)
         self.context  # PlanContext checks the privacy floor against the model depth
 
     @property
@@ -164,41 +154,6 @@ class CoordinatorConfig:
     def clustering(self, k: int | None) -> ClusteringConfig:
         return ClusteringConfig(k=k, k_max=self.k_max, min_silhouette=float(self.silhouette_threshold),
                                 seed=self.seed)
-
-
-@dataclass(frozen=True)
-class Capabilities:
-    """What a node offers, as the planner needs it (bytes and bits per second)."""
-
-    address: str  # HOST:PORT of the node's RPC server
-    memory_bytes: int  # memory budget
-    bandwidth_bps: float  # uplink, bits per second
-    compute_score: float  # relative compute (higher is faster)
-    has_data: bool  # False: a pure helper
-    n_samples: int = 0  # local training examples
-
-    def __post_init__(self) -> None:
-        try:
-            parse_address(self.address, what="Capabilities.address")
-        except ValueError as exc:
-            raise ValueError(str(exc)) from None
-        if not _is_int(self.memory_bytes) or self.memory_bytes <= 0:
-            raise ValueError(f"Capabilities.memory_bytes must be a positive int, got {self.memory_bytes!r}")
-        if not _is_number(self.bandwidth_bps) or self.bandwidth_bps <= 0:
-            raise ValueError(f"Capabilities.bandwidth_bps must be finite and > 0, got {self.bandwidth_bps!r}")
-        if not _is_number(self.compute_score) or self.compute_score < 0:
-            raise ValueError(f"Capabilities.compute_score must be finite and >= 0, got {self.compute_score!r}")
-        if not isinstance(self.has_data, bool):
-            raise ValueError(f"Capabilities.has_data must be a bool, got {self.has_data!r}")
-        if not _is_int(self.n_samples) or self.n_samples < 0:
-            raise ValueError(f"Capabilities.n_samples must be an int >= 0, got {self.n_samples!r}")
-
-    @classmethod
-    def from_record(cls, record: Any) -> Capabilities:
-        """From a peer table row (nodes.peer_table.PeerRecord): MB -> bytes, Mbit/s -> bit/s."""
-        return cls(address=record.address, memory_bytes=int(record.memory_mb) * _MB,
-                   bandwidth_bps=float(record.bandwidth_mbps) * 1e6, compute_score=float(record.compute_score),
-                   has_data=bool(record.has_data), n_samples=int(record.n_samples))
 
 
 @dataclass(frozen=True)
@@ -245,6 +200,7 @@ class _Member:
     """The coordinator's record of one node (mutable; copied whole by `_atomic`)."""
 
     caps: Capabilities
+    address: str  # HOST:PORT of the node's RPC server (handed to its partners)
     status: str = LIVE
     vector: np.ndarray | None = None  # (d,) unit fingerprint
     n_samples: int = 0
@@ -347,8 +303,9 @@ class Coordinator:
 
     # --- events --------------------------------------------------------------------------
 
-    def on_join(self, node_id: int, capabilities: Capabilities, *, now: float) -> bool:
-        """A node joined, or joined again (a rejoin brings back a dead, left or failed node).
+    def on_join(self, node_id: int, capabilities: Capabilities, address: str, *, now: float) -> bool:
+        """A node offering `capabilities` joined from `address`, or joined again (a rejoin
+        brings back a dead, left or failed node).
 
         A rejoin that changes `has_data` forgets the node's fingerprint and cluster.
         Returns whether any assignment changed.
@@ -357,15 +314,16 @@ class Coordinator:
         _check_now(now)
         if not isinstance(capabilities, Capabilities):
             raise ValueError(f"capabilities must be a Capabilities, got {type(capabilities).__name__}")
+        parse_address(address, what="address")
         with self._atomic():
             member = self._members.get(node_id)
             if member is None:
-                self._members[node_id] = _Member(capabilities)
+                self._members[node_id] = _Member(capabilities, address)
                 log.info("node %d joined (%s)", node_id, "data" if capabilities.has_data else "pure helper")
             else:
                 if member.caps.has_data != capabilities.has_data:
                     member.vector, member.importance, member.cluster = None, None, None
-                member.caps = capabilities
+                member.caps, member.address = capabilities, address
                 if member.status != LIVE:
                     log.info("node %d is back (was %s)", node_id, member.status)
                 member.status, member.note = LIVE, ""
@@ -399,8 +357,7 @@ class Coordinator:
         if member.status != LIVE:
             raise ValueError(f"node {node_id} is {member.status}: join again before sending a fingerprint")
         unit = self._check_vector(vector)
-        if not _is_int(n_samples) or n_samples < 0:
-            raise ValueError(f"n_samples must be an int >= 0, got {n_samples!r}")
+        require_int("n_samples", n_samples, 0)
         scores = self._check_importance(importance)
         with self._atomic():
             member.vector, member.n_samples, member.importance = unit, int(n_samples), scores
@@ -518,7 +475,7 @@ class Coordinator:
         c, plan = self._clustering, self._plan
         return dict(
             format=STATE_FORMAT,
-            members={str(n): dict(caps=dataclasses.asdict(m.caps), status=m.status,
+            members={str(n): dict(caps=dataclasses.asdict(m.caps), address=m.address, status=m.status,
                                   vector=None if m.vector is None else m.vector.tolist(), n_samples=m.n_samples,
                                   importance=m.importance, cluster=m.cluster, note=m.note)
                      for n, m in sorted(self._members.items())},
@@ -527,7 +484,8 @@ class Coordinator:
                 silhouette=c.silhouette, scores={str(k): v for k, v in c.scores.items()}, next_id=c.next_id),
             plan=None if plan is None else dict(
                 nodes={n: dict(dataclasses.asdict(r), ranks=dict(r.ranks)) for n, r in plan.nodes.items()},
-                infos={n: dataclasses.asdict(i) for n, i in plan.infos.items()}),
+                infos={n: dict(node_id=i.node_id, caps=dataclasses.asdict(i.caps), cluster=i.cluster)
+                       for n, i in plan.infos.items()}),
             plan_importance={str(k): v for k, v in self._plan_importance.items()},
             first_fingerprint_at=self._first_fingerprint_at,
             version=self._version,
@@ -550,8 +508,8 @@ class Coordinator:
                 vector = None if m["vector"] is None else np.asarray(m["vector"], dtype=np.float64)
                 if vector is not None and vector.shape != (config.fingerprint_dim,):
                     raise ValueError(f"node {n} fingerprint has shape {vector.shape}")
-                coord._members[int(n)] = _Member(Capabilities(**m["caps"]), m["status"], vector, int(m["n_samples"]),
-                                                 m["importance"], m["cluster"], m["note"])
+                coord._members[int(n)] = _Member(Capabilities(**m["caps"]), m["address"], m["status"], vector,
+                                                 int(m["n_samples"]), m["importance"], m["cluster"], m["note"])
             c = state["clustering"]
             if c is not None:
                 coord._clustering = Clustering(
@@ -562,7 +520,8 @@ class Coordinator:
             if p is not None:
                 nodes = {n: NodePlan(**{**r, "fallbacks": tuple(r["fallbacks"]), "serves": tuple(r["serves"])})
                          for n, r in p["nodes"].items()}
-                coord._plan = Plan(nodes, config.context, {n: NodeInfo(**i) for n, i in p["infos"].items()})
+                infos = {n: NodeInfo(i["node_id"], Capabilities(**i["caps"]), i["cluster"]) for n, i in p["infos"].items()}
+                coord._plan = Plan(nodes, config.context, infos)
             coord._plan_importance = {int(k): v for k, v in state["plan_importance"].items()}
             coord._first_fingerprint_at = state["first_fingerprint_at"]
             coord._version = int(state["version"])
@@ -613,7 +572,7 @@ class Coordinator:
             if name not in self._modules:
                 raise ValueError(f"importance: {name!r} is not an adaptable weight of this "
                                  f"{self.config.shape.family} model")
-            if not _is_number(value) or value < 0:
+            if not is_number(value) or value < 0:
                 raise ValueError(f"importance[{name!r}] must be finite and >= 0, got {value!r}")
             scores[name] = float(value)
         return scores or None
@@ -666,9 +625,7 @@ class Coordinator:
                 continue
             if m.caps.has_data and (m.vector is None or m.cluster is None):
                 continue  # not fingerprinted or not clustered yet
-            infos.append(NodeInfo(str(n), m.caps.memory_bytes, float(m.caps.bandwidth_bps),
-                                  float(m.caps.compute_score), m.caps.has_data,
-                                  m.cluster if m.caps.has_data else None))
+            infos.append(NodeInfo(str(n), m.caps, m.cluster if m.caps.has_data else None))
         return infos
 
     def _importance(self) -> dict[int, dict[str, float]]:
@@ -768,7 +725,7 @@ class Coordinator:
         members: dict[int, list[int]] = {}
         if plan is not None:
             for n, row in plan.nodes.items():
-                if row.cluster is not None and plan.infos[n].has_data and self._members[int(n)].status == LIVE:
+                if row.cluster is not None and plan.infos[n].caps.has_data and self._members[int(n)].status == LIVE:
                     members.setdefault(row.cluster, []).append(int(n))
         anchors: dict[int, int | None] = {}
         for c in sorted(set(members) | set(self._anchors)):
@@ -799,8 +756,7 @@ class Coordinator:
             cluster = None
             if m.caps.has_data:
                 cluster = blind if n in pending or m.cluster is None else m.cluster
-            infos.append(NodeInfo(str(n), m.caps.memory_bytes, float(m.caps.bandwidth_bps),
-                                  float(m.caps.compute_score), m.caps.has_data, cluster))
+            infos.append(NodeInfo(str(n), m.caps, cluster))
         key = tuple(infos)
         if self._provisional_cache is None or self._provisional_cache[0] != key:
             hypothetical = make_plan(infos, self.config.context, None, self._centroids())
@@ -835,7 +791,7 @@ class Coordinator:
             elif node_id in provisional:
                 helper, split = provisional[node_id]
                 return {**empty, "helper": helper, "split": split,
-                        "addresses": {str(helper): self._members[helper].caps.address},
+                        "addresses": {str(helper): self._members[helper].address},
                         "note": f"fingerprinting: provisional helper {helper} runs blocks[{split}:] "
                                 f"(task-blind, for the fingerprint only)"}
             elif plan is None:
@@ -850,7 +806,7 @@ class Coordinator:
         if member.status != LIVE:  # done, still serving: a helper now
             linked = {o["owner"] for o in owners} | {o["anchor"] for o in owners if o["anchor"] is not None}
             return {**empty, "role": HELPER, "serves": [o["owner"] for o in owners], "owners": owners,
-                    "addresses": {str(n): self._members[n].caps.address for n in sorted(linked)},
+                    "addresses": {str(n): self._members[n].address for n in sorted(linked)},
                     "note": f"{member.note}; still serves {', '.join(str(o['owner']) for o in owners)}"}
         cluster = row.cluster
         members = list(board.members.get(cluster, [])) if cluster is not None else []
@@ -861,7 +817,7 @@ class Coordinator:
             linked.add(int(row.helper))
         if anchor is not None:
             linked.add(anchor)
-        addresses = {str(n): self._members[n].caps.address for n in sorted(linked)}
+        addresses = {str(n): self._members[n].address for n in sorted(linked)}
         return dict(cluster=cluster, members=members, ranks=dict(row.ranks), split=row.split,
                     helper=None if row.helper is None else int(row.helper), anchor=anchor,
                     serves=sorted(int(o) for o in row.serves), addresses=addresses,
@@ -914,22 +870,12 @@ class Coordinator:
 
 # ------------------------------------------------------------------ small helpers
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _check_id(node_id: Any) -> None:
-    if not _is_int(node_id) or node_id < 0:
-        raise ValueError(f"node_id must be an int >= 0, got {node_id!r}")
+    require_int("node_id", node_id, 0)
 
 
 def _check_now(now: Any) -> None:
-    if not _is_number(now):
-        raise ValueError(f"now must be a finite number (seconds), got {now!r}")
+    require_number("now (seconds)", now)
 
 
 def _ranks_summary(ranks: Mapping[str, int]) -> str | None:
@@ -943,5 +889,5 @@ def _ranks_summary(ranks: Mapping[str, int]) -> str | None:
 
 __all__ = [
     "DEAD", "DONE", "FAILED", "FALLBACK", "LEFT", "LIVE", "REPAIR", "UNPAIRED",
-    "AnchorChange", "Capabilities", "Coordinator", "CoordinatorConfig", "RepairEvent",
+    "AnchorChange", "Coordinator", "CoordinatorConfig", "RepairEvent",
 ]

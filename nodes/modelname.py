@@ -12,7 +12,7 @@ init seed (the bootstrap's welcome), and `base_identity` names the exact base a 
 from __future__ import annotations
 
 from nodes.executor import TORCH_LOCK
-from nodes.runtime_config import EMBEDDED_MODELS
+from nodes.config import EMBEDDED_MODELS
 
 EMBEDDED_SEED = 0  # every node builds the same embedded base
 # tiny_model seeds torch's global RNG inside fork_rng: builds take turns with every other

@@ -147,7 +147,7 @@ class Peer:
 
         if not self.train.emulate_link:
             return None
-        return LinkProfile(bandwidth_mbps=self.config.bandwidth_mbps, latency_ms=self.train.latency_ms)
+        return LinkProfile(bandwidth_mbps=self.config.bandwidth_bps / 1e6, latency_ms=self.train.latency_ms)
 
     # ---- bootstrap side --------------------------------------------------------------------
     async def on_beat(self, reply: Any) -> None:

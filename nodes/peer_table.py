@@ -7,8 +7,10 @@ again on the same directory sees the same peers, ids and settings).
 
 The columns are the fields of `PeerRecord`; the SQL schema is derived from them, and
 opening an older file adds any missing column, so a new column is one new field with a
-default. Small string settings that must survive a restart (the id counter, the
-fingerprint seed) live in a key/value `meta` table.
+default. Offers are stored in base units (bytes, bit/s); a file from when rows held
+decimal MB and Mbit/s (`memory_mb`, `bandwidth_mbps`) is converted once on opening.
+Small string settings that must survive a restart (the id counter, the fingerprint
+seed) live in a key/value `meta` table.
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from atlas_p2p.capabilities import Capabilities
+from atlas_p2p.validation import is_int
+from atlas_p2p.vocabulary import HELPER, OWNER
 from nodes.liveness import ALIVE, STATUSES
 
 log = logging.getLogger(__name__)
@@ -42,8 +47,8 @@ class PeerRecord:
 
     id: int  # node id assigned at first join (1, 2, ...), kept across rejoins
     address: str  # HOST:PORT of the node's own RPC server
-    memory_mb: int  # memory budget offered, decimal MB
-    bandwidth_mbps: float  # uplink offered, Mbit/s
+    memory_bytes: int  # memory budget offered, bytes
+    bandwidth_bps: int  # uplink offered, bits per second
     compute_score: float  # relative compute (GFLOP/s measured by the node)
     has_data: bool  # False: a pure helper that lends compute
     status: str  # alive | suspect | dead | left
@@ -71,6 +76,12 @@ class PeerRecord:
         """JSON-ready row (plain str/int/float/bool/None values)."""
         return dataclasses.asdict(self)
 
+    @property
+    def capabilities(self) -> Capabilities:
+        """What the node offered at its latest join."""
+        return Capabilities(memory_bytes=self.memory_bytes, bandwidth_bps=self.bandwidth_bps,
+                            compute_score=self.compute_score, has_data=self.has_data, n_samples=self.n_samples)
+
 
 _HINTS: dict[str, Any] = typing.get_type_hints(PeerRecord)
 COLUMNS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(PeerRecord))
@@ -97,7 +108,7 @@ def _check_values(values: Mapping[str, Any]) -> None:
         if kind is float:
             ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         elif kind is int:
-            ok = isinstance(value, int) and not isinstance(value, bool) and INT64_MIN <= value <= INT64_MAX
+            ok = is_int(value) and INT64_MIN <= value <= INT64_MAX
         else:
             ok = isinstance(value, kind)
         if not ok:
@@ -258,6 +269,10 @@ class SqlitePeerTable(PeerTable):
             if name not in present:
                 log.info("peer table %s: adding column %s", self.path, name)
                 self._conn.execute(f"ALTER TABLE peers ADD COLUMN {_column_sql(name)}")
+        if "memory_mb" in present and "memory_bytes" not in present:
+            # a file written when rows held decimal MB and Mbit/s: carry the offers over in base units
+            self._conn.execute("UPDATE peers SET memory_bytes = memory_mb * 1000000, "
+                               "bandwidth_bps = CAST(ROUND(bandwidth_mbps * 1000000) AS INTEGER)")
 
     def allocate_id(self) -> int:
         with self._transaction():
@@ -347,14 +362,10 @@ def open_peer_table(state_dir: Path | str | None) -> PeerTable:
 
 def new_record(
     node_id: int,
+    capabilities: Capabilities,
     *,
     address: str,
-    memory_mb: int,
-    bandwidth_mbps: float,
-    compute_score: float,
-    has_data: bool,
     now: float,
-    n_samples: int = 0,
     model: str | None = None,
     public_key: str | None = None,
 ) -> PeerRecord:
@@ -362,16 +373,12 @@ def new_record(
     return PeerRecord(
         id=node_id,
         address=address,
-        memory_mb=memory_mb,
-        bandwidth_mbps=bandwidth_mbps,
-        compute_score=compute_score,
-        has_data=has_data,
-        n_samples=n_samples,
+        **dataclasses.asdict(capabilities),
         status=ALIVE,
         joined_at=now,
         last_seen=now,
         model=model,
         public_key=public_key,
-        role="owner" if has_data else "helper",
+        role=OWNER if capabilities.has_data else HELPER,
         state="joining",
     )

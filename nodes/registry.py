@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import secrets
 from dataclasses import dataclass
 from typing import Any
 
+from atlas_p2p.capabilities import Capabilities
 from nodes.config import BootstrapConfig, parse_address
 from nodes.liveness import ALIVE, DEAD, LEFT, silence, status_after_heartbeat, status_after_silence
 from nodes.peer_table import PeerRecord, PeerTable, new_record
@@ -127,49 +127,32 @@ class Registry:
 
     def join(
         self,
+        capabilities: Capabilities,
         *,
         address: str,
-        memory_mb: int,
-        bandwidth_mbps: float,
-        compute_score: float,
-        has_data: bool,
         now: float,
-        n_samples: int = 0,
         model: str | None = None,
         public_key: str | None = None,
         node_id: int | None = None,
         client: str | None = None,
     ) -> JoinResult:
-        """Admit a node; one that names an id the table knows keeps it (a rejoin).
+        """Admit a node offering `capabilities`; one that names an id the table knows keeps it
+        (a rejoin).
 
         `client` is the sender's name on the wire (unique per process): a repeated join
         from the same client without an id is the same node, so it keeps its first id.
         """
         _check_peer_address(address)
-        if memory_mb <= 0:
-            raise RequestError("bad_request", f"memory_mb must be > 0, got {memory_mb}")
-        if not (bandwidth_mbps > 0 and math.isfinite(bandwidth_mbps)):
-            raise RequestError("bad_request", f"bandwidth_mbps must be finite and > 0, got {bandwidth_mbps}")
-        if not (compute_score >= 0 and math.isfinite(compute_score)):
-            raise RequestError("bad_request", f"compute_score must be finite and >= 0, got {compute_score}")
+        if not isinstance(capabilities, Capabilities):
+            raise RequestError("bad_request", f"capabilities must be a Capabilities, got {capabilities!r:.80}")
         if node_id is None and client is not None:
             node_id = self._ids_by_client.get(client)
         known = self.table.get(node_id) if node_id is not None else None
         if node_id is not None and known is None:
             log.info("join names unknown node id %s: handing out a new one", node_id)
-        fields = dict(
-            address=address,
-            memory_mb=memory_mb,
-            bandwidth_mbps=float(bandwidth_mbps),
-            compute_score=float(compute_score),
-            has_data=has_data,
-            n_samples=n_samples,
-            model=model or None,
-            public_key=public_key,
-            now=now,
-        )
+        fields = dict(address=address, model=model or None, public_key=public_key, now=now)
         if known is not None:
-            record = new_record(known.id, **fields)
+            record = new_record(known.id, capabilities, **fields)
             # keep what planning assigned; the node reports its progress again by heartbeat
             keep = {k: getattr(known, k) for k in ("cluster", "split", "helper", "round", "base_version",
                                                    "base_digest")}
@@ -178,11 +161,12 @@ class Registry:
             self._remember(client, known.id)
             return JoinResult(known.id, rejoined=True)
         new_id = self.table.allocate_id()
-        self.table.put(new_record(new_id, **fields))
+        self.table.put(new_record(new_id, capabilities, **fields))
         self._remember(client, new_id)
         log.info(
-            "node %d joined from %s: %s, %d MB, %g Mbps",
-            new_id, address, "trainer" if has_data else "helper", memory_mb, bandwidth_mbps,
+            "node %d joined from %s: %s, %d bytes, %d bit/s",
+            new_id, address, "trainer" if capabilities.has_data else "helper",
+            capabilities.memory_bytes, capabilities.bandwidth_bps,
         )
         return JoinResult(new_id, rejoined=False)
 

@@ -15,6 +15,7 @@ import pytest
 import torch
 from transformers import BertConfig, BertModel, GPT2Config, GPT2Model
 
+from atlas_p2p.capabilities import Capabilities
 from atlas_p2p.models import SEQ_CLS, base_digest, load_model, seeded_init_, tensor_seed
 from atlas_p2p.models.base import mismatch_message
 from atlas_p2p.synthetic import synthetic_tokenizer
@@ -151,8 +152,8 @@ def _registry(state, **config):
 
 
 def _join(registry, port):
-    return registry.join(address=f"127.0.0.1:{port}", memory_mb=100, bandwidth_mbps=10.0, compute_score=1.0,
-                         has_data=False, now=1.0).node_id
+    offer = Capabilities(memory_bytes=100_000_000, bandwidth_bps=10_000_000, compute_score=1.0, has_data=False)
+    return registry.join(offer, address=f"127.0.0.1:{port}", now=1.0).node_id
 
 
 def test_the_first_accepted_base_is_the_swarms_and_another_is_refused_in_one_line(tmp_path):

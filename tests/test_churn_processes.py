@@ -37,7 +37,7 @@ def test_killed_node_is_dead_and_survivors_stay_alive_across_a_bootstrap_crash(s
     assert sorted(ids.values()) == [1, 2, 3]
     swarm.wait_until(lambda: set(swarm.statuses().values()) == {"alive"}, what="three alive nodes")
     rows = {row["id"]: row for row in swarm.peers()}
-    assert rows[ids["b"]]["memory_mb"] == 512 and rows[ids["c"]]["bandwidth_mbps"] == 1000.0
+    assert rows[ids["b"]]["memory_bytes"] == 512_000_000 and rows[ids["c"]]["bandwidth_bps"] == 1_000_000_000
     assert all(row["cluster"] is None and row["helper"] is None for row in rows.values())
     assert all(isinstance(reply, Ok) for reply in asyncio.run(_ping_all([r["address"] for r in rows.values()])))
 

@@ -163,7 +163,7 @@ class _BootstrapThread:
     def _call(self, coro):
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=10)
 
-    def join(self, address: str, memory_mb: int) -> int:
+    def join(self, address: str, memory_bytes: int) -> int:
         async def go() -> int:
             from transport.messages import Join
             from transport.rpc import RpcClient
@@ -171,7 +171,7 @@ class _BootstrapThread:
             async with RpcClient(f"tester-{address}") as client:
                 reply = await client.call(
                     self.service.address,
-                    Join(memory_mb=memory_mb, bandwidth_mbps=25.0, compute_score=1.0, address=address),
+                    Join(memory_bytes=memory_bytes, bandwidth_bps=25_000_000, compute_score=1.0, address=address),
                     timeout=5,
                 )
             return reply.node_id
@@ -193,8 +193,8 @@ def live_bootstrap():
 
 
 def test_peers_prints_a_table_and_json(live_bootstrap, capsys):
-    first = live_bootstrap.join("127.0.0.1:7101", memory_mb=8000)
-    second = live_bootstrap.join("127.0.0.1:7102", memory_mb=512)
+    first = live_bootstrap.join("127.0.0.1:7101", memory_bytes=8_000_000_000)
+    second = live_bootstrap.join("127.0.0.1:7102", memory_bytes=512_000_000)
     address = live_bootstrap.service.address
 
     code, table, _ = _run(["peers", "--bootstrap", address], capsys)
@@ -207,7 +207,7 @@ def test_peers_prints_a_table_and_json(live_bootstrap, capsys):
     rows = json.loads(raw)
     assert [row["id"] for row in rows] == [first, second]
     for row in rows:
-        for key in ("id", "address", "memory_mb", "bandwidth_mbps", "status", "cluster", "split", "helper",
+        for key in ("id", "address", "memory_bytes", "bandwidth_bps", "status", "cluster", "split", "helper",
                     "last_seen"):
             assert key in row
         assert row["status"] == "alive" and row["cluster"] is None

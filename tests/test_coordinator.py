@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from atlas_p2p import memory as M
+from atlas_p2p.capabilities import Capabilities
 from atlas_p2p.planning import HELPER, OWNER, WAITING, WHOLE, PlanConfig
 from nodes.coordinator import (
     DEAD,
@@ -28,7 +29,6 @@ from nodes.coordinator import (
     LIVE,
     REPAIR,
     UNPAIRED,
-    Capabilities,
     Coordinator,
     CoordinatorConfig,
 )
@@ -58,10 +58,14 @@ def planted(direction, node_id, noise=0.01):
     return (direction + noise * rng.standard_normal(DIM)).astype(np.float32)
 
 
-def caps(node_id, memory, has_data=True, bandwidth_mbps=100.0, n_samples=32):
-    return Capabilities(address=f"127.0.0.1:{7000 + node_id}", memory_bytes=memory,
-                        bandwidth_bps=bandwidth_mbps * 1e6, compute_score=1.0, has_data=has_data,
-                        n_samples=n_samples if has_data else 0)
+def caps(memory, has_data=True, bandwidth_mbps=100.0, n_samples=32):
+    return Capabilities(memory_bytes=memory, bandwidth_bps=bandwidth_mbps * 1e6, compute_score=1.0,
+                        has_data=has_data, n_samples=n_samples if has_data else 0)
+
+
+def offer(node_id, memory, has_data=True, bandwidth_mbps=100.0):
+    """(capabilities, address) of a node joining: what `Coordinator.on_join` takes."""
+    return caps(memory, has_data, bandwidth_mbps), f"127.0.0.1:{7000 + node_id}"
 
 
 def config(**overrides):
@@ -88,7 +92,7 @@ def swarm(spec, now=0.0, **overrides):
 def _build_swarm(spec, now, **overrides):
     coord = Coordinator(config(min_nodes=sum(d is not None for _, d, _ in spec.values()), **overrides))
     for n, (memory, direction, bw) in sorted(spec.items()):
-        coord.on_join(n, caps(n, memory, has_data=direction is not None, bandwidth_mbps=bw), now=now)
+        coord.on_join(n, *offer(n, memory, has_data=direction is not None, bandwidth_mbps=bw), now=now)
     for n, (_, direction, _) in sorted(spec.items()):
         if direction is not None:
             coord.on_fingerprint(n, planted(direction, n), 32, now=now)
@@ -207,7 +211,7 @@ def test_one_cluster_when_fingerprints_do_not_separate():
 def test_assigns_once_min_nodes_have_fingerprints():
     coord = Coordinator(config(min_nodes=3))
     for n in (1, 2, 3):
-        coord.on_join(n, caps(n, BIG), now=0.0)
+        coord.on_join(n, *offer(n, BIG), now=0.0)
     coord.on_fingerprint(1, planted(DIR_A, 1), 32, now=1.0)
     coord.on_fingerprint(2, planted(DIR_C, 2), 32, now=2.0)
 
@@ -222,7 +226,7 @@ def test_assigns_once_min_nodes_have_fingerprints():
 def test_timer_assigns_with_fewer_than_min_nodes():
     coord = Coordinator(config(min_nodes=5, assign_after_s=30.0))
     for n in (1, 2, 3):
-        coord.on_join(n, caps(n, BIG), now=0.0)
+        coord.on_join(n, *offer(n, BIG), now=0.0)
     assert not coord.maybe_assign(100.0)  # no fingerprint yet: the timer has not started
     coord.on_fingerprint(1, planted(DIR_A, 1), 32, now=100.0)
     coord.on_fingerprint(2, planted(DIR_C, 2), 32, now=110.0)
@@ -238,9 +242,9 @@ def test_timer_assigns_with_fewer_than_min_nodes():
 
 def test_weak_node_gets_a_provisional_helper_for_its_fingerprint():
     coord = Coordinator(config(min_nodes=3))
-    coord.on_join(1, caps(1, BIG, has_data=False), now=0.0)
+    coord.on_join(1, *offer(1, BIG, has_data=False), now=0.0)
 
-    got_helper = coord.on_join(2, caps(2, WEAK), now=1.0)
+    got_helper = coord.on_join(2, *offer(2, WEAK), now=1.0)
     a = coord.assignment_for(2)
     dropped = coord.on_fingerprint(2, planted(DIR_A, 2), 32, now=2.0)
     b = coord.assignment_for(2)
@@ -256,7 +260,7 @@ def test_weak_node_gets_a_provisional_helper_for_its_fingerprint():
 def test_before_assignment_strong_nodes_are_not_versioned():
     coord = Coordinator(config(min_nodes=3))
 
-    changed = [coord.on_join(1, caps(1, BIG), now=0.0),
+    changed = [coord.on_join(1, *offer(1, BIG), now=0.0),
                coord.on_fingerprint(1, planted(DIR_A, 1), 32, now=0.0)]
 
     assert changed == [False, False] and coord.version == 0
@@ -335,7 +339,7 @@ def test_report_failure_repairs_at_once_and_a_stale_report_changes_nothing():
     assert [e.cause for e in coord.events] == [FAILED] and coord.repairs == 1
     a1 = coord.assignment_for(1)
     assert a1["role"] == WAITING and "missed a deadline serving node 2" in a1["reason"]
-    assert coord.on_join(1, caps(1, BIG, bandwidth_mbps=200.0), now=30.0)  # a rejoin plans it back in
+    assert coord.on_join(1, *offer(1, BIG, bandwidth_mbps=200.0), now=30.0)  # a rejoin plans it back in
     assert coord.status(1) == LIVE and coord.assignment_for(1)["role"] == WHOLE
 
 
@@ -409,7 +413,7 @@ def test_late_joiner_goes_to_nearest_cluster_and_ids_stay(direction, mates, anch
     target = coord.cluster_of(mates[0])
 
     version = coord.version
-    coord.on_join(9, caps(9, WEAK), now=100.0)
+    coord.on_join(9, *offer(9, WEAK), now=100.0)
     joined = coord.assignment_for(9)
     changed = coord.on_fingerprint(9, planted(direction, 9), 32, now=101.0)
 
@@ -432,7 +436,7 @@ def test_late_pure_helper_takes_a_waiting_owner():
     coord.on_dead(1, now=10.0)
     assert coord.assignment_for(2)["role"] == WAITING
 
-    changed = coord.on_join(9, caps(9, BIG, has_data=False), now=20.0)
+    changed = coord.on_join(9, *offer(9, BIG, has_data=False), now=20.0)
 
     assert changed and coord.assignment_for(2)["helper"] == 9
     assert coord.assignment_for(9)["serves"] == [2]
@@ -442,7 +446,7 @@ def test_rejoin_with_same_capabilities_changes_nothing():
     coord = swarm(TWO_GROUPS)
     version = coord.version
 
-    changed = coord.on_join(2, caps(2, WEAK), now=5.0)
+    changed = coord.on_join(2, *offer(2, WEAK), now=5.0)
 
     assert not changed and coord.version == version
 
@@ -473,8 +477,8 @@ def test_peer_columns_fit_the_peer_table():
     coord = swarm(THREE_GROUPS)
     table = MemoryPeerTable()
     for n, (memory, direction, bw) in THREE_GROUPS.items():
-        table.put(new_record(n, address=f"127.0.0.1:{7000 + n}", memory_mb=memory // MB, bandwidth_mbps=bw,
-                             compute_score=1.0, has_data=direction is not None, now=0.0))
+        table.put(new_record(n, caps(memory, direction is not None, bw, n_samples=0),
+                             address=f"127.0.0.1:{7000 + n}", now=0.0))
 
     table.update_many(coord.peer_columns())
 
@@ -482,7 +486,7 @@ def test_peer_columns_fit_the_peer_table():
     assert (row.role, row.split, row.helper, row.anchor) == (OWNER, 2, 1, False)
     assert row.ranks.endswith(tuple("0123456789")) and "mods r" in row.ranks
     assert table.get(1).anchor and table.get(8).cluster is None and table.get(8).role == HELPER
-    assert Capabilities.from_record(table.get(2)).memory_bytes == WEAK
+    assert table.get(2).capabilities.memory_bytes == WEAK
 
 
 # ================================================================ persistence
@@ -490,7 +494,7 @@ def test_peer_columns_fit_the_peer_table():
 def test_snapshot_through_json_restores_the_same_coordinator():
     coord = swarm(FALLBACK_NEAREST)
     coord.on_dead(1, now=5.0)  # a fallback and an anchor change on record
-    coord.on_join(9, caps(9, WEAK), now=6.0)  # a provisional helper pending
+    coord.on_join(9, *offer(9, WEAK), now=6.0)  # a provisional helper pending
 
     back = Coordinator.restore(coord.config, json.loads(json.dumps(coord.snapshot())))
     nodes = [*FALLBACK_NEAREST, 9]
@@ -543,7 +547,8 @@ def _bad_calls():
         ("unknown assignment", lambda c: c.assignment_for(42), "unknown"),
         ("bad now", lambda c: c.on_dead(1, now=float("nan")), "now"),
         ("string now", lambda c: c.maybe_assign("later"), "now"),
-        ("not capabilities", lambda c: c.on_join(9, {"memory": 1}, now=1.0), "Capabilities"),
+        ("not capabilities", lambda c: c.on_join(9, {"memory": 1}, "127.0.0.1:7009", now=1.0), "Capabilities"),
+        ("wildcard address", lambda c: c.on_join(9, caps(WEAK), "0.0.0.0", now=1.0), "address"),
         ("failure unknown helper", lambda c: c.report_failure(2, 42, now=1.0), "unknown"),
         ("failure self", lambda c: c.report_failure(2, 2, now=1.0), "both"),
         ("dead node fingerprint", lambda c: c.on_fingerprint(3, planted(DIR_A, 3), 32, now=2.0), "3 is dead"),
@@ -578,17 +583,6 @@ def test_config_rejects_a_privacy_floor_deeper_than_the_model():
         config(plan=PlanConfig(min_split=4))
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(address="0.0.0.0"), "address"), (dict(memory_bytes=0), "memory_bytes"),
-    (dict(bandwidth_bps=math.nan), "bandwidth_bps"), (dict(compute_score=-1.0), "compute_score"),
-    (dict(has_data=1), "has_data"), (dict(n_samples=-3), "n_samples"),
-])
-def test_capabilities_reject_bad_values(kwargs, match):
-    good = dict(address="127.0.0.1:7001", memory_bytes=BIG, bandwidth_bps=1e8, compute_score=1.0, has_data=True)
-    with pytest.raises(ValueError, match=match):
-        Capabilities(**{**good, **kwargs})
-
-
 # ================================================================ invariants under churn
 
 def _done_serving(coord, n):
@@ -617,7 +611,7 @@ def test_churn_keeps_plans_consistent_and_versions_monotonic(spec, events):
         elif kind == "alive":
             changed = coord.on_alive(n, now=t)
         elif kind == "join":
-            changed = coord.on_join(n, caps(n, memory, direction is not None, bw), now=t)
+            changed = coord.on_join(n, *offer(n, memory, direction is not None, bw), now=t)
         elif kind == "fingerprint":
             if direction is None or coord.status(n) != LIVE:
                 continue
@@ -653,7 +647,7 @@ def test_churn_keeps_plans_consistent_and_versions_monotonic(spec, events):
 def test_node_absent_at_the_first_clustering_is_placed_when_it_comes_back():
     coord = Coordinator(config(min_nodes=3, clusters=2))  # 3 points are too few for the silhouette test
     for n, memory, direction in ((1, BIG, DIR_A), (2, BIG, DIR_C), (3, BIG, DIR_C), (4, WEAK, DIR_A)):
-        coord.on_join(n, caps(n, memory), now=0.0)
+        coord.on_join(n, *offer(n, memory), now=0.0)
         coord.on_fingerprint(n, planted(direction, n), 32, now=0.0)
     coord.on_dead(4, now=1.0)  # fingerprinted, then silent before the clustering
     coord.on_fingerprint(1, planted(DIR_A, 1), 32, now=2.0)

@@ -7,6 +7,7 @@ import sqlite3
 
 import pytest
 
+from atlas_p2p.capabilities import Capabilities
 from nodes.peer_table import (
     COLUMNS,
     DB_FILENAME,
@@ -19,18 +20,9 @@ from nodes.peer_table import (
 )
 
 
-def _record(node_id: int, now: float = 100.0, **overrides):
-    fields = dict(
-        address="127.0.0.1:7001",
-        memory_mb=8000,
-        bandwidth_mbps=50.0,
-        compute_score=12.5,
-        has_data=False,
-        now=now,
-        model=None,
-    )
-    fields.update(overrides)
-    return new_record(node_id, **fields)
+def _record(node_id: int, now: float = 100.0, has_data: bool = False, **overrides):
+    offer = Capabilities(memory_bytes=8_000_000_000, bandwidth_bps=50_000_000, compute_score=12.5, has_data=has_data)
+    return new_record(node_id, offer, **{"address": "127.0.0.1:7001", "now": now, "model": None, **overrides})
 
 
 @pytest.fixture(params=["memory", "sqlite"])
@@ -74,16 +66,16 @@ def test_update_changes_only_named_columns(table):
     updated = table.update(record.id, status="suspect", last_seen=150.0, cluster=2)
 
     assert updated.status == "suspect" and updated.last_seen == 150.0 and updated.cluster == 2
-    assert updated.address == record.address and updated.memory_mb == record.memory_mb
+    assert updated.address == record.address and updated.memory_bytes == record.memory_bytes
 
 
 @pytest.mark.parametrize(
     "fields",
     [
         {"status": "sleeping"},
-        {"memory_mb": "lots"},
-        {"memory_mb": True},
-        {"bandwidth_mbps": None},
+        {"memory_bytes": "lots"},
+        {"memory_bytes": True},
+        {"bandwidth_bps": None},
         {"no_such_column": 1},
         {"id": 42},
         {"has_data": 1},
@@ -191,6 +183,7 @@ def test_sqlite_adds_missing_columns_of_an_older_file(tmp_path):
     row = table.get(1)
     assert row.cluster is None and row.base_version is None and row.has_data is False
     assert row.n_samples == 0
+    assert (row.memory_bytes, row.bandwidth_bps) == (100_000_000, 1_000_000)  # MB and Mbit/s carried over
     table.close()
 
 

@@ -14,6 +14,7 @@ import torch
 from atlas_p2p import importance as I
 from atlas_p2p import memory as M
 from atlas_p2p import planning as P
+from atlas_p2p.capabilities import Capabilities
 from atlas_p2p.lora import attach_lora, lora_targets
 from atlas_p2p.models import causal_lm_labels, split_model, tiny_model, unsplit_forward
 
@@ -34,7 +35,7 @@ def owner_memory(split, ctx=CTX):
 
 
 def node(node_id, memory, cluster=0, has_data=True, bandwidth=100e6, compute=1.0):
-    return P.NodeInfo(node_id, int(memory), bandwidth, compute, has_data, cluster)
+    return P.NodeInfo(node_id, Capabilities(int(memory), bandwidth, compute, has_data), cluster)
 
 
 BIG = 100 * MB  # trains the whole model with room to host several owners
@@ -395,7 +396,7 @@ def test_no_helper_is_filled_over_its_capacity_and_the_rest_wait():
     plan = P.make_plan(owners + [node("h", helper_mem, **pure), node("p", BIG, **pure)], CTX)
 
     for helper_id in ("h", "p"):
-        assert helper_used(plan, helper_id) <= plan.infos[helper_id].memory_bytes * 0.8
+        assert helper_used(plan, helper_id) <= plan.infos[helper_id].caps.memory_bytes * 0.8
     assert len(plan["h"].serves) == 2
     assert sum(plan[o.node_id].role == P.OWNER for o in owners) == len(plan["h"].serves) + len(plan["p"].serves)
 
@@ -454,7 +455,7 @@ def test_repair_moves_only_the_owners_of_the_dead_helper():
             assert row.helper == plan[n].helper and dead not in row.fallbacks
     for helper_id in ("g", "h", "k"):
         if helper_id in repaired.nodes:
-            assert helper_used(repaired, helper_id) <= repaired.infos[helper_id].memory_bytes * 0.8
+            assert helper_used(repaired, helper_id) <= repaired.infos[helper_id].caps.memory_bytes * 0.8
 
 
 def test_repair_uses_the_same_cluster_first_then_the_nearest():
@@ -523,18 +524,20 @@ def test_replan_reason(new, moved, expected):
 
 @pytest.mark.parametrize("kwargs,match", [
     (dict(node_id=""), "node_id=''"),
-    (dict(memory_bytes=0), "memory_bytes=0"),
-    (dict(memory_bytes=1.5), "memory_bytes=1.5"),
-    (dict(bandwidth_bps=float("inf")), "bandwidth_bps=inf"),
-    (dict(compute_score=-1.0), "compute_score=-1.0"),
-    (dict(has_data=1), "has_data=1"),
-    (dict(cluster=-1), "cluster=-1"),
+    (dict(memory_bytes=0), "memory_bytes must be an int >= 1, got 0"),
+    (dict(memory_bytes=1.5), "memory_bytes .*got 1.5"),
+    (dict(bandwidth_bps=float("inf")), "bandwidth_bps .*got inf"),
+    (dict(compute_score=-1.0), "compute_score .*got -1.0"),
+    (dict(has_data=1), "has_data must be a bool, got 1"),
+    (dict(cluster=-1), "cluster .*got -1"),
     (dict(cluster=None), "needs a cluster"),
 ])
 def test_node_info_validation(kwargs, match):
-    fields = dict(node_id="a", memory_bytes=MB, bandwidth_bps=1e6, compute_score=1.0, has_data=True, cluster=0)
+    offer = dict(memory_bytes=MB, bandwidth_bps=1e6, compute_score=1.0, has_data=True)
+    place = dict(node_id="a", cluster=0)
     with pytest.raises(ValueError, match=match):
-        P.NodeInfo(**(fields | kwargs))
+        caps = Capabilities(**(offer | {k: v for k, v in kwargs.items() if k in offer}))
+        P.NodeInfo(caps=caps, **(place | {k: v for k, v in kwargs.items() if k in place}))
 
 
 @pytest.mark.parametrize("kwargs,match", [

@@ -2,9 +2,8 @@
 
 import pytest
 
-from nodes.config import NodeConfig
+from nodes.config import NodeConfig, TrainConfig
 from nodes.peer import Peer
-from nodes.runtime_config import TrainConfig
 from transport.link import LinkProfile
 
 

@@ -13,7 +13,7 @@ from nodes.checkpoint import load_checkpoint, save_checkpoint
 from nodes.merge import AnchorLog, GossipStore, merge_manifest
 from nodes.metrics import ByteMeter, lost_updates
 from nodes.modelname import build_model, build_tokenizer
-from nodes.runtime_config import SwarmSpec, TrainConfig
+from nodes.config import SwarmSpec, TrainConfig
 from nodes.wireconv import contribution_from_msg, contribution_to_msg, records_from_msg, records_to_msg
 from transport.messages import Fingerprint
 

@@ -29,8 +29,7 @@ try:  # typer >= 0.2x ships its own copy of click; older ones use click itself
 except ImportError:  # pragma: no cover - depends on the installed typer
     from click import exceptions as _cx
 
-from nodes.config import BootstrapConfig, NodeConfig
-from nodes.runtime_config import FINGERPRINT_SAMPLES
+from nodes.config import BootstrapConfig, FINGERPRINT_SAMPLES, NodeConfig
 from tools.exit_codes import ExitCode
 
 PROG = "atlas-node"
@@ -239,7 +238,7 @@ def bootstrap(
     """Run the bootstrap: peer table, liveness, clustering, planning and assignments."""
     from nodes.bootstrap import serve_bootstrap
     from nodes.peer_table import PeerTableError
-    from nodes.runtime_config import SwarmSpec
+    from nodes.config import SwarmSpec
 
     swarm = _config(SwarmSpec, model=model, task=task, num_labels=num_labels, min_nodes=min_nodes,
                     assign_after_s=assign_after, clusters=clusters, batch_size=batch_size,
@@ -337,7 +336,7 @@ def join(
     """Join a swarm and train: fingerprint, get an assignment, train rounds, merge, export; Ctrl-C leaves cleanly."""
     from nodes.control import JoinRefused, NodeIdentityError
     from nodes.peer import RuntimeFailure
-    from nodes.runtime_config import TrainConfig
+    from nodes.config import TrainConfig
     from tools.node_runner import run_node
 
     bootstrap = _address("--bootstrap", bootstrap)

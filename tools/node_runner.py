@@ -16,7 +16,7 @@ from nodes.config import NodeConfig
 async def run_node(config: NodeConfig, stop: asyncio.Event, train: Any = None) -> dict[str, Any]:
     """Serve, train and heartbeat until done or `stop`; raises the control loop's failure (JoinRefused)."""
     from nodes.peer import run_peer
-    from nodes.runtime_config import TrainConfig
+    from nodes.config import TrainConfig
 
     if train is None:
         train = TrainConfig(out_dir=config.state_dir)

@@ -13,8 +13,8 @@ _COLUMNS: tuple[tuple[str, str], ...] = (
     ("ID", "id"),
     ("STATUS", "status"),
     ("ADDRESS", "address"),
-    ("MEMORY", "memory_mb"),
-    ("BANDWIDTH", "bandwidth_mbps"),
+    ("MEMORY", "memory_bytes"),
+    ("BANDWIDTH", "bandwidth_bps"),
     ("ROLE", "role"),
     ("STATE", "state"),
     ("CLUSTER", "cluster"),
@@ -56,10 +56,12 @@ async def fetch_peers(bootstrap: str, timeout: float) -> list[dict[str, Any]] | 
 def _cell(key: str, value: Any) -> str:
     if value is None:
         return "-"
-    if key == "memory_mb":
-        return f"{value / 1000:.1f} GB" if value >= 1000 else f"{value} MB"
-    if key == "bandwidth_mbps":
-        return f"{value / 1000:g} Gbps" if value >= 1000 else f"{value:g} Mbps"
+    if key == "memory_bytes":  # decimal megabytes, whole ones (the one place units are shown)
+        mb = int(value) // 10**6
+        return f"{mb / 1000:.1f} GB" if mb >= 1000 else f"{mb} MB"
+    if key == "bandwidth_bps":
+        mbps = value / 1e6
+        return f"{mbps / 1000:g} Gbps" if mbps >= 1000 else f"{mbps:g} Mbps"
     if key == "anchor":
         return "yes" if value else ""
     if key == "base_digest":

@@ -21,12 +21,15 @@ Node ids are ints handed out by the bootstrap; addresses are "host:port" strings
 """
 from __future__ import annotations
 
+import dataclasses
 import typing
 from dataclasses import dataclass, field, fields
 from typing import Annotated, Any, ClassVar
 
 import numpy as np
 
+from atlas_p2p.capabilities import Capabilities
+from atlas_p2p.vocabulary import NODE_STATES, ROLES, SPLIT_MODES
 from transport.schema import Node, OneOf, Range, SchemaError, TensorSpec, node_for
 from transport.tensors import Tensor
 
@@ -34,7 +37,6 @@ MESSAGE_TYPES: dict[str, type["Message"]] = {}
 ID_LIMIT = 1 << 63          # envelope ids are 0 <= id < 2**63
 SRC_MAX_LEN = 256
 
-NODE_STATES = ("joining", "fingerprinting", "waiting", "training", "merging", "repairing", "done", "left")
 NodeId = Annotated[int, Range(0, None)]
 Count = Annotated[int, Range(0, None)]
 
@@ -120,10 +122,11 @@ class Error(Message):
 
 @message("join")
 class Join(Message):
-    """A node announces its capabilities; answered by `welcome`. node_id set = rejoin."""
+    """A node announces its capabilities (atlas_p2p.capabilities, base units); answered by
+    `welcome`. node_id set = rejoin."""
 
-    memory_mb: Annotated[int, Range(1, None)]
-    bandwidth_mbps: Annotated[float, Range(0.0, None)]
+    memory_bytes: Annotated[int, Range(1, None)]     # memory budget, bytes
+    bandwidth_bps: Annotated[int, Range(1, None)]    # uplink, bits per second
     compute_score: Annotated[float, Range(0.0, None)]
     address: str                          # "host:port" of the node's own RpcServer
     public_key: str | None = None         # CurveZMQ public key (Z85) when security is on
@@ -131,6 +134,16 @@ class Join(Message):
     n_samples: Count = 0                  # local training examples (aggregation weight)
     model: str = ""                       # model the node runs; "" = whatever the swarm runs
     node_id: NodeId | None = None         # set when rejoining after a restart
+
+    @classmethod
+    def offer(cls, capabilities: Capabilities, **rest: Any) -> "Join":
+        """A join carrying `capabilities`; `rest` sets the other fields (address, model, ...)."""
+        return cls(**dataclasses.asdict(capabilities), **rest)
+
+    def capabilities(self) -> Capabilities:
+        """The offer this join carries; ValueError when a value is not a valid offer."""
+        return Capabilities(memory_bytes=self.memory_bytes, bandwidth_bps=self.bandwidth_bps,
+                            compute_score=self.compute_score, has_data=self.has_data, n_samples=self.n_samples)
 
 
 @message("welcome")
@@ -144,7 +157,7 @@ class Welcome(Message):
     fingerprint_samples: Annotated[int, Range(1, None)] = 32
     model_task: str = "causal_lm"         # or "classification"
     num_labels: Annotated[int, Range(1, None)] | None = None
-    split_mode: Annotated[str, OneOf(("two-part", "u-shape"))] = "two-part"
+    split_mode: Annotated[str, OneOf(SPLIT_MODES)] = "two-part"
     init_seed: Annotated[int, Range(0, (1 << 63) - 1)] = 0   # draws the parameters a checkpoint lacks
 
 
@@ -219,9 +232,6 @@ class GetAssignment(Message):
     """Ask for the node's current assignment; answered by `assignment`."""
 
     node_id: NodeId
-
-
-ROLES = ("whole", "owner", "helper", "waiting")
 
 
 @message("assignment")
@@ -309,7 +319,7 @@ class RoundBegin(Message):
     ranks: dict[str, Count]               # the owner's ranks (entries of blocks[:split] are ignored)
     seed: Seed                            # the owner's round seed (training.round_seed)
     lr: Annotated[float, Range(0.0, None)]
-    mode: Annotated[str, OneOf(("two-part", "u-shape"))] = "two-part"
+    mode: Annotated[str, OneOf(SPLIT_MODES)] = "two-part"
     base_version: Count = 0
     base_digest: Digest = ""              # the owner's base; a helper on another base refuses (`base_mismatch`)
 
