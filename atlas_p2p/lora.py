@@ -20,7 +20,6 @@ owner it serves). Every function that reads or writes adapter tensors takes ``ad
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import logging
 import math
@@ -36,40 +35,13 @@ from peft.utils import ModulesToSaveWrapper
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from atlas_p2p.aggregation.factors import AdapterFactors
 from atlas_p2p.models.families import LORA_KINDS, family_of, task_of, unwrap
 from atlas_p2p.models.loading import save_base  # noqa: F401  (re-exported: base + adapter make a checkpoint)
 
 logger = logging.getLogger(__name__)
 
 ADAPTER = "default"  # the one peft adapter name ATLAS uses
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class Factors:
-    """One module's adapter: update ``scaling * B @ A`` of shape (d_out, d_in)."""
-
-    A: torch.Tensor  # (r, d_in)
-    B: torch.Tensor  # (d_out, r)
-    scaling: float  # γ = α / r
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.A, torch.Tensor) or self.A.dim() != 2:
-            raise ValueError(f"A: expected a 2-D tensor, got {_describe(self.A)}")
-        if not isinstance(self.B, torch.Tensor) or self.B.dim() != 2:
-            raise ValueError(f"B: expected a 2-D tensor, got {_describe(self.B)}")
-        if self.A.shape[0] != self.B.shape[1]:
-            raise ValueError(f"A/B: rank mismatch, A {tuple(self.A.shape)} vs B {tuple(self.B.shape)}")
-        s = self.scaling
-        if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s):
-            raise ValueError(f"scaling: {self.scaling!r} must be a finite number")
-
-    @property
-    def rank(self) -> int:
-        return int(self.A.shape[0])
-
-    def delta(self) -> torch.Tensor:
-        """Dense update ``scaling * B @ A`` (d_out, d_in)."""
-        return self.scaling * (self.B @ self.A)
 
 
 def _describe(x) -> str:
@@ -258,10 +230,10 @@ def _lora_layers(model: nn.Module, adapter_name: str = ADAPTER) -> dict[str, Lor
     }
 
 
-def get_factors(peft_model: nn.Module, adapter_name: str = ADAPTER) -> dict[str, Factors]:
-    """Copies of every adapter: module name -> Factors(A (r, d_in), B (d_out, r), scaling)."""
+def get_factors(peft_model: nn.Module, adapter_name: str = ADAPTER) -> dict[str, AdapterFactors]:
+    """Copies of every adapter: module name -> AdapterFactors(A (r, d_in), B (d_out, r), scaling)."""
     return {
-        name: Factors(
+        name: AdapterFactors(
             layer.lora_A[adapter_name].weight.detach().clone(),
             layer.lora_B[adapter_name].weight.detach().clone(),
             float(layer.scaling[adapter_name]),
@@ -270,17 +242,17 @@ def get_factors(peft_model: nn.Module, adapter_name: str = ADAPTER) -> dict[str,
     }
 
 
-def set_factors(peft_model: nn.Module, factors: dict[str, Factors], adapter_name: str = ADAPTER) -> None:
+def set_factors(peft_model: nn.Module, factors: dict[str, AdapterFactors], adapter_name: str = ADAPTER) -> None:
     """Load adapter factors (any subset of modules). Shapes, dtypes and scalings must match the
     attached adapters exactly; on any mismatch a ValueError names it and nothing changes."""
     layers = _lora_layers(peft_model, adapter_name)
     if not isinstance(factors, dict):
-        raise ValueError(f"factors: expected a dict module_name -> Factors, got {type(factors).__name__}")
+        raise ValueError(f"factors: expected a dict module_name -> AdapterFactors, got {type(factors).__name__}")
     for name, f in factors.items():
         if name not in layers:
             raise ValueError(f"factors: {name!r} has no LoRA adapter (adapted: {len(layers)} modules)")
-        if not isinstance(f, Factors):
-            raise ValueError(f"factors[{name!r}]: expected Factors, got {type(f).__name__}")
+        if not isinstance(f, AdapterFactors):
+            raise ValueError(f"factors[{name!r}]: expected AdapterFactors, got {type(f).__name__}")
         layer = layers[name]
         for part, tensor, param in (
             ("A", f.A, layer.lora_A[adapter_name].weight),

@@ -262,7 +262,7 @@ def test_bad_merges_are_clear_value_errors(gen):
 
 
 def test_numpy_factors_and_lora_style_objects_are_accepted():
-    class Factors:  # what atlas_p2p.lora.get_factors hands over
+    class Factors:  # any object with A, B and scaling
         def __init__(self, A, B, scaling):
             self.A, self.B, self.scaling = A, B, scaling
 

@@ -8,8 +8,8 @@ import torch
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 
+from atlas_p2p.aggregation import AdapterFactors
 from atlas_p2p.lora import (
-    Factors,
     add_delta_to_base,
     attach_lora,
     base_weight,
@@ -206,12 +206,11 @@ def test_get_factors_returns_copies():
 
 def _bad_factor_sets(f, name):
     return [
-        ({name: Factors(torch.zeros(3, f.A.shape[1]), torch.zeros(f.B.shape[0], 3), f.scaling)}, "shape"),
-        ({name: Factors(f.A.double(), f.B.double(), f.scaling)}, "dtype"),
-        ({name: Factors(f.A, f.B, f.scaling * 2)}, "scaling"),
-        ({name: Factors(f.A * float("nan"), f.B, f.scaling)}, "NaN"),
+        ({name: AdapterFactors(torch.zeros(3, f.A.shape[1]), torch.zeros(f.B.shape[0], 3), f.scaling)}, "shape"),
+        ({name: AdapterFactors(f.A.double(), f.B.double(), f.scaling)}, "dtype"),
+        ({name: AdapterFactors(f.A, f.B, f.scaling * 2)}, "scaling"),
         ({"model.layers.2.mlp.up_proj": f}, "no LoRA adapter"),
-        ({name: (f.A, f.B)}, "expected Factors"),
+        ({name: (f.A, f.B)}, "expected AdapterFactors"),
     ]
 
 
@@ -219,7 +218,7 @@ def test_set_factors_rejects_mismatches_and_changes_nothing():
     q0, k0 = "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj"
     peft_model = attach_lora(_model(), {q0: 2, k0: 2})
     before = get_factors(peft_model)
-    good_k = Factors(torch.ones_like(before[k0].A), torch.ones_like(before[k0].B), before[k0].scaling)
+    good_k = AdapterFactors(torch.ones_like(before[k0].A), torch.ones_like(before[k0].B), before[k0].scaling)
     for bad, match in _bad_factor_sets(before[q0], q0):
         with pytest.raises(ValueError, match=match):
             set_factors(peft_model, {k0: good_k, **bad})  # the valid entry must not be applied either
@@ -229,9 +228,11 @@ def test_set_factors_rejects_mismatches_and_changes_nothing():
 
 def test_factors_validate_their_own_shapes():
     with pytest.raises(ValueError, match="rank mismatch"):
-        Factors(torch.zeros(2, 4), torch.zeros(4, 3), 1.0)
+        AdapterFactors(torch.zeros(2, 4), torch.zeros(4, 3), 1.0)
     with pytest.raises(ValueError, match="scaling"):
-        Factors(torch.zeros(2, 4), torch.zeros(4, 2), float("inf"))
+        AdapterFactors(torch.zeros(2, 4), torch.zeros(4, 2), float("inf"))
+    with pytest.raises(ValueError, match="NaN"):
+        AdapterFactors(torch.full((2, 4), float("nan")), torch.zeros(4, 2), 1.0)
 
 
 def test_dense_trainables_round_trip_and_validation():

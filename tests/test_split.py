@@ -8,7 +8,8 @@ activations ``requires_grad_()``, computes its loss and backward; the sending si
 import pytest
 import torch
 
-from atlas_p2p.lora import Factors, attach_lora, get_factors, lora_targets, set_factors
+from atlas_p2p.aggregation import AdapterFactors
+from atlas_p2p.lora import attach_lora, get_factors, lora_targets, set_factors
 from atlas_p2p.models import (
     CAUSAL_LM,
     SEQ_CLS,
@@ -46,7 +47,7 @@ def _peft_model(family, task, seed=0):
     peft_model = attach_lora(model, ranks, alpha=16.0, seed=seed + 1)
     gen = torch.Generator().manual_seed(seed + 2)
     set_factors(peft_model, {
-        n: Factors(f.A, 0.1 * torch.randn(f.B.shape, generator=gen), f.scaling)
+        n: AdapterFactors(f.A, 0.1 * torch.randn(f.B.shape, generator=gen), f.scaling)
         for n, f in get_factors(peft_model).items()
     })
     return peft_model

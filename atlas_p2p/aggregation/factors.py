@@ -91,8 +91,8 @@ class AdapterFactors:
 
 
 def as_factors(value: Any, module: str = "?") -> AdapterFactors:
-    """Accept an ``AdapterFactors``, anything with ``.A``, ``.B``, ``.scaling``
-    (e.g. ``atlas_p2p.lora.Factors``) or a sequence ``(A, B, scaling)``."""
+    """Accept an ``AdapterFactors``, anything with ``.A``, ``.B``, ``.scaling`` or a
+    sequence ``(A, B, scaling)``."""
     if isinstance(value, AdapterFactors):
         return value
     try:

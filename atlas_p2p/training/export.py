@@ -42,6 +42,7 @@ from peft import PeftModel
 from torch import nn
 
 from atlas_p2p.aggregation import (
+    AdapterFactors,
     Patch,
     StackedFactors,
     fold_patches,
@@ -51,7 +52,6 @@ from atlas_p2p.aggregation import (
 )
 from atlas_p2p.lora import (
     ADAPTER,
-    Factors,
     attach_lora,
     get_dense_trainables,
     save_peft_dir,
@@ -288,7 +288,7 @@ def export_adapter(
     factors, modules = {}, {}
     for name, sf in sorted(patch.modules.items()):
         a, b, modules[name] = _refactor(sf, rank, float(exact_tol), dtype)
-        factors[name] = Factors(a, b, 1.0)  # A (r, d_in), B (d_out, r), γ = α / r = 1
+        factors[name] = AdapterFactors(a, b, 1.0)  # A (r, d_in), B (d_out, r), γ = α / r = 1
     peft_model = attach_lora(copy.deepcopy(original), {n: m.rank for n, m in modules.items()})  # α = r
     set_factors(peft_model, factors)
     heads = get_dense_trainables(peft_model)

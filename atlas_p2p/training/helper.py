@@ -37,8 +37,8 @@ import torch
 from peft import PeftModel
 from torch import nn
 
-from atlas_p2p.aggregation import Patch
-from atlas_p2p.lora import Factors, add_lora_adapter, attach_lora, get_factors, reset_adapters
+from atlas_p2p.aggregation import AdapterFactors, Patch
+from atlas_p2p.lora import add_lora_adapter, attach_lora, get_factors, reset_adapters
 from atlas_p2p.models import SPLIT_MODES, family_of, num_layers, split_model, task_of, unwrap
 from atlas_p2p.versioning import PatchRecord, VersionedBase
 
@@ -99,7 +99,7 @@ class ServerAdapter:
     owner_id: int | str
     round: int
     steps: int  # steps trained this round
-    factors: dict[str, Factors]  # blocks[s:] module -> (A (r, d_in), B (d_out, r), scaling)
+    factors: dict[str, AdapterFactors]  # blocks[s:] module -> (A (r, d_in), B (d_out, r), scaling)
     dense: dict[str, torch.Tensor]  # head tensor -> change over the round (two-part seq_cls), else {}
 
 

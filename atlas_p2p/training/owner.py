@@ -351,7 +351,7 @@ class OwnerSession:
 
     # ---- end of round -----------------------------------------------------------------------
     def factors(self):
-        """Copies of the owner-side factors: module name -> lora.Factors (blocks[:s] only)."""
+        """Copies of the owner-side factors: module name -> AdapterFactors (blocks[:s] only)."""
         return {m: f for m, f in get_factors(self.model).items() if m in self.modules}
 
     def head_delta(self) -> dict[str, torch.Tensor]:
