@@ -1,12 +1,13 @@
 """A node's side of "one base per swarm": name the base it loaded, and have the bootstrap accept it.
 
 After the welcome a node builds the swarm's model (the parameters its checkpoint lacks
-drawn from the welcome's init seed), then `settle_base`:
+drawn from the welcome's init seed), then
 
-1. computes its base identity (nodes.modelname.base_identity: sha256 digest over every
-   weight, revision, dtype, sums of the freshly drawn tensors), keeps it as
-   `node.base_identity` and writes it to `<out>/base.json` when the node has an --out;
-2. sends `base_digest` to the bootstrap until it is answered. `ok`: the node is planned
+1. `settle_base` computes its base identity (nodes.modelname.base_identity: sha256 digest
+   over every weight, revision, dtype, sums of the freshly drawn tensors), which the node
+   keeps, and writes it to `<out>/base.json` when the node has an --out;
+2. `BootstrapClient.send_base` (nodes/bootstrap_client.py) sends `base_digest` to the
+   bootstrap until it is answered. `ok`: the node is planned
    from now on. `error(base_mismatch)`: the swarm runs another base, and the node stops
    with `JoinRefused` (the CLI prints the bootstrap's one line and exits 7, "rejected").
 
@@ -16,55 +17,30 @@ drawn from the welcome's init seed), then `settle_base`:
 
 from __future__ import annotations
 
-import asyncio
 import logging
+from pathlib import Path
 from typing import Any
 
-from nodes.control import JoinRefused
+from torch import nn
+
+from nodes.executor import TorchExecutor
 from nodes.metrics import write_json_atomic
+from nodes.modelname import base_identity
 
 log = logging.getLogger("atlas.node")
 
 BASE_FILE = "base.json"
-_RETRY_CAP_S = 5.0
-_FATAL = ("base_mismatch", "bad_request", "bad_schema")
 
 
-async def settle_base(node: Any, name: str) -> dict[str, Any]:
-    """Compute, record and announce `node`'s base (module doc); returns the identity."""
-    from nodes.modelname import base_identity
-
-    identity = await node.executor.run(base_identity, node.base_model, name)
-    node.base_identity = identity
+async def settle_base(executor: TorchExecutor, model: nn.Module, name: str, node_id: int | None, out: Path | None,
+                      init_seed: int | None) -> dict[str, Any]:
+    """Compute and record this node's base identity (module doc, step 1); returns it."""
+    identity = await executor.run(base_identity, model, name)
     fresh = identity["fresh_sums"]
-    log.info("node %s base %s (%s, %s)%s", node.node_id, identity["digest"][:12], identity["revision"],
+    log.info("node %s base %s (%s, %s)%s", node_id, identity["digest"][:12], identity["revision"],
              identity["dtype"],
              "; drawn from init seed: " + ", ".join(f"{n} sum {v:.6f}" for n, v in fresh.items()) if fresh else "")
-    if node.out is not None:
-        node.out.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(node.out / BASE_FILE, {**identity, "node_id": node.node_id,
-                                                 "init_seed": getattr(node.welcome, "init_seed", None)})
-    await send_base(node)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out / BASE_FILE, {**identity, "node_id": node_id, "init_seed": init_seed})
     return identity
-
-
-async def send_base(node: Any) -> None:
-    """Send `base_digest` until the bootstrap answers; JoinRefused when it refuses the base."""
-    from transport.messages import BaseDigest
-    from transport.rpc import RpcError
-
-    identity = node.base_identity
-    body = BaseDigest(node_id=node.node_id, digest=identity["digest"], model=identity["model"],
-                      revision=identity["revision"], dtype=identity["dtype"])
-    attempt = 0
-    while True:
-        try:
-            await node.call(node.config.bootstrap, body)
-            log.info("bootstrap accepted base %s", identity["digest"][:12])
-            return
-        except RpcError as exc:
-            if exc.code in _FATAL:
-                raise JoinRefused(exc.code, getattr(exc, "message", str(exc))) from None
-            attempt += 1
-            log.warning("base digest not acknowledged (%s); retrying", exc)
-            await asyncio.sleep(min(_RETRY_CAP_S, 0.2 * attempt))

@@ -23,18 +23,35 @@ import asyncio
 import copy
 import logging
 from collections import Counter
-from typing import Any, Awaitable, Callable
+from collections.abc import Callable
+from typing import Any
 
-from atlas_p2p.training import HelperConfig, HelperPool, HelperSession, ReplayNeeded, VersionMismatchError
+from atlas_p2p.models.base import short
+from atlas_p2p.training import HelperConfig, HelperPool, HelperSession, ReplayNeeded, VersionMismatchError, probe
+from nodes.collaborators import AssignmentSource, Link, LocalNode, PatchSource
+from nodes.executor import TorchExecutor
+from nodes.wireconv import factors_to_wire
+from transport.messages import Backward, Envelope, Hidden, ServerAdapterMsg
+from transport.rpc import Handler, RpcError
 
 log = logging.getLogger("atlas.helper")
 
 
 class HelperService:
-    """Serves the owners of this node's assignment (`owners` entries of the assignment)."""
+    """Serves the owners of this node's assignment (`owners` entries of the assignment).
 
-    def __init__(self, node: Any) -> None:
-        self.node = node  # nodes.peer.Peer: executor, base model, assignment, catch-up
+    Collaborators: `executor` (every torch call), `link` (counts the replies it sends),
+    `assignments` (whom to serve), `local` (this node's id and base, None while starting)
+    and `patches` (a replica behind an owner pulls them from the cluster's anchor).
+    """
+
+    def __init__(self, executor: TorchExecutor, link: Link, assignments: AssignmentSource, local: LocalNode,
+                 patches: PatchSource) -> None:
+        self.executor = executor
+        self.link = link
+        self.assignments = assignments
+        self.local = local
+        self.patches = patches
         self.pool = HelperPool()
         self._locks: dict[int, asyncio.Lock] = {}
         self.steps_served = 0
@@ -45,7 +62,7 @@ class HelperService:
 
     # ---- plumbing --------------------------------------------------------------------
     def _find(self, owner_id: int) -> dict[str, Any] | None:
-        a = self.node.assignment
+        a = self.assignments.assignment
         for o in (a.owners if a is not None else []):
             if int(o.get("owner", -1)) == owner_id:
                 return o
@@ -53,35 +70,32 @@ class HelperService:
 
     async def _owner_plan(self, owner_id: int) -> dict[str, Any]:
         """This owner's entry in our assignment (refetched once if absent: ours may be stale)."""
-        from transport.rpc import RpcError
-
-        if self.node.base_model is None:  # still building the model after the welcome
-            raise RpcError("not_serving", f"node {self.node.node_id} is still starting")
+        me = self.local.node_id
+        if self.local.base_model is None:  # still building the model after the welcome
+            raise RpcError("not_serving", f"node {me} is still starting")
         plan = self._find(owner_id)
-        if plan is None and self.node.node_id is not None:
-            await self.node.fetch_assignment()
+        if plan is None and me is not None:
+            await self.assignments.fetch_assignment()
             plan = self._find(owner_id)
         if plan is not None:
             return plan
-        raise RpcError("not_serving", f"node {self.node.node_id} is not assigned to serve owner {owner_id}")
+        raise RpcError("not_serving", f"node {me} is not assigned to serve owner {owner_id}")
 
     def _replica(self, cluster: int) -> HelperSession:
         key = str(cluster)
         if key not in self.pool.clusters:
-            model = copy.deepcopy(self.node.base_model)
+            model = copy.deepcopy(self.local.base_model)
             self.pool.add(HelperSession(model, HelperConfig(cluster=key)))
         return self.pool.get(key)
 
     async def _sync(self, cluster: int, replica: HelperSession, wanted: int) -> None:
         """Bring the replica to the owner's version `wanted` (pull patches from the anchor)."""
-        from transport.rpc import RpcError
-
         lock = self._locks.setdefault(cluster, asyncio.Lock())
         async with lock:
             if replica.version < wanted:
-                records = await self.node.fetch_patches(cluster, replica.version)
+                records = await self.patches(cluster, replica.version)
                 for r in records:
-                    await self.node.executor.run(replica.fold, r.patch, version=r.version, digest=r.digest,
+                    await self.executor.run(replica.fold, r.patch, version=r.version, digest=r.digest,
                                                  chain=r.chain)
                 log.info("helper replica of cluster %d caught up to version %d", cluster, replica.version)
         if replica.version != wanted:
@@ -89,10 +103,8 @@ class HelperService:
                                       f"the request at {wanted}")
 
     async def _torch(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        from transport.rpc import RpcError
-
         try:
-            return await self.node.executor.run(fn, *args, **kwargs)
+            return await self.executor.run(fn, *args, **kwargs)
         except ReplayNeeded as exc:
             raise RpcError("replay", str(exc)) from None
         except VersionMismatchError as exc:
@@ -103,34 +115,27 @@ class HelperService:
     # ---- handlers -------------------------------------------------------------------
     def _check_base(self, owner_id: int, digest: str) -> None:
         """Serve only an owner that runs this node's base (atlas_p2p.models.base digest)."""
-        from atlas_p2p.models.base import short
-        from transport.rpc import RpcError
-
-        mine = (getattr(self.node, "base_identity", None) or {}).get("digest")
+        mine = self.local.base_digest
         if mine is None:
-            raise RpcError("not_serving", f"node {self.node.node_id} is still starting")
+            raise RpcError("not_serving", f"node {self.local.node_id} is still starting")
         if digest != mine:
             raise RpcError("base_mismatch", f"owner {owner_id} runs base {short(digest) if digest else '(none stated)'}, "
-                                            f"helper {self.node.node_id} runs {short(mine)}: not serving it")
+                                            f"helper {self.local.node_id} runs {short(mine)}: not serving it")
 
-    async def rpc_round_begin(self, env: Any) -> None:
+    async def rpc_round_begin(self, env: Envelope) -> None:
         b = env.body
         plan = await self._owner_plan(b.owner_id)
         self._check_base(b.owner_id, b.base_digest)
         if plan.get("cluster") is not None and int(plan["cluster"]) != b.cluster:
-            from transport.rpc import RpcError
-
             raise RpcError("bad_request", f"owner {b.owner_id} is in cluster {plan['cluster']}, not {b.cluster}")
         replica = self._replica(b.cluster)
         for other in self.pool.clusters:  # an owner that moved cluster is dropped from the old replica
             if other != str(b.cluster):
-                await self.node.executor.run(self.pool.get(other).drop, b.owner_id)
+                await self.executor.run(self.pool.get(other).drop, b.owner_id)
         await self._sync(b.cluster, replica, b.base_version)
         await self._torch(replica.begin, b.owner_id, b.round, b.split, dict(b.ranks), b.seed, mode=b.mode, lr=b.lr)
 
-    async def rpc_forward(self, env: Any) -> Any:
-        from transport.messages import Backward, Hidden
-
+    async def rpc_forward(self, env: Envelope) -> Hidden | Backward:
         b = env.body
         self.requests["forward"] += 1
         self.labels_received += b.labels is not None
@@ -146,13 +151,10 @@ class HelperService:
                                        b.attention_mask, b.labels, base_version=b.base_version)
             self.steps_served += 1
             reply = Backward(step=b.step, grad=result.grad.detach().cpu().numpy(), loss=float(result.loss))
-        self.node.meter.count(reply)
-        return reply
+        return self.link.count(reply)
 
-    async def rpc_u_backward(self, env: Any) -> Any:
+    async def rpc_u_backward(self, env: Envelope) -> Backward:
         """u-shape, second half of a step: the owner's ∂L/∂hidden -> backward, AdamW step -> ∂L/∂activations."""
-        from transport.messages import Backward
-
         b = env.body
         self.requests["u_backward"] += 1
         await self._owner_plan(b.owner_id)
@@ -161,35 +163,24 @@ class HelperService:
         grad = await self._torch(replica.u_backward, b.owner_id, b.round, b.step, b.grad,
                                  base_version=b.base_version)
         self.steps_served += 1
-        reply = Backward(step=b.step, grad=grad.detach().cpu().numpy(), loss=None)
-        self.node.meter.count(reply)
-        return reply
+        return self.link.count(Backward(step=b.step, grad=grad.detach().cpu().numpy(), loss=None))
 
-    async def rpc_return_get(self, env: Any) -> Any:
-        from nodes.wireconv import factors_to_wire
-        from transport.messages import ServerAdapterMsg
-
+    async def rpc_return_get(self, env: Envelope) -> ServerAdapterMsg:
         b = env.body
         await self._owner_plan(b.owner_id)
         back = await self._torch(self._replica(b.cluster).return_adapter, b.owner_id, b.round)
         tensors, scalings = factors_to_wire(back.factors, back.dense)
-        reply = ServerAdapterMsg(owner_id=b.owner_id, round=back.round, steps=back.steps, tensors=tensors,
-                                 scalings=scalings)
-        self.node.meter.count(reply)
-        return reply
+        return self.link.count(ServerAdapterMsg(owner_id=b.owner_id, round=back.round, steps=back.steps,
+                                                tensors=tensors, scalings=scalings))
 
-    async def rpc_probe(self, env: Any) -> Any:
+    async def rpc_probe(self, env: Envelope) -> Hidden | Backward:
         """One micro-batch of another node's fingerprint across a cut, on the ORIGINAL base
         (atlas_p2p.training.probe): nothing here changes, so any joined node may ask."""
-        from atlas_p2p.training import probe
-        from transport.messages import Backward, Hidden
-        from transport.rpc import RpcError
-
         b = env.body
         self.requests["probe"] += 1
-        base = self.node.base_model
+        base = self.local.base_model
         if base is None:
-            raise RpcError("not_serving", f"node {self.node.node_id} is still starting")
+            raise RpcError("not_serving", f"node {self.local.node_id} is still starting")
         if b.labels is not None:
             grad, loss = await self._torch(probe.probe_grad, base, b.split, b.activations, b.attention_mask, b.labels)
             reply = Backward(step=0, grad=grad.cpu().numpy(), loss=loss)
@@ -199,9 +190,8 @@ class HelperService:
         else:
             grad = await self._torch(probe.probe_vjp, base, b.split, b.activations, b.attention_mask, b.hidden_grad)
             reply = Backward(step=0, grad=grad.cpu().numpy(), loss=None)
-        self.node.meter.count(reply)
-        return reply
+        return self.link.count(reply)
 
-    def handlers(self) -> dict[str, Callable[[Any], Awaitable[Any]]]:
+    def handlers(self) -> dict[str, Handler]:
         return {"round_begin": self.rpc_round_begin, "forward": self.rpc_forward,
                 "u_backward": self.rpc_u_backward, "return_get": self.rpc_return_get, "probe": self.rpc_probe}

@@ -1,7 +1,7 @@
 """Merge rounds inside a cluster (DESIGN 8, docs/RUNTIME.md): gossip store, anchor, manifests.
 
-Pure bookkeeping, no sockets: the peer runtime feeds it contributions and asks it what to
-publish or serve.
+Pure bookkeeping, no sockets: the node's cluster sync (nodes/cluster_sync.py) feeds it
+contributions and asks it what to publish or serve.
 
 - `GossipStore` keeps every contribution a node has seen, by (cluster, round) and by
   digest; `add` says whether it is new (only new ones are forwarded: gossip ends).
@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 from atlas_p2p.aggregation import Contribution, Patch, stack_merge
 from atlas_p2p.versioning import PatchRecord, VersionedBase
+from transport.messages import Manifest
 
 log = logging.getLogger("atlas.merge")
 
@@ -75,9 +76,7 @@ class ManifestInfo:
     digests: tuple[str, ...]
     record: PatchRecord
 
-    def to_msg(self):
-        from transport.messages import Manifest
-
+    def to_msg(self) -> Manifest:
         return Manifest(cluster=self.cluster, round=self.round, ready=True, version=self.version,
                         digests=list(self.digests), patch_digest=self.record.digest, chain=self.record.chain)
 
@@ -132,7 +131,7 @@ class AnchorLog:
         return self.base.missing_since(version)
 
 
-def merge_manifest(manifest, contributions: list[Contribution]) -> Patch:
+def merge_manifest(manifest: Manifest, contributions: list[Contribution]) -> Patch:
     """The manifest's patch rebuilt from its contributions; ValueError unless digests agree."""
     have = sorted(c.digest for c in contributions)
     if have != sorted(manifest.digests):

@@ -19,7 +19,15 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
+
+from atlas_p2p.aggregation import Contribution
+from atlas_p2p.training import OwnerForward, OwnerSession
+from nodes.collaborators import Link
+from nodes.config import TrainConfig
+from nodes.executor import TorchExecutor
+from nodes.wireconv import factors_from_wire
+from transport.messages import Backward, Forward, Hidden, Message, ReturnGet, RoundBegin, ServerAdapterMsg, UBackward
+from transport.rpc import RpcError, RpcTimeout
 
 log = logging.getLogger("atlas.owner")
 
@@ -38,28 +46,36 @@ class VersionBehind(Exception):
 
 @dataclass
 class RoundResult:
-    contribution: Any  # aggregation.Contribution
+    contribution: Contribution
     loss: float | None  # mean loss over the round's steps
     steps: int
     seconds: float
 
 
 class OwnerRunner:
-    """Runs rounds of one OwnerSession against the helper of the current assignment."""
+    """Runs rounds of one OwnerSession against the helper of the current assignment.
 
-    def __init__(self, node: Any, session: Any, cluster: int, helper: int | None, helper_address: str | None,
-                 ranks: dict[str, int]) -> None:
-        self.node = node  # nodes.peer.Peer: executor, rpc client, meter, config
-        self.session = session  # atlas_p2p.training.OwnerSession
+    Collaborators: `link` (metered calls to the helper), `executor` (every torch call), and
+    from `train` the step deadline and the emulated step delay.
+    """
+
+    def __init__(self, link: Link, executor: TorchExecutor, session: OwnerSession, train: TrainConfig, *,
+                 owner_id: int, cluster: int, helper: int | None, helper_address: str | None,
+                 ranks: dict[str, int], base_digest: str) -> None:
+        self.link = link
+        self.executor = executor
+        self.session = session
+        self.step_timeout_s = train.step_timeout_s
+        self.step_delay_s = train.step_delay_s
+        self.owner_id = owner_id
         self.cluster = cluster
         self.helper = helper
         self.helper_address = helper_address
         self.ranks = dict(ranks)
+        self.base_digest = base_digest  # this node's base (a helper on another base refuses round_begin)
 
-    async def _call(self, body: Any, timeout: float) -> Any:
+    async def _call(self, body: Message, timeout: float) -> Message:
         """One request to the helper; `not_serving` (its assignment lags ours) is retried until the deadline."""
-        from transport.rpc import RpcError, RpcTimeout
-
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -69,12 +85,9 @@ class OwnerRunner:
                     raise
                 await asyncio.sleep(0.2)
 
-    async def _call_once(self, body: Any, timeout: float) -> Any:
-        from transport.rpc import RpcError, RpcTimeout
-
-        self.node.meter.count(body)
+    async def _call_once(self, body: Message, timeout: float) -> Message:
         try:
-            return await self.node.client.call(self.helper_address, body, timeout=timeout)
+            return await self.link.call(self.helper_address, body, timeout=timeout)
         except RpcTimeout:
             raise HelperFailed(self.helper, f"no answer to {type(body).TYPE} within {timeout:g} s") from None
         except RpcError as exc:
@@ -85,30 +98,25 @@ class OwnerRunner:
             raise HelperFailed(self.helper, f"{type(body).TYPE} refused: {exc}") from None
 
     async def _begin(self) -> None:
-        from transport.messages import RoundBegin
-
         s = self.session
-        await self._call(RoundBegin(owner_id=self.node.node_id, cluster=self.cluster, round=s.round,
+        await self._call(RoundBegin(owner_id=self.owner_id, cluster=self.cluster, round=s.round,
                                     split=s.config.split, ranks=self.ranks, seed=s.seed, lr=s.config.lr,
-                                    mode=s.config.mode, base_version=s.version,
-                                    base_digest=(getattr(self.node, "base_identity", None) or {}).get("digest", "")),
-                         self.node.train.step_timeout_s)
+                                    mode=s.config.mode, base_version=s.version, base_digest=self.base_digest),
+                         self.step_timeout_s)
 
     async def _split_steps(self, batches: list[dict]) -> None:
-        from transport.messages import Backward, Forward
-
-        s, run, timeout = self.session, self.node.executor.run, self.node.train.step_timeout_s
+        s, run, timeout = self.session, self.executor.run, self.step_timeout_s
         await self._begin()
         for batch in batches:
             fwd = await run(s.forward, batch)
             body = Forward(step=fwd.step, activations=fwd.activations.cpu().numpy(),
                            attention_mask=fwd.attention_mask.cpu().numpy(),
                            labels=None if fwd.labels is None else fwd.labels.cpu().numpy(),
-                           base_version=s.version, owner_id=self.node.node_id, cluster=self.cluster,
+                           base_version=s.version, owner_id=self.owner_id, cluster=self.cluster,
                            round=fwd.round)
             reply = await self._call(body, timeout)
-            if self.node.train.step_delay_s:
-                await asyncio.sleep(self.node.train.step_delay_s)
+            if self.step_delay_s:
+                await asyncio.sleep(self.step_delay_s)
             loss = None
             if s.config.mode == "u-shape":  # u-shape: head and loss here, then the helper's backward
                 loss, reply = await self._u_finish(fwd, reply, timeout)
@@ -119,31 +127,27 @@ class OwnerRunner:
             except ValueError as exc:  # a malformed gradient: this helper is not to be trusted
                 raise HelperFailed(self.helper, f"sent a bad gradient ({exc})") from None
 
-    async def _u_finish(self, fwd: Any, reply: Any, timeout: float) -> tuple[float, Any]:
+    async def _u_finish(self, fwd: OwnerForward, reply: Message, timeout: float) -> tuple[float, Message]:
         """u-shape: the helper's hidden states -> final norm + head + loss here (labels never leave)
         -> `u_backward` with ∂L/∂hidden; returns (loss, the helper's `backward` reply)."""
-        from transport.messages import Hidden, UBackward
-
         s = self.session
         if not isinstance(reply, Hidden) or reply.step != fwd.step:
             raise HelperFailed(self.helper, f"answered u-shape step {fwd.step} with {type(reply).TYPE}")
         try:
-            loss, grad = await self.node.executor.run(s.finish, reply.hidden)
+            loss, grad = await self.executor.run(s.finish, reply.hidden)
         except ValueError as exc:  # malformed hidden states: this helper is not to be trusted
             raise HelperFailed(self.helper, f"sent bad hidden states ({exc})") from None
         body = UBackward(step=fwd.step, grad=grad.cpu().numpy(), base_version=s.version,
-                         owner_id=self.node.node_id, cluster=self.cluster, round=fwd.round)
+                         owner_id=self.owner_id, cluster=self.cluster, round=fwd.round)
         return loss, await self._call(body, timeout)
 
     async def _returned(self) -> tuple[dict, dict]:
-        from nodes.wireconv import factors_from_wire
-        from transport.messages import ReturnGet, ServerAdapterMsg
-
         s = self.session
-        reply = await self._call(ReturnGet(owner_id=self.node.node_id, cluster=self.cluster, round=s.round),
-                                 self.node.train.step_timeout_s)
-        if not isinstance(reply, ServerAdapterMsg) or reply.round != s.round or reply.steps != s.step:
-            raise HelperFailed(self.helper, "returned an adapter of another round or step count")
+        reply = await self._call(ReturnGet(owner_id=self.owner_id, cluster=self.cluster, round=s.round),
+                                 self.step_timeout_s)
+        if (not isinstance(reply, ServerAdapterMsg) or reply.owner_id != self.owner_id or reply.round != s.round
+                or reply.steps != s.step):
+            raise HelperFailed(self.helper, "returned an adapter of another owner, round or step count")
         try:
             return factors_from_wire(reply.tensors, reply.scalings)
         except ValueError as exc:
@@ -151,15 +155,13 @@ class OwnerRunner:
 
     async def train_round(self, batches: list[dict]) -> RoundResult:
         """E steps of the current round on `batches`, then the contribution (closing the round)."""
-        from transport.rpc import RpcError
-
-        s, run = self.session, self.node.executor.run
+        s, run = self.session, self.executor.run
         started = time.perf_counter()
         if s.local:
             for batch in batches:
                 await run(s.local_step, batch)
-                if self.node.train.step_delay_s:
-                    await asyncio.sleep(self.node.train.step_delay_s)
+                if self.step_delay_s:
+                    await asyncio.sleep(self.step_delay_s)
             contribution = await run(s.contribution)
         else:
             for attempt in range(MAX_REPLAYS + 1):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import threading
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -192,10 +191,13 @@ def test_the_swarm_base_and_init_seed_survive_a_restart_and_reset_with_another_m
 
 
 def test_a_helper_refuses_an_owner_on_another_base():
+    from nodes.collaborators import LocalNode
     from nodes.helper import HelperService
     from transport.rpc import RpcError
 
-    service = HelperService(SimpleNamespace(base_identity={"digest": "d" * 64}, node_id=3))
+    # the base check reads only this node's id and base; no executor, link, assignment or patches needed
+    local = LocalNode(node_id=3, base_identity={"digest": "d" * 64})
+    service = HelperService(executor=None, link=None, assignments=None, local=local, patches=None)
     service._check_base(1, "d" * 64)
     for stated in ("e" * 64, ""):
         with pytest.raises(RpcError) as err:

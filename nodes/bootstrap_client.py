@@ -1,0 +1,171 @@
+"""A node's requests to the bootstrap beyond join and heartbeats (those are nodes/control.py's).
+
+`BootstrapClient` holds what the bootstrap told this node and says what the node has to
+tell it (docs/RUNTIME.md, "Messages"):
+
+- the assignment: `fetch_assignment` (`get_assignment` -> `assignment`; the bootstrap is the
+  authority, so a restarted one counting versions from 0 again is followed), and
+  `wait_assignment` until one satisfies a predicate (refetched every 2 s meanwhile);
+- `on_beat`, the heartbeat reply hook: `swarm_done`; `need_fingerprint` re-sends the last
+  fingerprint; `need_base` re-sends the base digest; another assignment version fetches
+  the assignment;
+- `send_fingerprint` (10 attempts) and `send_base` (until answered; `JoinRefused` when the
+  swarm runs another base), both retried with `linear_backoff`;
+- `report_helper`: `report{event: helper_failed}` makes the coordinator re-pair the owner.
+
+It is also the `AssignmentSource` the node's services read the assignment from.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+
+from nodes.collaborators import Link, LocalNode, TaskSet, linear_backoff
+from nodes.control import JoinRefused
+from transport.messages import Assignment, BaseDigest, Beat, Fingerprint, GetAssignment, Message, Report
+from transport.rpc import RpcError
+
+log = logging.getLogger("atlas.peer")
+base_log = logging.getLogger("atlas.node")  # the base check's lines, as nodes/base_check.py logs them
+
+FINGERPRINT_ATTEMPTS = 10
+FINGERPRINT_RETRY_CAP_S = 2.0
+BASE_RETRY_CAP_S = 5.0
+REFETCH_S = 2.0  # wait_assignment asks the bootstrap again after this long without a new assignment
+_BASE_FATAL = ("base_mismatch", "bad_request", "bad_schema")
+
+
+class BootstrapClient:
+    """The node's side of the bootstrap protocol after the welcome (module doc)."""
+
+    def __init__(self, link: Link, bootstrap: str, local: LocalNode,
+                 on_refused: Callable[[JoinRefused], None]) -> None:
+        self.link = link
+        self.bootstrap = bootstrap  # HOST:PORT
+        self.local = local
+        self.assignment: Assignment | None = None
+        self.version = 0  # version of `assignment` (what heartbeats compare with the bootstrap's)
+        self.swarm_done = False
+        self._on_refused = on_refused  # a base refused after a restart stops the node like one at join
+        self._assigned = asyncio.Event()
+        self._fingerprint: Fingerprint | None = None  # the last one sent, for `need_fingerprint`
+        self._rebasing = False
+        self._tasks = TaskSet()
+
+    async def stop(self) -> None:
+        await self._tasks.cancel_all()
+
+    # ---- the assignment (AssignmentSource) -----------------------------------------------
+    def address_of(self, node_id: int | None) -> str | None:
+        if node_id is None or self.assignment is None:
+            return None
+        return self.assignment.addresses.get(str(node_id))
+
+    def anchor_of(self, cluster: int) -> int | None:
+        a = self.assignment
+        if a is None:
+            return None
+        if a.cluster == cluster:
+            return a.anchor
+        for o in a.owners:
+            if o.get("cluster") == cluster:
+                return o.get("anchor")
+        return None
+
+    async def fetch_assignment(self) -> None:
+        try:
+            a = await self.link.call(self.bootstrap, GetAssignment(node_id=self.local.node_id))
+        except RpcError as exc:
+            log.warning("get_assignment failed (%s); will retry", exc)
+            return
+        if isinstance(a, Assignment):  # the bootstrap is the authority (a restarted one counts from 0 again)
+            changed = self.assignment is None or a.version != self.assignment.version
+            self.assignment, self.version = a, a.version
+            if changed:
+                log.info("assignment v%d: role %s, cluster %s, split %s, helper %s, anchor %s, serves %s (%s)",
+                         a.version, a.role, a.cluster, a.split, a.helper, a.anchor, a.serves, a.reason)
+            self._assigned.set()
+
+    async def wait_assignment(self, predicate: Callable[[Assignment], bool], what: str) -> Assignment:
+        """Wait until the current assignment satisfies `predicate` (refetching now and then)."""
+        last_fetch = time.monotonic()
+        while True:
+            a = self.assignment
+            if a is not None and predicate(a):
+                return a
+            self._assigned.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._assigned.wait(), timeout=1.0)
+            if time.monotonic() - last_fetch > REFETCH_S:
+                last_fetch = time.monotonic()
+                await self.fetch_assignment()
+                log.debug("still waiting for %s", what)
+
+    # ---- the heartbeat reply -------------------------------------------------------------
+    async def on_beat(self, reply: Message) -> None:
+        if not isinstance(reply, Beat):
+            return
+        self.swarm_done = reply.swarm_done
+        if reply.need_fingerprint and self._fingerprint is not None:
+            self._tasks.spawn(self.send_fingerprint(self._fingerprint), "refingerprint")
+        if reply.need_base and self.local.base_identity is not None and not self._rebasing:
+            self._rebasing = True
+            self._tasks.spawn(self._resend_base(), "rebase")
+        if reply.assignment_version != self.version:
+            await self.fetch_assignment()
+
+    async def _resend_base(self) -> None:
+        """The bootstrap lost this node's base digest (e.g. its state was wiped): say it again;
+        a refusal now (the swarm runs another base) stops the node like one at join."""
+        try:
+            await self.send_base()
+        except JoinRefused as exc:
+            log.error("%s", exc)
+            self._on_refused(exc)
+        finally:
+            self._rebasing = False
+
+    # ---- what the node tells the bootstrap -----------------------------------------------
+    async def send_fingerprint(self, body: Fingerprint) -> None:
+        """Send `body` until the bootstrap accepts it (at most FINGERPRINT_ATTEMPTS tries)."""
+        self._fingerprint = body
+        for attempt in range(1, FINGERPRINT_ATTEMPTS + 1):
+            try:
+                await self.link.call(self.bootstrap, body)
+                return
+            except RpcError as exc:
+                log.warning("fingerprint not accepted (%s); retrying", exc)
+                await asyncio.sleep(linear_backoff(attempt, FINGERPRINT_RETRY_CAP_S))
+
+    async def send_base(self) -> None:
+        """Send `base_digest` until the bootstrap answers; JoinRefused when it refuses the base."""
+        identity = self.local.base_identity
+        if identity is None:
+            raise RuntimeError("send_base before the base identity is known")
+        body = BaseDigest(node_id=self.local.node_id, digest=identity["digest"], model=identity["model"],
+                          revision=identity["revision"], dtype=identity["dtype"])
+        attempt = 0
+        while True:
+            try:
+                await self.link.call(self.bootstrap, body)
+                base_log.info("bootstrap accepted base %s", identity["digest"][:12])
+                return
+            except RpcError as exc:
+                if exc.code in _BASE_FATAL:
+                    raise JoinRefused(exc.code, getattr(exc, "message", str(exc))) from None
+                attempt += 1
+                base_log.warning("base digest not acknowledged (%s); retrying", exc)
+                await asyncio.sleep(linear_backoff(attempt, BASE_RETRY_CAP_S))
+
+    async def report_helper(self, helper: int, why: str) -> None:
+        """`report{event: helper_failed}`; best effort (a lost report is logged)."""
+        body = Report(node_id=self.local.node_id, metrics={"event": "helper_failed", "helper": helper,
+                                                           "why": why[:200]})
+        try:
+            await self.link.call(self.bootstrap, body)
+        except RpcError as exc:
+            log.warning("report not delivered (%s)", exc)
