@@ -36,8 +36,10 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from atlas_p2p.aggregation.factors import AdapterFactors
-from atlas_p2p.models.families import LORA_KINDS, family_of, task_of, unwrap
+from atlas_p2p.layouts import LORA_KINDS
+from atlas_p2p.models.families import family_of, task_of, unwrap
 from atlas_p2p.models.loading import save_base  # noqa: F401  (re-exported: base + adapter make a checkpoint)
+from atlas_p2p.validation import require_int, require_number
 
 logger = logging.getLogger(__name__)
 
@@ -82,8 +84,7 @@ def lora_targets(model: nn.Module, layers=None, kinds: tuple[str, ...] = ("attn"
         raise ValueError(f"kinds: {tuple(kinds)!r} must be a non-empty subset of {LORA_KINDS}")
     layers = range(n) if layers is None else list(layers)
     for layer in layers:
-        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < n:
-            raise ValueError(f"layers: {layer!r} is outside 0..{n - 1}")
+        require_int("layers", layer, 0, n - 1)
     return [name for layer in layers for name in family.lora_module_names(layer, tuple(kinds))]
 
 
@@ -92,8 +93,7 @@ def _validate_ranks(hf: nn.Module, ranks) -> dict[str, int]:
         raise ValueError(f"ranks: expected a non-empty dict module_name -> rank, got {ranks!r}")
     modules = dict(hf.named_modules())
     for name, r in ranks.items():
-        if isinstance(r, bool) or not isinstance(r, int) or r < 0:
-            raise ValueError(f"ranks[{name!r}]: {r!r} must be an int >= 0")
+        require_int(f"ranks[{name!r}]", r, 0)
         if name not in modules:
             raise ValueError(f"ranks: no module named {name!r} in {type(hf).__name__}")
         module = modules[name]
@@ -118,8 +118,7 @@ def _alphas(positive: dict[str, int], alpha) -> dict[str, float]:
     else:
         out = {n: alpha for n in positive}
     for name, a in out.items():
-        if isinstance(a, bool) or not isinstance(a, (int, float)) or not math.isfinite(a) or a <= 0:
-            raise ValueError(f"alpha[{name!r}]: {a!r} must be a finite number > 0")
+        require_number(f"alpha[{name!r}]", a, positive=True)
     return {n: float(a) for n, a in out.items()}
 
 

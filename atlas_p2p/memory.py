@@ -39,19 +39,12 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from atlas_p2p.layouts import LAYOUTS, MODEL_TYPES
+from atlas_p2p.vocabulary import CAUSAL_LM, SEQ_CLS, TASKS
+
 log = logging.getLogger(__name__)
 
-FAMILIES = ("gpt2", "llama", "bert")
-TASKS = ("causal_lm", "seq_cls")
-# model_type (HF config) -> family whose block layout it shares
-_MODEL_TYPES = {
-    "gpt2": "gpt2",
-    "llama": "llama",
-    "qwen2": "llama",
-    "mistral": "llama",
-    "qwen3": "llama",
-    "bert": "bert",
-}
+FAMILIES = tuple(LAYOUTS)  # "gpt2", "llama", "bert"
 _DTYPE_BYTES = {
     "float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "uint8": 1,
 }
@@ -104,22 +97,22 @@ class ModelShape:
                 raise ValueError(f"{name}={getattr(self, name)!r}: must be >= 0")
         if self.heads % self.kv_heads:
             raise ValueError(f"kv_heads={self.kv_heads}: must divide heads={self.heads}")
-        if self.task == "seq_cls" and self.num_labels < 1:
+        if self.task == SEQ_CLS and self.num_labels < 1:
             raise ValueError(f"num_labels={self.num_labels}: seq_cls needs >= 1")
 
     @property
     def head_out(self) -> int:
         """O, the width of the head's output per position."""
-        return self.vocab_size if self.task == "causal_lm" else self.num_labels
+        return self.vocab_size if self.task == CAUSAL_LM else self.num_labels
 
 
-def shape_from_config(config, task: str = "causal_lm", num_labels: int | None = None) -> ModelShape:
+def shape_from_config(config, task: str = CAUSAL_LM, num_labels: int | None = None) -> ModelShape:
     """Read a `ModelShape` from a Hugging Face config object (no weights needed)."""
     model_type = getattr(config, "model_type", None)
-    if model_type not in _MODEL_TYPES:
-        raise ValueError(f"model_type={model_type!r}: unsupported, expected one of {sorted(_MODEL_TYPES)}")
-    family = _MODEL_TYPES[model_type]
-    labels = num_labels if num_labels is not None else (getattr(config, "num_labels", 0) if task == "seq_cls" else 0)
+    if model_type not in MODEL_TYPES:
+        raise ValueError(f"model_type={model_type!r}: unsupported, expected one of {sorted(MODEL_TYPES)}")
+    family = MODEL_TYPES[model_type]
+    labels = num_labels if num_labels is not None else (getattr(config, "num_labels", 0) if task == SEQ_CLS else 0)
     if family == "gpt2":
         hidden = config.n_embd
         return ModelShape(
@@ -174,38 +167,28 @@ class LoraModule:
         return self.d_in + self.d_out
 
 
-def _block_prefix(shape: ModelShape, i: int) -> str:
-    if shape.family == "gpt2":
-        return f"transformer.h.{i}"
-    if shape.family == "llama":
-        return f"model.layers.{i}"
-    return f"bert.encoder.layer.{i}"
-
-
-def _block_modules(shape: ModelShape) -> list[tuple[str, str, int, int]]:
-    """(suffix, kind, d_in, d_out) of the adaptable weights of one block."""
+def _block_weights(shape: ModelShape) -> list[tuple[str, int, int]]:
+    """(kind, d_in, d_out) of the adaptable weights of one block, in the order of the family
+    layout's attention then MLP linears (atlas_p2p.layouts)."""
     H, I = shape.hidden, shape.intermediate
     if shape.family == "gpt2":
-        return [("attn.c_attn", "c_attn", H, 3 * H), ("attn.c_proj", "c_proj", H, H),
-                ("mlp.c_fc", "c_fc", H, I), ("mlp.c_proj", "mlp_c_proj", I, H)]
+        return [("c_attn", H, 3 * H), ("c_proj", H, H), ("c_fc", H, I), ("mlp_c_proj", I, H)]
     if shape.family == "llama":
         q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
-        return [("self_attn.q_proj", "q_proj", H, q), ("self_attn.k_proj", "k_proj", H, kv),
-                ("self_attn.v_proj", "v_proj", H, kv), ("self_attn.o_proj", "o_proj", q, H),
-                ("mlp.gate_proj", "gate_proj", H, I), ("mlp.up_proj", "up_proj", H, I),
-                ("mlp.down_proj", "down_proj", I, H)]
-    return [("attention.self.query", "query", H, H), ("attention.self.key", "key", H, H),
-            ("attention.self.value", "value", H, H), ("attention.output.dense", "attn_out", H, H),
-            ("intermediate.dense", "intermediate", H, I), ("output.dense", "output", I, H)]
+        return [("q_proj", H, q), ("k_proj", H, kv), ("v_proj", H, kv), ("o_proj", q, H),
+                ("gate_proj", H, I), ("up_proj", H, I), ("down_proj", I, H)]
+    return [("query", H, H), ("key", H, H), ("value", H, H), ("attn_out", H, H),
+            ("intermediate", H, I), ("output", I, H)]
 
 
 @functools.lru_cache(maxsize=64)
 def lora_candidates(shape: ModelShape) -> tuple[LoraModule, ...]:
     """Every weight a LoRA adapter may target, block by block, in model order."""
+    layout, weights = LAYOUTS[shape.family], _block_weights(shape)
     return tuple(
-        LoraModule(f"{_block_prefix(shape, i)}.{suffix}", i, kind, d_in, d_out)
+        LoraModule(name, i, kind, d_in, d_out)
         for i in range(shape.num_layers)
-        for suffix, kind, d_in, d_out in _block_modules(shape)
+        for name, (kind, d_in, d_out) in zip(layout.lora_module_names(i), weights, strict=True)
     )
 
 
@@ -254,9 +237,9 @@ def head_params(shape: ModelShape, *, with_embedding_copy: bool) -> int:
     """
     H, O = shape.hidden, shape.head_out
     if shape.family == "bert":
-        return (H * H + H) + (H * O + O) if shape.task == "seq_cls" else H * O
+        return (H * H + H) + (H * O + O) if shape.task == SEQ_CLS else H * O
     norm = 2 * H if shape.family == "gpt2" else H
-    if shape.task == "seq_cls":
+    if shape.task == SEQ_CLS:
         return norm + H * O
     tied_free = shape.tied_head and not with_embedding_copy
     return norm + (0 if tied_free else shape.vocab_size * H)

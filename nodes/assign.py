@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from atlas_p2p.vocabulary import U_SHAPE
 from nodes.coordinator import Coordinator, CoordinatorConfig
 from nodes.config import SwarmSpec
 
@@ -16,6 +17,6 @@ def make_coordinator(spec: SwarmSpec) -> Coordinator:
     shape = shape_from_config(config, spec.task, spec.num_labels)
     return Coordinator(CoordinatorConfig(
         shape=shape, workload=Workload(spec.batch_size, spec.max_seq_len),
-        plan=PlanConfig(u_shape=spec.split_mode == "u-shape"), min_nodes=spec.min_nodes,
+        plan=PlanConfig(u_shape=spec.split_mode == U_SHAPE), min_nodes=spec.min_nodes,
         assign_after_s=spec.assign_after_s, clusters=spec.clusters,
     ))

@@ -23,6 +23,8 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
+from atlas_p2p.validation import require_int
+
 from .digest import DigestMismatchError
 from .stacking import Patch, StackedFactors
 
@@ -106,8 +108,7 @@ def patch_from_arrays(arrays: Mapping[str, Any]) -> Patch:
     modules = _str_list(meta, "modules")
     dense = _str_list(meta, "dense")
     round_, weights, digest = meta.get("round"), meta.get("weights"), meta.get("digest")
-    if isinstance(round_, bool) or not isinstance(round_, int) or round_ < 0:
-        raise ValueError(f"patch meta 'round': expected an int >= 0, got {round_!r}")
+    require_int("patch meta 'round'", round_, 0)
     if not isinstance(weights, dict):
         raise ValueError("patch meta 'weights': expected an object")
     if not isinstance(digest, str):

@@ -16,12 +16,13 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
 import torch
+
+from atlas_p2p.validation import require_number
 
 from .factors import AdapterFactors, Contribution, _compute_dtype
 from .stacking import (
@@ -124,10 +125,7 @@ def mira_mixing_matrix(adjacency: Any, eta_lambda: float) -> np.ndarray:
         raise ValueError("adjacency contains NaN or infinity")
     if (a < 0).any():
         raise ValueError("adjacency weights a_kl must be >= 0")
-    if isinstance(eta_lambda, bool) or not isinstance(eta_lambda, (int, float)) or not (
-        math.isfinite(eta_lambda) and eta_lambda >= 0
-    ):
-        raise ValueError(f"eta_lambda must be a finite number >= 0, got {eta_lambda!r}")
+    require_number("eta_lambda", eta_lambda, 0)
     np.fill_diagonal(a, 0.0)
     deg = a.sum(axis=1)  # (K,)
     worst = int(np.argmax(deg)) if deg.size else 0

@@ -19,10 +19,11 @@ to that rank keeps the update to relative Frobenius error τ (exact export).
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
+
+from atlas_p2p.validation import require_int, require_number
 
 from .stacking import StackedFactors
 
@@ -61,10 +62,7 @@ def rank_within(singular_values: torch.Tensor, rel_tol: float) -> int:
     The tails are summed from the smallest value up, in float64, so tiny tails are not lost.
     All zeros (or no values) give 0.
     """
-    if isinstance(rel_tol, bool) or not isinstance(rel_tol, (int, float)) or not (
-        math.isfinite(rel_tol) and rel_tol >= 0
-    ):
-        raise ValueError(f"rel_tol must be a finite number >= 0, got {rel_tol!r}")
+    require_number("rel_tol", rel_tol, 0)
     s2 = singular_values.detach().double().flatten() ** 2  # (k,)
     tails = torch.cat([torch.flip(torch.cumsum(torch.flip(s2, [0]), 0), [0]), s2.new_zeros(1)])  # (k+1,)
     within = torch.nonzero(tails <= (rel_tol**2) * tails[0]).flatten()  # tails[k] = 0 always qualifies
@@ -90,12 +88,8 @@ def refactor_lossy(stacked: StackedFactors, rank: int, scaling: float = 1.0) -> 
     """
     if not isinstance(stacked, StackedFactors):
         raise ValueError(f"expected StackedFactors, got {type(stacked).__name__}")
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
-        raise ValueError(f"rank must be an int >= 0, got {rank!r}")
-    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not (
-        math.isfinite(scaling) and scaling > 0
-    ):
-        raise ValueError(f"scaling must be a finite number > 0, got {scaling!r}")
+    require_int("rank", rank, 0)
+    require_number("scaling", scaling, positive=True)
     d_out, d_in = stacked.shape
     b = stacked.B.new_zeros(d_out, rank)
     a = stacked.A.new_zeros(rank, d_in)

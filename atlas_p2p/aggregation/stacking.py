@@ -23,6 +23,8 @@ from typing import Mapping, Sequence
 
 import torch
 
+from atlas_p2p.validation import require_int
+
 from .digest import digest_entries
 from .factors import Contribution, _as_tensor, _compute_dtype
 
@@ -108,8 +110,7 @@ class Patch:
             if not isinstance(node, str) or isinstance(p, bool) or not isinstance(p, (int, float)):
                 raise ValueError(f"patch weights must map node ids to numbers, got {node!r}: {p!r}")
             weights[node] = float(p)
-        if isinstance(self.round, bool) or not isinstance(self.round, int) or self.round < 0:
-            raise ValueError(f"patch round must be an int >= 0, got {self.round!r}")
+        require_int("patch round", self.round, 0)
         object.__setattr__(self, "modules", dict(self.modules))
         object.__setattr__(self, "dense", dense)
         object.__setattr__(self, "weights", weights)
@@ -327,6 +328,5 @@ def stacked_is_smaller(total_rank: int, d_in: int, d_out: int) -> bool:
     R (d_in + d_out) < d_in d_out, i.e. R < d_in d_out / (d_in + d_out)
     (384 for a 768 x 768 layer). Exact integer arithmetic."""
     for name, v in (("total_rank", total_rank), ("d_in", d_in), ("d_out", d_out)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-            raise ValueError(f"{name} must be an int >= 0, got {v!r}")
+        require_int(name, v, 0)
     return total_rank * (d_in + d_out) < d_in * d_out

@@ -2,10 +2,7 @@
 
 from atlas_p2p.models.base import base_digest, mismatch_message, seeded_init_, tensor_seed
 from atlas_p2p.models.families import (
-    CAUSAL_LM,
     FAMILIES,
-    SEQ_CLS,
-    TASKS,
     BlockContext,
     Family,
     family_of,
@@ -35,7 +32,6 @@ from atlas_p2p.models.losses import (
     task_loss,
 )
 from atlas_p2p.models.split import (
-    SPLIT_MODES,
     HelperPart,
     MiddlePart,
     OwnerPart,
@@ -43,6 +39,7 @@ from atlas_p2p.models.split import (
     split_model,
     unsplit_forward,
 )
+from atlas_p2p.vocabulary import CAUSAL_LM, SEQ_CLS, SPLIT_MODES, TASKS
 
 __all__ = [
     "CAUSAL_LM", "FAMILIES", "IGNORE_INDEX", "SEQ_CLS", "SPLIT_MODES", "TASKS", "TINY_FAMILIES",

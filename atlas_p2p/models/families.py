@@ -1,6 +1,9 @@
 """Family adapters: where each Hugging Face model family keeps its parts and how to run a block.
 
-A *family* groups architectures that share a module layout:
+A *family* groups architectures that share a module layout; the layout itself (module
+paths, LoRA-able linears, supported tasks) is the torch-free table in atlas_p2p.layouts,
+which the memory model reads too. A `Family` is one row of that table plus how its
+blocks, embeddings and heads run:
 
 - ``gpt2``: GPT-2 (learned absolute positions, fused ``c_attn``, ``Conv1D`` weights stored (in, out)).
 - ``llama``: LLaMA, Mistral, Qwen2/Qwen3, SmolLM (rotary positions, RMSNorm, q/k/v/o + gated MLP).
@@ -29,10 +32,8 @@ from transformers.masking_utils import (
     create_sliding_window_causal_mask,
 )
 
-CAUSAL_LM = "causal_lm"
-SEQ_CLS = "seq_cls"
-TASKS = (CAUSAL_LM, SEQ_CLS)
-LORA_KINDS = ("attn", "mlp")
+from atlas_p2p.layouts import BERT, GPT2, LLAMA, LORA_KINDS, FamilyLayout
+from atlas_p2p.vocabulary import CAUSAL_LM, SEQ_CLS
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -88,19 +89,10 @@ def _get(root: nn.Module, path: str) -> nn.Module:
     return module
 
 
-class Family:
-    """Layout of one model family. Subclasses say where things are and how a block is called."""
+class Family(FamilyLayout):
+    """One model family: its layout (the fields of atlas_p2p.layouts.FamilyLayout, built from
+    that table) and how it runs. Subclasses say how a block, the embeddings and the head are called."""
 
-    name: str = ""
-    model_types: tuple[str, ...] = ()
-    backbone_attr: str = ""  # attribute of the task model that holds the backbone
-    blocks_attr: str = ""  # path of the block list inside the backbone
-    final_norm_attr: str | None = None  # inside the backbone; None when the family has none
-    attn_modules: tuple[str, ...] = ()  # LoRA-able linears of the attention, relative to a block
-    mlp_modules: tuple[str, ...] = ()  # LoRA-able linears of the MLP, relative to a block
-    conv1d: bool = False  # weights stored (in, out) (GPT-2 Conv1D): peft needs fan_in_fan_out
-    learned_positions: bool = False  # a position table caps the sequence length at max_position_embeddings
-    tasks: tuple[str, ...] = TASKS
     head_attrs: dict[str, tuple[str, ...]] = {}  # task -> attributes of the task model forming the head
     trainable_head: dict[str, tuple[str, ...]] = {}  # task -> head modules trained with LoRA
 
@@ -110,10 +102,6 @@ class Family:
 
     def blocks(self, model: nn.Module) -> nn.ModuleList:
         return _get(self.backbone(model), self.blocks_attr)
-
-    def blocks_path(self) -> str:
-        """Dotted name of the block list inside the task model (e.g. ``model.layers``)."""
-        return f"{self.backbone_attr}.{self.blocks_attr}"
 
     def final_norm(self, model: nn.Module) -> nn.Module | None:
         if self.final_norm_attr is None:
@@ -131,14 +119,6 @@ class Family:
     def head_modules(self, model: nn.Module, task: str) -> dict[str, nn.Module]:
         hf = unwrap(model)
         return {a.replace(".", "_"): _get(hf, a) for a in self.head_attrs[task]}
-
-    def lora_module_names(self, layer: int, kinds: tuple[str, ...]) -> list[str]:
-        """Full names (relative to the task model) of the LoRA-able linears of one block."""
-        names: list[str] = []
-        for kind in kinds:
-            subs = self.attn_modules if kind == "attn" else self.mlp_modules
-            names += [f"{self.blocks_path()}.{layer}.{sub}" for sub in subs]
-        return names
 
     # ---- how things run ---------------------------------------------------------------
     def context(self, model: nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor) -> BlockContext:
@@ -169,16 +149,6 @@ class _DecoderFamily(Family):
 
 
 class Gpt2Family(_DecoderFamily):
-    name = "gpt2"
-    model_types = ("gpt2",)
-    backbone_attr = "transformer"
-    blocks_attr = "h"
-    final_norm_attr = "ln_f"
-    attn_modules = ("attn.c_attn", "attn.c_proj")
-    mlp_modules = ("mlp.c_fc", "mlp.c_proj")
-    conv1d = True
-    learned_positions = True
-
     def embedding_modules(self, model):
         bb = self.backbone(model)
         return {"wte": bb.wte, "wpe": bb.wpe, "drop": bb.drop}
@@ -204,14 +174,6 @@ class Gpt2Family(_DecoderFamily):
 
 class LlamaFamily(_DecoderFamily):
     """LLaMA-style decoders: rotary positions, per-layer full or sliding-window attention."""
-
-    name = "llama"
-    model_types = ("llama", "mistral", "qwen2", "qwen3")
-    backbone_attr = "model"
-    blocks_attr = "layers"
-    final_norm_attr = "norm"
-    attn_modules = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
-    mlp_modules = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
     def embedding_modules(self, model):
         return {"embed_tokens": self.backbone(model).embed_tokens}
@@ -252,15 +214,6 @@ class LlamaFamily(_DecoderFamily):
 
 
 class BertFamily(Family):
-    name = "bert"
-    model_types = ("bert",)
-    backbone_attr = "bert"
-    blocks_attr = "encoder.layer"
-    final_norm_attr = None  # BERT normalises inside every block
-    attn_modules = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense")
-    mlp_modules = ("intermediate.dense", "output.dense")
-    learned_positions = True
-    tasks = (SEQ_CLS,)
     head_attrs = {SEQ_CLS: ("bert.pooler", "dropout", "classifier")}
     trainable_head = {SEQ_CLS: ("classifier",)}
 
@@ -287,7 +240,9 @@ class BertFamily(Family):
         return hf.classifier(hf.dropout(pooled))  # (B, C)
 
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (Gpt2Family(), LlamaFamily(), BertFamily())}
+FAMILIES: dict[str, Family] = {
+    f.name: f for f in (Gpt2Family(**vars(GPT2)), LlamaFamily(**vars(LLAMA)), BertFamily(**vars(BERT)))
+}
 _BY_MODEL_TYPE = {mt: f for f in FAMILIES.values() for mt in f.model_types}
 
 

@@ -26,7 +26,8 @@ import torch
 from torch import nn
 
 from atlas_p2p.models.base import fresh_names, seeded_init_
-from atlas_p2p.models.families import CAUSAL_LM, FAMILIES, SEQ_CLS, TASKS, family_of, unwrap
+from atlas_p2p.models.families import FAMILIES, family_of, unwrap
+from atlas_p2p.vocabulary import CAUSAL_LM, SEQ_CLS, TASKS
 
 logger = logging.getLogger(__name__)
 

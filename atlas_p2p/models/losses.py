@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from atlas_p2p.models.families import CAUSAL_LM, SEQ_CLS, TASKS
+from atlas_p2p.vocabulary import CAUSAL_LM, SEQ_CLS, TASKS
 
 IGNORE_INDEX = -100
 

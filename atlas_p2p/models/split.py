@@ -29,10 +29,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from atlas_p2p.models.families import SEQ_CLS, BlockContext, family_of, task_of, unwrap
+from atlas_p2p.models.families import BlockContext, family_of, task_of, unwrap
 from atlas_p2p.models.losses import task_loss
-
-SPLIT_MODES = ("two-part", "u-shape")
+from atlas_p2p.vocabulary import SEQ_CLS, SPLIT_MODES
 
 
 def _check_ids(input_ids: torch.Tensor, vocab_size: int, max_length: int | None) -> None:

@@ -58,8 +58,9 @@ from atlas_p2p.lora import (
     set_dense_trainables,
     set_factors,
 )
-from atlas_p2p.models.families import CAUSAL_LM, SEQ_CLS, TASKS, task_of
+from atlas_p2p.models.families import task_of
 from atlas_p2p.versioning import VersionedBase
+from atlas_p2p.vocabulary import CAUSAL_LM, SEQ_CLS, TASKS
 
 from .fold import check_patch
 from .modules import dense_base_param
