@@ -26,33 +26,22 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from atlas_p2p.synthetic import write_synthetic_jsonl  # noqa: E402
-from nodes.bootstrap import Bootstrap  # noqa: E402
-from nodes.config import BootstrapConfig, NodeConfig  # noqa: E402
+from nodes.config import SwarmSpec  # noqa: E402
 from nodes.metrics import lost_updates  # noqa: E402
-from nodes.peer import Peer  # noqa: E402
-from nodes.runtime_config import SwarmSpec, TrainConfig  # noqa: E402
+from scenarios.inprocess import InProcessSwarm  # noqa: E402
 
 
 async def _run(workdir: Path, rounds: int, steps: int) -> dict:
-    boot = await Bootstrap.create(
-        BootstrapConfig(bind="127.0.0.1:0", state_dir=workdir / "boot", heartbeat_s=0.5, suspect_after_s=3.0,
-                        dead_after_s=6.0, restart_grace_s=1.0, sweep_s=0.1, fingerprint_seed=3),
-        swarm=SwarmSpec(task="seq_cls", num_labels=4, min_nodes=2, clusters=1),
-    )
-    nodes = {"owner": ("4MB", 0), "whole": ("30MB", 0), "helper": ("100MB", None)}
-    peers, stop = {}, asyncio.Event()
-    for name, (memory, task) in nodes.items():
-        data = None if task is None else write_synthetic_jsonl(workdir / f"{name}.jsonl", task, 96, seed=len(peers))
-        config = NodeConfig(bootstrap=boot.address, memory_bytes=int(memory[:-2]) * 10**6, bandwidth_bps=5e7,
-                            data=data, state_dir=workdir / name, compute_score=1.0)
-        peers[name] = Peer(config, TrainConfig(out_dir=workdir / name, rounds=rounds, local_steps=steps, lr=0.01))
-    started = time.perf_counter()
-    try:
-        out = await asyncio.gather(*(p.run(stop) for p in peers.values()))
-    finally:
-        await boot.stop()
+    spec = SwarmSpec(task="seq_cls", num_labels=4, min_nodes=2, clusters=1)
+    timing = dict(heartbeat_s=0.5, suspect_after_s=3.0, dead_after_s=6.0, restart_grace_s=1.0, sweep_s=0.1)
+    async with await InProcessSwarm.create(workdir, spec, fingerprint_seed=3, **timing) as swarm:
+        nodes = {"owner": (4, 0), "whole": (30, 0), "helper": (100, None)}  # MB, task (None: a pure helper)
+        for seed, (name, (memory_mb, task)) in enumerate(nodes.items()):
+            data = None if task is None else write_synthetic_jsonl(workdir / f"{name}.jsonl", task, 96, seed=seed)
+            swarm.add(name, memory_mb * 10**6, data=data, rounds=rounds, local_steps=steps, lr=0.01)
+        started = time.perf_counter()
+        summaries = await swarm.run()
     wall = time.perf_counter() - started
-    summaries = dict(zip(peers, out))
     figures = {"wall_s": round(wall, 2), "rounds": rounds, "local_steps": steps,
                "lost_updates": lost_updates(list(summaries.values()))}
     for name in ("owner", "whole"):

@@ -5,51 +5,37 @@ import asyncio
 import numpy as np
 import pytest
 
-from nodes.bootstrap import Bootstrap
-from nodes.config import BootstrapConfig, NodeConfig
-from nodes.peer import Peer, RuntimeFailure
-from nodes.runtime_config import SwarmSpec, TrainConfig
+from nodes.config import SwarmSpec
+from nodes.peer import RuntimeFailure
+from scenarios.inprocess import InProcessSwarm
+from scenarios.waiting import wait_until_async
 from transport.messages import (ContributionMsg, Forward, ManifestGet, PatchesGet, Ping, Report, ReturnGet,
                                 RoundBegin)
 from transport.rpc import RpcClient, RpcError
 
 
-async def _bootstrap(tmp_path):
-    return await Bootstrap.create(
-        BootstrapConfig(bind="127.0.0.1:0", state_dir=tmp_path / "boot", heartbeat_s=0.3, suspect_after_s=2.0,
-                        dead_after_s=4.0, restart_grace_s=1.0, sweep_s=0.1),
-        swarm=SwarmSpec(task="seq_cls", num_labels=4),
-    )
-
-
-def _node(boot, tmp_path, **kw):
-    config = NodeConfig(bootstrap=boot.address, memory_bytes=10**8, bandwidth_bps=5e7, state_dir=tmp_path / "n",
-                        compute_score=1.0, **kw)
-    return Peer(config, TrainConfig(out_dir=tmp_path / "n"))
+SPEC = SwarmSpec(task="seq_cls", num_labels=4)
 
 
 def test_a_node_whose_model_disagrees_with_the_swarm_stops_with_a_clear_error(tmp_path):
     async def run():
-        boot = await _bootstrap(tmp_path)
-        try:
+        async with await InProcessSwarm.create(tmp_path, SPEC) as swarm:
+            swarm.add("n", 10**8, model="tiny-llama")
             with pytest.raises(RuntimeFailure, match="disagrees with the swarm's model tiny-gpt2"):
-                await asyncio.wait_for(_node(boot, tmp_path, model="tiny-llama").run(asyncio.Event()), 30)
-        finally:
-            await boot.stop()
+                await swarm.run(timeout=30)
 
     asyncio.run(run())
 
 
 def test_bad_peer_requests_get_error_codes_and_the_node_keeps_serving(tmp_path):
     async def run():
-        boot = await _bootstrap(tmp_path)
-        stop = asyncio.Event()
-        node = _node(boot, tmp_path)
-        task = asyncio.create_task(node.run(stop))
+        swarm = await InProcessSwarm.create(tmp_path, SPEC)
+        node = swarm.add("n", 10**8)
+        task = swarm.start("n")
         client = await RpcClient.create("prober")
         try:
-            while node.base_model is None or node.server is None:
-                await asyncio.sleep(0.05)
+            await wait_until_async(lambda: node.base_model is not None and node.server is not None, 60,
+                                   what="the node to serve")
             addr = node.server.address
             acts = np.zeros((1, 3, 64), np.float32)
             bad = [
@@ -67,15 +53,15 @@ def test_bad_peer_requests_get_error_codes_and_the_node_keeps_serving(tmp_path):
                 assert err.value.code == code, (type(body).TYPE, err.value)
             assert await client.call(addr, Ping(), timeout=5) is not None
             with pytest.raises(RpcError) as err:  # a report naming no valid helper is refused by the bootstrap
-                await client.call(boot.address, Report(node_id=node.node_id,
+                await client.call(swarm.address, Report(node_id=node.node_id,
                                                        metrics={"event": "helper_failed", "helper": "x"}), timeout=5)
             assert err.value.code == "bad_request"
             assert not task.done()
         finally:
-            stop.set()
+            swarm.stop.set()
             await client.stop()
             await asyncio.wait_for(task, 30)
-            await boot.stop()
+            await swarm.close()
 
     asyncio.run(run())
 

@@ -15,39 +15,24 @@ from peft import PeftModel
 
 from atlas_p2p.synthetic import write_synthetic_jsonl
 from atlas_p2p.training import apply_to_model
-from nodes.bootstrap import Bootstrap
 from nodes.checkpoint import load_checkpoint
-from nodes.config import BootstrapConfig, NodeConfig
+from nodes.config import SwarmSpec
 from nodes.metrics import lost_updates
 from nodes.modelname import build_model
-from nodes.peer import Peer
-from nodes.runtime_config import SwarmSpec, TrainConfig
+from scenarios.inprocess import InProcessSwarm
 
 ROUNDS = 2
 
 
 async def _swarm(tmp_path):
-    boot = await Bootstrap.create(
-        BootstrapConfig(bind="127.0.0.1:0", state_dir=tmp_path / "boot", heartbeat_s=0.3, suspect_after_s=2.0,
-                        dead_after_s=4.0, restart_grace_s=1.0, sweep_s=0.1, fingerprint_seed=77),
-        swarm=SwarmSpec(task="seq_cls", num_labels=4, min_nodes=3, clusters=2, assign_after_s=60),
-    )
-    nodes = {"strong0": ("30MB", 0), "weak0": ("4MB", 0), "strong1": ("30MB", 1), "helper": ("100MB", None)}
-    peers, stop = {}, asyncio.Event()
-    for name, (memory, task) in nodes.items():
-        data = None if task is None else write_synthetic_jsonl(tmp_path / f"{name}.jsonl", task, 48, seed=len(peers))
-        config = NodeConfig(bootstrap=boot.address, memory_bytes=int(memory[:-2]) * 10**6, bandwidth_bps=5e7,
-                            data=data, state_dir=tmp_path / name, compute_score=1.0)
-        train = TrainConfig(out_dir=tmp_path / name, rounds=ROUNDS, local_steps=2, lr=0.01, export_rank=64,
-                            round_deadline_s=30.0)
-        peers[name] = Peer(config, train)
-    try:
-        runs = [asyncio.create_task(p.run(stop)) for p in peers.values()]
-        summaries = await asyncio.wait_for(asyncio.gather(*runs), timeout=120)
-    finally:
-        stop.set()
-        await boot.stop()
-    return dict(zip(peers, summaries))
+    spec = SwarmSpec(task="seq_cls", num_labels=4, min_nodes=3, clusters=2, assign_after_s=60)
+    async with await InProcessSwarm.create(tmp_path, spec, fingerprint_seed=77) as swarm:
+        nodes = {"strong0": (30, 0), "weak0": (4, 0), "strong1": (30, 1), "helper": (100, None)}  # MB, task
+        for seed, (name, (memory_mb, task)) in enumerate(nodes.items()):
+            data = None if task is None else write_synthetic_jsonl(tmp_path / f"{name}.jsonl", task, 48, seed=seed)
+            swarm.add(name, memory_mb * 10**6, data=data, rounds=ROUNDS, local_steps=2, lr=0.01, export_rank=64,
+                      round_deadline_s=30.0)
+        return await swarm.run(timeout=120)
 
 
 @pytest.fixture(scope="module")
