@@ -16,8 +16,15 @@ Normalising each probe before smoothing is our choice: it keeps the smoothing an
 cluster mean independent of each batch's loss scale, so a member with a large loss
 does not outweigh the others.
 
-Only `probe_scores` touches torch; the rest is plain arithmetic on {module: score}
-dicts, which travel as short vectors (`to_vector`, `from_vector`).
+A node measures its vector once, with its fingerprint (`measure`: the first fingerprint
+micro-batch, the weights of the blocks it runs), and sends it in the `fingerprint`
+message; the bootstrap's planner water-fills ranks by its cluster's mean. The probe is
+one extra forward and backward of one micro-batch, and each weight's gradient is reduced
+to its score as soon as backward produces it, so it never holds more than one weight's
+gradient at a time (a training step holds none: the base is frozen).
+
+Only `probe_scores` and `measure` touch torch; the rest is plain arithmetic on
+{module: score} dicts, which travel as short vectors (`to_vector`, `from_vector`).
 """
 from __future__ import annotations
 
@@ -26,6 +33,8 @@ import math
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
+
+from atlas_p2p.memory import ModelShape, lora_candidates
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +70,11 @@ def probe_scores(model, batch, loss_fn: Callable[[Any, Any], Any], names: Sequen
     returns Σ(its activations ⊙ the gradient its helper sent back), whose gradient with
     respect to its weights is the true one.
     The named base weights get requires_grad only for this probe and are restored
-    afterwards; gradients come from torch.autograd.grad, so no `.grad` of any parameter
-    (LoRA ones included) changes. A weight the loss does not reach scores 0.
+    afterwards. Backward runs with only those weights as inputs, and a hook turns each
+    weight's gradient into its score the moment it is accumulated and drops it, so no
+    other parameter's `.grad` (LoRA ones included) changes, the named weights' `.grad`
+    come back as they were, and at most one weight's gradient is alive at a time. A
+    weight the loss does not reach scores 0.
     """
     import torch
 
@@ -73,25 +85,53 @@ def probe_scores(model, batch, loss_fn: Callable[[Any, Any], Any], names: Sequen
     modules = dict(model.named_modules())
     weights = [_find_weight(modules, n) for n in names]
     flags = [w.requires_grad for w in weights]
+    saved = [w.grad for w in weights]
+    scores: Scores = {name: 0.0 for name in names}
+
+    def reduce(name: str) -> Callable[[Any], None]:
+        def hook(w) -> None:
+            with torch.no_grad():
+                cost = w.shape[0] + w.shape[1]  # d_in + d_out, for (out, in) and Conv1D (in, out)
+                scores[name] += float((w * w.grad).abs().sum()) / cost
+            w.grad = None
+
+        return hook
+
+    handles = []
     try:
-        for w in weights:
+        for name, w in zip(names, weights):
             w.requires_grad_(True)
+            w.grad = None
+            handles.append(w.register_post_accumulate_grad_hook(reduce(name)))
         with torch.enable_grad():
             loss = loss_fn(model, batch)
             if not torch.is_tensor(loss) or loss.dim() != 0:
                 raise ValueError("loss_fn: must return a scalar tensor")
             if not torch.isfinite(loss):
                 raise ValueError(f"loss_fn: loss is not finite ({loss.item()})")
-            grads = torch.autograd.grad(loss, weights, allow_unused=True)
+            if loss.requires_grad:
+                loss.backward(inputs=weights)
     finally:
-        for w, flag in zip(weights, flags):
+        for handle in handles:
+            handle.remove()
+        for w, flag, grad in zip(weights, flags, saved):
             w.requires_grad_(flag)
-    scores: Scores = {}
-    with torch.no_grad():
-        for name, w, g in zip(names, weights, grads):
-            cost = w.shape[0] + w.shape[1]  # d_in + d_out, for (out, in) and Conv1D (in, out)
-            scores[name] = 0.0 if g is None else float((w * g).abs().sum()) / cost
+            w.grad = grad
     return scores
+
+
+def measure(model, batch, loss_fn: Callable[[Any, Any], Any], shape: ModelShape, split: int | None = None) -> Scores:
+    """A node's importance vector: `probe_scores` of every LoRA candidate weight of
+    blocks[:split] (all blocks when `split` is None), normalised to sum 1.
+
+    `split` is set when the node runs only the first blocks and `loss_fn` reaches the rest
+    through a helper (the surrogate of atlas_p2p.training.probe): the weights it does not
+    run are left out, not scored 0, so the cluster mean takes them from members that run them.
+    """
+    names = [m.name for m in lora_candidates(shape) if split is None or m.block < split]
+    if not names:
+        raise ValueError(f"split={split!r}: no adaptable weight in blocks[:split]")
+    return normalise(probe_scores(model, batch, loss_fn, names))
 
 
 def normalise(scores: Mapping[str, float]) -> Scores:

@@ -287,6 +287,21 @@ class Coordinator:
         self._member(node_id)
         return self._versions.get(node_id, 0)
 
+    def known(self, node_id: int) -> bool:
+        """Whether `node_id` ever joined this coordinator (whatever its status now)."""
+        return node_id in self._members
+
+    def fingerprinted(self, node_id: int) -> bool:
+        """Whether the coordinator holds a fingerprint of `node_id` (False for an unknown node)."""
+        member = self._members.get(node_id)
+        return member is not None and member.vector is not None
+
+    @property
+    def planned_importance(self) -> dict[int, dict[str, float]]:
+        """Cluster -> the importance vector the current plan water-filled its ranks by (the
+        mean of its members' probes); a cluster without probes is absent (uniform)."""
+        return copy.deepcopy(self._plan_importance)
+
     def metrics(self) -> dict[str, Any]:
         """Counts and records for the scenario's JSON (no task labels here: see scenarios)."""
         c = self._clustering

@@ -50,7 +50,10 @@ from atlas_p2p.aggregation import Contribution
 from atlas_p2p.data import Encoded, TaskMismatch, load_for_task, round_batches
 from atlas_p2p.lora import attach_lora
 from atlas_p2p.training import (AdapterCard, OwnerConfig, OwnerSession, RoundEval, apply_to_model, eval_batches,
-                                evaluate, export_adapter, node_fingerprint)
+                                evaluate, export_adapter, node_fingerprint, whole_model_loss)
+from atlas_p2p.fingerprint import FingerprintConfig, LossFn, fingerprint_sample
+from atlas_p2p.importance import measure
+from atlas_p2p.memory import shape_from_config
 from atlas_p2p.versioning import VersionedBase
 from nodes.base_check import settle_base
 from nodes.bootstrap_client import BootstrapClient
@@ -106,6 +109,7 @@ class Peer:
         self.encoded: Encoded | None = None
         self.eval_encoded: Encoded | None = None
         self.fingerprint: np.ndarray | None = None
+        self.importance: dict[str, float] | None = None  # importance probe sent with the fingerprint
         self.session: OwnerSession | None = None
         self.runner: OwnerRunner | None = None
         self._plan_key: tuple | None = None
@@ -186,19 +190,37 @@ class Peer:
                 break
             log.info("fingerprint across a cut: blocks[:%d] here, the rest on provisional helper %d", a.split, a.helper)
             try:
-                vector = await self.executor.run(job, loss_fn=split_loss(a.split, self.split_mode,
-                                                                         self.link.blocking(address), self.node_id))
+                loss_fn = split_loss(a.split, self.split_mode, self.link.blocking(address), self.node_id)
+                vector = await self.executor.run(job, loss_fn=loss_fn)
+                self.importance = await self.measure_importance(loss_fn, a.split)
                 self.peaks["fingerprint"] = peak.read_mb()
                 return vector
             except (RpcError, ValueError) as exc:
                 log.warning("fingerprint through helper %d failed (%s); asking again", a.helper, exc)
                 await asyncio.sleep(1.0 + attempt)
         vector = await self.executor.run(job)
+        self.importance = await self.measure_importance(whole_model_loss, None)
         self.peaks["fingerprint"] = peak.read_mb()
         return vector
 
+    async def measure_importance(self, loss_fn: LossFn, split: int | None) -> dict[str, float] | None:
+        """This node's importance vector (atlas_p2p.importance.measure) on the first micro-batch of
+        its fingerprint sample, with the fingerprint's loss: the weights of blocks[:split] across
+        a cut, every weight otherwise. None when the probe fails: the fingerprint goes without
+        it and the planner counts this node's weights as equally important."""
+        w = self.welcome
+        config = FingerprintConfig(seed=w.fingerprint_seed, num_samples=w.fingerprint_samples)
+        batch = fingerprint_sample(self.encoded, config, self.train.batch_size)[0]
+        shape = shape_from_config(self.base_model.config, self.task, self.num_labels)
+        try:
+            return await self.executor.run(measure, self.base_model, batch, loss_fn, shape, split)
+        except (RpcError, ValueError) as exc:
+            log.warning("importance probe failed (%s); the fingerprint goes without it", exc)
+            return None
+
     def _fingerprint_message(self) -> Fingerprint:
-        return Fingerprint(node_id=self.node_id, vector=self.fingerprint, n_samples=len(self.encoded))
+        return Fingerprint(node_id=self.node_id, vector=self.fingerprint, n_samples=len(self.encoded),
+                           importance=self.importance)
 
     async def report_helper(self, helper: int, why: str) -> None:
         self.repairs.append({"time": time.time(), "round": self.session.round, "helper": helper, "why": why})
