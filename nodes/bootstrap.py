@@ -1,11 +1,17 @@
 """The bootstrap service: the registry behind a ZeroMQ RpcServer, plus the liveness sweep.
 
 It answers `join` (-> `welcome`), `heartbeat`, `leave` (-> `ok`) and `peers`
-(-> `peer_list`). With a `SwarmSpec` (the training runtime, issue #4) it also runs the
+(-> `peer_list`). With a `SwarmSpec` (the training runtime) it also runs the
 coordinator (nodes/coordinator.py): `fingerprint` and `report` (-> `ok`), `get_assignment`
 (-> `assignment`), heartbeats answered by `beat` (assignment version, swarm done), the
-plan's columns written into the peer table, and `coordinator.json` in the state dir. The RpcServer decodes and validates every request before a handler
-runs; a handler refuses nonsense (unknown node, undialable address) with an `error`
+plan's columns written into the peer table, and `coordinator.json` in the state dir.
+The coordinator's whole state (`Coordinator.snapshot()`: fingerprints, clusters, plan,
+assignment versions, repair record) is kept in the peer table's meta, written after every
+event that changed it, the way the registry keeps its seeds and the swarm's base digest; a
+bootstrap restarted on the same `--state` with the same swarm flags restores it, so nodes
+keep their clusters and assignment versions (a snapshot of another swarm, or one that does
+not restore, is set aside with a warning and the coordinator starts empty).
+The RpcServer decodes and validates every request before a handler runs; a handler refuses nonsense (unknown node, undialable address) with an `error`
 reply. Every error code sent is counted in `stats`, and nothing a peer sends can stop
 the service. One base per swarm: `base_digest` (-> `ok`, or `error(base_mismatch)`) carries
 the digest of the base a node loaded; the first accepted one is the swarm's, a node with
@@ -19,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import fcntl
 import functools
 import json
@@ -33,6 +40,7 @@ from typing import IO, Any
 
 from atlas_p2p.capabilities import Capabilities
 from nodes.config import BootstrapConfig, parse_address
+from nodes.coordinator import Coordinator
 from nodes.peer_table import PeerTable, PeerTableError, open_peer_table
 from nodes.registry import Registry, RequestError
 
@@ -41,6 +49,7 @@ log = logging.getLogger("atlas.bootstrap")
 INFO_FILE = "bootstrap.json"
 LOCK_FILE = "bootstrap.lock"
 MAX_REQUEST_BYTES = 4 << 20  # control messages only: capabilities, fingerprints, reports
+COORDINATOR_KEY = "coordinator"  # peer-table meta key of {"swarm": the SwarmSpec, "state": the snapshot}
 
 
 def _lock_state_dir(state_dir: Path) -> IO[str]:
@@ -79,7 +88,7 @@ class Bootstrap:
         self.config = config
         self.swarm = swarm  # nodes.config.SwarmSpec, or None: membership only
         self.coordinator: Any = None  # nodes.coordinator.Coordinator when `swarm` is given
-        self._fingerprinted: set[int] = set()  # nodes whose fingerprint this run accepted
+        self._saved_state: str | None = None  # the coordinator state last written to the meta
         self._coord_lock = asyncio.Lock()  # one coordinator event (or read) at a time
         self._coord_thread = ThreadPoolExecutor(1, thread_name_prefix="coordinator")
         self.clock = clock
@@ -121,7 +130,7 @@ class Bootstrap:
         if self.swarm is not None:
             from nodes.assign import make_coordinator
 
-            self.coordinator = make_coordinator(self.swarm)
+            self.coordinator = self._restore_coordinator(make_coordinator(self.swarm))
             handlers.update(fingerprint=self.rpc_fingerprint, report=self.rpc_report,
                             get_assignment=self.rpc_get_assignment)
             await self._adopt_known_nodes()
@@ -174,7 +183,6 @@ class Bootstrap:
             lambda **fields: self.registry.join(body.capabilities(), **fields),
             address=body.address,
             model=body.model or None,
-            public_key=body.public_key,
             node_id=body.node_id,
             client=env.src,
             now=self.clock(),
@@ -259,7 +267,7 @@ class Bootstrap:
             if done:
                 self.registry.table.update(env.body.node_id, state="done")
 
-    # --- the coordinator (issue #4) ------------------------------------------------------------
+    # --- the coordinator ------------------------------------------------------------
 
     async def rpc_fingerprint(self, env: Any) -> None:
         from transport.rpc import RpcError
@@ -271,7 +279,6 @@ class Bootstrap:
                              body.importance, strict=True)
         except ValueError as exc:
             raise RpcError("bad_request", str(exc)) from None
-        self._fingerprinted.add(body.node_id)
         await self._coordinate(self.coordinator.maybe_assign)
 
     async def rpc_report(self, env: Any) -> None:
@@ -313,7 +320,8 @@ class Bootstrap:
         return record.capabilities, record.address
 
     async def _coordinate(self, event: Callable[..., bool], *args: Any, strict: bool = False) -> None:
-        """Feed one event to the coordinator; on a change write the plan's columns and its metrics.
+        """Feed one event to the coordinator; on a change write the plan's columns and its metrics,
+        and keep its state (`_persist`).
 
         Events run on one worker thread (clustering and planning can take seconds on a busy
         device), so the event loop keeps answering heartbeats meanwhile: a stalled loop made
@@ -331,6 +339,38 @@ class Bootstrap:
                 return
             if changed:
                 self._publish_plan()
+            self._persist()
+
+    def _persist(self) -> None:
+        """Write the coordinator's snapshot into the peer table's meta when it changed (an event
+        may change it without changing an assignment, e.g. a fingerprint before the first
+        clustering). One SQLite write: a kill -9 leaves the previous state or this one."""
+        state = json.dumps({"swarm": dataclasses.asdict(self.swarm), "state": self.coordinator.snapshot()},
+                           sort_keys=True)
+        if state != self._saved_state:
+            self.registry.table.set_meta(COORDINATOR_KEY, state)
+            self._saved_state = state
+
+    def _restore_coordinator(self, fresh: Coordinator) -> Coordinator:
+        """The coordinator kept in the meta by a previous run of this swarm, else `fresh`."""
+        raw = self.registry.table.get_meta(COORDINATOR_KEY)
+        if raw is None:
+            return fresh
+        try:
+            kept = json.loads(raw)
+            if kept.get("swarm") != json.loads(json.dumps(dataclasses.asdict(self.swarm))):
+                log.warning("the state dir holds a coordinator of another swarm (%s): starting empty", kept.get("swarm"))
+                return fresh
+            coordinator = Coordinator.restore(fresh.config, kept["state"])
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            log.warning("cannot restore the coordinator kept in the state dir (%s): starting empty", exc)
+            return fresh
+        self._saved_state = raw
+        clustering = coordinator.clustering
+        log.info("restored the coordinator: assignment version %d, %s, %d nodes", coordinator.version,
+                 "not clustered yet" if clustering is None else f"{clustering.k} clusters",
+                 len(coordinator.peer_columns()))
+        return coordinator
 
     async def _read(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Call a cheap coordinator (or coordinator-reading) function once no event is running."""
@@ -350,7 +390,7 @@ class Bootstrap:
 
     def _needs_fingerprint(self, node_id: int) -> bool:
         try:
-            return self.coordinator.status(node_id) == "live" and node_id not in self._fingerprinted
+            return self.coordinator.status(node_id) == "live" and not self.coordinator.fingerprinted(node_id)
         except ValueError:
             return False
 
@@ -369,8 +409,11 @@ class Bootstrap:
         return bool(rows) and all(r.state == "done" and r.status != "dead" for r in around)
 
     async def _adopt_known_nodes(self) -> None:
-        """After a restart on the same state: every live row becomes a coordinator member again."""
+        """After a restart on the same state: every live row the coordinator does not hold (it
+        started empty, or the node joined after the state was kept) becomes a member."""
         for record in self.registry.table.rows():
+            if self.coordinator.known(record.id):
+                continue
             if record.status in ("alive", "suspect") and record.base_digest is not None:
                 await self._coordinate(self.coordinator.on_join, record.id, *self._offer(record.id))
 

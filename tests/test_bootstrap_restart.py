@@ -1,0 +1,62 @@
+"""A bootstrap SIGKILLed mid-training and started again on the same --state keeps its coordinator.
+
+A bootstrap and two nodes of different tasks (two clusters) train through the CLI. Once a
+node has merged its first round the bootstrap is killed with SIGKILL and started again on
+the same port and --state: it restores the coordinator it kept there (clusters, plan and
+assignment versions), so the nodes, which train on meanwhile, keep their cluster ids in
+every round and both finish.
+"""
+
+import json
+import re
+
+import pytest
+
+from atlas_p2p.synthetic import write_synthetic_jsonl
+from scenarios.swarm import Swarm
+
+ROUNDS = 12  # long enough that the nodes still train when the bootstrap is back (~40 s to start under load)
+BOOTSTRAP_FLAGS = ["--dead-after", "8", "--task", "seq_cls", "--num-labels", "4", "--min-nodes", "2",
+                   "--clusters", "2", "--seed", "11"]
+NODE_FLAGS = ["--rounds", str(ROUNDS), "--local-steps", "3", "--lr", "0.01", "--step-delay", "1.5",
+              "--round-deadline", "5"]
+
+
+def _lines(path):
+    try:
+        return [json.loads(x) for x in path.read_text().splitlines()]
+    except OSError:
+        return []
+
+
+@pytest.mark.timeout(1800)  # process starts and CPU training: minutes on a loaded 2-core machine
+def test_a_restarted_bootstrap_keeps_clusters_and_versions(tmp_path):
+    with Swarm(tmp_path, heartbeat_s=0.5) as swarm:
+        swarm.start_bootstrap(extra=BOOTSTRAP_FLAGS, timeout=120)
+        for name, task in (("a", 0), ("b", 1)):
+            data = write_synthetic_jsonl(tmp_path / f"{name}.jsonl", task, 48, seed=task)
+            swarm.add_node(name, memory="30MB", data=data, extra=NODE_FLAGS, out=True)
+        ids = {name: swarm.node_id(name, timeout=300) for name in ("a", "b")}
+        swarm.wait_until(lambda: _lines(swarm.out_dir("a") / "metrics.jsonl"), 600, what="a's first round")
+
+        before = json.loads((tmp_path / "bootstrap" / "coordinator.json").read_text())
+        swarm.kill("bootstrap")
+        swarm.restart_bootstrap(timeout=120)
+
+        log = swarm.bootstrap.log_text()
+        restored = re.search(r"restored the coordinator: assignment version (\d+), 2 clusters", log)
+        assert restored is not None, swarm.bootstrap.log_tail(40)
+        assert int(restored.group(1)) == before["version"]
+        statuses = swarm.wait_until(lambda: swarm.statuses() == {ids["a"]: "alive", ids["b"]: "alive"}, 120,
+                                    what="both nodes alive at the restarted bootstrap")
+        assert statuses
+        for name in ("a", "b"):
+            assert swarm.nodes[name].proc.wait(timeout=900) == 0, swarm.nodes[name].log_tail(40)
+
+        clusters = {name: before["clusters_of"][str(ids[name])] for name in ("a", "b")}
+        assert clusters["a"] != clusters["b"]
+        for name in ("a", "b"):
+            summary = json.loads((swarm.out_dir(name) / "summary.json").read_text())
+            assert summary["finished"] and summary["rounds_done"] == ROUNDS
+            assert summary["cluster"] == clusters[name]
+            assert {line["cluster"] for line in _lines(swarm.out_dir(name) / "metrics.jsonl")} == {clusters[name]}
