@@ -129,7 +129,6 @@ class Join(Message):
     bandwidth_bps: Annotated[int, Range(1, None)]    # uplink, bits per second
     compute_score: Annotated[float, Range(0.0, None)]
     address: str                          # "host:port" of the node's own RpcServer
-    public_key: str | None = None         # CurveZMQ public key (Z85) when security is on
     has_data: bool = False
     n_samples: Count = 0                  # local training examples (aggregation weight)
     model: str = ""                       # model the node runs; "" = whatever the swarm runs
