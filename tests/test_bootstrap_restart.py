@@ -51,12 +51,12 @@ def test_a_restarted_bootstrap_keeps_clusters_and_versions(tmp_path):
                                     what="both nodes alive at the restarted bootstrap")
         assert statuses
         for name in ("a", "b"):
-            assert swarm.nodes[name].proc.wait(timeout=900) == 0, swarm.nodes[name].log_tail(40)
+            assert swarm.wait_exit(name, 900) == 0, swarm.nodes[name].log_tail(40)
 
         clusters = {name: before["clusters_of"][str(ids[name])] for name in ("a", "b")}
         assert clusters["a"] != clusters["b"]
         for name in ("a", "b"):
-            summary = json.loads((swarm.out_dir(name) / "summary.json").read_text())
+            summary = swarm.summary(name)
             assert summary["finished"] and summary["rounds_done"] == ROUNDS
             assert summary["cluster"] == clusters[name]
             assert {line["cluster"] for line in _lines(swarm.out_dir(name) / "metrics.jsonl")} == {clusters[name]}

@@ -13,32 +13,19 @@ import pytest
 from atlas_p2p.importance import cluster_importance
 from atlas_p2p.memory import candidate, lora_candidates
 from atlas_p2p.synthetic import write_synthetic_jsonl
-from nodes.bootstrap import Bootstrap
-from nodes.config import BootstrapConfig, NodeConfig, SwarmSpec, TrainConfig
-from nodes.peer import Peer
+from nodes.config import SwarmSpec
+from scenarios.inprocess import InProcessSwarm
 
 
 async def _swarm(tmp_path):
-    boot = await Bootstrap.create(
-        BootstrapConfig(bind="127.0.0.1:0", state_dir=None, heartbeat_s=0.3, suspect_after_s=2.0,
-                        dead_after_s=4.0, sweep_s=0.1, fingerprint_seed=5),
-        swarm=SwarmSpec(task="seq_cls", num_labels=4, min_nodes=3, clusters=2, assign_after_s=60),
-    )
-    nodes = {"strong0": ("30MB", 0), "weak0": ("4MB", 0), "strong1": ("30MB", 1)}
-    peers, stop = {}, asyncio.Event()
-    for i, (name, (memory, task)) in enumerate(nodes.items()):
-        data = write_synthetic_jsonl(tmp_path / f"{name}.jsonl", task, 32, seed=i)
-        config = NodeConfig(bootstrap=boot.address, memory_bytes=int(memory[:-2]) * 10**6, bandwidth_bps=5e7,
-                            data=data, state_dir=tmp_path / name, compute_score=1.0)
-        peers[name] = Peer(config, TrainConfig(out_dir=tmp_path / name, rounds=1, local_steps=1, lr=0.01))
-    try:
-        runs = [asyncio.create_task(p.run(stop)) for p in peers.values()]
-        summaries = await asyncio.wait_for(asyncio.gather(*runs), timeout=240)
-        coordinator = boot.coordinator
-    finally:
-        stop.set()
-        await boot.stop()
-    return {name: (s["node_id"], peers[name]) for name, s in zip(peers, summaries)}, coordinator
+    spec = SwarmSpec(task="seq_cls", num_labels=4, min_nodes=3, clusters=2, assign_after_s=60)
+    async with await InProcessSwarm.create(tmp_path, spec, fingerprint_seed=5) as swarm:
+        nodes = {"strong0": (30, 0), "weak0": (4, 0), "strong1": (30, 1)}  # MB, task
+        for seed, (name, (memory_mb, task)) in enumerate(nodes.items()):
+            data = write_synthetic_jsonl(tmp_path / f"{name}.jsonl", task, 32, seed=seed)
+            swarm.add(name, memory_mb * 10**6, data=data, rounds=1, local_steps=1, lr=0.01)
+        summaries = await swarm.run(timeout=240)
+        return {name: (s["node_id"], swarm.peers[name]) for name, s in summaries.items()}, swarm.boot.coordinator
 
 
 @pytest.fixture(scope="module")
