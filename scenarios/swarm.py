@@ -100,6 +100,7 @@ class Swarm:
         python: str = sys.executable,
         log_level: str = "info",
         env: Mapping[str, str] | None = None,
+        start_timeout: float = 30.0,
     ) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -109,6 +110,7 @@ class Swarm:
         self.grace_s = grace_s
         self.python = python
         self.log_level = log_level
+        self.start_timeout = start_timeout  # default wait for the bootstrap to bind and a node to join, s
         # the children's environment: ours, unbuffered, plus `env` (e.g. HF_HUB_OFFLINE=1)
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.bootstrap: Child | None = None
@@ -143,7 +145,7 @@ class Swarm:
         log.debug("started %s (pid %d): %s", name, proc.pid, " ".join(args))
         return Child(name=name, args=args, proc=proc, log_path=log_path, state_dir=state_dir)
 
-    def start_bootstrap(self, port: int = 0, timeout: float = 30.0, extra: Sequence[str] | None = None) -> str:
+    def start_bootstrap(self, port: int = 0, timeout: float | None = None, extra: Sequence[str] | None = None) -> str:
         """Start the bootstrap on 127.0.0.1:`port` (0: a free one); return its address.
 
         `extra`: more `atlas-node bootstrap` flags (e.g. --min-nodes 6); a restart reuses
@@ -171,12 +173,13 @@ class Swarm:
             return info["address"] if info and info.get("pid") == child.pid else None
 
         try:
-            self.address = wait_until(bound, timeout, interval=0.05, what="the bootstrap to bind")
+            self.address = wait_until(bound, timeout or self.start_timeout, interval=0.05,
+                                      what="the bootstrap to bind")
         except WaitTimeout as exc:
             raise SwarmError(f"{exc}\n{child.log_tail()}") from None
         return self.address
 
-    def restart_bootstrap(self, timeout: float = 30.0) -> str:
+    def restart_bootstrap(self, timeout: float | None = None) -> str:
         """Start the bootstrap again on the same port and state (after kill/stop)."""
         if self.address is None:
             raise SwarmError("the bootstrap was never started")
@@ -216,7 +219,7 @@ class Swarm:
         self.nodes[name] = child
         return child
 
-    def node_id(self, name: str, timeout: float = 30.0) -> int:
+    def node_id(self, name: str, timeout: float | None = None) -> int:
         """The id the bootstrap gave node `name` (waits until it has joined)."""
         child = self.nodes[name]
 
@@ -229,7 +232,7 @@ class Swarm:
             return None
 
         try:
-            return wait_until(joined, timeout, interval=0.05, what=f"node {name} to join")
+            return wait_until(joined, timeout or self.start_timeout, interval=0.05, what=f"node {name} to join")
         except WaitTimeout as exc:
             raise SwarmError(f"{exc}\n{child.log_tail()}") from None
 

@@ -1,4 +1,8 @@
-"""Shared pytest set-up: keep torch to one thread so tests share the 2 cores fairly."""
+"""Shared pytest set-up: keep torch to one thread so tests share the 2 cores fairly, and own
+the real-process swarms so their children are reaped even when a test fails."""
+
+import signal
+
 try:
     import torch
 except ImportError:  # the transport tests do not need torch
@@ -9,12 +13,15 @@ if torch is not None:
 
 import pytest
 
+from scenarios.swarm import Swarm
+
 
 @pytest.fixture
-def procs(tmp_path):
-    """Real node/bootstrap processes for one test, always reaped (tests/runtime_launch.py)."""
-    from tests.runtime_launch import Procs
+def swarm(tmp_path):
+    """A bootstrap and `atlas-node join` processes for one test (scenarios/swarm.py), heartbeat 0.5 s,
+    120 s for a process to bind or join (a loaded machine starts torch slowly).
 
-    launched = Procs(tmp_path)
+    Whatever still runs at the end is SIGKILLed and reaped, pass or fail."""
+    launched = Swarm(tmp_path / "swarm", heartbeat_s=0.5, start_timeout=120.0)
     yield launched
-    launched.close()
+    launched.close(signal.SIGKILL)

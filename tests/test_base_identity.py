@@ -21,7 +21,6 @@ from atlas_p2p.synthetic import synthetic_tokenizer
 from nodes.config import BootstrapConfig
 from nodes.peer_table import open_peer_table
 from nodes.registry import Registry, RequestError
-from tests.runtime_launch import wait_for
 
 LABELS = 4
 
@@ -208,22 +207,23 @@ def test_a_helper_refuses_an_owner_on_another_base():
 
 # ---- real processes through the CLI --------------------------------------------------------------------
 
-def _base_file(procs, name):
+def _base_file(swarm, name):
     try:
-        return json.loads((procs.workdir / name / "base.json").read_text())
+        return json.loads((swarm.out_dir(name) / "base.json").read_text())
     except (OSError, ValueError):
         return None
 
 
-def test_processes_loading_a_headless_checkpoint_share_one_base_and_a_changed_one_is_refused(procs, tmp_path):
+def test_processes_loading_a_headless_checkpoint_share_one_base_and_a_changed_one_is_refused(swarm, tmp_path):
     ckpt = _headless_checkpoint(tmp_path / "ckpt")
-    procs.bootstrap("--model", str(ckpt), "--task", "seq_cls", "--num-labels", str(LABELS), "--heartbeat-s", "0.5")
+    swarm.start_bootstrap(extra=["--model", str(ckpt), "--task", "seq_cls", "--num-labels", str(LABELS)])
     for name in ("a", "b"):
-        procs.join(name, "1GB")
+        swarm.add_node(name, memory="1GB", out=True)
     bases = {}
     for name in ("a", "b"):
-        bases[name] = wait_for(lambda n=name: _base_file(procs, n) if "accepted base" in procs.log(n) else None,
-                               120, f"node {name} to have its base accepted")
+        bases[name] = swarm.wait_until(
+            lambda n=name: _base_file(swarm, n) if "accepted base" in swarm.nodes[n].log_text() else None,
+            120, what=f"node {name} to have its base accepted")
     a, b = bases["a"], bases["b"]
     assert a["digest"] == b["digest"] and a["init_seed"] == b["init_seed"]
     assert set(a["fresh_sha256"]) == {"classifier.weight", "classifier.bias"}
@@ -235,13 +235,13 @@ def test_processes_loading_a_headless_checkpoint_share_one_base_and_a_changed_on
     with torch.no_grad():
         changed.encoder.layer[0].output.dense.weight[0, 0] += 1e-3
     changed.save_pretrained(ckpt)
-    procs.join("c", "1GB")
-    assert procs.wait_exit("c", 120) == 7
-    log = procs.log("c")
+    swarm.add_node("c", memory="1GB", out=True)
+    assert swarm.wait_exit("c", 120) == 7
+    log = swarm.nodes["c"].log_text()
     errors = [line for line in log.splitlines() if "error:" in line]
     assert len(errors) == 1 and "Traceback" not in log, log
     line = errors[0]
     assert "refused" in line and a["digest"][:12] in line and "checkpoint" in line
-    c_digest = _base_file(procs, "c")["digest"]
+    c_digest = _base_file(swarm, "c")["digest"]
     assert c_digest != a["digest"] and c_digest[:12] in line
-    assert procs.children["a"].poll() is None and procs.children["b"].poll() is None  # the swarm goes on
+    assert swarm.nodes["a"].running and swarm.nodes["b"].running  # the swarm goes on

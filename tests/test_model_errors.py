@@ -7,19 +7,14 @@ module, so the interpreter start-ups overlap; each test then checks its own comm
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 from transformers import BertConfig, T5Config
 
 from atlas_p2p.synthetic import synthetic_tokenizer
-from tests.runtime_launch import REPO
+from scenarios.swarm import Swarm
 from tools.exit_codes import ExitCode
 
 HUB_ID = "atlas-tests/no-such-model"  # in no cache: loading it would need the hub
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 
 
 def _model_dir(root, kind: str) -> str:
@@ -56,6 +51,7 @@ def outcomes(tmp_path_factory):
     names = {kind: HUB_ID if kind == "hub" else _model_dir(root, kind) for kind in ("hub", "missing", "t5",
                                                                                    "no-weights")}
     running = {}
+    commands = Swarm(root / "commands", env={"HF_HUB_OFFLINE": "1"})
     for case, (command, kind, _) in CASES.items():
         state = root / f"state-{case}"
         if command == "bootstrap":
@@ -64,20 +60,12 @@ def outcomes(tmp_path_factory):
         else:
             args = ["join", "--bootstrap", "127.0.0.1:9", "--memory", "1GB", "--bandwidth", "10Mbps",
                     "--model", names[kind]]
-        running[case] = (names[kind], state, subprocess.Popen(
-            [sys.executable, "-m", "tools.cli", *args], cwd=REPO, env=ENV, stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    done = {}
+        running[case] = (names[kind], state, commands.start_command(*args))
     try:
-        for case, (name, state, proc) in running.items():
-            out, err = proc.communicate(timeout=300)
-            done[case] = (name, state, subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+        return {case: (name, state, commands.finish_command(proc, timeout=300))
+                for case, (name, state, proc) in running.items()}
     finally:
-        for _, _, proc in running.values():
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    return done
+        commands.close()  # kills and reaps whatever still runs
 
 
 def _one_error_line(text: str) -> str:
@@ -96,10 +84,10 @@ def test_an_unusable_model_is_one_line_naming_it_and_bad_value(outcomes, case):
     assert not (state / "bootstrap.json").exists()  # nothing was started
 
 
-def test_a_node_that_cannot_load_the_swarms_weights_exits_with_one_line(procs, tmp_path):
+def test_a_node_that_cannot_load_the_swarms_weights_exits_with_one_line(swarm, tmp_path):
     name = _model_dir(tmp_path, "no-weights")  # the bootstrap needs only the config; the node needs weights
-    procs.bootstrap("--model", name, "--task", "seq_cls", "--num-labels", "4")
-    procs.join("n", "1GB")
-    assert procs.wait_exit("n", 120) == ExitCode.BAD_VALUE
-    line = _one_error_line(procs.log("n"))
+    swarm.start_bootstrap(extra=["--model", name, "--task", "seq_cls", "--num-labels", "4"])
+    swarm.add_node("n", memory="1GB", out=True)
+    assert swarm.wait_exit("n", 120) == ExitCode.BAD_VALUE
+    line = _one_error_line(swarm.nodes["n"].log_text())
     assert name in line and "no weights" in line

@@ -12,29 +12,29 @@ import json
 from atlas_p2p.synthetic import write_synthetic_jsonl
 from nodes.checkpoint import load_checkpoint
 from nodes.metrics import lost_updates
-from tests.runtime_launch import wait_for
+from scenarios.waiting import wait_until
 
 ROUNDS = 4
 
 
-def test_the_cluster_survives_its_anchor(procs, tmp_path):
-    procs.bootstrap("--heartbeat-s", "0.5", "--dead-after", "3", "--task", "seq_cls", "--num-labels", "4",
-                    "--min-nodes", "3", "--clusters", "1", "--seed", "21")
+def test_the_cluster_survives_its_anchor(swarm, tmp_path):
+    swarm.start_bootstrap(extra=["--dead-after", "3", "--task", "seq_cls", "--num-labels", "4", "--min-nodes", "3",
+                                 "--clusters", "1", "--seed", "21"])
     flags = ["--rounds", str(ROUNDS), "--local-steps", "3", "--lr", "0.01", "--step-delay", "0.3",
              "--round-deadline", "6"]
     for i, name in enumerate(("a", "b", "c")):
         data = write_synthetic_jsonl(tmp_path / f"{name}.jsonl", 0, 48, seed=i)
-        procs.join(name, "30MB", "--data", str(data), *flags)
-        wait_for(lambda: procs.node_id(name), 60, f"{name} to join")
-    wait_for(lambda: (tmp_path / "a" / "metrics.jsonl").exists(), 120, "the anchor's first merge")
-    procs.kill("a")
+        swarm.add_node(name, memory="30MB", data=data, extra=flags, out=True)
+        swarm.node_id(name)
+    wait_until(lambda: (swarm.out_dir("a") / "metrics.jsonl").exists(), 120, what="the anchor's first merge")
+    swarm.kill("a")
 
     for name in ("b", "c"):
-        assert procs.wait_exit(name, 150) == 0, procs.log(name)
-    b, c = procs.summary("b"), procs.summary("c")
+        assert swarm.wait_exit(name, 150) == 0, swarm.nodes[name].log_tail(40)
+    b, c = swarm.summary("b"), swarm.summary("c")
     assert b["finished"] and c["finished"]
-    assert load_checkpoint(tmp_path / "b").base.chain == load_checkpoint(tmp_path / "c").base.chain
-    assert load_checkpoint(tmp_path / "b").base.version >= ROUNDS
+    assert load_checkpoint(swarm.out_dir("b")).base.chain == load_checkpoint(swarm.out_dir("c")).base.chain
+    assert load_checkpoint(swarm.out_dir("b")).base.version >= ROUNDS
     assert lost_updates([b, c]) == 0
-    changes = json.loads((tmp_path / "boot" / "coordinator.json").read_text())["anchor_changes"]
-    assert any(ch["old_anchor"] == procs.node_id("a") and ch["new_anchor"] == procs.node_id("b") for ch in changes)
+    changes = json.loads((swarm.bootstrap.state_dir / "coordinator.json").read_text())["anchor_changes"]
+    assert any(ch["old_anchor"] == swarm.node_id("a") and ch["new_anchor"] == swarm.node_id("b") for ch in changes)

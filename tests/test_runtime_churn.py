@@ -12,7 +12,7 @@ import json
 
 from atlas_p2p.synthetic import write_synthetic_jsonl
 from nodes.metrics import lost_updates
-from tests.runtime_launch import wait_for
+from scenarios.waiting import wait_until
 
 ROUNDS = 3
 
@@ -24,33 +24,34 @@ def _lines(path):
         return []
 
 
-def test_a_killed_helper_is_replaced_and_no_update_is_lost(procs, tmp_path):
-    procs.bootstrap("--heartbeat-s", "0.5", "--dead-after", "4", "--task", "seq_cls", "--num-labels", "4",
-                    "--min-nodes", "2", "--clusters", "2", "--seed", "5")
+def test_a_killed_helper_is_replaced_and_no_update_is_lost(swarm, tmp_path):
+    swarm.start_bootstrap(extra=["--dead-after", "4", "--task", "seq_cls", "--num-labels", "4", "--min-nodes", "2",
+                                 "--clusters", "2", "--seed", "5"])
     for name in ("h1", "h2"):
-        procs.join(name, "100MB")
-    wait_for(lambda: procs.node_id("h1") and procs.node_id("h2"), 60, "the helpers to join")
+        swarm.add_node(name, memory="100MB", out=True)
+    for name in ("h1", "h2"):
+        swarm.node_id(name)
     flags = ["--rounds", str(ROUNDS), "--local-steps", "3", "--lr", "0.01", "--step-delay", "0.25",
              "--step-timeout", "2", "--round-deadline", "8"]
     for i in (0, 1):
         data = write_synthetic_jsonl(tmp_path / f"t{i}.jsonl", i, 48, seed=i)
-        procs.join(f"o{i}", "4MB", "--data", str(data), *flags)
+        swarm.add_node(f"o{i}", memory="4MB", data=data, extra=flags, out=True)
 
-    first = wait_for(lambda: _lines(tmp_path / "o0" / "metrics.jsonl"), 120, "o0's first round")[0]
-    victim = {procs.node_id("h1"): "h1", procs.node_id("h2"): "h2"}[first["helper"]]
-    procs.kill(victim)
+    first = wait_until(lambda: _lines(swarm.out_dir("o0") / "metrics.jsonl"), 120, what="o0's first round")[0]
+    victim = {swarm.node_id("h1"): "h1", swarm.node_id("h2"): "h2"}[first["helper"]]
+    swarm.kill(victim)
 
     for name in ("o0", "o1"):
-        assert procs.wait_exit(name, 150) == 0, procs.log(name)
+        assert swarm.wait_exit(name, 150) == 0, swarm.nodes[name].log_tail(40)
     survivor = "h2" if victim == "h1" else "h1"
-    assert procs.wait_exit(survivor, 60) == 0, procs.log(survivor)
+    assert swarm.wait_exit(survivor, 60) == 0, swarm.nodes[survivor].log_tail(40)
 
-    summaries = [procs.summary(n) for n in ("o0", "o1")]
+    summaries = [swarm.summary(n) for n in ("o0", "o1")]
     assert all(s["finished"] and s["rounds_done"] == ROUNDS for s in summaries), summaries
     o0 = summaries[0]
     assert o0["repairs"] and o0["repairs"][0]["helper"] == first["helper"]
-    assert o0["helper"] == procs.node_id(survivor)
-    coordinator = json.loads((tmp_path / "boot" / "coordinator.json").read_text())
+    assert o0["helper"] == swarm.node_id(survivor)
+    coordinator = json.loads((swarm.bootstrap.state_dir / "coordinator.json").read_text())
     assert coordinator["repairs"] >= 1
     assert lost_updates(summaries) == 0
     assert all(s["adapter_dir"] for s in summaries)

@@ -21,13 +21,11 @@ import pytest
 import torch
 
 from atlas_p2p.synthetic import write_synthetic_jsonl
-from nodes.bootstrap import Bootstrap
 from nodes.checkpoint import load_checkpoint
-from nodes.config import BootstrapConfig, NodeConfig
+from nodes.config import NodeConfig, SwarmSpec
 from nodes.control import ControlClient
-from nodes.peer import Peer
-from nodes.runtime_config import SwarmSpec, TrainConfig
-from tests.runtime_launch import wait_for
+from scenarios.inprocess import InProcessSwarm
+from scenarios.waiting import wait_until, wait_until_async
 from tests.split_reference import BATCH, LR, ROUNDS, SEED, STEPS, reference_patches
 from transport.messages import (Assignment, Backward, BaseDigest, Fingerprint, Forward, GetAssignment, Hidden, Ping,
                                 RoundBegin, UBackward)
@@ -35,24 +33,25 @@ from transport.rpc import RpcClient, RpcError
 
 
 
-def test_u_shape_rounds_across_two_processes_match_one_process_and_labels_stay_home(procs, tmp_path):
+def test_u_shape_rounds_across_two_processes_match_one_process_and_labels_stay_home(swarm, tmp_path):
     data = write_synthetic_jsonl(tmp_path / "t0.jsonl", 0, 48, seed=3)
-    procs.bootstrap("--heartbeat-s", "0.5", "--task", "seq_cls", "--num-labels", "4", "--min-nodes", "1",
-                    "--clusters", "1", "--seed", str(SEED), "--split-mode", "u-shape")
-    procs.join("helper", "100MB")
-    procs.join("owner", "4MB", "--data", str(data), "--rounds", str(ROUNDS), "--local-steps", str(STEPS),
-               "--lr", str(LR), "--batch-size", str(BATCH), "--split-mode", "u-shape")
+    swarm.start_bootstrap(extra=["--task", "seq_cls", "--num-labels", "4", "--min-nodes", "1", "--clusters", "1",
+                                 "--seed", str(SEED), "--split-mode", "u-shape"])
+    swarm.add_node("helper", memory="100MB", out=True)
+    swarm.add_node("owner", memory="4MB", data=data, out=True,
+                   extra=["--rounds", str(ROUNDS), "--local-steps", str(STEPS), "--lr", str(LR), "--batch-size",
+                          str(BATCH), "--split-mode", "u-shape"])
 
-    summary = wait_for(lambda: (procs.summary("owner") or {}).get("finished") and procs.summary("owner"), 150,
-                       "the owner to finish")
-    assert procs.wait_exit("owner", 60) == 0, procs.log("owner")
-    assert procs.wait_exit("helper", 60) == 0, procs.log("helper")
+    summary = wait_until(lambda: (swarm.summary("owner") or {}).get("finished") and swarm.summary("owner"), 150,
+                         what="the owner to finish")
+    assert swarm.wait_exit("owner", 60) == 0, swarm.nodes["owner"].log_tail(40)
+    assert swarm.wait_exit("helper", 60) == 0, swarm.nodes["helper"].log_tail(40)
     assert summary["role"] == "owner" and summary["helper"] is not None, summary
     assert summary["split_mode"] == "u-shape"
     split, ranks = summary["split"], summary["ranks"]
     assert 1 <= split < 4
 
-    ckpt = load_checkpoint(tmp_path / "owner")
+    ckpt = load_checkpoint(swarm.out_dir("owner"))
     assert ckpt.base.version == ROUNDS
     expected = reference_patches(data, summary["node_id"], split, {k: int(v) for k, v in ranks.items()}, mode="u-shape")
     for record, ref in zip(ckpt.base.records, expected):
@@ -64,7 +63,7 @@ def test_u_shape_rounds_across_two_processes_match_one_process_and_labels_stay_h
         for name, d in ref.dense.items():
             torch.testing.assert_close(record.patch.dense[name], d, atol=1e-4, rtol=0)
 
-    helper_summary = procs.summary("helper")
+    helper_summary = swarm.summary("helper")
     assert helper_summary["steps_served"] == ROUNDS * STEPS
     assert helper_summary["requests_served"]["forward"] >= ROUNDS * STEPS
     assert helper_summary["requests_served"]["u_backward"] >= ROUNDS * STEPS
@@ -76,28 +75,20 @@ def test_u_shape_rounds_across_two_processes_match_one_process_and_labels_stay_h
     assert helper_bytes["activations"] > 0 and helper_bytes["gradients"] > 0
 
 
-async def _bootstrap(tmp_path):
-    return await Bootstrap.create(
-        BootstrapConfig(bind="127.0.0.1:0", state_dir=tmp_path / "boot", heartbeat_s=0.3, suspect_after_s=3.0,
-                        dead_after_s=6.0, restart_grace_s=1.0, sweep_s=0.1),
-        swarm=SwarmSpec(task="seq_cls", num_labels=4, min_nodes=1, clusters=1, split_mode="u-shape"),
-    )
-
-
 def test_bad_u_shape_requests_get_errors_and_the_helper_keeps_serving(tmp_path):
     """A real helper node; the test is its owner on the wire (join, fingerprint, u-shape steps)."""
 
     async def run():
-        boot = await _bootstrap(tmp_path)
-        stop = asyncio.Event()
-        helper = Peer(NodeConfig(bootstrap=boot.address, memory_bytes=10**8, bandwidth_bps=5e7,
-                                 state_dir=tmp_path / "h", compute_score=1.0), TrainConfig(out_dir=None))
-        task = asyncio.create_task(helper.run(stop))
+        spec = SwarmSpec(task="seq_cls", num_labels=4, min_nodes=1, clusters=1, split_mode="u-shape")
+        swarm = await InProcessSwarm.create(tmp_path, spec, suspect_after_s=3.0, dead_after_s=6.0)
+        helper = swarm.add("h", 10**8, keep_results=False)
+        task = swarm.start("h")
+        boot = swarm.boot
         client = await RpcClient.create("owner-on-the-wire")
         control = None
         try:
-            while getattr(helper, "base_identity", None) is None or helper.server is None:
-                await asyncio.sleep(0.05)
+            await wait_until_async(lambda: getattr(helper, "base_identity", None) is not None
+                                   and helper.server is not None, 60, what="the helper to serve")
             control = await ControlClient.create(
                 NodeConfig(bootstrap=boot.address, memory_bytes=4 * 10**6, bandwidth_bps=5e7,
                            state_dir=tmp_path / "o", compute_score=1.0, data=tmp_path / "o.jsonl"),
@@ -152,11 +143,11 @@ def test_bad_u_shape_requests_get_errors_and_the_helper_keeps_serving(tmp_path):
             assert await client.call(addr, Ping(), timeout=5) is not None
             assert not task.done()
         finally:
-            stop.set()
+            swarm.stop.set()
             if control is not None:
                 await control.stop(leave=False)
             await client.stop()
             await asyncio.wait_for(task, 30)
-            await boot.stop()
+            await swarm.close()
 
     asyncio.run(run())
