@@ -1,4 +1,4 @@
-"""Clustering quality of task fingerprints computed from real gradients (issue #3).
+"""Clustering quality of task fingerprints computed from real gradients.
 
 Every client holds its own sample of one synthetic task; all clients share one seeded
 tiny base model (built from a config, never downloaded). Each client computes its

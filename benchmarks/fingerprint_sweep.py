@@ -1,4 +1,4 @@
-"""Seed sweep of the fingerprint step alone: a real model on real text (issue #7).
+"""Seed sweep of the fingerprint step alone: a real model on real text.
 
 One process loads the model once and plays every data node of several populations.
 Per fingerprint seed s:

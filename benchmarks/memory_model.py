@@ -1,4 +1,4 @@
-"""Memory model vs measured peak memory of a split training step (issue #3, DESIGN 7).
+"""Memory model vs measured peak memory of a split training step (DESIGN 7).
 
 For each family, real Hugging Face models built from configs (no download): tiny ones
 (6 blocks, H = 64, MLP ratio 2 and 4, dropout off and on) and a GPT-2-small-sized one

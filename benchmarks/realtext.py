@@ -1,4 +1,4 @@
-"""ATLAS on a real pretrained model and real text (issue #7), against the same swarm made task-blind.
+"""ATLAS on a real pretrained model and real text, against the same swarm made task-blind.
 
     python benchmarks/realtext.py --json realtext.json [--model DIR] [--data DIR] [--workdir DIR]
         [--nodes-per-task 3] [--per-node 400] [--rounds 5] [--local-steps 20] [--seeds 0 1 2 3 4 5 6 7]

@@ -1,4 +1,4 @@
-"""End-to-end runtime figures: a swarm in one event loop over real sockets (issue #4).
+"""End-to-end runtime figures: a swarm in one event loop over real sockets.
 
 A bootstrap, one owner that needs a helper (4 MB budget), one strong node that trains
 alone (30 MB) and one pure helper, on the embedded tiny-gpt2 (seq_cls, 4 labels) and the

@@ -1,4 +1,4 @@
-"""Churn scenario (issue #4): a swarm trains on 127.0.0.1 while some of its nodes are SIGKILLed.
+"""Churn scenario: a swarm trains on 127.0.0.1 while some of its nodes are SIGKILLed.
 
     python scenarios/churn.py --nodes 8 --tasks 2 --kill 0.25 --json out.json
         [--restart FRACTION] [--rounds R] [--model tiny-gpt2] [--workdir DIR] [--seed S]
@@ -259,7 +259,7 @@ def choose_victims(rows: Sequence[Mapping[str, Any]], names_by_id: Mapping[int, 
 
 
 def acceptance_failures(result: Mapping[str, Any]) -> list[str]:
-    """The acceptance checks of issue #4 that `result` fails, one sentence each."""
+    """The churn acceptance checks that `result` fails, one sentence each."""
     failures = []
     if len(result["killed"]) < result.get("kill_requested", 0):
         failures.append(f"only {len(result['killed'])} of {result['kill_requested']} nodes could be killed "

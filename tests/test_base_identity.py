@@ -1,4 +1,4 @@
-"""One base per swarm (issue #7): seeded fresh parameters, the base digest, refusal of another base.
+"""One base per swarm: seeded fresh parameters, the base digest, refusal of another base.
 
 Unit tests load tiny checkpoints saved WITHOUT a head, so AutoModelForSequenceClassification
 must create one; the process tests run a bootstrap and nodes through the CLI on such a

@@ -1,4 +1,4 @@
-"""Exact export (issue #7): a cluster's folded update as a PEFT adapter that IS the trained model.
+"""Exact export: a cluster's folded update as a PEFT adapter that IS the trained model.
 
 The update is built the way a cluster builds it: each round, members with heterogeneous
 ranks contribute, ``stack_merge`` merges them exactly and ``fold_into`` folds the patch into

@@ -1,4 +1,4 @@
-"""Clear errors for models (issue #7): a model that cannot be used is one line, a non-zero exit,
+"""Clear errors for models: a model that cannot be used is one line, a non-zero exit,
 no traceback, through the real CLI (`python -m tools.cli` subprocesses, hub offline).
 
 The one-shot commands (they fail before binding or joining) are started together once per

@@ -1,4 +1,4 @@
-"""A dead anchor is replaced and its cluster keeps merging (issue #4, repair).
+"""A dead anchor is replaced and its cluster keeps merging (repair).
 
 Three strong nodes of one task train through the CLI; the anchor (lowest id) is SIGKILLed
 after its first merge. The bootstrap declares it dead and names the next member anchor;

@@ -1,4 +1,4 @@
-"""A node SIGKILLed and started again with the same --out resumes (issue #4, repair and checkpoints).
+"""A node SIGKILLed and started again with the same --out resumes (repair and checkpoints).
 
 Two strong nodes of one task train 4 rounds through the CLI. After the second one (not the
 anchor) has merged a round it is killed with SIGKILL and started again on the same --out:

@@ -1,4 +1,4 @@
-"""A straggler cannot stall a round, and its late updates are not lost (issue #4, merge rounds).
+"""A straggler cannot stall a round, and its late updates are not lost (merge rounds).
 
 Two strong nodes of one cluster train 2 rounds in one event loop; the second is slow
 (--step-delay), so the anchor publishes every round at its deadline without it. Its

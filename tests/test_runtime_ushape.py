@@ -1,4 +1,4 @@
-"""u-shape split training in the runtime: labels never leave the owner (issue #4, u-shape).
+"""u-shape split training in the runtime: labels never leave the owner (u-shape).
 
 Per step the owner sends `forward` without labels, the helper answers `hidden` (the output
 of blocks[s:L]), the owner runs final norm + head + loss and sends `u_backward` (the

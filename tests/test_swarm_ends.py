@@ -1,4 +1,4 @@
-"""A swarm always ends (issue #7): a data node SIGKILLed while it computes its fingerprint
+"""A swarm always ends: a data node SIGKILLed while it computes its fingerprint
 delays the end by a bounded time (docs/RUNTIME.md), then the survivors export and exit by
 themselves. Real processes through the CLI."""
 

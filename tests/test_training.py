@@ -1,4 +1,4 @@
-"""Split training core (issue #4): owner and helper sessions, rollback/replay, folding, export.
+"""Split training core: owner and helper sessions, rollback/replay, folding, export.
 
 Every tensor that would cross the network goes through ``_wire``: raw bytes into a read-only
 numpy array, as a ZeroMQ frame arrives. The reference for split training is written here

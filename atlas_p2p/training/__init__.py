@@ -1,4 +1,4 @@
-"""Split training as pure synchronous torch code (issue #4): the node runtime calls it.
+"""Split training as pure synchronous torch code: the node runtime calls it.
 
 - ``seeds``: reproducible round and step seeds.
 - ``owner``: :class:`OwnerSession`, embeddings + blocks[:s] with the owner's LoRA.
