@@ -1,4 +1,4 @@
-"""Churn with real processes (test c): a helper SIGKILLed mid-training.
+"""Churn with real processes: a helper SIGKILLed mid-training.
 
 Bootstrap + two owners (tasks 0 and 1, each too small for the whole model) + two pure
 helpers, all through the CLI. Once an owner has merged its first round, its helper is

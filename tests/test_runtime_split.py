@@ -1,4 +1,4 @@
-"""Split training across two real processes equals the same steps in one process (test a).
+"""Split training across two real processes equals the same steps in one process.
 
 A bootstrap, one owner (too small for the whole model: it gets split point s and a helper)
 and one pure helper, all started through `atlas-node` as real processes on 127.0.0.1.

@@ -1,4 +1,4 @@
-"""An in-process swarm (test b): bootstrap + 4 nodes in one event loop, real sockets.
+"""An in-process swarm: bootstrap + 4 nodes in one event loop, real sockets.
 
 Two data nodes of task 0 (one strong, one that needs a helper), one of task 1 and one pure
 helper train 2 rounds: the bootstrap clusters them by fingerprint, members of a cluster
