@@ -3,9 +3,8 @@
 A service (the bootstrap client, the cluster sync, the helper and owner sides of a split
 step) gets only the few things it uses:
 
-- `Link`: calls from this node to an address with a deadline. Every request, and every
-  reply a handler returns, is counted by kind in the node's ByteMeter before it leaves
-  (docs/RUNTIME.md, bytes by kind).
+- `Link`: calls from this node to an address with a deadline (the RPC layer counts the
+  bytes of every request and reply the node sends: docs/RUNTIME.md, bytes by kind).
 - `LocalNode`: this node's id and base as the lifecycle learns them (None until then: a
   service answers "still starting").
 - `AssignmentSource`: the current assignment, the addresses it names, and a way to ask
@@ -27,7 +26,6 @@ from torch import nn
 
 from atlas_p2p.versioning import PatchRecord
 from nodes.executor import torch_lock_released
-from nodes.metrics import ByteMeter
 from transport.messages import Assignment, Message
 from transport.rpc import RpcClient
 
@@ -44,26 +42,19 @@ def linear_backoff(attempt: int, cap_s: float) -> float:
 
 
 class Link:
-    """Metered calls from this node (module doc); `attach` gives it the node's RpcClient."""
+    """Calls from this node (module doc); `attach` gives it the node's RpcClient."""
 
-    def __init__(self, meter: ByteMeter) -> None:
-        self.meter = meter
+    def __init__(self) -> None:
         self._client: RpcClient | None = None
 
     def attach(self, client: RpcClient) -> None:
         self._client = client
 
     async def call(self, address: str, body: Message, timeout: float = CONTROL_TIMEOUT_S) -> Message:
-        """Count `body`, send it to `address`, return the reply (RpcError / RpcTimeout on failure)."""
+        """Send `body` to `address`, return the reply (RpcError / RpcTimeout on failure)."""
         if self._client is None:
             raise RuntimeError("Link.call before attach(client)")
-        self.meter.count(body)
         return await self._client.call(address, body, timeout=timeout)
-
-    def count(self, reply: Message) -> Message:
-        """Count a reply this node's handler returns; returns it."""
-        self.meter.count(reply)
-        return reply
 
     def blocking(self, address: str, timeout: float = BLOCKING_TIMEOUT_S) -> Callable[[Message], Message]:
         """`call` for code in the executor thread: it waits on the event loop while other

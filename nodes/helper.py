@@ -28,7 +28,7 @@ from typing import Any
 
 from atlas_p2p.models.base import short
 from atlas_p2p.training import HelperConfig, HelperPool, HelperSession, ReplayNeeded, VersionMismatchError, probe
-from nodes.collaborators import AssignmentSource, Link, LocalNode, PatchSource
+from nodes.collaborators import AssignmentSource, LocalNode, PatchSource
 from nodes.executor import TorchExecutor
 from nodes.wireconv import factors_to_wire
 from transport.messages import Backward, Envelope, Hidden, ServerAdapterMsg
@@ -40,15 +40,13 @@ log = logging.getLogger("atlas.helper")
 class HelperService:
     """Serves the owners of this node's assignment (`owners` entries of the assignment).
 
-    Collaborators: `executor` (every torch call), `link` (counts the replies it sends),
-    `assignments` (whom to serve), `local` (this node's id and base, None while starting)
+    Collaborators: `executor` (every torch call), `assignments` (whom to serve), `local` (this node's id and base, None while starting)
     and `patches` (a replica behind an owner pulls them from the cluster's anchor).
     """
 
-    def __init__(self, executor: TorchExecutor, link: Link, assignments: AssignmentSource, local: LocalNode,
+    def __init__(self, executor: TorchExecutor, assignments: AssignmentSource, local: LocalNode,
                  patches: PatchSource) -> None:
         self.executor = executor
-        self.link = link
         self.assignments = assignments
         self.local = local
         self.patches = patches
@@ -151,7 +149,7 @@ class HelperService:
                                        b.attention_mask, b.labels, base_version=b.base_version)
             self.steps_served += 1
             reply = Backward(step=b.step, grad=result.grad.detach().cpu().numpy(), loss=float(result.loss))
-        return self.link.count(reply)
+        return reply
 
     async def rpc_u_backward(self, env: Envelope) -> Backward:
         """u-shape, second half of a step: the owner's ∂L/∂hidden -> backward, AdamW step -> ∂L/∂activations."""
@@ -163,15 +161,15 @@ class HelperService:
         grad = await self._torch(replica.u_backward, b.owner_id, b.round, b.step, b.grad,
                                  base_version=b.base_version)
         self.steps_served += 1
-        return self.link.count(Backward(step=b.step, grad=grad.detach().cpu().numpy(), loss=None))
+        return Backward(step=b.step, grad=grad.detach().cpu().numpy(), loss=None)
 
     async def rpc_return_get(self, env: Envelope) -> ServerAdapterMsg:
         b = env.body
         await self._owner_plan(b.owner_id)
         back = await self._torch(self._replica(b.cluster).return_adapter, b.owner_id, b.round)
         tensors, scalings = factors_to_wire(back.factors, back.dense)
-        return self.link.count(ServerAdapterMsg(owner_id=b.owner_id, round=back.round, steps=back.steps,
-                                                tensors=tensors, scalings=scalings))
+        return ServerAdapterMsg(owner_id=b.owner_id, round=back.round, steps=back.steps,
+                                tensors=tensors, scalings=scalings)
 
     async def rpc_probe(self, env: Envelope) -> Hidden | Backward:
         """One micro-batch of another node's fingerprint across a cut, on the ORIGINAL base
@@ -190,7 +188,7 @@ class HelperService:
         else:
             grad = await self._torch(probe.probe_vjp, base, b.split, b.activations, b.attention_mask, b.hidden_grad)
             reply = Backward(step=0, grad=grad.cpu().numpy(), loss=None)
-        return self.link.count(reply)
+        return reply
 
     def handlers(self) -> dict[str, Handler]:
         return {"round_begin": self.rpc_round_begin, "forward": self.rpc_forward,

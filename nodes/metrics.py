@@ -1,61 +1,16 @@
-"""What a node measures: bytes sent by kind, and one metrics line per round (JSONL).
+"""What a node writes as it runs: one metrics line per round (JSONL) and atomic JSON files.
 
-Kinds (DESIGN 5): activations, gradients, adapters, fingerprints, control. A byte count is
-the encoded size of the message as it leaves (header plus tensor frames), so it is what
-the link carries. `summary.json` is written once at the end (atomically).
+Bytes by kind come from the RPC layer (transport/rpc.py counts the encoded frames it
+sends; atlas_p2p.records.bytes_by_kind sorts them into kinds). `summary.json` is written
+once at the end (atomically).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import threading
-from collections import Counter
 from pathlib import Path
 from typing import Any
-
-KINDS = ("activations", "gradients", "adapters", "fingerprints", "control")
-
-# message type -> kind of the bytes it carries
-KIND_OF = {
-    "forward": "activations",
-    "backward": "gradients",
-    "hidden": "activations",  # u-shape: the helper's output hidden states
-    "u_backward": "gradients",  # u-shape: the owner's gradient of those hidden states
-    "server_adapter": "adapters",
-    "contribution": "adapters",
-    "patches": "adapters",
-    "fingerprint": "fingerprints",
-    "probe": "fingerprints",  # owner activations of a fingerprint computed across a cut
-}
-
-
-def wire_size(body: Any) -> int:
-    """Encoded size of a message body in bytes (zero-copy encode, nothing is sent)."""
-    from transport.codec import encode
-    from transport.messages import Envelope
-
-    frames = encode(Envelope.of(body, 0, "x"))
-    return sum(memoryview(f).nbytes if not isinstance(f, bytes) else len(f) for f in frames)
-
-
-class ByteMeter:
-    """Bytes sent by kind; thread-safe (handlers and the round loop both count)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._bytes: Counter[str] = Counter({k: 0 for k in KINDS})
-
-    def count(self, body: Any) -> int:
-        kind = KIND_OF.get(type(body).TYPE, "control")
-        n = wire_size(body)
-        with self._lock:
-            self._bytes[kind] += n
-        return n
-
-    def snapshot(self) -> dict[str, int]:
-        with self._lock:
-            return {k: int(self._bytes[k]) for k in KINDS}
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

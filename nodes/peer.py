@@ -2,7 +2,7 @@
 
 One `Peer` per `atlas-node join`. It holds the node's lifecycle and wires its services,
 each split off by protocol role and given narrow collaborators (nodes/collaborators.py: a
-metered `Link`, the `TorchExecutor`, the `LocalNode`, an assignment source), never the
+`Link`, the `TorchExecutor`, the `LocalNode`, an assignment source), never the
 node itself:
 
 - `ControlClient` (nodes/control.py): join, heartbeats (carrying state, round and base
@@ -54,6 +54,7 @@ from atlas_p2p.training import (AdapterCard, OwnerConfig, OwnerSession, RoundEva
 from atlas_p2p.fingerprint import FingerprintConfig, LossFn, fingerprint_sample
 from atlas_p2p.importance import measure
 from atlas_p2p.memory import shape_from_config
+from atlas_p2p.records import bytes_by_kind
 from atlas_p2p.versioning import VersionedBase
 from nodes.base_check import settle_base
 from nodes.bootstrap_client import BootstrapClient
@@ -65,12 +66,12 @@ from nodes.control import ControlClient, JoinRefused, advertised_address
 from nodes.executor import TorchExecutor
 from nodes.fingerprinting import split_loss
 from nodes.helper import HelperService
-from nodes.metrics import ByteMeter, MetricsLog, write_json_atomic
+from nodes.metrics import MetricsLog, write_json_atomic
 from nodes.modelname import build_model, build_tokenizer
 from nodes.owner import HelperFailed, OwnerRunner, RoundResult, VersionBehind
 from nodes.rss import PeakRss
 from transport.link import LinkProfile
-from transport.messages import Assignment, Envelope, Fingerprint, Heartbeat, Leave, Welcome
+from transport.messages import Assignment, Envelope, Fingerprint, Leave, Welcome
 from transport.rpc import RpcClient, RpcError, RpcServer, RpcServerConfig
 
 log = logging.getLogger("atlas.peer")
@@ -93,13 +94,12 @@ class Peer:
         if self.out is None and config.data is not None:
             raise RuntimeFailure("a node with --data needs --out (or --state) for its adapter and metrics")
         self.executor = TorchExecutor(train.threads)
-        self.meter = ByteMeter()
         self.metrics = MetricsLog(self.out / "metrics.jsonl") if self.out is not None else None
-        self.link = Link(self.meter)
+        self.link = Link()
         self.local = LocalNode()
         self.boot = BootstrapClient(self.link, config.bootstrap, self.local, on_refused=self._refused)
         self.sync = ClusterSync(self.link, self.executor, self.boot, self.local, train)
-        self.helper = HelperService(self.executor, self.link, self.boot, self.local, self.sync.fetch_patches)
+        self.helper = HelperService(self.executor, self.boot, self.local, self.sync.fetch_patches)
         self.welcome: Welcome | None = None
         self.state = "joining"
         self.task = "causal_lm"
@@ -157,8 +157,11 @@ class Peer:
         s = self.session
         fields = dict(state=self.state, round=max(s.round, 0) if s is not None else 0,
                       base_version=s.version if s is not None else 0)
-        self.meter.count(Heartbeat(node_id=self.node_id or 0, **fields))
         return fields
+
+    def bytes_sent(self) -> dict[str, int]:
+        """Bytes this node has sent by kind: its requests and its replies, as the RPC layer encoded them."""
+        return bytes_by_kind(*(rpc.bytes_sent for rpc in (self.client, self.server) if rpc is not None))
 
     def link_profile(self) -> LinkProfile | None:
         """With --emulate-link: this node's sends (requests and replies) shaped by its own
@@ -475,7 +478,7 @@ class Peer:
             "node_id": self.node_id, "cluster": self.cluster, "round": r, "role": self.assignment.role,
             "loss": result.loss, "eval": evaluation, "steps": result.steps,
             "step_rate": result.steps / result.seconds if result.seconds > 0 else None,
-            "bytes_by_kind": self.meter.snapshot(), "base_version": s.version,
+            "bytes_by_kind": self.bytes_sent(), "base_version": s.version,
             "contributions": [c.digest], "manifests_folded": folded,
             "carried_over": s.pending is not None, "repairs_seen": len(self.repairs),
             "helper": self.runner.helper, "time": time.time(),
@@ -555,7 +558,7 @@ class Peer:
             "contributions": self.contributions, "manifests_folded": self.manifests, "repairs": self.repairs,
             "split_mode": self.split_mode, "steps_served": self.helper.steps_served,
             "requests_served": dict(self.helper.requests), "labels_received": self.helper.labels_received,
-            "bytes_by_kind": self.meter.snapshot(), "peak_rss_mb": dict(self.peaks),
+            "bytes_by_kind": self.bytes_sent(), "peak_rss_mb": dict(self.peaks),
             "base_digest": None if self.base_identity is None else self.base_identity["digest"],
         }
 

@@ -196,7 +196,7 @@ def test_a_helper_refuses_an_owner_on_another_base():
 
     # the base check reads only this node's id and base; no executor, link, assignment or patches needed
     local = LocalNode(node_id=3, base_identity={"digest": "d" * 64})
-    service = HelperService(executor=None, link=None, assignments=None, local=local, patches=None)
+    service = HelperService(executor=None, assignments=None, local=local, patches=None)
     service._check_base(1, "d" * 64)
     for stated in ("e" * 64, ""):
         with pytest.raises(RpcError) as err:

@@ -64,6 +64,23 @@ def test_call_round_trips_tensors_and_ids():
     run(main())
 
 
+def test_both_ends_count_the_encoded_bytes_of_each_message_type_they_send_and_receive():
+    async def main():
+        async with RpcServer(handlers={"forward": echo_forward}) as server, RpcClient("owner-1") as client:
+            request = forward_request(step=3)
+
+            await client.call(server.address, request, timeout=5.0, expect=Backward)
+            await wait_until_async(lambda: server.stats["replies"] == 1, timeout=5.0)
+
+            request_bytes = sum(memoryview(f).nbytes for f in encode(Envelope.of(request, 1, "owner-1")))
+            assert client.bytes_sent["forward"] == server.bytes_received["forward"] >= 4096
+            assert abs(client.bytes_sent["forward"] - request_bytes) <= 16  # the id's width may differ
+            assert client.bytes_received["backward"] == server.bytes_sent["backward"] >= 4096
+            assert set(client.bytes_sent) == {"forward"} and set(server.bytes_sent) == {"backward"}
+
+    run(main())
+
+
 def test_handler_returning_none_answers_ok_and_server_reports_its_address():
     async def main():
         async with RpcServer(port="random", handlers={"ping": noop}) as server, RpcClient("a") as client:

@@ -11,7 +11,8 @@ from atlas_p2p.training import node_fingerprint
 from atlas_p2p.versioning import VersionedBase
 from nodes.checkpoint import load_checkpoint, save_checkpoint
 from nodes.merge import AnchorLog, GossipStore, merge_manifest
-from nodes.metrics import ByteMeter, lost_updates
+from atlas_p2p.records import bytes_by_kind
+from nodes.metrics import lost_updates
 from nodes.modelname import build_model, build_tokenizer
 from nodes.config import SwarmSpec, TrainConfig
 from nodes.wireconv import contribution_from_msg, contribution_to_msg, records_from_msg, records_to_msg
@@ -117,11 +118,12 @@ def test_contributions_and_patches_survive_the_wire_and_tampering_is_caught():
     assert again.chain == base.chain
 
 
-def test_byte_meter_sorts_bytes_by_kind():
-    meter = ByteMeter()
-    meter.count(Fingerprint(node_id=1, vector=np.zeros(64, np.float32), n_samples=3))
-    snap = meter.snapshot()
-    assert snap["fingerprints"] > 256 and snap["activations"] == 0
+def test_bytes_by_kind_sorts_the_rpc_counts_of_both_ends_into_kinds():
+    client_sent, server_sent = {"fingerprint": 300, "heartbeat": 40, "forward": 1000}, {"backward": 900, "ok": 20}
+
+    kinds = bytes_by_kind(client_sent, server_sent)
+
+    assert kinds == {"activations": 1000, "gradients": 900, "adapters": 0, "fingerprints": 300, "control": 60}
 
 
 @pytest.mark.parametrize("kwargs, match", [

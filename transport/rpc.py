@@ -13,6 +13,10 @@ On the client every call has a deadline (`RpcTimeout`), an `error` reply raises
 runs the request once), and the bytes of requests awaiting replies are bounded per peer.
 Replies nobody waits for any more are dropped and counted.
 
+Both classes count the encoded bytes of what they send and receive by message type
+(`bytes_sent`, `bytes_received`: header plus tensor frames, as handed to or taken from
+ZeroMQ), so nobody encodes a message a second time to measure it.
+
 Addresses are "host:port" (tcp). Both classes are built by `await X.create(...)` or used
 as `async with X(...)`; `stop()` is idempotent.
 """
@@ -90,6 +94,13 @@ def _frames_nbytes(frames: list) -> int:
     return sum(memoryview(f).nbytes for f in frames)
 
 
+class ByteCounts(collections.Counter):
+    """Encoded bytes by message type (`counts["forward"]`), one direction of one socket."""
+
+    def add(self, msg_type: str, frames: list) -> None:
+        self[msg_type] += _frames_nbytes(frames)
+
+
 # ====================================================================== server
 
 @dataclass(frozen=True)
@@ -134,18 +145,18 @@ class _ReplyCache:
         self.nbytes = 0
 
     def get(self, key: tuple[str, int]) -> object | None:
-        """The reply frames, `_TOO_BIG`, or None when this request was not served (or forgotten)."""
+        """(reply type, reply frames), `_TOO_BIG`, or None when this request was not served (or forgotten)."""
         hit = self.entries.get(key)
         if hit is None:
             return None
         self.entries.move_to_end(key)
         return hit[0]
 
-    def put(self, key: tuple[str, int], frames: list) -> None:
+    def put(self, key: tuple[str, int], msg_type: str, frames: list) -> None:
         if self.max_entries == 0:
             return
         size = _frames_nbytes(frames)
-        entry = (frames, size) if size <= min(self.max_reply, self.max_bytes) else (_TOO_BIG, 0)
+        entry = ((msg_type, frames), size) if size <= min(self.max_reply, self.max_bytes) else (_TOO_BIG, 0)
         self.entries[key] = entry
         self.nbytes += entry[1]
         while len(self.entries) > self.max_entries or self.nbytes > self.max_bytes:
@@ -175,6 +186,8 @@ class RpcServer:
         self.handlers: dict[str, Handler] = dict(handlers or {})
         self.config = config or RpcServerConfig()
         self.stats: collections.Counter[str] = collections.Counter()
+        self.bytes_sent = ByteCounts()  # replies, by type (module doc)
+        self.bytes_received = ByteCounts()  # requests, by type
         self._shaper = LinkShaper(link) if link is not None else None
         self._context = context or zmq.Context.instance()
         self._cache = _ReplyCache(self.config.dedup_entries, self.config.dedup_bytes, self.config.dedup_replay_max)
@@ -261,6 +274,7 @@ class RpcServer:
         except DecodeError as exc:
             self._reply_error(identity, exc.msg_id or 0, exc.code, exc.detail)
             return
+        self.bytes_received.add(env.type, parts[1:])
         key = (env.src, env.id)
         cached = self._cache.get(key)
         if cached is _TOO_BIG:
@@ -269,7 +283,7 @@ class RpcServer:
             return
         if cached is not None:
             self.stats["duplicates"] += 1
-            self._spawn_reply(identity, cached)
+            self._spawn_reply(identity, *cached)
             return
         if key in self._running:
             self.stats["duplicates"] += 1   # the reply on its way answers this copy too
@@ -297,14 +311,14 @@ class RpcServer:
         self.stats[code] += 1
         log.info("rpc server %s: answering error %s: %s", self.address, code, detail[:200])
         frames = encode(Envelope.of(Error(code=code, message=detail[:1000]), msg_id, self.config.name))
-        self._spawn_reply(identity, frames)
+        self._spawn_reply(identity, Error.TYPE, frames)
 
-    def _spawn_reply(self, identity: bytes, frames: list) -> None:
+    def _spawn_reply(self, identity: bytes, msg_type: str, frames: list) -> None:
         """Send a reply that needs no handler, unless a flood already filled the queue."""
         if len(self._tasks) - self._active >= self.config.max_pending_replies:
             self.stats["shed"] += 1
             return
-        self._spawn(self._send(identity, frames))
+        self._spawn(self._send(identity, msg_type, frames))
 
     async def _handle(self, identity: bytes, env: Envelope) -> None:
         key = (env.src, env.id)
@@ -317,10 +331,10 @@ class RpcServer:
                 frames = encode(Envelope.of(reply, env.id, self.config.name))
             if isinstance(reply, Error):
                 self.stats[reply.code] += 1
-            self._cache.put(key, frames)
+            self._cache.put(key, reply.TYPE, frames)
         finally:
             self._running.discard(key)
-        await self._send(identity, frames)
+        await self._send(identity, reply.TYPE, frames)
 
     async def _run_handler(self, env: Envelope) -> Message:
         handler = self.handlers.get(env.type)
@@ -339,7 +353,8 @@ class RpcServer:
             return Error(code="handler_error", message=f"handler for {env.type} returned {type(reply).__name__}")
         return reply
 
-    async def _send(self, identity: bytes, frames: list) -> None:
+    async def _send(self, identity: bytes, msg_type: str, frames: list) -> None:
+        self.bytes_sent.add(msg_type, frames)
         if self._shaper is not None and not await self._shaper.admit(_frames_nbytes(frames)):
             self.stats["link_dropped"] += 1
             return
@@ -433,6 +448,8 @@ class RpcClient:
         self.src = src
         self.config = config or RpcClientConfig()
         self.stats: collections.Counter[str] = collections.Counter()
+        self.bytes_sent = ByteCounts()  # requests (each attempt), by type (module doc)
+        self.bytes_received = ByteCounts()  # replies, by type
         self._link = link
         self._uplink = LinkShaper(link) if link is not None else None
         self._links: dict[str, LinkShaper] = {}
@@ -500,7 +517,7 @@ class RpcClient:
                         if not reserved:
                             await peer.reserve(nbytes, self.config.inflight_bytes)
                             reserved = True
-                        await self._send(peer, frames)
+                        await self._send(peer, type(body).TYPE, frames)
                         reply = await asyncio.shield(future)
                     break
                 except TimeoutError:
@@ -566,7 +583,8 @@ class RpcClient:
             if owner is peer and not future.done():
                 future.set_exception(RpcError(reason, f"connection to {peer.address} closed"))
 
-    async def _send(self, peer: _Peer, frames: list) -> None:
+    async def _send(self, peer: _Peer, msg_type: str, frames: list) -> None:
+        self.bytes_sent.add(msg_type, frames)
         if peer.shaper is not None and not await peer.shaper.admit(_frames_nbytes(frames)):
             self.stats["link_dropped"] += 1
             return
@@ -582,6 +600,7 @@ class RpcClient:
             if waiting is not None and waiting[1] is peer and not waiting[0].done():
                 waiting[0].set_exception(RpcError("bad_reply", f"{exc.code}: {exc.detail}"))
             return
+        self.bytes_received.add(env.type, parts)
         waiting = self._pending.get(env.id)
         if waiting is None or waiting[1] is not peer or waiting[0].done():
             self.stats["late_replies"] += 1
