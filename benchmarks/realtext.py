@@ -156,18 +156,18 @@ def score(label: str, specs: list[dict[str, Any]], runs: dict[str, report.NodeRu
     truth = {s["name"]: s["task"] for s in specs}
     clusters = {name: run.cluster for name, run in runs.items()}
     per_task = {t: _mean([_final_accuracy(runs[s["name"]]) for s in specs if s["task"] == t]) for t in TASKS}
-    summaries = {name: run.summary or {} for name, run in runs.items()}
-    roles = {name: s.get("role") for name, s in summaries.items()}
-    exports = [s.get("export") or {} for s in summaries.values()]
+    summaries = {name: run.summary for name, run in runs.items() if run.summary is not None}
+    roles = {name: run.summary.role if run.summary is not None else None for name, run in runs.items()}
+    exports = [s.export or {} for s in summaries.values()]
     rel_errors = [e.get("max_relative_error") for e in exports]
     checks = [e.get("check") for e in exports if e.get("check")]
     bytes_nodes = {name: dict(report.sent_totals(run.rows)) for name, run in runs.items()}
     kinds = sorted({k for b in bytes_nodes.values() for k in b})
     bytes_mb = {k: round(_mean([b.get(k, 0) for b in bytes_nodes.values()]) / MB, 2) for k in kinds}
-    helper_bytes = (helper.summary or {}).get("bytes_by_kind") or {}
+    helper_bytes = helper.summary.bytes_by_kind if helper.summary is not None else {}
 
     def peaks(phase: str, role: str | None = None) -> float | None:
-        values = [(s.get("peak_rss_mb") or {}).get(phase) for n, s in summaries.items()
+        values = [s.peak_rss_mb.get(phase) for n, s in summaries.items()
                   if role is None or roles[n] == role]
         values = [v for v in values if v is not None]
         return max(values) if values else None
@@ -184,14 +184,14 @@ def score(label: str, specs: list[dict[str, Any]], runs: dict[str, report.NodeRu
         "finished": sum(1 for run in runs.values() if run.finished),
         "exit_codes": codes,
         "roles": roles,
-        "splits": {n: s.get("split") for n, s in summaries.items()},
+        "splits": {n: run.summary.split if run.summary is not None else None for n, run in runs.items()},
         "lost_updates": len(report.lost_updates(list(runs.values()))),
         "bytes_per_node_mb": bytes_mb,
         "helper_bytes_mb": {k: round(v / MB, 2) for k, v in helper_bytes.items()},
         "wall_s": round(wall, 1),
         "fingerprint_peak_rss_mb": {"whole": peaks("fingerprint", "whole"), "owner": peaks("fingerprint", "owner")},
         "train_peak_rss_mb": {"whole": peaks("train", "whole"), "owner": peaks("train", "owner"),
-                              "helper": ((helper.summary or {}).get("peak_rss_mb") or {}).get("serve")},
+                              "helper": helper.summary.peak_rss_mb.get("serve") if helper.summary else None},
         "export_max_rel_error": max((e for e in rel_errors if e is not None), default=None),
         "export_same_predictions": min((c.get("same_predictions", 0.0) for c in checks), default=None),
         "export_checks": checks,

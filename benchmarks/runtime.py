@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from atlas_p2p.synthetic import write_synthetic_jsonl  # noqa: E402
 from nodes.config import SwarmSpec  # noqa: E402
-from nodes.metrics import lost_updates  # noqa: E402
+from atlas_p2p.records import Summary, lost_updates  # noqa: E402
 from scenarios.inprocess import InProcessSwarm  # noqa: E402
 
 
@@ -43,7 +43,7 @@ async def _run(workdir: Path, rounds: int, steps: int) -> dict:
         summaries = await swarm.run()
     wall = time.perf_counter() - started
     figures = {"wall_s": round(wall, 2), "rounds": rounds, "local_steps": steps,
-               "lost_updates": lost_updates(list(summaries.values()))}
+               "lost_updates": len(lost_updates(Summary.from_json(x) for x in summaries.values()))}
     for name in ("owner", "whole"):
         lines = [json.loads(x) for x in (workdir / name / "metrics.jsonl").read_text().splitlines()]
         rates = [x["step_rate"] for x in lines if x["step_rate"]]

@@ -2,7 +2,8 @@
 
 Layout of `<out>/checkpoint/`:
 
-    state.json          node id, cluster, round, base version, counters (JSON)
+    state.json          atlas_p2p.records.CheckpointState (node id, cluster, round, base version,
+                        counters, contributions, patches folded, repairs) and the format
     base.safetensors    the cluster's patch log (VersionedBase.to_state: meta + arrays)
     pending.safetensors the contribution that missed a manifest, if any (A:/B:/D: arrays)
 
@@ -20,12 +21,12 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from atlas_p2p.aggregation import Contribution
 from atlas_p2p.aggregation.arrays import decode_meta, encode_meta
+from atlas_p2p.records import CheckpointState
 from atlas_p2p.versioning import VersionedBase
 
 CHECKPOINT_DIR = "checkpoint"
@@ -34,7 +35,7 @@ FORMAT = "atlas-node-checkpoint-1"
 
 @dataclass
 class Checkpoint:
-    state: dict[str, Any]
+    state: CheckpointState
     base: VersionedBase
     pending: Contribution | None
 
@@ -59,7 +60,7 @@ def _contribution_from(arrays: dict[str, np.ndarray]) -> Contribution:
     return c
 
 
-def save_checkpoint(out_dir: Path, state: dict[str, Any], base: VersionedBase, pending: Contribution | None) -> Path:
+def save_checkpoint(out_dir: Path, state: CheckpointState, base: VersionedBase, pending: Contribution | None) -> Path:
     from safetensors.numpy import save_file
 
     out_dir = Path(out_dir)
@@ -70,7 +71,7 @@ def save_checkpoint(out_dir: Path, state: dict[str, Any], base: VersionedBase, p
     save_file({k: np.ascontiguousarray(v) for k, v in base.to_state().items()}, str(tmp / "base.safetensors"))
     if pending is not None:
         save_file(_contribution_arrays(pending), str(tmp / "pending.safetensors"))
-    (tmp / "state.json").write_text(json.dumps({"format": FORMAT, **state}, sort_keys=True))
+    (tmp / "state.json").write_text(json.dumps({"format": FORMAT, **state.to_json()}, sort_keys=True))
     for f in tmp.iterdir():
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
@@ -94,9 +95,10 @@ def load_checkpoint(out_dir: Path) -> Checkpoint | None:
     if not path.is_dir():
         return None
     try:
-        state = json.loads((path / "state.json").read_text())
-        if state.get("format") != FORMAT:
-            raise ValueError(f"format {state.get('format')!r} is not {FORMAT!r}")
+        data = json.loads((path / "state.json").read_text())
+        if data.get("format") != FORMAT:
+            raise ValueError(f"format {data.get('format')!r} is not {FORMAT!r}")
+        state = CheckpointState.from_json(data)
         base = VersionedBase.from_state(load_file(str(path / "base.safetensors")))
         pending = None
         if (path / "pending.safetensors").exists():

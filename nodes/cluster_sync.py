@@ -28,9 +28,9 @@ import logging
 import random
 import time
 from dataclasses import replace
-from typing import Any
 
 from atlas_p2p.aggregation import Contribution
+from atlas_p2p.records import FoldedRecord
 from atlas_p2p.training import OwnerSession
 from atlas_p2p.versioning import PatchRecord
 from nodes.collaborators import AssignmentSource, Link, LocalNode, TaskSet
@@ -60,7 +60,7 @@ class ClusterSync:
         self.store = GossipStore()
         self.anchor_logs: dict[int, AnchorLog] = {}
         self.session: OwnerSession | None = None  # the node's training session (set by the lifecycle)
-        self.folded: list[dict[str, Any]] = []  # one record per patch folded (summary "manifests_folded")
+        self.folded: list[FoldedRecord] = []  # one record per patch folded (summary "manifests_folded")
         self.rng = random.Random()
         self._tasks = TaskSet()
 
@@ -197,8 +197,8 @@ class ClusterSync:
             contributions.append(c)
         patch = await self.executor.run(merge_manifest, m, contributions)
         await self.executor.run(s.fold, patch, version=m.version, digest=m.patch_digest, chain=m.chain)
-        self.folded.append({"round": m.round, "version": m.version, "digest": m.patch_digest,
-                            "nodes": sorted(patch.weights), "contributions": list(m.digests), "via": "manifest"})
+        self.folded.append(FoldedRecord(m.round, m.version, m.patch_digest, tuple(sorted(patch.weights)), "manifest",
+                                        tuple(m.digests)))
 
     # ---- catch-up ----------------------------------------------------------------------------
     async def fetch_patches(self, cluster: int, since: int) -> list[PatchRecord]:
@@ -228,8 +228,8 @@ class ClusterSync:
                 continue
             await self.executor.run(s.fold, r.patch, version=r.version, digest=r.digest, chain=r.chain,
                                     discard_round=True)
-            self.folded.append({"round": r.patch.round, "version": r.version, "digest": r.digest,
-                                "nodes": sorted(r.patch.weights), "via": "catch-up"})
+            self.folded.append(FoldedRecord(r.patch.round, r.version, r.digest, tuple(sorted(r.patch.weights)),
+                                            "catch-up"))
         if records:
             log.info("caught up to base version %d", s.version)
 

@@ -1,6 +1,7 @@
-"""What a node writes as it runs: one metrics line per round (JSONL) and atomic JSON files.
+"""What a node writes as it runs: one metrics line per round (JSONL), its summary and atomic JSON files.
 
-Bytes by kind come from the RPC layer (transport/rpc.py counts the encoded frames it
+The records are atlas_p2p.records' (`RoundLine`, `Summary`), which tools/report.py reads
+back. Bytes by kind come from the RPC layer (transport/rpc.py counts the encoded frames it
 sends; atlas_p2p.records.bytes_by_kind sorts them into kinds). `summary.json` is written
 once at the end (atomically).
 """
@@ -12,6 +13,10 @@ import os
 from pathlib import Path
 from typing import Any
 
+from atlas_p2p.records import RoundLine, Summary
+
+SUMMARY_FILE = "summary.json"
+
 
 def write_json_atomic(path: Path, data: Any) -> None:
     path = Path(path)
@@ -21,6 +26,13 @@ def write_json_atomic(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+def write_summary(out_dir: Path, summary: Summary) -> Path:
+    """`summary.json` under `out_dir`, atomically."""
+    path = Path(out_dir) / SUMMARY_FILE
+    write_json_atomic(path, summary.to_json())
+    return path
+
+
 class MetricsLog:
     """metrics.jsonl under the node's --out: one JSON object per line, appended and flushed."""
 
@@ -28,35 +40,13 @@ class MetricsLog:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
 
-    def write(self, line: dict[str, Any]) -> None:
+    def write(self, line: RoundLine) -> None:
         with self.path.open("a", encoding="utf-8") as fh:
-            fh.write(json.dumps(line, sort_keys=True, default=str) + "\n")
+            fh.write(json.dumps(line.to_json(), sort_keys=True, default=str) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
 
-    def lines(self) -> list[dict[str, Any]]:
+    def lines(self) -> list[RoundLine]:
         if not self.path.exists():
             return []
-        return [json.loads(x) for x in self.path.read_text().splitlines() if x.strip()]
-
-
-def lost_updates(summaries: list[dict[str, Any]]) -> int:
-    """Contributions no folded patch took in, directly or carried inside a later one.
-
-    A contribution of node n in round r counts as merged when some node folded a patch of
-    round r whose weights name n, or when a later contribution of n was merged (it carried
-    the earlier one: training.carry_over). `summaries` are the nodes' summary.json contents.
-    """
-    merged: set[tuple[str, int]] = set()
-    for s in summaries:
-        for m in s.get("manifests_folded", []):
-            for n in m.get("nodes", []):
-                merged.add((str(n), int(m["round"])))
-    lost = 0
-    for s in summaries:
-        node = str(s.get("node_id"))
-        rounds = sorted(int(c["round"]) for c in s.get("contributions", []))
-        for i, r in enumerate(rounds):
-            if not any((node, later) in merged for later in rounds[i:]):
-                lost += 1
-    return lost
+        return [RoundLine.from_json(json.loads(x)) for x in self.path.read_text().splitlines() if x.strip()]

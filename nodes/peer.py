@@ -36,7 +36,6 @@ import asyncio
 import contextlib
 import copy
 import functools
-import json
 import logging
 import time
 import uuid
@@ -54,7 +53,8 @@ from atlas_p2p.training import (AdapterCard, OwnerConfig, OwnerSession, RoundEva
 from atlas_p2p.fingerprint import FingerprintConfig, LossFn, fingerprint_sample
 from atlas_p2p.importance import measure
 from atlas_p2p.memory import shape_from_config
-from atlas_p2p.records import bytes_by_kind
+from atlas_p2p.records import (CheckpointState, ContributionRecord, Evaluation, FoldedRecord, RepairRecord,
+                               RoundLine, Summary, bytes_by_kind)
 from atlas_p2p.versioning import VersionedBase
 from nodes.base_check import settle_base
 from nodes.bootstrap_client import BootstrapClient
@@ -66,7 +66,7 @@ from nodes.control import ControlClient, JoinRefused, advertised_address
 from nodes.executor import TorchExecutor
 from nodes.fingerprinting import split_loss
 from nodes.helper import HelperService
-from nodes.metrics import MetricsLog, write_json_atomic
+from nodes.metrics import MetricsLog, write_summary
 from nodes.modelname import build_model, build_tokenizer
 from nodes.owner import HelperFailed, OwnerRunner, RoundResult, VersionBehind
 from nodes.rss import PeakRss
@@ -115,8 +115,8 @@ class Peer:
         self._plan_key: tuple | None = None
         self.rounds_done = 0
         self.steps_total = 0
-        self.contributions: list[dict[str, Any]] = []
-        self.repairs: list[dict[str, Any]] = []
+        self.contributions: list[ContributionRecord] = []
+        self.repairs: list[RepairRecord] = []
         self.export: dict[str, Any] | None = None
         self.refused: JoinRefused | None = None  # the bootstrap refused this node's base after a restart
         self._main: asyncio.Task | None = None
@@ -149,7 +149,7 @@ class Peer:
         return None if self.assignment is None else self.assignment.cluster
 
     @property
-    def manifests(self) -> list[dict[str, Any]]:
+    def manifests(self) -> list[FoldedRecord]:
         """One record per patch folded (ClusterSync)."""
         return self.sync.folded
 
@@ -226,7 +226,7 @@ class Peer:
                            importance=self.importance)
 
     async def report_helper(self, helper: int, why: str) -> None:
-        self.repairs.append({"time": time.time(), "round": self.session.round, "helper": helper, "why": why})
+        self.repairs.append(RepairRecord(time.time(), self.session.round, helper, why))
         log.warning("round %d: helper %s failed (%s); reporting it", self.session.round, helper, why)
         await self.boot.report_helper(helper, why)
 
@@ -268,7 +268,7 @@ class Peer:
                 main.result()
         finally:
             await self._shutdown(interrupted)
-        return self.summary()
+        return self.summary().to_json()
 
     async def _shutdown(self, interrupted: bool) -> None:
         await self.boot.stop()
@@ -278,7 +278,7 @@ class Peer:
                 await self.executor.run(self.save_checkpoint)
         if self.out is not None:
             with contextlib.suppress(Exception):
-                write_json_atomic(self.out / "summary.json", self.summary())
+                write_summary(self.out, self.summary())
         if self.control is not None:
             if self.node_id is not None and self.control.welcome is not None:
                 reason = "done" if self.finished or (self.encoded is None and self.boot.swarm_done) else "shutdown"
@@ -327,12 +327,12 @@ class Peer:
         self._resume = await self.executor.run(load_checkpoint, self.out)
         if self._resume is not None:
             state = self._resume.state
-            log.info("resuming from checkpoint (round %s, version %d)", state.get("round"), self._resume.base.version)
-            self.contributions = list(state.get("contributions", []))
-            self.sync.folded = list(state.get("manifests", []))
-            self.repairs = list(state.get("repairs", []))
-            self.rounds_done = int(state.get("rounds_done", 0))
-            self.steps_total = int(state.get("steps_total", 0))
+            log.info("resuming from checkpoint (round %s, version %d)", state.round, self._resume.base.version)
+            self.contributions = list(state.contributions)
+            self.sync.folded = list(state.manifests)
+            self.repairs = list(state.repairs)
+            self.rounds_done = state.rounds_done
+            self.steps_total = state.steps_total
         self.state = "fingerprinting"
         self.encoded = await self._load_data(self.config.data)
         if self.train.eval_path is not None:
@@ -453,9 +453,9 @@ class Peer:
         c = Contribution(p.factors, p.n_samples, p.node_id, s.round, p.dense)
         log.info("round %d: merging the contribution that missed the last manifest", s.round)
         self.state = "merging"
-        self.contributions.append({"round": c.round, "digest": c.digest, "n_samples": c.n_samples, "carry": True})
+        self.contributions.append(ContributionRecord(c.round, c.digest, c.n_samples, carry=True))
         await self.sync.contribute(c)
-        if self.manifests and str(self.node_id) in self.manifests[-1].get("nodes", []):
+        if self.manifests and str(self.node_id) in self.manifests[-1].nodes:
             s.pending = None
         await self.executor.run(self.save_checkpoint)
 
@@ -465,7 +465,7 @@ class Peer:
         r = c.round
         self.state = "merging"
         self.steps_total += result.steps
-        self.contributions.append({"round": r, "digest": c.digest, "n_samples": c.n_samples})
+        self.contributions.append(ContributionRecord(r, c.digest, c.n_samples))
         await self.sync.contribute(c)
         self.rounds_done += 1
         self.sync.forget_before(r)
@@ -473,43 +473,42 @@ class Peer:
         if self.eval_encoded is not None:
             evaluation = await self.executor.run(evaluate, s.model, self.eval_encoded, self.task,
                                                  self.train.batch_size)
-        folded = [m["digest"] for m in self.manifests if m["round"] == r]
-        line = {
-            "node_id": self.node_id, "cluster": self.cluster, "round": r, "role": self.assignment.role,
-            "loss": result.loss, "eval": evaluation, "steps": result.steps,
-            "step_rate": result.steps / result.seconds if result.seconds > 0 else None,
-            "bytes_by_kind": self.bytes_sent(), "base_version": s.version,
-            "contributions": [c.digest], "manifests_folded": folded,
-            "carried_over": s.pending is not None, "repairs_seen": len(self.repairs),
-            "helper": self.runner.helper, "time": time.time(),
-        }
+        line = RoundLine(
+            node_id=self.node_id, cluster=self.cluster, round=r, role=self.assignment.role, loss=result.loss,
+            eval=None if evaluation is None else Evaluation(**evaluation), steps=result.steps,
+            step_rate=result.steps / result.seconds if result.seconds > 0 else None,
+            bytes_by_kind=self.bytes_sent(), base_version=s.version, contributions=(c.digest,),
+            manifests_folded=tuple(m.digest for m in self.manifests if m.round == r),
+            carried_over=s.pending is not None, repairs_seen=len(self.repairs), helper=self.runner.helper,
+            time=time.time(),
+        )
         self.metrics.write(line)
         await self.executor.run(self.save_checkpoint)
-        b = line["bytes_by_kind"]
+        b = line.bytes_by_kind
         ev = "" if evaluation is None else f" {evaluation['metric']} {evaluation['value']:.4f}"
         progress_log.info(
             "node %d round %d/%d cluster %s: loss %s%s, %.2f steps/s, sent act %s grad %s adapters %s fp %s ctl %s",
             self.node_id, r + 1, self.train.rounds, self.cluster,
-            "n/a" if result.loss is None else f"{result.loss:.4f}", ev, line["step_rate"] or 0.0,
+            "n/a" if result.loss is None else f"{result.loss:.4f}", ev, line.step_rate or 0.0,
             b["activations"], b["gradients"], b["adapters"], b["fingerprints"], b["control"])
 
     # ---- results -----------------------------------------------------------------------------------
     def save_checkpoint(self) -> None:
         s = self.session
-        state = {"node_id": self.node_id, "cluster": self.cluster, "round": s.round, "base_version": s.version,
-                 "rounds_done": self.rounds_done, "steps_total": self.steps_total,
-                 "contributions": self.contributions, "manifests": self.manifests, "repairs": self.repairs}
+        state = CheckpointState(node_id=self.node_id, cluster=self.cluster, round=s.round, base_version=s.version,
+                                rounds_done=self.rounds_done, steps_total=self.steps_total,
+                                contributions=tuple(self.contributions), manifests=tuple(self.manifests),
+                                repairs=tuple(self.repairs))
         save_checkpoint(self.out, state, s.base, s.pending)
 
     def _adapter_card(self) -> AdapterCard:
         """The model card of the exported adapter: the swarm's base, this cluster, eval by round."""
         name = self.welcome.model or self.config.model or "tiny-gpt2"
         evals = {}
-        if self.metrics is not None and self.metrics.path.is_file():
-            for text in self.metrics.path.read_text(encoding="utf-8").splitlines():
-                line = json.loads(text)
-                if line.get("eval"):  # a resumed node's file may repeat a round: the last line wins
-                    evals[line["round"]] = RoundEval(line["round"], line["eval"]["metric"], line["eval"]["value"])
+        if self.metrics is not None:
+            for line in self.metrics.lines():
+                if line.eval is not None:  # a resumed node's file may repeat a round: the last line wins
+                    evals[line.round] = RoundEval(line.round, line.eval.metric, line.eval.value)
         id2label = dict(getattr(self.base_model.config, "id2label", None) or {})
         names = tuple(str(id2label.get(i, "")) for i in range(self.num_labels or 0))
         if not all(names) or names == tuple(f"LABEL_{i}" for i in range(len(names))):
@@ -541,26 +540,25 @@ class Peer:
             self.export = {"path": None, "error": str(exc)}
             log.warning("adapter not exported: %s", exc)
         self.finished = True
-        write_json_atomic(self.out / "summary.json", self.summary())
+        write_summary(self.out, self.summary())
         log.info("finished: adapter in %s", path if self.export.get("path") else "(none)")
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self) -> Summary:
         a = self.assignment
-        return {
-            "node_id": self.node_id, "finished": self.finished, "rounds_done": self.rounds_done,
-            "rounds": self.train.rounds, "cluster": None if a is None else a.cluster,
-            "role": None if a is None else a.role, "has_data": self.config.data is not None,
-            "split": None if a is None else a.split, "ranks": {} if a is None else dict(a.ranks),
-            "helper": None if a is None else a.helper,
-            "adapter_dir": None if self.export is None else self.export.get("path"),
-            "export": self.export, "export_error": None if self.export is None else self.export.get("error"),
-            "base_version": None if self.session is None else self.session.version,
-            "contributions": self.contributions, "manifests_folded": self.manifests, "repairs": self.repairs,
-            "split_mode": self.split_mode, "steps_served": self.helper.steps_served,
-            "requests_served": dict(self.helper.requests), "labels_received": self.helper.labels_received,
-            "bytes_by_kind": self.bytes_sent(), "peak_rss_mb": dict(self.peaks),
-            "base_digest": None if self.base_identity is None else self.base_identity["digest"],
-        }
+        return Summary(
+            node_id=self.node_id, finished=self.finished, rounds_done=self.rounds_done, rounds=self.train.rounds,
+            cluster=None if a is None else a.cluster, role=None if a is None else a.role,
+            has_data=self.config.data is not None, split=None if a is None else a.split,
+            ranks={} if a is None else dict(a.ranks), helper=None if a is None else a.helper,
+            adapter_dir=None if self.export is None else self.export.get("path"), export=self.export,
+            export_error=None if self.export is None else self.export.get("error"),
+            base_version=None if self.session is None else self.session.version,
+            contributions=tuple(self.contributions), manifests_folded=tuple(self.manifests),
+            repairs=tuple(self.repairs), split_mode=self.split_mode, steps_served=self.helper.steps_served,
+            requests_served=dict(self.helper.requests), labels_received=self.helper.labels_received,
+            bytes_by_kind=self.bytes_sent(), peak_rss_mb=dict(self.peaks),
+            base_digest=None if self.base_identity is None else self.base_identity["digest"],
+        )
 
 
 async def run_peer(config: NodeConfig, train: TrainConfig, stop: asyncio.Event) -> dict[str, Any]:

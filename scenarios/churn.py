@@ -598,7 +598,7 @@ class ChurnRun:
             clusters[name] = cluster
         truth = {n: self.by_name[n].task for n in self.data_names()}
         boot = _bootstrap_repairs(swarm)
-        node_repairs = sum(max((int(r.get("repairs") or 0) for r in run.rows), default=0)
+        node_repairs = sum(max((r.repairs_seen for r in run.rows), default=0)
                            for run in runs if run.trains)
         summary = report.summarize(runs)
         return {
@@ -631,7 +631,7 @@ class ChurnRun:
             "kill_at_s": self.progress.kill_at_s,
             "repair_seen_after_s": (None if self.progress.repaired_at_s is None
                                     else round(self.progress.repaired_at_s - (self.progress.kill_at_s or 0.0), 2)),
-            "adapters": {r.name: (r.summary or {}).get("adapter_dir") for r in runs if r.summary},
+            "adapters": {r.name: r.summary.adapter_dir for r in runs if r.summary is not None},
             "peer_table_before_kill": self.progress.table_before_kill,
             "peer_table_last": self.progress.table_last,
             "clusters_given": self.config.bootstrap_clusters or None,

@@ -11,7 +11,7 @@ import json
 
 from atlas_p2p.synthetic import write_synthetic_jsonl
 from nodes.checkpoint import load_checkpoint
-from nodes.metrics import lost_updates
+from atlas_p2p.records import Summary, lost_updates
 from scenarios.waiting import wait_until
 
 ROUNDS = 4
@@ -35,6 +35,6 @@ def test_the_cluster_survives_its_anchor(swarm, tmp_path):
     assert b["finished"] and c["finished"]
     assert load_checkpoint(swarm.out_dir("b")).base.chain == load_checkpoint(swarm.out_dir("c")).base.chain
     assert load_checkpoint(swarm.out_dir("b")).base.version >= ROUNDS
-    assert lost_updates([b, c]) == 0
+    assert lost_updates(Summary.from_json(x) for x in (b, c)) == []
     changes = json.loads((swarm.bootstrap.state_dir / "coordinator.json").read_text())["anchor_changes"]
     assert any(ch["old_anchor"] == swarm.node_id("a") and ch["new_anchor"] == swarm.node_id("b") for ch in changes)

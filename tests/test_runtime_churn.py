@@ -11,7 +11,7 @@ import json
 
 
 from atlas_p2p.synthetic import write_synthetic_jsonl
-from nodes.metrics import lost_updates
+from atlas_p2p.records import Summary, lost_updates
 from scenarios.waiting import wait_until
 
 ROUNDS = 3
@@ -53,5 +53,5 @@ def test_a_killed_helper_is_replaced_and_no_update_is_lost(swarm, tmp_path):
     assert o0["helper"] == swarm.node_id(survivor)
     coordinator = json.loads((swarm.bootstrap.state_dir / "coordinator.json").read_text())
     assert coordinator["repairs"] >= 1
-    assert lost_updates(summaries) == 0
+    assert lost_updates(Summary.from_json(x) for x in summaries) == []
     assert all(s["adapter_dir"] for s in summaries)

@@ -11,7 +11,7 @@ import json
 
 from atlas_p2p.synthetic import write_synthetic_jsonl
 from nodes.checkpoint import load_checkpoint
-from nodes.metrics import lost_updates
+from atlas_p2p.records import Summary, lost_updates
 from scenarios.waiting import wait_until
 
 ROUNDS = 4
@@ -43,6 +43,6 @@ def test_a_killed_node_resumes_from_its_checkpoint(swarm, tmp_path):
     assert load_checkpoint(swarm.out_dir("a")).base.chain == load_checkpoint(swarm.out_dir("b")).base.chain
     assert load_checkpoint(swarm.out_dir("b")).base.version >= ROUNDS
     assert "resuming from checkpoint" in swarm.nodes["b"].log_text()  # the restarted process's log
-    assert lost_updates([a, b]) == 0
+    assert lost_updates(Summary.from_json(x) for x in (a, b)) == []
     lines = [json.loads(x) for x in (swarm.out_dir("b") / "metrics.jsonl").read_text().splitlines()]
     assert lines[0]["round"] == 0 and lines[-1]["base_version"] >= ROUNDS

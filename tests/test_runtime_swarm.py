@@ -17,7 +17,7 @@ from atlas_p2p.synthetic import write_synthetic_jsonl
 from atlas_p2p.training import apply_to_model
 from nodes.checkpoint import load_checkpoint
 from nodes.config import SwarmSpec
-from nodes.metrics import lost_updates
+from atlas_p2p.records import Summary, lost_updates
 from nodes.modelname import build_model
 from scenarios.inprocess import InProcessSwarm
 
@@ -60,7 +60,7 @@ def test_a_cluster_folds_identical_patches(swarm):
     chains = {load_checkpoint(tmp / n).base.chain for n in ("strong0", "weak0")}
     assert len(chains) == 1
     assert load_checkpoint(tmp / "strong1").base.chain not in chains
-    assert lost_updates(list(s.values())) == 0
+    assert lost_updates(Summary.from_json(x) for x in s.values()) == []
 
 
 def test_exported_adapters_load_with_peft_and_equal_the_merged_model(swarm):

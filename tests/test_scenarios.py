@@ -1,51 +1,85 @@
 """Pure parts of the scenarios and the report: reading nodes' out dirs, per-cluster
-aggregation, lost-update accounting and ARI, all on hand-made metrics files."""
+aggregation, lost-update accounting and ARI, on files written through the node's records."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from atlas_p2p.records import CheckpointState, ContributionRecord, Evaluation, FoldedRecord, RoundLine, Summary
+from nodes.metrics import MetricsLog, write_summary
 from tools import report
 from tools.report import ReportError
 
 
-def _node(root: Path, name: str, rows: list[dict], summary: dict | None = None, tail: str = "") -> Path:
+def _node(root: Path, name: str, rows: list[RoundLine], summary: Summary | None = None, tail: str = "",
+          state: CheckpointState | None = None) -> Path:
     out = root / name
     out.mkdir(parents=True)
-    text = "".join(json.dumps(row) + "\n" for row in rows) + tail
-    (out / report.METRICS_FILE).write_text(text)
+    log = MetricsLog(out / report.METRICS_FILE)
+    for row in rows:
+        log.write(row)
+    with log.path.open("a") as fh:
+        fh.write(tail)
     if summary is not None:
-        (out / report.SUMMARY_FILE).write_text(json.dumps(summary))
+        write_summary(out, summary)
+    if state is not None:
+        (out / report.CHECKPOINT_STATE).parent.mkdir()
+        (out / report.CHECKPOINT_STATE).write_text(json.dumps(state.to_json()))
     return out
 
 
-def _row(node_id, cluster, rnd, loss, made=(), folded=(), sent=None, acc=None, **extra):
-    return {
-        "node_id": node_id, "cluster": cluster, "round": rnd, "loss": loss, "role": "owner",
-        "eval": None if acc is None else {"name": "accuracy", "value": acc},
-        "contributions": list(made), "manifests": [{"round": rnd, "digests": list(folded)}],
-        "bytes_by_kind": sent or {}, **extra,
-    }
+def _row(node_id, cluster, rnd, loss, made=(), folded=(), sent=None, acc=None) -> RoundLine:
+    return RoundLine(
+        node_id=node_id, cluster=cluster, round=rnd, role="owner", loss=loss,
+        eval=None if acc is None else Evaluation("accuracy", acc, 0.0), steps=2, step_rate=1.0,
+        bytes_by_kind=sent or {}, base_version=rnd + 1, contributions=tuple(made), manifests_folded=tuple(folded),
+        carried_over=False, repairs_seen=0, helper=None, time=0.0,
+    )
+
+
+def _made(*digests_by_round: str) -> tuple[ContributionRecord, ...]:
+    return tuple(ContributionRecord(r, d, 4) for r, d in enumerate(digests_by_round))
+
+
+def _folded(rnd: int, *nodes: int) -> FoldedRecord:
+    return FoldedRecord(rnd, rnd + 1, f"p{rnd}", tuple(str(n) for n in nodes), "catch-up")
+
+
+def _summary(node_id, cluster, made=(), folded=(), finished=True, adapter_dir=None) -> Summary:
+    return Summary(
+        node_id=node_id, finished=finished, rounds_done=len(made), rounds=len(made), cluster=cluster, role="owner",
+        has_data=True, split=None, ranks={}, helper=None, adapter_dir=adapter_dir, export=None, export_error=None,
+        base_version=len(folded), contributions=made, manifests_folded=tuple(folded), repairs=(), split_mode="two-part",
+        steps_served=0, requests_served={}, labels_received=0, bytes_by_kind={},
+    )
+
+
+def _state(node_id, cluster, made=(), folded=()) -> CheckpointState:
+    return CheckpointState(node_id=node_id, cluster=cluster, round=len(made), base_version=len(folded),
+                           rounds_done=len(made), steps_total=0, contributions=made, manifests=tuple(folded),
+                           repairs=())
 
 
 @pytest.fixture
 def swarm_dirs(tmp_path):
-    """Two clusters: a,b in 0 (a is the anchor and folds both), c alone in 1."""
+    """Two clusters: a,b in 0 (a is the anchor and folds both), c alone in 1 (killed: a checkpoint, no summary)."""
+    folded_0 = (_folded(0, 1, 2), _folded(1, 1, 2))
     a = _node(tmp_path, "a", [
-        _row(1, 0, 0, 2.0, made=["a0"], folded=["a0", "b0"], acc=0.25, sent={"activations": 10, "adapters": 5}),
-        _row(1, 0, 1, 1.0, made=["a1"], folded=["a1", "b1"], acc=0.75, sent={"activations": 30, "adapters": 9}),
-    ], summary={"finished": True, "rounds_done": 2, "cluster": 0, "adapter_dir": "a/adapter"})
+        _row(1, 0, 0, 2.0, made=["a0"], folded=["p0"], acc=0.25, sent={"activations": 10, "adapters": 5}),
+        _row(1, 0, 1, 1.0, made=["a1"], folded=["p1"], acc=0.75, sent={"activations": 30, "adapters": 9}),
+    ], summary=_summary(1, 0, _made("a0", "a1"), folded_0, adapter_dir="a/adapter"))
     b = _node(tmp_path, "b", [
-        _row(2, 0, 0, 3.0, made=["b0"], folded=["a0", "b0"], acc=0.25, sent={"activations": 7}),
-        _row(2, 0, 1, 2.0, made=["b1"], folded=["a1", "b1"], acc=0.5, sent={"activations": 20}),
-    ], summary={"finished": True, "rounds_done": 2, "cluster": 0})
+        _row(2, 0, 0, 3.0, made=["b0"], folded=["p0"], acc=0.25, sent={"activations": 7}),
+        _row(2, 0, 1, 2.0, made=["b1"], folded=["p1"], acc=0.5, sent={"activations": 20}),
+    ], summary=_summary(2, 0, _made("b0", "b1"), folded_0))
     c = _node(tmp_path, "c", [
-        _row(3, 1, 0, 5.0, made=["c0"], folded=["c0"], sent={"gradients": 4}),
-        _row(3, 1, 1, 4.5, made=["c1"], folded=["c1"], sent={"gradients": 8}),
-    ])
+        _row(3, 1, 0, 5.0, made=["c0"], folded=["p0"], sent={"gradients": 4}),
+        _row(3, 1, 1, 4.5, made=["c1"], folded=["p1"], sent={"gradients": 8}),
+    ], state=_state(3, 1, _made("c0", "c1"), (_folded(0, 3), _folded(1, 3))))
     return [a, b, c]
 
 
@@ -63,36 +97,35 @@ def test_bytes_are_the_running_totals_of_each_nodes_last_line(swarm_dirs):
     assert totals == {"activations": 50, "gradients": 8, "adapters": 9, "fingerprints": 0, "control": 0}
 
 
-def test_no_update_is_lost_when_every_contribution_is_in_a_folded_manifest(swarm_dirs):
+def test_no_update_is_lost_when_every_contribution_is_in_a_folded_patch(swarm_dirs):
     runs = report.read_runs(swarm_dirs)
-    assert len(report.contributions_made(runs)) == 6
+    assert report.contributions_made(runs) == 6
     assert report.lost_updates(runs) == []
 
 
-def test_a_contribution_no_manifest_lists_is_lost_and_named(tmp_path):
-    a = _node(tmp_path, "a", [_row(1, 0, 0, 2.0, made=["a0"], folded=["a0"])])
-    b = _node(tmp_path, "b", [_row(2, 0, 0, 2.0, made=["b0"], folded=["a0"])])
+def test_a_contribution_no_folded_patch_weighs_is_lost_and_named(tmp_path):
+    a = _node(tmp_path, "a", [_row(1, 0, 0, 2.0)], summary=_summary(1, 0, _made("a0"), [_folded(0, 1)]))
+    b = _node(tmp_path, "b", [_row(2, 0, 0, 2.0)], summary=_summary(2, 0, _made("b0"), [_folded(0, 1)]))
     assert report.lost_updates(report.read_runs([a, b])) == [{"digest": "b0", "node": "b", "round": 0}]
 
 
 def test_a_contribution_folded_only_by_a_node_that_was_killed_later_still_counts_as_folded(tmp_path):
-    # the anchor folded b0 and then died (no summary); b never saw the manifest itself
-    anchor = _node(tmp_path, "anchor", [_row(1, 0, 0, 2.0, made=["a0"], folded=["a0", "b0"])], tail='{"node_id": 1, "ro')
-    b = _node(tmp_path, "b", [_row(2, 0, 0, 2.0, made=["b0"], folded=[])])
+    # the anchor folded b0 and then died (its checkpoint, no summary); b never saw the patch itself
+    anchor = _node(tmp_path, "anchor", [_row(1, 0, 0, 2.0)], tail='{"node_id": 1, "ro',
+                   state=_state(1, 0, _made("a0"), [_folded(0, 1, 2)]))
+    b = _node(tmp_path, "b", [_row(2, 0, 0, 2.0)], summary=_summary(2, 0, _made("b0")))
     runs = report.read_runs([anchor, b])
     assert report.lost_updates(runs) == []
     assert runs[0].bad_lines == 1  # the torn line left by SIGKILL is skipped, not fatal
 
 
-def test_a_late_contribution_carried_into_a_folded_one_is_not_lost(tmp_path):
-    a = _node(tmp_path, "a", [
-        _row(1, 0, 0, 2.0, made=["a0"], folded=[]),  # missed the round-0 manifest
-        _row(1, 0, 1, 1.0, made=["a1"], folded=["a1"], carried=["a0"]),
-    ])
+def test_a_late_contribution_carried_into_a_merged_later_one_is_not_lost(tmp_path):
+    a = _node(tmp_path, "a", [_row(1, 0, 0, 2.0), _row(1, 0, 1, 1.0)],
+              summary=_summary(1, 0, _made("a0", "a1"), [_folded(1, 1)]))  # a0 missed round 0, rode inside a1
     assert report.lost_updates(report.read_runs([a])) == []
-    # the same history without the carry record loses a0
-    b = _node(tmp_path, "b", [_row(2, 0, 0, 2.0, made=["b0"]), _row(2, 0, 1, 1.0, made=["b1"], folded=["b1"])])
-    assert [x["digest"] for x in report.lost_updates(report.read_runs([b]))] == ["b0"]
+    b = _node(tmp_path, "b", [_row(2, 0, 0, 2.0), _row(2, 0, 1, 1.0)],
+              summary=_summary(2, 0, _made("b0", "b1"), [_folded(0, 2)]))  # nothing took b1 in
+    assert [x["digest"] for x in report.lost_updates(report.read_runs([b]))] == ["b1"]
 
 
 def test_a_replayed_round_after_a_restart_counts_once_with_the_last_line(tmp_path):
@@ -101,18 +134,15 @@ def test_a_replayed_round_after_a_restart_counts_once_with_the_last_line(tmp_pat
         _row(1, 0, 1, 1.5), _row(1, 0, 2, 1.0),  # restarted: round 1 again, then 2
     ])
     run = report.read_node_dir(a)
-    assert [row["round"] for row in run.rows] == [0, 1, 2]
+    assert [row.round for row in run.rows] == [0, 1, 2]
     assert report.loss_by_round_by_cluster([run]) == {"0": {0: 2.0, 1: 1.5, 2: 1.0}}
     assert run.rounds_done == 3 and not run.finished
 
 
-def test_eval_value_accepts_the_shapes_a_runtime_may_write():
-    assert report.eval_value({"eval": 0.5}) == ("eval", 0.5)
-    assert report.eval_value({"eval": {"name": "accuracy", "value": 0.75}}) == ("accuracy", 0.75)
-    assert report.eval_value({"eval": {"perplexity": 12.0}}) == ("perplexity", 12.0)
-    assert report.eval_value({"eval": None}) is None
-    assert report.eval_value({"eval": {"name": "accuracy", "value": float("nan")}}) is None
-    assert report.eval_value({"eval": True}) is None
+def test_eval_value_is_the_rounds_metric_when_it_has_a_finite_one():
+    assert report.eval_value(_row(1, 0, 0, 1.0, acc=0.75)) == ("accuracy", 0.75)
+    assert report.eval_value(_row(1, 0, 0, 1.0)) is None
+    assert report.eval_value(replace(_row(1, 0, 0, 1.0), eval=Evaluation("perplexity", float("nan"), 1.0))) is None
 
 
 def test_ari_is_one_for_a_renamed_perfect_clustering_and_penalises_unassigned_nodes():
@@ -257,35 +287,6 @@ def test_bytes_of_a_restarted_node_add_up_over_its_incarnations(tmp_path):
         _row(1, 0, 1, 2.0, sent={"activations": 4}), _row(1, 0, 2, 2.0, sent={"activations": 9}),  # restarted
     ])
     assert report.bytes_by_kind(report.read_runs([a]))["activations"] == 25 + 9
-
-
-def _runtime_row(node_id, rnd, made, patch, carried=False):
-    """A line in the shape nodes/peer.py writes: patch digests only in the line."""
-    return {"node_id": node_id, "cluster": 0, "round": rnd, "loss": 1.0, "eval": {"metric": "accuracy", "value": 0.5},
-            "contributions": [made], "manifests_folded": [patch], "carried_over": carried, "repairs_seen": 0}
-
-
-def test_lost_updates_read_the_manifest_records_of_summaries_and_killed_nodes_checkpoints(tmp_path):
-    # a (anchor, finished) folded p0 = {a0, b0}; b was killed after round 0: only its checkpoint says what it folded
-    a = _node(tmp_path, "a", [_runtime_row(1, 0, "a0", "p0")], summary={
-        "finished": True, "rounds_done": 1, "cluster": 0, "contributions": [{"round": 0, "digest": "a0"}],
-        "manifests_folded": [{"round": 0, "digest": "p0", "contributions": ["a0", "b0"], "via": "manifest"}]})
-    b = _node(tmp_path, "b", [_runtime_row(2, 0, "b0", "p0"), _runtime_row(2, 1, "b1", "p1")])
-    (b / "checkpoint").mkdir()
-    (b / "checkpoint" / "state.json").write_text(json.dumps({
-        "contributions": [{"round": 0, "digest": "b0"}, {"round": 1, "digest": "b1"}],
-        "manifests": [{"round": 0, "digest": "p0", "contributions": ["a0", "b0"]}, {"round": 1, "digest": "p1"}]}))
-    runs = report.read_runs([a, b])
-    assert report.eval_value(runs[0].rows[0]) == ("accuracy", 0.5)
-    assert set(report.contributions_made(runs)) == {"a0", "b0", "b1"}
-    # b1's manifest record carries no contribution list (a catch-up): b1 counts as lost
-    assert [x["digest"] for x in report.lost_updates(runs)] == ["b1"]
-
-
-def test_a_contribution_marked_carried_over_counts_through_the_nodes_next_one(tmp_path):
-    a = _node(tmp_path, "a", [_runtime_row(1, 0, "a0", "p0", carried=True), _runtime_row(1, 1, "a1", "p1")],
-              summary={"finished": True, "manifests_folded": [{"digest": "p1", "contributions": ["a1"]}]})
-    assert report.lost_updates(report.read_runs([a])) == []
 
 
 def test_victims_come_only_from_the_eligible_nodes_and_a_kill_shortfall_is_a_failure():

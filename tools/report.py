@@ -1,21 +1,19 @@
 """Summarise a swarm run from the nodes' `--out` directories: tables, lost updates, ARI, plots.
 
-Every node writes under its `--out` (docs/RUNTIME.md, Results):
-- `metrics.jsonl`: one JSON object per round it finished, with `node_id`, `cluster`,
-  `round`, `loss`, `eval`, `steps`, `step_rate`, `bytes_by_kind`, `base_version`,
-  the digests of the contributions it made and of the manifests it folded, `repairs`
-  and `role`;
-- `summary.json`: `finished`, `rounds_done`, `cluster`, `adapter_dir`, export error.
+Every node writes under its `--out` (docs/RUNTIME.md, Results), through the records of
+atlas_p2p/records.py, and this module reads them back through the same classes:
+- `metrics.jsonl`: one `RoundLine` per round it finished;
+- `summary.json`: its `Summary` when it ended;
+- `checkpoint/state.json`: its `CheckpointState` after its last round (what a node
+  killed for good leaves instead of a summary).
 
 This module only reads those files; it never talks to a node. A node killed with
 SIGKILL may leave a torn last line, and a node restarted on the same `--out` appends
 after it and may write a round twice (it replays the round it was in): torn lines are
 skipped and counted, and for each round the last line wins.
 
-Lost updates (DESIGN 8, "nothing is lost"): a contribution is lost when some node made
-and sent it, yet no manifest folded by any node lists its digest, and no later
-contribution that was folded carried it over. With F the set of digests folded by any
-node and C the set made by any node, lost = C \\ (F ∪ carried-into-folded).
+Lost updates (DESIGN 8, "nothing is lost"): atlas_p2p.records.lost_updates over the
+nodes' summaries, or checkpoint states of nodes that left none.
 
 ARI: the scenario knows each data node's true task; the clusters come from the files
 (`summary.json`, else the last metrics line) or from the peer table the scenario saw.
@@ -36,19 +34,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from atlas_p2p.records import KINDS, CheckpointState, RoundLine, Summary
+from atlas_p2p.records import lost_updates as lost_records
+
 log = logging.getLogger("atlas.report")
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 CHECKPOINT_STATE = Path("checkpoint") / "state.json"  # a killed node's last round state
-BYTE_KINDS = ("activations", "gradients", "adapters", "fingerprints", "control")
 NO_CLUSTER = "none"  # key for rows without a cluster (pure helpers)
-
-# Field names accepted for the two digest lists, first match wins (the runtime's name first).
-CONTRIBUTION_KEYS = ("contributions", "contributions_made")
-MANIFEST_KEYS = ("manifests", "manifests_folded", "folded")
-CARRIED_KEYS = ("carried", "carried_over")
-RECORD_MANIFEST_KEYS = ("manifests_folded", "manifests")  # in summary.json / checkpoint state
 
 
 class ReportError(ValueError):
@@ -64,47 +58,49 @@ class NodeRun:
 
     name: str  # the directory name unless given
     out_dir: Path
-    rows: tuple[dict[str, Any], ...]  # metrics lines, one per round (the last written wins), by round
-    summary: dict[str, Any] | None  # summary.json, None when absent (killed, still running, helper)
+    rows: tuple[RoundLine, ...]  # metrics lines, one per round (the last written wins), by round
+    summary: Summary | None  # summary.json, None when absent (killed, still running)
     bad_lines: int = 0  # torn or non-object lines skipped
     bytes_sent: tuple[tuple[str, int], ...] = ()  # (kind, bytes) over all incarnations, see sent_totals
-    records: Mapping[str, Any] | None = None  # full lists (contributions, manifests): summary, else checkpoint
+    checkpoint: CheckpointState | None = None  # checkpoint/state.json (read when there is no summary)
+
+    @property
+    def records(self) -> Summary | CheckpointState | None:
+        """The full lists (contributions, patches folded): the summary, else the checkpoint state."""
+        return self.summary if self.summary is not None else self.checkpoint
 
     @property
     def node_id(self) -> int | None:
-        for source in ((self.summary or {}), *reversed(self.rows)):
-            if isinstance(source.get("node_id"), int):
-                return source["node_id"]
-        return None
+        if self.records is not None and self.records.node_id is not None:
+            return self.records.node_id
+        return self.rows[-1].node_id if self.rows else None
 
     @property
     def cluster(self) -> int | None:
         """The cluster the node ended in: summary.json first, else its last metrics line."""
-        if self.summary is not None and self.summary.get("cluster") is not None:
-            return self.summary["cluster"]
+        if self.summary is not None and self.summary.cluster is not None:
+            return self.summary.cluster
         for row in reversed(self.rows):
-            if row.get("cluster") is not None:
-                return row["cluster"]
+            if row.cluster is not None:
+                return row.cluster
         return None
 
     @property
     def role(self) -> str | None:
-        return self.rows[-1].get("role") if self.rows else None
+        return self.rows[-1].role if self.rows else None
 
     @property
     def rounds_done(self) -> int:
-        if self.summary is not None and isinstance(self.summary.get("rounds_done"), int):
-            return self.summary["rounds_done"]
-        return len(self.rows)
+        return self.summary.rounds_done if self.summary is not None else len(self.rows)
 
     @property
     def finished(self) -> bool:
-        return bool(self.summary and self.summary.get("finished") is True)
+        return self.summary is not None and self.summary.finished
 
     @property
     def trains(self) -> bool:
         """True when any round line has a loss (a data node, not a pure helper)."""
-        return any(_number(row.get("loss")) is not None for row in self.rows)
+        return any(_number(row.loss) is not None for row in self.rows)
 
 
 def _number(value: Any) -> float | None:
@@ -115,8 +111,11 @@ def _number(value: Any) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def read_metrics(path: Path) -> tuple[list[dict[str, Any]], int]:
-    """Parse a metrics JSONL file: (object lines in file order, number of lines skipped)."""
+def read_metrics(path: Path) -> tuple[list[RoundLine], int]:
+    """Parse a metrics JSONL file: (lines in file order, number of torn lines skipped).
+
+    A line that is not JSON is torn (a kill mid-write) and skipped; an object that is not
+    a `RoundLine` is a ReportError (the file is not what a node writes)."""
     rows, bad = [], 0
     try:
         text = path.read_text(encoding="utf-8", errors="replace")
@@ -133,20 +132,32 @@ def read_metrics(path: Path) -> tuple[list[dict[str, Any]], int]:
             log.warning("%s line %d: not a JSON object (torn by a kill?), skipped", path, number)
             bad += 1
             continue
-        rows.append(row)
+        rows.append(_record(RoundLine, row, f"{path} line {number}"))
     return rows, bad
 
 
-def _by_round(rows: Iterable[dict[str, Any]]) -> tuple[dict[str, Any], ...]:
-    """One row per round, the last written winning; rows without an int round keep file order."""
-    keyed: dict[Any, dict[str, Any]] = {}
-    for index, row in enumerate(rows):
-        rnd = row.get("round")
-        key = rnd if isinstance(rnd, int) and not isinstance(rnd, bool) else ("line", index)
-        keyed.pop(key, None)  # re-insert so order follows the last write
-        keyed[key] = row
-    ordered = sorted(keyed.items(), key=lambda kv: (isinstance(kv[0], tuple), kv[0] if isinstance(kv[0], int) else 0))
-    return tuple(row for _, row in ordered)
+def _record(cls, data: Any, where: str):
+    """`cls.from_json(data)`, or a ReportError naming where the data came from."""
+    if not isinstance(data, dict):
+        raise ReportError(f"{where}: expected a JSON object, got {type(data).__name__}")
+    try:
+        return cls.from_json(data)
+    except KeyError as exc:
+        raise ReportError(f"{where}: not a {cls.__name__}: missing {exc}") from None
+    except (TypeError, ValueError) as exc:
+        raise ReportError(f"{where}: not a {cls.__name__}: {exc}") from None
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ReportError(f"{path}: not readable JSON ({exc})") from None
+
+
+def _by_round(rows: Iterable[RoundLine]) -> tuple[RoundLine, ...]:
+    """One row per round, the last written winning."""
+    return tuple(row for _, row in sorted({row.round: row for row in rows}.items()))
 
 
 def read_node_dir(path: Path | str, name: str | None = None) -> NodeRun:
@@ -156,28 +167,16 @@ def read_node_dir(path: Path | str, name: str | None = None) -> NodeRun:
         raise ReportError(f"{out}: not a directory")
     metrics = out / METRICS_FILE
     rows, bad = read_metrics(metrics) if metrics.exists() else ([], 0)
-    summary = None
-    summary_path = out / SUMMARY_FILE
-    if summary_path.exists():
-        try:
-            summary = json.loads(summary_path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ReportError(f"{summary_path}: not readable JSON ({exc})") from None
-        if not isinstance(summary, dict):
-            raise ReportError(f"{summary_path}: expected a JSON object, got {type(summary).__name__}")
-    records = summary
-    if records is None and (out / CHECKPOINT_STATE).exists():
-        try:
-            records = json.loads((out / CHECKPOINT_STATE).read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as exc:  # written atomically: should not happen
-            log.warning("%s: unreadable checkpoint state (%s)", out / CHECKPOINT_STATE, exc)
-        if not isinstance(records, dict):
-            records = None
+    summary_path, state_path = out / SUMMARY_FILE, out / CHECKPOINT_STATE
+    summary = _record(Summary, _read_json(summary_path), str(summary_path)) if summary_path.exists() else None
+    checkpoint = None
+    if summary is None and state_path.exists():  # written atomically: readable unless damaged
+        checkpoint = _record(CheckpointState, _read_json(state_path), str(state_path))
     return NodeRun(name=name or out.name, out_dir=out, rows=_by_round(rows), summary=summary, bad_lines=bad,
-                   bytes_sent=tuple(sent_totals(rows).items()), records=records)
+                   bytes_sent=tuple(sent_totals(rows).items()), checkpoint=checkpoint)
 
 
-def sent_totals(rows: Sequence[Mapping[str, Any]]) -> dict[str, int]:
+def sent_totals(rows: Sequence[RoundLine]) -> dict[str, int]:
     """Bytes sent by kind over a node's whole life, from its lines in file order.
 
     Each line carries running totals since the process started; a restarted process
@@ -186,10 +185,7 @@ def sent_totals(rows: Sequence[Mapping[str, Any]]) -> dict[str, int]:
     closed: dict[str, int] = {}
     current: dict[str, int] = {}
     for row in rows:
-        counts = row.get("bytes_by_kind")
-        if not isinstance(counts, Mapping):
-            continue
-        values = {str(k): int(v) for k, v in counts.items() if _number(v) is not None}
+        values = row.bytes_by_kind
         if any(values.get(k, 0) < v for k, v in current.items()):  # a new incarnation
             for k, v in current.items():
                 closed[k] = closed.get(k, 0) + v
@@ -214,19 +210,11 @@ def read_runs(paths: Iterable[Path | str]) -> list[NodeRun]:
 # --------------------------------------------------------------------------- per-round values
 
 
-def eval_value(row: Mapping[str, Any]) -> tuple[str, float] | None:
-    """(metric name, value) of a row's `eval`: a number, {"name", "value"} or {name: value}."""
-    value = row.get("eval")
-    number = _number(value)
-    if number is not None:
-        return "eval", number
-    if isinstance(value, Mapping):
-        if "value" in value and _number(value.get("value")) is not None:
-            return str(value.get("name") or value.get("metric") or "eval"), _number(value["value"])
-        numbers = [(str(k), _number(v)) for k, v in value.items() if _number(v) is not None]
-        if numbers:
-            return numbers[0]
-    return None
+def eval_value(row: RoundLine) -> tuple[str, float] | None:
+    """(metric name, value) of a row's held-out evaluation, None without one (or not finite)."""
+    if row.eval is None or _number(row.eval.value) is None:
+        return None
+    return row.eval.metric, row.eval.value
 
 
 def cluster_key(cluster: Any) -> str:
@@ -234,27 +222,21 @@ def cluster_key(cluster: Any) -> str:
     return NO_CLUSTER if cluster is None else str(cluster)
 
 
-def _round_number(run: NodeRun, index: int, row: Mapping[str, Any]) -> int:
-    rnd = row.get("round")
-    return rnd if isinstance(rnd, int) and not isinstance(rnd, bool) else index
-
-
 def _mean_by_round(runs: Sequence[NodeRun], pick) -> dict[str, dict[int, float]]:
     """cluster -> round -> mean over the cluster's nodes of pick(row) (None values skipped)."""
     sums: dict[str, dict[int, list[float]]] = {}
     for run in runs:
-        for index, row in enumerate(run.rows):
+        for row in run.rows:
             value = pick(row)
             if value is None:
                 continue
-            key = cluster_key(row.get("cluster", run.cluster))
-            sums.setdefault(key, {}).setdefault(_round_number(run, index, row), []).append(value)
+            sums.setdefault(cluster_key(row.cluster), {}).setdefault(row.round, []).append(value)
     return {c: {r: sum(v) / len(v) for r, v in sorted(by_r.items())} for c, by_r in sorted(sums.items())}
 
 
 def loss_by_round_by_cluster(runs: Sequence[NodeRun]) -> dict[str, dict[int, float]]:
     """Mean training loss of each cluster's nodes at each round."""
-    return _mean_by_round(runs, lambda row: _number(row.get("loss")))
+    return _mean_by_round(runs, lambda row: _number(row.loss))
 
 
 def eval_by_round_by_cluster(runs: Sequence[NodeRun]) -> dict[str, dict[int, float]]:
@@ -284,7 +266,7 @@ def loss_falls(series: Mapping[int, float]) -> bool:
 
 def bytes_by_kind(runs: Sequence[NodeRun]) -> dict[str, int]:
     """Bytes sent by all nodes, by kind (each node's `sent_totals`)."""
-    totals = dict.fromkeys(BYTE_KINDS, 0)
+    totals = dict.fromkeys(KINDS, 0)
     for run in runs:
         for kind, value in run.bytes_sent:
             totals[kind] = totals.get(kind, 0) + value
@@ -294,96 +276,16 @@ def bytes_by_kind(runs: Sequence[NodeRun]) -> dict[str, int]:
 # --------------------------------------------------------------------------- lost updates
 
 
-def _strings(value: Any) -> list[str]:
-    """Digests in a field: a list of str, or of {"digest": str} / {"digests": [...]} objects."""
-    out: list[str] = []
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, Mapping):
-        for key in ("digest", "digests", "contributions"):
-            if key in value:
-                out += _strings(value[key])
-        return out
-    if isinstance(value, (list, tuple)):
-        for item in value:
-            out += _strings(item)
-    return out
-
-
-def _first(row: Mapping[str, Any], keys: Sequence[str]) -> Any:
-    for key in keys:
-        if key in row:
-            return row[key]
-    return None
-
-
-def contributions_made(runs: Sequence[NodeRun]) -> dict[str, tuple[str, int | None]]:
-    """digest -> (node name, round) for every contribution any node made and sent."""
-    made: dict[str, tuple[str, int | None]] = {}
-    for run in runs:
-        for index, row in enumerate(run.rows):
-            for digest in _strings(_first(row, CONTRIBUTION_KEYS)):
-                made.setdefault(digest, (run.name, _round_number(run, index, row)))
-        for item in (run.records or {}).get("contributions") or []:
-            rnd = item.get("round") if isinstance(item, Mapping) else None
-            for digest in _strings(item):
-                made.setdefault(digest, (run.name, rnd if isinstance(rnd, int) else None))
-    return made
-
-
-def digests_folded(runs: Sequence[NodeRun]) -> set[str]:
-    """Every contribution digest listed by a manifest that some node folded.
-
-    Read from the metrics lines and from the manifest records in summary.json (or a
-    killed node's checkpoint state), whose entries list the contributions they fold.
-    Patch digests land in the same set; they never equal a contribution digest."""
-    folded = {d for run in runs for row in run.rows for d in _strings(_first(row, MANIFEST_KEYS))}
-    for run in runs:
-        folded.update(_strings(_first(run.records or {}, RECORD_MANIFEST_KEYS)))
-    return folded
-
-
-def carried_into(runs: Sequence[NodeRun]) -> dict[str, str]:
-    """older digest -> digest of the contribution it was carried over into (when recorded).
-
-    A row's `carried` field is {new digest: [older digests]} or a list of older digests,
-    which then all went into the row's (single) contribution; `carried_over: true` says
-    the row's own contribution missed the manifest and went into the node's next one."""
-    links: dict[str, str] = {}
-    for run in runs:
-        for index, row in enumerate(run.rows):
-            carried = _first(row, CARRIED_KEYS)
-            if carried is True:
-                own = _strings(_first(row, CONTRIBUTION_KEYS))
-                later = [d for r in run.rows[index + 1:] for d in _strings(_first(r, CONTRIBUTION_KEYS))]
-                if own and later:
-                    for digest in own:
-                        links[digest] = later[0]
-            elif isinstance(carried, Mapping):
-                for new, olds in carried.items():
-                    for old in _strings(olds):
-                        links[old] = str(new)
-            elif carried:
-                made = _strings(_first(row, CONTRIBUTION_KEYS))
-                if len(made) == 1:
-                    for old in _strings(carried):
-                        links[old] = made[0]
-    return links
+def contributions_made(runs: Sequence[NodeRun]) -> int:
+    """How many contributions the nodes made and sent (from their summaries or checkpoints)."""
+    return sum(len(run.records.contributions) for run in runs if run.records is not None)
 
 
 def lost_updates(runs: Sequence[NodeRun]) -> list[dict[str, Any]]:
-    """Contributions made and never folded, directly or through a carry-over chain."""
-    folded = digests_folded(runs)
-    links = carried_into(runs)
-    lost = []
-    for digest, (name, rnd) in sorted(contributions_made(runs).items(), key=lambda kv: (kv[1][0], kv[1][1] or 0)):
-        seen, current = set(), digest
-        while current not in folded and current in links and current not in seen:
-            seen.add(current)
-            current = links[current]
-        if current not in folded:
-            lost.append({"digest": digest, "node": name, "round": rnd})
-    return lost
+    """Contributions made and never merged (atlas_p2p.records.lost_updates), named by node directory."""
+    names = {run.node_id: run.name for run in runs}
+    lost = lost_records(run.records for run in runs if run.records is not None)
+    return [{"digest": x.digest, "node": names[x.node_id], "round": x.round} for x in lost]
 
 
 # --------------------------------------------------------------------------- clustering quality
@@ -432,7 +334,7 @@ def format_nodes(runs: Sequence[NodeRun]) -> str:
     """One line per node: id, cluster, role, rounds, finished, adapter dir."""
     lines = []
     for run in sorted(runs, key=lambda r: (r.node_id is None, r.node_id or 0, r.name)):
-        adapter = (run.summary or {}).get("adapter_dir") or "-"
+        adapter = (run.summary.adapter_dir if run.summary is not None else None) or "-"
         lines.append(
             f"  {run.name:<10} id={run.node_id if run.node_id is not None else '-':<3} "
             f"cluster={cluster_key(run.cluster):<5} role={run.role or '-':<7} rounds={run.rounds_done:<3} "
@@ -484,7 +386,7 @@ def summarize(runs: Sequence[NodeRun], truth: Mapping[str, Any] | None = None) -
     result: dict[str, Any] = {
         "nodes": len(runs),
         "finished": sorted(run.name for run in runs if run.finished),
-        "contributions": len(contributions_made(runs)),
+        "contributions": contributions_made(runs),
         "lost_updates": len(lost),
         "lost": lost,
         "final_loss_by_cluster": final_loss_by_cluster(runs),
@@ -517,7 +419,7 @@ def render(runs: Sequence[NodeRun]) -> str:
         ),
         "",
         "bytes sent by kind: " + ", ".join(f"{k} {v:,}" for k, v in bytes_by_kind(runs).items()),
-        f"contributions made {len(contributions_made(runs))}, lost updates {len(lost_updates(runs))}",
+        f"contributions made {contributions_made(runs)}, lost updates {len(lost_updates(runs))}",
     ]
     return "\n".join(parts)
 
