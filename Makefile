@@ -21,6 +21,8 @@ demo: install
 	$(PY) -m scenarios.demo
 
 test: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -q
 
 bench: install

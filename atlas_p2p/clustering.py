@@ -242,8 +242,11 @@ class OneBlob:
     def draw(self, n: int, rng: np.random.Generator) -> np.ndarray:
         """(n, d) rows drawn from the Gaussian, then scaled to unit norm (as fingerprints are)."""
         r, d = self.spikes.size, self.mean.size
-        points = (self.mean + rng.standard_normal((n, r)) @ (np.sqrt(self.spikes)[:, None] * self.directions)
-                  + np.sqrt(self.floor) * rng.standard_normal((n, d)))
+        points = (
+            self.mean
+            + rng.standard_normal((n, r)) @ (np.sqrt(self.spikes)[:, None] * self.directions)
+            + np.sqrt(self.floor) * rng.standard_normal((n, d))
+        )
         norms = np.linalg.norm(points, axis=1, keepdims=True)
         return points / np.where(norms > 0, norms, 1.0)
 
@@ -332,11 +335,21 @@ def _choose(x: np.ndarray, config: ClusteringConfig):
     finite = draws[np.isfinite(draws)]
     null = (float(finite.mean()), float(finite.std())) if len(finite) else None
     if p > config.null_level:
-        logger.info("best silhouette %.3f has p = %.3f against %d one-task surrogates (level %.3f): K = 1",
-                    best[2], p, used, config.null_level)
+        logger.info(
+            "best silhouette %.3f has p = %.3f against %d one-task surrogates (level %.3f): K = 1",
+            best[2],
+            p,
+            used,
+            config.null_level,
+        )
         return (*one, scores, null, p)
-    logger.info("best silhouette %.3f (K = %d) has p = %.3f against %d one-task surrogates",
-                best[2], len(np.unique(best[0])), p, used)
+    logger.info(
+        "best silhouette %.3f (K = %d) has p = %.3f against %d one-task surrogates",
+        best[2],
+        len(np.unique(best[0])),
+        p,
+        used,
+    )
     return (*best, scores, null, p)
 
 

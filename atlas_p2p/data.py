@@ -75,9 +75,7 @@ class Records:
         if self.kind not in KINDS:
             raise ValueError(f"Records.kind must be one of {KINDS}, got {self.kind!r}")
         if len(self.tasks) != len(self.examples):
-            raise ValueError(
-                f"Records.tasks has {len(self.tasks)} entries for {len(self.examples)} examples"
-            )
+            raise ValueError(f"Records.tasks has {len(self.tasks)} entries for {len(self.examples)} examples")
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -91,9 +89,7 @@ class Records:
 
     def subset(self, indices: Sequence[int] | np.ndarray) -> Records:
         idx = [int(i) for i in indices]
-        return Records(
-            self.kind, tuple(self.examples[i] for i in idx), tuple(self.tasks[i] for i in idx), self.source
-        )
+        return Records(self.kind, tuple(self.examples[i] for i in idx), tuple(self.tasks[i] for i in idx), self.source)
 
 
 # -- parsing ------------------------------------------------------------------------
@@ -146,9 +142,7 @@ def parse_record(obj: object, source: str = "<memory>", line: int | None = None)
     return kind, example, task
 
 
-def records_from_dicts(
-    objs: Iterable[object], source: str = "<memory>", num_labels: int | None = None
-) -> Records:
+def records_from_dicts(objs: Iterable[object], source: str = "<memory>", num_labels: int | None = None) -> Records:
     """Build :class:`Records` from decoded JSON values (all of one kind)."""
     return _collect(((i, obj) for i, obj in enumerate(objs, start=1)), source, num_labels)
 
@@ -193,9 +187,7 @@ def _collect(numbered: Iterable[tuple[int, object]], source: str, num_labels: in
         if kind is None:
             kind, first_line = this_kind, number
         elif this_kind != kind:
-            raise DataError(
-                source, number, f"mixed kinds: this record is {this_kind} but line {first_line} was {kind}"
-            )
+            raise DataError(source, number, f"mixed kinds: this record is {this_kind} but line {first_line} was {kind}")
         if num_labels is not None and example.label is not None and example.label >= num_labels:
             raise DataError(source, number, f"label {example.label} out of range [0, {num_labels})")
         examples.append(example)
@@ -268,9 +260,7 @@ def encode(records: Records, tokenizer, max_len: int) -> Encoded:
         raise ValueError(f"max_len must be an int >= 2, got {max_len!r}")
     pad = tokenizer.pad_token_id
     if pad is None:
-        raise ValueError(
-            "tokenizer has no pad token; set one first (e.g. tokenizer.pad_token = tokenizer.eos_token)"
-        )
+        raise ValueError("tokenizer has no pad token; set one first (e.g. tokenizer.pad_token = tokenizer.eos_token)")
     side = getattr(tokenizer, "padding_side", "right")
     eos = tokenizer.eos_token_id
     input_ids: list[tuple[int, ...]] = []

@@ -26,11 +26,13 @@ gradient at a time (a training step holds none: the base is frozen).
 Only `probe_scores` and `measure` touch torch; the rest is plain arithmetic on
 {module: score} dicts, which travel as short vectors (`to_vector`, `from_vector`).
 """
+
 from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 

@@ -44,22 +44,35 @@ class FamilyLayout:
 
 
 GPT2 = FamilyLayout(
-    name="gpt2", model_types=("gpt2",), backbone_attr="transformer", blocks_attr="h", final_norm_attr="ln_f",
-    attn_modules=("attn.c_attn", "attn.c_proj"), mlp_modules=("mlp.c_fc", "mlp.c_proj"),
-    conv1d=True, learned_positions=True,
+    name="gpt2",
+    model_types=("gpt2",),
+    backbone_attr="transformer",
+    blocks_attr="h",
+    final_norm_attr="ln_f",
+    attn_modules=("attn.c_attn", "attn.c_proj"),
+    mlp_modules=("mlp.c_fc", "mlp.c_proj"),
+    conv1d=True,
+    learned_positions=True,
 )
 LLAMA = FamilyLayout(
-    name="llama", model_types=("llama", "mistral", "qwen2", "qwen3"), backbone_attr="model",
-    blocks_attr="layers", final_norm_attr="norm",
+    name="llama",
+    model_types=("llama", "mistral", "qwen2", "qwen3"),
+    backbone_attr="model",
+    blocks_attr="layers",
+    final_norm_attr="norm",
     attn_modules=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"),
     mlp_modules=("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
 )
 BERT = FamilyLayout(
-    name="bert", model_types=("bert",), backbone_attr="bert", blocks_attr="encoder.layer",
+    name="bert",
+    model_types=("bert",),
+    backbone_attr="bert",
+    blocks_attr="encoder.layer",
     final_norm_attr=None,  # BERT normalises inside every block
     attn_modules=("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense"),
     mlp_modules=("intermediate.dense", "output.dense"),
-    tasks=(SEQ_CLS,), learned_positions=True,
+    tasks=(SEQ_CLS,),
+    learned_positions=True,
 )
 
 LAYOUTS: dict[str, FamilyLayout] = {layout.name: layout for layout in (GPT2, LLAMA, BERT)}

@@ -224,9 +224,7 @@ def reset_adapters(peft_model: nn.Module, seed: int, adapter_name: str = ADAPTER
 
 def _lora_layers(model: nn.Module, adapter_name: str = ADAPTER) -> dict[str, LoraLayer]:
     hf = unwrap(model)
-    return {
-        name: m for name, m in hf.named_modules() if isinstance(m, LoraLayer) and adapter_name in m.lora_A
-    }
+    return {name: m for name, m in hf.named_modules() if isinstance(m, LoraLayer) and adapter_name in m.lora_A}
 
 
 def get_factors(peft_model: nn.Module, adapter_name: str = ADAPTER) -> dict[str, AdapterFactors]:
@@ -287,9 +285,7 @@ def get_dense_trainables(peft_model: nn.Module, adapter_name: str = ADAPTER) -> 
     return {k: p.detach().clone() for k, p in _dense_params(peft_model, adapter_name).items()}
 
 
-def set_dense_trainables(
-    peft_model: nn.Module, tensors: dict[str, torch.Tensor], adapter_name: str = ADAPTER
-) -> None:
+def set_dense_trainables(peft_model: nn.Module, tensors: dict[str, torch.Tensor], adapter_name: str = ADAPTER) -> None:
     """Load dense trainable tensors (any subset); shape/dtype checked before anything changes."""
     params = _dense_params(peft_model, adapter_name)
     if not isinstance(tensors, dict):

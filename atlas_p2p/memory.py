@@ -29,13 +29,14 @@ the final norm and head instead (`with_head`, `ServedOwner.head`).
 Everything here is pure arithmetic on a `ModelShape` except `measure_step`, which runs
 one real training step and reads what it allocated.
 """
+
 from __future__ import annotations
 
 import functools
 import logging
 import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -46,7 +47,12 @@ log = logging.getLogger(__name__)
 
 FAMILIES = tuple(LAYOUTS)  # "gpt2", "llama", "bert"
 _DTYPE_BYTES = {
-    "float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "uint8": 1,
+    "float64": 8,
+    "float32": 4,
+    "float16": 2,
+    "bfloat16": 2,
+    "int8": 1,
+    "uint8": 1,
 }
 ADAM_COPIES = 4  # parameter + gradient + AdamW first and second moments
 
@@ -88,8 +94,7 @@ class ModelShape:
             raise ValueError(f"family={self.family!r}: expected one of {FAMILIES}")
         if self.task not in TASKS:
             raise ValueError(f"task={self.task!r}: expected one of {TASKS}")
-        for name in ("num_layers", "hidden", "heads", "kv_heads", "head_dim",
-                     "intermediate", "vocab_size"):
+        for name in ("num_layers", "hidden", "heads", "kv_heads", "head_dim", "intermediate", "vocab_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)!r}: must be >= 1")
         for name in ("max_positions", "type_vocab", "num_labels"):
@@ -116,9 +121,18 @@ def shape_from_config(config, task: str = CAUSAL_LM, num_labels: int | None = No
     if family == "gpt2":
         hidden = config.n_embd
         return ModelShape(
-            family, model_type, task, config.n_layer, hidden, config.n_head, config.n_head,
-            hidden // config.n_head, config.n_inner or 4 * hidden, config.vocab_size,
-            config.n_positions, num_labels=labels,
+            family,
+            model_type,
+            task,
+            config.n_layer,
+            hidden,
+            config.n_head,
+            config.n_head,
+            hidden // config.n_head,
+            config.n_inner or 4 * hidden,
+            config.vocab_size,
+            config.n_positions,
+            num_labels=labels,
             tied_head=bool(getattr(config, "tie_word_embeddings", True)),
             dropout=_any_dropout(config, "resid_pdrop", "embd_pdrop", "attn_pdrop"),
         )
@@ -128,19 +142,39 @@ def shape_from_config(config, task: str = CAUSAL_LM, num_labels: int | None = No
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         attention_bias = bool(getattr(config, "attention_bias", False))
         return ModelShape(
-            family, model_type, task, config.num_hidden_layers, config.hidden_size, heads, kv,
-            head_dim, config.intermediate_size, config.vocab_size, 0, num_labels=labels,
+            family,
+            model_type,
+            task,
+            config.num_hidden_layers,
+            config.hidden_size,
+            heads,
+            kv,
+            head_dim,
+            config.intermediate_size,
+            config.vocab_size,
+            0,
+            num_labels=labels,
             tied_head=bool(getattr(config, "tie_word_embeddings", False)),
-            qkv_bias=attention_bias or model_type == "qwen2", o_bias=attention_bias,
-            mlp_bias=bool(getattr(config, "mlp_bias", False)), qk_norm=model_type == "qwen3",
+            qkv_bias=attention_bias or model_type == "qwen2",
+            o_bias=attention_bias,
+            mlp_bias=bool(getattr(config, "mlp_bias", False)),
+            qk_norm=model_type == "qwen3",
             dropout=_any_dropout(config, "attention_dropout"),
         )
     return ModelShape(
-        family, model_type, task, config.num_hidden_layers, config.hidden_size,
-        config.num_attention_heads, config.num_attention_heads,
-        config.hidden_size // config.num_attention_heads, config.intermediate_size,
-        config.vocab_size, config.max_position_embeddings,
-        type_vocab=getattr(config, "type_vocab_size", 0), num_labels=labels,
+        family,
+        model_type,
+        task,
+        config.num_hidden_layers,
+        config.hidden_size,
+        config.num_attention_heads,
+        config.num_attention_heads,
+        config.hidden_size // config.num_attention_heads,
+        config.intermediate_size,
+        config.vocab_size,
+        config.max_position_embeddings,
+        type_vocab=getattr(config, "type_vocab_size", 0),
+        num_labels=labels,
         dropout=_any_dropout(config, "hidden_dropout_prob", "attention_probs_dropout_prob"),
     )
 
@@ -150,6 +184,7 @@ def _any_dropout(config, *names: str) -> bool:
 
 
 # ---------------------------------------------------------------- parameter counts
+
 
 @dataclass(frozen=True)
 class LoraModule:
@@ -175,10 +210,23 @@ def _block_weights(shape: ModelShape) -> list[tuple[str, int, int]]:
         return [("c_attn", H, 3 * H), ("c_proj", H, H), ("c_fc", H, I), ("mlp_c_proj", I, H)]
     if shape.family == "llama":
         q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
-        return [("q_proj", H, q), ("k_proj", H, kv), ("v_proj", H, kv), ("o_proj", q, H),
-                ("gate_proj", H, I), ("up_proj", H, I), ("down_proj", I, H)]
-    return [("query", H, H), ("key", H, H), ("value", H, H), ("attn_out", H, H),
-            ("intermediate", H, I), ("output", I, H)]
+        return [
+            ("q_proj", H, q),
+            ("k_proj", H, kv),
+            ("v_proj", H, kv),
+            ("o_proj", q, H),
+            ("gate_proj", H, I),
+            ("up_proj", H, I),
+            ("down_proj", I, H),
+        ]
+    return [
+        ("query", H, H),
+        ("key", H, H),
+        ("value", H, H),
+        ("attn_out", H, H),
+        ("intermediate", H, I),
+        ("output", I, H),
+    ]
 
 
 @functools.lru_cache(maxsize=64)
@@ -247,11 +295,13 @@ def head_params(shape: ModelShape, *, with_embedding_copy: bool) -> int:
 
 def total_params(shape: ModelShape) -> int:
     """Parameters of the whole model (tied matrices once), as `model.parameters()` counts."""
-    return (embedding_params(shape) + shape.num_layers * block_params(shape)
-            + head_params(shape, with_embedding_copy=False))
+    return (
+        embedding_params(shape) + shape.num_layers * block_params(shape) + head_params(shape, with_embedding_copy=False)
+    )
 
 
 # ---------------------------------------------------------------- the memory model
+
 
 @dataclass(frozen=True)
 class Workload:
@@ -331,23 +381,26 @@ class Footprint:
     def total(self) -> int:
         return self.frozen + self.adapter + self.activations
 
-    def __add__(self, other: "Footprint") -> "Footprint":
-        return Footprint(self.frozen + other.frozen, self.adapter + other.adapter,
-                         self.activations + other.activations)
+    def __add__(self, other: Footprint) -> Footprint:
+        return Footprint(self.frozen + other.frozen, self.adapter + other.adapter, self.activations + other.activations)
 
 
-def activation_features(shape: ModelShape, layers: int, workload: Workload, *,
-                        embeddings: bool, head: bool) -> np.ndarray:
+def activation_features(
+    shape: ModelShape, layers: int, workload: Workload, *, embeddings: bool, head: bool
+) -> np.ndarray:
     """The five feature counts that `ActivationConstants` multiplies, shape (5,)."""
     B, S = workload.batch, workload.seq_len
     H, I, N = shape.hidden, shape.intermediate, shape.heads
-    return np.array([
-        layers * B * S * H,
-        layers * B * S * I,
-        layers * B * N * S * S,
-        B * S * H if embeddings else 0,
-        B * S * shape.head_out if head else 0,
-    ], dtype=np.float64)
+    return np.array(
+        [
+            layers * B * S * H,
+            layers * B * S * I,
+            layers * B * N * S * S,
+            B * S * H if embeddings else 0,
+            B * S * shape.head_out if head else 0,
+        ],
+        dtype=np.float64,
+    )
 
 
 def _activation_bytes(shape, layers, workload, constants, *, embeddings, head) -> int:
@@ -360,8 +413,7 @@ def _check_split(shape: ModelShape, split: int) -> None:
         raise ValueError(f"split={split!r}: must be an int in [0, {shape.num_layers}]")
 
 
-def adapter_bytes(shape: ModelShape, ranks: Mapping[str, int], workload: Workload,
-                  blocks: range | None = None) -> int:
+def adapter_bytes(shape: ModelShape, ranks: Mapping[str, int], workload: Workload, blocks: range | None = None) -> int:
     """LoRA parameters, gradients and AdamW moments: 4·Σ r_i·(d_in + d_out)·lora_bytes.
 
     Only modules whose block is in `blocks` count (all blocks when None).
@@ -376,9 +428,15 @@ def adapter_bytes(shape: ModelShape, ranks: Mapping[str, int], workload: Workloa
     return ADAM_COPIES * workload.lora_bytes * total
 
 
-def owner_footprint(shape: ModelShape, split: int, ranks: Mapping[str, int],
-                    workload: Workload, constants: ActivationConstants | None = None,
-                    *, with_head: bool = False) -> Footprint:
+def owner_footprint(
+    shape: ModelShape,
+    split: int,
+    ranks: Mapping[str, int],
+    workload: Workload,
+    constants: ActivationConstants | None = None,
+    *,
+    with_head: bool = False,
+) -> Footprint:
     """Owner at split l: embeddings + blocks[:l], its adapters, its activations.
 
     `with_head`: u-shape mode, the owner also keeps the final norm and the head (a tied
@@ -396,8 +454,9 @@ def owner_footprint(shape: ModelShape, split: int, ranks: Mapping[str, int],
     )
 
 
-def whole_model_footprint(shape: ModelShape, ranks: Mapping[str, int], workload: Workload,
-                          constants: ActivationConstants | None = None) -> Footprint:
+def whole_model_footprint(
+    shape: ModelShape, ranks: Mapping[str, int], workload: Workload, constants: ActivationConstants | None = None
+) -> Footprint:
     """A device that trains the whole model alone (no split): every block and the head."""
     constants = constants or constants_for(shape)
     frozen = total_params(shape) * workload.weight_bytes
@@ -427,8 +486,9 @@ def helper_weights_bytes(shape: ModelShape, split: int, weight_bytes: int, head:
     return params * weight_bytes
 
 
-def served_owner_footprint(shape: ModelShape, owner: ServedOwner,
-                           constants: ActivationConstants | None = None) -> Footprint:
+def served_owner_footprint(
+    shape: ModelShape, owner: ServedOwner, constants: ActivationConstants | None = None
+) -> Footprint:
     """What one served owner adds to a helper: its adapter and its batch's activations."""
     _check_split(shape, owner.split)
     constants = constants or constants_for(shape)
@@ -436,14 +496,18 @@ def served_owner_footprint(shape: ModelShape, owner: ServedOwner,
     return Footprint(
         0,
         adapter_bytes(shape, owner.ranks, owner.workload, layers),
-        _activation_bytes(shape, len(layers), owner.workload, constants,
-                          embeddings=False, head=owner.head),
+        _activation_bytes(shape, len(layers), owner.workload, constants, embeddings=False, head=owner.head),
     )
 
 
-def helper_footprint(shape: ModelShape, owners: Sequence[ServedOwner], *,
-                     weight_bytes: int = 4, holds_weights: bool = False,
-                     constants: ActivationConstants | None = None) -> Footprint:
+def helper_footprint(
+    shape: ModelShape,
+    owners: Sequence[ServedOwner],
+    *,
+    weight_bytes: int = 4,
+    holds_weights: bool = False,
+    constants: ActivationConstants | None = None,
+) -> Footprint:
     """A helper serving `owners`: the layers the deepest-reaching owner needs, once,
     plus one adapter and one batch of activations per owner (all kept at once, the
     worst case of concurrent steps). `holds_weights`: the helper already holds the
@@ -459,6 +523,7 @@ def helper_footprint(shape: ModelShape, owners: Sequence[ServedOwner], *,
 
 
 # ---------------------------------------------------------------- measurement and fit
+
 
 @dataclass(frozen=True)
 class StepMeasurement:
@@ -502,8 +567,9 @@ def _profiled_peak(step: Callable[[], None]) -> int:
         events = prof.profiler.kineto_results.events()
     except AttributeError as exc:  # the profiler's result layout changed
         raise RuntimeError("torch profiler exposes no memory events in this torch version") from exc
-    changes = sorted((e.start_ns(), e.nbytes()) for e in events
-                     if e.name() == "[memory]" and str(e.device_type()).endswith("CPU"))
+    changes = sorted(
+        (e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]" and str(e.device_type()).endswith("CPU")
+    )
     running, peak = 0, 0
     for _, nbytes in changes:
         running += nbytes
@@ -624,7 +690,6 @@ def calibrate(family: str, measurements: Sequence[MemorySample]) -> ActivationCo
     return constants
 
 
-def relative_errors(samples: Sequence[MemorySample],
-                    constants: ActivationConstants | None = None) -> list[float]:
+def relative_errors(samples: Sequence[MemorySample], constants: ActivationConstants | None = None) -> list[float]:
     """|predicted - measured| / measured for each sample."""
     return [abs(predict(s, constants) - s.peak) / s.peak for s in samples]

@@ -121,9 +121,7 @@ def dirichlet_label_skew(
         parts = _deal(groups, proportions, num_clients, rng)
         if min(len(p) for p in parts) >= min_size:
             return parts
-    raise ValueError(
-        f"no Dirichlet(alpha={alpha}) draw in {max_tries} tries gave every client >= {min_size} examples"
-    )
+    raise ValueError(f"no Dirichlet(alpha={alpha}) draw in {max_tries} tries gave every client >= {min_size} examples")
 
 
 def length_bins(lengths: Sequence[int] | np.ndarray, num_bins: int) -> np.ndarray:

@@ -31,12 +31,13 @@ centroids) in, a `Plan` out; ties are broken by node id and model order.
 `repair` swaps out dead helpers while changing nothing else; `replan_reason` says when a
 full re-plan is due (membership, budgets, or importance moved by more than τ).
 """
+
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Iterable, Mapping, Sequence
 
 from atlas_p2p.capabilities import Capabilities
 from atlas_p2p.importance import TAU
@@ -96,8 +97,13 @@ class PlanConfig:
         if not 0 < self.headroom <= 1:
             raise ValueError(f"headroom={self.headroom!r}: must be in (0, 1]")
         ranks = self.rank_set
-        if (not ranks or list(ranks) != sorted(set(ranks)) or ranks[0] != 0 or len(ranks) < 2
-                or not all(isinstance(r, int) for r in ranks)):
+        if (
+            not ranks
+            or list(ranks) != sorted(set(ranks))
+            or ranks[0] != 0
+            or len(ranks) < 2
+            or not all(isinstance(r, int) for r in ranks)
+        ):
             raise ValueError(f"rank_set={ranks!r}: must be increasing ints starting at 0 with a positive rank")
         if not isinstance(self.min_split, int) or self.min_split < 1:
             raise ValueError(f"min_split={self.min_split!r}: must be an int >= 1")
@@ -150,6 +156,7 @@ class Plan:
 
 # ------------------------------------------------------------------ small helpers
 
+
 def format_bytes(n: float) -> str:
     """1.1 GB, 300 MB, 12 KB (decimal units)."""
     for unit, size in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
@@ -176,8 +183,10 @@ def privacy_min_split(leakage_by_split: Sequence[float], floor: float) -> int:
     for l in range(1, len(leakage_by_split)):
         if leakage_by_split[l] <= floor:
             return l
-    raise ValueError(f"floor={floor!r}: no split point leaks that little "
-                     f"(lowest leakage {min(leakage_by_split[1:], default=math.inf)!r})")
+    raise ValueError(
+        f"floor={floor!r}: no split point leaks that little "
+        f"(lowest leakage {min(leakage_by_split[1:], default=math.inf)!r})"
+    )
 
 
 def _adapter_cost(module: LoraModule, rank: int, workload: Workload) -> int:
@@ -203,15 +212,21 @@ def _anchors(modules: Sequence[LoraModule], importance: Mapping[str, float]) -> 
     return anchors
 
 
-def minimum_ranks(modules: Sequence[LoraModule], importance: Mapping[str, float],
-                  rank_set: Sequence[int] = RANK_SET) -> dict[str, int]:
+def minimum_ranks(
+    modules: Sequence[LoraModule], importance: Mapping[str, float], rank_set: Sequence[int] = RANK_SET
+) -> dict[str, int]:
     """One adapter of the smallest positive rank per block, on its most important weight."""
     q_min = min(r for r in rank_set if r > 0)
     return {m.name: q_min for m in _anchors(modules, importance).values()}
 
 
-def water_fill(modules: Sequence[LoraModule], importance: Mapping[str, float], budget_bytes: int,
-               workload: Workload, rank_set: Sequence[int] = RANK_SET) -> dict[str, int]:
+def water_fill(
+    modules: Sequence[LoraModule],
+    importance: Mapping[str, float],
+    budget_bytes: int,
+    workload: Workload,
+    rank_set: Sequence[int] = RANK_SET,
+) -> dict[str, int]:
     """Ranks by decreasing importance, each the largest of `rank_set` that still fits.
 
     The smallest positive rank is reserved first for each block's most important
@@ -225,8 +240,10 @@ def water_fill(modules: Sequence[LoraModule], importance: Mapping[str, float], b
     reserved = {m.name: _adapter_cost(m, q_min, workload) for m in _anchors(modules, importance).values()}
     remaining = budget_bytes - sum(reserved.values())
     if remaining < 0:
-        raise ValueError(f"budget_bytes={budget_bytes}: cannot give each of {len(reserved)} blocks "
-                         f"one rank-{q_min} adapter (needs {sum(reserved.values())})")
+        raise ValueError(
+            f"budget_bytes={budget_bytes}: cannot give each of {len(reserved)} blocks "
+            f"one rank-{q_min} adapter (needs {sum(reserved.values())})"
+        )
     out: dict[str, int] = {}
     for m in _order(modules, importance):
         available = remaining + reserved.get(m.name, 0)
@@ -249,6 +266,7 @@ def _centroid_distance(centroids: Mapping[int, Sequence[float]] | None, a: int |
 
 # ------------------------------------------------------------------ the planner
 
+
 @dataclass
 class _Helper:
     """A node that can host later layers, and what it hosts so far (mutable while planning)."""
@@ -261,8 +279,13 @@ class _Helper:
 
     def used(self, ctx: PlanContext, extra: ServedOwner | None = None) -> int:
         owners = list(self.served.values()) + ([extra] if extra else [])
-        hosted = helper_footprint(ctx.shape, owners, weight_bytes=ctx.workload.weight_bytes,
-                                  holds_weights=self.holds_weights, constants=ctx.constants)
+        hosted = helper_footprint(
+            ctx.shape,
+            owners,
+            weight_bytes=ctx.workload.weight_bytes,
+            holds_weights=self.holds_weights,
+            constants=ctx.constants,
+        )
         return self.own.total + hosted.total
 
     def fits(self, ctx: PlanContext, owner: ServedOwner) -> bool:
@@ -293,7 +316,9 @@ def _importance_for(importance: Mapping | None, cluster: int | None) -> Mapping[
     return importance[cluster]
 
 
-def _solo(info: NodeInfo, ctx: PlanContext, imp: Mapping[str, float]) -> tuple[str, int | None, dict, str, Footprint | None]:
+def _solo(
+    info: NodeInfo, ctx: PlanContext, imp: Mapping[str, float]
+) -> tuple[str, int | None, dict, str, Footprint | None]:
     """Role, split, own-side ranks, reason and own footprint of one node before pairing."""
     shape, work, cfg = ctx.shape, ctx.workload, ctx.config
     budget, L = _budget(info, cfg), shape.num_layers
@@ -311,18 +336,37 @@ def _solo(info: NodeInfo, ctx: PlanContext, imp: Mapping[str, float]) -> tuple[s
     fitting = None
     for l in range(L - 1, 0, -1):
         hosted = [m for m in modules if m.block < l]
-        need = owner_footprint(shape, l, minimum_ranks(hosted, imp, cfg.rank_set), work, ctx.constants,
-                               with_head=cfg.u_shape)
+        need = owner_footprint(
+            shape, l, minimum_ranks(hosted, imp, cfg.rank_set), work, ctx.constants, with_head=cfg.u_shape
+        )
         if need.total <= budget:
             fitting = (l, hosted, need)
             break
     if fitting is None:
-        one = owner_footprint(shape, 1, minimum_ranks([m for m in modules if m.block < 1], imp, cfg.rank_set),
-                              work, ctx.constants, with_head=cfg.u_shape)
-        return WAITING, None, {}, f"waiting: {mem} budget cannot fit 1 block (needs {format_bytes(one.total / cfg.headroom)})", None
+        one = owner_footprint(
+            shape,
+            1,
+            minimum_ranks([m for m in modules if m.block < 1], imp, cfg.rank_set),
+            work,
+            ctx.constants,
+            with_head=cfg.u_shape,
+        )
+        return (
+            WAITING,
+            None,
+            {},
+            f"waiting: {mem} budget cannot fit 1 block (needs {format_bytes(one.total / cfg.headroom)})",
+            None,
+        )
     l, hosted, need = fitting
     if l < cfg.min_split:
-        return WAITING, None, {}, f"waiting: {mem} budget fits {l}/{L} blocks, privacy floor needs {cfg.min_split}", None
+        return (
+            WAITING,
+            None,
+            {},
+            f"waiting: {mem} budget fits {l}/{L} blocks, privacy floor needs {cfg.min_split}",
+            None,
+        )
     allowance = _allowance(info, cfg, budget - need.frozen - need.activations, need.adapter)
     ranks = water_fill(hosted, imp, allowance, work, cfg.rank_set)
     return OWNER, l, ranks, f"split {l}/{L}: {mem} budget", None
@@ -332,8 +376,14 @@ def _tail(ctx: PlanContext, split: int) -> list[LoraModule]:
     return [m for m in lora_candidates(ctx.shape) if m.block >= split]
 
 
-def _rank_helpers(owner: NodeInfo, helpers: Iterable[_Helper], ctx: PlanContext,
-                  demand: ServedOwner, centroids, tiers: tuple[int, ...]) -> list[_Helper]:
+def _rank_helpers(
+    owner: NodeInfo,
+    helpers: Iterable[_Helper],
+    ctx: PlanContext,
+    demand: ServedOwner,
+    centroids,
+    tiers: tuple[int, ...],
+) -> list[_Helper]:
     """Feasible helpers for `owner` in preference order (only the given tiers).
 
     Tier 0: same cluster; 1: unclustered pure helpers; 2: other clusters.
@@ -351,15 +401,22 @@ def _rank_helpers(owner: NodeInfo, helpers: Iterable[_Helper], ctx: PlanContext,
         if tier not in tiers:
             continue
         share = len(h.served) + 1
-        key = (tier, _centroid_distance(centroids, owner.cluster, h.info.cluster),
-               -h.info.caps.bandwidth_bps / share, -h.info.caps.compute_score / share,
-               -(h.capacity - h.used(ctx)), h.info.node_id)
+        key = (
+            tier,
+            _centroid_distance(centroids, owner.cluster, h.info.cluster),
+            -h.info.caps.bandwidth_bps / share,
+            -h.info.caps.compute_score / share,
+            -(h.capacity - h.used(ctx)),
+            h.info.node_id,
+        )
         ranked.append((key, h))
     return [h for _, h in sorted(ranked, key=lambda kv: kv[0])]
 
 
 def _helper_note(h: _Helper, owner: NodeInfo, centroids) -> str:
-    note = f"helper {h.info.node_id} ({format_bytes(h.info.caps.memory_bytes)}, {format_bps(h.info.caps.bandwidth_bps)})"
+    note = (
+        f"helper {h.info.node_id} ({format_bytes(h.info.caps.memory_bytes)}, {format_bps(h.info.caps.bandwidth_bps)})"
+    )
     if h.info.cluster is not None and h.info.cluster != owner.cluster:
         note += f" from cluster {h.info.cluster}"
     return note
@@ -370,15 +427,17 @@ def _demand(ctx: PlanContext, split: int, ranks: Mapping[str, int]) -> ServedOwn
     return ServedOwner(split=split, workload=ctx.workload, ranks=tail, head=not ctx.config.u_shape)
 
 
-def _fill_helper_ranks(h: _Helper, ctx: PlanContext, rows: dict[str, dict],
-                       importance: Mapping | None) -> None:
+def _fill_helper_ranks(h: _Helper, ctx: PlanContext, rows: dict[str, dict], importance: Mapping | None) -> None:
     """Share `h`'s left-over adapter budget among its owners and water-fill their tails."""
     if not h.served:
         return
     leftover = h.capacity - h.used(ctx)  # with the minimum adapters already counted
-    minimum = {o: helper_footprint(ctx.shape, [s], weight_bytes=ctx.workload.weight_bytes,
-                                   holds_weights=True, constants=ctx.constants).adapter
-               for o, s in h.served.items()}
+    minimum = {
+        o: helper_footprint(
+            ctx.shape, [s], weight_bytes=ctx.workload.weight_bytes, holds_weights=True, constants=ctx.constants
+        ).adapter
+        for o, s in h.served.items()
+    }
     pool = min(leftover + sum(minimum.values()), int(ctx.config.adapter_share * h.info.caps.memory_bytes))
     total_min = sum(minimum.values()) or 1
     for owner_id in sorted(h.served):
@@ -390,9 +449,12 @@ def _fill_helper_ranks(h: _Helper, ctx: PlanContext, rows: dict[str, dict],
         h.served[owner_id] = _demand(ctx, row["split"], row["ranks"])
 
 
-def make_plan(infos: Sequence[NodeInfo], context: PlanContext,
-              importance: Mapping[int, Mapping[str, float]] | None = None,
-              centroids: Mapping[int, Sequence[float]] | None = None) -> Plan:
+def make_plan(
+    infos: Sequence[NodeInfo],
+    context: PlanContext,
+    importance: Mapping[int, Mapping[str, float]] | None = None,
+    centroids: Mapping[int, Sequence[float]] | None = None,
+) -> Plan:
     """Split, ranks, helper and fallbacks for every node (see the module docstring).
 
     `importance`: cluster -> normalised importance {module: score} (uniform when
@@ -406,8 +468,9 @@ def make_plan(infos: Sequence[NodeInfo], context: PlanContext,
         info = by_id[node_id]
         imp = _importance_for(importance, info.cluster)
         role, split, ranks, reason, own = _solo(info, context, imp)
-        rows[node_id] = dict(cluster=info.cluster, role=role, split=split, ranks=ranks, helper=None,
-                             fallbacks=(), reason=reason)
+        rows[node_id] = dict(
+            cluster=info.cluster, role=role, split=split, ranks=ranks, helper=None, fallbacks=(), reason=reason
+        )
         if role in (WHOLE, HELPER):
             helpers[node_id] = _Helper(info, _budget(info, cfg), own or Footprint(0, 0, 0), role == WHOLE)
 
@@ -418,8 +481,12 @@ def make_plan(infos: Sequence[NodeInfo], context: PlanContext,
         imp = _importance_for(importance, rows[n]["cluster"])
         tail_min = minimum_ranks(_tail(context, rows[n]["split"]), imp, cfg.rank_set)
         demands[n] = _demand(context, rows[n]["split"], {**rows[n]["ranks"], **tail_min})
-    size = {n: helper_footprint(context.shape, [demands[n]], weight_bytes=context.workload.weight_bytes,
-                                constants=context.constants).total for n in owners}
+    size = {
+        n: helper_footprint(
+            context.shape, [demands[n]], weight_bytes=context.workload.weight_bytes, constants=context.constants
+        ).total
+        for n in owners
+    }
     order = sorted(owners, key=lambda n: (-size[n], n))
     for tiers in ((0, 1), (2,)):  # own cluster everywhere first, then cross-cluster
         for n in order:
@@ -435,29 +502,36 @@ def make_plan(infos: Sequence[NodeInfo], context: PlanContext,
     for n in order:
         if rows[n]["helper"] is None:
             rows[n]["role"] = WAITING
-            rows[n]["reason"] = (f"waiting: split {rows[n]['split']}/{context.shape.num_layers} needs a helper "
-                                 f"with {format_bytes(size[n])} free; none has it")
+            rows[n]["reason"] = (
+                f"waiting: split {rows[n]['split']}/{context.shape.num_layers} needs a helper "
+                f"with {format_bytes(size[n])} free; none has it"
+            )
     for h in sorted(helpers.values(), key=lambda h: h.info.node_id):
         _fill_helper_ranks(h, context, rows, importance)
     for n in order:
         if rows[n]["role"] == OWNER:
             rows[n]["fallbacks"] = _fallbacks(by_id[n], rows[n], helpers, context, centroids)
     plan = _assemble(rows, helpers, context, by_id)
-    log.info("plan for %d nodes: %s", len(rows),
-             {role: sum(r.role == role for r in plan.nodes.values()) for role in (WHOLE, OWNER, HELPER, WAITING)})
+    log.info(
+        "plan for %d nodes: %s",
+        len(rows),
+        {role: sum(r.role == role for r in plan.nodes.values()) for role in (WHOLE, OWNER, HELPER, WAITING)},
+    )
     return plan
 
 
-def _fallbacks(info: NodeInfo, row: dict, helpers: Mapping[str, _Helper], ctx: PlanContext,
-               centroids) -> tuple[str, ...]:
+def _fallbacks(
+    info: NodeInfo, row: dict, helpers: Mapping[str, _Helper], ctx: PlanContext, centroids
+) -> tuple[str, ...]:
     demand = _demand(ctx, row["split"], row["ranks"])
     others = [h for h in helpers.values() if h.info.node_id != row["helper"]]
     ranked = _rank_helpers(info, others, ctx, demand, centroids, (0, 1, 2))
     return tuple(h.info.node_id for h in ranked[: ctx.config.max_fallbacks])
 
 
-def _assemble(rows: dict[str, dict], helpers: Mapping[str, _Helper], ctx: PlanContext,
-              by_id: Mapping[str, NodeInfo]) -> Plan:
+def _assemble(
+    rows: dict[str, dict], helpers: Mapping[str, _Helper], ctx: PlanContext, by_id: Mapping[str, NodeInfo]
+) -> Plan:
     nodes = {}
     for node_id in sorted(rows):
         row = rows[node_id]
@@ -465,13 +539,20 @@ def _assemble(rows: dict[str, dict], helpers: Mapping[str, _Helper], ctx: PlanCo
         reason = row["reason"]
         if serves:
             h = helpers[node_id]
-            reason += (f"; serves {', '.join(serves)} "
-                       f"({format_bytes(h.used(ctx))} of {format_bytes(h.capacity)})")
+            reason += f"; serves {', '.join(serves)} ({format_bytes(h.used(ctx))} of {format_bytes(h.capacity)})"
         elif row["role"] == HELPER:
             reason += "; idle"
-        nodes[node_id] = NodePlan(node_id, row["cluster"], row["role"], row["split"],
-                                  dict(sorted(row["ranks"].items())), row["helper"],
-                                  tuple(row["fallbacks"]), serves, reason)
+        nodes[node_id] = NodePlan(
+            node_id,
+            row["cluster"],
+            row["role"],
+            row["split"],
+            dict(sorted(row["ranks"].items())),
+            row["helper"],
+            tuple(row["fallbacks"]),
+            serves,
+            reason,
+        )
     return Plan(nodes, ctx, dict(by_id))
 
 
@@ -488,8 +569,13 @@ def _index(infos: Iterable[NodeInfo]) -> dict[str, NodeInfo]:
 
 # ------------------------------------------------------------------ repair and re-planning
 
-def repair(plan: Plan, dead_node_ids: Iterable[str], infos: Sequence[NodeInfo],
-           centroids: Mapping[int, Sequence[float]] | None = None) -> Plan:
+
+def repair(
+    plan: Plan,
+    dead_node_ids: Iterable[str],
+    infos: Sequence[NodeInfo],
+    centroids: Mapping[int, Sequence[float]] | None = None,
+) -> Plan:
     """A new plan without the dead nodes that changes as little as possible.
 
     Only owners whose helper died get a new helper (same cluster first, then unclustered
@@ -506,23 +592,43 @@ def repair(plan: Plan, dead_node_ids: Iterable[str], infos: Sequence[NodeInfo],
     if missing:
         raise ValueError(f"infos: no record for live nodes {sorted(missing)}")
     ctx = plan.context
-    rows = {n: dict(cluster=p.cluster, role=p.role, split=p.split, ranks=dict(p.ranks), helper=p.helper,
-                    fallbacks=tuple(f for f in p.fallbacks if f not in dead), reason=p.reason)
-            for n, p in plan.nodes.items() if n not in dead}
+    rows = {
+        n: dict(
+            cluster=p.cluster,
+            role=p.role,
+            split=p.split,
+            ranks=dict(p.ranks),
+            helper=p.helper,
+            fallbacks=tuple(f for f in p.fallbacks if f not in dead),
+            reason=p.reason,
+        )
+        for n, p in plan.nodes.items()
+        if n not in dead
+    }
     helpers: dict[str, _Helper] = {}
     for n, p in plan.nodes.items():
         if n in dead or p.role not in (WHOLE, HELPER):
             continue
-        own = whole_model_footprint(ctx.shape, p.ranks, ctx.workload, ctx.constants) if p.role == WHOLE else Footprint(0, 0, 0)
+        own = (
+            whole_model_footprint(ctx.shape, p.ranks, ctx.workload, ctx.constants)
+            if p.role == WHOLE
+            else Footprint(0, 0, 0)
+        )
         h = _Helper(by_id[n], _budget(by_id[n], ctx.config), own, p.role == WHOLE)
         for o in p.serves:
             if o not in dead:
                 h.served[o] = _demand(ctx, rows[o]["split"], rows[o]["ranks"])
         helpers[n] = h
     orphans = [n for n in rows if rows[n]["role"] == OWNER and rows[n]["helper"] in dead]
-    size = {n: helper_footprint(ctx.shape, [_demand(ctx, rows[n]["split"], rows[n]["ranks"])],
-                                weight_bytes=ctx.workload.weight_bytes, constants=ctx.constants).total
-            for n in orphans}
+    size = {
+        n: helper_footprint(
+            ctx.shape,
+            [_demand(ctx, rows[n]["split"], rows[n]["ranks"])],
+            weight_bytes=ctx.workload.weight_bytes,
+            constants=ctx.constants,
+        ).total
+        for n in orphans
+    }
     for n in sorted(orphans, key=lambda n: (-size[n], n)):
         lost = rows[n]["helper"]
         demand = _demand(ctx, rows[n]["split"], rows[n]["ranks"])
@@ -534,8 +640,9 @@ def repair(plan: Plan, dead_node_ids: Iterable[str], infos: Sequence[NodeInfo],
             rows[n]["helper"] = chosen.info.node_id
             rows[n]["reason"] = f"{base}; {_helper_note(chosen, by_id[n], centroids)} (replaces {lost})"
         else:
-            rows[n].update(role=WAITING, helper=None,
-                           reason=f"waiting: helper {lost} left; none has {format_bytes(size[n])} free")
+            rows[n].update(
+                role=WAITING, helper=None, reason=f"waiting: helper {lost} left; none has {format_bytes(size[n])} free"
+            )
     for n in orphans:
         if rows[n]["role"] == OWNER:
             rows[n]["fallbacks"] = _fallbacks(by_id[n], rows[n], helpers, ctx, centroids)
@@ -544,8 +651,10 @@ def repair(plan: Plan, dead_node_ids: Iterable[str], infos: Sequence[NodeInfo],
     for n, h in helpers.items():  # _assemble adds the serves part again
         rows[n]["reason"] = _serving_reason(rows[n]["role"], h.info, ctx.shape.num_layers)
     repaired = _assemble(rows, helpers, ctx, {n: by_id[n] for n in rows})
-    keep = {n: (plan.nodes[n] if rows_equal(plan.nodes[n], repaired.nodes[n]) else repaired.nodes[n])
-            for n in repaired.nodes}
+    keep = {
+        n: (plan.nodes[n] if rows_equal(plan.nodes[n], repaired.nodes[n]) else repaired.nodes[n])
+        for n in repaired.nodes
+    }
     return Plan(keep, ctx, repaired.infos)
 
 
@@ -554,8 +663,14 @@ def rows_equal(a: NodePlan, b: NodePlan) -> bool:
     return replace(a, reason="") == replace(b, reason="")
 
 
-def replan_reason(old: Sequence[NodeInfo], new: Sequence[NodeInfo], importance_moved: float,
-                  *, tau: float = TAU, budget_tolerance: float = 0.1) -> str | None:
+def replan_reason(
+    old: Sequence[NodeInfo],
+    new: Sequence[NodeInfo],
+    importance_moved: float,
+    *,
+    tau: float = TAU,
+    budget_tolerance: float = 0.1,
+) -> str | None:
     """Why a full re-plan is due, or None: membership or cluster changed, a memory
     budget or bandwidth moved by more than `budget_tolerance` (relative), or the
     importance moved by more than τ in L1 (`importance_moved`, see
@@ -579,14 +694,36 @@ def replan_reason(old: Sequence[NodeInfo], new: Sequence[NodeInfo], importance_m
     return None
 
 
-def replan_needed(old: Sequence[NodeInfo], new: Sequence[NodeInfo], importance_moved: float,
-                  *, tau: float = TAU, budget_tolerance: float = 0.1) -> bool:
+def replan_needed(
+    old: Sequence[NodeInfo],
+    new: Sequence[NodeInfo],
+    importance_moved: float,
+    *,
+    tau: float = TAU,
+    budget_tolerance: float = 0.1,
+) -> bool:
     """True when `replan_reason` names a reason."""
     return replan_reason(old, new, importance_moved, tau=tau, budget_tolerance=budget_tolerance) is not None
 
 
 __all__ = [
-    "HELPER", "OWNER", "RANK_SET", "WAITING", "WHOLE", "NodeInfo", "NodePlan", "Plan", "PlanConfig",
-    "PlanContext", "format_bps", "format_bytes", "make_plan", "minimum_ranks",
-    "privacy_min_split", "repair", "replan_needed", "replan_reason", "water_fill",
+    "HELPER",
+    "OWNER",
+    "RANK_SET",
+    "WAITING",
+    "WHOLE",
+    "NodeInfo",
+    "NodePlan",
+    "Plan",
+    "PlanConfig",
+    "PlanContext",
+    "format_bps",
+    "format_bytes",
+    "make_plan",
+    "minimum_ranks",
+    "privacy_min_split",
+    "repair",
+    "replan_needed",
+    "replan_reason",
+    "water_fill",
 ]

@@ -106,17 +106,27 @@ class FoldedRecord:
     contributions: tuple[str, ...] | None = None
 
     def to_json(self) -> JsonObject:
-        data: JsonObject = {"round": self.round, "version": self.version, "digest": self.digest,
-                            "nodes": list(self.nodes), "via": self.via}
+        data: JsonObject = {
+            "round": self.round,
+            "version": self.version,
+            "digest": self.digest,
+            "nodes": list(self.nodes),
+            "via": self.via,
+        }
         if self.contributions is not None:
             data["contributions"] = list(self.contributions)
         return data
 
     @classmethod
     def from_json(cls, data: Mapping[str, object]) -> FoldedRecord:
-        return cls(int(data["round"]), int(data["version"]), str(data["digest"]),
-                   tuple(str(n) for n in data["nodes"]), str(data["via"]),
-                   _opt(lambda ds: tuple(str(d) for d in ds), data.get("contributions")))
+        return cls(
+            int(data["round"]),
+            int(data["version"]),
+            str(data["digest"]),
+            tuple(str(n) for n in data["nodes"]),
+            str(data["via"]),
+            _opt(lambda ds: tuple(str(d) for d in ds), data.get("contributions")),
+        )
 
 
 @dataclass(frozen=True)
@@ -165,25 +175,43 @@ class RoundLine:
 
     def to_json(self) -> JsonObject:
         return {
-            "node_id": self.node_id, "cluster": self.cluster, "round": self.round, "role": self.role,
-            "loss": self.loss, "eval": _opt(Evaluation.to_json, self.eval), "steps": self.steps,
-            "step_rate": self.step_rate, "bytes_by_kind": dict(self.bytes_by_kind), "base_version": self.base_version,
-            "contributions": list(self.contributions), "manifests_folded": list(self.manifests_folded),
-            "carried_over": self.carried_over, "repairs_seen": self.repairs_seen, "helper": self.helper,
+            "node_id": self.node_id,
+            "cluster": self.cluster,
+            "round": self.round,
+            "role": self.role,
+            "loss": self.loss,
+            "eval": _opt(Evaluation.to_json, self.eval),
+            "steps": self.steps,
+            "step_rate": self.step_rate,
+            "bytes_by_kind": dict(self.bytes_by_kind),
+            "base_version": self.base_version,
+            "contributions": list(self.contributions),
+            "manifests_folded": list(self.manifests_folded),
+            "carried_over": self.carried_over,
+            "repairs_seen": self.repairs_seen,
+            "helper": self.helper,
             "time": self.time,
         }
 
     @classmethod
     def from_json(cls, data: Mapping[str, object]) -> RoundLine:
         return cls(
-            node_id=int(data["node_id"]), cluster=_opt(int, data["cluster"]), round=int(data["round"]),
-            role=_opt(str, data["role"]), loss=_opt(float, data["loss"]), eval=_opt(Evaluation.from_json, data["eval"]),
-            steps=int(data["steps"]), step_rate=_opt(float, data["step_rate"]),
-            bytes_by_kind=_kinds(data["bytes_by_kind"]), base_version=int(data["base_version"]),
+            node_id=int(data["node_id"]),
+            cluster=_opt(int, data["cluster"]),
+            round=int(data["round"]),
+            role=_opt(str, data["role"]),
+            loss=_opt(float, data["loss"]),
+            eval=_opt(Evaluation.from_json, data["eval"]),
+            steps=int(data["steps"]),
+            step_rate=_opt(float, data["step_rate"]),
+            bytes_by_kind=_kinds(data["bytes_by_kind"]),
+            base_version=int(data["base_version"]),
             contributions=tuple(str(d) for d in data["contributions"]),
             manifests_folded=tuple(str(d) for d in data["manifests_folded"]),
-            carried_over=bool(data["carried_over"]), repairs_seen=int(data["repairs_seen"]),
-            helper=_opt(int, data["helper"]), time=float(data["time"]),
+            carried_over=bool(data["carried_over"]),
+            repairs_seen=int(data["repairs_seen"]),
+            helper=_opt(int, data["helper"]),
+            time=float(data["time"]),
         )
 
 
@@ -208,17 +236,25 @@ class CheckpointState:
 
     def to_json(self) -> JsonObject:
         return {
-            "node_id": self.node_id, "cluster": self.cluster, "round": self.round, "base_version": self.base_version,
-            "rounds_done": self.rounds_done, "steps_total": self.steps_total,
+            "node_id": self.node_id,
+            "cluster": self.cluster,
+            "round": self.round,
+            "base_version": self.base_version,
+            "rounds_done": self.rounds_done,
+            "steps_total": self.steps_total,
             "contributions": [c.to_json() for c in self.contributions],
-            "manifests": [m.to_json() for m in self.manifests], "repairs": [r.to_json() for r in self.repairs],
+            "manifests": [m.to_json() for m in self.manifests],
+            "repairs": [r.to_json() for r in self.repairs],
         }
 
     @classmethod
     def from_json(cls, data: Mapping[str, object]) -> CheckpointState:
         return cls(
-            node_id=int(data["node_id"]), cluster=_opt(int, data["cluster"]), round=int(data["round"]),
-            base_version=int(data["base_version"]), rounds_done=int(data["rounds_done"]),
+            node_id=int(data["node_id"]),
+            cluster=_opt(int, data["cluster"]),
+            round=int(data["round"]),
+            base_version=int(data["base_version"]),
+            rounds_done=int(data["rounds_done"]),
             steps_total=int(data["steps_total"]),
             contributions=tuple(ContributionRecord.from_json(c) for c in data["contributions"]),
             manifests=tuple(FoldedRecord.from_json(m) for m in data["manifests"]),
@@ -261,32 +297,57 @@ class Summary:
 
     def to_json(self) -> JsonObject:
         return {
-            "node_id": self.node_id, "finished": self.finished, "rounds_done": self.rounds_done, "rounds": self.rounds,
-            "cluster": self.cluster, "role": self.role, "has_data": self.has_data, "split": self.split,
-            "ranks": dict(self.ranks), "helper": self.helper, "adapter_dir": self.adapter_dir, "export": self.export,
-            "export_error": self.export_error, "base_version": self.base_version,
+            "node_id": self.node_id,
+            "finished": self.finished,
+            "rounds_done": self.rounds_done,
+            "rounds": self.rounds,
+            "cluster": self.cluster,
+            "role": self.role,
+            "has_data": self.has_data,
+            "split": self.split,
+            "ranks": dict(self.ranks),
+            "helper": self.helper,
+            "adapter_dir": self.adapter_dir,
+            "export": self.export,
+            "export_error": self.export_error,
+            "base_version": self.base_version,
             "contributions": [c.to_json() for c in self.contributions],
             "manifests_folded": [m.to_json() for m in self.manifests_folded],
-            "repairs": [r.to_json() for r in self.repairs], "split_mode": self.split_mode,
-            "steps_served": self.steps_served, "requests_served": dict(self.requests_served),
-            "labels_received": self.labels_received, "bytes_by_kind": dict(self.bytes_by_kind),
-            "peak_rss_mb": dict(self.peak_rss_mb), "base_digest": self.base_digest,
+            "repairs": [r.to_json() for r in self.repairs],
+            "split_mode": self.split_mode,
+            "steps_served": self.steps_served,
+            "requests_served": dict(self.requests_served),
+            "labels_received": self.labels_received,
+            "bytes_by_kind": dict(self.bytes_by_kind),
+            "peak_rss_mb": dict(self.peak_rss_mb),
+            "base_digest": self.base_digest,
         }
 
     @classmethod
     def from_json(cls, data: Mapping[str, object]) -> Summary:
         return cls(
-            node_id=_opt(int, data["node_id"]), finished=data["finished"] is True, rounds_done=int(data["rounds_done"]),
-            rounds=int(data["rounds"]), cluster=_opt(int, data["cluster"]), role=_opt(str, data["role"]),
-            has_data=bool(data["has_data"]), split=_opt(int, data["split"]),
-            ranks={str(k): int(v) for k, v in dict(data["ranks"]).items()}, helper=_opt(int, data["helper"]),
-            adapter_dir=_opt(str, data["adapter_dir"]), export=_opt(dict, data["export"]),
-            export_error=_opt(str, data["export_error"]), base_version=_opt(int, data["base_version"]),
+            node_id=_opt(int, data["node_id"]),
+            finished=data["finished"] is True,
+            rounds_done=int(data["rounds_done"]),
+            rounds=int(data["rounds"]),
+            cluster=_opt(int, data["cluster"]),
+            role=_opt(str, data["role"]),
+            has_data=bool(data["has_data"]),
+            split=_opt(int, data["split"]),
+            ranks={str(k): int(v) for k, v in dict(data["ranks"]).items()},
+            helper=_opt(int, data["helper"]),
+            adapter_dir=_opt(str, data["adapter_dir"]),
+            export=_opt(dict, data["export"]),
+            export_error=_opt(str, data["export_error"]),
+            base_version=_opt(int, data["base_version"]),
             contributions=tuple(ContributionRecord.from_json(c) for c in data["contributions"]),
             manifests_folded=tuple(FoldedRecord.from_json(m) for m in data["manifests_folded"]),
-            repairs=tuple(RepairRecord.from_json(r) for r in data["repairs"]), split_mode=_opt(str, data["split_mode"]),
-            steps_served=int(data["steps_served"]), requests_served=_kinds(data["requests_served"]),
-            labels_received=int(data["labels_received"]), bytes_by_kind=_kinds(data["bytes_by_kind"]),
+            repairs=tuple(RepairRecord.from_json(r) for r in data["repairs"]),
+            split_mode=_opt(str, data["split_mode"]),
+            steps_served=int(data["steps_served"]),
+            requests_served=_kinds(data["requests_served"]),
+            labels_received=int(data["labels_received"]),
+            bytes_by_kind=_kinds(data["bytes_by_kind"]),
             peak_rss_mb={str(k): _opt(float, v) for k, v in dict(data["peak_rss_mb"]).items()},
             base_digest=_opt(str, data["base_digest"]),
         )

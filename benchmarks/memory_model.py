@@ -18,6 +18,7 @@ tiny rows, in the form of the table in atlas_p2p/memory.py.
 
     python benchmarks/memory_model.py [--family gpt2|llama|bert|all] [--json PATH] [--calibrate]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,22 +55,51 @@ def build(family: str, *, layers: int, hidden: int, heads: int, vocab: int, mlp:
     p = 0.1 if dropout else 0.0
     torch.manual_seed(0)
     if family == "gpt2":
-        config = T.GPT2Config(n_layer=layers, n_embd=hidden, n_head=heads, n_inner=mlp * hidden,
-                              vocab_size=vocab, n_positions=512, resid_pdrop=p, embd_pdrop=p,
-                              attn_pdrop=p, use_cache=False, bos_token_id=1, eos_token_id=2)
+        config = T.GPT2Config(
+            n_layer=layers,
+            n_embd=hidden,
+            n_head=heads,
+            n_inner=mlp * hidden,
+            vocab_size=vocab,
+            n_positions=512,
+            resid_pdrop=p,
+            embd_pdrop=p,
+            attn_pdrop=p,
+            use_cache=False,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
         model = T.GPT2LMHeadModel(config)
     elif family == "llama":
-        config = T.LlamaConfig(num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=heads,
-                               num_key_value_heads=heads // 2, intermediate_size=mlp * hidden,
-                               vocab_size=vocab, max_position_embeddings=512, attention_dropout=p,
-                               tie_word_embeddings=False, use_cache=False, bos_token_id=1,
-                               eos_token_id=2, pad_token_id=0)
+        config = T.LlamaConfig(
+            num_hidden_layers=layers,
+            hidden_size=hidden,
+            num_attention_heads=heads,
+            num_key_value_heads=heads // 2,
+            intermediate_size=mlp * hidden,
+            vocab_size=vocab,
+            max_position_embeddings=512,
+            attention_dropout=p,
+            tie_word_embeddings=False,
+            use_cache=False,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+        )
         model = T.LlamaForCausalLM(config)
     else:
-        config = T.BertConfig(num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=heads,
-                              intermediate_size=mlp * hidden, vocab_size=vocab,
-                              max_position_embeddings=512, hidden_dropout_prob=p,
-                              attention_probs_dropout_prob=p, num_labels=2, pad_token_id=0)
+        config = T.BertConfig(
+            num_hidden_layers=layers,
+            hidden_size=hidden,
+            num_attention_heads=heads,
+            intermediate_size=mlp * hidden,
+            vocab_size=vocab,
+            max_position_embeddings=512,
+            hidden_dropout_prob=p,
+            attention_probs_dropout_prob=p,
+            num_labels=2,
+            pad_token_id=0,
+        )
         model = T.BertForSequenceClassification(config)
     task = "seq_cls" if family == "bert" else "causal_lm"
     shape = memory.shape_from_config(model.config, task)
@@ -84,7 +114,7 @@ def batch(shape: memory.ModelShape, B: int, S: int):
     g = torch.Generator().manual_seed(B * 1000 + S)
     ids = torch.randint(3, shape.vocab_size, (B, S), generator=g)
     mask = torch.ones(B, S, dtype=torch.long)
-    mask[::2, S - S // 4:] = 0
+    mask[::2, S - S // 4 :] = 0
     labels = torch.randint(0, 2, (B,), generator=g) if shape.task == "seq_cls" else ids.masked_fill(mask == 0, -100)
     return ids, mask, labels
 
@@ -115,8 +145,9 @@ def tiny_samples(family: str, dropout: bool) -> list[memory.MemorySample]:
 
 
 def small_samples(family: str) -> list[memory.MemorySample]:
-    model, shape, ranks = build(family, layers=12, hidden=768, heads=12, vocab=SMALL_VOCAB[family],
-                                mlp=4, dropout=SMALL_DROPOUT[family])
+    model, shape, ranks = build(
+        family, layers=12, hidden=768, heads=12, vocab=SMALL_VOCAB[family], mlp=4, dropout=SMALL_DROPOUT[family]
+    )
     out = [measure(model, shape, ranks, split, B, S) for split in SMALL_SPLITS for B, S in SMALL_BATCHES]
     out.append(measure(model, shape, ranks, None, *SMALL_BATCHES[0]))
     return out
@@ -126,10 +157,15 @@ def row(sample: memory.MemorySample, config: str, constants=None) -> dict:
     predicted = memory.predict(sample, constants)
     known = memory.predict(sample, memory.ActivationConstants(0.0, 0.0, 0.0))
     return {
-        "family": sample.shape.family, "config": config, "dropout": sample.shape.dropout,
-        "part": "whole" if sample.head else "owner", "split": sample.split,
-        "batch": sample.workload.batch, "seq_len": sample.workload.seq_len,
-        "measured_bytes": sample.peak, "predicted_bytes": predicted,
+        "family": sample.shape.family,
+        "config": config,
+        "dropout": sample.shape.dropout,
+        "part": "whole" if sample.head else "owner",
+        "split": sample.split,
+        "batch": sample.workload.batch,
+        "seq_len": sample.workload.seq_len,
+        "measured_bytes": sample.peak,
+        "predicted_bytes": predicted,
         "rel_error": abs(predicted - sample.peak) / sample.peak,
         "activation_rel_error": abs((predicted - known) - (sample.peak - known)) / max(sample.peak - known, 1),
     }
@@ -146,8 +182,10 @@ def main(argv=None) -> int:
     families = memory.FAMILIES if args.family == "all" else (args.family,)
     started = time.perf_counter()
     rows, fitted, heldout = [], {}, []
-    print(f"{'family':6} {'config':7} {'drop':4} {'part':5} {'split':>5} {'B':>2} {'S':>4} "
-          f"{'measured MB':>12} {'predicted MB':>12} {'rel err':>8} {'act err':>8}")
+    print(
+        f"{'family':6} {'config':7} {'drop':4} {'part':5} {'split':>5} {'B':>2} {'S':>4} "
+        f"{'measured MB':>12} {'predicted MB':>12} {'rel err':>8} {'act err':>8}"
+    )
     for family in families:
         tiny = {d: tiny_samples(family, d) for d in (False, True)}
         small = small_samples(family)
@@ -159,9 +197,11 @@ def main(argv=None) -> int:
             for s in samples:
                 r = row(s, config)
                 rows.append(r)
-                print(f"{r['family']:6} {config:7} {str(r['dropout'])[0]:4} {r['part']:5} {r['split']:>5} "
-                      f"{r['batch']:>2} {r['seq_len']:>4} {r['measured_bytes'] / 1e6:>12.2f} "
-                      f"{r['predicted_bytes'] / 1e6:>12.2f} {r['rel_error']:>8.3f} {r['activation_rel_error']:>8.3f}")
+                print(
+                    f"{r['family']:6} {config:7} {str(r['dropout'])[0]:4} {r['part']:5} {r['split']:>5} "
+                    f"{r['batch']:>2} {r['seq_len']:>4} {r['measured_bytes'] / 1e6:>12.2f} "
+                    f"{r['predicted_bytes'] / 1e6:>12.2f} {r['rel_error']:>8.3f} {r['activation_rel_error']:>8.3f}"
+                )
     result = {
         "max_rel_error": max(r["rel_error"] for r in rows),
         "max_activation_rel_error": max(r["activation_rel_error"] for r in rows),
@@ -178,9 +218,11 @@ def main(argv=None) -> int:
     if args.calibrate:
         for key, c in fitted.items():
             family, d = key.split(",")
-            print(f'    ("{family}", {d}): ActivationConstants(per_hidden={c.per_hidden:.3f}, '
-                  f"per_mlp={c.per_mlp:.3f}, per_score={c.per_score:.3f}, fixed={c.fixed:.3f}, "
-                  f"head={c.head:.3f}),")
+            print(
+                f'    ("{family}", {d}): ActivationConstants(per_hidden={c.per_hidden:.3f}, '
+                f"per_mlp={c.per_mlp:.3f}, per_score={c.per_score:.3f}, fixed={c.fixed:.3f}, "
+                f"head={c.head:.3f}),"
+            )
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
     return 0 if result["max_rel_error"] <= result["target"] else 1

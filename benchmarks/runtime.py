@@ -25,9 +25,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from atlas_p2p.records import Summary, lost_updates  # noqa: E402
 from atlas_p2p.synthetic import write_synthetic_jsonl  # noqa: E402
 from nodes.config import SwarmSpec  # noqa: E402
-from atlas_p2p.records import Summary, lost_updates  # noqa: E402
 from scenarios.inprocess import InProcessSwarm  # noqa: E402
 
 
@@ -42,18 +42,24 @@ async def _run(workdir: Path, rounds: int, steps: int) -> dict:
         started = time.perf_counter()
         summaries = await swarm.run()
     wall = time.perf_counter() - started
-    figures = {"wall_s": round(wall, 2), "rounds": rounds, "local_steps": steps,
-               "lost_updates": len(lost_updates(Summary.from_json(x) for x in summaries.values()))}
+    figures = {
+        "wall_s": round(wall, 2),
+        "rounds": rounds,
+        "local_steps": steps,
+        "lost_updates": len(lost_updates(Summary.from_json(x) for x in summaries.values())),
+    }
     for name in ("owner", "whole"):
         lines = [json.loads(x) for x in (workdir / name / "metrics.jsonl").read_text().splitlines()]
         rates = [x["step_rate"] for x in lines if x["step_rate"]]
         b = lines[-1]["bytes_by_kind"]
         n_steps = sum(x["steps"] for x in lines)
         figures[name] = {
-            "role": summaries[name]["role"], "step_rate": round(sorted(rates)[len(rates) // 2], 2),
+            "role": summaries[name]["role"],
+            "step_rate": round(sorted(rates)[len(rates) // 2], 2),
             "act_bytes_per_step": b["activations"] // max(n_steps, 1),
             "adapter_bytes_per_round": b["adapters"] // max(len(lines), 1),
-            "final_loss": lines[-1]["loss"], "first_loss": lines[0]["loss"],
+            "final_loss": lines[-1]["loss"],
+            "first_loss": lines[0]["loss"],
         }
     server = next(n for n, s in summaries.items() if s["node_id"] == summaries["owner"]["helper"])
     served = summaries[server]["steps_served"]

@@ -15,6 +15,7 @@ same load on a shared machine; figures are medians over chunks:
 
     python benchmarks/transport.py [--quick] [--json PATH] [--no-uvloop]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,6 +44,7 @@ PIPELINE_DEPTH = 32
 
 
 # ---------------------------------------------------------------- servers (child processes)
+
 
 def raw_server(port_queue, stop) -> None:
     """Echo every multipart message back to its sender, zero-copy."""
@@ -78,6 +80,7 @@ def atlas_server(port_queue, stop, use_uvloop: bool) -> None:
 
 
 # ---------------------------------------------------------------- clients (this process)
+
 
 class RawClient:
     """A blocking DEALER doing what our RPC does, minus the codec and asyncio."""
@@ -118,7 +121,8 @@ class AtlasClient:
     async def tensor(self, n: int) -> None:
         for step in range(n):
             reply = await self.client.call(
-                self.address, Forward(step=step, activations=self.activations, attention_mask=self.mask), timeout=30)
+                self.address, Forward(step=step, activations=self.activations, attention_mask=self.mask), timeout=30
+            )
             assert reply.grad.nbytes == PAYLOAD_BYTES
 
     async def ping(self, n: int) -> None:
@@ -149,8 +153,9 @@ async def measure(raw: RawClient, atlas: AtlasClient, kind: str, per_chunk: int,
     return rates
 
 
-async def run_clients(raw_address: str, atlas_address: str, activations: np.ndarray, raw_frames: list,
-                      sizes: dict) -> dict:
+async def run_clients(
+    raw_address: str, atlas_address: str, activations: np.ndarray, raw_frames: list, sizes: dict
+) -> dict:
     raw = RawClient(raw_address, raw_frames)
     async with RpcClient("bench") as client:
         atlas = AtlasClient(client, atlas_address, activations)
@@ -175,19 +180,27 @@ def main() -> None:
     parser.add_argument("--no-uvloop", action="store_true", help="use the default asyncio loop")
     args = parser.parse_args()
     # (round trips per chunk, chunks): chunks alternate raw and atlas
-    sizes = ({"tensor": (5, 16), "ping": (200, 10), "ping_pipelined": (256, 10)} if args.quick else
-             {"tensor": (5, 60), "ping": (250, 30), "ping_pipelined": (512, 30)})
+    sizes = (
+        {"tensor": (5, 16), "ping": (200, 10), "ping_pipelined": (256, 10)}
+        if args.quick
+        else {"tensor": (5, 60), "ping": (250, 30), "ping_pipelined": (512, 30)}
+    )
     use_uvloop = not args.no_uvloop and install_uvloop()
 
     activations = np.random.default_rng(0).standard_normal(PAYLOAD_BYTES // 4).astype(np.float32).reshape(1, -1, 1024)
-    raw_frames = [b"\x00" * 180, memoryview(activations.reshape(-1).view(np.uint8)), np.ones((1, 1), np.int64).tobytes()]
+    raw_frames = [
+        b"\x00" * 180,
+        memoryview(activations.reshape(-1).view(np.uint8)),
+        np.ones((1, 1), np.int64).tobytes(),
+    ]
 
     ctx = mp.get_context("spawn")
     raw_proc, raw_stop, raw_port = start_server(ctx, raw_server)
     atlas_proc, atlas_stop, atlas_port = start_server(ctx, atlas_server, use_uvloop)
     try:
-        results = asyncio.run(run_clients(f"127.0.0.1:{raw_port}", f"127.0.0.1:{atlas_port}", activations,
-                                          raw_frames, sizes))
+        results = asyncio.run(
+            run_clients(f"127.0.0.1:{raw_port}", f"127.0.0.1:{atlas_port}", activations, raw_frames, sizes)
+        )
     finally:
         for stop, proc in ((raw_stop, raw_proc), (atlas_stop, atlas_proc)):
             stop.set()
@@ -197,30 +210,41 @@ def main() -> None:
                 proc.join()
 
     med = statistics.median
-    mb_per_round_trip = 2 * PAYLOAD_BYTES / 1e6   # the tensor goes out and comes back
+    mb_per_round_trip = 2 * PAYLOAD_BYTES / 1e6  # the tensor goes out and comes back
     tensor, ping, pipelined = results["tensor"], results["ping"], results["ping_pipelined"]
     figures = {
-        "payload_bytes": PAYLOAD_BYTES, "event_loop": "uvloop" if use_uvloop else "asyncio",
+        "payload_bytes": PAYLOAD_BYTES,
+        "event_loop": "uvloop" if use_uvloop else "asyncio",
         "round_trips": {kind: n * chunks for kind, (n, chunks) in sizes.items()},
         "raw_MBps": med(tensor["raw"]) * mb_per_round_trip,
         "atlas_MBps": med(tensor["atlas"]) * mb_per_round_trip,
         "ratio": med(tensor["ratio"]),
-        "raw_ping_per_s": med(ping["raw"]), "atlas_ping_per_s": med(ping["atlas"]),
-        "raw_ping_pipelined_per_s": med(pipelined["raw"]), "atlas_ping_pipelined_per_s": med(pipelined["atlas"]),
+        "raw_ping_per_s": med(ping["raw"]),
+        "atlas_ping_per_s": med(ping["atlas"]),
+        "raw_ping_pipelined_per_s": med(pipelined["raw"]),
+        "atlas_ping_pipelined_per_s": med(pipelined["atlas"]),
         "target_ratio": 0.8,
         "load_average": list(os.getloadavg()),
     }
     figures["meets_target"] = figures["ratio"] >= figures["target_ratio"]
     figures["per_chunk"] = results
 
-    print(f"transport benchmark ({figures['event_loop']}, 4 MiB float32 echo over tcp 127.0.0.1, "
-          f"medians of alternating chunks, load average {figures['load_average'][0]:.1f})")
-    print(f"  raw pyzmq   {figures['raw_MBps']:9.1f} MB/s   ping {figures['raw_ping_per_s']:8.0f}/s"
-          f"   pipelined {figures['raw_ping_pipelined_per_s']:8.0f}/s")
-    print(f"  atlas rpc   {figures['atlas_MBps']:9.1f} MB/s   ping {figures['atlas_ping_per_s']:8.0f}/s"
-          f"   pipelined {figures['atlas_ping_pipelined_per_s']:8.0f}/s")
-    print(f"  ratio atlas/raw = {figures['ratio']:.3f} (median of paired chunks; "
-          f"target >= 0.8: {'met' if figures['meets_target'] else 'MISSED'})")
+    print(
+        f"transport benchmark ({figures['event_loop']}, 4 MiB float32 echo over tcp 127.0.0.1, "
+        f"medians of alternating chunks, load average {figures['load_average'][0]:.1f})"
+    )
+    print(
+        f"  raw pyzmq   {figures['raw_MBps']:9.1f} MB/s   ping {figures['raw_ping_per_s']:8.0f}/s"
+        f"   pipelined {figures['raw_ping_pipelined_per_s']:8.0f}/s"
+    )
+    print(
+        f"  atlas rpc   {figures['atlas_MBps']:9.1f} MB/s   ping {figures['atlas_ping_per_s']:8.0f}/s"
+        f"   pipelined {figures['atlas_ping_pipelined_per_s']:8.0f}/s"
+    )
+    print(
+        f"  ratio atlas/raw = {figures['ratio']:.3f} (median of paired chunks; "
+        f"target >= 0.8: {'met' if figures['meets_target'] else 'MISSED'})"
+    )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(figures, indent=2))

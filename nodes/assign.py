@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from atlas_p2p.vocabulary import U_SHAPE
-from nodes.coordinator import Coordinator, CoordinatorConfig
 from nodes.config import SwarmSpec
+from nodes.coordinator import Coordinator, CoordinatorConfig
 
 
 def make_coordinator(spec: SwarmSpec) -> Coordinator:
@@ -15,8 +15,13 @@ def make_coordinator(spec: SwarmSpec) -> Coordinator:
 
     config = model_config(spec.model, spec.task, spec.num_labels)
     shape = shape_from_config(config, spec.task, spec.num_labels)
-    return Coordinator(CoordinatorConfig(
-        shape=shape, workload=Workload(spec.batch_size, spec.max_seq_len),
-        plan=PlanConfig(u_shape=spec.split_mode == U_SHAPE), min_nodes=spec.min_nodes,
-        assign_after_s=spec.assign_after_s, clusters=spec.clusters,
-    ))
+    return Coordinator(
+        CoordinatorConfig(
+            shape=shape,
+            workload=Workload(spec.batch_size, spec.max_seq_len),
+            plan=PlanConfig(u_shape=spec.split_mode == U_SHAPE),
+            min_nodes=spec.min_nodes,
+            assign_after_s=spec.assign_after_s,
+            clusters=spec.clusters,
+        )
+    )

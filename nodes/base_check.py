@@ -32,14 +32,20 @@ log = logging.getLogger("atlas.node")
 BASE_FILE = "base.json"
 
 
-async def settle_base(executor: TorchExecutor, model: nn.Module, name: str, node_id: int | None, out: Path | None,
-                      init_seed: int | None) -> dict[str, Any]:
+async def settle_base(
+    executor: TorchExecutor, model: nn.Module, name: str, node_id: int | None, out: Path | None, init_seed: int | None
+) -> dict[str, Any]:
     """Compute and record this node's base identity (module doc, step 1); returns it."""
     identity = await executor.run(base_identity, model, name)
     fresh = identity["fresh_sums"]
-    log.info("node %s base %s (%s, %s)%s", node_id, identity["digest"][:12], identity["revision"],
-             identity["dtype"],
-             "; drawn from init seed: " + ", ".join(f"{n} sum {v:.6f}" for n, v in fresh.items()) if fresh else "")
+    log.info(
+        "node %s base %s (%s, %s)%s",
+        node_id,
+        identity["digest"][:12],
+        identity["revision"],
+        identity["dtype"],
+        "; drawn from init seed: " + ", ".join(f"{n} sum {v:.6f}" for n, v in fresh.items()) if fresh else "",
+    )
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         write_json_atomic(out / BASE_FILE, {**identity, "node_id": node_id, "init_seed": init_seed})

@@ -32,9 +32,9 @@ import json
 import logging
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Any
 
@@ -101,8 +101,9 @@ class Bootstrap:
         self._stopped = False
 
     @classmethod
-    async def create(cls, config: BootstrapConfig, *, clock: Callable[[], float] = time.time,
-                     swarm: Any = None) -> Bootstrap:
+    async def create(
+        cls, config: BootstrapConfig, *, clock: Callable[[], float] = time.time, swarm: Any = None
+    ) -> Bootstrap:
         """Open (and lock) the state, bind the server, start the liveness sweep (and the coordinator)."""
         self = cls(config, clock, swarm)
         try:
@@ -131,8 +132,9 @@ class Bootstrap:
             from nodes.assign import make_coordinator
 
             self.coordinator = self._restore_coordinator(make_coordinator(self.swarm))
-            handlers.update(fingerprint=self.rpc_fingerprint, report=self.rpc_report,
-                            get_assignment=self.rpc_get_assignment)
+            handlers.update(
+                fingerprint=self.rpc_fingerprint, report=self.rpc_report, get_assignment=self.rpc_get_assignment
+            )
             await self._adopt_known_nodes()
         self.server = await RpcServer.create(
             host, port, handlers, config=RpcServerConfig(name="bootstrap", max_bytes=MAX_REQUEST_BYTES)
@@ -147,8 +149,12 @@ class Bootstrap:
         known = self._table.rows()
         log.info(
             "bootstrap listening on %s (state %s, %d known peers, heartbeat %g s, suspect %g s, dead %g s)",
-            self.address, self.config.state_dir or "in memory", len(known),
-            self.config.heartbeat_s, self.config.suspect_after_s, self.config.dead_after_s,
+            self.address,
+            self.config.state_dir or "in memory",
+            len(known),
+            self.config.heartbeat_s,
+            self.config.suspect_after_s,
+            self.config.dead_after_s,
         )
 
     async def stop(self) -> None:
@@ -192,9 +198,14 @@ class Bootstrap:
                 await self._coordinate(self.coordinator.on_join, result.node_id, *self._offer(result.node_id))
             spec = self.swarm
             return Welcome(
-                node_id=result.node_id, model=spec.model, fingerprint_seed=self.registry.fingerprint_seed,
-                heartbeat_s=self.config.heartbeat_s, model_task=spec.task, num_labels=spec.num_labels,
-                split_mode=spec.split_mode, fingerprint_samples=spec.fingerprint_samples,
+                node_id=result.node_id,
+                model=spec.model,
+                fingerprint_seed=self.registry.fingerprint_seed,
+                heartbeat_s=self.config.heartbeat_s,
+                model_task=spec.task,
+                num_labels=spec.num_labels,
+                split_mode=spec.split_mode,
+                fingerprint_samples=spec.fingerprint_samples,
                 init_seed=self.registry.init_seed,
             )
         return Welcome(
@@ -216,8 +227,13 @@ class Bootstrap:
             if exc.code == "base_mismatch" and await self._is_member(body.node_id):
                 await self._coordinate(self.coordinator.on_left, body.node_id)  # never planned again
             raise
-        log.info("node %d runs base %s (%s, %s)", body.node_id, body.digest[:12], body.revision or body.model,
-                 body.dtype or "?")
+        log.info(
+            "node %d runs base %s (%s, %s)",
+            body.node_id,
+            body.digest[:12],
+            body.revision or body.model,
+            body.dtype or "?",
+        )
         if self.coordinator is not None and not await self._is_member(body.node_id):
             await self._coordinate(self.coordinator.on_join, body.node_id, *self._offer(body.node_id))
 
@@ -239,8 +255,12 @@ class Bootstrap:
         body = env.body
         before = self.registry.table.get(body.node_id) if self.coordinator is not None else None
         self._call(
-            self.registry.heartbeat, body.node_id, now=self.clock(),
-            state=body.state, round=body.round, base_version=body.base_version,
+            self.registry.heartbeat,
+            body.node_id,
+            now=self.clock(),
+            state=body.state,
+            round=body.round,
+            base_version=body.base_version,
         )
         if self.coordinator is None:
             return None
@@ -256,8 +276,12 @@ class Bootstrap:
             version = 0
         record = self.registry.table.get(body.node_id)
         need = bool(record.has_data) and await self._read(self._needs_fingerprint, body.node_id)
-        return Beat(assignment_version=version, swarm_done=await self._read(self._swarm_done), need_fingerprint=need,
-                    need_base=record.base_digest is None)
+        return Beat(
+            assignment_version=version,
+            swarm_done=await self._read(self._swarm_done),
+            need_fingerprint=need,
+            need_base=record.base_digest is None,
+        )
 
     async def rpc_leave(self, env: Any) -> None:
         self._call(self.registry.leave, env.body.node_id, now=self.clock())
@@ -275,8 +299,9 @@ class Bootstrap:
         body = env.body
         self._known(body.node_id)
         try:
-            await self._coordinate(self.coordinator.on_fingerprint, body.node_id, body.vector, body.n_samples,
-                             body.importance, strict=True)
+            await self._coordinate(
+                self.coordinator.on_fingerprint, body.node_id, body.vector, body.n_samples, body.importance, strict=True
+            )
         except ValueError as exc:
             raise RpcError("bad_request", str(exc)) from None
         await self._coordinate(self.coordinator.maybe_assign)
@@ -345,8 +370,9 @@ class Bootstrap:
         """Write the coordinator's snapshot into the peer table's meta when it changed (an event
         may change it without changing an assignment, e.g. a fingerprint before the first
         clustering). One SQLite write: a kill -9 leaves the previous state or this one."""
-        state = json.dumps({"swarm": dataclasses.asdict(self.swarm), "state": self.coordinator.snapshot()},
-                           sort_keys=True)
+        state = json.dumps(
+            {"swarm": dataclasses.asdict(self.swarm), "state": self.coordinator.snapshot()}, sort_keys=True
+        )
         if state != self._saved_state:
             self.registry.table.set_meta(COORDINATOR_KEY, state)
             self._saved_state = state
@@ -359,7 +385,9 @@ class Bootstrap:
         try:
             kept = json.loads(raw)
             if kept.get("swarm") != json.loads(json.dumps(dataclasses.asdict(self.swarm))):
-                log.warning("the state dir holds a coordinator of another swarm (%s): starting empty", kept.get("swarm"))
+                log.warning(
+                    "the state dir holds a coordinator of another swarm (%s): starting empty", kept.get("swarm")
+                )
                 return fresh
             coordinator = Coordinator.restore(fresh.config, kept["state"])
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
@@ -367,9 +395,12 @@ class Bootstrap:
             return fresh
         self._saved_state = raw
         clustering = coordinator.clustering
-        log.info("restored the coordinator: assignment version %d, %s, %d nodes", coordinator.version,
-                 "not clustered yet" if clustering is None else f"{clustering.k} clusters",
-                 len(coordinator.peer_columns()))
+        log.info(
+            "restored the coordinator: assignment version %d, %s, %d nodes",
+            coordinator.version,
+            "not clustered yet" if clustering is None else f"{clustering.k} clusters",
+            len(coordinator.peer_columns()),
+        )
         return coordinator
 
     async def _read(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -382,8 +413,11 @@ class Bootstrap:
         known = {r.id for r in self.registry.table.rows()}
         self.registry.table.update_many({n: c for n, c in columns.items() if n in known})
         if self.config.state_dir is not None:
-            data = {**self.coordinator.metrics(), "anchors": self.coordinator.anchors(),
-                    "clusters_of": {str(n): c["cluster"] for n, c in columns.items()}}
+            data = {
+                **self.coordinator.metrics(),
+                "anchors": self.coordinator.anchors(),
+                "clusters_of": {str(n): c["cluster"] for n, c in columns.items()},
+            }
             tmp = self.config.state_dir / "coordinator.json.tmp"
             tmp.write_text(json.dumps(data, default=str))
             tmp.replace(self.config.state_dir / "coordinator.json")
@@ -405,7 +439,9 @@ class Bootstrap:
         now = self.clock()
         rows = [r for r in self.registry.table.rows() if r.has_data]
         recent = 3.0 * self.config.dead_after_s  # dead_after_s of silence, then the grace
-        around = [r for r in rows if r.status in ("alive", "suspect") or (r.status == "dead" and now - r.last_seen < recent)]
+        around = [
+            r for r in rows if r.status in ("alive", "suspect") or (r.status == "dead" and now - r.last_seen < recent)
+        ]
         return bool(rows) and all(r.state == "done" and r.status != "dead" for r in around)
 
     async def _adopt_known_nodes(self) -> None:

@@ -42,8 +42,7 @@ _BASE_FATAL = ("base_mismatch", "bad_request", "bad_schema")
 class BootstrapClient:
     """The node's side of the bootstrap protocol after the welcome (module doc)."""
 
-    def __init__(self, link: Link, bootstrap: str, local: LocalNode,
-                 on_refused: Callable[[JoinRefused], None]) -> None:
+    def __init__(self, link: Link, bootstrap: str, local: LocalNode, on_refused: Callable[[JoinRefused], None]) -> None:
         self.link = link
         self.bootstrap = bootstrap  # HOST:PORT
         self.local = local
@@ -86,8 +85,17 @@ class BootstrapClient:
             changed = self.assignment is None or a.version != self.assignment.version
             self.assignment, self.version = a, a.version
             if changed:
-                log.info("assignment v%d: role %s, cluster %s, split %s, helper %s, anchor %s, serves %s (%s)",
-                         a.version, a.role, a.cluster, a.split, a.helper, a.anchor, a.serves, a.reason)
+                log.info(
+                    "assignment v%d: role %s, cluster %s, split %s, helper %s, anchor %s, serves %s (%s)",
+                    a.version,
+                    a.role,
+                    a.cluster,
+                    a.split,
+                    a.helper,
+                    a.anchor,
+                    a.serves,
+                    a.reason,
+                )
             self._assigned.set()
 
     async def wait_assignment(self, predicate: Callable[[Assignment], bool], what: str) -> Assignment:
@@ -146,8 +154,13 @@ class BootstrapClient:
         identity = self.local.base_identity
         if identity is None:
             raise RuntimeError("send_base before the base identity is known")
-        body = BaseDigest(node_id=self.local.node_id, digest=identity["digest"], model=identity["model"],
-                          revision=identity["revision"], dtype=identity["dtype"])
+        body = BaseDigest(
+            node_id=self.local.node_id,
+            digest=identity["digest"],
+            model=identity["model"],
+            revision=identity["revision"],
+            dtype=identity["dtype"],
+        )
         attempt = 0
         while True:
             try:
@@ -163,8 +176,9 @@ class BootstrapClient:
 
     async def report_helper(self, helper: int, why: str) -> None:
         """`report{event: helper_failed}`; best effort (a lost report is logged)."""
-        body = Report(node_id=self.local.node_id, metrics={"event": "helper_failed", "helper": helper,
-                                                           "why": why[:200]})
+        body = Report(
+            node_id=self.local.node_id, metrics={"event": "helper_failed", "helper": helper, "why": why[:200]}
+        )
         try:
             await self.link.call(self.bootstrap, body)
         except RpcError as exc:

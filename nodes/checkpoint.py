@@ -44,8 +44,7 @@ def _contribution_arrays(c: Contribution) -> dict[str, np.ndarray]:
     from nodes.wireconv import factors_to_wire
 
     tensors, scalings = factors_to_wire(c.factors, c.dense)
-    meta = {"node_id": c.node_id, "round": c.round, "n_samples": c.n_samples, "digest": c.digest,
-            "scalings": scalings}
+    meta = {"node_id": c.node_id, "round": c.round, "n_samples": c.n_samples, "digest": c.digest, "scalings": scalings}
     return {"meta": encode_meta(meta), **{k: np.ascontiguousarray(v) for k, v in tensors.items()}}
 
 
@@ -64,8 +63,11 @@ def save_checkpoint(out_dir: Path, state: CheckpointState, base: VersionedBase, 
     from safetensors.numpy import save_file
 
     out_dir = Path(out_dir)
-    final, tmp, old = (out_dir / CHECKPOINT_DIR, out_dir / (CHECKPOINT_DIR + ".tmp"),
-                       out_dir / (CHECKPOINT_DIR + ".old"))
+    final, tmp, old = (
+        out_dir / CHECKPOINT_DIR,
+        out_dir / (CHECKPOINT_DIR + ".tmp"),
+        out_dir / (CHECKPOINT_DIR + ".old"),
+    )
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file({k: np.ascontiguousarray(v) for k, v in base.to_state().items()}, str(tmp / "base.safetensors"))

@@ -38,8 +38,16 @@ from nodes.config import TrainConfig
 from nodes.executor import TorchExecutor
 from nodes.merge import AnchorLog, GossipStore, merge_manifest
 from nodes.wireconv import contribution_from_msg, contribution_to_msg, records_from_msg, records_to_msg
-from transport.messages import (Assignment, ContributionGet, ContributionMsg, Envelope, Manifest, ManifestGet,
-                                Patches, PatchesGet)
+from transport.messages import (
+    Assignment,
+    ContributionGet,
+    ContributionMsg,
+    Envelope,
+    Manifest,
+    ManifestGet,
+    Patches,
+    PatchesGet,
+)
 from transport.rpc import Handler, RpcError
 
 log = logging.getLogger("atlas.peer")
@@ -50,8 +58,9 @@ RETRY_POLLS = 10  # a round with nothing folded is asked again after this many p
 class ClusterSync:
     """Gossip, anchor, manifests and catch-up of this node's cluster (module doc)."""
 
-    def __init__(self, link: Link, executor: TorchExecutor, assignments: AssignmentSource, local: LocalNode,
-                 config: TrainConfig) -> None:
+    def __init__(
+        self, link: Link, executor: TorchExecutor, assignments: AssignmentSource, local: LocalNode, config: TrainConfig
+    ) -> None:
         self.link = link
         self.executor = executor
         self.assignments = assignments
@@ -65,8 +74,12 @@ class ClusterSync:
         self._tasks = TaskSet()
 
     def handlers(self) -> dict[str, Handler]:
-        return {"contribution": self.rpc_contribution, "contribution_get": self.rpc_contribution_get,
-                "manifest_get": self.rpc_manifest_get, "patches_get": self.rpc_patches_get}
+        return {
+            "contribution": self.rpc_contribution,
+            "contribution_get": self.rpc_contribution_get,
+            "manifest_get": self.rpc_manifest_get,
+            "patches_get": self.rpc_patches_get,
+        }
 
     def start(self) -> None:
         """Run the anchor loop (it acts only while the assignment names this node anchor)."""
@@ -197,8 +210,9 @@ class ClusterSync:
             contributions.append(c)
         patch = await self.executor.run(merge_manifest, m, contributions)
         await self.executor.run(s.fold, patch, version=m.version, digest=m.patch_digest, chain=m.chain)
-        self.folded.append(FoldedRecord(m.round, m.version, m.patch_digest, tuple(sorted(patch.weights)), "manifest",
-                                        tuple(m.digests)))
+        self.folded.append(
+            FoldedRecord(m.round, m.version, m.patch_digest, tuple(sorted(patch.weights)), "manifest", tuple(m.digests))
+        )
 
     # ---- catch-up ----------------------------------------------------------------------------
     async def fetch_patches(self, cluster: int, since: int) -> list[PatchRecord]:
@@ -226,10 +240,12 @@ class ClusterSync:
         for r in records:
             if r.version <= s.version:
                 continue
-            await self.executor.run(s.fold, r.patch, version=r.version, digest=r.digest, chain=r.chain,
-                                    discard_round=True)
-            self.folded.append(FoldedRecord(r.patch.round, r.version, r.digest, tuple(sorted(r.patch.weights)),
-                                            "catch-up"))
+            await self.executor.run(
+                s.fold, r.patch, version=r.version, digest=r.digest, chain=r.chain, discard_round=True
+            )
+            self.folded.append(
+                FoldedRecord(r.patch.round, r.version, r.digest, tuple(sorted(r.patch.weights)), "catch-up")
+            )
         if records:
             log.info("caught up to base version %d", s.version)
 
@@ -259,8 +275,7 @@ class ClusterSync:
         r = alog.next_round
         held = self.store.of_round(cluster, r)
         expected = {str(m) for m in a.members}
-        if alog.due(held, expected, self.store.first_seen.get((cluster, r)), time.time(),
-                    self.config.round_deadline_s):
+        if alog.due(held, expected, self.store.first_seen.get((cluster, r)), time.time(), self.config.round_deadline_s):
             await self.executor.run(alog.publish, held)
 
     # ---- handlers ------------------------------------------------------------------------------
@@ -299,8 +314,11 @@ class ClusterSync:
     async def rpc_patches_get(self, env: Envelope) -> Patches:
         b = env.body
         alog = self.anchor_logs.get(b.cluster)
-        base = alog.base if alog is not None else (
-            self.session.base if self.session is not None and self.cluster == b.cluster else None)
+        base = (
+            alog.base
+            if alog is not None
+            else (self.session.base if self.session is not None and self.cluster == b.cluster else None)
+        )
         if base is None:
             raise RpcError("not_found", f"node {self.local.node_id} holds no log of cluster {b.cluster}")
         try:

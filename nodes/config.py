@@ -42,7 +42,7 @@ def parse_address(text: str, *, allow_port_zero: bool = False, what: str = "addr
         raise ValueError(f"{what}: expected HOST:PORT, got {text!r}")
     raw = text.strip()
     if raw.startswith("tcp://"):
-        raw = raw[len("tcp://"):]
+        raw = raw[len("tcp://") :]
     host, sep, port_text = raw.rpartition(":")
     if not sep or not host:
         raise ValueError(f"{what}: expected HOST:PORT, got {text!r}")
@@ -175,8 +175,13 @@ class NodeConfig:
 
     def capabilities(self, compute_score: float, n_samples: int = 0) -> Capabilities:
         """The offer this node joins with: its flags (bytes, bit/s, data or not) and what it measured."""
-        return Capabilities(memory_bytes=self.memory_bytes, bandwidth_bps=self.bandwidth_bps,
-                            compute_score=compute_score, has_data=self.has_data, n_samples=n_samples)
+        return Capabilities(
+            memory_bytes=self.memory_bytes,
+            bandwidth_bps=self.bandwidth_bps,
+            compute_score=compute_score,
+            has_data=self.has_data,
+            n_samples=n_samples,
+        )
 
 
 @dataclass(frozen=True)

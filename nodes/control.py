@@ -198,7 +198,9 @@ class ControlClient:
         if compute_score is None:
             compute_score = config.compute_score or measure_compute_score()
         self = cls(
-            config, address, client,
+            config,
+            address,
+            client,
             compute_score=compute_score,
             node_id=node_id,
             on_welcome=on_welcome,
@@ -307,9 +309,14 @@ class ControlClient:
         save_identity(self.config.state_dir, self.config.bootstrap, reply.node_id)
         log.info(
             "%s bootstrap %s as node %d; serving peers on %s (%s, %d bytes, %d bit/s, heartbeat %g s)",
-            "rejoined" if rejoined else "joined", self.config.bootstrap, reply.node_id, self.address,
+            "rejoined" if rejoined else "joined",
+            self.config.bootstrap,
+            reply.node_id,
+            self.address,
             "trainer" if self.config.has_data else "helper",
-            self.config.memory_bytes, self.config.bandwidth_bps, reply.heartbeat_s,
+            self.config.memory_bytes,
+            self.config.bandwidth_bps,
+            reply.heartbeat_s,
         )
         if self.config.model and reply.model and reply.model != self.config.model:
             log.warning("this node runs %r but the swarm runs %r", self.config.model, reply.model)
@@ -370,7 +377,8 @@ class ControlClient:
 
         try:
             await self.client.call(
-                self.config.bootstrap, Leave(node_id=self.node_id, reason="shutdown"),
+                self.config.bootstrap,
+                Leave(node_id=self.node_id, reason="shutdown"),
                 timeout=self.config.leave_timeout_s,
             )
             log.info("left bootstrap %s", self.config.bootstrap)

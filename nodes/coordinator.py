@@ -70,6 +70,7 @@ from typing import Any
 
 import numpy as np
 
+from atlas_p2p.capabilities import Capabilities
 from atlas_p2p.clustering import (
     Clustering,
     ClusteringConfig,
@@ -92,7 +93,6 @@ from atlas_p2p.planning import (
     repair,
     replan_reason,
 )
-from atlas_p2p.capabilities import Capabilities
 from atlas_p2p.validation import is_number, require_int, require_number
 from nodes.config import parse_address
 
@@ -114,6 +114,7 @@ STATE_FORMAT = 1  # version of the `snapshot()` layout
 
 
 # ------------------------------------------------------------------ configuration and records
+
 
 @dataclass(frozen=True)
 class CoordinatorConfig:
@@ -145,15 +146,14 @@ class CoordinatorConfig:
         require_number("CoordinatorConfig.silhouette_threshold", self.silhouette_threshold, -1, 1)
         require_int("CoordinatorConfig.seed", self.seed)
         require_int("CoordinatorConfig.fingerprint_dim", self.fingerprint_dim, 1)
-        self.context  # PlanContext checks the privacy floor against the model depth
+        _ = self.context  # PlanContext checks the privacy floor against the model depth
 
     @property
     def context(self) -> PlanContext:
         return PlanContext(self.shape, self.workload, self.plan)
 
     def clustering(self, k: int | None) -> ClusteringConfig:
-        return ClusteringConfig(k=k, k_max=self.k_max, min_silhouette=float(self.silhouette_threshold),
-                                seed=self.seed)
+        return ClusteringConfig(k=k, k_max=self.k_max, min_silhouette=float(self.silhouette_threshold), seed=self.seed)
 
 
 @dataclass(frozen=True)
@@ -169,8 +169,15 @@ class RepairEvent:
     cluster: int | None  # the owner's cluster
 
     def to_dict(self) -> dict[str, Any]:
-        return dict(time=self.time, owner=self.owner, old_helper=self.old_helper, new_helper=self.new_helper,
-                    kind=self.kind, cause=self.cause, cluster=self.cluster)
+        return dict(
+            time=self.time,
+            owner=self.owner,
+            old_helper=self.old_helper,
+            new_helper=self.new_helper,
+            kind=self.kind,
+            cause=self.cause,
+            cluster=self.cluster,
+        )
 
 
 @dataclass(frozen=True)
@@ -210,6 +217,7 @@ class _Member:
 
 
 # ------------------------------------------------------------------ the coordinator
+
 
 class Coordinator:
     """Clusters, plans, repairs; hands out versioned assignments (see the module doc)."""
@@ -358,8 +366,9 @@ class Coordinator:
             log.info("node %d is alive again", node_id)
             return self._grow(now, "back")
 
-    def on_fingerprint(self, node_id: int, vector: Any, n_samples: int,
-                       importance: Mapping[str, float] | None = None, *, now: float) -> bool:
+    def on_fingerprint(
+        self, node_id: int, vector: Any, n_samples: int, importance: Mapping[str, float] | None = None, *, now: float
+    ) -> bool:
         """A data node's task fingerprint (and optional importance probe) arrived.
 
         Before the first clustering it is only stored (see `maybe_assign`); after it, the
@@ -400,8 +409,11 @@ class Coordinator:
         if len(ready) < self.config.min_nodes and waited < self.config.assign_after_s:
             return False
         with self._atomic():
-            why = (f"{len(ready)} fingerprints" if len(ready) >= self.config.min_nodes
-                   else f"timer ({waited:.1f} s, {len(ready)}/{self.config.min_nodes} fingerprints)")
+            why = (
+                f"{len(ready)} fingerprints"
+                if len(ready) >= self.config.min_nodes
+                else f"timer ({waited:.1f} s, {len(ready)}/{self.config.min_nodes} fingerprints)"
+            )
             self._cluster(ready, previous=None)
             log.info("first assignment after %s: K=%d", why, self._clustering.k)
             self._plan = None
@@ -477,9 +489,15 @@ class Coordinator:
         out = {}
         for node_id in sorted(self._views):
             view = self.assignment_for(node_id)
-            out[node_id] = dict(cluster=view["cluster"], split=view["split"], helper=view["helper"],
-                                role=view["role"], ranks=_ranks_summary(view["ranks"]),
-                                anchor=view["anchor"] == node_id, reason=view["reason"])
+            out[node_id] = dict(
+                cluster=view["cluster"],
+                split=view["split"],
+                helper=view["helper"],
+                role=view["role"],
+                ranks=_ranks_summary(view["ranks"]),
+                anchor=view["anchor"] == node_id,
+                reason=view["reason"],
+            )
         return out
 
     # --- persistence ---------------------------------------------------------------------
@@ -490,17 +508,38 @@ class Coordinator:
         c, plan = self._clustering, self._plan
         return dict(
             format=STATE_FORMAT,
-            members={str(n): dict(caps=dataclasses.asdict(m.caps), address=m.address, status=m.status,
-                                  vector=None if m.vector is None else m.vector.tolist(), n_samples=m.n_samples,
-                                  importance=m.importance, cluster=m.cluster, note=m.note)
-                     for n, m in sorted(self._members.items())},
-            clustering=None if c is None else dict(
-                labels=c.labels.tolist(), ids=c.ids.tolist(), centroids=c.centroids.tolist(),
-                silhouette=c.silhouette, scores={str(k): v for k, v in c.scores.items()}, next_id=c.next_id),
-            plan=None if plan is None else dict(
+            members={
+                str(n): dict(
+                    caps=dataclasses.asdict(m.caps),
+                    address=m.address,
+                    status=m.status,
+                    vector=None if m.vector is None else m.vector.tolist(),
+                    n_samples=m.n_samples,
+                    importance=m.importance,
+                    cluster=m.cluster,
+                    note=m.note,
+                )
+                for n, m in sorted(self._members.items())
+            },
+            clustering=None
+            if c is None
+            else dict(
+                labels=c.labels.tolist(),
+                ids=c.ids.tolist(),
+                centroids=c.centroids.tolist(),
+                silhouette=c.silhouette,
+                scores={str(k): v for k, v in c.scores.items()},
+                next_id=c.next_id,
+            ),
+            plan=None
+            if plan is None
+            else dict(
                 nodes={n: dict(dataclasses.asdict(r), ranks=dict(r.ranks)) for n, r in plan.nodes.items()},
-                infos={n: dict(node_id=i.node_id, caps=dataclasses.asdict(i.caps), cluster=i.cluster)
-                       for n, i in plan.infos.items()}),
+                infos={
+                    n: dict(node_id=i.node_id, caps=dataclasses.asdict(i.caps), cluster=i.cluster)
+                    for n, i in plan.infos.items()
+                },
+            ),
             plan_importance={str(k): v for k, v in self._plan_importance.items()},
             first_fingerprint_at=self._first_fingerprint_at,
             version=self._version,
@@ -523,19 +562,35 @@ class Coordinator:
                 vector = None if m["vector"] is None else np.asarray(m["vector"], dtype=np.float64)
                 if vector is not None and vector.shape != (config.fingerprint_dim,):
                     raise ValueError(f"node {n} fingerprint has shape {vector.shape}")
-                coord._members[int(n)] = _Member(Capabilities(**m["caps"]), m["address"], m["status"], vector,
-                                                 int(m["n_samples"]), m["importance"], m["cluster"], m["note"])
+                coord._members[int(n)] = _Member(
+                    Capabilities(**m["caps"]),
+                    m["address"],
+                    m["status"],
+                    vector,
+                    int(m["n_samples"]),
+                    m["importance"],
+                    m["cluster"],
+                    m["note"],
+                )
             c = state["clustering"]
             if c is not None:
                 coord._clustering = Clustering(
-                    labels=np.asarray(c["labels"], dtype=np.int64), ids=np.asarray(c["ids"], dtype=np.int64),
-                    centroids=np.asarray(c["centroids"], dtype=np.float64), silhouette=c["silhouette"],
-                    scores={int(k): v for k, v in c["scores"].items()}, next_id=int(c["next_id"]))
+                    labels=np.asarray(c["labels"], dtype=np.int64),
+                    ids=np.asarray(c["ids"], dtype=np.int64),
+                    centroids=np.asarray(c["centroids"], dtype=np.float64),
+                    silhouette=c["silhouette"],
+                    scores={int(k): v for k, v in c["scores"].items()},
+                    next_id=int(c["next_id"]),
+                )
             p = state["plan"]
             if p is not None:
-                nodes = {n: NodePlan(**{**r, "fallbacks": tuple(r["fallbacks"]), "serves": tuple(r["serves"])})
-                         for n, r in p["nodes"].items()}
-                infos = {n: NodeInfo(i["node_id"], Capabilities(**i["caps"]), i["cluster"]) for n, i in p["infos"].items()}
+                nodes = {
+                    n: NodePlan(**{**r, "fallbacks": tuple(r["fallbacks"]), "serves": tuple(r["serves"])})
+                    for n, r in p["nodes"].items()
+                }
+                infos = {
+                    n: NodeInfo(i["node_id"], Capabilities(**i["caps"]), i["cluster"]) for n, i in p["infos"].items()
+                }
                 coord._plan = Plan(nodes, config.context, infos)
             coord._plan_importance = {int(k): v for k, v in state["plan_importance"].items()}
             coord._first_fingerprint_at = state["first_fingerprint_at"]
@@ -585,8 +640,9 @@ class Coordinator:
         scores = {}
         for name, value in importance.items():
             if name not in self._modules:
-                raise ValueError(f"importance: {name!r} is not an adaptable weight of this "
-                                 f"{self.config.shape.family} model")
+                raise ValueError(
+                    f"importance: {name!r} is not an adaptable weight of this {self.config.shape.family} model"
+                )
             if not is_number(value) or value < 0:
                 raise ValueError(f"importance[{name!r}] must be finite and >= 0, got {value!r}")
             scores[name] = float(value)
@@ -606,8 +662,9 @@ class Coordinator:
 
     def _fingerprinted(self) -> list[int]:
         """Live data nodes with a fingerprint, in id order."""
-        return [n for n, m in sorted(self._members.items())
-                if m.status == LIVE and m.caps.has_data and m.vector is not None]
+        return [
+            n for n, m in sorted(self._members.items()) if m.status == LIVE and m.caps.has_data and m.vector is not None
+        ]
 
     def _cluster(self, ready: list[int], previous: Clustering | None) -> None:
         x = np.stack([self._members[n].vector for n in ready])  # (n, d)
@@ -670,8 +727,7 @@ class Coordinator:
         self._place_unclustered()  # e.g. fingerprinted before the first clustering, absent at it
         infos = self._infos()
         importance = self._importance()
-        moved = max((importance_change(self._plan_importance.get(c), v) for c, v in importance.items()),
-                    default=0.0)
+        moved = max((importance_change(self._plan_importance.get(c), v) for c, v in importance.items()), default=0.0)
         why = replan_reason(list(self._plan.infos.values()), infos, moved, tau=TAU)
         if why is not None:
             log.info("re-planning: %s", why)
@@ -707,8 +763,7 @@ class Coordinator:
     def _prune_done(self, now: float) -> None:
         """Done nodes left serving nobody leave the plan (no owner is affected)."""
         while True:
-            idle = [n for n, row in self._plan.nodes.items()
-                    if self._members[int(n)].status == DONE and not row.serves]
+            idle = [n for n, row in self._plan.nodes.items() if self._members[int(n)].status == DONE and not row.serves]
             if not idle:
                 return
             self._repair_out(int(min(idle, key=int)), DONE, now)
@@ -727,8 +782,14 @@ class Coordinator:
                 helper_cluster = new.infos[after.helper].cluster
                 kind = REPAIR if helper_cluster in (None, row.cluster) else FALLBACK
             events.append(RepairEvent(float(now), int(n), lost, helper, kind, cause, row.cluster))
-            log.info("%s: owner %s lost helper %d (%s) -> %s", kind, n, lost, cause,
-                     "waits" if helper is None else f"helper {helper}")
+            log.info(
+                "%s: owner %s lost helper %d (%s) -> %s",
+                kind,
+                n,
+                lost,
+                cause,
+                "waits" if helper is None else f"helper {helper}",
+            )
         self._events.extend(events)
         return events
 
@@ -788,8 +849,9 @@ class Coordinator:
         cfg = self.config
         if cfg.plan.split_all:
             return False
-        need = whole_model_footprint(cfg.shape, minimum_ranks(lora_candidates(cfg.shape), {}, cfg.plan.rank_set),
-                                     cfg.workload)
+        need = whole_model_footprint(
+            cfg.shape, minimum_ranks(lora_candidates(cfg.shape), {}, cfg.plan.rank_set), cfg.workload
+        )
         return need.total <= int(caps.memory_bytes * cfg.plan.headroom)
 
     def _view(self, node_id: int, board: _Board) -> dict[str, Any]:
@@ -798,20 +860,36 @@ class Coordinator:
         provisional, anchors = board.provisional, board.anchors
         plan = self._plan
         row = plan.nodes.get(str(node_id)) if plan is not None else None
-        empty = dict(cluster=member.cluster, members=[], ranks={}, split=None, helper=None,
-                     anchor=None, serves=[], addresses={}, role=WAITING, owners=[])
+        empty = dict(
+            cluster=member.cluster,
+            members=[],
+            ranks={},
+            split=None,
+            helper=None,
+            anchor=None,
+            serves=[],
+            addresses={},
+            role=WAITING,
+            owners=[],
+        )
         if row is None:
             if member.status != LIVE:
                 note = member.note
             elif node_id in provisional:
                 helper, split = provisional[node_id]
-                return {**empty, "helper": helper, "split": split,
-                        "addresses": {str(helper): self._members[helper].address},
-                        "note": f"fingerprinting: provisional helper {helper} runs blocks[{split}:] "
-                                f"(task-blind, for the fingerprint only)"}
+                return {
+                    **empty,
+                    "helper": helper,
+                    "split": split,
+                    "addresses": {str(helper): self._members[helper].address},
+                    "note": f"fingerprinting: provisional helper {helper} runs blocks[{split}:] "
+                    f"(task-blind, for the fingerprint only)",
+                }
             elif plan is None:
-                note = (f"waiting for the first assignment ({self.config.min_nodes} fingerprints "
-                        f"or {self.config.assign_after_s:g} s after the first)")
+                note = (
+                    f"waiting for the first assignment ({self.config.min_nodes} fingerprints "
+                    f"or {self.config.assign_after_s:g} s after the first)"
+                )
             elif member.caps.has_data and member.vector is None:
                 note = "waiting for this node's fingerprint"
             else:
@@ -820,9 +898,14 @@ class Coordinator:
         owners = self._owner_details(row, anchors)
         if member.status != LIVE:  # done, still serving: a helper now
             linked = {o["owner"] for o in owners} | {o["anchor"] for o in owners if o["anchor"] is not None}
-            return {**empty, "role": HELPER, "serves": [o["owner"] for o in owners], "owners": owners,
-                    "addresses": {str(n): self._members[n].address for n in sorted(linked)},
-                    "note": f"{member.note}; still serves {', '.join(str(o['owner']) for o in owners)}"}
+            return {
+                **empty,
+                "role": HELPER,
+                "serves": [o["owner"] for o in owners],
+                "owners": owners,
+                "addresses": {str(n): self._members[n].address for n in sorted(linked)},
+                "note": f"{member.note}; still serves {', '.join(str(o['owner']) for o in owners)}",
+            }
         cluster = row.cluster
         members = list(board.members.get(cluster, [])) if cluster is not None else []
         anchor = anchors.get(cluster) if cluster is not None else None
@@ -833,10 +916,19 @@ class Coordinator:
         if anchor is not None:
             linked.add(anchor)
         addresses = {str(n): self._members[n].address for n in sorted(linked)}
-        return dict(cluster=cluster, members=members, ranks=dict(row.ranks), split=row.split,
-                    helper=None if row.helper is None else int(row.helper), anchor=anchor,
-                    serves=sorted(int(o) for o in row.serves), addresses=addresses,
-                    role=row.role, owners=owners, note=row.reason)
+        return dict(
+            cluster=cluster,
+            members=members,
+            ranks=dict(row.ranks),
+            split=row.split,
+            helper=None if row.helper is None else int(row.helper),
+            anchor=anchor,
+            serves=sorted(int(o) for o in row.serves),
+            addresses=addresses,
+            role=row.role,
+            owners=owners,
+            note=row.reason,
+        )
 
     def _owner_details(self, row: Any, anchors: Mapping[int, int | None]) -> list[dict[str, Any]]:
         """What a helper needs per served owner: its cluster (a `round_begin` must name it) and the
@@ -885,6 +977,7 @@ class Coordinator:
 
 # ------------------------------------------------------------------ small helpers
 
+
 def _check_id(node_id: Any) -> None:
     require_int("node_id", node_id, 0)
 
@@ -894,7 +987,7 @@ def _check_now(now: Any) -> None:
 
 
 def _ranks_summary(ranks: Mapping[str, int]) -> str | None:
-    """"12 mods r2-16" (or "4 mods r8" when all equal); None without adapters."""
+    """ "12 mods r2-16" (or "4 mods r8" when all equal); None without adapters."""
     positive = [r for r in ranks.values() if r > 0]
     if not positive:
         return None
@@ -903,6 +996,16 @@ def _ranks_summary(ranks: Mapping[str, int]) -> str | None:
 
 
 __all__ = [
-    "DEAD", "DONE", "FAILED", "FALLBACK", "LEFT", "LIVE", "REPAIR", "UNPAIRED",
-    "AnchorChange", "Coordinator", "CoordinatorConfig", "RepairEvent",
+    "DEAD",
+    "DONE",
+    "FAILED",
+    "FALLBACK",
+    "LEFT",
+    "LIVE",
+    "REPAIR",
+    "UNPAIRED",
+    "AnchorChange",
+    "Coordinator",
+    "CoordinatorConfig",
+    "RepairEvent",
 ]

@@ -15,9 +15,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-from concurrent.futures import ThreadPoolExecutor
 import threading
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 TORCH_LOCK = threading.RLock()
 

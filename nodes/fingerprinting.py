@@ -29,10 +29,18 @@ class ProbeHelper:
     owner_id: int
     split: int
 
-    def _ask(self, kind: type[Message], field: str, activations: np.ndarray, attention_mask: np.ndarray,
-             **extra: np.ndarray) -> np.ndarray:
-        reply = self.call(Probe(owner_id=self.owner_id, split=self.split, activations=activations,
-                                attention_mask=attention_mask, **extra))
+    def _ask(
+        self, kind: type[Message], field: str, activations: np.ndarray, attention_mask: np.ndarray, **extra: np.ndarray
+    ) -> np.ndarray:
+        reply = self.call(
+            Probe(
+                owner_id=self.owner_id,
+                split=self.split,
+                activations=activations,
+                attention_mask=attention_mask,
+                **extra,
+            )
+        )
         if not isinstance(reply, kind):
             raise ValueError(f"provisional helper answered {type(reply).__name__}, expected {kind.__name__}")
         return getattr(reply, field)

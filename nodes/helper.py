@@ -44,8 +44,9 @@ class HelperService:
     and `patches` (a replica behind an owner pulls them from the cluster's anchor).
     """
 
-    def __init__(self, executor: TorchExecutor, assignments: AssignmentSource, local: LocalNode,
-                 patches: PatchSource) -> None:
+    def __init__(
+        self, executor: TorchExecutor, assignments: AssignmentSource, local: LocalNode, patches: PatchSource
+    ) -> None:
         self.executor = executor
         self.assignments = assignments
         self.local = local
@@ -61,7 +62,7 @@ class HelperService:
     # ---- plumbing --------------------------------------------------------------------
     def _find(self, owner_id: int) -> dict[str, Any] | None:
         a = self.assignments.assignment
-        for o in (a.owners if a is not None else []):
+        for o in a.owners if a is not None else []:
             if int(o.get("owner", -1)) == owner_id:
                 return o
         return None
@@ -93,12 +94,13 @@ class HelperService:
             if replica.version < wanted:
                 records = await self.patches(cluster, replica.version)
                 for r in records:
-                    await self.executor.run(replica.fold, r.patch, version=r.version, digest=r.digest,
-                                                 chain=r.chain)
+                    await self.executor.run(replica.fold, r.patch, version=r.version, digest=r.digest, chain=r.chain)
                 log.info("helper replica of cluster %d caught up to version %d", cluster, replica.version)
         if replica.version != wanted:
-            raise RpcError("version", f"helper replica of cluster {cluster} is at version {replica.version}, "
-                                      f"the request at {wanted}")
+            raise RpcError(
+                "version",
+                f"helper replica of cluster {cluster} is at version {replica.version}, the request at {wanted}",
+            )
 
     async def _torch(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         try:
@@ -117,8 +119,11 @@ class HelperService:
         if mine is None:
             raise RpcError("not_serving", f"node {self.local.node_id} is still starting")
         if digest != mine:
-            raise RpcError("base_mismatch", f"owner {owner_id} runs base {short(digest) if digest else '(none stated)'}, "
-                                            f"helper {self.local.node_id} runs {short(mine)}: not serving it")
+            raise RpcError(
+                "base_mismatch",
+                f"owner {owner_id} runs base {short(digest) if digest else '(none stated)'}, "
+                f"helper {self.local.node_id} runs {short(mine)}: not serving it",
+            )
 
     async def rpc_round_begin(self, env: Envelope) -> None:
         b = env.body
@@ -141,12 +146,27 @@ class HelperService:
         replica = self._replica(b.cluster)
         await self._sync(b.cluster, replica, b.base_version)
         if b.labels is None:  # u-shape: blocks[s:L] only, the owner keeps head, labels and loss
-            out = await self._torch(replica.u_forward, b.owner_id, b.round, b.step, b.activations,
-                                    b.attention_mask, base_version=b.base_version)
+            out = await self._torch(
+                replica.u_forward,
+                b.owner_id,
+                b.round,
+                b.step,
+                b.activations,
+                b.attention_mask,
+                base_version=b.base_version,
+            )
             reply = Hidden(step=b.step, hidden=out.detach().cpu().numpy())
         else:
-            result = await self._torch(replica.step, b.owner_id, b.round, b.step, b.activations,
-                                       b.attention_mask, b.labels, base_version=b.base_version)
+            result = await self._torch(
+                replica.step,
+                b.owner_id,
+                b.round,
+                b.step,
+                b.activations,
+                b.attention_mask,
+                b.labels,
+                base_version=b.base_version,
+            )
             self.steps_served += 1
             reply = Backward(step=b.step, grad=result.grad.detach().cpu().numpy(), loss=float(result.loss))
         return reply
@@ -158,8 +178,7 @@ class HelperService:
         await self._owner_plan(b.owner_id)
         replica = self._replica(b.cluster)
         await self._sync(b.cluster, replica, b.base_version)
-        grad = await self._torch(replica.u_backward, b.owner_id, b.round, b.step, b.grad,
-                                 base_version=b.base_version)
+        grad = await self._torch(replica.u_backward, b.owner_id, b.round, b.step, b.grad, base_version=b.base_version)
         self.steps_served += 1
         return Backward(step=b.step, grad=grad.detach().cpu().numpy(), loss=None)
 
@@ -168,8 +187,9 @@ class HelperService:
         await self._owner_plan(b.owner_id)
         back = await self._torch(self._replica(b.cluster).return_adapter, b.owner_id, b.round)
         tensors, scalings = factors_to_wire(back.factors, back.dense)
-        return ServerAdapterMsg(owner_id=b.owner_id, round=back.round, steps=back.steps,
-                                tensors=tensors, scalings=scalings)
+        return ServerAdapterMsg(
+            owner_id=b.owner_id, round=back.round, steps=back.steps, tensors=tensors, scalings=scalings
+        )
 
     async def rpc_probe(self, env: Envelope) -> Hidden | Backward:
         """One micro-batch of another node's fingerprint across a cut, on the ORIGINAL base
@@ -191,5 +211,10 @@ class HelperService:
         return reply
 
     def handlers(self) -> dict[str, Handler]:
-        return {"round_begin": self.rpc_round_begin, "forward": self.rpc_forward,
-                "u_backward": self.rpc_u_backward, "return_get": self.rpc_return_get, "probe": self.rpc_probe}
+        return {
+            "round_begin": self.rpc_round_begin,
+            "forward": self.rpc_forward,
+            "u_backward": self.rpc_u_backward,
+            "return_get": self.rpc_return_get,
+            "probe": self.rpc_probe,
+        }

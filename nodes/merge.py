@@ -77,8 +77,15 @@ class ManifestInfo:
     record: PatchRecord
 
     def to_msg(self) -> Manifest:
-        return Manifest(cluster=self.cluster, round=self.round, ready=True, version=self.version,
-                        digests=list(self.digests), patch_digest=self.record.digest, chain=self.record.chain)
+        return Manifest(
+            cluster=self.cluster,
+            round=self.round,
+            ready=True,
+            version=self.version,
+            digests=list(self.digests),
+            patch_digest=self.record.digest,
+            chain=self.record.chain,
+        )
 
 
 @dataclass
@@ -104,8 +111,14 @@ class AnchorLog:
         """Round whose manifest comes next: round r is version r+1."""
         return self.base.version
 
-    def due(self, contributions: dict[str, Contribution], expected: set[str], first_seen: float | None,
-            now: float, deadline_s: float) -> bool:
+    def due(
+        self,
+        contributions: dict[str, Contribution],
+        expected: set[str],
+        first_seen: float | None,
+        now: float,
+        deadline_s: float,
+    ) -> bool:
         """Publish now? Every expected owner contributed, or the deadline passed."""
         if not contributions:
             return False
@@ -123,8 +136,14 @@ class AnchorLog:
         record = self.base.apply(patch)
         info = ManifestInfo(self.cluster, round_, record.version, tuple(sorted(c.digest for c in chosen)), record)
         self.manifests[round_] = info
-        log.info("cluster %d: manifest of round %d -> version %d (%d contributions: %s)", self.cluster, round_,
-                 record.version, len(chosen), ", ".join(sorted(contributions)))
+        log.info(
+            "cluster %d: manifest of round %d -> version %d (%d contributions: %s)",
+            self.cluster,
+            round_,
+            record.version,
+            len(chosen),
+            ", ".join(sorted(contributions)),
+        )
         return info
 
     def patches_since(self, version: int) -> list[PatchRecord]:
@@ -138,6 +157,8 @@ def merge_manifest(manifest: Manifest, contributions: list[Contribution]) -> Pat
         raise ValueError(f"cluster {manifest.cluster} round {manifest.round}: contributions do not match the manifest")
     patch = stack_merge(contributions)
     if patch.digest != manifest.patch_digest:
-        raise ValueError(f"cluster {manifest.cluster} round {manifest.round}: merged patch digest "
-                         f"{patch.digest[:12]} != manifest {manifest.patch_digest[:12]}")
+        raise ValueError(
+            f"cluster {manifest.cluster} round {manifest.round}: merged patch digest "
+            f"{patch.digest[:12]} != manifest {manifest.patch_digest[:12]}"
+        )
     return patch

@@ -11,8 +11,8 @@ init seed (the bootstrap's welcome), and `base_identity` names the exact base a 
 
 from __future__ import annotations
 
-from nodes.executor import TORCH_LOCK
 from nodes.config import EMBEDDED_MODELS
+from nodes.executor import TORCH_LOCK
 
 EMBEDDED_SEED = 0  # every node builds the same embedded base
 # tiny_model seeds torch's global RNG inside fork_rng: builds take turns with every other
@@ -76,8 +76,10 @@ def check_model(name: str, task: str | None = None) -> None:
     config = load_config(name, task)
     layers = getattr(config, "num_hidden_layers", None)
     if isinstance(layers, int) and layers < 2:
-        raise UnsupportedModelError(f"model {name!r} has {layers} transformer block(s); ATLAS splits a model "
-                                    "between blocks and needs at least 2")
+        raise UnsupportedModelError(
+            f"model {name!r} has {layers} transformer block(s); ATLAS splits a model "
+            "between blocks and needs at least 2"
+        )
 
 
 def base_identity(model, name: str) -> dict:
@@ -101,8 +103,16 @@ def base_identity(model, name: str) -> dict:
         params = dict(model.named_parameters())
         fresh = [n for n in getattr(model, "atlas_fresh_parameters", ()) if n in params]
         sums = {n: float(params[n].detach().double().sum()) for n in fresh}
-        hashes = {n: hashlib.sha256(params[n].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-                  .hexdigest() for n in fresh}
+        hashes = {
+            n: hashlib.sha256(params[n].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()).hexdigest()
+            for n in fresh
+        }
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-    return {"digest": digest, "revision": revision, "dtype": dtype, "model": name, "fresh_sums": sums,
-            "fresh_sha256": hashes}
+    return {
+        "digest": digest,
+        "revision": revision,
+        "dtype": dtype,
+        "model": name,
+        "fresh_sums": sums,
+        "fresh_sha256": hashes,
+    }

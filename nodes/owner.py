@@ -59,9 +59,20 @@ class OwnerRunner:
     from `train` the step deadline and the emulated step delay.
     """
 
-    def __init__(self, link: Link, executor: TorchExecutor, session: OwnerSession, train: TrainConfig, *,
-                 owner_id: int, cluster: int, helper: int | None, helper_address: str | None,
-                 ranks: dict[str, int], base_digest: str) -> None:
+    def __init__(
+        self,
+        link: Link,
+        executor: TorchExecutor,
+        session: OwnerSession,
+        train: TrainConfig,
+        *,
+        owner_id: int,
+        cluster: int,
+        helper: int | None,
+        helper_address: str | None,
+        ranks: dict[str, int],
+        base_digest: str,
+    ) -> None:
         self.link = link
         self.executor = executor
         self.session = session
@@ -99,21 +110,37 @@ class OwnerRunner:
 
     async def _begin(self) -> None:
         s = self.session
-        await self._call(RoundBegin(owner_id=self.owner_id, cluster=self.cluster, round=s.round,
-                                    split=s.config.split, ranks=self.ranks, seed=s.seed, lr=s.config.lr,
-                                    mode=s.config.mode, base_version=s.version, base_digest=self.base_digest),
-                         self.step_timeout_s)
+        await self._call(
+            RoundBegin(
+                owner_id=self.owner_id,
+                cluster=self.cluster,
+                round=s.round,
+                split=s.config.split,
+                ranks=self.ranks,
+                seed=s.seed,
+                lr=s.config.lr,
+                mode=s.config.mode,
+                base_version=s.version,
+                base_digest=self.base_digest,
+            ),
+            self.step_timeout_s,
+        )
 
     async def _split_steps(self, batches: list[dict]) -> None:
         s, run, timeout = self.session, self.executor.run, self.step_timeout_s
         await self._begin()
         for batch in batches:
             fwd = await run(s.forward, batch)
-            body = Forward(step=fwd.step, activations=fwd.activations.cpu().numpy(),
-                           attention_mask=fwd.attention_mask.cpu().numpy(),
-                           labels=None if fwd.labels is None else fwd.labels.cpu().numpy(),
-                           base_version=s.version, owner_id=self.owner_id, cluster=self.cluster,
-                           round=fwd.round)
+            body = Forward(
+                step=fwd.step,
+                activations=fwd.activations.cpu().numpy(),
+                attention_mask=fwd.attention_mask.cpu().numpy(),
+                labels=None if fwd.labels is None else fwd.labels.cpu().numpy(),
+                base_version=s.version,
+                owner_id=self.owner_id,
+                cluster=self.cluster,
+                round=fwd.round,
+            )
             reply = await self._call(body, timeout)
             if self.step_delay_s:
                 await asyncio.sleep(self.step_delay_s)
@@ -137,16 +164,27 @@ class OwnerRunner:
             loss, grad = await self.executor.run(s.finish, reply.hidden)
         except ValueError as exc:  # malformed hidden states: this helper is not to be trusted
             raise HelperFailed(self.helper, f"sent bad hidden states ({exc})") from None
-        body = UBackward(step=fwd.step, grad=grad.cpu().numpy(), base_version=s.version,
-                         owner_id=self.owner_id, cluster=self.cluster, round=fwd.round)
+        body = UBackward(
+            step=fwd.step,
+            grad=grad.cpu().numpy(),
+            base_version=s.version,
+            owner_id=self.owner_id,
+            cluster=self.cluster,
+            round=fwd.round,
+        )
         return loss, await self._call(body, timeout)
 
     async def _returned(self) -> tuple[dict, dict]:
         s = self.session
-        reply = await self._call(ReturnGet(owner_id=self.owner_id, cluster=self.cluster, round=s.round),
-                                 self.step_timeout_s)
-        if (not isinstance(reply, ServerAdapterMsg) or reply.owner_id != self.owner_id or reply.round != s.round
-                or reply.steps != s.step):
+        reply = await self._call(
+            ReturnGet(owner_id=self.owner_id, cluster=self.cluster, round=s.round), self.step_timeout_s
+        )
+        if (
+            not isinstance(reply, ServerAdapterMsg)
+            or reply.owner_id != self.owner_id
+            or reply.round != s.round
+            or reply.steps != s.step
+        ):
             raise HelperFailed(self.helper, "returned an adapter of another owner, round or step count")
         try:
             return factors_from_wire(reply.tensors, reply.scalings)

@@ -47,14 +47,32 @@ from torch import nn
 
 from atlas_p2p.aggregation import Contribution
 from atlas_p2p.data import Encoded, TaskMismatch, load_for_task, round_batches
-from atlas_p2p.lora import attach_lora
-from atlas_p2p.training import (AdapterCard, OwnerConfig, OwnerSession, RoundEval, apply_to_model, eval_batches,
-                                evaluate, export_adapter, node_fingerprint, whole_model_loss)
 from atlas_p2p.fingerprint import FingerprintConfig, LossFn, fingerprint_sample
 from atlas_p2p.importance import measure
+from atlas_p2p.lora import attach_lora
 from atlas_p2p.memory import shape_from_config
-from atlas_p2p.records import (CheckpointState, ContributionRecord, Evaluation, FoldedRecord, RepairRecord,
-                               RoundLine, Summary, bytes_by_kind)
+from atlas_p2p.records import (
+    CheckpointState,
+    ContributionRecord,
+    Evaluation,
+    FoldedRecord,
+    RepairRecord,
+    RoundLine,
+    Summary,
+    bytes_by_kind,
+)
+from atlas_p2p.training import (
+    AdapterCard,
+    OwnerConfig,
+    OwnerSession,
+    RoundEval,
+    apply_to_model,
+    eval_batches,
+    evaluate,
+    export_adapter,
+    node_fingerprint,
+    whole_model_loss,
+)
 from atlas_p2p.versioning import VersionedBase
 from nodes.base_check import settle_base
 from nodes.bootstrap_client import BootstrapClient
@@ -155,8 +173,11 @@ class Peer:
 
     def progress(self) -> dict[str, Any]:
         s = self.session
-        fields = dict(state=self.state, round=max(s.round, 0) if s is not None else 0,
-                      base_version=s.version if s is not None else 0)
+        fields = dict(
+            state=self.state,
+            round=max(s.round, 0) if s is not None else 0,
+            base_version=s.version if s is not None else 0,
+        )
         return fields
 
     def bytes_sent(self) -> dict[str, int]:
@@ -182,8 +203,15 @@ class Peer:
         provisional helper its first assignment names, else on the whole model here. A helper that
         fails is asked again after a fresh assignment; after 3 failures the node computes it alone."""
         w, t = self.welcome, self.train
-        job = functools.partial(node_fingerprint, self.base_model, self.encoded, w.fingerprint_seed,
-                                w.fingerprint_samples, t.batch_size, t.step_delay_s)
+        job = functools.partial(
+            node_fingerprint,
+            self.base_model,
+            self.encoded,
+            w.fingerprint_seed,
+            w.fingerprint_samples,
+            t.batch_size,
+            t.step_delay_s,
+        )
         peak = PeakRss()
         for attempt in range(3):
             await self.boot.fetch_assignment()
@@ -222,8 +250,9 @@ class Peer:
             return None
 
     def _fingerprint_message(self) -> Fingerprint:
-        return Fingerprint(node_id=self.node_id, vector=self.fingerprint, n_samples=len(self.encoded),
-                           importance=self.importance)
+        return Fingerprint(
+            node_id=self.node_id, vector=self.fingerprint, n_samples=len(self.encoded), importance=self.importance
+        )
 
     async def report_helper(self, helper: int, why: str) -> None:
         self.repairs.append(RepairRecord(time.time(), self.session.round, helper, why))
@@ -238,16 +267,17 @@ class Peer:
         host, port = parse_address(self.config.bind, allow_port_zero=True, what="bind")
         link = self.link_profile()
         handlers = {"ping": self.rpc_ping, **self.helper.handlers(), **self.sync.handlers()}
-        self.server = await RpcServer.create(host, port, handlers,
-                                             config=RpcServerConfig(name="node", max_bytes=MAX_MESSAGE_BYTES),
-                                             link=link)
+        self.server = await RpcServer.create(
+            host, port, handlers, config=RpcServerConfig(name="node", max_bytes=MAX_MESSAGE_BYTES), link=link
+        )
         interrupted = False
         try:
             self.client = await RpcClient.create(f"node-{uuid.uuid4().hex[:12]}", link=link)
             self.link.attach(self.client)
             address = advertised_address(f"{host}:{self.server.port}", self.config.bootstrap, self.config.advertise)
-            self.control = await ControlClient.create(self.config, address, client=self.client,
-                                                      progress=self.progress, on_heartbeat_reply=self.boot.on_beat)
+            self.control = await ControlClient.create(
+                self.config, address, client=self.client, progress=self.progress, on_heartbeat_reply=self.boot.on_beat
+            )
             main = self._main = asyncio.create_task(self._lifecycle(), name="lifecycle")
             stopper = asyncio.create_task(stop.wait())
             watched = asyncio.create_task(self.control.wait_done())
@@ -283,8 +313,11 @@ class Peer:
             if self.node_id is not None and self.control.welcome is not None:
                 reason = "done" if self.finished or (self.encoded is None and self.boot.swarm_done) else "shutdown"
                 try:
-                    await self.client.call(self.config.bootstrap, Leave(node_id=self.node_id, reason=reason),
-                                           timeout=self.config.leave_timeout_s)
+                    await self.client.call(
+                        self.config.bootstrap,
+                        Leave(node_id=self.node_id, reason=reason),
+                        timeout=self.config.leave_timeout_s,
+                    )
                     log.info("left the swarm (%s)", reason)
                 except RpcError as exc:
                     log.warning("leave not acknowledged (%s)", exc)
@@ -305,16 +338,24 @@ class Peer:
         self.num_labels = welcome.num_labels
         self.split_mode = welcome.split_mode or "two-part"  # the swarm's, set by the bootstrap
         if self.train.split_mode is not None and self.train.split_mode != self.split_mode:
-            raise RuntimeFailure(f"--split-mode {self.train.split_mode} disagrees with the swarm's split mode "
-                                 f"{self.split_mode}")
+            raise RuntimeFailure(
+                f"--split-mode {self.train.split_mode} disagrees with the swarm's split mode {self.split_mode}"
+            )
         self.tokenizer = await self.executor.run(build_tokenizer, name)
-        self.local.base_model = await self.executor.run(build_model, name, self.task, self.num_labels,
-                                                        self.train.device, welcome.init_seed)
-        log.info("node %d runs %s (%s%s)", self.node_id, name, self.task,
-                 f", {self.num_labels} labels" if self.num_labels else "")
+        self.local.base_model = await self.executor.run(
+            build_model, name, self.task, self.num_labels, self.train.device, welcome.init_seed
+        )
+        log.info(
+            "node %d runs %s (%s%s)",
+            self.node_id,
+            name,
+            self.task,
+            f", {self.num_labels} labels" if self.num_labels else "",
+        )
         # one base per swarm (nodes/base_check.py): refused (JoinRefused) when the swarm runs another
-        self.local.base_identity = await settle_base(self.executor, self.base_model, name, self.node_id, self.out,
-                                                     welcome.init_seed)
+        self.local.base_identity = await settle_base(
+            self.executor, self.base_model, name, self.node_id, self.out, welcome.init_seed
+        )
         await self.boot.send_base()
         if self.config.data is None:
             self.state = "waiting"
@@ -352,8 +393,9 @@ class Peer:
     async def _load_data(self, path: Path) -> Encoded:
         """`path` encoded for the swarm's task; records of a kind the task cannot train on stop the node."""
         try:
-            return await self.executor.run(load_for_task, path, self.tokenizer, self.task, self.num_labels,
-                                           self.train.max_seq_len)
+            return await self.executor.run(
+                load_for_task, path, self.tokenizer, self.task, self.num_labels, self.train.max_seq_len
+            )
         except TaskMismatch as exc:
             raise RuntimeFailure(f"--data {exc}") from None
 
@@ -385,8 +427,14 @@ class Peer:
         model = attach_lora(copy.deepcopy(self.base_model), {n: int(r) for n, r in a.ranks.items()})
         if len(base):
             apply_to_model(model, base.folded_delta())
-        config = OwnerConfig(node_id=self.node_id, split=int(a.split), lr=self.train.lr,
-                             run_seed=int(self.welcome.fingerprint_seed), mode=self.split_mode, cluster=key)
+        config = OwnerConfig(
+            node_id=self.node_id,
+            split=int(a.split),
+            lr=self.train.lr,
+            run_seed=int(self.welcome.fingerprint_seed),
+            mode=self.split_mode,
+            cluster=key,
+        )
         session = OwnerSession(model, config, base=base)
         session.pending = pending
         session.start_round(base.version)
@@ -402,9 +450,18 @@ class Peer:
             self._resume = None
             await self.sync.catch_up()
         helper = a.helper if a.role == "owner" else None
-        self.runner = OwnerRunner(self.link, self.executor, self.session, self.train, owner_id=self.node_id,
-                                  cluster=a.cluster, helper=helper, helper_address=self.boot.address_of(helper),
-                                  ranks=dict(a.ranks), base_digest=self.local.base_digest or "")
+        self.runner = OwnerRunner(
+            self.link,
+            self.executor,
+            self.session,
+            self.train,
+            owner_id=self.node_id,
+            cluster=a.cluster,
+            helper=helper,
+            helper_address=self.boot.address_of(helper),
+            ranks=dict(a.ranks),
+            base_digest=self.local.base_digest or "",
+        )
 
     # ---- training rounds -------------------------------------------------------------------
     def _trainable(self, a: Assignment) -> bool:
@@ -431,7 +488,9 @@ class Peer:
                 if not s.closed:
                     await self.executor.run(s.rollback)
                 old = exc.helper
-                await self.boot.wait_assignment(lambda x: not (x.role == "owner" and x.helper == old), "a new helper")
+                await self.boot.wait_assignment(
+                    lambda x, old=old: not (x.role == "owner" and x.helper == old), "a new helper"
+                )
                 continue
             except VersionBehind as exc:
                 log.info("round %d: %s; catching up", r, exc)
@@ -471,15 +530,23 @@ class Peer:
         self.sync.forget_before(r)
         evaluation = None
         if self.eval_encoded is not None:
-            evaluation = await self.executor.run(evaluate, s.model, self.eval_encoded, self.task,
-                                                 self.train.batch_size)
+            evaluation = await self.executor.run(evaluate, s.model, self.eval_encoded, self.task, self.train.batch_size)
         line = RoundLine(
-            node_id=self.node_id, cluster=self.cluster, round=r, role=self.assignment.role, loss=result.loss,
-            eval=None if evaluation is None else Evaluation(**evaluation), steps=result.steps,
+            node_id=self.node_id,
+            cluster=self.cluster,
+            round=r,
+            role=self.assignment.role,
+            loss=result.loss,
+            eval=None if evaluation is None else Evaluation(**evaluation),
+            steps=result.steps,
             step_rate=result.steps / result.seconds if result.seconds > 0 else None,
-            bytes_by_kind=self.bytes_sent(), base_version=s.version, contributions=(c.digest,),
+            bytes_by_kind=self.bytes_sent(),
+            base_version=s.version,
+            contributions=(c.digest,),
             manifests_folded=tuple(m.digest for m in self.manifests if m.round == r),
-            carried_over=s.pending is not None, repairs_seen=len(self.repairs), helper=self.runner.helper,
+            carried_over=s.pending is not None,
+            repairs_seen=len(self.repairs),
+            helper=self.runner.helper,
             time=time.time(),
         )
         self.metrics.write(line)
@@ -488,17 +555,34 @@ class Peer:
         ev = "" if evaluation is None else f" {evaluation['metric']} {evaluation['value']:.4f}"
         progress_log.info(
             "node %d round %d/%d cluster %s: loss %s%s, %.2f steps/s, sent act %s grad %s adapters %s fp %s ctl %s",
-            self.node_id, r + 1, self.train.rounds, self.cluster,
-            "n/a" if result.loss is None else f"{result.loss:.4f}", ev, line.step_rate or 0.0,
-            b["activations"], b["gradients"], b["adapters"], b["fingerprints"], b["control"])
+            self.node_id,
+            r + 1,
+            self.train.rounds,
+            self.cluster,
+            "n/a" if result.loss is None else f"{result.loss:.4f}",
+            ev,
+            line.step_rate or 0.0,
+            b["activations"],
+            b["gradients"],
+            b["adapters"],
+            b["fingerprints"],
+            b["control"],
+        )
 
     # ---- results -----------------------------------------------------------------------------------
     def save_checkpoint(self) -> None:
         s = self.session
-        state = CheckpointState(node_id=self.node_id, cluster=self.cluster, round=s.round, base_version=s.version,
-                                rounds_done=self.rounds_done, steps_total=self.steps_total,
-                                contributions=tuple(self.contributions), manifests=tuple(self.manifests),
-                                repairs=tuple(self.repairs))
+        state = CheckpointState(
+            node_id=self.node_id,
+            cluster=self.cluster,
+            round=s.round,
+            base_version=s.version,
+            rounds_done=self.rounds_done,
+            steps_total=self.steps_total,
+            contributions=tuple(self.contributions),
+            manifests=tuple(self.manifests),
+            repairs=tuple(self.repairs),
+        )
         save_checkpoint(self.out, state, s.base, s.pending)
 
     def _adapter_card(self) -> AdapterCard:
@@ -515,13 +599,23 @@ class Peer:
             names = ()  # transformers' placeholders say nothing
         code = None
         if name in EMBEDDED_MODELS:
-            code = (f"from nodes.modelname import build_model  # ATLAS's embedded model\n"
-                    f"base = build_model({name!r}, {self.task!r}, {self.num_labels!r})")
+            code = (
+                f"from nodes.modelname import build_model  # ATLAS's embedded model\n"
+                f"base = build_model({name!r}, {self.task!r}, {self.num_labels!r})"
+            )
         a = self.assignment
-        return AdapterCard(base_model=name, task=self.task, num_labels=self.num_labels, label_names=names,
-                           cluster=None if a is None else str(a.cluster), members=tuple(a.members) if a else (),
-                           rounds=self.rounds_done, node_id=self.node_id, evals=tuple(evals[r] for r in sorted(evals)),
-                           base_code=code)
+        return AdapterCard(
+            base_model=name,
+            task=self.task,
+            num_labels=self.num_labels,
+            label_names=names,
+            cluster=None if a is None else str(a.cluster),
+            members=tuple(a.members) if a else (),
+            rounds=self.rounds_done,
+            node_id=self.node_id,
+            evals=tuple(evals[r] for r in sorted(evals)),
+            base_code=code,
+        )
 
     def _eval_batches(self) -> list[dict[str, Any]]:
         return [] if self.eval_encoded is None else eval_batches(self.eval_encoded, self.train.batch_size)
@@ -532,9 +626,16 @@ class Peer:
         path = self.out / "adapter"
         try:
             batches = await self.executor.run(self._eval_batches)
-            report = await self.executor.run(export_adapter, self.base_model, self.session.base, path,
-                                             self.train.export_rank, card=self._adapter_card(),
-                                             reference=self.session.model if batches else None, eval_batches=batches)
+            report = await self.executor.run(
+                export_adapter,
+                self.base_model,
+                self.session.base,
+                path,
+                self.train.export_rank,
+                card=self._adapter_card(),
+                reference=self.session.model if batches else None,
+                eval_batches=batches,
+            )
             self.export = {"path": str(path), **report.summary(), "error": None}
         except (ValueError, OSError, RuntimeError) as exc:  # a failed export or check must not kill the node
             self.export = {"path": None, "error": str(exc)}
@@ -546,17 +647,29 @@ class Peer:
     def summary(self) -> Summary:
         a = self.assignment
         return Summary(
-            node_id=self.node_id, finished=self.finished, rounds_done=self.rounds_done, rounds=self.train.rounds,
-            cluster=None if a is None else a.cluster, role=None if a is None else a.role,
-            has_data=self.config.data is not None, split=None if a is None else a.split,
-            ranks={} if a is None else dict(a.ranks), helper=None if a is None else a.helper,
-            adapter_dir=None if self.export is None else self.export.get("path"), export=self.export,
+            node_id=self.node_id,
+            finished=self.finished,
+            rounds_done=self.rounds_done,
+            rounds=self.train.rounds,
+            cluster=None if a is None else a.cluster,
+            role=None if a is None else a.role,
+            has_data=self.config.data is not None,
+            split=None if a is None else a.split,
+            ranks={} if a is None else dict(a.ranks),
+            helper=None if a is None else a.helper,
+            adapter_dir=None if self.export is None else self.export.get("path"),
+            export=self.export,
             export_error=None if self.export is None else self.export.get("error"),
             base_version=None if self.session is None else self.session.version,
-            contributions=tuple(self.contributions), manifests_folded=tuple(self.manifests),
-            repairs=tuple(self.repairs), split_mode=self.split_mode, steps_served=self.helper.steps_served,
-            requests_served=dict(self.helper.requests), labels_received=self.helper.labels_received,
-            bytes_by_kind=self.bytes_sent(), peak_rss_mb=dict(self.peaks),
+            contributions=tuple(self.contributions),
+            manifests_folded=tuple(self.manifests),
+            repairs=tuple(self.repairs),
+            split_mode=self.split_mode,
+            steps_served=self.helper.steps_served,
+            requests_served=dict(self.helper.requests),
+            labels_received=self.helper.labels_received,
+            bytes_by_kind=self.bytes_sent(),
+            peak_rss_mb=dict(self.peaks),
             base_digest=None if self.base_identity is None else self.base_identity["digest"],
         )
 

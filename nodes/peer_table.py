@@ -79,8 +79,13 @@ class PeerRecord:
     @property
     def capabilities(self) -> Capabilities:
         """What the node offered at its latest join."""
-        return Capabilities(memory_bytes=self.memory_bytes, bandwidth_bps=self.bandwidth_bps,
-                            compute_score=self.compute_score, has_data=self.has_data, n_samples=self.n_samples)
+        return Capabilities(
+            memory_bytes=self.memory_bytes,
+            bandwidth_bps=self.bandwidth_bps,
+            compute_score=self.compute_score,
+            has_data=self.has_data,
+            n_samples=self.n_samples,
+        )
 
 
 _HINTS: dict[str, Any] = typing.get_type_hints(PeerRecord)
@@ -271,8 +276,10 @@ class SqlitePeerTable(PeerTable):
                 self._conn.execute(f"ALTER TABLE peers ADD COLUMN {_column_sql(name)}")
         if "memory_mb" in present and "memory_bytes" not in present:
             # a file written when rows held decimal MB and Mbit/s: carry the offers over in base units
-            self._conn.execute("UPDATE peers SET memory_bytes = memory_mb * 1000000, "
-                               "bandwidth_bps = CAST(ROUND(bandwidth_mbps * 1000000) AS INTEGER)")
+            self._conn.execute(
+                "UPDATE peers SET memory_bytes = memory_mb * 1000000, "
+                "bandwidth_bps = CAST(ROUND(bandwidth_mbps * 1000000) AS INTEGER)"
+            )
 
     def allocate_id(self) -> int:
         with self._transaction():

@@ -107,15 +107,35 @@ class Registry:
             raise RequestError("bad_request", f"base digest must be 64 lowercase hex digits, got {digest!r:.80}")
         swarm = self.swarm_base
         if swarm is None:
-            self.table.set_meta(_BASE_KEY, json.dumps({"model": self.config.model or "", "init_seed": self.init_seed,
-                                                        "digest": digest, "first_node": node_id, "at": now}))
-            log.info("swarm base is %s (model %s, first reported by node %d)", digest[:12],
-                     self.config.model or model or "?", node_id)
+            self.table.set_meta(
+                _BASE_KEY,
+                json.dumps(
+                    {
+                        "model": self.config.model or "",
+                        "init_seed": self.init_seed,
+                        "digest": digest,
+                        "first_node": node_id,
+                        "at": now,
+                    }
+                ),
+            )
+            log.info(
+                "swarm base is %s (model %s, first reported by node %d)",
+                digest[:12],
+                self.config.model or model or "?",
+                node_id,
+            )
             swarm = digest
         if digest != swarm:
             message = mismatch_message(self.config.model or model, swarm, digest)
-            self.table.update(node_id, status=LEFT, state="left", last_seen=now, base_digest=None,
-                              reason=f"refused: base {digest[:12]} != swarm {swarm[:12]}")
+            self.table.update(
+                node_id,
+                status=LEFT,
+                state="left",
+                last_seen=now,
+                base_digest=None,
+                reason=f"refused: base {digest[:12]} != swarm {swarm[:12]}",
+            )
             log.warning("node %d refused: %s", node_id, message)
             raise RequestError("base_mismatch", message)
         if record.base_digest == digest:
@@ -154,8 +174,9 @@ class Registry:
         if known is not None:
             record = new_record(known.id, capabilities, **fields)
             # keep what planning assigned; the node reports its progress again by heartbeat
-            keep = {k: getattr(known, k) for k in ("cluster", "split", "helper", "round", "base_version",
-                                                   "base_digest")}
+            keep = {
+                k: getattr(known, k) for k in ("cluster", "split", "helper", "round", "base_version", "base_digest")
+            }
             self.table.put(PeerRecord(**{**record.to_dict(), **keep}))
             log.info("node %d rejoined from %s (was %s)", known.id, address, known.status)
             self._remember(client, known.id)
@@ -165,8 +186,11 @@ class Registry:
         self._remember(client, new_id)
         log.info(
             "node %d joined from %s: %s, %d bytes, %d bit/s",
-            new_id, address, "trainer" if capabilities.has_data else "helper",
-            capabilities.memory_bytes, capabilities.bandwidth_bps,
+            new_id,
+            address,
+            "trainer" if capabilities.has_data else "helper",
+            capabilities.memory_bytes,
+            capabilities.bandwidth_bps,
         )
         return JoinResult(new_id, rejoined=False)
 
@@ -178,7 +202,12 @@ class Registry:
                     del self._ids_by_client[stale]
 
     def heartbeat(
-        self, node_id: int, *, now: float, state: str | None = None, round: int | None = None,
+        self,
+        node_id: int,
+        *,
+        now: float,
+        state: str | None = None,
+        round: int | None = None,
         base_version: int | None = None,
     ) -> PeerRecord:
         """Record a sign of life; a suspect or dead node is alive again, a left one must rejoin."""
@@ -217,9 +246,7 @@ class Registry:
             if record.status in (DEAD, LEFT):
                 continue
             silent = silence(now, record.last_seen, self.started_at, self.config.restart_grace_s)
-            status = status_after_silence(
-                record.status, silent, self.config.suspect_after_s, self.config.dead_after_s
-            )
+            status = status_after_silence(record.status, silent, self.config.suspect_after_s, self.config.dead_after_s)
             if status != record.status:
                 changes.append((record.id, record.status, status))
         if changes:

@@ -56,8 +56,9 @@ def factors_from_wire(tensors: Mapping[str, Any], scalings: Mapping[str, float])
     for name in sorted(seen):
         if f"A:{name}" not in tensors or f"B:{name}" not in tensors:
             raise ValueError(f"tensors: module {name!r} needs both A and B")
-        factors[name] = AdapterFactors(to_torch(tensors[f"A:{name}"], f"A:{name}"),
-                                       to_torch(tensors[f"B:{name}"], f"B:{name}"), scalings[name])
+        factors[name] = AdapterFactors(
+            to_torch(tensors[f"A:{name}"], f"A:{name}"), to_torch(tensors[f"B:{name}"], f"B:{name}"), scalings[name]
+        )
     return factors, dense
 
 
@@ -65,8 +66,16 @@ def contribution_to_msg(c: Contribution, cluster: int, sender: int):
     from transport.messages import ContributionMsg
 
     tensors, scalings = factors_to_wire(c.factors, c.dense)
-    return ContributionMsg(cluster=cluster, round=c.round, node_id=int(c.node_id), n_samples=c.n_samples,
-                           digest=c.digest, tensors=tensors, scalings=scalings, sender=sender)
+    return ContributionMsg(
+        cluster=cluster,
+        round=c.round,
+        node_id=int(c.node_id),
+        n_samples=c.n_samples,
+        digest=c.digest,
+        tensors=tensors,
+        scalings=scalings,
+        sender=sender,
+    )
 
 
 def contribution_from_msg(body) -> Contribution:

@@ -87,8 +87,15 @@ class ChurnConfig:
     progress_s: float = 10.0  # seconds between progress lines
 
     def __post_init__(self) -> None:
-        for name, low in (("nodes", 2), ("tasks", 1), ("rounds", 1), ("local_steps", 1), ("batch_size", 1),
-                          ("train_examples", 1), ("eval_examples", 1)):
+        for name, low in (
+            ("nodes", 2),
+            ("tasks", 1),
+            ("rounds", 1),
+            ("local_steps", 1),
+            ("batch_size", 1),
+            ("train_examples", 1),
+            ("eval_examples", 1),
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"ChurnConfig.{name} must be an int >= {low}, got {value!r}")
@@ -96,7 +103,9 @@ class ChurnConfig:
             raise ValueError(f"ChurnConfig.clusters must be an int >= 0, got {self.clusters!r}")
         max_tasks = SyntheticConfig().num_tasks
         if self.tasks > max_tasks:
-            raise ValueError(f"ChurnConfig.tasks must be <= {max_tasks} (the synthetic generator's tasks), got {self.tasks}")
+            raise ValueError(
+                f"ChurnConfig.tasks must be <= {max_tasks} (the synthetic generator's tasks), got {self.tasks}"
+            )
         if self.tasks > data_node_count(self.nodes):
             raise ValueError(
                 f"ChurnConfig.tasks={self.tasks} needs at least as many data nodes, "
@@ -107,8 +116,9 @@ class ChurnConfig:
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value < 1.0 + 1e-12:
                 raise ValueError(f"ChurnConfig.{name} must be a fraction in [0, 1], got {value!r}")
         if kill_count(self.nodes, self.kill) > self.nodes - self.tasks:
-            raise ValueError(f"ChurnConfig.kill={self.kill} would kill too many of {self.nodes} nodes "
-                             f"to keep one per task")
+            raise ValueError(
+                f"ChurnConfig.kill={self.kill} would kill too many of {self.nodes} nodes to keep one per task"
+            )
         if self.kind not in ("classification", "lm"):
             raise ValueError(f"ChurnConfig.kind must be 'classification' or 'lm', got {self.kind!r}")
         for name in ("heartbeat_s", "suspect_after", "dead_after", "step_timeout", "timeout_s", "progress_s"):
@@ -116,8 +126,10 @@ class ChurnConfig:
             if not isinstance(value, (int, float)) or not value > 0:
                 raise ValueError(f"ChurnConfig.{name} must be > 0, got {value!r}")
         if not self.heartbeat_s < self.suspect_after < self.dead_after:
-            raise ValueError(f"ChurnConfig: need heartbeat_s < suspect_after < dead_after, got "
-                             f"{self.heartbeat_s}, {self.suspect_after}, {self.dead_after}")
+            raise ValueError(
+                f"ChurnConfig: need heartbeat_s < suspect_after < dead_after, got "
+                f"{self.heartbeat_s}, {self.suspect_after}, {self.dead_after}"
+            )
 
     @property
     def bootstrap_clusters(self) -> int:
@@ -174,8 +186,16 @@ def plan_nodes(config: ChurnConfig, data_dir: Path) -> list[NodeSpec]:
         strong = j < config.tasks
         memory = STRONG_MEMORY if strong else WEAK_MEMORIES[(j // config.tasks - 1) % len(WEAK_MEMORIES)]
         name = f"t{task}-{'strong' if strong else 'weak'}{j // config.tasks}"
-        specs.append(NodeSpec(name, memory, BANDWIDTHS[j % len(BANDWIDTHS)], task,
-                              data_dir / f"{name}.train.jsonl", data_dir / f"{name}.eval.jsonl"))
+        specs.append(
+            NodeSpec(
+                name,
+                memory,
+                BANDWIDTHS[j % len(BANDWIDTHS)],
+                task,
+                data_dir / f"{name}.train.jsonl",
+                data_dir / f"{name}.eval.jsonl",
+            )
+        )
     for h in range(pure_helper_count(config.nodes)):
         specs.append(NodeSpec(f"helper{h}", HELPER_MEMORY, BANDWIDTHS[(h + 2) % len(BANDWIDTHS)], None))
     return specs
@@ -203,8 +223,13 @@ def serving_helpers(rows: Sequence[Mapping[str, Any]]) -> dict[int, list[int]]:
     return serving
 
 
-def choose_victims(rows: Sequence[Mapping[str, Any]], names_by_id: Mapping[int, str],
-                   pure_helpers: set[str], count: int, eligible: set[int] | None = None) -> list[str]:
+def choose_victims(
+    rows: Sequence[Mapping[str, Any]],
+    names_by_id: Mapping[int, str],
+    pure_helpers: set[str],
+    count: int,
+    eligible: set[int] | None = None,
+) -> list[str]:
     """`count` node names to kill, helpers among them (see the module doc, step 3).
 
     Order: helpers serving someone (pure helpers first, anchors last), alternating with
@@ -214,9 +239,10 @@ def choose_victims(rows: Sequence[Mapping[str, Any]], names_by_id: Mapping[int, 
     alive = {int(r["id"]): r for r in rows if r.get("status") in LIVE and int(r["id"]) in names_by_id}
     pickable = set(alive) if eligible is None else set(alive) & set(eligible)
     serving = serving_helpers(rows)
-    helpers = sorted((h for h in serving if h in pickable),
-                     key=lambda h: (names_by_id[h] not in pure_helpers, bool(alive[h].get("anchor")),
-                                    -len(serving[h]), h))
+    helpers = sorted(
+        (h for h in serving if h in pickable),
+        key=lambda h: (names_by_id[h] not in pure_helpers, bool(alive[h].get("anchor")), -len(serving[h]), h),
+    )
     members: dict[Any, set[int]] = {}
     for node_id, row in alive.items():
         if names_by_id[node_id] not in pure_helpers and row.get("cluster") is not None:
@@ -262,16 +288,21 @@ def acceptance_failures(result: Mapping[str, Any]) -> list[str]:
     """The churn acceptance checks that `result` fails, one sentence each."""
     failures = []
     if len(result["killed"]) < result.get("kill_requested", 0):
-        failures.append(f"only {len(result['killed'])} of {result['kill_requested']} nodes could be killed "
-                        f"mid-training (training ended first?)")
+        failures.append(
+            f"only {len(result['killed'])} of {result['kill_requested']} nodes could be killed "
+            f"mid-training (training ended first?)"
+        )
     missing = sorted(set(result["survivors"]) - set(result["finished"]))
     if missing:
         failures.append(f"survivors that did not finish every round: {', '.join(missing)}")
     unfinished_restarts = sorted(set(result["restarted"]) & set(result["data_nodes"]) - set(result["finished"]))
     if unfinished_restarts:
         failures.append(f"restarted nodes that did not finish: {', '.join(unfinished_restarts)}")
-    crashed = {name: code for name, code in result["exit_codes"].items()
-               if name not in result["killed_for_good"] and code not in (0, None)}
+    crashed = {
+        name: code
+        for name, code in result["exit_codes"].items()
+        if name not in result["killed_for_good"] and code not in (0, None)
+    }
     if crashed:
         failures.append(f"nodes that exited with an error: {crashed}")
     if result["lost_updates"] != 0:
@@ -393,9 +424,23 @@ class ChurnRun:
 
     def node_args(self) -> list[str]:
         c = self.config
-        return ["--model", c.model, "--rounds", str(c.rounds), "--local-steps", str(c.local_steps),
-                "--batch-size", str(c.batch_size), "--max-seq-len", str(MAX_SEQ_LEN), "--seed", str(c.seed),
-                "--step-timeout", str(c.step_timeout), "--emulate-link"]  # each node's sends at its --bandwidth
+        return [
+            "--model",
+            c.model,
+            "--rounds",
+            str(c.rounds),
+            "--local-steps",
+            str(c.local_steps),
+            "--batch-size",
+            str(c.batch_size),
+            "--max-seq-len",
+            str(MAX_SEQ_LEN),
+            "--seed",
+            str(c.seed),
+            "--step-timeout",
+            str(c.step_timeout),
+            "--emulate-link",
+        ]  # each node's sends at its --bandwidth
 
     def start_node(self, swarm: Swarm, spec: NodeSpec) -> None:
         extra = self.node_args() + (["--eval", str(spec.eval)] if spec.eval else [])
@@ -425,8 +470,11 @@ class ChurnRun:
                 self.remaining()
             except SwarmError as exc:
                 raise SwarmError(f"{exc} while waiting for {what}\n{swarm.describe()}") from None
-            crashed = [n for n in waiting_for() if n in swarm.nodes and not swarm.nodes[n].running
-                       and swarm.nodes[n].proc.returncode != 0]
+            crashed = [
+                n
+                for n in waiting_for()
+                if n in swarm.nodes and not swarm.nodes[n].running and swarm.nodes[n].proc.returncode != 0
+            ]
             if crashed:
                 logs = "\n".join(f"--- {n} ---\n{swarm.nodes[n].log_tail(15)}" for n in crashed)
                 raise SwarmError(f"{', '.join(crashed)} exited with an error while waiting for {what}\n{logs}")
@@ -437,25 +485,49 @@ class ChurnRun:
     def start(self, swarm: Swarm) -> dict[str, int]:
         c = self.config
         write_data(self.specs, c)
-        extra = ["--model", c.model, "--task", c.model_task, "--min-nodes", str(len(self.data_names())),
-                 "--assign-after", "120", "--batch-size", str(c.batch_size), "--max-seq-len", str(MAX_SEQ_LEN)]
+        extra = [
+            "--model",
+            c.model,
+            "--task",
+            c.model_task,
+            "--min-nodes",
+            str(len(self.data_names())),
+            "--assign-after",
+            "120",
+            "--batch-size",
+            str(c.batch_size),
+            "--max-seq-len",
+            str(MAX_SEQ_LEN),
+        ]
         if c.model_task == "seq_cls":
             extra += ["--num-labels", str(SyntheticConfig().num_labels)]
         if c.bootstrap_clusters:
             extra += ["--clusters", str(c.bootstrap_clusters)]
         address = swarm.start_bootstrap(extra=extra)
         k_note = f"K = {c.bootstrap_clusters} given" if c.bootstrap_clusters else "K by silhouette"
-        self.say(f"bootstrap on {address} ({k_note}; nodes are placed by their fingerprints); starting {len(self.specs)} nodes "
-                 f"({len(self.data_names())} with data over {c.tasks} tasks, "
-                 f"{len(self.specs) - len(self.data_names())} pure helpers)")
+        self.say(
+            f"bootstrap on {address} ({k_note}; nodes are placed by their fingerprints); starting {len(self.specs)} nodes "
+            f"({len(self.data_names())} with data over {c.tasks} tasks, "
+            f"{len(self.specs) - len(self.data_names())} pure helpers)"
+        )
         for spec in self.specs:
             self.start_node(swarm, spec)
-            self.say(f"  {spec.name:<14} --memory {spec.memory:<7} --bandwidth {spec.bandwidth:<8} "
-                     + (f"task {spec.task} ({spec.data.name})" if spec.has_data else "no data (helper)"))
+            self.say(
+                f"  {spec.name:<14} --memory {spec.memory:<7} --bandwidth {spec.bandwidth:<8} "
+                + (f"task {spec.task} ({spec.data.name})" if spec.has_data else "no data (helper)")
+            )
         ids = {spec.name: swarm.node_id(spec.name, timeout=self.remaining()) for spec in self.specs}
-        truth = {"nodes": {name: {"node_id": ids[name], "task": self.by_name[name].task,
-                                  "memory": self.by_name[name].memory, "has_data": self.by_name[name].has_data}
-                           for name in ids}}
+        truth = {
+            "nodes": {
+                name: {
+                    "node_id": ids[name],
+                    "task": self.by_name[name].task,
+                    "memory": self.by_name[name].memory,
+                    "has_data": self.by_name[name].has_data,
+                }
+                for name in ids
+            }
+        }
         (self.workdir / TRUTH_FILE).write_text(json.dumps(truth, indent=2))
         return ids
 
@@ -464,8 +536,10 @@ class ChurnRun:
         count = kill_count(c.nodes, c.kill)
         if count == 0:
             return
-        self.say(f"training; SIGKILL {count} node(s) in the middle of their training "
-                 f"(serving helpers first, chosen from the peer table)")
+        self.say(
+            f"training; SIGKILL {count} node(s) in the middle of their training "
+            f"(serving helpers first, chosen from the peer table)"
+        )
         names_by_id = {i: n for n, i in ids.items()}
         pure = {s.name for s in self.specs if not s.has_data}
         watcher = _TableWatcher(swarm)
@@ -510,13 +584,20 @@ class ChurnRun:
         for name in victims:
             swarm.kill(name, signal.SIGKILL)
         if self.show_tables:
-            self.say(f"\n$ atlas-node peers --bootstrap {swarm.address}   # just before the kill\n"
-                     f"{format_peer_table(rows)}\n")
+            self.say(
+                f"\n$ atlas-node peers --bootstrap {swarm.address}   # just before the kill\n"
+                f"{format_peer_table(rows)}\n"
+            )
         for name in victims:
-            role = "helper serving " + ", ".join(names_by_id[o] for o in serving[ids[name]]) \
-                if ids[name] in serving else ("data node" if name not in pure else "idle helper")
-            self.say(f"[{self.progress.kill_at_s:6.1f} s] SIGKILL {name} (id {ids[name]}, {role}, "
-                     f"{self.rounds_done(swarm, name)} rounds done)")
+            role = (
+                "helper serving " + ", ".join(names_by_id[o] for o in serving[ids[name]])
+                if ids[name] in serving
+                else ("data node" if name not in pure else "idle helper")
+            )
+            self.say(
+                f"[{self.progress.kill_at_s:6.1f} s] SIGKILL {name} (id {ids[name]}, {role}, "
+                f"{self.rounds_done(swarm, name)} rounds done)"
+            )
         self.progress.killed = victims
         self.wait_for_repair(swarm, [ids[n] for n in victims])
 
@@ -552,7 +633,8 @@ class ChurnRun:
         names = self.progress.killed[:count]
         swarm.wait_until(
             lambda: all(swarm.statuses().get(ids[n]) == "dead" for n in names),
-            timeout=min(60.0, self.remaining()), what="the bootstrap to see the killed nodes dead",
+            timeout=min(60.0, self.remaining()),
+            what="the bootstrap to see the killed nodes dead",
         )
         for name in names:
             self.start_node(swarm, self.by_name[name])
@@ -571,8 +653,11 @@ class ChurnRun:
         self.peers_or_last(swarm)
         helpers = [s.name for s in self.specs if not s.has_data and s.name not in killed_for_good]
         with contextlib.suppress(SwarmError):  # helpers leave when the swarm is done; else SIGTERM
-            swarm.wait_until(lambda: not any(swarm.nodes[n].running for n in helpers),
-                             timeout=min(20.0, self.remaining()), what="helpers to leave")
+            swarm.wait_until(
+                lambda: not any(swarm.nodes[n].running for n in helpers),
+                timeout=min(20.0, self.remaining()),
+                what="helpers to leave",
+            )
         codes = {}
         for name, child in swarm.nodes.items():
             if child.running and name not in killed_for_good:
@@ -587,7 +672,11 @@ class ChurnRun:
         killed_for_good = sorted(set(self.progress.killed) - set(self.progress.restarted))
         survivors = [n for n in self.data_names() if n not in self.progress.killed]
         expected = set(survivors) | set(self.progress.restarted)
-        finished = sorted(n for n in self.data_names() if n in expected and n in by_name and by_name[n].finished and by_name[n].rounds_done >= self.config.rounds)
+        finished = sorted(
+            n
+            for n in self.data_names()
+            if n in expected and n in by_name and by_name[n].finished and by_name[n].rounds_done >= self.config.rounds
+        )
         # clusters: each node's own files first, else the last peer table it appeared in
         table = {int(r["id"]): r for r in self.progress.table_before_kill + self.progress.table_last}
         clusters = {}
@@ -598,8 +687,7 @@ class ChurnRun:
             clusters[name] = cluster
         truth = {n: self.by_name[n].task for n in self.data_names()}
         boot = _bootstrap_repairs(swarm)
-        node_repairs = sum(max((r.repairs_seen for r in run.rows), default=0)
-                           for run in runs if run.trains)
+        node_repairs = sum(max((r.repairs_seen for r in run.rows), default=0) for run in runs if run.trains)
         summary = report.summarize(runs)
         return {
             "nodes": self.config.nodes,
@@ -629,8 +717,11 @@ class ChurnRun:
             "bytes_by_kind": summary["bytes_by_kind"],
             "exit_codes": codes,
             "kill_at_s": self.progress.kill_at_s,
-            "repair_seen_after_s": (None if self.progress.repaired_at_s is None
-                                    else round(self.progress.repaired_at_s - (self.progress.kill_at_s or 0.0), 2)),
+            "repair_seen_after_s": (
+                None
+                if self.progress.repaired_at_s is None
+                else round(self.progress.repaired_at_s - (self.progress.kill_at_s or 0.0), 2)
+            ),
             "adapters": {r.name: r.summary.adapter_dir for r in runs if r.summary is not None},
             "peer_table_before_kill": self.progress.table_before_kill,
             "peer_table_last": self.progress.table_last,
@@ -642,8 +733,9 @@ class ChurnRun:
 
     def run(self) -> dict[str, Any]:
         c = self.config
-        with Swarm(self.workdir, heartbeat_s=c.heartbeat_s, suspect_after=c.suspect_after,
-                   dead_after=c.dead_after) as swarm:
+        with Swarm(
+            self.workdir, heartbeat_s=c.heartbeat_s, suspect_after=c.suspect_after, dead_after=c.dead_after
+        ) as swarm:
             ids = self.start(swarm)
             self.kill_midway(swarm, ids)
             self.restart_some(swarm, ids)
@@ -655,14 +747,22 @@ class ChurnRun:
 
 def print_result(result: Mapping[str, Any], failures: Sequence[str], say=print) -> None:
     say("")
-    say(f"killed {result['killed']} (serving helpers: {result['killed_serving_helpers']}), "
-        f"restarted {result['restarted']}")
+    say(
+        f"killed {result['killed']} (serving helpers: {result['killed_serving_helpers']}), "
+        f"restarted {result['restarted']}"
+    )
     expected = len(set(result["survivors"]) | (set(result["restarted"]) & set(result["data_nodes"])))
-    say(f"finished {len(result['finished'])}/{expected} (survivors and restarted data nodes); repairs {result['repairs']}, "
+    say(
+        f"finished {len(result['finished'])}/{expected} (survivors and restarted data nodes); repairs {result['repairs']}, "
         f"fallbacks {result['fallbacks']} ({result['repair_source']}); lost updates {result['lost_updates']} "
-        f"of {result['contributions']} contributions; ARI {result['ari']}")
-    say(report.format_round_table("loss by round (mean over each cluster's nodes)",
-                                  {c: {int(r): v for r, v in s.items()} for c, s in result["loss_by_round_by_cluster"].items()}))
+        f"of {result['contributions']} contributions; ARI {result['ari']}"
+    )
+    say(
+        report.format_round_table(
+            "loss by round (mean over each cluster's nodes)",
+            {c: {int(r): v for r, v in s.items()} for c, s in result["loss_by_round_by_cluster"].items()},
+        )
+    )
     say("bytes sent by kind: " + ", ".join(f"{k} {v:,}" for k, v in result["bytes_by_kind"].items()))
     say(f"wall time {result['wall_s']:.1f} s")
     if failures:
@@ -684,9 +784,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=ChurnConfig.batch_size)
     parser.add_argument("--model", default=ChurnConfig.model)
     parser.add_argument("--kind", choices=("classification", "lm"), default=ChurnConfig.kind)
-    parser.add_argument("--clusters", type=int, default=ChurnConfig.clusters,
-                        help="K for the bootstrap (default 0: the bootstrap chooses K by silhouette). "
-                             "Only K is given: which node goes where comes from the fingerprints")
+    parser.add_argument(
+        "--clusters",
+        type=int,
+        default=ChurnConfig.clusters,
+        help="K for the bootstrap (default 0: the bootstrap chooses K by silhouette). "
+        "Only K is given: which node goes where comes from the fingerprints",
+    )
     parser.add_argument("--seed", type=int, default=ChurnConfig.seed)
     parser.add_argument("--timeout", type=float, default=ChurnConfig.timeout_s, help="seconds for the whole run")
     parser.add_argument("--json", type=Path, dest="json_path", help="write the figures here")
@@ -694,10 +798,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname).1s %(name)s: %(message)s")
     try:
-        config = ChurnConfig(nodes=args.nodes, tasks=args.tasks, kill=args.kill, restart=args.restart,
-                             rounds=args.rounds, local_steps=args.local_steps, batch_size=args.batch_size,
-                             model=args.model, kind=args.kind, clusters=args.clusters, seed=args.seed,
-                             timeout_s=args.timeout)
+        config = ChurnConfig(
+            nodes=args.nodes,
+            tasks=args.tasks,
+            kill=args.kill,
+            restart=args.restart,
+            rounds=args.rounds,
+            local_steps=args.local_steps,
+            batch_size=args.batch_size,
+            model=args.model,
+            kind=args.kind,
+            clusters=args.clusters,
+            seed=args.seed,
+            timeout_s=args.timeout,
+        )
     except ValueError as exc:
         parser.error(str(exc))
     signal.signal(signal.SIGTERM, lambda signum, frame: (_ for _ in ()).throw(SystemExit(128 + signum)))

@@ -52,12 +52,23 @@ def demo_config(nodes: int, rounds: int, seed: int) -> ChurnConfig:
     say K = 1. Which node joins which cluster still comes from the fingerprints alone;
     scenarios/churn.py (6 data nodes) leaves K to the bootstrap.
     """
-    return ChurnConfig(nodes=nodes, tasks=2, kill=1.0 / nodes, restart=0.0, rounds=rounds, local_steps=16,
-                       batch_size=8, seed=seed, timeout_s=DEMO_TIMEOUT_S, clusters=2)
+    return ChurnConfig(
+        nodes=nodes,
+        tasks=2,
+        kill=1.0 / nodes,
+        restart=0.0,
+        rounds=rounds,
+        local_steps=16,
+        batch_size=8,
+        seed=seed,
+        timeout_s=DEMO_TIMEOUT_S,
+        clusters=2,
+    )
 
 
 def show_results(result: dict, workdir: Path) -> None:
     """Per-cluster tables, the repair, and where the adapters are."""
+
     def table(title: str, key: str) -> str:
         series = {c: {int(r): v for r, v in s.items()} for c, s in result[key].items()}
         return report.format_round_table(title, series)
@@ -71,9 +82,11 @@ def show_results(result: dict, workdir: Path) -> None:
     print(f"clusters found: {result['clusters']}")
     print(f"true tasks:     {result['tasks']}   -> ARI {result['ari']}")
     killed = ", ".join(result["killed"]) or "nobody"
-    print(f"killed {killed} at {result['kill_at_s']:.1f} s; repairs {result['repairs']}, fallbacks "
-          f"{result['fallbacks']}, repair visible after {result['repair_seen_after_s']} s; "
-          f"lost updates {result['lost_updates']} of {result['contributions']} contributions")
+    print(
+        f"killed {killed} at {result['kill_at_s']:.1f} s; repairs {result['repairs']}, fallbacks "
+        f"{result['fallbacks']}, repair visible after {result['repair_seen_after_s']} s; "
+        f"lost updates {result['lost_updates']} of {result['contributions']} contributions"
+    )
     for event in result["repair_events"]:
         print(f"  repair: {json.dumps(event)}")
     print("bytes sent by kind: " + ", ".join(f"{k} {v:,}" for k, v in result["bytes_by_kind"].items()))
@@ -82,14 +95,18 @@ def show_results(result: dict, workdir: Path) -> None:
         if path is not None:  # pure helpers hold no adapter of their own
             print(f"  {name:<14} {path}")
     print(f"metrics: {workdir / 'nodes'}/*/metrics.jsonl   logs: {workdir / 'logs'}")
-    print(f"report again: python -m tools.report {workdir / 'nodes'}/* --truth {workdir / 'truth.json'} "
-          f"--plots {workdir / 'plots'}")
+    print(
+        f"report again: python -m tools.report {workdir / 'nodes'}/* --truth {workdir / 'truth.json'} "
+        f"--plots {workdir / 'plots'}"
+    )
 
 
 def run_demo(workdir: Path, nodes: int, rounds: int, seed: int) -> int:
     config = demo_config(nodes, rounds, seed)
-    print(f"ATLAS demo: a bootstrap and {nodes} nodes ({pure_helper_count(nodes)} pure helper) on 127.0.0.1, "
-          f"{config.tasks} tasks, {rounds} rounds, model {config.model}; work dir {workdir}\n")
+    print(
+        f"ATLAS demo: a bootstrap and {nodes} nodes ({pure_helper_count(nodes)} pure helper) on 127.0.0.1, "
+        f"{config.tasks} tasks, {rounds} rounds, model {config.model}; work dir {workdir}\n"
+    )
     try:
         result = ChurnRun(config, workdir, show_tables=True).run()
     except SwarmError as exc:
@@ -108,8 +125,10 @@ def run_demo(workdir: Path, nodes: int, rounds: int, seed: int) -> int:
         for line in failures:
             print(f"  - {line}")
         return 1
-    print("every check passed: survivors finished, no update lost, helper repaired, clusters match the tasks, "
-          "loss fell in every cluster")
+    print(
+        "every check passed: survivors finished, no update lost, helper repaired, clusters match the tasks, "
+        "loss fell in every cluster"
+    )
     return 0
 
 

@@ -64,8 +64,15 @@ class InProcessSwarm:
     ) -> Peer:
         """A peer (not started) with state in WORKDIR/NAME, also its out_dir unless keep_results is
         False; `train` sets TrainConfig fields (rounds, local_steps, lr, ...)."""
-        config = NodeConfig(bootstrap=self.address, memory_bytes=memory_bytes, bandwidth_bps=BANDWIDTH_BPS,
-                            data=data, model=model, state_dir=self.workdir / name, compute_score=1.0)
+        config = NodeConfig(
+            bootstrap=self.address,
+            memory_bytes=memory_bytes,
+            bandwidth_bps=BANDWIDTH_BPS,
+            data=data,
+            model=model,
+            state_dir=self.workdir / name,
+            compute_score=1.0,
+        )
         out_dir = self.workdir / name if keep_results else None
         self.peers[name] = Peer(config, TrainConfig(out_dir=out_dir, **train))
         return self.peers[name]

@@ -138,8 +138,13 @@ class Swarm:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "wb") as out:
             proc = subprocess.Popen(
-                args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                cwd=REPO_ROOT, env=self.env, start_new_session=True,  # our own signals only
+                args,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                cwd=REPO_ROOT,
+                env=self.env,
+                start_new_session=True,  # our own signals only
                 preexec_fn=_die_with_parent,
             )
         log.debug("started %s (pid %d): %s", name, proc.pid, " ".join(args))
@@ -155,9 +160,20 @@ class Swarm:
         if extra is not None:
             self.bootstrap_extra = list(extra)
         state = self.workdir / "bootstrap"
-        args = ["bootstrap", "--bind", f"127.0.0.1:{port}", "--state", str(state), "--heartbeat-s", str(self.heartbeat_s)]
-        for flag, value in (("--suspect-after", self.suspect_after), ("--dead-after", self.dead_after),
-                            ("--grace-s", self.grace_s)):
+        args = [
+            "bootstrap",
+            "--bind",
+            f"127.0.0.1:{port}",
+            "--state",
+            str(state),
+            "--heartbeat-s",
+            str(self.heartbeat_s),
+        ]
+        for flag, value in (
+            ("--suspect-after", self.suspect_after),
+            ("--dead-after", self.dead_after),
+            ("--grace-s", self.grace_s),
+        ):
             if value is not None:
                 args += [flag, str(value)]
         args += self.bootstrap_extra
@@ -173,8 +189,7 @@ class Swarm:
             return info["address"] if info and info.get("pid") == child.pid else None
 
         try:
-            self.address = wait_until(bound, timeout or self.start_timeout, interval=0.05,
-                                      what="the bootstrap to bind")
+            self.address = wait_until(bound, timeout or self.start_timeout, interval=0.05, what="the bootstrap to bind")
         except WaitTimeout as exc:
             raise SwarmError(f"{exc}\n{child.log_tail()}") from None
         return self.address
@@ -207,8 +222,19 @@ class Swarm:
         if name in self.nodes and self.nodes[name].running:
             raise SwarmError(f"node {name!r} is already running")
         state = self.workdir / "nodes" / name
-        args = ["join", "--bootstrap", self.address, "--memory", memory, "--bandwidth", bandwidth,
-                "--bind", "127.0.0.1:0", "--state", str(state)]
+        args = [
+            "join",
+            "--bootstrap",
+            self.address,
+            "--memory",
+            memory,
+            "--bandwidth",
+            bandwidth,
+            "--bind",
+            "127.0.0.1:0",
+            "--state",
+            str(state),
+        ]
         if data is not None:
             args += ["--data", str(data)]
         if out:
@@ -254,8 +280,13 @@ class Swarm:
 
         Several can run side by side; `close` kills and reaps any still running."""
         proc = subprocess.Popen(
-            self.cli(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
-            cwd=REPO_ROOT, env=self.env,
+            self.cli(*args),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            cwd=REPO_ROOT,
+            env=self.env,
         )
         self.commands.append(proc)
         return proc
@@ -277,8 +308,9 @@ class Swarm:
         """Run a short `atlas-node` command and capture its output."""
         return self.finish_command(self.start_command(*args), timeout)
 
-    def wait_until(self, predicate: Callable[[], T], timeout: float = 30.0, interval: float = 0.2,
-                   what: str = "condition") -> T:
+    def wait_until(
+        self, predicate: Callable[[], T], timeout: float = 30.0, interval: float = 0.2, what: str = "condition"
+    ) -> T:
         """`wait_until` that adds the children's log tails to the error."""
         try:
             return wait_until(predicate, timeout, interval, what)

@@ -110,8 +110,7 @@ def test_dropping_the_scaling_would_be_caught(hetero):
 
 
 def test_float32_merge_is_close_to_float64_reference(gen):
-    cs = [make_contribution(gen, f"n{k}", 10 + k, {"q": r}, dtype=torch.float32)
-          for k, r in enumerate([2, 4, 8, 16])]
+    cs = [make_contribution(gen, f"n{k}", 10 + k, {"q": r}, dtype=torch.float32) for k, r in enumerate([2, 4, 8, 16])]
     got = dense_delta(stack_merge(cs), "q")
     assert got.dtype == torch.float32
     expected = reference(cs, "q")
@@ -176,8 +175,7 @@ def test_zero_sample_contribution_adds_nothing(gen):
 def test_dense_head_is_the_sample_weighted_mean(gen):
     heads = [torch.randn(3, 12, generator=gen, dtype=torch.float64) for _ in range(3)]
     counts = [1, 2, 7]
-    cs = [make_contribution(gen, f"n{k}", counts[k], {"q": 2}, dense={"score.weight": heads[k]})
-          for k in range(3)]
+    cs = [make_contribution(gen, f"n{k}", counts[k], {"q": 2}, dense={"score.weight": heads[k]}) for k in range(3)]
     patch = stack_merge(cs)
     expected = sum(n / 10 * h for n, h in zip(counts, heads))
     assert torch.allclose(patch.dense["score.weight"], expected, atol=1e-14)
@@ -191,13 +189,23 @@ def test_dense_names_must_agree(gen):
 
 
 def test_apply_patch_adds_every_update_and_leaves_inputs_alone(gen):
-    cs = [make_contribution(gen, f"n{k}", 1 + k, {"q": 2, "mlp": 3},
-                            dense={"head": torch.randn(2, 12, generator=gen, dtype=torch.float64)})
-          for k in range(3)]
+    cs = [
+        make_contribution(
+            gen,
+            f"n{k}",
+            1 + k,
+            {"q": 2, "mlp": 3},
+            dense={"head": torch.randn(2, 12, generator=gen, dtype=torch.float64)},
+        )
+        for k in range(3)
+    ]
     patch = stack_merge(cs)
-    base = {"q": torch.randn(*SHAPES["q"], dtype=torch.float64),
-            "mlp": torch.randn(*SHAPES["mlp"], dtype=torch.float64),
-            "head": torch.zeros(2, 12, dtype=torch.float64), "other": torch.ones(3)}
+    base = {
+        "q": torch.randn(*SHAPES["q"], dtype=torch.float64),
+        "mlp": torch.randn(*SHAPES["mlp"], dtype=torch.float64),
+        "head": torch.zeros(2, 12, dtype=torch.float64),
+        "other": torch.ones(3),
+    }
     before = {k: v.clone() for k, v in base.items()}
     new = apply_patch(base, patch)
     assert torch.allclose(new["q"], before["q"] + reference(cs, "q"), atol=1e-12)
@@ -406,12 +414,12 @@ def test_fedavg_of_factors_refuses_heterogeneous_settings(gen):
 
 
 def _mira_dense(cs, adjacency, eta_lambda, module):
-    deltas = [c.delta(module) if module in c.factors else torch.zeros(SHAPES[module], dtype=torch.float64)
-              for c in cs]
+    deltas = [c.delta(module) if module in c.factors else torch.zeros(SHAPES[module], dtype=torch.float64) for c in cs]
     a = torch.as_tensor(adjacency, dtype=torch.float64).clone()
     a.fill_diagonal_(0)
-    return [deltas[k] - eta_lambda * sum(a[k, l] * (deltas[k] - deltas[l]) for l in range(len(cs)))
-            for k in range(len(cs))]
+    return [
+        deltas[k] - eta_lambda * sum(a[k, l] * (deltas[k] - deltas[l]) for l in range(len(cs))) for k in range(len(cs))
+    ]
 
 
 def test_mira_with_empty_graph_is_identity(hetero):

@@ -30,12 +30,27 @@ def _headless_checkpoint(path, family: str = "bert", seed: int = 0):
     tok = synthetic_tokenizer()
     torch.manual_seed(seed)
     if family == "bert":
-        config = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                            intermediate_size=64, max_position_embeddings=64, pad_token_id=0)
+        config = BertConfig(
+            vocab_size=len(tok),
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=64,
+            pad_token_id=0,
+        )
         model = BertModel(config)
     else:
-        config = GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=2, n_positions=64, pad_token_id=0,
-                            bos_token_id=1, eos_token_id=2)
+        config = GPT2Config(
+            vocab_size=len(tok),
+            n_embd=32,
+            n_layer=2,
+            n_head=2,
+            n_positions=64,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
         model = GPT2Model(config)
     model.save_pretrained(path)
     tok.save_pretrained(path)
@@ -47,6 +62,7 @@ def _head(model) -> torch.Tensor:
 
 
 # ---- seeded init ------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("family", ["bert", "gpt2"])
 def test_a_missing_head_is_the_same_whatever_the_thread_and_rng_history(tmp_path, family):
@@ -77,8 +93,9 @@ def test_a_missing_head_is_the_same_whatever_the_thread_and_rng_history(tmp_path
 def test_a_head_of_another_size_is_dropped_and_drawn_from_the_seed(tmp_path):
     from transformers import BertForSequenceClassification
 
-    config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=32, num_labels=2)
+    config = BertConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, num_labels=2
+    )
     BertForSequenceClassification(config).save_pretrained(tmp_path)
     a = load_model(tmp_path, SEQ_CLS, num_labels=LABELS, offline=True, init_seed=3)
     torch.manual_seed(99)
@@ -98,8 +115,13 @@ def test_seeded_init_rules_normal_weights_zero_biases_unit_norms_and_a_zero_padd
     names = ["emb.weight", "proj.weight", "proj.bias", "norm.weight", "norm.bias"]
     toy = Toy()
     applied = seeded_init_(toy, names, seed=5, std=0.5)
-    assert applied == {"emb.weight": "normal", "proj.weight": "normal", "proj.bias": "zeros",
-                       "norm.weight": "ones", "norm.bias": "zeros"}
+    assert applied == {
+        "emb.weight": "normal",
+        "proj.weight": "normal",
+        "proj.bias": "zeros",
+        "norm.weight": "ones",
+        "norm.bias": "zeros",
+    }
     assert torch.all(toy.emb.weight[0] == 0) and toy.emb.weight[1:].abs().sum() > 0
     assert torch.all(toy.proj.bias == 0) and torch.all(toy.norm.weight == 1) and torch.all(toy.norm.bias == 0)
     gen = torch.Generator().manual_seed(tensor_seed(5, "proj.weight"))
@@ -129,6 +151,7 @@ def test_tensor_seeds_differ_by_name_and_by_swarm_seed():
 
 # ---- the digest ----------------------------------------------------------------------------------------
 
+
 def test_digest_changes_with_one_weight_the_dtype_or_the_revision(tmp_path):
     path = _headless_checkpoint(tmp_path)
     model = load_model(path, SEQ_CLS, num_labels=LABELS, offline=True, init_seed=7)
@@ -144,6 +167,7 @@ def test_digest_changes_with_one_weight_the_dtype_or_the_revision(tmp_path):
 
 
 # ---- the bootstrap's side ------------------------------------------------------------------------------
+
 
 def _registry(state, **config):
     return Registry(open_peer_table(state), BootstrapConfig(bind="127.0.0.1:0", model="m", **config), now=0.0)
@@ -207,6 +231,7 @@ def test_a_helper_refuses_an_owner_on_another_base():
 
 # ---- real processes through the CLI --------------------------------------------------------------------
 
+
 def _base_file(swarm, name):
     try:
         return json.loads((swarm.out_dir(name) / "base.json").read_text())
@@ -223,7 +248,9 @@ def test_processes_loading_a_headless_checkpoint_share_one_base_and_a_changed_on
     for name in ("a", "b"):
         bases[name] = swarm.wait_until(
             lambda n=name: _base_file(swarm, n) if "accepted base" in swarm.nodes[n].log_text() else None,
-            120, what=f"node {name} to have its base accepted")
+            120,
+            what=f"node {name} to have its base accepted",
+        )
     a, b = bases["a"], bases["b"]
     assert a["digest"] == b["digest"] and a["init_seed"] == b["init_seed"]
     assert set(a["fresh_sha256"]) == {"classifier.weight", "classifier.bias"}

@@ -6,9 +6,6 @@ import asyncio
 
 import msgpack
 import pytest
-
-from scenarios.waiting import wait_until_async
-from tests.aio import run
 import zmq
 import zmq.asyncio
 
@@ -26,6 +23,8 @@ from nodes.liveness import (
 )
 from nodes.peer_table import MemoryPeerTable, PeerTableError, open_peer_table
 from nodes.registry import Registry, RequestError
+from scenarios.waiting import wait_until_async
+from tests.aio import run
 from transport.codec import decode
 from transport.messages import Envelope, Heartbeat, Join, Leave, Ok, PeerList, Peers, Welcome
 from transport.rpc import RpcClient, RpcError
@@ -54,9 +53,7 @@ def test_status_after_silence(status, silent, expected):
     assert status_after_silence(status, silent, suspect_after_s=6.0, dead_after_s=15.0) == expected
 
 
-@pytest.mark.parametrize(
-    "status, expected", [(ALIVE, ALIVE), (SUSPECT, ALIVE), (DEAD, ALIVE), (LEFT, None)]
-)
+@pytest.mark.parametrize("status, expected", [(ALIVE, ALIVE), (SUSPECT, ALIVE), (DEAD, ALIVE), (LEFT, None)])
 def test_status_after_heartbeat(status, expected):
     assert status_after_heartbeat(status) == expected
 
@@ -108,7 +105,9 @@ def test_rejoin_with_known_id_keeps_it_and_assignment():
 
     result = registry.join(
         Capabilities(memory_bytes=4_000_000_000, bandwidth_bps=5_000_000, compute_score=1.0, has_data=False),
-        now=50.0, node_id=node, address="127.0.0.1:7009",
+        now=50.0,
+        node_id=node,
+        address="127.0.0.1:7009",
     )
 
     row = registry.table.get(node)
@@ -122,7 +121,9 @@ def test_rejoin_with_unknown_id_gets_a_new_one():
 
     result = registry.join(
         Capabilities(memory_bytes=1, bandwidth_bps=1, compute_score=0.0, has_data=False),
-        now=0.0, node_id=77, address="127.0.0.1:7001",
+        now=0.0,
+        node_id=77,
+        address="127.0.0.1:7001",
     )
 
     assert result.node_id == 1 and not result.rejoined
@@ -236,8 +237,6 @@ class FakeClock:
         return self.now
 
 
-
-
 def _join_body(**overrides) -> Join:
     fields = dict(memory_bytes=8_000_000_000, bandwidth_bps=50_000_000, compute_score=3.0, address="127.0.0.1:7001")
     fields.update(overrides)
@@ -280,8 +279,21 @@ def test_service_join_heartbeat_peers_leave(tmp_path):
             (row,) = listing.rows
             assert row["id"] == 1 and row["status"] == "alive" and row["state"] == "training"
             assert row["memory_bytes"] == 8_000_000_000 and row["n_samples"] == 12 and row["role"] == "owner"
-            required = {"id", "address", "memory_bytes", "bandwidth_bps", "status", "cluster", "split", "helper",
-                        "last_seen", "role", "state", "round", "base_version"}
+            required = {
+                "id",
+                "address",
+                "memory_bytes",
+                "bandwidth_bps",
+                "status",
+                "cluster",
+                "split",
+                "helper",
+                "last_seen",
+                "role",
+                "state",
+                "round",
+                "base_version",
+            }
             assert required <= set(row)
 
             assert isinstance(await client.call(service.address, Leave(node_id=1), timeout=3), Ok)
@@ -341,7 +353,9 @@ def test_well_formed_but_wrong_values_are_refused_without_harm(request_body, cod
                 await client.call(service.address, request_body, timeout=3)
             assert caught.value.code == code and service.stats[code] == 1
             assert service.registry.rows() == before
-            assert isinstance(await client.call(service.address, Heartbeat(node_id=node, state="waiting"), timeout=3), Ok)
+            assert isinstance(
+                await client.call(service.address, Heartbeat(node_id=node, state="waiting"), timeout=3), Ok
+            )
         finally:
             await client.stop()
             await service.stop()
@@ -358,8 +372,7 @@ def test_well_formed_but_wrong_values_are_refused_without_harm(request_body, cod
             [_header("join", {**_join_body().to_dict(), "memory_bytes": "lots"})],
             "bad_schema",
         ),
-        ([_header("heartbeat", {"node_id": -3, "state": "waiting", "round": 0,
-                                "base_version": 0})], "bad_schema"),
+        ([_header("heartbeat", {"node_id": -3, "state": "waiting", "round": 0, "base_version": 0})], "bad_schema"),
         ([_header("no_such_type", {})], "unknown_type"),
         ([_header("ping", {})], "no_handler"),
         ([_header("peers", {"cluster": None}), b"extra frame"], "bad_frame_index"),
@@ -409,7 +422,11 @@ def test_sweep_marks_silent_nodes_suspect_then_dead_and_heartbeat_revives():
 def test_restart_on_same_state_shows_same_peers_and_known_heartbeats_revive(tmp_path):
     async def body():
         config = BootstrapConfig(
-            bind="127.0.0.1:0", state_dir=tmp_path, heartbeat_s=0.5, suspect_after_s=1.5, dead_after_s=3.0,
+            bind="127.0.0.1:0",
+            state_dir=tmp_path,
+            heartbeat_s=0.5,
+            suspect_after_s=1.5,
+            dead_after_s=3.0,
             restart_grace_s=5.0,
         )
         first = await Bootstrap.create(config)

@@ -16,10 +16,32 @@ from atlas_p2p.synthetic import write_synthetic_jsonl
 from scenarios.swarm import Swarm
 
 ROUNDS = 12  # long enough that the nodes still train when the bootstrap is back (~40 s to start under load)
-BOOTSTRAP_FLAGS = ["--dead-after", "8", "--task", "seq_cls", "--num-labels", "4", "--min-nodes", "2",
-                   "--clusters", "2", "--seed", "11"]
-NODE_FLAGS = ["--rounds", str(ROUNDS), "--local-steps", "3", "--lr", "0.01", "--step-delay", "1.5",
-              "--round-deadline", "5"]
+BOOTSTRAP_FLAGS = [
+    "--dead-after",
+    "8",
+    "--task",
+    "seq_cls",
+    "--num-labels",
+    "4",
+    "--min-nodes",
+    "2",
+    "--clusters",
+    "2",
+    "--seed",
+    "11",
+]
+NODE_FLAGS = [
+    "--rounds",
+    str(ROUNDS),
+    "--local-steps",
+    "3",
+    "--lr",
+    "0.01",
+    "--step-delay",
+    "1.5",
+    "--round-deadline",
+    "5",
+]
 
 
 def _lines(path):
@@ -47,8 +69,11 @@ def test_a_restarted_bootstrap_keeps_clusters_and_versions(tmp_path):
         restored = re.search(r"restored the coordinator: assignment version (\d+), 2 clusters", log)
         assert restored is not None, swarm.bootstrap.log_tail(40)
         assert int(restored.group(1)) == before["version"]
-        statuses = swarm.wait_until(lambda: swarm.statuses() == {ids["a"]: "alive", ids["b"]: "alive"}, 120,
-                                    what="both nodes alive at the restarted bootstrap")
+        statuses = swarm.wait_until(
+            lambda: swarm.statuses() == {ids["a"]: "alive", ids["b"]: "alive"},
+            120,
+            what="both nodes alive at the restarted bootstrap",
+        )
         assert statuses
         for name in ("a", "b"):
             assert swarm.wait_exit(name, 900) == 0, swarm.nodes[name].log_tail(40)

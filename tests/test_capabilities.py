@@ -24,8 +24,19 @@ from transport.codec import decode, encode
 from transport.messages import Envelope, Join
 from transport.units import parse_rate, parse_size
 
-SHAPE = M.ModelShape("gpt2", "gpt2", "causal_lm", num_layers=4, hidden=64, heads=4, kv_heads=4, head_dim=16,
-                     intermediate=256, vocab_size=1000, max_positions=128)
+SHAPE = M.ModelShape(
+    "gpt2",
+    "gpt2",
+    "causal_lm",
+    num_layers=4,
+    hidden=64,
+    heads=4,
+    kv_heads=4,
+    head_dim=16,
+    intermediate=256,
+    vocab_size=1000,
+    max_positions=128,
+)
 
 
 def _over_the_wire(join: Join) -> Join:
@@ -33,8 +44,12 @@ def _over_the_wire(join: Join) -> Join:
 
 
 def _joined(registry: Registry, memory: str, bandwidth: str, port: int) -> int:
-    config = NodeConfig(bootstrap="127.0.0.1:5555", memory_bytes=parse_size(memory),
-                        bandwidth_bps=parse_rate(bandwidth), data=Path("train.jsonl"))
+    config = NodeConfig(
+        bootstrap="127.0.0.1:5555",
+        memory_bytes=parse_size(memory),
+        bandwidth_bps=parse_rate(bandwidth),
+        data=Path("train.jsonl"),
+    )
     join = Join.offer(config.capabilities(compute_score=1.0), address=f"127.0.0.1:{port}")
     body = _over_the_wire(join)
     return registry.join(body.capabilities(), address=body.address, now=0.0).node_id
@@ -44,8 +59,9 @@ def test_memory_flag_reaches_the_planner_in_bytes():
     registry = Registry(MemoryPeerTable(), BootstrapConfig(bind="127.0.0.1:0"), now=0.0)
     small = _joined(registry, "3500KB", "50Mbps", 7001)
     big = _joined(registry, "1GB", "1Gbps", 7002)
-    coordinator = Coordinator(CoordinatorConfig(shape=SHAPE, workload=M.Workload(batch=4, seq_len=32), min_nodes=2,
-                                                clusters=1))
+    coordinator = Coordinator(
+        CoordinatorConfig(shape=SHAPE, workload=M.Workload(batch=4, seq_len=32), min_nodes=2, clusters=1)
+    )
     rng = np.random.default_rng(0)
     for node in (small, big):
         record = registry.table.get(node)
@@ -73,18 +89,23 @@ def test_only_the_peer_table_view_shows_megabytes():
 
 
 def test_a_fractional_rate_is_whole_bits_per_second():
-    assert Capabilities(memory_bytes=1, bandwidth_bps=1.5e6 + 0.4, compute_score=0.0, has_data=False).bandwidth_bps \
+    assert (
+        Capabilities(memory_bytes=1, bandwidth_bps=1.5e6 + 0.4, compute_score=0.0, has_data=False).bandwidth_bps
         == 1_500_000
+    )
 
 
-@pytest.mark.parametrize("fields, match", [
-    (dict(memory_bytes=0), "memory_bytes must be an int >= 1, got 0"),
-    (dict(memory_bytes=3.5e6), "memory_bytes must be an int >= 1, got 3500000.0"),
-    (dict(bandwidth_bps=0), "bandwidth_bps"),
-    (dict(compute_score=float("inf")), "compute_score"),
-    (dict(has_data=1), "has_data must be a bool, got 1"),
-    (dict(n_samples=-1), "n_samples must be an int >= 0, got -1"),
-])
+@pytest.mark.parametrize(
+    "fields, match",
+    [
+        (dict(memory_bytes=0), "memory_bytes must be an int >= 1, got 0"),
+        (dict(memory_bytes=3.5e6), "memory_bytes must be an int >= 1, got 3500000.0"),
+        (dict(bandwidth_bps=0), "bandwidth_bps"),
+        (dict(compute_score=float("inf")), "compute_score"),
+        (dict(has_data=1), "has_data must be a bool, got 1"),
+        (dict(n_samples=-1), "n_samples must be an int >= 0, got -1"),
+    ],
+)
 def test_a_bad_offer_names_the_field(fields, match):
     good = dict(memory_bytes=3_500_000, bandwidth_bps=50_000_000, compute_score=1.0, has_data=True)
     with pytest.raises(ValueError, match=match):

@@ -43,9 +43,7 @@ def test_killed_node_is_dead_and_survivors_stay_alive_across_a_bootstrap_crash(s
 
     swarm.kill("b", signal.SIGKILL)
     swarm.wait_until(lambda: swarm.statuses()[ids["b"]] == "dead", what="node b seen dead")
-    swarm.wait_until(
-        lambda: [swarm.statuses()[ids[n]] for n in ("a", "c")] == ["alive", "alive"], what="a and c alive"
-    )
+    swarm.wait_until(lambda: [swarm.statuses()[ids[n]] for n in ("a", "c")] == ["alive", "alive"], what="a and c alive")
 
     swarm.kill("bootstrap", signal.SIGKILL)
     swarm.wait_until(  # stay away long enough that the survivors notice and start backing off

@@ -207,8 +207,17 @@ def test_peers_prints_a_table_and_json(live_bootstrap, capsys):
     rows = json.loads(raw)
     assert [row["id"] for row in rows] == [first, second]
     for row in rows:
-        for key in ("id", "address", "memory_bytes", "bandwidth_bps", "status", "cluster", "split", "helper",
-                    "last_seen"):
+        for key in (
+            "id",
+            "address",
+            "memory_bytes",
+            "bandwidth_bps",
+            "status",
+            "cluster",
+            "split",
+            "helper",
+            "last_seen",
+        ):
             assert key in row
         assert row["status"] == "alive" and row["cluster"] is None
 

@@ -175,9 +175,17 @@ def test_bad_fingerprints_are_refused(bad, words):
 
 @pytest.mark.parametrize(
     "kwargs, field",
-    [({"k": 0}, "k must"), ({"k_max": 1}, "k_max"), ({"n_init": 5}, "n_init"), ({"null_draws": 1}, "null_draws"),
-     ({"min_silhouette": 2.0}, "min_silhouette"), ({"max_match_distance": 0.0}, "max_match_distance"),
-     ({"null_level": 0.0}, "null_level"), ({"null_level": 1.5}, "null_level"), ({"min_cluster_size": 0}, "min_cluster_size")],
+    [
+        ({"k": 0}, "k must"),
+        ({"k_max": 1}, "k_max"),
+        ({"n_init": 5}, "n_init"),
+        ({"null_draws": 1}, "null_draws"),
+        ({"min_silhouette": 2.0}, "min_silhouette"),
+        ({"max_match_distance": 0.0}, "max_match_distance"),
+        ({"null_level": 0.0}, "null_level"),
+        ({"null_level": 1.5}, "null_level"),
+        ({"min_cluster_size": 0}, "min_cluster_size"),
+    ],
 )
 def test_bad_config_names_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):

@@ -1,4 +1,5 @@
 """Codec and message schemas: round trips, zero copy, and every way a frame set can be wrong."""
+
 from __future__ import annotations
 
 import random
@@ -11,14 +12,28 @@ import zmq
 
 from transport.codec import TENSOR_EXT, DecodeError, EncodeError, decode, encode
 from transport.messages import (
-    MESSAGE_TYPES, Envelope, Fingerprint, Forward, Heartbeat, Message, Ok, PeerList, Report, message,
+    MESSAGE_TYPES,
+    Envelope,
+    Fingerprint,
+    Forward,
+    Heartbeat,
+    Message,
+    Ok,
+    PeerList,
+    Report,
+    message,
 )
-from transport.samples import sample_body, same_value
+from transport.samples import same_value, sample_array, sample_body
 from transport.schema import Range, SchemaError, TensorSpec
 from transport.tensors import (
-    DTYPE_ITEMSIZE, MAX_NDIM, RawTensor, Tensor, TensorError, bfloat16_from_float32, bfloat16_to_float32,
+    DTYPE_ITEMSIZE,
+    MAX_NDIM,
+    RawTensor,
+    Tensor,
+    TensorError,
+    bfloat16_from_float32,
+    bfloat16_to_float32,
 )
-from transport.samples import sample_array
 
 ALL_DTYPES = sorted(DTYPE_ITEMSIZE)
 SHAPES = [(), (0,), (5,), (2, 3), (3, 0, 2), (1, 2, 1, 2)]
@@ -39,8 +54,12 @@ def ref(dtype, shape, index) -> msgpack.ExtType:
 
 
 def fingerprint_header(vector=None, **overrides) -> dict:
-    body = {"node_id": 1, "vector": ref("float32", [64], 1) if vector is None else vector, "n_samples": 8,
-            "importance": None}
+    body = {
+        "node_id": 1,
+        "vector": ref("float32", [64], 1) if vector is None else vector,
+        "n_samples": 8,
+        "importance": None,
+    }
     header = {"v": 1, "type": "fingerprint", "id": 7, "src": "n1", "body": body}
     header.update(overrides)
     return header
@@ -56,6 +75,7 @@ def code_of(frames, **kwargs) -> str:
 
 
 # ---------------------------------------------------------------- round trips
+
 
 @pytest.mark.parametrize("fill_optional", [True, False])
 @pytest.mark.parametrize("msg_type", sorted(MESSAGE_TYPES))
@@ -122,8 +142,10 @@ def test_encode_shares_memory_with_contiguous_arrays():
 
 
 def test_decode_builds_views_over_the_received_frames():
-    frames = [bytearray(f) for f in encode(Envelope.of(Fingerprint(node_id=1, vector=np.zeros(64, np.float32),
-                                                                   n_samples=1), 3, "a"))]
+    frames = [
+        bytearray(f)
+        for f in encode(Envelope.of(Fingerprint(node_id=1, vector=np.zeros(64, np.float32), n_samples=1), 3, "a"))
+    ]
     vector = decode(frames).body.vector
 
     frames[1][:4] = np.float32(9.5).tobytes()
@@ -143,12 +165,15 @@ def test_decode_accepts_zmq_frames_and_memoryviews():
 
 def test_int_fields_widen_to_float_fields_but_bool_never_counts_as_int():
     assert Report(node_id=1, metrics={}).node_id == 1
-    assert Fingerprint(node_id=1, vector=np.zeros(64, np.float32), n_samples=1, importance={"q": 2}).importance == {"q": 2.0}
+    assert Fingerprint(node_id=1, vector=np.zeros(64, np.float32), n_samples=1, importance={"q": 2}).importance == {
+        "q": 2.0
+    }
     with pytest.raises(SchemaError, match="bad_schema"):
         Report(node_id=True, metrics={})
 
 
 # ---------------------------------------------------------------- building bad messages locally
+
 
 def test_constructing_a_message_with_a_wrong_field_fails_with_the_field_named():
     with pytest.raises(SchemaError, match="heartbeat.state"):
@@ -166,6 +191,7 @@ def test_constructing_a_message_with_a_wrong_field_fails_with_the_field_named():
 
 def test_duplicate_message_tag_is_rejected_at_definition():
     with pytest.raises(ValueError, match="already used"):
+
         @message("ping")
         class AnotherPing(Message):
             x: int
@@ -173,6 +199,7 @@ def test_duplicate_message_tag_is_rejected_at_definition():
 
 def test_unsupported_field_annotation_is_rejected_and_not_registered():
     with pytest.raises(TypeError, match="unsupported field type"):
+
         @message("test_set_field")
         class WithSet(Message):
             items: set[int]
@@ -182,6 +209,7 @@ def test_unsupported_field_annotation_is_rejected_and_not_registered():
 
 def test_adding_a_message_type_takes_a_few_lines_and_round_trips():
     try:
+
         @message("test_new_type")
         class NewType(Message):
             node_id: int
@@ -209,21 +237,25 @@ def test_encode_rejects_what_is_not_an_envelope():
 
 # ---------------------------------------------------------------- corrupted frame sets
 
+
 def test_well_formed_crafted_fingerprint_decodes():
     env = decode(craft(fingerprint_header(), [VECTOR]))
 
     assert env.body.vector[5] == 5.0 and env.id == 7
 
 
-@pytest.mark.parametrize("frames, code", [
-    ([], "bad_header"),
-    ([b""], "bad_header"),
-    ([b"\xc1"], "bad_header"),                                      # reserved msgpack byte
-    ([msgpack.packb([1, 2, 3])], "bad_header"),                     # not a map
-    ([msgpack.packb({"v": 1})], "bad_header"),                      # missing keys
-    ([42], "bad_header"),                                           # not a buffer
-    ([None], "bad_header"),
-])
+@pytest.mark.parametrize(
+    "frames, code",
+    [
+        ([], "bad_header"),
+        ([b""], "bad_header"),
+        ([b"\xc1"], "bad_header"),  # reserved msgpack byte
+        ([msgpack.packb([1, 2, 3])], "bad_header"),  # not a map
+        ([msgpack.packb({"v": 1})], "bad_header"),  # missing keys
+        ([42], "bad_header"),  # not a buffer
+        ([None], "bad_header"),
+    ],
+)
 def test_unreadable_headers(frames, code):
     assert code_of(frames) == code
 
@@ -279,9 +311,22 @@ def test_frame_referenced_twice():
     header = fingerprint_header()
     header["body"]["importance"] = None
     header["body"]["vector"] = ref("float32", [64], 1)
-    forward = {"v": 1, "type": "forward", "id": 1, "src": "a", "body": {
-        "step": 0, "activations": ref("float32", [64], 1), "attention_mask": ref("float32", [64], 1),
-        "labels": None, "base_version": 0, "owner_id": 0, "cluster": 0, "round": 0}}
+    forward = {
+        "v": 1,
+        "type": "forward",
+        "id": 1,
+        "src": "a",
+        "body": {
+            "step": 0,
+            "activations": ref("float32", [64], 1),
+            "attention_mask": ref("float32", [64], 1),
+            "labels": None,
+            "base_version": 0,
+            "owner_id": 0,
+            "cluster": 0,
+            "round": 0,
+        },
+    }
     assert code_of(craft(forward, [VECTOR])) == "bad_frame_index"
 
 
@@ -308,16 +353,38 @@ def test_field_spec_violations():
 
 
 def test_bool_tensor_with_invalid_bytes():
-    header = {"v": 1, "type": "forward", "id": 1, "src": "a", "body": {
-        "step": 0, "activations": ref("bool", [3], 1), "attention_mask": ref("bool", [3], 2),
-        "labels": None, "base_version": 0, "owner_id": 0, "cluster": 0, "round": 0}}
+    header = {
+        "v": 1,
+        "type": "forward",
+        "id": 1,
+        "src": "a",
+        "body": {
+            "step": 0,
+            "activations": ref("bool", [3], 1),
+            "attention_mask": ref("bool", [3], 2),
+            "labels": None,
+            "base_version": 0,
+            "owner_id": 0,
+            "cluster": 0,
+            "round": 0,
+        },
+    }
     assert code_of(craft(header, [b"\x00\x01\x02", b"\x00\x01\x01"])) == "bad_tensor"
 
 
-@pytest.mark.parametrize("field, value", [
-    ("node_id", "1"), ("node_id", 1.5), ("node_id", True), ("node_id", -1), ("n_samples", None),
-    ("importance", {"q": "high"}), ("importance", [1.0]), ("vector", [0.0] * 64),
-])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("node_id", "1"),
+        ("node_id", 1.5),
+        ("node_id", True),
+        ("node_id", -1),
+        ("n_samples", None),
+        ("importance", {"q": "high"}),
+        ("importance", [1.0]),
+        ("vector", [0.0] * 64),
+    ],
+)
 def test_wrong_field_types(field, value):
     header = fingerprint_header()
     header["body"][field] = value
@@ -342,12 +409,24 @@ def test_body_not_a_map():
 
 
 def test_tensor_inside_a_generic_value_is_refused():
-    header = {"v": 1, "type": "report", "id": 1, "src": "a", "body": {"node_id": 1, "metrics": {"t": ref("uint8", [1], 1)}}}
+    header = {
+        "v": 1,
+        "type": "report",
+        "id": 1,
+        "src": "a",
+        "body": {"node_id": 1, "metrics": {"t": ref("uint8", [1], 1)}},
+    }
     assert code_of(craft(header, [b"\x01"])) == "bad_schema"
 
 
 def test_unknown_ext_type_and_timestamps_are_refused():
-    header = {"v": 1, "type": "report", "id": 1, "src": "a", "body": {"node_id": 1, "metrics": {"t": msgpack.ExtType(9, b"x")}}}
+    header = {
+        "v": 1,
+        "type": "report",
+        "id": 1,
+        "src": "a",
+        "body": {"node_id": 1, "metrics": {"t": msgpack.ExtType(9, b"x")}},
+    }
     assert code_of(craft(header)) == "bad_header"
     header["body"]["metrics"]["t"] = msgpack.Timestamp(1, 0)
     assert code_of(craft(header)) == "bad_schema"
@@ -398,6 +477,7 @@ def test_too_large_errors_carry_the_request_id_when_the_header_is_readable():
 
 def test_narrowing_applies_inside_optional_annotations():
     try:
+
         @message("test_narrowed")
         class Narrowed(Message):
             level: Annotated[int | None, Range(0, 5)] = None

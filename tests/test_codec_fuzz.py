@@ -1,4 +1,5 @@
 """Fuzzing the decoder: whatever arrives, decode returns a valid Envelope or raises DecodeError."""
+
 from __future__ import annotations
 
 import collections
@@ -6,12 +7,13 @@ import random
 
 import msgpack
 import numpy as np
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from transport.codec import DECODE_CODES, TENSOR_EXT, DecodeError, decode, encode
 from transport.messages import MESSAGE_TYPES, Envelope, Forward
-from transport.samples import sample_body, same_value
+from transport.samples import same_value, sample_body
 
 N_MUTATIONS = 3600
 
@@ -39,8 +41,22 @@ def seed_frame_sets(rng: random.Random) -> list[list[bytes]]:
 
 
 def random_plain(rng: random.Random, depth: int = 0) -> object:
-    choices = [None, True, 0, -1, 2**63, 2**64 - 1, -(2**63), 1.5, float("nan"), "", "x" * 40, b"\x00",
-               msgpack.ExtType(TENSOR_EXT, msgpack.packb(["float32", [2], 1])), msgpack.ExtType(3, b"")]
+    choices = [
+        None,
+        True,
+        0,
+        -1,
+        2**63,
+        2**64 - 1,
+        -(2**63),
+        1.5,
+        float("nan"),
+        "",
+        "x" * 40,
+        b"\x00",
+        msgpack.ExtType(TENSOR_EXT, msgpack.packb(["float32", [2], 1])),
+        msgpack.ExtType(3, b""),
+    ]
     if depth < 3:
         choices += [[random_plain(rng, depth + 1)], {"k": random_plain(rng, depth + 1)}]
     return rng.choice(choices)
@@ -77,35 +93,35 @@ def mutate_structure(header: bytes, rng: random.Random) -> bytes:
 def mutate(frames: list[bytes], rng: random.Random) -> list:
     frames = list(frames)
     op = rng.randrange(16)  # ops 10..15: structural, so schema checks get exercised too
-    if op == 0 and frames[0]:                       # flip a few header bytes
+    if op == 0 and frames[0]:  # flip a few header bytes
         header = bytearray(frames[0])
         for _ in range(rng.randint(1, 4)):
             header[rng.randrange(len(header))] ^= 1 << rng.randrange(8)
         frames[0] = bytes(header)
-    elif op == 1:                                   # truncate the header
+    elif op == 1:  # truncate the header
         frames[0] = frames[0][: rng.randrange(len(frames[0]) + 1)]
-    elif op == 2:                                   # append junk to the header
+    elif op == 2:  # append junk to the header
         frames[0] += rng.randbytes(rng.randint(1, 8))
-    elif op == 3 and len(frames) > 1:               # drop a tensor frame
+    elif op == 3 and len(frames) > 1:  # drop a tensor frame
         del frames[rng.randrange(1, len(frames))]
-    elif op == 4:                                   # an extra frame
+    elif op == 4:  # an extra frame
         frames.insert(rng.randrange(1, len(frames) + 1), rng.randbytes(rng.randint(0, 16)))
-    elif op == 5 and len(frames) > 2:               # swap two tensor frames
+    elif op == 5 and len(frames) > 2:  # swap two tensor frames
         i, j = rng.sample(range(1, len(frames)), 2)
         frames[i], frames[j] = frames[j], frames[i]
-    elif op == 6 and len(frames) > 1:               # resize a tensor frame
+    elif op == 6 and len(frames) > 1:  # resize a tensor frame
         i = rng.randrange(1, len(frames))
         frames[i] = frames[i][: rng.randrange(len(frames[i]) + 1)] if rng.random() < 0.5 else frames[i] + b"\x01"
-    elif op == 7 and len(frames) > 1:               # flip bytes in a tensor frame (usually still valid)
+    elif op == 7 and len(frames) > 1:  # flip bytes in a tensor frame (usually still valid)
         data = bytearray(frames[rng.randrange(1, len(frames))])
         if data:
             data[rng.randrange(len(data))] ^= 0xFF
-    elif op == 8:                                   # replace the header with noise
+    elif op == 8:  # replace the header with noise
         frames[0] = rng.randbytes(rng.randint(0, 64))
-    elif op == 9:                                   # splice two headers
+    elif op == 9:  # splice two headers
         cut = rng.randrange(len(frames[0]) + 1)
-        frames[0] = frames[0][:cut] + frames[0][rng.randrange(len(frames[0]) + 1):]
-    else:                                           # change a value inside the header
+        frames[0] = frames[0][:cut] + frames[0][rng.randrange(len(frames[0]) + 1) :]
+    else:  # change a value inside the header
         frames[0] = mutate_structure(frames[0], rng)
     return frames
 
@@ -126,8 +142,8 @@ def test_seeded_random_mutations_only_ever_raise_decode_error():
             outcomes[exc.code] += 1
 
     assert sum(outcomes.values()) == N_MUTATIONS >= 3000
-    assert N_MUTATIONS - outcomes["decoded"] > N_MUTATIONS // 2   # most mutations are caught
-    assert len(set(outcomes) - {"decoded"}) >= 7, outcomes          # ... by many different checks
+    assert N_MUTATIONS - outcomes["decoded"] > N_MUTATIONS // 2  # most mutations are caught
+    assert len(set(outcomes) - {"decoded"}) >= 7, outcomes  # ... by many different checks
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -137,7 +153,11 @@ def test_arbitrary_bytes_never_crash_the_decoder(frames):
 
 
 msgpack_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats() | st.text(max_size=8)
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats()
+    | st.text(max_size=8)
     | st.binary(max_size=8),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
     max_leaves=12,
@@ -145,15 +165,21 @@ msgpack_values = st.recursive(
 
 
 @settings(max_examples=300, deadline=None)
-@given(msg_type=st.sampled_from(sorted(MESSAGE_TYPES)), body=st.dictionaries(st.text(max_size=12), msgpack_values, max_size=6),
-       msg_id=st.integers(-5, 2**64 - 1), frames=st.lists(st.binary(max_size=16), max_size=2))
+@given(
+    msg_type=st.sampled_from(sorted(MESSAGE_TYPES)),
+    body=st.dictionaries(st.text(max_size=12), msgpack_values, max_size=6),
+    msg_id=st.integers(-5, 2**64 - 1),
+    frames=st.lists(st.binary(max_size=16), max_size=2),
+)
 def test_arbitrary_well_formed_headers_never_crash_the_decoder(msg_type, body, msg_id, frames):
     header = msgpack.packb({"v": 1, "type": msg_type, "id": msg_id, "src": "h", "body": body})
     decode_or_decode_error([header, *frames])
 
 
 tensors = hnp.arrays(
-    dtype=st.sampled_from([np.float16, np.float32, np.float64, np.int8, np.int16, np.int32, np.int64, np.uint8, np.bool_]),
+    dtype=st.sampled_from(
+        [np.float16, np.float32, np.float64, np.int8, np.int16, np.int32, np.int64, np.uint8, np.bool_]
+    ),
     shape=hnp.array_shapes(min_dims=0, max_dims=4, min_side=0, max_side=5),
 )
 

@@ -10,9 +10,6 @@ import time
 import pytest
 import zmq
 
-from scenarios.waiting import wait_until_async
-from tests.aio import run
-
 from nodes.bootstrap import Bootstrap
 from nodes.config import BootstrapConfig, NodeConfig
 from nodes.control import (
@@ -24,6 +21,8 @@ from nodes.control import (
     load_identity,
     save_identity,
 )
+from scenarios.waiting import wait_until_async
+from tests.aio import run
 from transport.messages import Ok
 
 # --- pure pieces ---------------------------------------------------------------------------
@@ -74,8 +73,14 @@ BOOT = dict(heartbeat_s=0.2, suspect_after_s=1.0, dead_after_s=2.0, restart_grac
 
 def _node_config(bootstrap: str, **overrides) -> NodeConfig:
     fields = dict(
-        bootstrap=bootstrap, memory_bytes=2_000_000_000, bandwidth_bps=20e6, compute_score=1.0,
-        request_timeout_s=0.5, backoff_base_s=0.05, backoff_cap_s=0.2, leave_timeout_s=1.0,
+        bootstrap=bootstrap,
+        memory_bytes=2_000_000_000,
+        bandwidth_bps=20e6,
+        compute_score=1.0,
+        request_timeout_s=0.5,
+        backoff_base_s=0.05,
+        backoff_cap_s=0.2,
+        leave_timeout_s=1.0,
     )
     fields.update(overrides)
     return NodeConfig(**fields)

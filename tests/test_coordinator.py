@@ -36,8 +36,19 @@ from nodes.peer_table import MemoryPeerTable, new_record
 from transport.codec import decode, encode
 from transport.messages import Assignment, Envelope
 
-SHAPE = M.ModelShape("gpt2", "gpt2", "causal_lm", num_layers=4, hidden=64, heads=4, kv_heads=4, head_dim=16,
-                     intermediate=256, vocab_size=1000, max_positions=128)
+SHAPE = M.ModelShape(
+    "gpt2",
+    "gpt2",
+    "causal_lm",
+    num_layers=4,
+    hidden=64,
+    heads=4,
+    kv_heads=4,
+    head_dim=16,
+    intermediate=256,
+    vocab_size=1000,
+    max_positions=128,
+)
 WORK = M.Workload(batch=4, seq_len=32)
 MB = 10**6
 BIG = 100 * MB  # trains the whole model and hosts several owners
@@ -59,8 +70,13 @@ def planted(direction, node_id, noise=0.01):
 
 
 def caps(memory, has_data=True, bandwidth_mbps=100.0, n_samples=32):
-    return Capabilities(memory_bytes=memory, bandwidth_bps=bandwidth_mbps * 1e6, compute_score=1.0,
-                        has_data=has_data, n_samples=n_samples if has_data else 0)
+    return Capabilities(
+        memory_bytes=memory,
+        bandwidth_bps=bandwidth_mbps * 1e6,
+        compute_score=1.0,
+        has_data=has_data,
+        n_samples=n_samples if has_data else 0,
+    )
 
 
 def offer(node_id, memory, has_data=True, bandwidth_mbps=100.0):
@@ -69,8 +85,7 @@ def offer(node_id, memory, has_data=True, bandwidth_mbps=100.0):
 
 
 def config(**overrides):
-    return CoordinatorConfig(**{"shape": SHAPE, "workload": WORK, "min_nodes": 2, "assign_after_s": 30.0,
-                                **overrides})
+    return CoordinatorConfig(**{"shape": SHAPE, "workload": WORK, "min_nodes": 2, "assign_after_s": 30.0, **overrides})
 
 
 _SWARMS: dict = {}
@@ -114,8 +129,12 @@ def helpers(coord, ids):
 
 def snapshot(coord):
     """Everything observable, to check that a refused input changed nothing."""
-    return (coord.version, coord.metrics(), {n: coord.assignment_for(n) for n in range(1, 12)
-                                             if _known(coord, n)}, coord.peer_columns())
+    return (
+        coord.version,
+        coord.metrics(),
+        {n: coord.assignment_for(n) for n in range(1, 12) if _known(coord, n)},
+        coord.peer_columns(),
+    )
 
 
 def _known(coord, n):
@@ -129,24 +148,44 @@ def _known(coord, n):
 # ================================================================ first assignment
 
 TWO_GROUPS = {  # 6 nodes, 2 tasks
-    1: (BIG, DIR_A, 100.0), 2: (WEAK, DIR_A, 100.0), 3: (WEAK, DIR_A, 100.0),
-    4: (BIG, DIR_C, 100.0), 5: (WEAK, DIR_C, 100.0), 6: (WHOLE_ONLY, DIR_C, 100.0),
+    1: (BIG, DIR_A, 100.0),
+    2: (WEAK, DIR_A, 100.0),
+    3: (WEAK, DIR_A, 100.0),
+    4: (BIG, DIR_C, 100.0),
+    5: (WEAK, DIR_C, 100.0),
+    6: (WHOLE_ONLY, DIR_C, 100.0),
 }
 THREE_GROUPS = {  # 8 nodes, 3 tasks, one pure helper
-    1: (BIG, DIR_A, 100.0), 2: (WEAK, DIR_A, 100.0), 3: (WEAK, DIR_A, 100.0),
-    4: (BIG, E[1], 100.0), 5: (WEAK, E[1], 100.0),
-    6: (WHOLE_ONLY, DIR_C, 100.0), 7: (WEAK, DIR_C, 100.0),
+    1: (BIG, DIR_A, 100.0),
+    2: (WEAK, DIR_A, 100.0),
+    3: (WEAK, DIR_A, 100.0),
+    4: (BIG, E[1], 100.0),
+    5: (WEAK, E[1], 100.0),
+    6: (WHOLE_ONLY, DIR_C, 100.0),
+    7: (WEAK, DIR_C, 100.0),
     8: (BIG, None, 100.0),
 }
 
 
-@pytest.mark.parametrize("spec, partition, pairs, roles", [
-    (TWO_GROUPS, [{1, 2, 3}, {4, 5, 6}], {2: 1, 3: 1, 5: 4},
-     {1: WHOLE, 2: OWNER, 3: OWNER, 4: WHOLE, 5: OWNER, 6: WHOLE}),
-    # 7's cluster has no node that can host it: the pure helper does (task-blind)
-    (THREE_GROUPS, [{1, 2, 3}, {4, 5}, {6, 7}], {2: 1, 3: 1, 5: 4, 7: 8},
-     {1: WHOLE, 2: OWNER, 4: WHOLE, 6: WHOLE, 7: OWNER, 8: HELPER}),
-], ids=["6 nodes 2 tasks", "8 nodes 3 tasks + pure helper"])
+@pytest.mark.parametrize(
+    "spec, partition, pairs, roles",
+    [
+        (
+            TWO_GROUPS,
+            [{1, 2, 3}, {4, 5, 6}],
+            {2: 1, 3: 1, 5: 4},
+            {1: WHOLE, 2: OWNER, 3: OWNER, 4: WHOLE, 5: OWNER, 6: WHOLE},
+        ),
+        # 7's cluster has no node that can host it: the pure helper does (task-blind)
+        (
+            THREE_GROUPS,
+            [{1, 2, 3}, {4, 5}, {6, 7}],
+            {2: 1, 3: 1, 5: 4, 7: 8},
+            {1: WHOLE, 2: OWNER, 4: WHOLE, 6: WHOLE, 7: OWNER, 8: HELPER},
+        ),
+    ],
+    ids=["6 nodes 2 tasks", "8 nodes 3 tasks + pure helper"],
+)
 def test_first_assignment_finds_planted_groups_and_pairs_weak_nodes(spec, partition, pairs, roles):
     data = [n for n, (_, d, _) in spec.items() if d is not None]
 
@@ -208,6 +247,7 @@ def test_one_cluster_when_fingerprints_do_not_separate():
 
 # ================================================================ when to assign
 
+
 def test_assigns_once_min_nodes_have_fingerprints():
     coord = Coordinator(config(min_nodes=3))
     for n in (1, 2, 3):
@@ -260,8 +300,7 @@ def test_weak_node_gets_a_provisional_helper_for_its_fingerprint():
 def test_before_assignment_strong_nodes_are_not_versioned():
     coord = Coordinator(config(min_nodes=3))
 
-    changed = [coord.on_join(1, *offer(1, BIG), now=0.0),
-               coord.on_fingerprint(1, planted(DIR_A, 1), 32, now=0.0)]
+    changed = [coord.on_join(1, *offer(1, BIG), now=0.0), coord.on_fingerprint(1, planted(DIR_A, 1), 32, now=0.0)]
 
     assert changed == [False, False] and coord.version == 0
     a = coord.assignment_for(1)
@@ -272,30 +311,46 @@ def test_before_assignment_strong_nodes_are_not_versioned():
 # ================================================================ repair and fallback
 
 REPAIR_INSIDE = {  # 2's helper is 1 (faster link); 3 can take over inside the cluster
-    1: (BIG, DIR_A, 200.0), 2: (WEAK, DIR_A, 100.0), 3: (BIG, DIR_A, 100.0),
-    4: (BIG, DIR_C, 100.0), 5: (WEAK, DIR_C, 100.0), 6: (BIG, None, 100.0),
+    1: (BIG, DIR_A, 200.0),
+    2: (WEAK, DIR_A, 100.0),
+    3: (BIG, DIR_A, 100.0),
+    4: (BIG, DIR_C, 100.0),
+    5: (WEAK, DIR_C, 100.0),
+    6: (BIG, None, 100.0),
 }
 FALLBACK_NEAREST = {  # A's only host is 1; B (60 degrees away) is nearer than C (90)
-    1: (BIG, DIR_A, 100.0), 2: (WEAK, DIR_A, 100.0),
-    3: (BIG, DIR_B, 100.0), 4: (WHOLE_ONLY, DIR_B, 100.0),
-    5: (BIG, DIR_C, 100.0), 6: (WHOLE_ONLY, DIR_C, 100.0),
+    1: (BIG, DIR_A, 100.0),
+    2: (WEAK, DIR_A, 100.0),
+    3: (BIG, DIR_B, 100.0),
+    4: (WHOLE_ONLY, DIR_B, 100.0),
+    5: (BIG, DIR_C, 100.0),
+    6: (WHOLE_ONLY, DIR_C, 100.0),
 }
 PURE_HELPER_STEPS_IN = {  # no other host in 2's cluster, but a pure helper beats other clusters
-    1: (BIG, DIR_A, 100.0), 2: (WEAK, DIR_A, 100.0),
-    3: (BIG, DIR_C, 100.0), 4: (WHOLE_ONLY, DIR_C, 100.0), 5: (BIG, None, 50.0),
+    1: (BIG, DIR_A, 100.0),
+    2: (WEAK, DIR_A, 100.0),
+    3: (BIG, DIR_C, 100.0),
+    4: (WHOLE_ONLY, DIR_C, 100.0),
+    5: (BIG, None, 50.0),
 }
 NOBODY_LEFT = {  # 1 is the only node able to host anyone
-    1: (BIG, DIR_A, 100.0), 2: (WEAK, DIR_A, 100.0),
-    3: (WHOLE_ONLY, DIR_C, 100.0), 4: (WHOLE_ONLY, DIR_C, 100.0),
+    1: (BIG, DIR_A, 100.0),
+    2: (WEAK, DIR_A, 100.0),
+    3: (WHOLE_ONLY, DIR_C, 100.0),
+    4: (WHOLE_ONLY, DIR_C, 100.0),
 }
 
 
-@pytest.mark.parametrize("spec, kill, owner, new_helper, kind, repairs, fallbacks", [
-    (REPAIR_INSIDE, 1, 2, 3, REPAIR, 1, 0),
-    (FALLBACK_NEAREST, 1, 2, 3, FALLBACK, 1, 1),
-    (PURE_HELPER_STEPS_IN, 1, 2, 5, REPAIR, 1, 0),
-    (NOBODY_LEFT, 1, 2, None, UNPAIRED, 0, 0),
-], ids=["inside the cluster", "fallback to nearest cluster", "pure helper", "nobody: owner waits"])
+@pytest.mark.parametrize(
+    "spec, kill, owner, new_helper, kind, repairs, fallbacks",
+    [
+        (REPAIR_INSIDE, 1, 2, 3, REPAIR, 1, 0),
+        (FALLBACK_NEAREST, 1, 2, 3, FALLBACK, 1, 1),
+        (PURE_HELPER_STEPS_IN, 1, 2, 5, REPAIR, 1, 0),
+        (NOBODY_LEFT, 1, 2, None, UNPAIRED, 0, 0),
+    ],
+    ids=["inside the cluster", "fallback to nearest cluster", "pure helper", "nobody: owner waits"],
+)
 def test_dead_helper_is_replaced(spec, kill, owner, new_helper, kind, repairs, fallbacks):
     coord = swarm(spec)
     assert coord.assignment_for(owner)["helper"] == kill
@@ -311,8 +366,14 @@ def test_dead_helper_is_replaced(spec, kill, owner, new_helper, kind, repairs, f
     assert a["reason"].startswith(kind)
     assert kill not in a["members"] and str(kill) not in a["addresses"]
     (event,) = coord.events
-    assert (event.time, event.owner, event.old_helper, event.new_helper, event.kind, event.cause) == \
-        (50.0, owner, kill, new_helper, kind, DEAD)
+    assert (event.time, event.owner, event.old_helper, event.new_helper, event.kind, event.cause) == (
+        50.0,
+        owner,
+        kill,
+        new_helper,
+        kind,
+        DEAD,
+    )
     assert (coord.repairs, coord.fallbacks) == (repairs, fallbacks)
     assert coord.metrics()["events"] == [event.to_dict()]
     if new_helper is not None:
@@ -402,9 +463,16 @@ def test_dead_node_coming_back_is_planned_again():
 
 # ================================================================ late joiners
 
-@pytest.mark.parametrize("direction, mates, anchor", [
-    (DIR_A, [1, 2, 3], 1), (E[1], [4, 5], 4), (DIR_C, [6, 7], 6),
-], ids=["to A", "to B", "to C"])
+
+@pytest.mark.parametrize(
+    "direction, mates, anchor",
+    [
+        (DIR_A, [1, 2, 3], 1),
+        (E[1], [4, 5], 4),
+        (DIR_C, [6, 7], 6),
+    ],
+    ids=["to A", "to B", "to C"],
+)
 def test_late_joiner_goes_to_nearest_cluster_and_ids_stay(direction, mates, anchor):
     coord = swarm(THREE_GROUPS)
     ids_before = coord.clustering.ids.copy()
@@ -462,6 +530,7 @@ def test_cluster_importance_moves_the_rank_pattern_of_every_member():
     def by_kind(ranks, split):
         own = {m: r for m, r in ranks.items() if M.candidate(SHAPE, m).block < split}
         return (sum(r for m, r in own.items() if ".mlp." in m), sum(r for m, r in own.items() if ".attn." in m))
+
     assert changed
     for n, split in ((5, 2), (6, 4)):  # 5 owns blocks 0-1, 6 the whole model; same cluster
         mlp_before, attn_before = by_kind(before[n], split)
@@ -473,12 +542,16 @@ def test_cluster_importance_moves_the_rank_pattern_of_every_member():
 
 # ================================================================ peer table columns
 
+
 def test_peer_columns_fit_the_peer_table():
     coord = swarm(THREE_GROUPS)
     table = MemoryPeerTable()
     for n, (memory, direction, bw) in THREE_GROUPS.items():
-        table.put(new_record(n, caps(memory, direction is not None, bw, n_samples=0),
-                             address=f"127.0.0.1:{7000 + n}", now=0.0))
+        table.put(
+            new_record(
+                n, caps(memory, direction is not None, bw, n_samples=0), address=f"127.0.0.1:{7000 + n}", now=0.0
+            )
+        )
 
     table.update_many(coord.peer_columns())
 
@@ -490,6 +563,7 @@ def test_peer_columns_fit_the_peer_table():
 
 
 # ================================================================ persistence
+
 
 def test_snapshot_through_json_restores_the_same_coordinator():
     coord = swarm(FALLBACK_NEAREST)
@@ -509,13 +583,17 @@ def test_snapshot_through_json_restores_the_same_coordinator():
     assert back.version == coord.version and back.events == coord.events
 
 
-@pytest.mark.parametrize("mutate, match", [
-    (lambda s: {**s, "format": 99}, "format"),
-    (lambda s: {k: v for k, v in s.items() if k != "members"}, "malformed"),
-    (lambda s: {**s, "members": {**s["members"], "2": {**s["members"]["2"], "vector": [1.0, 2.0]}}}, "shape"),
-    (lambda s: {**s, "views": {**s["views"], "77": s["views"]["1"]}}, "malformed"),
-    (lambda s: [], "format"),
-], ids=["format", "no members", "short vector", "view of unknown node", "not a map"])
+@pytest.mark.parametrize(
+    "mutate, match",
+    [
+        (lambda s: {**s, "format": 99}, "format"),
+        (lambda s: {k: v for k, v in s.items() if k != "members"}, "malformed"),
+        (lambda s: {**s, "members": {**s["members"], "2": {**s["members"]["2"], "vector": [1.0, 2.0]}}}, "shape"),
+        (lambda s: {**s, "views": {**s["views"], "77": s["views"]["1"]}}, "malformed"),
+        (lambda s: [], "format"),
+    ],
+    ids=["format", "no members", "short vector", "view of unknown node", "not a map"],
+)
 def test_restore_refuses_a_bad_state(mutate, match):
     coord = swarm(TWO_GROUPS)
 
@@ -524,6 +602,7 @@ def test_restore_refuses_a_bad_state(mutate, match):
 
 
 # ================================================================ bad input
+
 
 def _bad_calls():
     return [
@@ -534,10 +613,12 @@ def _bad_calls():
         ("text vector", lambda c: c.on_fingerprint(2, "abc", 32, now=1.0), "numeric|shape"),
         ("unknown node fingerprint", lambda c: c.on_fingerprint(99, planted(DIR_A, 9), 32, now=1.0), "unknown"),
         ("negative samples", lambda c: c.on_fingerprint(2, planted(DIR_A, 2), -1, now=1.0), "n_samples"),
-        ("unknown module", lambda c: c.on_fingerprint(2, planted(DIR_A, 2), 32, {"nope": 1.0}, now=1.0),
-         "nope"),
-        ("negative importance", lambda c: c.on_fingerprint(
-            2, planted(DIR_A, 2), 32, {M.lora_candidates(SHAPE)[0].name: -1.0}, now=1.0), "importance"),
+        ("unknown module", lambda c: c.on_fingerprint(2, planted(DIR_A, 2), 32, {"nope": 1.0}, now=1.0), "nope"),
+        (
+            "negative importance",
+            lambda c: c.on_fingerprint(2, planted(DIR_A, 2), 32, {M.lora_candidates(SHAPE)[0].name: -1.0}, now=1.0),
+            "importance",
+        ),
         ("helper fingerprint", lambda c: c.on_fingerprint(8, planted(DIR_A, 8), 32, now=1.0), "pure helper"),
         ("bool id", lambda c: c.on_dead(True, now=1.0), "node_id"),
         ("negative id", lambda c: c.on_dead(-1, now=1.0), "node_id"),
@@ -567,14 +648,28 @@ def test_bad_input_is_a_clear_error_and_changes_nothing(call, match):
     assert snapshot(coord) == before
 
 
-@pytest.mark.parametrize("field, value", [
-    ("min_nodes", 0), ("min_nodes", True), ("assign_after_s", -1.0), ("assign_after_s", math.inf),
-    ("clusters", 0), ("clusters", 2.0), ("k_max", 1), ("silhouette_threshold", 1.5), ("seed", "x"),
-    ("fingerprint_dim", 0), ("plan", {}), ("workload", None),
-])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("min_nodes", 0),
+        ("min_nodes", True),
+        ("assign_after_s", -1.0),
+        ("assign_after_s", math.inf),
+        ("clusters", 0),
+        ("clusters", 2.0),
+        ("k_max", 1),
+        ("silhouette_threshold", 1.5),
+        ("seed", "x"),
+        ("fingerprint_dim", 0),
+        ("plan", {}),
+        ("workload", None),
+    ],
+)
 def test_config_rejects_bad_values_naming_field_and_value(field, value):
-    with pytest.raises(ValueError, match=f"{field}.*{value!r}".replace("(", r"\(").replace(")", r"\)")
-                       .replace("{", r"\{").replace("}", r"\}")):
+    with pytest.raises(
+        ValueError,
+        match=f"{field}.*{value!r}".replace("(", r"\(").replace(")", r"\)").replace("{", r"\{").replace("}", r"\}"),
+    ):
         config(**{field: value})
 
 
@@ -585,13 +680,16 @@ def test_config_rejects_a_privacy_floor_deeper_than_the_model():
 
 # ================================================================ invariants under churn
 
+
 def _done_serving(coord, n):
     a = coord.assignment_for(n)
     return coord.status(n) == DONE and a["role"] == HELPER and bool(a["serves"]) and not a["members"]
 
 
-EVENTS = st.lists(st.tuples(st.sampled_from(["dead", "left", "done", "alive", "fail", "join", "fingerprint"]),
-                            st.integers(1, 8)), max_size=12)
+EVENTS = st.lists(
+    st.tuples(st.sampled_from(["dead", "left", "done", "alive", "fail", "join", "fingerprint"]), st.integers(1, 8)),
+    max_size=12,
+)
 
 
 @pytest.mark.parametrize("spec", [THREE_GROUPS, FALLBACK_NEAREST], ids=["3 groups", "fallback swarm"])
@@ -633,8 +731,7 @@ def test_churn_keeps_plans_consistent_and_versions_monotonic(spec, events):
             seen[m] = v
             a = coord.assignment_for(m)
             Assignment(**a)
-            linked = [x for x in [a["helper"], a["anchor"], *a["members"], *a["serves"]]
-                      if x is not None]
+            linked = [x for x in [a["helper"], a["anchor"], *a["members"], *a["serves"]] if x is not None]
             assert all(coord.status(x) == LIVE or _done_serving(coord, x) for x in linked), (m, a)
             if coord.status(m) != LIVE and not _done_serving(coord, m):
                 assert a["role"] == WAITING and not a["serves"] and not a["members"]

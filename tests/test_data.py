@@ -42,7 +42,10 @@ def tok():
     [
         ([{"text": "w01 k1", "label": 2, "task": "a"}, {"text": "k0", "label": 0}], "classification"),
         ([{"text": "w01 k1 ? a2"}, {"text": "k0 ? a1", "task": 3}], "lm"),
-        ([{"prompt": "w01 k1 ?", "completion": "a2", "task": 0}, {"prompt": "k0 ?", "completion": "a1"}], "instruction"),
+        (
+            [{"prompt": "w01 k1 ?", "completion": "a2", "task": 0}, {"prompt": "k0 ?", "completion": "a1"}],
+            "instruction",
+        ),
     ],
 )
 def test_load_each_kind_keeps_task_apart(tmp_path, records, kind):
@@ -66,7 +69,7 @@ def test_extra_fields_and_blank_lines_are_ignored(tmp_path):
     "lines, line, words",
     [
         (['{"text": "a", "label": 1}', '{"text": "b", "label": '], 2, "bad JSON"),
-        (['[1, 2]'], 1, "JSON object"),
+        (["[1, 2]"], 1, "JSON object"),
         (['{"label": 1}'], 1, "missing field 'text'"),
         (['{"prompt": "p"}'], 1, "missing field 'completion'"),
         (['{"prompt": "p", "completion": "c", "text": "t"}'], 1, "mixes"),

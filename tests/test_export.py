@@ -26,8 +26,16 @@ MEMBER_RANKS = {1: (2, 1), 2: (4, 1), 3: (1, 2)}  # node -> rank pattern over th
 
 
 def _model(family, task):
-    return tiny_model(family, task, VOCAB, num_labels=LABELS if task == SEQ_CLS else None,
-                      num_layers=LAYERS, hidden=HIDDEN, heads=HEADS, seed=0)
+    return tiny_model(
+        family,
+        task,
+        VOCAB,
+        num_labels=LABELS if task == SEQ_CLS else None,
+        num_layers=LAYERS,
+        hidden=HIDDEN,
+        heads=HEADS,
+        seed=0,
+    )
 
 
 def _targets(family, task):
@@ -92,21 +100,32 @@ def _relative_errors(loaded, log):
 
 
 def _card(**overrides):
-    fields = dict(base_model="org/tiny-base", task=SEQ_CLS, num_labels=LABELS, label_names=("neg", "neu", "pos"),
-                  cluster="0", members=(1, 2, 3), rounds=ROUNDS, node_id=2,
-                  evals=(RoundEval(0, "accuracy", 0.5), RoundEval(1, "accuracy", 0.625), RoundEval(2, "accuracy", 0.75)))
+    fields = dict(
+        base_model="org/tiny-base",
+        task=SEQ_CLS,
+        num_labels=LABELS,
+        label_names=("neg", "neu", "pos"),
+        cluster="0",
+        members=(1, 2, 3),
+        rounds=ROUNDS,
+        node_id=2,
+        evals=(RoundEval(0, "accuracy", 0.5), RoundEval(1, "accuracy", 0.625), RoundEval(2, "accuracy", 0.75)),
+    )
     return AdapterCard(**{**fields, **overrides})
 
 
 # ---- numerical rank ----------------------------------------------------------------------------------
-@pytest.mark.parametrize("values,tol,rank", [
-    ([3.0, 2.0, 1e-9, 0.0], 1e-6, 2),  # the 1e-9 tail is within 1e-6 of ||·|| = sqrt(13)
-    ([3.0, 2.0, 1e-5, 0.0], 1e-6, 3),
-    ([3.0, 2.0, 1.0], 0.0, 3),
-    ([1.0, 1.0, 1.0, 1.0], 0.5, 3),  # tails sqrt(3), sqrt(2), 1 of ||·|| = 2: only one value may go
-    ([0.0, 0.0], 1e-6, 0),
-    ([], 1e-6, 0),
-])
+@pytest.mark.parametrize(
+    "values,tol,rank",
+    [
+        ([3.0, 2.0, 1e-9, 0.0], 1e-6, 2),  # the 1e-9 tail is within 1e-6 of ||·|| = sqrt(13)
+        ([3.0, 2.0, 1e-5, 0.0], 1e-6, 3),
+        ([3.0, 2.0, 1.0], 0.0, 3),
+        ([1.0, 1.0, 1.0, 1.0], 0.5, 3),  # tails sqrt(3), sqrt(2), 1 of ||·|| = 2: only one value may go
+        ([0.0, 0.0], 1e-6, 0),
+        ([], 1e-6, 0),
+    ],
+)
 def test_rank_within_is_the_smallest_rank_whose_dropped_tail_is_within_tolerance(values, tol, rank):
     assert rank_within(torch.tensor(values, dtype=torch.float64), tol) == rank
 
@@ -172,8 +191,9 @@ def test_lossy_export_rank_2_caps_every_module_and_reports_its_error(tmp_path):
     folded, log = _folded("llama", SEQ_CLS)
     batches = _batches(SEQ_CLS)
 
-    report = export_adapter(_model("llama", SEQ_CLS), log, tmp_path / "lossy", 2,
-                            reference=folded, eval_batches=batches)
+    report = export_adapter(
+        _model("llama", SEQ_CLS), log, tmp_path / "lossy", 2, reference=folded, eval_batches=batches
+    )
 
     loaded = PeftModel.from_pretrained(_model("llama", SEQ_CLS), str(tmp_path / "lossy"))
     measured = _relative_errors(loaded, log)
@@ -194,19 +214,30 @@ def test_adapter_dir_names_its_base_and_has_a_model_card(tmp_path):
     folded, log = _folded("llama", SEQ_CLS)
     card = _card()
 
-    report = export_adapter(_model("llama", SEQ_CLS), log, tmp_path / "adapter", card=card,
-                            reference=folded, eval_batches=_batches(SEQ_CLS))
+    report = export_adapter(
+        _model("llama", SEQ_CLS), log, tmp_path / "adapter", card=card, reference=folded, eval_batches=_batches(SEQ_CLS)
+    )
 
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == "org/tiny-base" == report.base_model
     text = (tmp_path / "adapter" / "README.md").read_text()
     assert text == render_card(card, report)
     assert "More Information Needed" not in text  # not peft's template
-    for needle in ['base_model: "org/tiny-base"', "`org/tiny-base`", "sequence classification, 3 labels",
-                   "0: neg, 1: neu, 2: pos", "| Cluster | 0 |", "node 1, node 2, node 3", "3 merge rounds",
-                   "base version 3", "| 2 | 0.7500 |", "exact", "PeftModel.from_pretrained",
-                   "AutoModelForSequenceClassification.from_pretrained('org/tiny-base', num_labels=3)",
-                   "1.0000 of 9 predictions"]:
+    for needle in [
+        'base_model: "org/tiny-base"',
+        "`org/tiny-base`",
+        "sequence classification, 3 labels",
+        "0: neg, 1: neu, 2: pos",
+        "| Cluster | 0 |",
+        "node 1, node 2, node 3",
+        "3 merge rounds",
+        "base version 3",
+        "| 2 | 0.7500 |",
+        "exact",
+        "PeftModel.from_pretrained",
+        "AutoModelForSequenceClassification.from_pretrained('org/tiny-base', num_labels=3)",
+        "1.0000 of 9 predictions",
+    ]:
         assert needle in text, needle
     ranks = report.ranks.values()
     assert f"ranks {min(ranks)}..{max(ranks)}" in text
@@ -223,13 +254,16 @@ def test_without_a_card_the_base_is_the_models_name_or_path(tmp_path):
     assert config["base_model_name_or_path"] == "local/gpt2-dir" == report.base_model
 
 
-@pytest.mark.parametrize("overrides,match", [
-    ({"base_model": ""}, "base_model"),
-    ({"task": "tagging"}, "task"),
-    ({"label_names": ("a", "b")}, "label_names"),
-    ({"num_labels": 0}, "num_labels"),
-    ({"rounds": -1}, "rounds"),
-])
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        ({"base_model": ""}, "base_model"),
+        ({"task": "tagging"}, "task"),
+        ({"label_names": ("a", "b")}, "label_names"),
+        ({"num_labels": 0}, "num_labels"),
+        ({"rounds": -1}, "rounds"),
+    ],
+)
 def test_card_fields_are_checked(overrides, match):
     with pytest.raises(ValueError, match=match):
         _card(**overrides)

@@ -129,8 +129,11 @@ def test_micro_batches_hold_the_chosen_examples_shortest_first():
     pieces = client_batches(1, 0, config=config, records=records, micro_batch=8)
 
     def rows(batches):
-        return sorted((tuple(ids[mask.bool()].tolist()), int(label)) for b in batches
-                      for ids, mask, label in zip(b["input_ids"], b["attention_mask"], b["labels"]))
+        return sorted(
+            (tuple(ids[mask.bool()].tolist()), int(label))
+            for b in batches
+            for ids, mask, label in zip(b["input_ids"], b["attention_mask"], b["labels"])
+        )
 
     assert len(whole) == 1 and [len(b["labels"]) for b in pieces] == [8] * 6 + [2]
     assert rows(pieces) == rows(whole)  # the same 50 examples, only grouped differently
@@ -193,7 +196,8 @@ def test_task_field_never_influences_the_fingerprint():
     removed = [{k: v for k, v in r.items() if k != "task"} for r in records]
 
     prints = [
-        compute_fingerprint(model, client_batches(0, 0, records=r), hf_loss, CONFIG) for r in (records, renamed, removed)
+        compute_fingerprint(model, client_batches(0, 0, records=r), hf_loss, CONFIG)
+        for r in (records, renamed, removed)
     ]
 
     assert np.array_equal(prints[0], prints[1]) and np.array_equal(prints[0], prints[2])

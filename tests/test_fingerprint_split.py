@@ -8,12 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from atlas_p2p.training import probe
 from atlas_p2p.data import load_for_task
-from atlas_p2p.training import node_fingerprint
+from atlas_p2p.synthetic import write_synthetic_jsonl
+from atlas_p2p.training import node_fingerprint, probe
 from nodes.fingerprinting import split_loss
 from nodes.modelname import build_model, build_tokenizer
-from atlas_p2p.synthetic import write_synthetic_jsonl
 from transport.codec import decode, encode
 from transport.messages import Backward, Envelope, Hidden
 
@@ -31,15 +30,22 @@ def _helper(base):
             grad, loss = probe.probe_grad(base, b.split, b.activations, b.attention_mask, b.labels)
             return wire(Backward(step=0, grad=grad.numpy(), loss=loss))
         if b.hidden_grad is None:
-            return wire(Hidden(step=0, hidden=probe.probe_hidden(base, b.split, b.activations, b.attention_mask).numpy()))
-        return wire(Backward(step=0, grad=probe.probe_vjp(base, b.split, b.activations, b.attention_mask,
-                                                          b.hidden_grad).numpy()))
+            return wire(
+                Hidden(step=0, hidden=probe.probe_hidden(base, b.split, b.activations, b.attention_mask).numpy())
+            )
+        return wire(
+            Backward(
+                step=0, grad=probe.probe_vjp(base, b.split, b.activations, b.attention_mask, b.hidden_grad).numpy()
+            )
+        )
 
     return call
 
 
-@pytest.mark.parametrize("model_name, task, labels", [("tiny-gpt2", "seq_cls", 4), ("tiny-bert", "seq_cls", 4),
-                                                      ("tiny-gpt2", "causal_lm", None)])
+@pytest.mark.parametrize(
+    "model_name, task, labels",
+    [("tiny-gpt2", "seq_cls", 4), ("tiny-bert", "seq_cls", 4), ("tiny-gpt2", "causal_lm", None)],
+)
 @pytest.mark.parametrize("mode", ["two-part", "u-shape"])
 def test_fingerprint_across_a_cut_equals_the_whole_model(tmp_path, model_name, task, labels, mode):
     tok = build_tokenizer(model_name)
@@ -50,8 +56,14 @@ def test_fingerprint_across_a_cut_equals_the_whole_model(tmp_path, model_name, t
 
     whole = node_fingerprint(build_model(model_name, task, labels), encoded, seed=4, samples=24, micro_batch=8)
     for split in (1, 3):
-        across = node_fingerprint(owner_base, encoded, seed=4, samples=24, micro_batch=8,
-                                  loss_fn=split_loss(split, mode, _helper(helper_base), owner_id=7))
+        across = node_fingerprint(
+            owner_base,
+            encoded,
+            seed=4,
+            samples=24,
+            micro_batch=8,
+            loss_fn=split_loss(split, mode, _helper(helper_base), owner_id=7),
+        )
         assert np.allclose(across, whole, atol=1e-5), (split, np.abs(across - whole).max())
     after = helper_base.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)

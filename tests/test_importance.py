@@ -39,8 +39,9 @@ def test_measure_across_a_cut_scores_only_the_blocks_the_node_runs():
     loss, _ = helper(hidden, batch["attention_mask"], batch["labels"])
     (grad,) = torch.autograd.grad(loss, hidden)  # what a provisional helper sends back
 
-    scores = I.measure(model, batch, lambda _, b: (owner(b["input_ids"], b["attention_mask"]) * grad).sum(),
-                       shape, split=1)
+    scores = I.measure(
+        model, batch, lambda _, b: (owner(b["input_ids"], b["attention_mask"]) * grad).sum(), shape, split=1
+    )
 
     front = [m.name for m in lora_candidates(shape) if m.block == 0]
     assert list(scores) == front

@@ -28,8 +28,9 @@ VOCAB = 64
 
 
 def _model(family="llama", task=CAUSAL_LM, layers=3, seed=0):
-    return tiny_model(family, task, VOCAB, num_labels=3 if task == SEQ_CLS else None, num_layers=layers,
-                      hidden=32, heads=4, seed=seed)
+    return tiny_model(
+        family, task, VOCAB, num_labels=3 if task == SEQ_CLS else None, num_layers=layers, hidden=32, heads=4, seed=seed
+    )
 
 
 def _ids():
@@ -52,9 +53,16 @@ def _logits(model, ids=None):
 
 # ---- targets -------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("family,task,per_attn,per_mlp", [
-    ("gpt2", CAUSAL_LM, 2, 2), ("llama", CAUSAL_LM, 4, 3), ("qwen2", CAUSAL_LM, 4, 3), ("bert", SEQ_CLS, 4, 2),
-])
+
+@pytest.mark.parametrize(
+    "family,task,per_attn,per_mlp",
+    [
+        ("gpt2", CAUSAL_LM, 2, 2),
+        ("llama", CAUSAL_LM, 4, 3),
+        ("qwen2", CAUSAL_LM, 4, 3),
+        ("bert", SEQ_CLS, 4, 2),
+    ],
+)
 def test_lora_targets_name_existing_linears_per_kind(family, task, per_attn, per_mlp):
     model = _model(family, task)
     attn = lora_targets(model)
@@ -75,6 +83,7 @@ def test_lora_targets_reject_bad_kinds_and_layers():
 
 
 # ---- attaching with per-module ranks --------------------------------------------------------
+
 
 def test_rank_pattern_gives_each_module_its_rank_and_rank_zero_no_adapter():
     model = _model("llama", CAUSAL_LM, layers=12)
@@ -131,18 +140,21 @@ def test_bert_head_defaults_to_classifier_and_can_be_frozen():
     assert get_dense_trainables(frozen) == {}
 
 
-@pytest.mark.parametrize("ranks,kwargs,match", [
-    ({}, {}, "ranks"),
-    ({"model.layers.0.self_attn.q_proj": 0}, {}, "every rank is 0"),
-    ({"model.layers.0.self_attn.q_proj": -1}, {}, "ranks"),
-    ({"model.layers.0.self_attn.q_proj": 2.0}, {}, "ranks"),
-    ({"model.layers.9.self_attn.q_proj": 2}, {}, "no module"),
-    ({"model.layers.0.input_layernorm": 2}, {}, "not a Linear"),
-    ({"model.layers.0.self_attn.q_proj": 2}, {"alpha": {"x": 1.0}}, "alpha"),
-    ({"model.layers.0.self_attn.q_proj": 2}, {"alpha": -1.0}, "alpha"),
-    ({"model.layers.0.self_attn.q_proj": 2}, {"dropout": 1.5}, "dropout"),
-    ({"model.layers.0.self_attn.q_proj": 2}, {"modules_to_save": ["nope"]}, "modules_to_save"),
-])
+@pytest.mark.parametrize(
+    "ranks,kwargs,match",
+    [
+        ({}, {}, "ranks"),
+        ({"model.layers.0.self_attn.q_proj": 0}, {}, "every rank is 0"),
+        ({"model.layers.0.self_attn.q_proj": -1}, {}, "ranks"),
+        ({"model.layers.0.self_attn.q_proj": 2.0}, {}, "ranks"),
+        ({"model.layers.9.self_attn.q_proj": 2}, {}, "no module"),
+        ({"model.layers.0.input_layernorm": 2}, {}, "not a Linear"),
+        ({"model.layers.0.self_attn.q_proj": 2}, {"alpha": {"x": 1.0}}, "alpha"),
+        ({"model.layers.0.self_attn.q_proj": 2}, {"alpha": -1.0}, "alpha"),
+        ({"model.layers.0.self_attn.q_proj": 2}, {"dropout": 1.5}, "dropout"),
+        ({"model.layers.0.self_attn.q_proj": 2}, {"modules_to_save": ["nope"]}, "modules_to_save"),
+    ],
+)
 def test_attach_lora_rejects_bad_arguments_before_changing_the_model(ranks, kwargs, match):
     model = _model()
     with pytest.raises(ValueError, match=match):
@@ -158,6 +170,7 @@ def test_attach_lora_twice_is_rejected():
 
 
 # ---- initialisation -------------------------------------------------------------------------
+
 
 def test_adapter_init_depends_only_on_seed_and_module_name():
     q0 = "model.layers.0.self_attn.q_proj"
@@ -183,6 +196,7 @@ def test_reset_adapters_restores_the_fresh_state_for_a_seed():
 
 
 # ---- factors and dense trainables in/out -----------------------------------------------------
+
 
 def test_get_set_factors_round_trip_between_models_gives_identical_outputs():
     names = lora_targets(_model("gpt2"), kinds=("attn", "mlp"))
@@ -252,6 +266,7 @@ def test_dense_trainables_round_trip_and_validation():
 
 # ---- folding into the base --------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_add_delta_to_base_equals_peft_merge(family):
     names = lora_targets(_model(family), kinds=("attn", "mlp"))
@@ -283,12 +298,15 @@ def test_add_delta_to_base_accepts_numpy_and_plain_models():
     assert torch.allclose(base_weight(model, name), before + 0.25)
 
 
-@pytest.mark.parametrize("delta,match", [
-    (torch.zeros(32, 32), "shape"),
-    (torch.zeros(96, 32, dtype=torch.long), "floating"),
-    (torch.full((96, 32), float("inf")), "NaN or infinite"),
-    ("delta", "floating"),
-])
+@pytest.mark.parametrize(
+    "delta,match",
+    [
+        (torch.zeros(32, 32), "shape"),
+        (torch.zeros(96, 32, dtype=torch.long), "floating"),
+        (torch.full((96, 32), float("inf")), "NaN or infinite"),
+        ("delta", "floating"),
+    ],
+)
 def test_add_delta_to_base_rejects_bad_deltas(delta, match):
     model = _model("gpt2")
     before = base_weight(model, "transformer.h.0.attn.c_attn")
@@ -306,6 +324,7 @@ def test_base_weight_rejects_unknown_and_non_linear_modules():
 
 
 # ---- export ---------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("family,task", [("gpt2", CAUSAL_LM), ("llama", SEQ_CLS), ("bert", SEQ_CLS)])
 def test_peft_dir_loads_with_from_pretrained_and_gives_identical_logits(tmp_path, family, task):

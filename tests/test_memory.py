@@ -1,5 +1,6 @@
 """Memory model: parameter counts against real models, the footprint formulas, a real
 measured training step, and the least-squares calibration."""
+
 import dataclasses
 
 import pytest
@@ -21,8 +22,16 @@ def _tiny(family, task="causal_lm", layers=3):
 def _qwen3(layers=2):
     import transformers as T
 
-    config = T.Qwen3Config(hidden_size=64, intermediate_size=96, num_hidden_layers=layers, num_attention_heads=4,
-                           num_key_value_heads=2, head_dim=16, vocab_size=VOCAB, max_position_embeddings=64)
+    config = T.Qwen3Config(
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        vocab_size=VOCAB,
+        max_position_embeddings=64,
+    )
     torch.manual_seed(0)
     model = T.Qwen3ForCausalLM(config)
     return model, M.shape_from_config(model.config, "causal_lm")
@@ -32,17 +41,38 @@ def _count(module):
     return sum(p.numel() for p in module.parameters())
 
 
-GPT2 = M.ModelShape("gpt2", "gpt2", "causal_lm", num_layers=4, hidden=64, heads=4, kv_heads=4, head_dim=16,
-                    intermediate=256, vocab_size=1000, max_positions=128)
+GPT2 = M.ModelShape(
+    "gpt2",
+    "gpt2",
+    "causal_lm",
+    num_layers=4,
+    hidden=64,
+    heads=4,
+    kv_heads=4,
+    head_dim=16,
+    intermediate=256,
+    vocab_size=1000,
+    max_positions=128,
+)
 WORK = M.Workload(batch=4, seq_len=32)
 
 
 # ---------------------------------------------------------------- counts vs real models
 
-@pytest.mark.parametrize("family,task", [
-    ("gpt2", "causal_lm"), ("gpt2", "seq_cls"), ("llama", "causal_lm"), ("llama", "seq_cls"),
-    ("qwen2", "causal_lm"), ("mistral", "causal_lm"), ("bert", "seq_cls"), ("qwen3", "causal_lm"),
-])
+
+@pytest.mark.parametrize(
+    "family,task",
+    [
+        ("gpt2", "causal_lm"),
+        ("gpt2", "seq_cls"),
+        ("llama", "causal_lm"),
+        ("llama", "seq_cls"),
+        ("qwen2", "causal_lm"),
+        ("mistral", "causal_lm"),
+        ("bert", "seq_cls"),
+        ("qwen3", "causal_lm"),
+    ],
+)
 def test_parameter_counts_match_the_real_model(family, task):
     model, shape = _qwen3() if family == "qwen3" else _tiny(family, task)
 
@@ -72,18 +102,26 @@ def test_shape_from_config_reads_dropout_and_rejects_unknown_models():
     import transformers as T
 
     assert M.shape_from_config(T.GPT2Config(n_layer=2, n_embd=32, n_head=2)).dropout is True
-    assert M.shape_from_config(T.LlamaConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=2,
-                                             intermediate_size=64)).dropout is False
+    assert (
+        M.shape_from_config(
+            T.LlamaConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=2, intermediate_size=64)
+        ).dropout
+        is False
+    )
     with pytest.raises(ValueError, match="model_type='t5'"):
         M.shape_from_config(T.T5Config())
 
 
 # ---------------------------------------------------------------- the formulas
 
+
 def test_paper_constants_give_68_BSH_plus_10_BNS2_bytes_per_fp32_layer():
     B, S, H, N = WORK.batch, WORK.seq_len, GPT2.hidden, GPT2.heads
-    per_layer = [M.owner_footprint(GPT2, l + 1, {}, WORK, M.PAPER_CONSTANTS).activations
-                 - M.owner_footprint(GPT2, l, {}, WORK, M.PAPER_CONSTANTS).activations for l in range(1, 4)]
+    per_layer = [
+        M.owner_footprint(GPT2, l + 1, {}, WORK, M.PAPER_CONSTANTS).activations
+        - M.owner_footprint(GPT2, l, {}, WORK, M.PAPER_CONSTANTS).activations
+        for l in range(1, 4)
+    ]
 
     assert per_layer == [68 * B * S * H + 10 * B * N * S * S] * 3
 
@@ -97,8 +135,9 @@ def test_adapter_bytes_are_four_copies_of_r_times_din_plus_dout():
     assert owner.adapter == 4 * 4 * 8 * (64 + 192)  # the block-3 adapter is not the owner's
 
 
-@pytest.mark.parametrize("field,value,part", [("act_bytes", 2, "activations"), ("weight_bytes", 2, "frozen"),
-                                              ("lora_bytes", 2, "adapter")])
+@pytest.mark.parametrize(
+    "field,value,part", [("act_bytes", 2, "activations"), ("weight_bytes", 2, "frozen"), ("lora_bytes", 2, "adapter")]
+)
 def test_element_width_scales_its_own_part_only(field, value, part):
     ranks = {M.lora_candidates(GPT2)[0].name: 4}
     full = M.owner_footprint(GPT2, 2, ranks, WORK)
@@ -136,25 +175,29 @@ def test_helper_holds_the_deepest_owners_layers_once_and_each_owners_batch():
 
     assert both.frozen == M.helper_weights_bytes(GPT2, 1, 4) == (3 * M.block_params(GPT2) + 128 + 64000) * 4
     assert both.adapter == 4 * 4 * 4 * (256 + 64)
-    assert both.activations == (M.served_owner_footprint(GPT2, a).activations
-                                + M.served_owner_footprint(GPT2, b).activations)
+    assert both.activations == (
+        M.served_owner_footprint(GPT2, a).activations + M.served_owner_footprint(GPT2, b).activations
+    )
     assert held == dataclasses.replace(both, frozen=0)
     assert M.helper_footprint(GPT2, []).total == 0
 
 
-@pytest.mark.parametrize("make,match", [
-    (lambda: dataclasses.replace(GPT2, family="opt"), "family='opt'"),
-    (lambda: dataclasses.replace(GPT2, kv_heads=3), "kv_heads=3"),
-    (lambda: dataclasses.replace(GPT2, task="seq_cls"), "num_labels=0"),
-    (lambda: M.Workload(batch=0, seq_len=8), "batch=0"),
-    (lambda: M.Workload(batch=1, seq_len=8, act_bytes=2.5), "act_bytes=2.5"),
-    (lambda: M.ActivationConstants(-1.0, 0.0, 0.0), "per_hidden=-1.0"),
-    (lambda: M.owner_footprint(GPT2, 5, {}, WORK), "split=5"),
-    (lambda: M.owner_footprint(GPT2, 1, {"transformer.h.0.attn.q_proj": 2}, WORK), "q_proj"),
-    (lambda: M.owner_footprint(GPT2, 1, {M.lora_candidates(GPT2)[0].name: -2}, WORK), "-2"),
-    (lambda: M.dtype_bytes("float8"), "float8"),
-    (lambda: M.MemorySample(GPT2, 2, {}, WORK, peak=10, head=True), "split=2"),
-])
+@pytest.mark.parametrize(
+    "make,match",
+    [
+        (lambda: dataclasses.replace(GPT2, family="opt"), "family='opt'"),
+        (lambda: dataclasses.replace(GPT2, kv_heads=3), "kv_heads=3"),
+        (lambda: dataclasses.replace(GPT2, task="seq_cls"), "num_labels=0"),
+        (lambda: M.Workload(batch=0, seq_len=8), "batch=0"),
+        (lambda: M.Workload(batch=1, seq_len=8, act_bytes=2.5), "act_bytes=2.5"),
+        (lambda: M.ActivationConstants(-1.0, 0.0, 0.0), "per_hidden=-1.0"),
+        (lambda: M.owner_footprint(GPT2, 5, {}, WORK), "split=5"),
+        (lambda: M.owner_footprint(GPT2, 1, {"transformer.h.0.attn.q_proj": 2}, WORK), "q_proj"),
+        (lambda: M.owner_footprint(GPT2, 1, {M.lora_candidates(GPT2)[0].name: -2}, WORK), "-2"),
+        (lambda: M.dtype_bytes("float8"), "float8"),
+        (lambda: M.MemorySample(GPT2, 2, {}, WORK, peak=10, head=True), "split=2"),
+    ],
+)
 def test_bad_input_is_rejected_with_the_field_named(make, match):
     with pytest.raises(ValueError, match=match):
         make()
@@ -165,6 +208,7 @@ def test_dtype_bytes_accepts_names_and_torch_dtypes():
 
 
 # ---------------------------------------------------------------- measurement
+
 
 def _owner_sample(model, shape, ranks, split, B, S):
     part, _ = split_model(model, split)
@@ -224,6 +268,7 @@ def test_measuring_a_frozen_module_is_refused():
 
 # ---------------------------------------------------------------- calibration
 
+
 def test_calibrate_recovers_the_constants_that_made_the_peaks():
     truth = M.ActivationConstants(per_hidden=6.0, per_mlp=3.5, per_score=1.25, fixed=7.0, head=2.5)
     narrow = dataclasses.replace(GPT2, intermediate=128)
@@ -278,10 +323,13 @@ def test_calibrated_whole_model_prediction_includes_the_head():
     assert M.relative_errors([sample])[0] <= 0.25
 
 
-@pytest.mark.parametrize("samples,match", [
-    ([], "at least one"),
-    ([M.MemorySample(GPT2, 1, {}, WORK, peak=10)], "family 'gpt2'"),
-])
+@pytest.mark.parametrize(
+    "samples,match",
+    [
+        ([], "at least one"),
+        ([M.MemorySample(GPT2, 1, {}, WORK, peak=10)], "family 'gpt2'"),
+    ],
+)
 def test_calibrate_rejects_bad_samples(samples, match):
     with pytest.raises(ValueError, match=match):
         M.calibrate("llama", samples)

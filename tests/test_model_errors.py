@@ -26,8 +26,13 @@ def _model_dir(root, kind: str) -> str:
     if kind == "t5":  # a family ATLAS cannot split
         T5Config(d_model=16, num_layers=1, num_heads=2, d_ff=32, vocab_size=50).save_pretrained(path)
     elif kind == "no-weights":  # a BERT config and tokenizer, but no weights
-        BertConfig(vocab_size=len(synthetic_tokenizer()), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                   intermediate_size=32).save_pretrained(path)
+        BertConfig(
+            vocab_size=len(synthetic_tokenizer()),
+            hidden_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=32,
+        ).save_pretrained(path)
         synthetic_tokenizer().save_pretrained(path)
     return str(path)
 
@@ -48,8 +53,9 @@ CASES = {
 def outcomes(tmp_path_factory):
     """case -> (model name, state dir, CompletedProcess), all commands run side by side."""
     root = tmp_path_factory.mktemp("models")
-    names = {kind: HUB_ID if kind == "hub" else _model_dir(root, kind) for kind in ("hub", "missing", "t5",
-                                                                                   "no-weights")}
+    names = {
+        kind: HUB_ID if kind == "hub" else _model_dir(root, kind) for kind in ("hub", "missing", "t5", "no-weights")
+    }
     running = {}
     commands = Swarm(root / "commands", env={"HF_HUB_OFFLINE": "1"})
     for case, (command, kind, _) in CASES.items():
@@ -58,12 +64,23 @@ def outcomes(tmp_path_factory):
             task = [] if case == "bootstrap-task" else ["--task", "seq_cls", "--num-labels", "4"]
             args = ["bootstrap", "--bind", "127.0.0.1:0", "--state", str(state), "--model", names[kind], *task]
         else:
-            args = ["join", "--bootstrap", "127.0.0.1:9", "--memory", "1GB", "--bandwidth", "10Mbps",
-                    "--model", names[kind]]
+            args = [
+                "join",
+                "--bootstrap",
+                "127.0.0.1:9",
+                "--memory",
+                "1GB",
+                "--bandwidth",
+                "10Mbps",
+                "--model",
+                names[kind],
+            ]
         running[case] = (names[kind], state, commands.start_command(*args))
     try:
-        return {case: (name, state, commands.finish_command(proc, timeout=300))
-                for case, (name, state, proc) in running.items()}
+        return {
+            case: (name, state, commands.finish_command(proc, timeout=300))
+            for case, (name, state, proc) in running.items()
+        }
     finally:
         commands.close()  # kills and reaps whatever still runs
 

@@ -32,8 +32,17 @@ VOCAB = 40
 
 
 def _tiny(family="llama", task=CAUSAL_LM, seed=0, **kw):
-    return tiny_model(family, task, VOCAB, num_labels=2 if task == SEQ_CLS else None, num_layers=2, hidden=16,
-                      heads=2, seed=seed, **kw)
+    return tiny_model(
+        family,
+        task,
+        VOCAB,
+        num_labels=2 if task == SEQ_CLS else None,
+        num_layers=2,
+        hidden=16,
+        heads=2,
+        seed=seed,
+        **kw,
+    )
 
 
 def _word_tokenizer():
@@ -45,8 +54,10 @@ def _word_tokenizer():
 
 # ---- tiny models -------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("family,task", [(f, CAUSAL_LM) for f in TINY_FAMILIES if f != "bert"]
-                         + [(f, SEQ_CLS) for f in TINY_FAMILIES])
+
+@pytest.mark.parametrize(
+    "family,task", [(f, CAUSAL_LM) for f in TINY_FAMILIES if f != "bert"] + [(f, SEQ_CLS) for f in TINY_FAMILIES]
+)
 def test_tiny_models_build_for_every_family_and_task(family, task):
     model = _tiny(family, task)
     ids = torch.randint(3, VOCAB, (2, 5))
@@ -67,22 +78,26 @@ def test_tiny_model_is_deterministic_for_a_seed_and_leaves_the_global_rng_alone(
     assert any(not torch.equal(sa[k], sc[k]) for k in sa)
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(family="t5", task=CAUSAL_LM), "family"),
-    (dict(family="bert", task=CAUSAL_LM), "seq_cls"),
-    (dict(family="gpt2", task="generate"), "task"),
-    (dict(family="gpt2", task=SEQ_CLS), "num_labels"),
-    (dict(family="gpt2", task=SEQ_CLS, num_labels=0), "num_labels"),
-    (dict(family="gpt2", task=CAUSAL_LM, num_labels=3), "num_labels"),
-    (dict(family="llama", task=CAUSAL_LM, hidden=30, heads=4), "hidden"),
-    (dict(family="llama", task=CAUSAL_LM, num_layers=0), "num_layers"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(family="t5", task=CAUSAL_LM), "family"),
+        (dict(family="bert", task=CAUSAL_LM), "seq_cls"),
+        (dict(family="gpt2", task="generate"), "task"),
+        (dict(family="gpt2", task=SEQ_CLS), "num_labels"),
+        (dict(family="gpt2", task=SEQ_CLS, num_labels=0), "num_labels"),
+        (dict(family="gpt2", task=CAUSAL_LM, num_labels=3), "num_labels"),
+        (dict(family="llama", task=CAUSAL_LM, hidden=30, heads=4), "hidden"),
+        (dict(family="llama", task=CAUSAL_LM, num_layers=0), "num_layers"),
+    ],
+)
 def test_tiny_model_rejects_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         tiny_model(vocab_size=VOCAB, **kwargs)
 
 
 # ---- family adapters ----------------------------------------------------------------------------
+
 
 def test_family_adapter_locates_blocks_norm_and_lora_modules():
     model = _tiny("gpt2")
@@ -93,8 +108,12 @@ def test_family_adapter_locates_blocks_norm_and_lora_modules():
     assert family.final_norm(model) is model.transformer.ln_f
     assert family.conv1d
     names = lora_module_names(model, 1, ("attn", "mlp"))
-    assert names == ["transformer.h.1.attn.c_attn", "transformer.h.1.attn.c_proj",
-                     "transformer.h.1.mlp.c_fc", "transformer.h.1.mlp.c_proj"]
+    assert names == [
+        "transformer.h.1.attn.c_attn",
+        "transformer.h.1.attn.c_proj",
+        "transformer.h.1.mlp.c_fc",
+        "transformer.h.1.mlp.c_proj",
+    ]
     assert all(n in modules for n in names)
 
 
@@ -127,6 +146,7 @@ def test_pool_last_token_picks_the_rightmost_real_token_for_both_paddings():
 
 # ---- losses -------------------------------------------------------------------------------------
 
+
 def test_causal_lm_labels_mask_padding_prompt_and_first_token():
     ids = torch.tensor([[0, 0, 5, 6, 7, 8]])
     mask = torch.tensor([[0, 0, 1, 1, 1, 1]])
@@ -150,7 +170,10 @@ def test_causal_lm_loss_mask_and_attention_mask_drop_targets():
     labels = torch.tensor([[1, 2, 3, 4]])
     only_last = causal_lm_loss(logits, labels, loss_mask=torch.tensor([[1, 1, 1, 0]]))
     no_pad_source = causal_lm_loss(logits, labels, attention_mask=torch.tensor([[0, 1, 1, 1]]))
-    ref = lambda ts: torch.stack([F.cross_entropy(logits[0, t][None], labels[0, t + 1][None]) for t in ts]).mean()
+
+    def ref(ts):
+        return torch.stack([F.cross_entropy(logits[0, t][None], labels[0, t + 1][None]) for t in ts]).mean()
+
     assert torch.allclose(only_last, ref([0, 1]), atol=1e-6)
     assert torch.allclose(no_pad_source, ref([1, 2]), atol=1e-6)
 
@@ -198,8 +221,10 @@ def test_unsplit_forward_matches_hugging_face_losses():
 
 # ---- loading from disk ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("family,task", [("gpt2", CAUSAL_LM), ("qwen2", CAUSAL_LM), ("bert", SEQ_CLS),
-                                         ("llama", SEQ_CLS)])
+
+@pytest.mark.parametrize(
+    "family,task", [("gpt2", CAUSAL_LM), ("qwen2", CAUSAL_LM), ("bert", SEQ_CLS), ("llama", SEQ_CLS)]
+)
 def test_saved_base_reloads_with_identical_outputs(tmp_path, family, task):
     model = _tiny(family, task)
     save_base(model, _word_tokenizer(), tmp_path)

@@ -3,6 +3,7 @@
 Planning is pure: tables of NodeInfo in, a Plan out. Budgets in the tables are derived
 from the memory model so each case sits just above or below a threshold.
 """
+
 import dataclasses
 import itertools
 import math
@@ -18,8 +19,19 @@ from atlas_p2p.capabilities import Capabilities
 from atlas_p2p.lora import attach_lora, lora_targets
 from atlas_p2p.models import causal_lm_labels, split_model, tiny_model, unsplit_forward
 
-SHAPE = M.ModelShape("gpt2", "gpt2", "causal_lm", num_layers=4, hidden=64, heads=4, kv_heads=4, head_dim=16,
-                     intermediate=256, vocab_size=1000, max_positions=128)
+SHAPE = M.ModelShape(
+    "gpt2",
+    "gpt2",
+    "causal_lm",
+    num_layers=4,
+    hidden=64,
+    heads=4,
+    kv_heads=4,
+    head_dim=16,
+    intermediate=256,
+    vocab_size=1000,
+    max_positions=128,
+)
 WORK = M.Workload(batch=4, seq_len=32)
 CTX = P.PlanContext(SHAPE, WORK)
 MODULES = M.lora_candidates(SHAPE)
@@ -44,15 +56,21 @@ BIG = 100 * MB  # trains the whole model with room to host several owners
 def helper_used(plan, helper_id, head=True):
     """Bytes the plan puts on `helper_id`, recomputed from the rows with the memory model."""
     ctx, row = plan.context, plan[helper_id]
-    owners = [M.ServedOwner(plan[o].split, ctx.workload,
-                            {n: r for n, r in plan[o].ranks.items() if M.candidate(SHAPE, n).block >= plan[o].split},
-                            head=head)
-              for o in row.serves]
+    owners = [
+        M.ServedOwner(
+            plan[o].split,
+            ctx.workload,
+            {n: r for n, r in plan[o].ranks.items() if M.candidate(SHAPE, n).block >= plan[o].split},
+            head=head,
+        )
+        for o in row.serves
+    ]
     own = M.whole_model_footprint(SHAPE, row.ranks, ctx.workload).total if row.role == P.WHOLE else 0
     return own + M.helper_footprint(SHAPE, owners, holds_weights=row.role == P.WHOLE).total
 
 
 # ================================================================ importance
+
 
 def _probe_model():
     model = tiny_model("gpt2", "causal_lm", vocab_size=50, num_layers=2)
@@ -109,8 +127,9 @@ def test_owner_probe_with_the_helpers_gradient_scores_like_the_whole_model():
     owner_names = [n for n in names if ".h.0." in n]
 
     # the part shares the model's weights, so names are looked up in the model it was cut from
-    on_owner = I.probe_scores(model, batch, lambda _, b: (owner(b["ids"], b["mask"]) * grad_from_helper).sum(),
-                              owner_names)
+    on_owner = I.probe_scores(
+        model, batch, lambda _, b: (owner(b["ids"], b["mask"]) * grad_from_helper).sum(), owner_names
+    )
     on_whole = I.probe_scores(model, batch, _full_loss, owner_names)
 
     assert on_owner == pytest.approx(on_whole, rel=1e-4)
@@ -126,13 +145,16 @@ def test_weights_the_loss_does_not_reach_score_zero():
     assert all(scores[n] > 0 for n in names if ".h.0." in n)
 
 
-@pytest.mark.parametrize("names,loss_fn,match", [
-    (["transformer.h.0.attn.nope"], _full_loss, "nope"),
-    (["transformer.h.0.attn.c_attn"] * 2, _full_loss, "duplicates"),
-    ([], _full_loss, "at least one"),
-    (["transformer.h.0.attn.c_attn"], lambda m, b: _full_loss(m, b).expand(2), "scalar"),
-    (["transformer.h.0.attn.c_attn"], lambda m, b: _full_loss(m, b) * float("nan"), "not finite"),
-])
+@pytest.mark.parametrize(
+    "names,loss_fn,match",
+    [
+        (["transformer.h.0.attn.nope"], _full_loss, "nope"),
+        (["transformer.h.0.attn.c_attn"] * 2, _full_loss, "duplicates"),
+        ([], _full_loss, "at least one"),
+        (["transformer.h.0.attn.c_attn"], lambda m, b: _full_loss(m, b).expand(2), "scalar"),
+        (["transformer.h.0.attn.c_attn"], lambda m, b: _full_loss(m, b) * float("nan"), "not finite"),
+    ],
+)
 def test_probe_rejects_bad_input_and_restores_flags(names, loss_fn, match):
     model, _, batch = _probe_model()
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
@@ -143,11 +165,14 @@ def test_probe_rejects_bad_input_and_restores_flags(names, loss_fn, match):
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
 
 
-@pytest.mark.parametrize("scores,expected", [
-    ({"a": 1.0, "b": 3.0}, {"a": 0.25, "b": 0.75}),
-    ({"a": 0.0, "b": 0.0}, {"a": 0.5, "b": 0.5}),
-    ({}, {}),
-])
+@pytest.mark.parametrize(
+    "scores,expected",
+    [
+        ({"a": 1.0, "b": 3.0}, {"a": 0.25, "b": 0.75}),
+        ({"a": 0.0, "b": 0.0}, {"a": 0.5, "b": 0.5}),
+        ({}, {}),
+    ],
+)
 def test_normalise(scores, expected):
     assert I.normalise(scores) == pytest.approx(expected)
 
@@ -179,13 +204,16 @@ def test_cluster_importance_averages_members_over_the_modules_they_report():
         I.cluster_importance([])
 
 
-@pytest.mark.parametrize("old,new,change,replan", [
-    ({"a": 0.5, "b": 0.5}, {"a": 0.5, "b": 0.5}, 0.0, False),
-    ({"a": 0.5, "b": 0.5}, {"a": 0.54, "b": 0.46}, 0.08, False),
-    ({"a": 0.5, "b": 0.5}, {"a": 0.6, "b": 0.4}, 0.2, True),
-    ({"a": 1.0}, {"b": 1.0}, 2.0, True),
-    (None, {"a": 1.0}, 2.0, True),
-])
+@pytest.mark.parametrize(
+    "old,new,change,replan",
+    [
+        ({"a": 0.5, "b": 0.5}, {"a": 0.5, "b": 0.5}, 0.0, False),
+        ({"a": 0.5, "b": 0.5}, {"a": 0.54, "b": 0.46}, 0.08, False),
+        ({"a": 0.5, "b": 0.5}, {"a": 0.6, "b": 0.4}, 0.2, True),
+        ({"a": 1.0}, {"b": 1.0}, 2.0, True),
+        (None, {"a": 1.0}, 2.0, True),
+    ],
+)
 def test_l1_change_decides_replanning(old, new, change, replan):
     assert I.importance_change(old, new) == pytest.approx(change)
     assert I.needs_replan(old, new) is replan
@@ -207,6 +235,7 @@ def test_vectors_round_trip_and_reject_bad_wire_values():
 
 # ================================================================ water-filling
 
+
 def _mods(*specs):
     """(name, block) modules with d_in = d_out = 5: one rank costs 4 copies * 4 bytes * 10 = 160 bytes."""
     return [M.LoraModule(name, block, "k", 5, 5) for name, block in specs]
@@ -217,14 +246,17 @@ IMP = {"m0": 0.2, "m1": 0.5, "m2": 0.3}
 RANK = 160  # bytes per unit of rank on these modules
 
 
-@pytest.mark.parametrize("budget,expected", [
-    (4 * RANK, {"m0": 0, "m1": 2, "m2": 2}),  # exactly the two reservations
-    (18 * RANK, {"m0": 0, "m1": 16, "m2": 2}),  # m1 takes all it can, m2 keeps its reserved 2
-    (26 * RANK, {"m0": 2, "m1": 16, "m2": 8}),
-    (30 * RANK, {"m0": 4, "m1": 16, "m2": 8}),
-    (48 * RANK, {"m0": 16, "m1": 16, "m2": 16}),
-    (10**9, {"m0": 16, "m1": 16, "m2": 16}),
-])
+@pytest.mark.parametrize(
+    "budget,expected",
+    [
+        (4 * RANK, {"m0": 0, "m1": 2, "m2": 2}),  # exactly the two reservations
+        (18 * RANK, {"m0": 0, "m1": 16, "m2": 2}),  # m1 takes all it can, m2 keeps its reserved 2
+        (26 * RANK, {"m0": 2, "m1": 16, "m2": 8}),
+        (30 * RANK, {"m0": 4, "m1": 16, "m2": 8}),
+        (48 * RANK, {"m0": 16, "m1": 16, "m2": 16}),
+        (10**9, {"m0": 16, "m1": 16, "m2": 16}),
+    ],
+)
 def test_water_fill_gives_the_most_important_the_largest_rank_that_fits(budget, expected):
     assert P.water_fill(THREE, IMP, budget, WORK) == expected
 
@@ -257,6 +289,7 @@ def test_cluster_members_share_the_pattern_at_sizes_set_by_their_budget():
 
 
 # ================================================================ split points
+
 
 @pytest.mark.parametrize("split", [1, 2, 3])
 def test_split_is_the_deepest_that_fits_the_headroom(split):
@@ -310,11 +343,14 @@ def test_a_device_too_small_for_one_block_waits():
     assert plan["h"].serves == ()
 
 
-@pytest.mark.parametrize("leakage,floor,expected", [
-    ([9.0, 5.0, 2.0, 1.0], 2.5, 2),
-    ([9.0, 5.0, 2.0, 1.0], 5.0, 1),
-    ([9.0, 5.0, 2.0, 1.0], 1.0, 3),
-])
+@pytest.mark.parametrize(
+    "leakage,floor,expected",
+    [
+        ([9.0, 5.0, 2.0, 1.0], 2.5, 2),
+        ([9.0, 5.0, 2.0, 1.0], 5.0, 1),
+        ([9.0, 5.0, 2.0, 1.0], 1.0, 3),
+    ],
+)
 def test_privacy_min_split_is_the_first_split_under_the_floor(leakage, floor, expected):
     assert P.privacy_min_split(leakage, floor) == expected
 
@@ -348,6 +384,7 @@ def test_ranks_follow_the_cluster_importance():
 
 # ================================================================ pairing
 
+
 def test_owner_prefers_a_helper_of_its_own_cluster():
     infos = [node("a", owner_memory(2)), node("x", 2 * BIG, cluster=1, bandwidth=1e9), node("y", BIG, cluster=0)]
 
@@ -359,8 +396,12 @@ def test_owner_prefers_a_helper_of_its_own_cluster():
 
 
 def test_unclustered_pure_helper_comes_after_the_cluster_and_before_other_clusters():
-    infos = [node("a", owner_memory(1)), node("p", BIG, cluster=None, has_data=False),
-             node("x", BIG, cluster=1), node("y", BIG, cluster=0)]
+    infos = [
+        node("a", owner_memory(1)),
+        node("p", BIG, cluster=None, has_data=False),
+        node("x", BIG, cluster=1),
+        node("y", BIG, cluster=0),
+    ]
 
     plan = P.make_plan(infos, CTX, centroids={0: [0.0], 1: [1.0]})
 
@@ -369,8 +410,7 @@ def test_unclustered_pure_helper_comes_after_the_cluster_and_before_other_cluste
 
 
 def test_with_no_helper_in_its_cluster_an_owner_takes_the_nearest_cluster():
-    infos = [node("a", owner_memory(2)), node("far", BIG, cluster=2, bandwidth=1e9),
-             node("near", BIG, cluster=1)]
+    infos = [node("a", owner_memory(2)), node("far", BIG, cluster=2, bandwidth=1e9), node("near", BIG, cluster=1)]
 
     plan = P.make_plan(infos, CTX, centroids={0: [0.0, 0.0], 1: [1.0, 0.0], 2: [3.0, 4.0]})
 
@@ -388,8 +428,9 @@ def test_equal_helpers_share_the_owners():
 
 def test_no_helper_is_filled_over_its_capacity_and_the_rest_wait():
     owners = [node(f"o{i}", owner_memory(1)) for i in range(6)]
-    one_owner = M.served_owner_footprint(SHAPE, M.ServedOwner(1, WORK, P.minimum_ranks(
-        [m for m in MODULES if m.block >= 1], {}))).total
+    one_owner = M.served_owner_footprint(
+        SHAPE, M.ServedOwner(1, WORK, P.minimum_ranks([m for m in MODULES if m.block >= 1], {}))
+    ).total
     helper_mem = math.ceil((M.helper_weights_bytes(SHAPE, 1, 4) + 2.5 * one_owner) / 0.8)  # two owners, not three
     pure = dict(cluster=None, has_data=False)
 
@@ -410,8 +451,14 @@ def test_owner_with_no_helper_anywhere_waits_with_the_reason():
 
 
 def test_the_plan_does_not_depend_on_input_order():
-    infos = [node("a", owner_memory(1)), node("b", owner_memory(2), cluster=1), node("c", owner_memory(3)),
-             node("h", BIG), node("p", BIG, cluster=None, has_data=False), node("q", BIG, cluster=1)]
+    infos = [
+        node("a", owner_memory(1)),
+        node("b", owner_memory(2), cluster=1),
+        node("c", owner_memory(3)),
+        node("h", BIG),
+        node("p", BIG, cluster=None, has_data=False),
+        node("q", BIG, cluster=1),
+    ]
     cents = {0: [0.0], 1: [1.0]}
     reference = P.make_plan(infos, CTX, centroids=cents)
 
@@ -432,9 +479,16 @@ def test_helper_side_ranks_grow_with_the_helpers_spare_room():
 
 # ================================================================ repair
 
+
 def _two_cluster_plan():
-    infos = [node("a", owner_memory(2)), node("b", owner_memory(1)), node("c", owner_memory(2), cluster=1),
-             node("h", BIG, bandwidth=1e9), node("g", BIG, cluster=0), node("k", BIG, cluster=1)]
+    infos = [
+        node("a", owner_memory(2)),
+        node("b", owner_memory(1)),
+        node("c", owner_memory(2), cluster=1),
+        node("h", BIG, bandwidth=1e9),
+        node("g", BIG, cluster=0),
+        node("k", BIG, cluster=1),
+    ]
     cents = {0: [0.0], 1: [1.0]}
     return P.make_plan(infos, CTX, centroids=cents), infos, cents
 
@@ -459,8 +513,13 @@ def test_repair_moves_only_the_owners_of_the_dead_helper():
 
 
 def test_repair_uses_the_same_cluster_first_then_the_nearest():
-    infos = [node("a", owner_memory(2)), node("h", BIG), node("g", BIG), node("k", BIG, cluster=1),
-             node("far", BIG, cluster=2)]
+    infos = [
+        node("a", owner_memory(2)),
+        node("h", BIG),
+        node("g", BIG),
+        node("k", BIG, cluster=1),
+        node("far", BIG, cluster=2),
+    ]
     cents = {0: [0.0], 1: [1.0], 2: [5.0]}
     plan = P.make_plan(infos, CTX, centroids=cents)
     first = plan["a"].helper
@@ -504,17 +563,20 @@ def test_repair_rejects_unknown_dead_ids_and_missing_records():
 BASE = [node("a", 10 * MB), node("b", 20 * MB, cluster=1)]
 
 
-@pytest.mark.parametrize("new,moved,expected", [
-    (BASE, 0.0, None),
-    (BASE, 0.05, None),
-    (BASE, 0.2, "importance moved"),
-    (BASE[:1], 0.0, "membership changed"),
-    (BASE + [node("c", MB)], 0.0, "membership changed"),
-    ([node("a", 10 * MB, cluster=1), BASE[1]], 0.0, "changed cluster"),
-    ([node("a", 12 * MB), BASE[1]], 0.0, "memory budget"),
-    ([node("a", 10.5 * MB), BASE[1]], 0.0, None),
-    ([node("a", 10 * MB, bandwidth=50e6), BASE[1]], 0.0, "bandwidth"),
-])
+@pytest.mark.parametrize(
+    "new,moved,expected",
+    [
+        (BASE, 0.0, None),
+        (BASE, 0.05, None),
+        (BASE, 0.2, "importance moved"),
+        (BASE[:1], 0.0, "membership changed"),
+        (BASE + [node("c", MB)], 0.0, "membership changed"),
+        ([node("a", 10 * MB, cluster=1), BASE[1]], 0.0, "changed cluster"),
+        ([node("a", 12 * MB), BASE[1]], 0.0, "memory budget"),
+        ([node("a", 10.5 * MB), BASE[1]], 0.0, None),
+        ([node("a", 10 * MB, bandwidth=50e6), BASE[1]], 0.0, "bandwidth"),
+    ],
+)
 def test_replan_reason(new, moved, expected):
     reason = P.replan_reason(BASE, new, moved)
 
@@ -522,16 +584,19 @@ def test_replan_reason(new, moved, expected):
     assert P.replan_needed(BASE, new, moved) is (expected is not None)
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(node_id=""), "node_id=''"),
-    (dict(memory_bytes=0), "memory_bytes must be an int >= 1, got 0"),
-    (dict(memory_bytes=1.5), "memory_bytes .*got 1.5"),
-    (dict(bandwidth_bps=float("inf")), "bandwidth_bps .*got inf"),
-    (dict(compute_score=-1.0), "compute_score .*got -1.0"),
-    (dict(has_data=1), "has_data must be a bool, got 1"),
-    (dict(cluster=-1), "cluster .*got -1"),
-    (dict(cluster=None), "needs a cluster"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(node_id=""), "node_id=''"),
+        (dict(memory_bytes=0), "memory_bytes must be an int >= 1, got 0"),
+        (dict(memory_bytes=1.5), "memory_bytes .*got 1.5"),
+        (dict(bandwidth_bps=float("inf")), "bandwidth_bps .*got inf"),
+        (dict(compute_score=-1.0), "compute_score .*got -1.0"),
+        (dict(has_data=1), "has_data must be a bool, got 1"),
+        (dict(cluster=-1), "cluster .*got -1"),
+        (dict(cluster=None), "needs a cluster"),
+    ],
+)
 def test_node_info_validation(kwargs, match):
     offer = dict(memory_bytes=MB, bandwidth_bps=1e6, compute_score=1.0, has_data=True)
     place = dict(node_id="a", cluster=0)
@@ -540,15 +605,18 @@ def test_node_info_validation(kwargs, match):
         P.NodeInfo(caps=caps, **(place | {k: v for k, v in kwargs.items() if k in place}))
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(headroom=0.0), "headroom=0.0"),
-    (dict(rank_set=(2, 4)), "rank_set"),
-    (dict(rank_set=(0,)), "rank_set"),
-    (dict(rank_set=(0, 8, 4)), "rank_set"),
-    (dict(min_split=0), "min_split=0"),
-    (dict(adapter_share=2.0), "adapter_share=2.0"),
-    (dict(max_fallbacks=-1), "max_fallbacks=-1"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(headroom=0.0), "headroom=0.0"),
+        (dict(rank_set=(2, 4)), "rank_set"),
+        (dict(rank_set=(0,)), "rank_set"),
+        (dict(rank_set=(0, 8, 4)), "rank_set"),
+        (dict(min_split=0), "min_split=0"),
+        (dict(adapter_share=2.0), "adapter_share=2.0"),
+        (dict(max_fallbacks=-1), "max_fallbacks=-1"),
+    ],
+)
 def test_plan_config_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
         P.PlanConfig(**kwargs)

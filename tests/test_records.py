@@ -36,29 +36,67 @@ REPAIRS = (RepairRecord(1700000000.5, 1, 7, "timeout"),)
 
 def _line(rnd: int, **changes) -> RoundLine:
     line = RoundLine(
-        node_id=1, cluster=0, round=rnd, role="owner", loss=1.25, eval=Evaluation("accuracy", 0.75, 0.5), steps=4,
-        step_rate=2.5, bytes_by_kind={"activations": 10, "gradients": 9, "adapters": 8, "fingerprints": 7,
-                                      "control": 6},
-        base_version=rnd + 1, contributions=(f"c{rnd}",), manifests_folded=(f"p{rnd}",), carried_over=rnd == 1,
-        repairs_seen=1, helper=7, time=1700000001.25,
+        node_id=1,
+        cluster=0,
+        round=rnd,
+        role="owner",
+        loss=1.25,
+        eval=Evaluation("accuracy", 0.75, 0.5),
+        steps=4,
+        step_rate=2.5,
+        bytes_by_kind={"activations": 10, "gradients": 9, "adapters": 8, "fingerprints": 7, "control": 6},
+        base_version=rnd + 1,
+        contributions=(f"c{rnd}",),
+        manifests_folded=(f"p{rnd}",),
+        carried_over=rnd == 1,
+        repairs_seen=1,
+        helper=7,
+        time=1700000001.25,
     )
     return replace(line, **changes)
 
 
 def _summary() -> Summary:
     return Summary(
-        node_id=1, finished=True, rounds_done=2, rounds=2, cluster=0, role="owner", has_data=True, split=3,
-        ranks={"blocks.0.attn": 4}, helper=7, adapter_dir="/out/adapter",
-        export={"path": "/out/adapter", "rank": 4, "error": "no eval"}, export_error="no eval", base_version=2,
-        contributions=MADE, manifests_folded=FOLDED, repairs=REPAIRS, split_mode="two-part", steps_served=5,
-        requests_served={"forward": 5}, labels_received=5, bytes_by_kind=_line(0).bytes_by_kind,
-        peak_rss_mb={"fingerprint": 512.0, "train": None}, base_digest="abc",
+        node_id=1,
+        finished=True,
+        rounds_done=2,
+        rounds=2,
+        cluster=0,
+        role="owner",
+        has_data=True,
+        split=3,
+        ranks={"blocks.0.attn": 4},
+        helper=7,
+        adapter_dir="/out/adapter",
+        export={"path": "/out/adapter", "rank": 4, "error": "no eval"},
+        export_error="no eval",
+        base_version=2,
+        contributions=MADE,
+        manifests_folded=FOLDED,
+        repairs=REPAIRS,
+        split_mode="two-part",
+        steps_served=5,
+        requests_served={"forward": 5},
+        labels_received=5,
+        bytes_by_kind=_line(0).bytes_by_kind,
+        peak_rss_mb={"fingerprint": 512.0, "train": None},
+        base_digest="abc",
     )
 
 
 def _state() -> CheckpointState:
-    return CheckpointState(node_id=1, cluster=0, round=1, base_version=2, rounds_done=2, steps_total=8,
-                           contributions=MADE, manifests=FOLDED, repairs=REPAIRS)
+    return CheckpointState(
+        node_id=1,
+        cluster=0,
+        round=1,
+        base_version=2,
+        rounds_done=2,
+        steps_total=8,
+        contributions=MADE,
+        manifests=FOLDED,
+        repairs=REPAIRS,
+    )
 
 
 def _no_defaults(record) -> None:
@@ -127,7 +165,8 @@ def test_an_update_carried_into_a_merged_later_one_is_not_lost():
 
     assert lost_updates([node]) == []
     assert lost_updates([replace(node, contributions=node.contributions + (ContributionRecord(3, "late", 1),))]) == [
-        LostUpdate(1, 3, "late")]
+        LostUpdate(1, 3, "late")
+    ]
 
 
 def test_the_report_and_the_records_count_lost_updates_the_same_way(tmp_path):

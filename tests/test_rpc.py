@@ -1,4 +1,5 @@
 """RPC over real ZeroMQ sockets on 127.0.0.1: calls, deadlines, duplicates, bad input, bounds."""
+
 from __future__ import annotations
 
 import asyncio
@@ -7,16 +8,22 @@ import contextlib
 import msgpack
 import numpy as np
 import pytest
-
-from scenarios.waiting import wait_until_async
-from tests.aio import run
 import zmq
 import zmq.asyncio
 
+from scenarios.waiting import wait_until_async
+from tests.aio import run
 from transport.codec import decode, encode
 from transport.messages import Assignment, Backward, Envelope, Error, Forward, Leave, Ok, Ping
 from transport.rpc import (
-    RpcClient, RpcClientConfig, RpcError, RpcServer, RpcServerConfig, RpcTimeout, install_uvloop, tcp_endpoint,
+    RpcClient,
+    RpcClientConfig,
+    RpcError,
+    RpcServer,
+    RpcServerConfig,
+    RpcTimeout,
+    install_uvloop,
+    tcp_endpoint,
 )
 
 
@@ -51,6 +58,7 @@ def forward_request(step: int = 1, nbytes: int = 4096) -> Forward:
 
 # ---------------------------------------------------------------- happy paths
 
+
 def test_call_round_trips_tensors_and_ids():
     async def main():
         async with RpcServer(handlers={"forward": echo_forward}) as server, RpcClient("owner-1") as client:
@@ -61,6 +69,7 @@ def test_call_round_trips_tensors_and_ids():
             assert reply.step == 9 and reply.loss == 0.25
             assert np.array_equal(reply.grad, request.activations)
             assert server.stats["requests"] == server.stats["replies"] == 1
+
     run(main())
 
 
@@ -87,6 +96,7 @@ def test_handler_returning_none_answers_ok_and_server_reports_its_address():
             assert server.address == f"127.0.0.1:{server.port}" and server.port > 0
 
             assert isinstance(await client.call(server.address, Ping()), Ok)
+
     run(main())
 
 
@@ -96,10 +106,12 @@ def test_many_concurrent_calls_each_get_their_own_reply():
             replies = await asyncio.gather(*(client.call(server.address, forward_request(step=i)) for i in range(50)))
 
             assert [r.step for r in replies] == list(range(50))
+
     run(main())
 
 
 # ---------------------------------------------------------------- deadlines and duplicates
+
 
 def test_deadline_expiry_raises_rpc_timeout_and_the_late_reply_is_dropped_and_counted():
     async def slow(env):
@@ -111,6 +123,7 @@ def test_deadline_expiry_raises_rpc_timeout_and_the_late_reply_is_dropped_and_co
                 await client.call(server.address, Ping(), timeout=0.1)
 
             await wait_until_async(lambda: client.stats["late_replies"] == 1, 5)
+
     run(main())
 
 
@@ -123,6 +136,7 @@ def test_call_to_an_address_nobody_listens_on_times_out():
             with pytest.raises(RpcTimeout):
                 await client.call(f"127.0.0.1:{port}", Ping(), timeout=0.2, retries=1)
             assert client.stats["retries"] == 1
+
     run(main())
 
 
@@ -141,6 +155,7 @@ def test_retries_reuse_the_id_so_a_slow_request_is_served_once():
             assert reply.step == 3
             assert len(calls) == 1
             assert server.stats["duplicates"] >= 1 and client.stats["retries"] >= 1
+
     run(main())
 
 
@@ -163,6 +178,7 @@ def test_duplicate_after_completion_replays_the_remembered_reply():
             assert calls == [77]
             assert first.id == second.id == 77 and first.body.message == second.body.message == "1"
             assert server.stats["duplicates"] == 1
+
     run(main())
 
 
@@ -186,6 +202,7 @@ def test_duplicate_of_a_request_whose_reply_was_too_big_to_keep_is_refused_not_r
             assert calls == [78]
             assert isinstance(first.body, Backward) and first.id == 78
             assert (second.id, second.body.code) == (78, "duplicate")
+
     run(main())
 
 
@@ -201,10 +218,12 @@ def test_same_id_from_another_sender_is_not_a_duplicate():
                 await sock.send_multipart(encode(Envelope.of(Leave(node_id=1), 5, src)))
                 assert isinstance((await recv_reply(sock)).body, Ok)
             assert calls == ["x", "y"]
+
     run(main())
 
 
 # ---------------------------------------------------------------- bad input never stops the server
+
 
 def test_malformed_frames_get_error_replies_and_the_server_keeps_serving():
     async def main():
@@ -218,7 +237,7 @@ def test_malformed_frames_get_error_replies_and_the_server_keeps_serving():
                 reply = await recv_reply(sock)
                 assert (reply.id, reply.body.code) == (12, "size_mismatch")
 
-                await sock.send_multipart([*good, b"extra"])                       # extra frame
+                await sock.send_multipart([*good, b"extra"])  # extra frame
                 assert (await recv_reply(sock)).body.code == "bad_frame_index"
 
                 header = msgpack.unpackb(good[0], raw=False)
@@ -229,6 +248,7 @@ def test_malformed_frames_get_error_replies_and_the_server_keeps_serving():
             reply = await client.call(server.address, forward_request(step=5))
             assert reply.step == 5
             assert server.stats["bad_header"] == server.stats["size_mismatch"] == server.stats["bad_schema"] == 1
+
     run(main())
 
 
@@ -245,6 +265,7 @@ def test_unknown_type_and_missing_handler_are_answered_with_errors():
                     await client.call(server.address, Ping())
             assert info.value.code == "no_handler"
             assert server.stats["unknown_type"] == server.stats["no_handler"] == 1
+
     run(main())
 
 
@@ -260,6 +281,7 @@ def test_handler_exception_becomes_an_error_reply_and_the_server_keeps_serving()
 
             assert isinstance(await client.call(server.address, Ping()), Ok)
             assert server.stats["handler_error"] == 1
+
     run(main())
 
 
@@ -272,6 +294,7 @@ def test_handler_can_answer_a_typed_error_code():
             with pytest.raises(RpcError) as info:
                 await client.call(server.address, Leave(node_id=8))
             assert (info.value.code, info.value.message) == ("unknown_node", "node 8 is not registered")
+
     run(main())
 
 
@@ -283,6 +306,7 @@ def test_handler_returning_a_non_message_is_a_handler_error():
         async with RpcServer(handlers={"ping": wrong}) as server, RpcClient("a") as client:
             with pytest.raises(RpcError, match="handler_error"):
                 await client.call(server.address, Ping())
+
     run(main())
 
 
@@ -290,14 +314,18 @@ def test_oversized_total_is_rejected_with_too_large_and_the_server_keeps_serving
     async def main():
         config = RpcServerConfig(max_bytes=64 * 1024)
         async with RpcServer(handlers={"forward": echo_forward}, config=config) as server, RpcClient("a") as client:
-            big = Forward(step=1, activations=np.zeros((1, 10_000), np.float32),     # 40 kB
-                          attention_mask=np.zeros((1, 10_000), np.float32),          # + 40 kB
-                          labels=None)
+            big = Forward(
+                step=1,
+                activations=np.zeros((1, 10_000), np.float32),  # 40 kB
+                attention_mask=np.zeros((1, 10_000), np.float32),  # + 40 kB
+                labels=None,
+            )
             with pytest.raises(RpcError) as info:
                 await client.call(server.address, big)
             assert info.value.code == "too_large"
 
             assert (await client.call(server.address, forward_request(step=2))).step == 2
+
     run(main())
 
 
@@ -311,6 +339,7 @@ def test_oversized_frame_is_cut_off_by_the_socket_and_the_server_keeps_serving()
             assert server.stats["requests"] == 0  # it never reached the decoder
             async with RpcClient("small") as client:
                 assert (await client.call(server.address, forward_request(step=4))).step == 4
+
     run(main())
 
 
@@ -320,10 +349,12 @@ def test_expect_rejects_an_unexpected_reply_type():
             with pytest.raises(RpcError) as info:
                 await client.call(server.address, Ping(), expect=Assignment)
             assert info.value.code == "bad_reply"
+
     run(main())
 
 
 # ---------------------------------------------------------------- a misbehaving server
+
 
 def test_client_survives_garbage_replies_and_fails_the_call_when_it_can_tell_which():
     async def main():
@@ -334,11 +365,11 @@ def test_client_survives_garbage_replies_and_fails_the_call_when_it_can_tell_whi
 
         async def answer_badly():
             identity, header = await router.recv_multipart()
-            await router.send_multipart([identity, b"\xc1junk"])            # unattributable
+            await router.send_multipart([identity, b"\xc1junk"])  # unattributable
             identity, header = await router.recv_multipart()
             msg_id = msgpack.unpackb(header)["id"]
             bad = {"v": 1, "type": "backward", "id": msg_id, "src": "s", "body": {"step": "x"}}
-            await router.send_multipart([identity, msgpack.packb(bad)])      # attributable
+            await router.send_multipart([identity, msgpack.packb(bad)])  # attributable
 
         try:
             async with RpcClient("a") as client:
@@ -352,10 +383,12 @@ def test_client_survives_garbage_replies_and_fails_the_call_when_it_can_tell_whi
                 await server
         finally:
             router.close(linger=0)
+
     run(main())
 
 
 # ---------------------------------------------------------------- bounds
+
 
 class OverlapMeter:
     """A handler that holds each request 50 ms and records the most handled at once (`peak`)."""
@@ -381,7 +414,8 @@ def test_inflight_bytes_per_peer_are_bounded():
 
         async with RpcServer(handlers={"forward": track}) as server, RpcClient("b") as client:
             await asyncio.gather(*(client.call(server.address, forward_request(i, nbytes=1 << 20)) for i in range(4)))
-        assert track.peak > 1   # without the bound the same calls overlap
+        assert track.peak > 1  # without the bound the same calls overlap
+
     run(main())
 
 
@@ -398,13 +432,14 @@ def test_a_call_that_times_out_waiting_for_inflight_budget_leaks_none_of_it():
         async with RpcServer(handlers={"forward": hold}) as server, RpcClient("a", config=limit) as client:
             first = asyncio.create_task(client.call(server.address, forward_request(0, nbytes=900_000), timeout=10))
             await wait_until_async(lambda: server.stats["requests"] == 1, 5)
-            with pytest.raises(RpcTimeout):   # waits for budget behind `first`, gives up
+            with pytest.raises(RpcTimeout):  # waits for budget behind `first`, gives up
                 await client.call(server.address, forward_request(1, nbytes=900_000), timeout=0.1)
 
             release.set()
             assert (await first).step == 0
             assert (await client.call(server.address, forward_request(2, nbytes=900_000), timeout=2)).step == 2
-            assert server.stats["requests"] == 2   # the timed-out call never went out
+            assert server.stats["requests"] == 2  # the timed-out call never went out
+
     run(main())
 
 
@@ -416,13 +451,22 @@ def test_calls_queue_behind_full_zeromq_queues_and_all_complete_once_the_server_
         return Backward(step=env.body.step, grad=env.body.activations[:, :1])
 
     async def main():
-        tight_server = RpcServerConfig(hwm=1, max_concurrency=1)   # stops reading after one request
-        async with RpcServer(handlers={"forward": blocked}, config=tight_server) as server, \
-                RpcClient("a", config=RpcClientConfig(hwm=1)) as client:
-            activations = np.zeros((1, 1 << 20), np.float32)   # 4 MiB each: ZeroMQ and TCP fill up
-            calls = [asyncio.create_task(client.call(server.address, Forward(
-                step=i, activations=activations, attention_mask=np.ones((1, 1), np.int8)), timeout=20))
-                for i in range(16)]
+        tight_server = RpcServerConfig(hwm=1, max_concurrency=1)  # stops reading after one request
+        async with (
+            RpcServer(handlers={"forward": blocked}, config=tight_server) as server,
+            RpcClient("a", config=RpcClientConfig(hwm=1)) as client,
+        ):
+            activations = np.zeros((1, 1 << 20), np.float32)  # 4 MiB each: ZeroMQ and TCP fill up
+            calls = [
+                asyncio.create_task(
+                    client.call(
+                        server.address,
+                        Forward(step=i, activations=activations, attention_mask=np.ones((1, 1), np.int8)),
+                        timeout=20,
+                    )
+                )
+                for i in range(16)
+            ]
             await wait_until_async(lambda: server.stats["requests"] == 1, 5)
 
             gate.set()
@@ -430,6 +474,7 @@ def test_calls_queue_behind_full_zeromq_queues_and_all_complete_once_the_server_
 
             assert sorted(r.step for r in replies) == list(range(16))
             assert server.stats["requests"] == 16
+
     run(main())
 
 
@@ -441,10 +486,12 @@ def test_server_runs_at_most_max_concurrency_handlers():
         async with RpcServer(handlers={"ping": track}, config=config) as server, RpcClient("a") as client:
             await asyncio.gather(*(client.call(server.address, Ping()) for _ in range(8)))
         assert track.peak == 2
+
     run(main())
 
 
 # ---------------------------------------------------------------- lifecycle
+
 
 def test_stop_is_idempotent_and_fails_waiting_calls():
     async def never(env):
@@ -466,6 +513,7 @@ def test_stop_is_idempotent_and_fails_waiting_calls():
         assert info.value.code == "stopped"
         with pytest.raises(RpcError, match="stopped"):
             await client.call(server.address, Ping())
+
     run(main())
 
 
@@ -483,6 +531,7 @@ def test_forget_closes_one_peer_and_fails_its_waiting_calls():
             with pytest.raises(RpcError, match="disconnected"):
                 await waiting
             assert isinstance(await client.call(server.address, Leave(node_id=1)), Ok)  # reconnects lazily
+
     run(main())
 
 
@@ -513,7 +562,12 @@ def test_install_uvloop_runs_the_rpc_on_uvloop():
 # ---------------------------------------------------------------- CurveZMQ (optional security)
 
 from transport.security import (  # noqa: E402
-    AllowList, Keypair, create_keypair, load_keypair, load_or_create_keypair, load_public_keys,
+    AllowList,
+    Keypair,
+    create_keypair,
+    load_keypair,
+    load_or_create_keypair,
+    load_public_keys,
 )
 
 
@@ -552,31 +606,35 @@ def test_curve_server_admits_only_allowed_keys():
                 with pytest.raises(RpcTimeout):
                     await client.call(server.address, Ping(), timeout=0.3)
 
-            async with RpcClient("plain") as client:   # no CURVE at all
+            async with RpcClient("plain") as client:  # no CURVE at all
                 with pytest.raises(RpcTimeout):
                     await client.call(server.address, Ping(), timeout=0.3)
 
-            assert server.stats["requests"] == 1   # only the allowed client got through
+            assert server.stats["requests"] == 1  # only the allowed client got through
 
-            allow.add(bad.public)                  # e.g. the bootstrap admitted a new node
+            allow.add(bad.public)  # e.g. the bootstrap admitted a new node
             async with RpcClient("bad-now-allowed", keypair=bad) as client:
                 client.set_server_key(server.address, server_keys.public)
                 assert isinstance(await client.call(server.address, Ping()), Ok)
+
     run(main())
 
 
 def test_two_secured_servers_in_one_process_keep_their_own_allow_lists():
     async def main():
         a_keys, b_keys, client_keys = Keypair.generate(), Keypair.generate(), Keypair.generate()
-        async with RpcServer(handlers={"ping": noop}, keypair=a_keys, allow=AllowList({client_keys.public})) as a, \
-                RpcServer(handlers={"ping": noop}, keypair=b_keys, allow=AllowList()) as b, \
-                RpcClient("c", keypair=client_keys) as client:
+        async with (
+            RpcServer(handlers={"ping": noop}, keypair=a_keys, allow=AllowList({client_keys.public})) as a,
+            RpcServer(handlers={"ping": noop}, keypair=b_keys, allow=AllowList()) as b,
+            RpcClient("c", keypair=client_keys) as client,
+        ):
             client.set_server_key(a.address, a_keys.public)
             client.set_server_key(b.address, b_keys.public)
 
             assert isinstance(await client.call(a.address, Ping()), Ok)
             with pytest.raises(RpcTimeout):
                 await client.call(b.address, Ping(), timeout=0.3)
+
     run(main())
 
 
@@ -586,4 +644,5 @@ def test_curve_client_needs_the_server_key_first():
             with pytest.raises(RpcError) as info:
                 await client.call("127.0.0.1:5999", Ping(), timeout=0.2)
             assert info.value.code == "no_server_key"
+
     run(main())

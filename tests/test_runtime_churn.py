@@ -9,9 +9,8 @@ survivor finishes, the repair is recorded, and no contribution is lost.
 
 import json
 
-
-from atlas_p2p.synthetic import write_synthetic_jsonl
 from atlas_p2p.records import Summary, lost_updates
+from atlas_p2p.synthetic import write_synthetic_jsonl
 from scenarios.waiting import wait_until
 
 ROUNDS = 3
@@ -25,14 +24,40 @@ def _lines(path):
 
 
 def test_a_killed_helper_is_replaced_and_no_update_is_lost(swarm, tmp_path):
-    swarm.start_bootstrap(extra=["--dead-after", "4", "--task", "seq_cls", "--num-labels", "4", "--min-nodes", "2",
-                                 "--clusters", "2", "--seed", "5"])
+    swarm.start_bootstrap(
+        extra=[
+            "--dead-after",
+            "4",
+            "--task",
+            "seq_cls",
+            "--num-labels",
+            "4",
+            "--min-nodes",
+            "2",
+            "--clusters",
+            "2",
+            "--seed",
+            "5",
+        ]
+    )
     for name in ("h1", "h2"):
         swarm.add_node(name, memory="100MB", out=True)
     for name in ("h1", "h2"):
         swarm.node_id(name)
-    flags = ["--rounds", str(ROUNDS), "--local-steps", "3", "--lr", "0.01", "--step-delay", "0.25",
-             "--step-timeout", "2", "--round-deadline", "8"]
+    flags = [
+        "--rounds",
+        str(ROUNDS),
+        "--local-steps",
+        "3",
+        "--lr",
+        "0.01",
+        "--step-delay",
+        "0.25",
+        "--step-timeout",
+        "2",
+        "--round-deadline",
+        "8",
+    ]
     for i in (0, 1):
         data = write_synthetic_jsonl(tmp_path / f"t{i}.jsonl", i, 48, seed=i)
         swarm.add_node(f"o{i}", memory="4MB", data=data, extra=flags, out=True)

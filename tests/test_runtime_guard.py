@@ -9,10 +9,8 @@ from nodes.config import SwarmSpec
 from nodes.peer import RuntimeFailure
 from scenarios.inprocess import InProcessSwarm
 from scenarios.waiting import wait_until_async
-from transport.messages import (ContributionMsg, Forward, ManifestGet, PatchesGet, Ping, Report, ReturnGet,
-                                RoundBegin)
+from transport.messages import ContributionMsg, Forward, ManifestGet, PatchesGet, Ping, Report, ReturnGet, RoundBegin
 from transport.rpc import RpcClient, RpcError
-
 
 SPEC = SwarmSpec(task="seq_cls", num_labels=4)
 
@@ -34,16 +32,24 @@ def test_bad_peer_requests_get_error_codes_and_the_node_keeps_serving(tmp_path):
         task = swarm.start("n")
         client = await RpcClient.create("prober")
         try:
-            await wait_until_async(lambda: node.base_model is not None and node.server is not None, 60,
-                                   what="the node to serve")
+            await wait_until_async(
+                lambda: node.base_model is not None and node.server is not None, 60, what="the node to serve"
+            )
             addr = node.server.address
             acts = np.zeros((1, 3, 64), np.float32)
             bad = [
-                (Forward(step=0, activations=acts, attention_mask=np.ones((1, 3), np.int64), owner_id=99), "not_serving"),
+                (
+                    Forward(step=0, activations=acts, attention_mask=np.ones((1, 3), np.int64), owner_id=99),
+                    "not_serving",
+                ),
                 (RoundBegin(owner_id=99, cluster=0, round=0, split=1, ranks={}, seed=1, lr=0.01), "not_serving"),
                 (ReturnGet(owner_id=99, cluster=0, round=0), "not_serving"),
-                (ContributionMsg(cluster=0, round=0, node_id=5, n_samples=1, digest="x", tensors={"Q:x": acts},
-                                 scalings={}), "wrong_cluster"),
+                (
+                    ContributionMsg(
+                        cluster=0, round=0, node_id=5, n_samples=1, digest="x", tensors={"Q:x": acts}, scalings={}
+                    ),
+                    "wrong_cluster",
+                ),
                 (ManifestGet(cluster=3, round=0), "not_anchor"),
                 (PatchesGet(cluster=3, since=0), "not_found"),
             ]
@@ -53,8 +59,11 @@ def test_bad_peer_requests_get_error_codes_and_the_node_keeps_serving(tmp_path):
                 assert err.value.code == code, (type(body).TYPE, err.value)
             assert await client.call(addr, Ping(), timeout=5) is not None
             with pytest.raises(RpcError) as err:  # a report naming no valid helper is refused by the bootstrap
-                await client.call(swarm.address, Report(node_id=node.node_id,
-                                                       metrics={"event": "helper_failed", "helper": "x"}), timeout=5)
+                await client.call(
+                    swarm.address,
+                    Report(node_id=node.node_id, metrics={"event": "helper_failed", "helper": "x"}),
+                    timeout=5,
+                )
             assert err.value.code == "bad_request"
             assert not task.done()
         finally:
@@ -66,13 +75,30 @@ def test_bad_peer_requests_get_error_codes_and_the_node_keeps_serving(tmp_path):
     asyncio.run(run())
 
 
-@pytest.mark.parametrize("args, message", [
-    (["join", "--bootstrap", "127.0.0.1:5555", "--memory", "1GB", "--bandwidth", "1Mbps", "--split-mode", "three-part"],
-     "split_mode must be one of"),
-    (["join", "--bootstrap", "127.0.0.1:5555", "--memory", "1GB", "--bandwidth", "1Mbps", "--local-steps", "0"],
-     "local_steps must be an int >= 1"),
-    (["bootstrap", "--bind", "127.0.0.1:0", "--state", "/tmp/x", "--task", "seq_cls"], "num_labels"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            [
+                "join",
+                "--bootstrap",
+                "127.0.0.1:5555",
+                "--memory",
+                "1GB",
+                "--bandwidth",
+                "1Mbps",
+                "--split-mode",
+                "three-part",
+            ],
+            "split_mode must be one of",
+        ),
+        (
+            ["join", "--bootstrap", "127.0.0.1:5555", "--memory", "1GB", "--bandwidth", "1Mbps", "--local-steps", "0"],
+            "local_steps must be an int >= 1",
+        ),
+        (["bootstrap", "--bind", "127.0.0.1:0", "--state", "/tmp/x", "--task", "seq_cls"], "num_labels"),
+    ],
+)
 def test_cli_refuses_bad_runtime_flags_before_starting(args, message, capsys):
     from tools.cli import main
     from tools.exit_codes import ExitCode

@@ -8,8 +8,9 @@ from transport.link import LinkProfile
 
 
 def _peer(tmp_path, **train):
-    config = NodeConfig(bootstrap="127.0.0.1:5555", memory_bytes=10**8, bandwidth_bps=20e6, state_dir=tmp_path,
-                        compute_score=1.0)
+    config = NodeConfig(
+        bootstrap="127.0.0.1:5555", memory_bytes=10**8, bandwidth_bps=20e6, state_dir=tmp_path, compute_score=1.0
+    )
     return Peer(config, TrainConfig(out_dir=None, **train))
 
 
@@ -20,11 +21,14 @@ def test_the_link_is_emulated_only_when_asked_and_from_the_nodes_own_bandwidth(t
     assert profile.bandwidth_mbps == 20.0 and profile.latency_ms == 7.5 and profile.loss == 0.0
 
 
-@pytest.mark.parametrize("fields, message", [
-    ({"latency_ms": 5.0}, "only with emulate_link"),
-    ({"emulate_link": True, "latency_ms": -1.0}, "latency_ms"),
-    ({"emulate_link": "yes"}, "emulate_link must be a bool"),
-])
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"latency_ms": 5.0}, "only with emulate_link"),
+        ({"emulate_link": True, "latency_ms": -1.0}, "latency_ms"),
+        ({"emulate_link": "yes"}, "emulate_link must be a bool"),
+    ],
+)
 def test_bad_link_settings_are_refused(fields, message):
     with pytest.raises(ValueError, match=message):
         TrainConfig(out_dir=None, **fields)

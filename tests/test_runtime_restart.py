@@ -8,20 +8,43 @@ on the same base (same chain digest) as the node that never stopped.
 
 import json
 
-
+from atlas_p2p.records import Summary, lost_updates
 from atlas_p2p.synthetic import write_synthetic_jsonl
 from nodes.checkpoint import load_checkpoint
-from atlas_p2p.records import Summary, lost_updates
 from scenarios.waiting import wait_until
 
 ROUNDS = 4
 
 
 def test_a_killed_node_resumes_from_its_checkpoint(swarm, tmp_path):
-    swarm.start_bootstrap(extra=["--dead-after", "3", "--task", "seq_cls", "--num-labels", "4", "--min-nodes", "2",
-                                 "--clusters", "1", "--seed", "11"])
-    flags = ["--rounds", str(ROUNDS), "--local-steps", "3", "--lr", "0.01", "--step-delay", "0.3",
-             "--round-deadline", "3"]
+    swarm.start_bootstrap(
+        extra=[
+            "--dead-after",
+            "3",
+            "--task",
+            "seq_cls",
+            "--num-labels",
+            "4",
+            "--min-nodes",
+            "2",
+            "--clusters",
+            "1",
+            "--seed",
+            "11",
+        ]
+    )
+    flags = [
+        "--rounds",
+        str(ROUNDS),
+        "--local-steps",
+        "3",
+        "--lr",
+        "0.01",
+        "--step-delay",
+        "0.3",
+        "--round-deadline",
+        "3",
+    ]
     data = [write_synthetic_jsonl(tmp_path / f"t{i}.jsonl", 0, 48, seed=i) for i in (0, 1)]
     # a is a slow device (1 s a step): a node process takes seconds to start again, and b
     # must come back while a still trains, or it only catches up and trains no round

@@ -16,18 +16,25 @@ from scenarios.waiting import wait_until
 from tests.split_reference import BATCH, LR, ROUNDS, SEED, STEPS, reference_patches
 
 
-
 def test_split_rounds_across_two_processes_match_one_process(swarm, tmp_path):
     data = write_synthetic_jsonl(tmp_path / "t0.jsonl", 0, 48, seed=3)
-    swarm.start_bootstrap(extra=["--task", "seq_cls", "--num-labels", "4", "--min-nodes", "1", "--clusters", "1",
-                                 "--seed", str(SEED)])
+    swarm.start_bootstrap(
+        extra=["--task", "seq_cls", "--num-labels", "4", "--min-nodes", "1", "--clusters", "1", "--seed", str(SEED)]
+    )
     swarm.add_node("helper", memory="100MB", out=True)
-    swarm.add_node("owner", memory="4MB", data=data, out=True,
-                   extra=["--rounds", str(ROUNDS), "--local-steps", str(STEPS), "--lr", str(LR), "--batch-size",
-                          str(BATCH)])
+    swarm.add_node(
+        "owner",
+        memory="4MB",
+        data=data,
+        out=True,
+        extra=["--rounds", str(ROUNDS), "--local-steps", str(STEPS), "--lr", str(LR), "--batch-size", str(BATCH)],
+    )
 
-    summary = wait_until(lambda: (swarm.summary("owner") or {}).get("finished") and swarm.summary("owner"), 150,
-                         what="the owner to finish")
+    summary = wait_until(
+        lambda: (swarm.summary("owner") or {}).get("finished") and swarm.summary("owner"),
+        150,
+        what="the owner to finish",
+    )
     assert swarm.wait_exit("owner", 60) == 0, swarm.nodes["owner"].log_tail(40)
     assert swarm.wait_exit("helper", 60) == 0, swarm.nodes["helper"].log_tail(40)
     assert summary["role"] == "owner" and summary["helper"] is not None, summary

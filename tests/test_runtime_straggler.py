@@ -8,10 +8,10 @@ fast node (already finished) still folds it, and both end on the same base chain
 
 import asyncio
 
+from atlas_p2p.records import Summary, lost_updates
 from atlas_p2p.synthetic import write_synthetic_jsonl
 from nodes.checkpoint import load_checkpoint
 from nodes.config import SwarmSpec
-from atlas_p2p.records import Summary, lost_updates
 from scenarios.inprocess import InProcessSwarm
 
 
@@ -20,8 +20,17 @@ async def _run(tmp_path):
     async with await InProcessSwarm.create(tmp_path, spec, fingerprint_seed=5) as swarm:
         for i, delay in enumerate((0.0, 0.8)):
             data = write_synthetic_jsonl(tmp_path / f"d{i}.jsonl", 0, 48, seed=i)
-            swarm.add(f"n{i}", 30 * 10**6, data=data, rounds=2, local_steps=3, lr=0.01, round_deadline_s=1.0,
-                      step_delay_s=delay, export_rank=64)
+            swarm.add(
+                f"n{i}",
+                30 * 10**6,
+                data=data,
+                rounds=2,
+                local_steps=3,
+                lr=0.01,
+                round_deadline_s=1.0,
+                step_delay_s=delay,
+                export_rank=64,
+            )
             if i == 0:  # the fast node joins first: it gets the lower id and anchors the cluster
                 swarm.start("n0")
                 await swarm.joined("n0")

@@ -13,11 +13,11 @@ import pytest
 import torch
 from peft import PeftModel
 
+from atlas_p2p.records import Summary, lost_updates
 from atlas_p2p.synthetic import write_synthetic_jsonl
 from atlas_p2p.training import apply_to_model
 from nodes.checkpoint import load_checkpoint
 from nodes.config import SwarmSpec
-from atlas_p2p.records import Summary, lost_updates
 from nodes.modelname import build_model
 from scenarios.inprocess import InProcessSwarm
 
@@ -30,8 +30,16 @@ async def _swarm(tmp_path):
         nodes = {"strong0": (30, 0), "weak0": (4, 0), "strong1": (30, 1), "helper": (100, None)}  # MB, task
         for seed, (name, (memory_mb, task)) in enumerate(nodes.items()):
             data = None if task is None else write_synthetic_jsonl(tmp_path / f"{name}.jsonl", task, 48, seed=seed)
-            swarm.add(name, memory_mb * 10**6, data=data, rounds=ROUNDS, local_steps=2, lr=0.01, export_rank=64,
-                      round_deadline_s=30.0)
+            swarm.add(
+                name,
+                memory_mb * 10**6,
+                data=data,
+                rounds=ROUNDS,
+                local_steps=2,
+                lr=0.01,
+                export_rank=64,
+                round_deadline_s=30.0,
+            )
         return await swarm.run(timeout=120)
 
 
@@ -81,7 +89,20 @@ def test_metrics_lines_carry_what_scenarios_read(swarm):
     lines = [json.loads(x) for x in (tmp / "weak0" / "metrics.jsonl").read_text().splitlines()]
     assert [x["round"] for x in lines] == list(range(ROUNDS))
     for x in lines:
-        assert {"node_id", "cluster", "round", "loss", "eval", "steps", "step_rate", "bytes_by_kind", "base_version",
-                "contributions", "manifests_folded", "repairs_seen", "role"} <= set(x)
+        assert {
+            "node_id",
+            "cluster",
+            "round",
+            "loss",
+            "eval",
+            "steps",
+            "step_rate",
+            "bytes_by_kind",
+            "base_version",
+            "contributions",
+            "manifests_folded",
+            "repairs_seen",
+            "role",
+        } <= set(x)
         assert set(x["bytes_by_kind"]) == {"activations", "gradients", "adapters", "fingerprints", "control"}
     assert lines[-1]["bytes_by_kind"]["activations"] > 0

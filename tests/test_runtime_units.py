@@ -6,14 +6,14 @@ import torch
 
 from atlas_p2p.aggregation import AdapterFactors, Contribution, stack_merge
 from atlas_p2p.data import TaskMismatch, load_for_task, round_batches
+from atlas_p2p.records import CheckpointState, bytes_by_kind
 from atlas_p2p.synthetic import SyntheticTasks
 from atlas_p2p.training import node_fingerprint
 from atlas_p2p.versioning import VersionedBase
 from nodes.checkpoint import load_checkpoint, save_checkpoint
-from nodes.merge import AnchorLog, GossipStore, merge_manifest
-from atlas_p2p.records import CheckpointState, bytes_by_kind
-from nodes.modelname import build_model, build_tokenizer
 from nodes.config import SwarmSpec, TrainConfig
+from nodes.merge import AnchorLog, GossipStore, merge_manifest
+from nodes.modelname import build_model, build_tokenizer
 from nodes.wireconv import contribution_from_msg, contribution_to_msg, records_from_msg, records_to_msg
 from transport.messages import Fingerprint
 
@@ -75,8 +75,17 @@ def test_checkpoint_round_trip_and_damage_is_refused(tmp_path):
     base = VersionedBase("3")
     base.apply(stack_merge([_contribution(1), _contribution(2, seed=5)]))
     pending = _contribution(1, round_=1, seed=9)
-    state = CheckpointState(node_id=1, cluster=0, round=1, base_version=base.version, rounds_done=1, steps_total=4,
-                            contributions=(), manifests=(), repairs=())
+    state = CheckpointState(
+        node_id=1,
+        cluster=0,
+        round=1,
+        base_version=base.version,
+        rounds_done=1,
+        steps_total=4,
+        contributions=(),
+        manifests=(),
+        repairs=(),
+    )
     save_checkpoint(tmp_path, state, base, pending)
     save_checkpoint(tmp_path, state, base, pending)  # replaces atomically
     back = load_checkpoint(tmp_path)
@@ -117,10 +126,15 @@ def test_bytes_by_kind_sorts_the_rpc_counts_of_both_ends_into_kinds():
     assert kinds == {"activations": 1000, "gradients": 900, "adapters": 0, "fingerprints": 300, "control": 60}
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"task": "regression"}, "task"), ({"task": "seq_cls"}, "num_labels"), ({"min_nodes": 0}, "min_nodes"),
-    ({"split_mode": "v"}, "split_mode"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"task": "regression"}, "task"),
+        ({"task": "seq_cls"}, "num_labels"),
+        ({"min_nodes": 0}, "min_nodes"),
+        ({"split_mode": "v"}, "split_mode"),
+    ],
+)
 def test_swarm_spec_names_the_bad_field(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SwarmSpec(**kwargs)

@@ -27,23 +27,64 @@ from nodes.control import ControlClient
 from scenarios.inprocess import InProcessSwarm
 from scenarios.waiting import wait_until, wait_until_async
 from tests.split_reference import BATCH, LR, ROUNDS, SEED, STEPS, reference_patches
-from transport.messages import (Assignment, Backward, BaseDigest, Fingerprint, Forward, GetAssignment, Hidden, Ping,
-                                RoundBegin, UBackward)
+from transport.messages import (
+    Assignment,
+    Backward,
+    BaseDigest,
+    Fingerprint,
+    Forward,
+    GetAssignment,
+    Hidden,
+    Ping,
+    RoundBegin,
+    UBackward,
+)
 from transport.rpc import RpcClient, RpcError
-
 
 
 def test_u_shape_rounds_across_two_processes_match_one_process_and_labels_stay_home(swarm, tmp_path):
     data = write_synthetic_jsonl(tmp_path / "t0.jsonl", 0, 48, seed=3)
-    swarm.start_bootstrap(extra=["--task", "seq_cls", "--num-labels", "4", "--min-nodes", "1", "--clusters", "1",
-                                 "--seed", str(SEED), "--split-mode", "u-shape"])
+    swarm.start_bootstrap(
+        extra=[
+            "--task",
+            "seq_cls",
+            "--num-labels",
+            "4",
+            "--min-nodes",
+            "1",
+            "--clusters",
+            "1",
+            "--seed",
+            str(SEED),
+            "--split-mode",
+            "u-shape",
+        ]
+    )
     swarm.add_node("helper", memory="100MB", out=True)
-    swarm.add_node("owner", memory="4MB", data=data, out=True,
-                   extra=["--rounds", str(ROUNDS), "--local-steps", str(STEPS), "--lr", str(LR), "--batch-size",
-                          str(BATCH), "--split-mode", "u-shape"])
+    swarm.add_node(
+        "owner",
+        memory="4MB",
+        data=data,
+        out=True,
+        extra=[
+            "--rounds",
+            str(ROUNDS),
+            "--local-steps",
+            str(STEPS),
+            "--lr",
+            str(LR),
+            "--batch-size",
+            str(BATCH),
+            "--split-mode",
+            "u-shape",
+        ],
+    )
 
-    summary = wait_until(lambda: (swarm.summary("owner") or {}).get("finished") and swarm.summary("owner"), 150,
-                         what="the owner to finish")
+    summary = wait_until(
+        lambda: (swarm.summary("owner") or {}).get("finished") and swarm.summary("owner"),
+        150,
+        what="the owner to finish",
+    )
     assert swarm.wait_exit("owner", 60) == 0, swarm.nodes["owner"].log_tail(40)
     assert swarm.wait_exit("helper", 60) == 0, swarm.nodes["helper"].log_tail(40)
     assert summary["role"] == "owner" and summary["helper"] is not None, summary
@@ -87,12 +128,23 @@ def test_bad_u_shape_requests_get_errors_and_the_helper_keeps_serving(tmp_path):
         client = await RpcClient.create("owner-on-the-wire")
         control = None
         try:
-            await wait_until_async(lambda: getattr(helper, "base_identity", None) is not None
-                                   and helper.server is not None, 60, what="the helper to serve")
+            await wait_until_async(
+                lambda: getattr(helper, "base_identity", None) is not None and helper.server is not None,
+                60,
+                what="the helper to serve",
+            )
             control = await ControlClient.create(
-                NodeConfig(bootstrap=boot.address, memory_bytes=4 * 10**6, bandwidth_bps=5e7,
-                           state_dir=tmp_path / "o", compute_score=1.0, data=tmp_path / "o.jsonl"),
-                "127.0.0.1:1", client=client)
+                NodeConfig(
+                    bootstrap=boot.address,
+                    memory_bytes=4 * 10**6,
+                    bandwidth_bps=5e7,
+                    state_dir=tmp_path / "o",
+                    compute_score=1.0,
+                    data=tmp_path / "o.jsonl",
+                ),
+                "127.0.0.1:1",
+                client=client,
+            )
             me = (await control.wait_joined()).node_id
             digest = helper.base_identity["digest"]  # the owner on the wire runs the helper's base
             await client.call(boot.address, BaseDigest(node_id=me, digest=digest), timeout=5)
@@ -106,9 +158,21 @@ def test_bad_u_shape_requests_get_errors_and_the_helper_keeps_serving(tmp_path):
             else:
                 raise AssertionError(f"no u-shape owner assignment with the helper: {a}")
             addr = helper.server.address
-            await client.call(addr, RoundBegin(owner_id=me, cluster=a.cluster, round=0, split=a.split,
-                                               ranks=dict(a.ranks), seed=7, lr=0.01, mode="u-shape",
-                                               base_digest=digest), timeout=10)
+            await client.call(
+                addr,
+                RoundBegin(
+                    owner_id=me,
+                    cluster=a.cluster,
+                    round=0,
+                    split=a.split,
+                    ranks=dict(a.ranks),
+                    seed=7,
+                    lr=0.01,
+                    mode="u-shape",
+                    base_digest=digest,
+                ),
+                timeout=10,
+            )
             rng = np.random.default_rng(1)
             acts = rng.standard_normal((2, 5, 64)).astype(np.float32)
             mask = np.ones((2, 5), np.int64)

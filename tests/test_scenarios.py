@@ -15,8 +15,14 @@ from tools import report
 from tools.report import ReportError
 
 
-def _node(root: Path, name: str, rows: list[RoundLine], summary: Summary | None = None, tail: str = "",
-          state: CheckpointState | None = None) -> Path:
+def _node(
+    root: Path,
+    name: str,
+    rows: list[RoundLine],
+    summary: Summary | None = None,
+    tail: str = "",
+    state: CheckpointState | None = None,
+) -> Path:
     out = root / name
     out.mkdir(parents=True)
     log = MetricsLog(out / report.METRICS_FILE)
@@ -34,10 +40,22 @@ def _node(root: Path, name: str, rows: list[RoundLine], summary: Summary | None 
 
 def _row(node_id, cluster, rnd, loss, made=(), folded=(), sent=None, acc=None) -> RoundLine:
     return RoundLine(
-        node_id=node_id, cluster=cluster, round=rnd, role="owner", loss=loss,
-        eval=None if acc is None else Evaluation("accuracy", acc, 0.0), steps=2, step_rate=1.0,
-        bytes_by_kind=sent or {}, base_version=rnd + 1, contributions=tuple(made), manifests_folded=tuple(folded),
-        carried_over=False, repairs_seen=0, helper=None, time=0.0,
+        node_id=node_id,
+        cluster=cluster,
+        round=rnd,
+        role="owner",
+        loss=loss,
+        eval=None if acc is None else Evaluation("accuracy", acc, 0.0),
+        steps=2,
+        step_rate=1.0,
+        bytes_by_kind=sent or {},
+        base_version=rnd + 1,
+        contributions=tuple(made),
+        manifests_folded=tuple(folded),
+        carried_over=False,
+        repairs_seen=0,
+        helper=None,
+        time=0.0,
     )
 
 
@@ -51,35 +69,76 @@ def _folded(rnd: int, *nodes: int) -> FoldedRecord:
 
 def _summary(node_id, cluster, made=(), folded=(), finished=True, adapter_dir=None) -> Summary:
     return Summary(
-        node_id=node_id, finished=finished, rounds_done=len(made), rounds=len(made), cluster=cluster, role="owner",
-        has_data=True, split=None, ranks={}, helper=None, adapter_dir=adapter_dir, export=None, export_error=None,
-        base_version=len(folded), contributions=made, manifests_folded=tuple(folded), repairs=(), split_mode="two-part",
-        steps_served=0, requests_served={}, labels_received=0, bytes_by_kind={},
+        node_id=node_id,
+        finished=finished,
+        rounds_done=len(made),
+        rounds=len(made),
+        cluster=cluster,
+        role="owner",
+        has_data=True,
+        split=None,
+        ranks={},
+        helper=None,
+        adapter_dir=adapter_dir,
+        export=None,
+        export_error=None,
+        base_version=len(folded),
+        contributions=made,
+        manifests_folded=tuple(folded),
+        repairs=(),
+        split_mode="two-part",
+        steps_served=0,
+        requests_served={},
+        labels_received=0,
+        bytes_by_kind={},
     )
 
 
 def _state(node_id, cluster, made=(), folded=()) -> CheckpointState:
-    return CheckpointState(node_id=node_id, cluster=cluster, round=len(made), base_version=len(folded),
-                           rounds_done=len(made), steps_total=0, contributions=made, manifests=tuple(folded),
-                           repairs=())
+    return CheckpointState(
+        node_id=node_id,
+        cluster=cluster,
+        round=len(made),
+        base_version=len(folded),
+        rounds_done=len(made),
+        steps_total=0,
+        contributions=made,
+        manifests=tuple(folded),
+        repairs=(),
+    )
 
 
 @pytest.fixture
 def swarm_dirs(tmp_path):
     """Two clusters: a,b in 0 (a is the anchor and folds both), c alone in 1 (killed: a checkpoint, no summary)."""
     folded_0 = (_folded(0, 1, 2), _folded(1, 1, 2))
-    a = _node(tmp_path, "a", [
-        _row(1, 0, 0, 2.0, made=["a0"], folded=["p0"], acc=0.25, sent={"activations": 10, "adapters": 5}),
-        _row(1, 0, 1, 1.0, made=["a1"], folded=["p1"], acc=0.75, sent={"activations": 30, "adapters": 9}),
-    ], summary=_summary(1, 0, _made("a0", "a1"), folded_0, adapter_dir="a/adapter"))
-    b = _node(tmp_path, "b", [
-        _row(2, 0, 0, 3.0, made=["b0"], folded=["p0"], acc=0.25, sent={"activations": 7}),
-        _row(2, 0, 1, 2.0, made=["b1"], folded=["p1"], acc=0.5, sent={"activations": 20}),
-    ], summary=_summary(2, 0, _made("b0", "b1"), folded_0))
-    c = _node(tmp_path, "c", [
-        _row(3, 1, 0, 5.0, made=["c0"], folded=["p0"], sent={"gradients": 4}),
-        _row(3, 1, 1, 4.5, made=["c1"], folded=["p1"], sent={"gradients": 8}),
-    ], state=_state(3, 1, _made("c0", "c1"), (_folded(0, 3), _folded(1, 3))))
+    a = _node(
+        tmp_path,
+        "a",
+        [
+            _row(1, 0, 0, 2.0, made=["a0"], folded=["p0"], acc=0.25, sent={"activations": 10, "adapters": 5}),
+            _row(1, 0, 1, 1.0, made=["a1"], folded=["p1"], acc=0.75, sent={"activations": 30, "adapters": 9}),
+        ],
+        summary=_summary(1, 0, _made("a0", "a1"), folded_0, adapter_dir="a/adapter"),
+    )
+    b = _node(
+        tmp_path,
+        "b",
+        [
+            _row(2, 0, 0, 3.0, made=["b0"], folded=["p0"], acc=0.25, sent={"activations": 7}),
+            _row(2, 0, 1, 2.0, made=["b1"], folded=["p1"], acc=0.5, sent={"activations": 20}),
+        ],
+        summary=_summary(2, 0, _made("b0", "b1"), folded_0),
+    )
+    c = _node(
+        tmp_path,
+        "c",
+        [
+            _row(3, 1, 0, 5.0, made=["c0"], folded=["p0"], sent={"gradients": 4}),
+            _row(3, 1, 1, 4.5, made=["c1"], folded=["p1"], sent={"gradients": 8}),
+        ],
+        state=_state(3, 1, _made("c0", "c1"), (_folded(0, 3), _folded(1, 3))),
+    )
     return [a, b, c]
 
 
@@ -111,8 +170,13 @@ def test_a_contribution_no_folded_patch_weighs_is_lost_and_named(tmp_path):
 
 def test_a_contribution_folded_only_by_a_node_that_was_killed_later_still_counts_as_folded(tmp_path):
     # the anchor folded b0 and then died (its checkpoint, no summary); b never saw the patch itself
-    anchor = _node(tmp_path, "anchor", [_row(1, 0, 0, 2.0)], tail='{"node_id": 1, "ro',
-                   state=_state(1, 0, _made("a0"), [_folded(0, 1, 2)]))
+    anchor = _node(
+        tmp_path,
+        "anchor",
+        [_row(1, 0, 0, 2.0)],
+        tail='{"node_id": 1, "ro',
+        state=_state(1, 0, _made("a0"), [_folded(0, 1, 2)]),
+    )
     b = _node(tmp_path, "b", [_row(2, 0, 0, 2.0)], summary=_summary(2, 0, _made("b0")))
     runs = report.read_runs([anchor, b])
     assert report.lost_updates(runs) == []
@@ -120,19 +184,33 @@ def test_a_contribution_folded_only_by_a_node_that_was_killed_later_still_counts
 
 
 def test_a_late_contribution_carried_into_a_merged_later_one_is_not_lost(tmp_path):
-    a = _node(tmp_path, "a", [_row(1, 0, 0, 2.0), _row(1, 0, 1, 1.0)],
-              summary=_summary(1, 0, _made("a0", "a1"), [_folded(1, 1)]))  # a0 missed round 0, rode inside a1
+    a = _node(
+        tmp_path,
+        "a",
+        [_row(1, 0, 0, 2.0), _row(1, 0, 1, 1.0)],
+        summary=_summary(1, 0, _made("a0", "a1"), [_folded(1, 1)]),
+    )  # a0 missed round 0, rode inside a1
     assert report.lost_updates(report.read_runs([a])) == []
-    b = _node(tmp_path, "b", [_row(2, 0, 0, 2.0), _row(2, 0, 1, 1.0)],
-              summary=_summary(2, 0, _made("b0", "b1"), [_folded(0, 2)]))  # nothing took b1 in
+    b = _node(
+        tmp_path,
+        "b",
+        [_row(2, 0, 0, 2.0), _row(2, 0, 1, 1.0)],
+        summary=_summary(2, 0, _made("b0", "b1"), [_folded(0, 2)]),
+    )  # nothing took b1 in
     assert [x["digest"] for x in report.lost_updates(report.read_runs([b]))] == ["b1"]
 
 
 def test_a_replayed_round_after_a_restart_counts_once_with_the_last_line(tmp_path):
-    a = _node(tmp_path, "a", [
-        _row(1, 0, 0, 2.0), _row(1, 0, 1, 9.0),  # round 1 written, then the node was killed
-        _row(1, 0, 1, 1.5), _row(1, 0, 2, 1.0),  # restarted: round 1 again, then 2
-    ])
+    a = _node(
+        tmp_path,
+        "a",
+        [
+            _row(1, 0, 0, 2.0),
+            _row(1, 0, 1, 9.0),  # round 1 written, then the node was killed
+            _row(1, 0, 1, 1.5),
+            _row(1, 0, 2, 1.0),  # restarted: round 1 again, then 2
+        ],
+    )
     run = report.read_node_dir(a)
     assert [row.round for row in run.rows] == [0, 1, 2]
     assert report.loss_by_round_by_cluster([run]) == {"0": {0: 2.0, 1: 1.5, 2: 1.0}}
@@ -155,7 +233,9 @@ def test_ari_is_one_for_a_renamed_perfect_clustering_and_penalises_unassigned_no
 
 def test_ari_from_files_uses_the_summary_cluster_first(swarm_dirs, tmp_path):
     truth_path = tmp_path / "truth.json"
-    truth_path.write_text(json.dumps({"nodes": {"a": {"task": 1}, "b": {"task": 1}, "c": {"task": 0}, "gone": {"task": 0}}}))
+    truth_path.write_text(
+        json.dumps({"nodes": {"a": {"task": 1}, "b": {"task": 1}, "c": {"task": 0}, "gone": {"task": 0}}})
+    )
     runs = report.read_runs(swarm_dirs)
     figures = report.summarize(runs, report.load_truth(truth_path))
     assert figures["ari"] == pytest.approx(1.0)
@@ -222,11 +302,20 @@ def test_churn_data_files_carry_the_true_task_and_differ_between_train_and_eval(
         assert [r["text"] for r in train[:6]] != [r["text"] for r in held]
 
 
-@pytest.mark.parametrize("kwargs, field", [
-    (dict(nodes=1), "nodes"), (dict(tasks=5), "tasks"), (dict(kill=1.5), "kill"), (dict(restart=-0.1), "restart"),
-    (dict(nodes=3, tasks=3, kill=0.5), "kill"), (dict(kind="images"), "kind"), (dict(rounds=True), "rounds"),
-    (dict(suspect_after=30.0), "suspect_after"), (dict(clusters=-1), "clusters"),
-])
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(nodes=1), "nodes"),
+        (dict(tasks=5), "tasks"),
+        (dict(kill=1.5), "kill"),
+        (dict(restart=-0.1), "restart"),
+        (dict(nodes=3, tasks=3, kill=0.5), "kill"),
+        (dict(kind="images"), "kind"),
+        (dict(rounds=True), "rounds"),
+        (dict(suspect_after=30.0), "suspect_after"),
+        (dict(clusters=-1), "clusters"),
+    ],
+)
 def test_churn_config_names_the_bad_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
         churn.ChurnConfig(**kwargs)
@@ -238,8 +327,17 @@ def _peer(node_id, cluster, helper=None, anchor=False, status="alive"):
 
 def test_victims_are_a_serving_pure_helper_then_a_non_anchor_data_node():
     # cluster 0: 1 (anchor, whole), 2 and 3 owners served by pure helper 7; cluster 1: 4 anchor, 5 served by 8
-    rows = [_peer(1, 0, anchor=True), _peer(2, 0, helper=7), _peer(3, 0, helper=1), _peer(4, 1, anchor=True),
-            _peer(5, 1, helper=8), _peer(6, 1, helper=8), _peer(7, None), _peer(8, None), _peer(9, None)]
+    rows = [
+        _peer(1, 0, anchor=True),
+        _peer(2, 0, helper=7),
+        _peer(3, 0, helper=1),
+        _peer(4, 1, anchor=True),
+        _peer(5, 1, helper=8),
+        _peer(6, 1, helper=8),
+        _peer(7, None),
+        _peer(8, None),
+        _peer(9, None),
+    ]
     names = {i: f"n{i}" for i in range(1, 10)}
     pure = {"n7", "n8", "n9"}
     victims = churn.choose_victims(rows, names, pure, 2)
@@ -249,8 +347,13 @@ def test_victims_are_a_serving_pure_helper_then_a_non_anchor_data_node():
 
 
 def test_victims_never_empty_a_cluster_or_pick_dead_nodes():
-    rows = [_peer(1, 0, anchor=True), _peer(2, 0, helper=5), _peer(3, 1, anchor=True), _peer(4, 1, status="dead"),
-            _peer(5, None)]
+    rows = [
+        _peer(1, 0, anchor=True),
+        _peer(2, 0, helper=5),
+        _peer(3, 1, anchor=True),
+        _peer(4, 1, status="dead"),
+        _peer(5, None),
+    ]
     names = {i: f"n{i}" for i in range(1, 6)}
     victims = churn.choose_victims(rows, names, {"n5"}, 3)
     assert "n4" not in victims and "n1" not in victims and "n3" not in victims
@@ -259,39 +362,74 @@ def test_victims_never_empty_a_cluster_or_pick_dead_nodes():
 
 
 def _result(**changes):
-    base = dict(survivors=["a", "b"], finished=["a", "b"], restarted=[], data_nodes=["a", "b", "c"], killed=["h", "c"],
-                exit_codes={"a": 0, "b": 0, "c": None}, killed_for_good=["c"], lost_updates=0,
-                killed_serving_helpers=["h"], repairs=1, ari=1.0,
-                loss_by_round_by_cluster={"0": {"0": 2.0, "3": 1.0}, "1": {"0": 2.0, "3": 1.5}})
+    base = dict(
+        survivors=["a", "b"],
+        finished=["a", "b"],
+        restarted=[],
+        data_nodes=["a", "b", "c"],
+        killed=["h", "c"],
+        exit_codes={"a": 0, "b": 0, "c": None},
+        killed_for_good=["c"],
+        lost_updates=0,
+        killed_serving_helpers=["h"],
+        repairs=1,
+        ari=1.0,
+        loss_by_round_by_cluster={"0": {"0": 2.0, "3": 1.0}, "1": {"0": 2.0, "3": 1.5}},
+    )
     return {**base, **changes}
 
 
 def test_acceptance_passes_a_good_run_and_names_each_failed_check():
     assert churn.acceptance_failures(_result()) == []
-    bad = churn.acceptance_failures(_result(
-        finished=["a"], lost_updates=2, repairs=0, ari=0.5, exit_codes={"a": 0, "b": 1, "c": None},
-        loss_by_round_by_cluster={"0": {"0": 2.0, "3": 2.5}},
-    ))
+    bad = churn.acceptance_failures(
+        _result(
+            finished=["a"],
+            lost_updates=2,
+            repairs=0,
+            ari=0.5,
+            exit_codes={"a": 0, "b": 1, "c": None},
+            loss_by_round_by_cluster={"0": {"0": 2.0, "3": 2.5}},
+        )
+    )
     text = "\n".join(bad)
     assert len(bad) == 6
-    for needle in ("did not finish every round: b", "exited with an error", "lost_updates = 2",
-                   "repairs = 0", "ari = 0.5", "cluster 0: loss did not fall"):
+    for needle in (
+        "did not finish every round: b",
+        "exited with an error",
+        "lost_updates = 2",
+        "repairs = 0",
+        "ari = 0.5",
+        "cluster 0: loss did not fall",
+    ):
         assert needle in text
     assert churn.acceptance_failures(_result(killed_serving_helpers=[], repairs=0)) == []
     assert "ari = None" in "\n".join(churn.acceptance_failures(_result(ari=None)))
 
 
 def test_bytes_of_a_restarted_node_add_up_over_its_incarnations(tmp_path):
-    a = _node(tmp_path, "a", [
-        _row(1, 0, 0, 2.0, sent={"activations": 10}), _row(1, 0, 1, 2.0, sent={"activations": 25}),
-        _row(1, 0, 1, 2.0, sent={"activations": 4}), _row(1, 0, 2, 2.0, sent={"activations": 9}),  # restarted
-    ])
+    a = _node(
+        tmp_path,
+        "a",
+        [
+            _row(1, 0, 0, 2.0, sent={"activations": 10}),
+            _row(1, 0, 1, 2.0, sent={"activations": 25}),
+            _row(1, 0, 1, 2.0, sent={"activations": 4}),
+            _row(1, 0, 2, 2.0, sent={"activations": 9}),  # restarted
+        ],
+    )
     assert report.bytes_by_kind(report.read_runs([a]))["activations"] == 25 + 9
 
 
 def test_victims_come_only_from_the_eligible_nodes_and_a_kill_shortfall_is_a_failure():
-    rows = [_peer(1, 0, anchor=True), _peer(2, 0, helper=7), _peer(3, 1, anchor=True), _peer(4, 1, helper=8),
-            _peer(5, 1), _peer(7, None), _peer(8, None)]
+    rows = [
+        _peer(1, 0, anchor=True),
+        _peer(2, 0, helper=7),
+        _peer(3, 1, anchor=True),
+        _peer(4, 1, helper=8),
+        _peer(5, 1),
+        _peer(7, None),
+        _peer(8, None),
+    ]
     names = {i: f"n{i}" for i in (1, 2, 3, 4, 5, 7, 8)}
     assert churn.choose_victims(rows, names, {"n7", "n8"}, 2, eligible={8, 5}) == ["n8", "n5"]
     assert churn.choose_victims(rows, names, {"n7", "n8"}, 2, eligible=set()) == []

@@ -40,16 +40,27 @@ TOL = 1e-5
 
 def _peft_model(family, task, seed=0):
     """A tiny model with heterogeneous LoRA ranks (some 0) and non-zero B, so every LoRA grad is alive."""
-    model = tiny_model(family, task, VOCAB, num_labels=3 if task == SEQ_CLS else None,
-                       num_layers=LAYERS, hidden=HIDDEN, heads=HEADS, seed=seed)
+    model = tiny_model(
+        family,
+        task,
+        VOCAB,
+        num_labels=3 if task == SEQ_CLS else None,
+        num_layers=LAYERS,
+        hidden=HIDDEN,
+        heads=HEADS,
+        seed=seed,
+    )
     names = lora_targets(model, kinds=("attn", "mlp"))
     ranks = {n: (0, 2, 4, 8)[i % 4] for i, n in enumerate(names)}
     peft_model = attach_lora(model, ranks, alpha=16.0, seed=seed + 1)
     gen = torch.Generator().manual_seed(seed + 2)
-    set_factors(peft_model, {
-        n: AdapterFactors(f.A, 0.1 * torch.randn(f.B.shape, generator=gen), f.scaling)
-        for n, f in get_factors(peft_model).items()
-    })
+    set_factors(
+        peft_model,
+        {
+            n: AdapterFactors(f.A, 0.1 * torch.randn(f.B.shape, generator=gen), f.scaling)
+            for n, f in get_factors(peft_model).items()
+        },
+    )
     return peft_model
 
 
@@ -139,8 +150,9 @@ def test_u_shape_split_equals_unsplit(family, task, s, tail):
 
 @pytest.mark.parametrize("family,task", [("gpt2", CAUSAL_LM), ("llama", SEQ_CLS), ("bert", SEQ_CLS)])
 def test_split_of_plain_model_equals_hf_forward(family, task):
-    model = tiny_model(family, task, VOCAB, num_labels=3 if task == SEQ_CLS else None, num_layers=LAYERS,
-                       hidden=HIDDEN, heads=HEADS)
+    model = tiny_model(
+        family, task, VOCAB, num_labels=3 if task == SEQ_CLS else None, num_layers=LAYERS, hidden=HIDDEN, heads=HEADS
+    )
     ids, mask, labels, loss_mask = _batch(task)
     hf_kwargs = {} if family == "bert" else {"position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
     hf_labels = labels if task == SEQ_CLS else labels.masked_fill(loss_mask == 0, -100)
@@ -266,14 +278,17 @@ def test_helper_rejects_bad_peer_input_with_a_clear_error(field, hidden, mask, l
     assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
 
 
-@pytest.mark.parametrize("ids,mask,field", [
-    (torch.zeros(2, 5), None, "input_ids"),
-    (torch.full((2, 5), VOCAB), None, "input_ids"),
-    (torch.zeros(5, dtype=torch.long), None, "input_ids"),
-    (torch.zeros(2, 5, dtype=torch.long), torch.ones(2, 4, dtype=torch.long), "attention_mask"),
-    (torch.zeros(2, 0, dtype=torch.long), None, "input_ids"),
-    (torch.zeros(2, 65, dtype=torch.long), None, "exceeds"),
-])
+@pytest.mark.parametrize(
+    "ids,mask,field",
+    [
+        (torch.zeros(2, 5), None, "input_ids"),
+        (torch.full((2, 5), VOCAB), None, "input_ids"),
+        (torch.zeros(5, dtype=torch.long), None, "input_ids"),
+        (torch.zeros(2, 5, dtype=torch.long), torch.ones(2, 4, dtype=torch.long), "attention_mask"),
+        (torch.zeros(2, 0, dtype=torch.long), None, "input_ids"),
+        (torch.zeros(2, 65, dtype=torch.long), None, "exceeds"),
+    ],
+)
 def test_owner_rejects_bad_input(ids, mask, field):
     model = tiny_model("gpt2", CAUSAL_LM, VOCAB, num_layers=2, hidden=HIDDEN, heads=HEADS, max_positions=64)
     owner, _ = split_model(model, 1)

@@ -13,15 +13,31 @@ def _state(swarm, node_id):
 
 
 def test_a_node_killed_while_fingerprinting_does_not_keep_the_others_from_ending(swarm, tmp_path):
-    swarm.start_bootstrap(extra=["--dead-after", str(DEAD_AFTER), "--task", "seq_cls", "--num-labels", "4",
-                                 "--min-nodes", "3", "--assign-after", "4", "--clusters", "1"])
+    swarm.start_bootstrap(
+        extra=[
+            "--dead-after",
+            str(DEAD_AFTER),
+            "--task",
+            "seq_cls",
+            "--num-labels",
+            "4",
+            "--min-nodes",
+            "3",
+            "--assign-after",
+            "4",
+            "--clusters",
+            "1",
+        ]
+    )
     flags = ["--rounds", "2", "--local-steps", "2", "--round-deadline", "5"]
     for name, delay in (("a", "0"), ("b", "0"), ("slow", "2")):
         data = write_synthetic_jsonl(tmp_path / f"{name}.jsonl", 0, 48, seed=len(name))
         swarm.add_node(name, memory="64MB", data=data, extra=["--step-delay", delay, *flags], out=True)
 
     slow = swarm.node_id("slow")
-    swarm.wait_until(lambda: _state(swarm, slow) == ("fingerprinting", "alive"), 60, what="the slow node fingerprinting")
+    swarm.wait_until(
+        lambda: _state(swarm, slow) == ("fingerprinting", "alive"), 60, what="the slow node fingerprinting"
+    )
     swarm.kill("slow")
 
     for name in ("a", "b"):

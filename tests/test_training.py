@@ -13,8 +13,14 @@ import pytest
 import torch
 from peft import PeftModel
 
-from atlas_p2p.aggregation import AdapterFactors, Contribution, Patch, StackedFactors, stack_merge
-from atlas_p2p.aggregation import stacked_singular_values
+from atlas_p2p.aggregation import (
+    AdapterFactors,
+    Contribution,
+    Patch,
+    StackedFactors,
+    stack_merge,
+    stacked_singular_values,
+)
 from atlas_p2p.lora import (
     attach_lora,
     base_weight,
@@ -49,8 +55,16 @@ TOL = 1e-5
 
 # ---- builders ------------------------------------------------------------------------------
 def _model(family="llama", task=CAUSAL_LM, seed=0):
-    return tiny_model(family, task, VOCAB, num_labels=3 if task == SEQ_CLS else None,
-                      num_layers=LAYERS, hidden=HIDDEN, heads=HEADS, seed=seed)
+    return tiny_model(
+        family,
+        task,
+        VOCAB,
+        num_labels=3 if task == SEQ_CLS else None,
+        num_layers=LAYERS,
+        hidden=HIDDEN,
+        heads=HEADS,
+        seed=seed,
+    )
 
 
 def _ranks(family="llama", task=CAUSAL_LM, pattern=(2, 4, 0)):
@@ -86,8 +100,16 @@ def _owner(family, task, split, mode="two-part", node_id=7, ranks=None, lr=LR):
 
 
 def _begin(helper, owner, ranks, lr=LR):
-    helper.begin(owner.config.node_id, owner.round, owner.config.split, ranks, owner.seed,
-                 mode=owner.config.mode, lr=lr, alpha=ALPHA)
+    helper.begin(
+        owner.config.node_id,
+        owner.round,
+        owner.config.split,
+        ranks,
+        owner.seed,
+        mode=owner.config.mode,
+        lr=lr,
+        alpha=ALPHA,
+    )
 
 
 def _exchange(owner, helper, batch):
@@ -95,12 +117,20 @@ def _exchange(owner, helper, batch):
     oid = owner.config.node_id
     f = owner.forward(batch)
     if owner.config.mode == "two-part":
-        r = helper.step(oid, f.round, f.step, _wire(f.activations), _wire(f.attention_mask), _wire(f.labels),
-                        base_version=owner.version)
+        r = helper.step(
+            oid,
+            f.round,
+            f.step,
+            _wire(f.activations),
+            _wire(f.attention_mask),
+            _wire(f.labels),
+            base_version=owner.version,
+        )
         owner.backward(_wire(r.grad), r.loss)
     else:
-        hidden = helper.u_forward(oid, f.round, f.step, _wire(f.activations), _wire(f.attention_mask),
-                                  base_version=owner.version)
+        hidden = helper.u_forward(
+            oid, f.round, f.step, _wire(f.activations), _wire(f.attention_mask), base_version=owner.version
+        )
         _, g = owner.finish(_wire(hidden))
         owner.backward(_wire(helper.u_backward(oid, f.round, f.step, _wire(g), base_version=owner.version)))
 
@@ -226,8 +256,9 @@ def test_a_different_round_seed_gives_a_different_adapter():
 def test_rollback_and_replay_with_a_new_helper_gives_the_same_adapter(mode):
     ranks = _ranks()
     batches = _batches(CAUSAL_LM, 4)
-    clean = _split_round(_owner("llama", CAUSAL_LM, 1, mode), HelperSession(_model(), HelperConfig(lr=LR)),
-                         batches, ranks)
+    clean = _split_round(
+        _owner("llama", CAUSAL_LM, 1, mode), HelperSession(_model(), HelperConfig(lr=LR)), batches, ranks
+    )
     owner = _owner("llama", CAUSAL_LM, 1, mode)
     owner.start_round(0)
     lost = HelperSession(_model(), HelperConfig(lr=LR))
@@ -343,8 +374,9 @@ def test_fold_applies_the_exact_merge_and_the_next_round_starts_fresh():
     assert not torch.allclose(_logits(_model("llama", SEQ_CLS), batch), _logits(reference, batch), atol=1e-3)
     assert record.version == 1 and o1.version == 1 and helper.version == 1
     assert o1.round == 1 and o1.step == 0 and o1.pending is None
-    fresh = attach_lora(_model("llama", SEQ_CLS), _ranks("llama", SEQ_CLS), alpha=ALPHA,
-                        seed=round_seed(RUN_SEED, 1, 1))
+    fresh = attach_lora(
+        _model("llama", SEQ_CLS), _ranks("llama", SEQ_CLS), alpha=ALPHA, seed=round_seed(RUN_SEED, 1, 1)
+    )
     for m, f in get_factors(fresh).items():
         now = get_factors(o1.model)[m]
         assert torch.equal(now.A, f.A) and not now.B.any()
@@ -359,8 +391,9 @@ def test_fold_of_a_gpt2_conv1d_model_matches_the_dense_formula():
     o2.fold(patch)
 
     batch = _batches(CAUSAL_LM, 1, seed=9)[0]
-    assert torch.allclose(_logits(o2.model, batch), _logits(_dense_reference("gpt2", CAUSAL_LM, [c1, c2]), batch),
-                          atol=TOL)
+    assert torch.allclose(
+        _logits(o2.model, batch), _logits(_dense_reference("gpt2", CAUSAL_LM, [c1, c2]), batch), atol=TOL
+    )
 
 
 def test_a_contribution_that_missed_the_manifest_is_carried_into_the_next_one_exactly():
@@ -425,12 +458,14 @@ def test_fold_refuses_an_uncommitted_round_and_ignores_a_duplicate():
 def test_helper_keeps_owners_with_different_splits_ranks_and_modes_apart():
     family, task = "llama", SEQ_CLS
     plans = [(1, "two-part", (2, 4, 0)), (2, "two-part", (8, 0, 1)), (1, "u-shape", (1, 2, 3))]
-    owners = [_owner(family, task, s, mode, node_id=i, ranks=_ranks(family, task, p))
-              for i, (s, mode, p) in enumerate(plans)]
+    owners = [
+        _owner(family, task, s, mode, node_id=i, ranks=_ranks(family, task, p)) for i, (s, mode, p) in enumerate(plans)
+    ]
     shared = HelperSession(_model(family, task), HelperConfig(lr=LR))
     alone = [HelperSession(_model(family, task), HelperConfig(lr=LR)) for _ in owners]
-    twins = [_owner(family, task, s, mode, node_id=i, ranks=_ranks(family, task, p))
-             for i, (s, mode, p) in enumerate(plans)]
+    twins = [
+        _owner(family, task, s, mode, node_id=i, ranks=_ranks(family, task, p)) for i, (s, mode, p) in enumerate(plans)
+    ]
     batches = [_batches(task, 3, seed=10 + i) for i in range(len(owners))]
     for o, t, h, (_, _, p) in zip(owners, twins, alone, plans):
         o.start_round(0)
@@ -545,8 +580,20 @@ def _bad_steps(f):
     }
 
 
-BAD_STEPS = ["hidden size", "2-D", "float64", "NaN", "inf", "list", "mask shape", "mask values", "mask float",
-             "labels range", "labels shape", "labels float"]
+BAD_STEPS = [
+    "hidden size",
+    "2-D",
+    "float64",
+    "NaN",
+    "inf",
+    "list",
+    "mask shape",
+    "mask values",
+    "mask float",
+    "labels range",
+    "labels shape",
+    "labels float",
+]
 
 
 @pytest.mark.parametrize("case", BAD_STEPS)
@@ -578,8 +625,12 @@ def test_helper_rejects_bad_tensors_before_any_state_changes(case):
 def test_u_shape_rejects_bad_hidden_states_and_gradients_and_answers_a_retry_from_cache():
     ranks = _ranks("llama", SEQ_CLS)
     batches = _batches(SEQ_CLS, 2)
-    clean = _split_round(_owner("llama", SEQ_CLS, 1, "u-shape"), HelperSession(_model("llama", SEQ_CLS),
-                         HelperConfig(lr=LR)), batches, ranks)
+    clean = _split_round(
+        _owner("llama", SEQ_CLS, 1, "u-shape"),
+        HelperSession(_model("llama", SEQ_CLS), HelperConfig(lr=LR)),
+        batches,
+        ranks,
+    )
     owner = _owner("llama", SEQ_CLS, 1, "u-shape")
     helper = HelperSession(_model("llama", SEQ_CLS), HelperConfig(lr=LR))
     owner.start_round(0)
@@ -725,17 +776,20 @@ def test_fold_rejects_bad_patches_and_changes_nothing():
     assert all(torch.equal(get_dense_trainables(o1.model)[n], t) for n, t in head.items())
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(split=0), "split"),
-    (dict(split=True), "split"),
-    (dict(lr=-1.0), "lr"),
-    (dict(lr=float("nan")), "lr"),
-    (dict(mode="sideways"), "mode"),
-    (dict(node_id=""), "node_id"),
-    (dict(node_id=-1), "node_id"),
-    (dict(weight_decay=-0.1), "weight_decay"),
-    (dict(cluster=""), "cluster"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(split=0), "split"),
+        (dict(split=True), "split"),
+        (dict(lr=-1.0), "lr"),
+        (dict(lr=float("nan")), "lr"),
+        (dict(mode="sideways"), "mode"),
+        (dict(node_id=""), "node_id"),
+        (dict(node_id=-1), "node_id"),
+        (dict(weight_decay=-0.1), "weight_decay"),
+        (dict(cluster=""), "cluster"),
+    ],
+)
 def test_owner_config_names_the_bad_field(kwargs, match):
     args = dict(node_id=1, split=1)
     args.update(kwargs)

@@ -24,8 +24,11 @@ def make_patch(seed: int, round_: int = 0):
     cs = []
     for node, n, ranks in (("a", 3, {"q": 2, "o": 4}), ("b", 5, {"q": 4})):
         factors = {
-            m: AdapterFactors(torch.randn(r, SHAPES[m][1], generator=g, dtype=torch.float64),
-                              torch.randn(SHAPES[m][0], r, generator=g, dtype=torch.float64), 8.0 / r)
+            m: AdapterFactors(
+                torch.randn(r, SHAPES[m][1], generator=g, dtype=torch.float64),
+                torch.randn(SHAPES[m][0], r, generator=g, dtype=torch.float64),
+                8.0 / r,
+            )
             for m, r in ranks.items()
         }
         head = {"head": torch.randn(2, 6, generator=g, dtype=torch.float64)}
@@ -41,9 +44,11 @@ def patches():
 @pytest.fixture
 def w0():
     g = torch.Generator().manual_seed(99)
-    return {"q": torch.randn(*SHAPES["q"], generator=g, dtype=torch.float64),
-            "o": torch.randn(*SHAPES["o"], generator=g, dtype=torch.float64),
-            "head": torch.zeros(2, 6, dtype=torch.float64)}
+    return {
+        "q": torch.randn(*SHAPES["q"], generator=g, dtype=torch.float64),
+        "o": torch.randn(*SHAPES["o"], generator=g, dtype=torch.float64),
+        "head": torch.zeros(2, 6, dtype=torch.float64),
+    }
 
 
 def filled(patches, cluster="c1"):

@@ -29,7 +29,7 @@ try:  # typer >= 0.2x ships its own copy of click; older ones use click itself
 except ImportError:  # pragma: no cover - depends on the installed typer
     from click import exceptions as _cx
 
-from nodes.config import BootstrapConfig, FINGERPRINT_SAMPLES, NodeConfig
+from nodes.config import FINGERPRINT_SAMPLES, BootstrapConfig, NodeConfig
 from tools.exit_codes import ExitCode
 
 PROG = "atlas-node"
@@ -209,14 +209,15 @@ def bootstrap(
     ] = None,
     init_seed: Annotated[
         int | None,
-        typer.Option("--init-seed", help="Seed of the parameters the checkpoint lacks, e.g. a new classification "
-                                         "head, the same on every node (default: drawn once, kept in --state)."),
+        typer.Option(
+            "--init-seed",
+            help="Seed of the parameters the checkpoint lacks, e.g. a new classification "
+            "head, the same on every node (default: drawn once, kept in --state).",
+        ),
     ] = None,
     task: Annotated[str, typer.Option(help="The swarm's task: causal_lm or seq_cls.")] = "causal_lm",
     num_labels: Annotated[int | None, typer.Option("--num-labels", help="Classes (seq_cls only).")] = None,
-    min_nodes: Annotated[
-        int, typer.Option("--min-nodes", help="Fingerprints that trigger the first clustering.")
-    ] = 2,
+    min_nodes: Annotated[int, typer.Option("--min-nodes", help="Fingerprints that trigger the first clustering.")] = 2,
     assign_after: Annotated[
         float, typer.Option("--assign-after", help="... or seconds after the first fingerprint.")
     ] = 30.0,
@@ -227,22 +228,38 @@ def bootstrap(
     max_seq_len: Annotated[int, typer.Option("--max-seq-len", help="Planning workload: tokens per sequence.")] = 32,
     split_mode: Annotated[
         str,
-        typer.Option("--split-mode", help="two-part (labels travel to the helper) or u-shape (head, labels and loss stay with owners)."),
+        typer.Option(
+            "--split-mode",
+            help="two-part (labels travel to the helper) or u-shape (head, labels and loss stay with owners).",
+        ),
     ] = "two-part",
     fingerprint_samples: Annotated[
         int,
-        typer.Option("--fingerprint-samples", help="m: examples each node's fingerprint averages over (real text needs "
-                     "about 256; nodes compute it in micro-batches of their --batch-size)."),
+        typer.Option(
+            "--fingerprint-samples",
+            help="m: examples each node's fingerprint averages over (real text needs "
+            "about 256; nodes compute it in micro-batches of their --batch-size).",
+        ),
     ] = FINGERPRINT_SAMPLES,
 ) -> None:
     """Run the bootstrap: peer table, liveness, clustering, planning and assignments."""
     from nodes.bootstrap import serve_bootstrap
-    from nodes.peer_table import PeerTableError
     from nodes.config import SwarmSpec
+    from nodes.peer_table import PeerTableError
 
-    swarm = _config(SwarmSpec, model=model, task=task, num_labels=num_labels, min_nodes=min_nodes,
-                    assign_after_s=assign_after, clusters=clusters, batch_size=batch_size,
-                    max_seq_len=max_seq_len, split_mode=split_mode, fingerprint_samples=fingerprint_samples)
+    swarm = _config(
+        SwarmSpec,
+        model=model,
+        task=task,
+        num_labels=num_labels,
+        min_nodes=min_nodes,
+        assign_after_s=assign_after,
+        clusters=clusters,
+        batch_size=batch_size,
+        max_seq_len=max_seq_len,
+        split_mode=split_mode,
+        fingerprint_samples=fingerprint_samples,
+    )
 
     bind = _address("--bind", bind, allow_port_zero=True)
     heartbeat = heartbeat_s
@@ -278,9 +295,7 @@ def join(
     bind: Annotated[
         str, typer.Option(help="HOST:PORT for this node's own server (port 0 picks a free port).")
     ] = NodeConfig.bind,
-    advertise: Annotated[
-        str | None, typer.Option(help="HOST:PORT peers should dial (default: from --bind).")
-    ] = None,
+    advertise: Annotated[str | None, typer.Option(help="HOST:PORT peers should dial (default: from --bind).")] = None,
     data: Annotated[
         Path | None, typer.Option(help="JSONL training data; without it the node joins as a helper.")
     ] = None,
@@ -292,7 +307,8 @@ def join(
         float | None, typer.Option(help="Compute score in GFLOP/s (default: measured at start).")
     ] = None,
     out: Annotated[
-        Path | None, typer.Option(help="Results: adapter/, metrics.jsonl, summary.json, checkpoint/ (default: --state).")
+        Path | None,
+        typer.Option(help="Results: adapter/, metrics.jsonl, summary.json, checkpoint/ (default: --state)."),
     ] = None,
     rounds: Annotated[int, typer.Option(help="Merge rounds to train.")] = 3,
     local_steps: Annotated[int, typer.Option("--local-steps", help="Steps per round (E).")] = 5,
@@ -306,12 +322,17 @@ def join(
     ] = None,
     split_mode: Annotated[
         str | None,
-        typer.Option("--split-mode", help="two-part or u-shape; must match the bootstrap's (default: the bootstrap's)."),
+        typer.Option(
+            "--split-mode", help="two-part or u-shape; must match the bootstrap's (default: the bootstrap's)."
+        ),
     ] = None,
     export_rank: Annotated[
         int | None,
-        typer.Option("--export-rank", help="Cap every module of the exported PEFT adapter at this rank (lossy, error "
-                                           "in export.json); default: exact, each module at its numerical rank."),
+        typer.Option(
+            "--export-rank",
+            help="Cap every module of the exported PEFT adapter at this rank (lossy, error "
+            "in export.json); default: exact, each module at its numerical rank.",
+        ),
     ] = None,
     threads: Annotated[int, typer.Option(help="Torch threads of the node's executor thread.")] = 1,
     step_timeout: Annotated[
@@ -326,17 +347,20 @@ def join(
     ] = 0.0,
     emulate_link: Annotated[
         bool,
-        typer.Option("--emulate-link", help="Shape this node's sends by its own --bandwidth (one-machine scenarios; "
-                                            "off: on a real device the real link is the link)."),
+        typer.Option(
+            "--emulate-link",
+            help="Shape this node's sends by its own --bandwidth (one-machine scenarios; "
+            "off: on a real device the real link is the link).",
+        ),
     ] = False,
     latency_ms: Annotated[
         float, typer.Option("--latency-ms", help="With --emulate-link: one-way delay added to every message sent.")
     ] = 0.0,
 ) -> None:
     """Join a swarm and train: fingerprint, get an assignment, train rounds, merge, export; Ctrl-C leaves cleanly."""
+    from nodes.config import TrainConfig
     from nodes.control import JoinRefused, NodeIdentityError
     from nodes.peer import RuntimeFailure
-    from nodes.config import TrainConfig
     from tools.node_runner import run_node
 
     bootstrap = _address("--bootstrap", bootstrap)
@@ -369,10 +393,25 @@ def join(
     if model is not None:
         _check_model(model)
     train = _config(
-        TrainConfig, out_dir=out_dir, rounds=rounds, local_steps=local_steps, batch_size=batch_size, lr=lr,
-        max_seq_len=max_seq_len, device=device, seed=seed, eval_path=eval_file, split_mode=split_mode,
-        export_rank=export_rank, threads=threads, step_timeout_s=step_timeout, round_deadline_s=round_deadline,
-        fanout=fanout, step_delay_s=step_delay, emulate_link=emulate_link, latency_ms=latency_ms,
+        TrainConfig,
+        out_dir=out_dir,
+        rounds=rounds,
+        local_steps=local_steps,
+        batch_size=batch_size,
+        lr=lr,
+        max_seq_len=max_seq_len,
+        device=device,
+        seed=seed,
+        eval_path=eval_file,
+        split_mode=split_mode,
+        export_rank=export_rank,
+        threads=threads,
+        step_timeout_s=step_timeout,
+        round_deadline_s=round_deadline,
+        fanout=fanout,
+        step_delay_s=step_delay,
+        emulate_link=emulate_link,
+        latency_ms=latency_ms,
     )
     from atlas_p2p.models.loading import ModelLoadError
 

@@ -7,7 +7,6 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
-
 # (header, row key) in display order; `last_seen_ago_s` is computed by the bootstrap
 _COLUMNS: tuple[tuple[str, str], ...] = (
     ("ID", "id"),

@@ -172,8 +172,15 @@ def read_node_dir(path: Path | str, name: str | None = None) -> NodeRun:
     checkpoint = None
     if summary is None and state_path.exists():  # written atomically: readable unless damaged
         checkpoint = _record(CheckpointState, _read_json(state_path), str(state_path))
-    return NodeRun(name=name or out.name, out_dir=out, rows=_by_round(rows), summary=summary, bad_lines=bad,
-                   bytes_sent=tuple(sent_totals(rows).items()), checkpoint=checkpoint)
+    return NodeRun(
+        name=name or out.name,
+        out_dir=out,
+        rows=_by_round(rows),
+        summary=summary,
+        bad_lines=bad,
+        bytes_sent=tuple(sent_totals(rows).items()),
+        checkpoint=checkpoint,
+    )
 
 
 def sent_totals(rows: Sequence[RoundLine]) -> dict[str, int]:
@@ -301,9 +308,7 @@ def adjusted_rand(truth: Mapping[str, Any], clusters: Mapping[str, Any]) -> floa
     names = sorted(truth)
     if len(names) < 2:
         return None
-    predicted = [
-        f"c{clusters[n]}" if clusters.get(n) is not None else f"unassigned-{n}" for n in names
-    ]
+    predicted = [f"c{clusters[n]}" if clusters.get(n) is not None else f"unassigned-{n}" for n in names]
     return float(adjusted_rand_score([str(truth[n]) for n in names], predicted))
 
 

@@ -14,6 +14,7 @@ exactly once (bad_frame_index), and the body's fields against the type's schema
 (bad_schema, bad_dtype, bad_shape). Whatever goes wrong, it raises `DecodeError` and
 nothing else. No pickle anywhere.
 """
+
 from __future__ import annotations
 
 import msgpack
@@ -24,12 +25,12 @@ from transport.schema import SchemaError
 from transport.tensors import RawTensor, TensorError, as_frame, check_dtype, check_shape, nbytes, tensor_from_frame
 
 PROTOCOL_VERSION = 1
-TENSOR_EXT = 1                      # msgpack ExtType code of a tensor reference
-DEFAULT_MAX_BYTES = 512 << 20       # whole message, header plus tensor frames
-MAX_FRAMES = 16384                  # tensor frames per message
-MAX_HEADER_BYTES = 16 << 20         # the msgpack header frame alone
-MAX_CONTAINER_LEN = 1 << 20         # items in one msgpack array or map
-_REF_MAX_BYTES = 256                # a [dtype, shape, index] reference is tiny
+TENSOR_EXT = 1  # msgpack ExtType code of a tensor reference
+DEFAULT_MAX_BYTES = 512 << 20  # whole message, header plus tensor frames
+MAX_FRAMES = 16384  # tensor frames per message
+MAX_HEADER_BYTES = 16 << 20  # the msgpack header frame alone
+MAX_CONTAINER_LEN = 1 << 20  # items in one msgpack array or map
+_REF_MAX_BYTES = 256  # a [dtype, shape, index] reference is tiny
 _HEADER_KEYS = frozenset(("v", "type", "id", "src", "body"))
 # What msgpack raises on bad input: its own errors (ValueError subclasses, incl. limits,
 # ExtraData, FormatError, StackError), unicode errors (ValueError), and overflow/recursion.
@@ -37,8 +38,16 @@ _UNPACK_ERRORS = (ValueError, OverflowError, RecursionError, msgpack.UnpackExcep
 
 # Stable error codes (also used by rpc for `error` replies).
 DECODE_CODES = (
-    "bad_header", "bad_version", "unknown_type", "bad_schema", "bad_dtype", "bad_shape",
-    "size_mismatch", "bad_frame_index", "bad_tensor", "too_large",
+    "bad_header",
+    "bad_version",
+    "unknown_type",
+    "bad_schema",
+    "bad_dtype",
+    "bad_shape",
+    "size_mismatch",
+    "bad_frame_index",
+    "bad_tensor",
+    "too_large",
 )
 
 
@@ -62,6 +71,7 @@ class EncodeError(ValueError):
 
 
 # ------------------------------------------------------------------ encode
+
 
 def encode(env: Envelope) -> list[bytes | memoryview]:
     """Envelope -> [header, tensor frames...]; tensor frames are views of the arrays' memory.
@@ -92,6 +102,7 @@ def encode(env: Envelope) -> list[bytes | memoryview]:
 
 # ------------------------------------------------------------------ decode
 
+
 def _frame_view(frame: object) -> memoryview:
     """A flat byte view of one received frame (zmq.Frame exposes its memory as .buffer)."""
     buffer = getattr(frame, "buffer", frame)
@@ -113,7 +124,9 @@ def decode(frames: list, max_bytes: int = DEFAULT_MAX_BYTES, max_frames: int = M
     views = [_frame_view(f) for f in frames]
     total = sum(v.nbytes for v in views)
     if views[0].nbytes > min(MAX_HEADER_BYTES, max_bytes):
-        raise DecodeError("too_large", f"header is {views[0].nbytes} bytes, limit is {min(MAX_HEADER_BYTES, max_bytes)}")
+        raise DecodeError(
+            "too_large", f"header is {views[0].nbytes} bytes, limit is {min(MAX_HEADER_BYTES, max_bytes)}"
+        )
     if total > max_bytes:  # the header alone is small enough to read who should hear about it
         raise DecodeError("too_large", f"message is {total} bytes, limit is {max_bytes}", *_sender_of(views[0]))
 
@@ -148,9 +161,17 @@ def _unpack_header(view: memoryview, ext_hook) -> dict:
     size = view.nbytes
     try:
         header = msgpack.unpackb(
-            view, raw=False, strict_map_key=True, use_list=True, ext_hook=ext_hook, timestamp=0,
-            max_str_len=size, max_bin_len=size,
-            max_array_len=min(size, MAX_CONTAINER_LEN), max_map_len=min(size, MAX_CONTAINER_LEN), max_ext_len=size,
+            view,
+            raw=False,
+            strict_map_key=True,
+            use_list=True,
+            ext_hook=ext_hook,
+            timestamp=0,
+            max_str_len=size,
+            max_bin_len=size,
+            max_array_len=min(size, MAX_CONTAINER_LEN),
+            max_map_len=min(size, MAX_CONTAINER_LEN),
+            max_ext_len=size,
         )
     except DecodeError:
         raise
@@ -165,8 +186,16 @@ def _tensor_from_ref(data: bytes, views: list[memoryview], used: set[int]) -> ob
     if len(data) > _REF_MAX_BYTES:
         raise DecodeError("bad_header", f"tensor reference is {len(data)} bytes")
     try:
-        ref = msgpack.unpackb(data, raw=False, strict_map_key=True,
-                              max_str_len=32, max_bin_len=0, max_array_len=16, max_map_len=0, max_ext_len=0)
+        ref = msgpack.unpackb(
+            data,
+            raw=False,
+            strict_map_key=True,
+            max_str_len=32,
+            max_bin_len=0,
+            max_array_len=16,
+            max_map_len=0,
+            max_ext_len=0,
+        )
     except _UNPACK_ERRORS as exc:
         raise DecodeError("bad_header", f"tensor reference is not valid msgpack: {exc}") from exc
     if not isinstance(ref, list) or len(ref) != 3:
@@ -185,7 +214,9 @@ def _tensor_from_ref(data: bytes, views: list[memoryview], used: set[int]) -> ob
     frame = views[index]
     expected = nbytes(dtype, shape)
     if frame.nbytes != expected:
-        raise DecodeError("size_mismatch", f"frame {index} has {frame.nbytes} bytes, {dtype}{list(shape)} needs {expected}")
+        raise DecodeError(
+            "size_mismatch", f"frame {index} has {frame.nbytes} bytes, {dtype}{list(shape)} needs {expected}"
+        )
     try:
         return tensor_from_frame(dtype, shape, frame)
     except TensorError as exc:

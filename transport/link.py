@@ -11,6 +11,7 @@ bytes occupies the link for n / rate seconds after the link is next free; up to 
 bytes may go at once after an idle spell. Messages are not reordered by size: each one
 waits for those before it, as on a real uplink.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -23,11 +24,11 @@ from dataclasses import dataclass
 class LinkProfile:
     """An emulated link. Bandwidth None = unlimited."""
 
-    bandwidth_mbps: float | None = None   # megabits per second on this link's send side
-    latency_ms: float = 0.0               # one-way delay added to every message
-    loss: float = 0.0                     # probability a message is dropped, in [0, 1)
-    burst_bytes: int = 64 * 1024          # bytes that may leave at once after an idle spell
-    seed: int | None = None               # seed of the loss draws (None: nondeterministic)
+    bandwidth_mbps: float | None = None  # megabits per second on this link's send side
+    latency_ms: float = 0.0  # one-way delay added to every message
+    loss: float = 0.0  # probability a message is dropped, in [0, 1)
+    burst_bytes: int = 64 * 1024  # bytes that may leave at once after an idle spell
+    seed: int | None = None  # seed of the loss draws (None: nondeterministic)
 
     def __post_init__(self) -> None:
         if self.bandwidth_mbps is not None and not (math.isfinite(self.bandwidth_mbps) and self.bandwidth_mbps > 0):

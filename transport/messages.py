@@ -19,6 +19,7 @@ writing into them.
 
 Node ids are ints handed out by the bootstrap; addresses are "host:port" strings.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -33,8 +34,8 @@ from atlas_p2p.vocabulary import NODE_STATES, ROLES, SPLIT_MODES
 from transport.schema import Node, OneOf, Range, SchemaError, TensorSpec, node_for
 from transport.tensors import Tensor
 
-MESSAGE_TYPES: dict[str, type["Message"]] = {}
-ID_LIMIT = 1 << 63          # envelope ids are 0 <= id < 2**63
+MESSAGE_TYPES: dict[str, type[Message]] = {}
+ID_LIMIT = 1 << 63  # envelope ids are 0 <= id < 2**63
 SRC_MAX_LEN = 256
 
 NodeId = Annotated[int, Range(0, None)]
@@ -91,19 +92,24 @@ class Envelope:
         if cls is None:
             raise SchemaError("unknown_type", f"Envelope.type {self.type!r} is not a registered message type")
         if not isinstance(self.body, cls):
-            raise SchemaError("bad_schema", f"Envelope.body is {type(self.body).__name__}, type {self.type!r} needs {cls.__name__}")
+            raise SchemaError(
+                "bad_schema", f"Envelope.body is {type(self.body).__name__}, type {self.type!r} needs {cls.__name__}"
+            )
         if isinstance(self.id, bool) or not isinstance(self.id, int) or not 0 <= self.id < ID_LIMIT:
             raise SchemaError("bad_header", f"Envelope.id must be an int in [0, 2**63), got {self.id!r}")
         if not isinstance(self.src, str) or len(self.src) > SRC_MAX_LEN:
-            raise SchemaError("bad_header", f"Envelope.src must be a str of <= {SRC_MAX_LEN} chars, got {self.src!r:.80}")
+            raise SchemaError(
+                "bad_header", f"Envelope.src must be a str of <= {SRC_MAX_LEN} chars, got {self.src!r:.80}"
+            )
 
     @classmethod
-    def of(cls, body: Message, id: int, src: str) -> "Envelope":
+    def of(cls, body: Message, id: int, src: str) -> Envelope:
         """Wrap a body, taking the type tag from its class."""
         return cls(type(body).TYPE, id, src, body)
 
 
 # ---------------------------------------------------------------- generic replies
+
 
 @message("ok")
 class Ok(Message):
@@ -120,29 +126,35 @@ class Error(Message):
 
 # ---------------------------------------------------------------- node <-> bootstrap
 
+
 @message("join")
 class Join(Message):
     """A node announces its capabilities (atlas_p2p.capabilities, base units); answered by
     `welcome`. node_id set = rejoin."""
 
-    memory_bytes: Annotated[int, Range(1, None)]     # memory budget, bytes
-    bandwidth_bps: Annotated[int, Range(1, None)]    # uplink, bits per second
+    memory_bytes: Annotated[int, Range(1, None)]  # memory budget, bytes
+    bandwidth_bps: Annotated[int, Range(1, None)]  # uplink, bits per second
     compute_score: Annotated[float, Range(0.0, None)]
-    address: str                          # "host:port" of the node's own RpcServer
+    address: str  # "host:port" of the node's own RpcServer
     has_data: bool = False
-    n_samples: Count = 0                  # local training examples (aggregation weight)
-    model: str = ""                       # model the node runs; "" = whatever the swarm runs
-    node_id: NodeId | None = None         # set when rejoining after a restart
+    n_samples: Count = 0  # local training examples (aggregation weight)
+    model: str = ""  # model the node runs; "" = whatever the swarm runs
+    node_id: NodeId | None = None  # set when rejoining after a restart
 
     @classmethod
-    def offer(cls, capabilities: Capabilities, **rest: Any) -> "Join":
+    def offer(cls, capabilities: Capabilities, **rest: Any) -> Join:
         """A join carrying `capabilities`; `rest` sets the other fields (address, model, ...)."""
         return cls(**dataclasses.asdict(capabilities), **rest)
 
     def capabilities(self) -> Capabilities:
         """The offer this join carries; ValueError when a value is not a valid offer."""
-        return Capabilities(memory_bytes=self.memory_bytes, bandwidth_bps=self.bandwidth_bps,
-                            compute_score=self.compute_score, has_data=self.has_data, n_samples=self.n_samples)
+        return Capabilities(
+            memory_bytes=self.memory_bytes,
+            bandwidth_bps=self.bandwidth_bps,
+            compute_score=self.compute_score,
+            has_data=self.has_data,
+            n_samples=self.n_samples,
+        )
 
 
 @message("welcome")
@@ -154,10 +166,10 @@ class Welcome(Message):
     fingerprint_seed: int
     heartbeat_s: Annotated[float, Range(0.0, None)]
     fingerprint_samples: Annotated[int, Range(1, None)] = 32
-    model_task: str = "causal_lm"         # or "classification"
+    model_task: str = "causal_lm"  # or "classification"
     num_labels: Annotated[int, Range(1, None)] | None = None
     split_mode: Annotated[str, OneOf(SPLIT_MODES)] = "two-part"
-    init_seed: Annotated[int, Range(0, (1 << 63) - 1)] = 0   # draws the parameters a checkpoint lacks
+    init_seed: Annotated[int, Range(0, (1 << 63) - 1)] = 0  # draws the parameters a checkpoint lacks
 
 
 Digest = str  # sha256 hex of a base (atlas_p2p.models.base); "" = not stated
@@ -170,8 +182,8 @@ class BaseDigest(Message):
 
     node_id: NodeId
     digest: Digest
-    model: str = ""                       # the model name it loaded
-    revision: str = ""                    # the checkpoint revision the digest covers
+    model: str = ""  # the model name it loaded
+    revision: str = ""  # the checkpoint revision the digest covers
     dtype: str = ""
 
 
@@ -215,7 +227,7 @@ class Fingerprint(Message):
     node_id: NodeId
     vector: Annotated[np.ndarray, TensorSpec(("float32",), (64,))]
     n_samples: Count
-    importance: dict[str, float] | None = None   # per-weight importance probe (section 7)
+    importance: dict[str, float] | None = None  # per-weight importance probe (section 7)
 
 
 @message("report")
@@ -243,15 +255,15 @@ class Assignment(Message):
     """
 
     node_id: NodeId
-    version: Count                        # bumps whenever the bootstrap changes this assignment
-    cluster: int | None                   # None: pure helper, or not clustered yet
-    members: list[NodeId]                 # live data nodes of the cluster
-    ranks: dict[str, Count]               # module name -> LoRA rank (0 = no adapter)
-    split: Count | None                   # owner runs blocks[:split] (L: whole model); None: pure helper
-    helper: NodeId | None                 # who runs blocks[split:] for this node (None: itself/waiting)
-    anchor: NodeId | None                 # member that publishes round manifests (None: no cluster)
-    reason: str = ""                      # why it changed ("initial", "repair", ...) and the plan's note
-    serves: list[NodeId] = field(default_factory=list)   # owners this node helps
+    version: Count  # bumps whenever the bootstrap changes this assignment
+    cluster: int | None  # None: pure helper, or not clustered yet
+    members: list[NodeId]  # live data nodes of the cluster
+    ranks: dict[str, Count]  # module name -> LoRA rank (0 = no adapter)
+    split: Count | None  # owner runs blocks[:split] (L: whole model); None: pure helper
+    helper: NodeId | None  # who runs blocks[split:] for this node (None: itself/waiting)
+    anchor: NodeId | None  # member that publishes round manifests (None: no cluster)
+    reason: str = ""  # why it changed ("initial", "repair", ...) and the plan's note
+    serves: list[NodeId] = field(default_factory=list)  # owners this node helps
     addresses: dict[str, str] = field(default_factory=dict)  # str(node_id) -> "host:port"
     role: Annotated[str, OneOf(ROLES)] = "waiting"
     # one map per served owner: {"owner", "cluster", "anchor"} (a `round_begin` must name that cluster)
@@ -260,16 +272,17 @@ class Assignment(Message):
 
 # ---------------------------------------------------------------- peer <-> peer
 
+
 @message("forward")
 class Forward(Message):
     """Owner -> helper: activations at the split; answered by `backward` (two-part), or, without
     labels in u-shape mode, by `hidden` (labels never leave the owner)."""
 
     step: Count
-    activations: Tensor                   # (B, T, H)
-    attention_mask: Tensor                # (B, T)
-    labels: Tensor | None = None          # (B, T) or (B,); None in u-shape mode
-    base_version: Count = 0               # both sides must run the same base
+    activations: Tensor  # (B, T, H)
+    attention_mask: Tensor  # (B, T)
+    labels: Tensor | None = None  # (B, T) or (B,); None in u-shape mode
+    base_version: Count = 0  # both sides must run the same base
     owner_id: NodeId = 0
     cluster: int = 0
     round: Count = 0
@@ -280,7 +293,7 @@ class Backward(Message):
     """Helper -> owner: gradient of the loss with respect to the activations it was sent."""
 
     step: Count
-    grad: Tensor                          # (B, T, H), same dtype as the activations
+    grad: Tensor  # (B, T, H), same dtype as the activations
     loss: float | None = None
 
 
@@ -296,15 +309,14 @@ class Ping(Message):
 Seed = Annotated[int, Range(0, (1 << 63) - 1)]
 
 
-
 @message("beat")
 class Beat(Message):
     """Bootstrap -> node, the answer to a heartbeat once the swarm trains (docs/RUNTIME.md)."""
 
-    assignment_version: Count             # fetch `get_assignment` when it differs from the node's
-    swarm_done: bool = False              # every data node finished or left: helpers may stop
-    need_fingerprint: bool = False        # the bootstrap holds no fingerprint of this data node
-    need_base: bool = False               # the bootstrap holds no base digest of this node: send `base_digest`
+    assignment_version: Count  # fetch `get_assignment` when it differs from the node's
+    swarm_done: bool = False  # every data node finished or left: helpers may stop
+    need_fingerprint: bool = False  # the bootstrap holds no fingerprint of this data node
+    need_base: bool = False  # the bootstrap holds no base digest of this node: send `base_digest`
 
 
 @message("round_begin")
@@ -315,12 +327,12 @@ class RoundBegin(Message):
     cluster: int
     round: Count
     split: Count
-    ranks: dict[str, Count]               # the owner's ranks (entries of blocks[:split] are ignored)
-    seed: Seed                            # the owner's round seed (training.round_seed)
+    ranks: dict[str, Count]  # the owner's ranks (entries of blocks[:split] are ignored)
+    seed: Seed  # the owner's round seed (training.round_seed)
     lr: Annotated[float, Range(0.0, None)]
     mode: Annotated[str, OneOf(SPLIT_MODES)] = "two-part"
     base_version: Count = 0
-    base_digest: Digest = ""              # the owner's base; a helper on another base refuses (`base_mismatch`)
+    base_digest: Digest = ""  # the owner's base; a helper on another base refuses (`base_mismatch`)
 
 
 @message("hidden")
@@ -329,7 +341,7 @@ class Hidden(Message):
     hidden states of blocks[s:L]; the owner runs the final norm, head and loss itself."""
 
     step: Count
-    hidden: Tensor                        # (B, T, H), same dtype as the activations
+    hidden: Tensor  # (B, T, H), same dtype as the activations
 
 
 @message("u_backward")
@@ -339,7 +351,7 @@ class UBackward(Message):
     server-side adapter and answers `backward` (gradient of the activations)."""
 
     step: Count
-    grad: Tensor                          # (B, T, H), same dtype as the hidden states
+    grad: Tensor  # (B, T, H), same dtype as the hidden states
     base_version: Count = 0
     owner_id: NodeId = 0
     cluster: int = 0
@@ -372,12 +384,12 @@ class ContributionMsg(Message):
 
     cluster: int
     round: Count
-    node_id: NodeId                       # whose contribution
+    node_id: NodeId  # whose contribution
     n_samples: Count
-    digest: str                           # aggregation.Contribution.digest, checked on arrival
+    digest: str  # aggregation.Contribution.digest, checked on arrival
     tensors: dict[str, Tensor]
     scalings: dict[str, float]
-    sender: NodeId = 0                    # who sent this copy (not forwarded back to it)
+    sender: NodeId = 0  # who sent this copy (not forwarded back to it)
 
 
 @message("contribution_get")
@@ -402,11 +414,11 @@ class Manifest(Message):
 
     cluster: int
     round: Count
-    ready: bool                           # False: not published yet, ask again
-    version: Count = 0                    # base version the patch brings the cluster to
-    digests: list[str] = field(default_factory=list)   # contribution digests, sorted
+    ready: bool  # False: not published yet, ask again
+    version: Count = 0  # base version the patch brings the cluster to
+    digests: list[str] = field(default_factory=list)  # contribution digests, sorted
     patch_digest: str = ""
-    chain: str = ""                       # versioning chain digest after this patch
+    chain: str = ""  # versioning chain digest after this patch
 
 
 @message("patches_get")
@@ -435,7 +447,7 @@ class Probe(Message):
 
     owner_id: NodeId
     split: Annotated[int, Range(1, None)]
-    activations: Tensor                   # (B, T, H)
-    attention_mask: Tensor                # (B, T)
-    labels: Tensor | None = None          # (B, T) or (B,); two-part only
-    hidden_grad: Tensor | None = None     # (B, T, H): u-shape second leg
+    activations: Tensor  # (B, T, H)
+    attention_mask: Tensor  # (B, T)
+    labels: Tensor | None = None  # (B, T) or (B,); two-part only
+    hidden_grad: Tensor | None = None  # (B, T, H): u-shape second leg

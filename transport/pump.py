@@ -12,20 +12,21 @@ not that a message is waiting, and any send or receive may consume that signal. 
 after every operation we read `zmq.EVENTS` and schedule another drain ourselves when
 input is pending (the rule pyzmq's own asyncio layer follows).
 """
+
 from __future__ import annotations
 
 import asyncio
 import collections
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 import zmq
 
 log = logging.getLogger(__name__)
 
-DRAIN_BATCH = 64          # messages handled per drain before yielding to other callbacks
-SEND_RETRY_S = 0.001      # first back-off when a send is refused (peer queue full), doubling ...
-SEND_RETRY_MAX_S = 0.05   # ... up to this, so a dead peer costs a few wake-ups a second
+DRAIN_BATCH = 64  # messages handled per drain before yielding to other callbacks
+SEND_RETRY_S = 0.001  # first back-off when a send is refused (peer queue full), doubling ...
+SEND_RETRY_MAX_S = 0.05  # ... up to this, so a dead peer costs a few wake-ups a second
 
 
 class SocketPump:

@@ -20,6 +20,7 @@ ZeroMQ), so nobody encodes a message a second time to measure it.
 Addresses are "host:port" (tcp). Both classes are built by `await X.create(...)` or used
 as `async with X(...)`; `stop()` is idempotent.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -27,8 +28,8 @@ import collections
 import itertools
 import logging
 import secrets
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Awaitable, Callable
 
 import zmq
 
@@ -63,7 +64,7 @@ def tcp_endpoint(address: str) -> str:
     """'host:port' (or 'tcp://host:port') -> 'tcp://host:port'; ValueError names a bad address."""
     if not isinstance(address, str):
         raise ValueError(f"address must be a 'host:port' string, got {address!r}")
-    rest = address[len("tcp://"):] if address.startswith("tcp://") else address
+    rest = address[len("tcp://") :] if address.startswith("tcp://") else address
     host, sep, port = rest.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"address {address!r} is not 'host:port' with a port in 1..65535")
@@ -103,20 +104,21 @@ class ByteCounts(collections.Counter):
 
 # ====================================================================== server
 
+
 @dataclass(frozen=True)
 class RpcServerConfig:
     """Limits of one RpcServer."""
 
-    name: str = "server"                   # `src` of the replies it sends
-    max_bytes: int = DEFAULT_MAX_BYTES     # largest message accepted (decode limit; MAXMSGSIZE per frame)
-    max_concurrency: int = 64              # handlers running at once; reading pauses beyond it
-    dedup_entries: int = 4096              # requests remembered for duplicate suppression
-    dedup_bytes: int = 32 << 20            # total size of the replies kept to replay to duplicates
-    dedup_replay_max: int = 1 << 20        # larger replies are not kept (keeping big buffers alive
-                                           # costs ~10% throughput); a duplicate gets error 'duplicate'
-    send_timeout_s: float = 10.0           # deadline for handing a reply to ZeroMQ
-    max_pending_replies: int = 4096        # error/duplicate replies waiting to go out; beyond, shed
-    hwm: int = 1000                        # ZeroMQ high-water mark (messages) each way
+    name: str = "server"  # `src` of the replies it sends
+    max_bytes: int = DEFAULT_MAX_BYTES  # largest message accepted (decode limit; MAXMSGSIZE per frame)
+    max_concurrency: int = 64  # handlers running at once; reading pauses beyond it
+    dedup_entries: int = 4096  # requests remembered for duplicate suppression
+    dedup_bytes: int = 32 << 20  # total size of the replies kept to replay to duplicates
+    dedup_replay_max: int = 1 << 20  # larger replies are not kept (keeping big buffers alive
+    # costs ~10% throughput); a duplicate gets error 'duplicate'
+    send_timeout_s: float = 10.0  # deadline for handing a reply to ZeroMQ
+    max_pending_replies: int = 4096  # error/duplicate replies waiting to go out; beyond, shed
+    hwm: int = 1000  # ZeroMQ high-water mark (messages) each way
 
     def __post_init__(self) -> None:
         for name in ("max_bytes", "max_concurrency", "hwm", "max_pending_replies"):
@@ -129,7 +131,7 @@ class RpcServerConfig:
             raise ValueError(f"RpcServerConfig.send_timeout_s must be > 0, got {self.send_timeout_s!r}")
 
 
-_TOO_BIG = object()   # cache marker: served, but the reply was too large to keep
+_TOO_BIG = object()  # cache marker: served, but the reply was too large to keep
 
 
 class _ReplyCache:
@@ -174,10 +176,18 @@ class RpcServer:
     (None: any client that has a keypair); see transport/security.py.
     """
 
-    def __init__(self, host: str = "127.0.0.1", port: int | str = 0, handlers: dict[str, Handler] | None = None,
-                 *, config: RpcServerConfig | None = None, link: LinkProfile | None = None,
-                 context: zmq.Context | None = None, keypair: Keypair | None = None,
-                 allow: AllowList | None = None):
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int | str = 0,
+        handlers: dict[str, Handler] | None = None,
+        *,
+        config: RpcServerConfig | None = None,
+        link: LinkProfile | None = None,
+        context: zmq.Context | None = None,
+        keypair: Keypair | None = None,
+        allow: AllowList | None = None,
+    ):
         if allow is not None and keypair is None:
             raise ValueError("RpcServer allow-list needs a keypair (CURVE) to be enforced")
         self.host, self._port_request = host, port
@@ -195,18 +205,19 @@ class RpcServer:
         self._tasks: set[asyncio.Task] = set()
         self._sock: zmq.Socket | None = None
         self._pump: SocketPump | None = None
-        self._active = 0          # handlers running now (reading pauses at max_concurrency)
+        self._active = 0  # handlers running now (reading pauses at max_concurrency)
         self._stopped = False
         self.port: int | None = None
 
     @classmethod
-    async def create(cls, host: str = "127.0.0.1", port: int | str = 0, handlers: dict[str, Handler] | None = None,
-                     **kwargs) -> "RpcServer":
+    async def create(
+        cls, host: str = "127.0.0.1", port: int | str = 0, handlers: dict[str, Handler] | None = None, **kwargs
+    ) -> RpcServer:
         server = cls(host, port, handlers, **kwargs)
         await server.start()
         return server
 
-    async def __aenter__(self) -> "RpcServer":
+    async def __aenter__(self) -> RpcServer:
         await self.start()
         return self
 
@@ -265,7 +276,7 @@ class RpcServer:
     def _on_message(self, parts: list) -> None:
         """One multipart message from the ROUTER: [identity, header, tensor frames...]."""
         if len(parts) < 2:
-            self.stats["bad_header"] += 1   # an identity with no message: nothing to answer
+            self.stats["bad_header"] += 1  # an identity with no message: nothing to answer
             return
         identity = parts[0].bytes
         self.stats["requests"] += 1
@@ -286,7 +297,7 @@ class RpcServer:
             self._spawn_reply(identity, *cached)
             return
         if key in self._running:
-            self.stats["duplicates"] += 1   # the reply on its way answers this copy too
+            self.stats["duplicates"] += 1  # the reply on its way answers this copy too
             return
         self._running.add(key)
         self._active += 1
@@ -361,26 +372,27 @@ class RpcServer:
         try:
             sent = self._pump.send([identity, *frames])
             if sent.done():
-                sent.result()   # the usual case: ZeroMQ took it at once (raises its error, if any)
+                sent.result()  # the usual case: ZeroMQ took it at once (raises its error, if any)
             else:
                 await asyncio.wait_for(sent, self.config.send_timeout_s)
             self.stats["replies"] += 1
         except zmq.ZMQError as exc:  # EHOSTUNREACH (ROUTER_MANDATORY): the caller went away
             self.stats["unroutable"] += 1
             log.debug("rpc server %s: reply not routable: %s", self.address, exc)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self.stats["send_timeout"] += 1
 
 
 # ====================================================================== client
 
+
 @dataclass(frozen=True)
 class RpcClientConfig:
     """Limits of one RpcClient."""
 
-    max_bytes: int = DEFAULT_MAX_BYTES     # largest reply accepted
-    inflight_bytes: int = 64 << 20         # request bytes awaiting replies, per peer (one larger request may go alone)
-    hwm: int = 1000                        # ZeroMQ high-water mark (messages) each way
+    max_bytes: int = DEFAULT_MAX_BYTES  # largest reply accepted
+    inflight_bytes: int = 64 << 20  # request bytes awaiting replies, per peer (one larger request may go alone)
+    hwm: int = 1000  # ZeroMQ high-water mark (messages) each way
 
     def __post_init__(self) -> None:
         for name in ("max_bytes", "inflight_bytes", "hwm"):
@@ -403,7 +415,7 @@ class _Peer:
         A request larger than the whole limit goes when nothing else is in flight.
         """
         if not self.waiters and (self.inflight == 0 or self.inflight + nbytes <= limit):
-            self.inflight += nbytes   # fast path: no queue, room now
+            self.inflight += nbytes  # fast path: no queue, room now
             return
         turn = asyncio.get_running_loop().create_future()
         entry = (turn, nbytes, limit)
@@ -414,7 +426,7 @@ class _Peer:
             if entry in self.waiters:
                 self.waiters.remove(entry)
             elif turn.done() and not turn.cancelled():
-                self.release(nbytes)   # granted just as we were cancelled: give it back
+                self.release(nbytes)  # granted just as we were cancelled: give it back
             raise
 
     def release(self, nbytes: int) -> None:
@@ -441,8 +453,15 @@ class RpcClient:
     first (`set_server_key`); a call to an address without one raises RpcError('no_server_key').
     """
 
-    def __init__(self, src: str, *, config: RpcClientConfig | None = None, link: LinkProfile | None = None,
-                 context: zmq.Context | None = None, keypair: Keypair | None = None):
+    def __init__(
+        self,
+        src: str,
+        *,
+        config: RpcClientConfig | None = None,
+        link: LinkProfile | None = None,
+        context: zmq.Context | None = None,
+        keypair: Keypair | None = None,
+    ):
         if not isinstance(src, str) or not src:
             raise ValueError(f"RpcClient src must be a non-empty str, got {src!r}")
         self.src = src
@@ -462,10 +481,10 @@ class RpcClient:
         self._server_keys: dict[str, bytes] = {}
 
     @classmethod
-    async def create(cls, src: str, **kwargs) -> "RpcClient":
+    async def create(cls, src: str, **kwargs) -> RpcClient:
         return cls(src, **kwargs)
 
-    async def __aenter__(self) -> "RpcClient":
+    async def __aenter__(self) -> RpcClient:
         return self
 
     async def __aexit__(self, *exc) -> None:
@@ -489,8 +508,9 @@ class RpcClient:
         if endpoint in self._peers:
             self._peers[endpoint].shaper = self._links.get(endpoint, self._uplink)
 
-    async def call(self, address: str, body: Message, timeout: float = 5.0, retries: int = 0,
-                   expect: type[Message] | None = None) -> Message:
+    async def call(
+        self, address: str, body: Message, timeout: float = 5.0, retries: int = 0, expect: type[Message] | None = None
+    ) -> Message:
         """Send `body` to `address` and return the reply body.
 
         Each attempt has `timeout` seconds (queueing for the in-flight budget, emulated
@@ -523,8 +543,9 @@ class RpcClient:
                 except TimeoutError:
                     if attempt == retries:
                         self.stats["timeouts"] += 1
-                        raise RpcTimeout(f"{type(body).TYPE} to {address}: no reply in {timeout}s "
-                                         f"after {retries + 1} attempt(s)") from None
+                        raise RpcTimeout(
+                            f"{type(body).TYPE} to {address}: no reply in {timeout}s after {retries + 1} attempt(s)"
+                        ) from None
                     self.stats["retries"] += 1
         finally:
             self._pending.pop(msg_id, None)
@@ -579,7 +600,7 @@ class RpcClient:
         if peer.pump is not None:
             peer.pump.close()
         peer.sock.close(linger=0)
-        for msg_id, (future, owner) in list(self._pending.items()):
+        for future, owner in list(self._pending.values()):
             if owner is peer and not future.done():
                 future.set_exception(RpcError(reason, f"connection to {peer.address} closed"))
 

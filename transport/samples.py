@@ -4,6 +4,7 @@
 schema accepts, so a test can cover every registered type, including ones added later,
 without knowing their fields. `same_value(a, b)` compares bodies that hold tensors.
 """
+
 from __future__ import annotations
 
 import random
@@ -57,8 +58,13 @@ def sample_value(node: Node, rng: random.Random, fill_optional: bool = True) -> 
     if kind == "tensor":
         return _sample_tensor(node, rng)
     if kind == "any":
-        return {"id": rng.randint(0, 99), "address": "127.0.0.1:5555", "score": rng.random(),
-                "tags": ["a", None, True, b"\x00"], "nested": {"x": [1, 2.5]}}
+        return {
+            "id": rng.randint(0, 99),
+            "address": "127.0.0.1:5555",
+            "score": rng.random(),
+            "tags": ["a", None, True, b"\x00"],
+            "nested": {"x": [1, 2.5]},
+        }
     raise TypeError(f"no sampler for schema node kind {kind!r}")
 
 
@@ -87,11 +93,21 @@ def same_value(a: object, b: object) -> bool:
     if isinstance(a, Message) or isinstance(b, Message):
         return type(a) is type(b) and same_value(a.to_dict(), b.to_dict())
     if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
-        return (isinstance(a, np.ndarray) and isinstance(b, np.ndarray) and a.dtype == b.dtype
-                and a.shape == b.shape and a.tobytes() == b.tobytes())
+        return (
+            isinstance(a, np.ndarray)
+            and isinstance(b, np.ndarray)
+            and a.dtype == b.dtype
+            and a.shape == b.shape
+            and a.tobytes() == b.tobytes()
+        )
     if isinstance(a, RawTensor) or isinstance(b, RawTensor):
-        return (isinstance(a, RawTensor) and isinstance(b, RawTensor) and a.dtype == b.dtype
-                and a.shape == b.shape and a.data.tobytes() == b.data.tobytes())
+        return (
+            isinstance(a, RawTensor)
+            and isinstance(b, RawTensor)
+            and a.dtype == b.dtype
+            and a.shape == b.shape
+            and a.data.tobytes() == b.data.tobytes()
+        )
     if isinstance(a, dict) and isinstance(b, dict):
         return a.keys() == b.keys() and all(same_value(a[k], b[k]) for k in a)
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):

@@ -12,20 +12,21 @@ Supported annotations:
   Any (a small JSON-like value: None, bool, int, float, str, bytes, lists, str-keyed maps),
   and Annotated[X, Range(lo, hi) | OneOf(...) | TensorSpec(...)] to narrow one of those.
 """
+
 from __future__ import annotations
 
 import math
 import types
 import typing
 from dataclasses import dataclass
-from typing import Any, Annotated, Union
+from typing import Annotated, Any, Union
 
 import numpy as np
 
-from transport.tensors import DTYPE_ITEMSIZE, NUMPY_DTYPES, RawTensor, Tensor, TensorError, dtype_name
+from transport.tensors import DTYPE_ITEMSIZE, RawTensor, Tensor, TensorError, dtype_name
 
-INT_MIN, INT_MAX = -(1 << 63), (1 << 64) - 1   # what msgpack can carry
-ANY_MAX_DEPTH = 16                             # nesting allowed inside an Any value
+INT_MIN, INT_MAX = -(1 << 63), (1 << 64) - 1  # what msgpack can carry
+ANY_MAX_DEPTH = 16  # nesting allowed inside an Any value
 
 
 class SchemaError(ValueError):
@@ -38,6 +39,7 @@ class SchemaError(ValueError):
 
 
 # --- narrowing metadata, used inside Annotated[...] ---
+
 
 @dataclass(frozen=True)
 class Range:
@@ -68,6 +70,7 @@ class TensorSpec:
 
 
 # --- schema nodes ---
+
 
 class Node:
     """One annotation, checked. Subclasses set `kind` (used by tests to build samples)."""
@@ -305,15 +308,34 @@ def node_for(annotation: object, where: str) -> Node:
         return AnyNode()
     if annotation in _TENSOR_FORMS:
         return TensorNode(_TENSOR_FORMS[annotation], spec)
-    simple = {int: lambda: IntNode(bounds, choices), float: lambda: FloatNode(bounds),
-              str: lambda: StrNode(choices), bool: BoolNode, bytes: BytesNode}
+    simple = {
+        int: lambda: IntNode(bounds, choices),
+        float: lambda: FloatNode(bounds),
+        str: lambda: StrNode(choices),
+        bool: BoolNode,
+        bytes: BytesNode,
+    }
     if annotation in simple:
         return simple[annotation]()
     raise TypeError(f"{where}: unsupported field type {annotation!r}")
 
 
 __all__ = [
-    "SchemaError", "Range", "OneOf", "TensorSpec", "Node", "node_for", "Tensor",
-    "IntNode", "FloatNode", "StrNode", "BoolNode", "BytesNode", "OptionalNode",
-    "ListNode", "DictNode", "TensorNode", "AnyNode",
+    "SchemaError",
+    "Range",
+    "OneOf",
+    "TensorSpec",
+    "Node",
+    "node_for",
+    "Tensor",
+    "IntNode",
+    "FloatNode",
+    "StrNode",
+    "BoolNode",
+    "BytesNode",
+    "OptionalNode",
+    "ListNode",
+    "DictNode",
+    "TensorNode",
+    "AnyNode",
 ]

@@ -11,6 +11,7 @@ Allow-lists are checked by a ZAP handler (ZeroMQ's authentication protocol): one
 `zmq.auth.thread.ThreadAuthenticator` per ZeroMQ context, with one ZAP domain per
 secured server, so several secured servers can share a process.
 """
+
 from __future__ import annotations
 
 import secrets
@@ -22,7 +23,7 @@ import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
-Z85_KEY_LEN = 40   # a Curve25519 key in Z85 text
+Z85_KEY_LEN = 40  # a Curve25519 key in Z85 text
 
 
 def _check_key(key: bytes | str, what: str) -> bytes:
@@ -51,7 +52,7 @@ class Keypair:
         return f"Keypair(public={self.public.decode()!r})"
 
     @classmethod
-    def generate(cls) -> "Keypair":
+    def generate(cls) -> Keypair:
         public, secret = zmq.curve_keypair()
         return cls(public, secret)
 

@@ -9,11 +9,11 @@ Nothing here copies unless it must: `as_frame` hands out a byte view of the arra
 memory (a non-contiguous or big-endian array is made contiguous little-endian once) and
 `tensor_from_frame` builds a numpy view over the received buffer.
 """
+
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Union
 
 import numpy as np
 
@@ -37,8 +37,8 @@ NUMPY_DTYPES: dict[str, np.dtype] = {
 _NAME_OF: dict[np.dtype, str] = {}
 for _name, _dtype in NUMPY_DTYPES.items():
     _NAME_OF[_dtype] = _NAME_OF[_dtype.newbyteorder("=")] = _NAME_OF[_dtype.newbyteorder(">")] = _name
-MAX_NDIM = 8                 # more dimensions than any model tensor needs
-MAX_ELEMENTS = 1 << 34       # 16 Gi elements: far above one message, below int64 overflow
+MAX_NDIM = 8  # more dimensions than any model tensor needs
+MAX_ELEMENTS = 1 << 34  # 16 Gi elements: far above one message, below int64 overflow
 
 
 class TensorError(ValueError):
@@ -127,13 +127,13 @@ class RawTensor:
         return np.frombuffer(self.data, dtype=NUMPY_DTYPES[self.dtype]).reshape(self.shape)
 
     @classmethod
-    def from_numpy(cls, array: np.ndarray) -> "RawTensor":
+    def from_numpy(cls, array: np.ndarray) -> RawTensor:
         """Wrap a numpy array (no copy when it is already contiguous little-endian)."""
         dtype, frame = as_frame(array)
         return cls(dtype, tuple(array.shape), frame)
 
 
-Tensor = Union[np.ndarray, RawTensor]
+Tensor = np.ndarray | RawTensor
 """Annotation for a field that takes either: numpy when numpy has the dtype, else RawTensor."""
 
 
@@ -181,7 +181,9 @@ def bfloat16_from_float32(array: np.ndarray) -> RawTensor:
     bits = np.ascontiguousarray(array, dtype="<f4").view("<u4")
     rounded = ((bits.astype(np.uint64) + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype("<u2")
     rounded = np.where(np.isnan(array), ((bits >> 16) | 0x40).astype("<u2"), rounded)
-    return RawTensor("bfloat16", tuple(np.shape(array)), memoryview(np.ascontiguousarray(rounded).reshape(-1).view(np.uint8)))
+    return RawTensor(
+        "bfloat16", tuple(np.shape(array)), memoryview(np.ascontiguousarray(rounded).reshape(-1).view(np.uint8))
+    )
 
 
 def bfloat16_to_float32(tensor: RawTensor) -> np.ndarray:

@@ -5,6 +5,7 @@ powers of 1024 (KiB, MiB, GiB, TiB); the letters' case does not matter ("512mb" 
 512 MB). Rates are bits per second: "<n><prefix>bps" counts bits, "<n><prefix>B/s" or
 "<n><prefix>Bps" counts bytes (x 8); here the case of b/B matters, as in networking.
 """
+
 from __future__ import annotations
 
 import math
@@ -15,9 +16,20 @@ _SIZE_RE = re.compile(rf"^{_NUMBER}([a-zA-Z]*)\s*$")
 _RATE_RE = re.compile(rf"^{_NUMBER}([kKmMgGtT]?)(bps|bit/s|Bps|B/s)\s*$")
 
 _SIZE_UNITS = {
-    "": 1, "b": 1,
-    "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12, "tb": 10**12,
-    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+    "": 1,
+    "b": 1,
+    "k": 10**3,
+    "kb": 10**3,
+    "m": 10**6,
+    "mb": 10**6,
+    "g": 10**9,
+    "gb": 10**9,
+    "t": 10**12,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
 }
 _RATE_PREFIX = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
 

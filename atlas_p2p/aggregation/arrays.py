@@ -18,7 +18,8 @@ NaNs and a digest that does not match the content are all ``ValueError``.
 from __future__ import annotations
 
 import json
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -119,15 +120,11 @@ def patch_from_arrays(arrays: Mapping[str, Any]) -> Patch:
         extra, missing = sorted(set(arrays) - expected), sorted(expected - set(arrays))
         raise ValueError(f"patch arrays: unexpected keys {extra}, missing keys {missing}")
     stacked = {
-        name: StackedFactors(
-            _from_numpy(arrays[f"m{i}.B"], f"m{i}.B", 2), _from_numpy(arrays[f"m{i}.A"], f"m{i}.A", 2)
-        )
+        name: StackedFactors(_from_numpy(arrays[f"m{i}.B"], f"m{i}.B", 2), _from_numpy(arrays[f"m{i}.A"], f"m{i}.A", 2))
         for i, name in enumerate(modules)
     }
     dense_t = {name: _from_numpy(arrays[f"d{j}"], f"d{j}") for j, name in enumerate(dense)}
     patch = Patch(stacked, dense_t, weights, round_)
     if patch.digest != digest:
-        raise DigestMismatchError(
-            f"patch content hashes to {patch.digest[:16]}… but was announced as {digest[:16]}…"
-        )
+        raise DigestMismatchError(f"patch content hashes to {patch.digest[:16]}… but was announced as {digest[:16]}…")
     return patch

@@ -16,8 +16,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -137,9 +138,7 @@ def mira_mixing_matrix(adjacency: Any, eta_lambda: float) -> np.ndarray:
     return np.eye(a.shape[0]) - eta_lambda * (np.diag(deg) - a)
 
 
-def mira_update(
-    contributions: Sequence[Contribution], adjacency: Any, eta_lambda: float
-) -> dict[str, Patch]:
+def mira_update(contributions: Sequence[Contribution], adjacency: Any, eta_lambda: float) -> dict[str, Patch]:
     """MIRA's task-graph step, exact in product space: node id -> its new update.
 
     Row k of ``adjacency`` belongs to ``contributions[k]``. The result for client k is a
@@ -151,9 +150,7 @@ def mira_update(
     round_ = _check_contributions(contributions)
     mix = mira_mixing_matrix(adjacency, eta_lambda)
     if mix.shape[0] != len(contributions):
-        raise ValueError(
-            f"adjacency is {mix.shape[0]}x{mix.shape[0]} but there are {len(contributions)} contributions"
-        )
+        raise ValueError(f"adjacency is {mix.shape[0]}x{mix.shape[0]} but there are {len(contributions)} contributions")
     ids = [c.node_id for c in contributions]
     modules = sorted({m for c in contributions for m in c.factors})
     holders = {m: _module_holders(contributions, m) for m in modules}

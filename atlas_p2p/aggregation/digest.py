@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import struct
 import sys
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 

@@ -12,9 +12,10 @@ contribution from a peer is a clear ``ValueError`` and never reaches the merge.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -67,8 +68,7 @@ class AdapterFactors:
             raise ValueError(f"A and B must be 2-D, got A{tuple(a.shape)} and B{tuple(b.shape)}")
         if b.shape[1] != a.shape[0]:
             raise ValueError(
-                f"rank mismatch: B{tuple(b.shape)} has {b.shape[1]} columns but "
-                f"A{tuple(a.shape)} has {a.shape[0]} rows"
+                f"rank mismatch: B{tuple(b.shape)} has {b.shape[1]} columns but A{tuple(a.shape)} has {a.shape[0]} rows"
             )
         if a.device != b.device:
             raise ValueError(f"A is on {a.device} but B is on {b.device}")
@@ -102,9 +102,7 @@ def as_factors(value: Any, module: str = "?") -> AdapterFactors:
             return AdapterFactors(value[0], value[1], value[2])
     except ValueError as exc:
         raise ValueError(f"module {module!r}: {exc}") from None
-    raise ValueError(
-        f"module {module!r}: expected factors with A, B and scaling, got {type(value).__name__}"
-    )
+    raise ValueError(f"module {module!r}: expected factors with A, B and scaling, got {type(value).__name__}")
 
 
 def concat_factors(*parts: AdapterFactors) -> AdapterFactors:

@@ -17,9 +17,9 @@ Leaving out γ_k is the classic bug: ranks differ, so α/r_k differs across clie
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Mapping, Sequence
 
 import torch
 
@@ -57,8 +57,7 @@ class StackedFactors:
         a = _as_tensor(self.A, "stacked A")
         if a.dim() != 2 or b.dim() != 2 or b.shape[1] != a.shape[0]:
             raise ValueError(
-                f"stacked factors need B (d_out, R) and A (R, d_in), "
-                f"got B{tuple(b.shape)} and A{tuple(a.shape)}"
+                f"stacked factors need B (d_out, R) and A (R, d_in), got B{tuple(b.shape)} and A{tuple(a.shape)}"
             )
         if a.dtype != b.dtype:
             raise ValueError(f"stacked factors: B is {b.dtype} but A is {a.dtype}")
@@ -193,9 +192,7 @@ def _stack(holders, coeffs: Sequence[float]) -> StackedFactors:
     return StackedFactors(torch.cat(bs, dim=1), torch.cat(as_, dim=0))
 
 
-def average_dense(
-    contributions: Sequence[Contribution], weights: Mapping[str, float]
-) -> dict[str, torch.Tensor]:
+def average_dense(contributions: Sequence[Contribution], weights: Mapping[str, float]) -> dict[str, torch.Tensor]:
     """Σ_k p_k D_k for every dense trainable (exact: a dense mean is linear).
 
     Every contribution must carry the same dense names with the same shapes: a dense
@@ -244,7 +241,9 @@ def stack_merge(contributions: Sequence[Contribution]) -> Patch:
     patch = Patch(modules, average_dense(contributions, weights), weights, round_)
     log.debug(
         "stack_merge: %d contributions, %d modules, stacked ranks %s",
-        len(contributions), len(modules), {m: sf.rank for m, sf in modules.items()},
+        len(contributions),
+        len(modules),
+        {m: sf.rank for m, sf in modules.items()},
     )
     return patch
 
@@ -257,9 +256,7 @@ def dense_delta(patch: Patch, module: str) -> torch.Tensor:
         raise KeyError(f"patch has no module {module!r} (it has {sorted(patch.modules)})") from None
 
 
-def apply_patch(
-    weights: Mapping[str, torch.Tensor], patch: Patch
-) -> dict[str, torch.Tensor]:
+def apply_patch(weights: Mapping[str, torch.Tensor], patch: Patch) -> dict[str, torch.Tensor]:
     """New tensors W + ΔW for every module and dense name of the patch (W as (d_out, d_in)).
 
     Names absent from ``weights`` are an error; names the patch does not touch are

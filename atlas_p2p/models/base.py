@@ -124,7 +124,9 @@ def short(digest: str | None) -> str:
 
 def mismatch_message(model: str, swarm_digest: str, node_digest: str) -> str:
     """One line refusing a node whose base differs from the swarm's, with the usual causes."""
-    return (f"base digest {short(node_digest)} of model {model!r} differs from the swarm's {short(swarm_digest)}: "
-            "the node runs other weights (another checkpoint or revision under the same name, another "
-            "dtype, another transformers version, or a head not drawn from the swarm's init seed); "
-            "give every node the same checkpoint files")
+    return (
+        f"base digest {short(node_digest)} of model {model!r} differs from the swarm's {short(swarm_digest)}: "
+        "the node runs other weights (another checkpoint or revision under the same name, another "
+        "dtype, another transformers version, or a head not drawn from the swarm's init seed); "
+        "give every node the same checkpoint files"
+    )

@@ -192,8 +192,13 @@ class LlamaFamily(_DecoderFamily):
     def context(self, model, hidden, attention_mask):
         bb = self.backbone(model)
         pos = positions_from_mask(attention_mask)
-        kw = dict(config=bb.config, inputs_embeds=hidden, attention_mask=attention_mask,
-                  past_key_values=None, position_ids=pos)
+        kw = dict(
+            config=bb.config,
+            inputs_embeds=hidden,
+            attention_mask=attention_mask,
+            past_key_values=None,
+            position_ids=pos,
+        )
         kinds = tuple(self._layer_kinds(bb.config))
         masks: dict[str, Any] = {}
         for kind in sorted(set(kinds)):

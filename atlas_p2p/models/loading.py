@@ -33,8 +33,12 @@ logger = logging.getLogger(__name__)
 
 TINY_FAMILIES = ("gpt2", "llama", "qwen2", "mistral", "bert")
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2  # special ids of tiny models
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                "pytorch_model.bin.index.json")
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 HUB_PROBE_TIMEOUT_S = 3.0
 
 
@@ -55,8 +59,12 @@ def _offline(offline: bool | None) -> bool:
 
 def _looks_like_path(name: str) -> bool:
     """A hub id is ``name`` or ``org/name``; ``/x``, ``./x``, ``~/x`` or ``a/b/c`` are paths."""
-    return (name.startswith((os.sep, ".", "~")) or (os.altsep is not None and os.altsep in name)
-            or name.count("/") > 1 or Path(name).is_dir())
+    return (
+        name.startswith((os.sep, ".", "~"))
+        or (os.altsep is not None and os.altsep in name)
+        or name.count("/") > 1
+        or Path(name).is_dir()
+    )
 
 
 def _check_path_like(name: str, what: str, need_config: bool = True) -> None:
@@ -65,11 +73,15 @@ def _check_path_like(name: str, what: str, need_config: bool = True) -> None:
         return
     path = Path(name).expanduser()
     if not path.is_dir():
-        raise ModelLoadError(f"cannot load {what} {name!r}: no such directory; pass an existing checkpoint "
-                             "directory (written by save_pretrained) or a hub id")
+        raise ModelLoadError(
+            f"cannot load {what} {name!r}: no such directory; pass an existing checkpoint "
+            "directory (written by save_pretrained) or a hub id"
+        )
     if need_config and what == "model" and not (path / "config.json").is_file():
-        raise ModelLoadError(f"cannot load {what} {name!r}: the directory has no config.json; pass a checkpoint "
-                             "directory written by save_pretrained (config.json and weights)")
+        raise ModelLoadError(
+            f"cannot load {what} {name!r}: the directory has no config.json; pass a checkpoint "
+            "directory written by save_pretrained (config.json and weights)"
+        )
 
 
 def _hub_reachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> bool:
@@ -112,20 +124,31 @@ def _explain(name: str, what: str, exc: BaseException, local_only: bool) -> str:
     path = Path(name).expanduser()
     if path.is_dir():
         if not any((path / f).is_file() for f in WEIGHT_FILES) and what == "model":
-            return (f"cannot load model {name!r}: the directory has no weights ({' or '.join(WEIGHT_FILES[::2])}); "
-                    "pass a checkpoint directory written by save_pretrained")
+            return (
+                f"cannot load model {name!r}: the directory has no weights ({' or '.join(WEIGHT_FILES[::2])}); "
+                "pass a checkpoint directory written by save_pretrained"
+            )
         if "model_type" in text or "Unrecognized" in text:
-            return (f"cannot load {what} {name!r}: its config.json names no model type this transformers "
-                    "version knows; pass a checkpoint of a supported family (gpt2, llama/mistral/qwen2, bert)")
+            return (
+                f"cannot load {what} {name!r}: its config.json names no model type this transformers "
+                "version knows; pass a checkpoint of a supported family (gpt2, llama/mistral/qwen2, bert)"
+            )
         return f"cannot load {what} {name!r}: {text[:300]}; check the files of the checkpoint directory"
     if local_only:
-        why = ("HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE is set" if _offline(None)
-               else "the hub is not reachable from this machine")
-        return (f"cannot load {what} {name!r}: it is not a local directory and not in the Hugging Face cache, "
-                f"and {why}; download it where the hub is reachable (huggingface-cli download {name}) "
-                "or pass the path of a local checkpoint directory")
-    return (f"cannot load {what} {name!r} from the Hugging Face hub: {text[:300]}; check the id, or pass the "
-            "path of a local checkpoint directory")
+        why = (
+            "HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE is set"
+            if _offline(None)
+            else "the hub is not reachable from this machine"
+        )
+        return (
+            f"cannot load {what} {name!r}: it is not a local directory and not in the Hugging Face cache, "
+            f"and {why}; download it where the hub is reachable (huggingface-cli download {name}) "
+            "or pass the path of a local checkpoint directory"
+        )
+    return (
+        f"cannot load {what} {name!r} from the Hugging Face hub: {text[:300]}; check the id, or pass the "
+        "path of a local checkpoint directory"
+    )
 
 
 def _from_pretrained(load, name: str, what: str, offline: bool | None, need_config: bool = True, **kwargs):
@@ -166,12 +189,14 @@ def check_supported(name: str, config, task: str | None = None) -> None:
         known = ", ".join(f"{f.name} ({'/'.join(f.model_types)})" for f in FAMILIES.values())
         raise UnsupportedModelError(
             f"model {name!r} is a {model_type!r} checkpoint, a family ATLAS cannot split; "
-            f"pick a checkpoint of one of: {known}")
+            f"pick a checkpoint of one of: {known}"
+        )
     family = families[0]
     if task is not None and task not in family.tasks:
         raise UnsupportedModelError(
             f"model {name!r} ({family.name} family) does not support task {task!r}; use --task "
-            f"{' or '.join(family.tasks)}")
+            f"{' or '.join(family.tasks)}"
+        )
 
 
 def load_config(name_or_path: str | os.PathLike, task: str | None = None, offline: bool | None = None):
@@ -247,8 +272,9 @@ def load_model(
 
     def load(n, local_files_only, **kw):
         # transformers would look for an adapter online unless told otherwise
-        return auto.from_pretrained(n, local_files_only=local_files_only,
-                                    adapter_kwargs={"local_files_only": local_files_only}, **kw)
+        return auto.from_pretrained(
+            n, local_files_only=local_files_only, adapter_kwargs={"local_files_only": local_files_only}, **kw
+        )
 
     model, info = _from_pretrained(load, name, "model", offline, need_config=gguf_file is None, **kwargs)
     try:
@@ -256,14 +282,21 @@ def load_model(
     except ValueError as exc:
         raise UnsupportedModelError(f"model {name!r}: {exc}") from None
     if task not in family.tasks:
-        raise UnsupportedModelError(f"model {name!r} ({family.name} family) does not support task {task!r}; "
-                                    f"use --task {' or '.join(family.tasks)}")
+        raise UnsupportedModelError(
+            f"model {name!r} ({family.name} family) does not support task {task!r}; "
+            f"use --task {' or '.join(family.tasks)}"
+        )
     fresh = fresh_names(info)
     applied = seeded_init_(model, fresh, init_seed)
     model.atlas_fresh_parameters = tuple(sorted(applied))
     if applied:
-        logger.info("%s: %d parameters not in the checkpoint drawn from init seed %d: %s", name, len(applied),
-                    init_seed, ", ".join(sorted(applied)))
+        logger.info(
+            "%s: %d parameters not in the checkpoint drawn from init seed %d: %s",
+            name,
+            len(applied),
+            init_seed,
+            ", ".join(sorted(applied)),
+        )
     if task == SEQ_CLS and model.config.pad_token_id is None:
         model.config.pad_token_id = model.config.eos_token_id if model.config.eos_token_id is not None else PAD_ID
     logger.info("loaded %s (%s, %s) on %s", name, family.name, task, device)
@@ -293,20 +326,41 @@ def _tiny_config(family: str, vocab_size: int, num_layers: int, hidden: int, hea
     special = dict(pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID)
     if family == "gpt2":
         return GPT2Config(
-            vocab_size=vocab_size, n_positions=max_positions, n_embd=hidden, n_layer=num_layers, n_head=heads,
-            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, use_cache=False, **special,
+            vocab_size=vocab_size,
+            n_positions=max_positions,
+            n_embd=hidden,
+            n_layer=num_layers,
+            n_head=heads,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            use_cache=False,
+            **special,
         )
     if family == "bert":
         return BertConfig(
-            vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=num_layers, num_attention_heads=heads,
-            intermediate_size=4 * hidden, max_position_embeddings=max_positions, hidden_dropout_prob=0.0,
-            attention_probs_dropout_prob=0.0, pad_token_id=PAD_ID,
+            vocab_size=vocab_size,
+            hidden_size=hidden,
+            num_hidden_layers=num_layers,
+            num_attention_heads=heads,
+            intermediate_size=4 * hidden,
+            max_position_embeddings=max_positions,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+            pad_token_id=PAD_ID,
         )
     kv_heads = heads // 2 if heads % 2 == 0 else heads  # grouped-query attention when possible
     common = dict(
-        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=num_layers,
-        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=max_positions,
-        tie_word_embeddings=False, use_cache=False, **special,
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=num_layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=False,
+        use_cache=False,
+        **special,
     )
     if family == "llama":
         return LlamaConfig(**common)
@@ -341,8 +395,13 @@ def tiny_model(
         raise ValueError("num_labels: required for task 'seq_cls'")
     if family == "bert" and task != SEQ_CLS:
         raise ValueError(f"task: {task!r} is not supported for family 'bert' (use 'seq_cls')")
-    for field, value, low in (("vocab_size", vocab_size, 3), ("num_layers", num_layers, 1), ("hidden", hidden, 2),
-                              ("heads", heads, 1), ("max_positions", max_positions, 2)):
+    for field, value, low in (
+        ("vocab_size", vocab_size, 3),
+        ("num_layers", num_layers, 1),
+        ("hidden", hidden, 2),
+        ("heads", heads, 1),
+        ("max_positions", max_positions, 2),
+    ):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{field}: {value!r} must be an int >= {low}")
     if hidden % heads or (hidden // heads) % 2:

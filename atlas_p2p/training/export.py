@@ -31,7 +31,6 @@ import copy
 import dataclasses
 import json
 import logging
-import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -146,9 +145,14 @@ class ExportReport:
         """The few figures a node's summary.json carries."""
         ranks = list(self.ranks.values())
         return {
-            "exact": self.exact, "max_error": self.max_error, "max_relative_error": self.max_relative_error,
-            "base_version": self.base_version, "rank_limit": self.rank_limit, "base_model": self.base_model,
-            "rank_min": min(ranks, default=0), "rank_max": max(ranks, default=0),
+            "exact": self.exact,
+            "max_error": self.max_error,
+            "max_relative_error": self.max_relative_error,
+            "base_version": self.base_version,
+            "rank_limit": self.rank_limit,
+            "base_model": self.base_model,
+            "rank_min": min(ranks, default=0),
+            "rank_max": max(ranks, default=0),
             "check": None if self.check is None else self.check.to_json(),
         }
 
@@ -308,16 +312,28 @@ def export_adapter(
         check = compare_predictions(loaded, reference, eval_batches)
         del loaded
     report = ExportReport(
-        out, rank, update.version if isinstance(update, VersionedBase) else None, modules,
-        tuple(sorted(patch.dense)), float(exact_tol), base_model, check,
+        out,
+        rank,
+        update.version if isinstance(update, VersionedBase) else None,
+        modules,
+        tuple(sorted(patch.dense)),
+        float(exact_tol),
+        base_model,
+        check,
     )
     _write_text(out / "export.json", json.dumps(report.to_json(), indent=2, sort_keys=True))
     if card is not None:
         _write_text(out / "README.md", render_card(card, report))
-    log.info("exported %s adapter of %d modules (ranks %d..%d) to %s, max relative error %.3g%s",
-             "an exact" if report.exact else "a lossy", len(modules), min(report.ranks.values()),
-             max(report.ranks.values()), out, report.max_relative_error,
-             "" if check is None else f", same predictions {check.same_predictions:.4f}")
+    log.info(
+        "exported %s adapter of %d modules (ranks %d..%d) to %s, max relative error %.3g%s",
+        "an exact" if report.exact else "a lossy",
+        len(modules),
+        min(report.ranks.values()),
+        max(report.ranks.values()),
+        out,
+        report.max_relative_error,
+        "" if check is None else f", same predictions {check.same_predictions:.4f}",
+    )
     return report
 
 
@@ -425,8 +441,12 @@ def render_card(card: AdapterCard, report: ExportReport) -> str:
     ]
     if card.evals:
         metric = card.evals[0].metric
-        lines += [f"Held-out {metric} of the exporting node after each merge round.", "",
-                  f"| round | {metric} |", "|---|---|"]
+        lines += [
+            f"Held-out {metric} of the exporting node after each merge round.",
+            "",
+            f"| round | {metric} |",
+            "|---|---|",
+        ]
         lines += [f"| {e.round} | {e.value:.4f} |" for e in card.evals]
     else:
         lines.append("No held-out evaluation was given to the exporting node.")

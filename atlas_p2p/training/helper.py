@@ -45,7 +45,17 @@ from atlas_p2p.versioning import PatchRecord, VersionedBase
 from .errors import RoundMismatchError, StepOrderError, UnknownOwnerError, VersionMismatchError
 from .fold import fold_into
 from .inputs import check_float, check_labels, check_mask
-from .modules import adapted_modules, head_params, layer_of, lora_params, model_device, model_dtype, num_classes, reset_head, weight_shape
+from .modules import (
+    adapted_modules,
+    head_params,
+    layer_of,
+    lora_params,
+    model_device,
+    model_dtype,
+    num_classes,
+    reset_head,
+    weight_shape,
+)
 from .rng import seeded
 from .seeds import step_seed
 
@@ -239,8 +249,9 @@ class HelperSession:
         if isinstance(self.model, PeftModel):
             add_lora_adapter(self.model, name, ranks, alpha=alpha, seed=seed, modules_to_save=keep_head)
         else:
-            self.model = attach_lora(self.model, ranks, alpha=alpha, seed=seed, modules_to_save=keep_head,
-                                     adapter_name=name)
+            self.model = attach_lora(
+                self.model, ranks, alpha=alpha, seed=seed, modules_to_save=keep_head, adapter_name=name
+            )
         self._active = None
         part = split_model(self.model, plan.split, plan.mode)[1]
         modules = tuple(m for m in adapted_modules(self.model, name) if m in ranks)

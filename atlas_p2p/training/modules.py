@@ -35,7 +35,7 @@ def layer_of(model: nn.Module, module_name: str) -> int | None:
     prefix = family_of(model).blocks_path() + "."
     if not module_name.startswith(prefix):
         return None
-    head = module_name[len(prefix):].split(".", 1)[0]
+    head = module_name[len(prefix) :].split(".", 1)[0]
     return int(head) if head.isdigit() else None
 
 

@@ -43,8 +43,18 @@ from .carry import carry_over
 from .errors import SessionStateError
 from .fold import fold_into
 from .inputs import as_tensor, check_float, check_labels
-from .modules import (adapted_modules, dense_base_param, head_params, layer_of, lora_params, model_device,
-                      model_dtype, num_classes, reset_head, weight_shape)
+from .modules import (
+    adapted_modules,
+    dense_base_param,
+    head_params,
+    layer_of,
+    lora_params,
+    model_device,
+    model_dtype,
+    num_classes,
+    reset_head,
+    weight_shape,
+)
 from .rng import seeded
 from .seeds import round_seed, step_seed
 
@@ -64,8 +74,11 @@ def _tensors_of(value: Any, name: str) -> Any:
     if all(hasattr(value, k) for k in ("A", "B", "scaling")):
         value = (value.A, value.B, value.scaling)
     if isinstance(value, (tuple, list)) and len(value) == 3:
-        return (as_tensor(value[0], f"helper_factors[{name!r}].A"), as_tensor(value[1], f"helper_factors[{name!r}].B"),
-                value[2])
+        return (
+            as_tensor(value[0], f"helper_factors[{name!r}].A"),
+            as_tensor(value[1], f"helper_factors[{name!r}].B"),
+            value[2],
+        )
     return value
 
 
@@ -144,9 +157,7 @@ class OwnerSession:
         self.num_layers = n
         self.local = config.split == n
         self.runs_head = self.local or config.mode == "u-shape"
-        self.modules = tuple(
-            m for m in adapted_modules(model, ADAPTER) if (layer_of(model, m) or 0) < config.split
-        )
+        self.modules = tuple(m for m in adapted_modules(model, ADAPTER) if (layer_of(model, m) or 0) < config.split)
         if not self.modules:
             raise ValueError(f"model: no LoRA adapter on blocks[:{config.split}]; the owner would train nothing")
         self.head_names = tuple(head_params(model, ADAPTER))
@@ -450,7 +461,10 @@ class OwnerSession:
             self.pending = None if merged else out
             self._outgoing = None
             if not merged:
-                log.info("owner %s: contribution of round %d missed the manifest; carried over",
-                         self.config.node_id, out.round)
+                log.info(
+                    "owner %s: contribution of round %d missed the manifest; carried over",
+                    self.config.node_id,
+                    out.round,
+                )
         self.start_round(max(self.round, patch.round + 1))
         return record
