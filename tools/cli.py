@@ -80,13 +80,27 @@ def _setup(
     configure_logging(level)
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to sys.stderr as it is when a record comes, not when the handler was made: a
+    caller that swaps stderr and closes its copy (pytest, an in-process CLI run) leaves no
+    handler writing to a closed file."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
 def configure_logging(level: int = logging.INFO) -> None:
     """Human lines on stderr: time, level letter, source, message (replaces only our own handler)."""
     root = logging.getLogger()
     for handler in list(root.handlers):
         if getattr(handler, "_atlas_cli", False):
             root.removeHandler(handler)
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler._atlas_cli = True  # type: ignore[attr-defined]
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname).1s %(name)s: %(message)s", "%H:%M:%S"))
     root.addHandler(handler)
