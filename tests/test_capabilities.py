@@ -13,30 +13,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from atlas_p2p import memory as M
 from atlas_p2p.capabilities import Capabilities
 from nodes.config import BootstrapConfig, NodeConfig
 from nodes.coordinator import Coordinator, CoordinatorConfig
 from nodes.peer_table import MemoryPeerTable
 from nodes.registry import Registry
+from tests.planner_inputs import SHAPE, WORK
 from tools.peers_view import format_peer_table
 from transport.codec import decode, encode
 from transport.messages import Envelope, Join
 from transport.units import parse_rate, parse_size
-
-SHAPE = M.ModelShape(
-    "gpt2",
-    "gpt2",
-    "causal_lm",
-    num_layers=4,
-    hidden=64,
-    heads=4,
-    kv_heads=4,
-    head_dim=16,
-    intermediate=256,
-    vocab_size=1000,
-    max_positions=128,
-)
 
 
 def _over_the_wire(join: Join) -> Join:
@@ -59,9 +45,7 @@ def test_memory_flag_reaches_the_planner_in_bytes():
     registry = Registry(MemoryPeerTable(), BootstrapConfig(bind="127.0.0.1:0"), now=0.0)
     small = _joined(registry, "3500KB", "50Mbps", 7001)
     big = _joined(registry, "1GB", "1Gbps", 7002)
-    coordinator = Coordinator(
-        CoordinatorConfig(shape=SHAPE, workload=M.Workload(batch=4, seq_len=32), min_nodes=2, clusters=1)
-    )
+    coordinator = Coordinator(CoordinatorConfig(shape=SHAPE, workload=WORK, min_nodes=2, clusters=1))
     rng = np.random.default_rng(0)
     for node in (small, big):
         record = registry.table.get(node)

@@ -33,23 +33,10 @@ from nodes.coordinator import (
     CoordinatorConfig,
 )
 from nodes.peer_table import MemoryPeerTable, new_record
+from tests.planner_inputs import SHAPE, WORK
 from transport.codec import decode, encode
 from transport.messages import Assignment, Envelope
 
-SHAPE = M.ModelShape(
-    "gpt2",
-    "gpt2",
-    "causal_lm",
-    num_layers=4,
-    hidden=64,
-    heads=4,
-    kv_heads=4,
-    head_dim=16,
-    intermediate=256,
-    vocab_size=1000,
-    max_positions=128,
-)
-WORK = M.Workload(batch=4, seq_len=32)
 MB = 10**6
 BIG = 100 * MB  # trains the whole model and hosts several owners
 WHOLE_ONLY = 9 * MB  # trains the whole model, no room to host anyone

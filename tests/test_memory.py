@@ -9,6 +9,8 @@ import torch
 from atlas_p2p import memory as M
 from atlas_p2p.lora import attach_lora, lora_targets
 from atlas_p2p.models import split_model, tiny_model, unsplit_forward
+from tests.planner_inputs import SHAPE as GPT2
+from tests.planner_inputs import WORK
 
 VOCAB = 60
 
@@ -39,22 +41,6 @@ def _qwen3(layers=2):
 
 def _count(module):
     return sum(p.numel() for p in module.parameters())
-
-
-GPT2 = M.ModelShape(
-    "gpt2",
-    "gpt2",
-    "causal_lm",
-    num_layers=4,
-    hidden=64,
-    heads=4,
-    kv_heads=4,
-    head_dim=16,
-    intermediate=256,
-    vocab_size=1000,
-    max_positions=128,
-)
-WORK = M.Workload(batch=4, seq_len=32)
 
 
 # ---------------------------------------------------------------- counts vs real models

@@ -18,21 +18,8 @@ from atlas_p2p import planning as P
 from atlas_p2p.capabilities import Capabilities
 from atlas_p2p.lora import attach_lora, lora_targets
 from atlas_p2p.models import causal_lm_labels, split_model, tiny_model, unsplit_forward
+from tests.planner_inputs import SHAPE, WORK
 
-SHAPE = M.ModelShape(
-    "gpt2",
-    "gpt2",
-    "causal_lm",
-    num_layers=4,
-    hidden=64,
-    heads=4,
-    kv_heads=4,
-    head_dim=16,
-    intermediate=256,
-    vocab_size=1000,
-    max_positions=128,
-)
-WORK = M.Workload(batch=4, seq_len=32)
 CTX = P.PlanContext(SHAPE, WORK)
 MODULES = M.lora_candidates(SHAPE)
 L = SHAPE.num_layers
