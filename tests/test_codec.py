@@ -65,6 +65,21 @@ def fingerprint_header(vector=None, **overrides) -> dict:
     return header
 
 
+def forward_header(activations, attention_mask) -> dict:
+    """A `forward` request whose two tensors are the frame refs given."""
+    body = {
+        "step": 0,
+        "activations": activations,
+        "attention_mask": attention_mask,
+        "labels": None,
+        "base_version": 0,
+        "owner_id": 0,
+        "cluster": 0,
+        "round": 0,
+    }
+    return {"v": 1, "type": "forward", "id": 1, "src": "a", "body": body}
+
+
 VECTOR = np.arange(64, dtype=np.float32).tobytes()
 
 
@@ -308,25 +323,7 @@ def test_bad_frame_index(index):
 
 
 def test_frame_referenced_twice():
-    header = fingerprint_header()
-    header["body"]["importance"] = None
-    header["body"]["vector"] = ref("float32", [64], 1)
-    forward = {
-        "v": 1,
-        "type": "forward",
-        "id": 1,
-        "src": "a",
-        "body": {
-            "step": 0,
-            "activations": ref("float32", [64], 1),
-            "attention_mask": ref("float32", [64], 1),
-            "labels": None,
-            "base_version": 0,
-            "owner_id": 0,
-            "cluster": 0,
-            "round": 0,
-        },
-    }
+    forward = forward_header(ref("float32", [64], 1), ref("float32", [64], 1))
     assert code_of(craft(forward, [VECTOR])) == "bad_frame_index"
 
 
@@ -353,22 +350,7 @@ def test_field_spec_violations():
 
 
 def test_bool_tensor_with_invalid_bytes():
-    header = {
-        "v": 1,
-        "type": "forward",
-        "id": 1,
-        "src": "a",
-        "body": {
-            "step": 0,
-            "activations": ref("bool", [3], 1),
-            "attention_mask": ref("bool", [3], 2),
-            "labels": None,
-            "base_version": 0,
-            "owner_id": 0,
-            "cluster": 0,
-            "round": 0,
-        },
-    }
+    header = forward_header(ref("bool", [3], 1), ref("bool", [3], 2))
     assert code_of(craft(header, [b"\x00\x01\x02", b"\x00\x01\x01"])) == "bad_tensor"
 
 

@@ -99,6 +99,18 @@ def _owner(family, task, split, mode="two-part", node_id=7, ranks=None, lr=LR):
     return OwnerSession(model, OwnerConfig(node_id=node_id, split=split, lr=lr, run_seed=RUN_SEED, mode=mode))
 
 
+def _helper(family="llama", task=CAUSAL_LM):
+    return HelperSession(_model(family, task), HelperConfig(lr=LR))
+
+
+def _begun(task=CAUSAL_LM, mode="two-part", round=0):
+    """A llama owner at split 1 that has started `round`, and a fresh helper begun on it with `_ranks`."""
+    owner, helper = _owner("llama", task, 1, mode), _helper("llama", task)
+    owner.start_round(round)
+    _begin(helper, owner, _ranks("llama", task))
+    return owner, helper
+
+
 def _begin(helper, owner, ranks, lr=LR):
     helper.begin(
         owner.config.node_id,
@@ -150,6 +162,12 @@ def _split_round(owner, helper, batches, ranks, n_samples=None):
         _exchange(owner, helper, b)
     factors, dense = _returned(helper, owner)
     return owner.contribution(n_samples, factors, dense)
+
+
+def _undisturbed(batches, task=CAUSAL_LM, mode="two-part"):
+    """The contribution of a round over `batches` that nothing interrupts: what a disturbed
+    round by the owner of `_begun` must equal."""
+    return _split_round(_owner("llama", task, 1, mode), _helper("llama", task), batches, _ranks("llama", task))
 
 
 def _reference(family, task, ranks, batches, node_id=7, round=0):
@@ -213,7 +231,7 @@ def test_split_training_equals_unsplit_training(family, task, split, mode):
     ranks = _ranks(family, task)
     batches = _batches(task, 3)
     owner = _owner(family, task, split, mode)
-    helper = HelperSession(_model(family, task), HelperConfig(lr=LR))
+    helper = _helper(family, task)
 
     contribution = _split_round(owner, helper, batches, ranks)
 
@@ -244,7 +262,7 @@ def test_a_different_round_seed_gives_a_different_adapter():
     ranks = _ranks()
     batches = _batches(CAUSAL_LM, 3)
     owner = _owner("llama", CAUSAL_LM, 1, node_id=8)
-    contribution = _split_round(owner, HelperSession(_model(), HelperConfig(lr=LR)), batches, ranks)
+    contribution = _split_round(owner, _helper(), batches, ranks)
 
     factors, head = _reference("llama", CAUSAL_LM, ranks, batches, node_id=7)
     assert set(contribution.factors) == set(factors)
@@ -256,18 +274,13 @@ def test_a_different_round_seed_gives_a_different_adapter():
 def test_rollback_and_replay_with_a_new_helper_gives_the_same_adapter(mode):
     ranks = _ranks()
     batches = _batches(CAUSAL_LM, 4)
-    clean = _split_round(
-        _owner("llama", CAUSAL_LM, 1, mode), HelperSession(_model(), HelperConfig(lr=LR)), batches, ranks
-    )
-    owner = _owner("llama", CAUSAL_LM, 1, mode)
-    owner.start_round(0)
-    lost = HelperSession(_model(), HelperConfig(lr=LR))
-    _begin(lost, owner, ranks)
+    clean = _undisturbed(batches, mode=mode)
+    owner, lost = _begun(mode=mode)
     for b in batches[:2]:
         _exchange(owner, lost, b)
 
     owner.rollback()  # the helper is gone: restart the round
-    replacement = HelperSession(_model(), HelperConfig(lr=LR))
+    replacement = _helper()
     assert owner.step == 0 and owner.round == 0
     contribution = _split_round(owner, replacement, batches, ranks)
 
@@ -277,12 +290,9 @@ def test_rollback_and_replay_with_a_new_helper_gives_the_same_adapter(mode):
 def test_new_helper_answers_replay_errors_until_the_round_restarts_from_step_0():
     ranks = _ranks()
     batches = _batches(CAUSAL_LM, 3)
-    owner = _owner("llama", CAUSAL_LM, 1)
-    owner.start_round(0)
-    old = HelperSession(_model(), HelperConfig(lr=LR))
-    _begin(old, owner, ranks)
+    owner, old = _begun()
     _exchange(owner, old, batches[0])
-    new = HelperSession(_model(), HelperConfig(lr=LR))
+    new = _helper()
     f = owner.forward(batches[1])
     args = (_wire(f.activations), _wire(f.attention_mask), _wire(f.labels))
 
@@ -297,13 +307,9 @@ def test_new_helper_answers_replay_errors_until_the_round_restarts_from_step_0()
 
 
 def test_same_helper_restarts_at_step_0_and_a_retried_step_is_not_trained_twice():
-    ranks = _ranks()
     batches = _batches(CAUSAL_LM, 3)
-    clean = _split_round(_owner("llama", CAUSAL_LM, 1), HelperSession(_model(), HelperConfig(lr=LR)), batches, ranks)
-    owner = _owner("llama", CAUSAL_LM, 1)
-    helper = HelperSession(_model(), HelperConfig(lr=LR))
-    owner.start_round(0)
-    _begin(helper, owner, ranks)
+    clean = _undisturbed(batches)
+    owner, helper = _begun()
     _exchange(owner, helper, batches[0])
     _exchange(owner, helper, batches[1])
     owner.rollback()  # e.g. the owner itself restarted; the helper sees step 0 again
@@ -326,7 +332,7 @@ def test_same_helper_restarts_at_step_0_and_a_retried_step_is_not_trained_twice(
 def _two_contributions(family="llama", task=SEQ_CLS):
     """Owners 1 (split 1, ranks 2/4/0) and 2 (split 2, ranks 8/0/1) train one round with one helper."""
     ranks1, ranks2 = _ranks(family, task), _ranks(family, task, (8, 0, 1))
-    helper = HelperSession(_model(family, task), HelperConfig(lr=LR))
+    helper = _helper(family, task)
     o1 = _owner(family, task, 1, node_id=1, ranks=ranks1)
     o2 = _owner(family, task, 2, node_id=2, ranks=ranks2)
     c1 = _split_round(o1, helper, _batches(task, 2, seed=3), ranks1, n_samples=6)
@@ -461,8 +467,8 @@ def test_helper_keeps_owners_with_different_splits_ranks_and_modes_apart():
     owners = [
         _owner(family, task, s, mode, node_id=i, ranks=_ranks(family, task, p)) for i, (s, mode, p) in enumerate(plans)
     ]
-    shared = HelperSession(_model(family, task), HelperConfig(lr=LR))
-    alone = [HelperSession(_model(family, task), HelperConfig(lr=LR)) for _ in owners]
+    shared = _helper(family, task)
+    alone = [_helper(family, task) for _ in owners]
     twins = [
         _owner(family, task, s, mode, node_id=i, ranks=_ranks(family, task, p)) for i, (s, mode, p) in enumerate(plans)
     ]
@@ -495,10 +501,7 @@ def test_helper_keeps_owners_with_different_splits_ranks_and_modes_apart():
 
 def test_begin_is_idempotent_for_the_same_round_and_refuses_an_older_round():
     ranks = _ranks()
-    owner = _owner("llama", CAUSAL_LM, 1)
-    helper = HelperSession(_model(), HelperConfig(lr=LR))
-    owner.start_round(3)
-    _begin(helper, owner, ranks)
+    owner, helper = _begun(round=3)
     _exchange(owner, helper, _batches(CAUSAL_LM, 1)[0])
     before = _snapshot(helper, 7)
 
@@ -514,7 +517,7 @@ def test_begin_is_idempotent_for_the_same_round_and_refuses_an_older_round():
 def test_dropped_owners_and_a_changed_plan_get_fresh_adapters_that_train_correctly():
     ranks = _ranks()
     batches = _batches(CAUSAL_LM, 2)
-    helper = HelperSession(_model(), HelperConfig(lr=LR))
+    helper = _helper()
     first = _owner("llama", CAUSAL_LM, 1, node_id=1)
     second = _owner("llama", CAUSAL_LM, 2, node_id=2, mode="u-shape")
     for o in (first, second):
@@ -598,13 +601,9 @@ BAD_STEPS = [
 
 @pytest.mark.parametrize("case", BAD_STEPS)
 def test_helper_rejects_bad_tensors_before_any_state_changes(case):
-    ranks = _ranks()
     batches = _batches(CAUSAL_LM, 2)
-    clean = _split_round(_owner("llama", CAUSAL_LM, 1), HelperSession(_model(), HelperConfig(lr=LR)), batches, ranks)
-    owner = _owner("llama", CAUSAL_LM, 1)
-    helper = HelperSession(_model(), HelperConfig(lr=LR))
-    owner.start_round(0)
-    _begin(helper, owner, ranks)
+    clean = _undisturbed(batches)
+    owner, helper = _begun()
     _exchange(owner, helper, batches[0])
     f = owner.forward(batches[1])
     before = _snapshot(helper, 7)
@@ -623,18 +622,9 @@ def test_helper_rejects_bad_tensors_before_any_state_changes(case):
 
 
 def test_u_shape_rejects_bad_hidden_states_and_gradients_and_answers_a_retry_from_cache():
-    ranks = _ranks("llama", SEQ_CLS)
     batches = _batches(SEQ_CLS, 2)
-    clean = _split_round(
-        _owner("llama", SEQ_CLS, 1, "u-shape"),
-        HelperSession(_model("llama", SEQ_CLS), HelperConfig(lr=LR)),
-        batches,
-        ranks,
-    )
-    owner = _owner("llama", SEQ_CLS, 1, "u-shape")
-    helper = HelperSession(_model("llama", SEQ_CLS), HelperConfig(lr=LR))
-    owner.start_round(0)
-    _begin(helper, owner, ranks)
+    clean = _undisturbed(batches, SEQ_CLS, "u-shape")
+    owner, helper = _begun(SEQ_CLS, "u-shape")
     _exchange(owner, helper, batches[0])
     f = owner.forward(batches[1])
     hidden = helper.u_forward(7, 0, 1, _wire(f.activations), _wire(f.attention_mask))
@@ -661,11 +651,7 @@ def test_u_shape_rejects_bad_hidden_states_and_gradients_and_answers_a_retry_fro
 
 
 def test_helper_typed_errors_change_nothing():
-    ranks = _ranks()
-    owner = _owner("llama", CAUSAL_LM, 1)
-    helper = HelperSession(_model(), HelperConfig(lr=LR))
-    owner.start_round(0)
-    _begin(helper, owner, ranks)
+    owner, helper = _begun()
     _exchange(owner, helper, _batches(CAUSAL_LM, 1)[0])
     f = owner.forward(_batches(CAUSAL_LM, 2)[1])
     args = (_wire(f.activations), _wire(f.attention_mask), _wire(f.labels))
@@ -688,7 +674,7 @@ def test_helper_typed_errors_change_nothing():
 
 
 def test_helper_rejects_bad_begin_arguments():
-    helper = HelperSession(_model(), HelperConfig(lr=LR))
+    helper = _helper()
     ranks = _ranks()
     for kwargs, match in [
         (dict(split=0), "split"),
@@ -709,11 +695,7 @@ def test_helper_rejects_bad_begin_arguments():
 
 
 def test_owner_rejects_bad_gradients_and_helper_factors_without_changing_anything():
-    ranks = _ranks("llama", SEQ_CLS)
-    owner = _owner("llama", SEQ_CLS, 1)
-    helper = HelperSession(_model("llama", SEQ_CLS), HelperConfig(lr=LR))
-    owner.start_round(0)
-    _begin(helper, owner, ranks)
+    owner, helper = _begun(SEQ_CLS)
     batch = _batches(SEQ_CLS, 1)[0]
     f = owner.forward(batch)
     r = helper.step(7, 0, 0, _wire(f.activations), _wire(f.attention_mask), _wire(f.labels))
@@ -834,7 +816,7 @@ def test_round_seeds_are_deterministic_and_distinct():
 def _folded_owner(family, task, rounds=2):
     """Owners 1 and 2 train `rounds` rounds; every round both contributions merge and fold."""
     ranks1, ranks2 = _ranks(family, task), _ranks(family, task, (8, 0, 1))
-    helper = HelperSession(_model(family, task), HelperConfig(lr=LR))
+    helper = _helper(family, task)
     o1 = _owner(family, task, 1, node_id=1, ranks=ranks1)
     o2 = _owner(family, task, 2, node_id=2, ranks=ranks2)
     for r in range(rounds):
