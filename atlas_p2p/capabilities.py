@@ -23,7 +23,6 @@ class Capabilities:
     bandwidth_bps: int  # uplink, bits per second (a float is rounded to whole bit/s)
     compute_score: float  # relative compute (GFLOP/s measured by the node; higher is faster)
     has_data: bool  # False: a pure helper that lends compute
-    n_samples: int = 0  # local training examples (aggregation weight)
 
     def __post_init__(self) -> None:
         require_int("memory_bytes", self.memory_bytes, 1)
@@ -31,7 +30,6 @@ class Capabilities:
         object.__setattr__(self, "bandwidth_bps", round(self.bandwidth_bps))
         object.__setattr__(self, "compute_score", require_number("compute_score", self.compute_score, 0))
         require_bool("has_data", self.has_data)
-        require_int("n_samples", self.n_samples, 0)
 
 
 __all__ = ["Capabilities"]

@@ -173,14 +173,13 @@ class NodeConfig:
         """A node without data joins as a helper that lends compute."""
         return self.data is not None
 
-    def capabilities(self, compute_score: float, n_samples: int = 0) -> Capabilities:
+    def capabilities(self, compute_score: float) -> Capabilities:
         """The offer this node joins with: its flags (bytes, bit/s, data or not) and what it measured."""
         return Capabilities(
             memory_bytes=self.memory_bytes,
             bandwidth_bps=self.bandwidth_bps,
             compute_score=compute_score,
             has_data=self.has_data,
-            n_samples=n_samples,
         )
 
 

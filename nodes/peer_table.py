@@ -54,7 +54,6 @@ class PeerRecord:
     status: str  # alive | suspect | dead | left
     joined_at: float  # unix time of the latest join
     last_seen: float  # unix time of the latest join or heartbeat
-    n_samples: int = 0  # local training examples the node holds (aggregation weight)
     model: str | None = None  # model the node said it runs
     public_key: str | None = None  # CurveZMQ public key (z85), if any
     role: str | None = None  # owner | helper before planning; then the plan's whole | owner | helper | waiting
@@ -84,7 +83,6 @@ class PeerRecord:
             bandwidth_bps=self.bandwidth_bps,
             compute_score=self.compute_score,
             has_data=self.has_data,
-            n_samples=self.n_samples,
         )
 
 

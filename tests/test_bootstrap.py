@@ -266,7 +266,7 @@ def test_service_join_heartbeat_peers_leave(tmp_path):
         service = await Bootstrap.create(BootstrapConfig(bind="127.0.0.1:0", state_dir=tmp_path, model="tiny"))
         client = await RpcClient.create("test-client")
         try:
-            welcome = await client.call(service.address, _join_body(has_data=True, n_samples=12), timeout=3)
+            welcome = await client.call(service.address, _join_body(has_data=True), timeout=3)
             assert isinstance(welcome, Welcome)
             assert (welcome.node_id, welcome.model, welcome.heartbeat_s) == (1, "tiny", 2.0)
             assert welcome.fingerprint_seed == service.registry.fingerprint_seed
@@ -278,7 +278,7 @@ def test_service_join_heartbeat_peers_leave(tmp_path):
             assert isinstance(listing, PeerList)
             (row,) = listing.rows
             assert row["id"] == 1 and row["status"] == "alive" and row["state"] == "training"
-            assert row["memory_bytes"] == 8_000_000_000 and row["n_samples"] == 12 and row["role"] == "owner"
+            assert row["memory_bytes"] == 8_000_000_000 and row["has_data"] is True and row["role"] == "owner"
             required = {
                 "id",
                 "address",

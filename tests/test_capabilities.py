@@ -87,7 +87,6 @@ def test_a_fractional_rate_is_whole_bits_per_second():
         (dict(bandwidth_bps=0), "bandwidth_bps"),
         (dict(compute_score=float("inf")), "compute_score"),
         (dict(has_data=1), "has_data must be a bool, got 1"),
-        (dict(n_samples=-1), "n_samples must be an int >= 0, got -1"),
     ],
 )
 def test_a_bad_offer_names_the_field(fields, match):

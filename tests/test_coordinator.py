@@ -56,14 +56,8 @@ def planted(direction, node_id, noise=0.01):
     return (direction + noise * rng.standard_normal(DIM)).astype(np.float32)
 
 
-def caps(memory, has_data=True, bandwidth_mbps=100.0, n_samples=32):
-    return Capabilities(
-        memory_bytes=memory,
-        bandwidth_bps=bandwidth_mbps * 1e6,
-        compute_score=1.0,
-        has_data=has_data,
-        n_samples=n_samples if has_data else 0,
-    )
+def caps(memory, has_data=True, bandwidth_mbps=100.0):
+    return Capabilities(memory_bytes=memory, bandwidth_bps=bandwidth_mbps * 1e6, compute_score=1.0, has_data=has_data)
 
 
 def offer(node_id, memory, has_data=True, bandwidth_mbps=100.0):
@@ -534,11 +528,7 @@ def test_peer_columns_fit_the_peer_table():
     coord = swarm(THREE_GROUPS)
     table = MemoryPeerTable()
     for n, (memory, direction, bw) in THREE_GROUPS.items():
-        table.put(
-            new_record(
-                n, caps(memory, direction is not None, bw, n_samples=0), address=f"127.0.0.1:{7000 + n}", now=0.0
-            )
-        )
+        table.put(new_record(n, caps(memory, direction is not None, bw), address=f"127.0.0.1:{7000 + n}", now=0.0))
 
     table.update_many(coord.peer_columns())
 

@@ -182,7 +182,6 @@ def test_sqlite_adds_missing_columns_of_an_older_file(tmp_path):
 
     row = table.get(1)
     assert row.cluster is None and row.base_version is None and row.has_data is False
-    assert row.n_samples == 0
     assert (row.memory_bytes, row.bandwidth_bps) == (100_000_000, 1_000_000)  # MB and Mbit/s carried over
     table.close()
 

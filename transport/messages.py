@@ -137,7 +137,6 @@ class Join(Message):
     compute_score: Annotated[float, Range(0.0, None)]
     address: str  # "host:port" of the node's own RpcServer
     has_data: bool = False
-    n_samples: Count = 0  # local training examples (aggregation weight)
     model: str = ""  # model the node runs; "" = whatever the swarm runs
     node_id: NodeId | None = None  # set when rejoining after a restart
 
@@ -153,7 +152,6 @@ class Join(Message):
             bandwidth_bps=self.bandwidth_bps,
             compute_score=self.compute_score,
             has_data=self.has_data,
-            n_samples=self.n_samples,
         )
 
 
