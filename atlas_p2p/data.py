@@ -30,6 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from atlas_p2p.validation import is_int
+
 logger = logging.getLogger(__name__)
 
 KINDS = ("classification", "lm", "instruction")
@@ -131,13 +133,13 @@ def parse_record(obj: object, source: str = "<memory>", line: int | None = None)
         label = None
         if kind == "classification":
             label = obj["label"]
-            if isinstance(label, bool) or not isinstance(label, int):
+            if not is_int(label):
                 raise DataError(source, line, f"field 'label' must be an int, got {label!r}")
             if label < 0:
                 raise DataError(source, line, f"field 'label' must be >= 0, got {label}")
         example = Example(text=text, label=label)
     task = obj.get("task")
-    if task is not None and (isinstance(task, bool) or not isinstance(task, (str, int))):
+    if task is not None and not (is_int(task) or isinstance(task, str)):
         raise DataError(source, line, f"field 'task' must be a string or an int, got {task!r}")
     return kind, example, task
 

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from atlas_p2p.layouts import LAYOUTS, MODEL_TYPES
+from atlas_p2p.validation import is_int
 from atlas_p2p.vocabulary import CAUSAL_LM, SEQ_CLS, TASKS
 
 log = logging.getLogger(__name__)
@@ -316,7 +317,7 @@ class Workload:
     def __post_init__(self):
         for name in ("batch", "seq_len", "weight_bytes", "act_bytes", "lora_bytes"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not is_int(value) or value < 1:
                 raise ValueError(f"{name}={value!r}: must be a positive int")
 
 
@@ -409,7 +410,7 @@ def _activation_bytes(shape, layers, workload, constants, *, embeddings, head) -
 
 
 def _check_split(shape: ModelShape, split: int) -> None:
-    if isinstance(split, bool) or not isinstance(split, int) or not 0 <= split <= shape.num_layers:
+    if not is_int(split) or not 0 <= split <= shape.num_layers:
         raise ValueError(f"split={split!r}: must be an int in [0, {shape.num_layers}]")
 
 

@@ -157,22 +157,24 @@ class Plan:
 # ------------------------------------------------------------------ small helpers
 
 
+def _in_unit(value: float, units: Sequence[tuple[str, float]]) -> str | None:
+    """`value` in the first of `units` (name, size; largest first) it reaches, with one
+    decimal below 10 and none above; None when it reaches none."""
+    for unit, size in units:
+        if value >= size:
+            scaled = value / size
+            return f"{scaled:.1f} {unit}" if scaled < 10 else f"{scaled:.0f} {unit}"
+    return None
+
+
 def format_bytes(n: float) -> str:
     """1.1 GB, 300 MB, 12 KB (decimal units)."""
-    for unit, size in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
-        if n >= size:
-            value = n / size
-            return f"{value:.1f} {unit}" if value < 10 else f"{value:.0f} {unit}"
-    return f"{int(n)} B"
+    return _in_unit(n, (("GB", 1e9), ("MB", 1e6), ("KB", 1e3))) or f"{int(n)} B"
 
 
 def format_bps(bps: float) -> str:
     """100 Mbps, 1.5 Gbps."""
-    for unit, size in (("Gbps", 1e9), ("Mbps", 1e6), ("kbps", 1e3)):
-        if bps >= size:
-            value = bps / size
-            return f"{value:.1f} {unit}" if value < 10 else f"{value:.0f} {unit}"
-    return f"{bps:.0f} bps"
+    return _in_unit(bps, (("Gbps", 1e9), ("Mbps", 1e6), ("kbps", 1e3))) or f"{bps:.0f} bps"
 
 
 def privacy_min_split(leakage_by_split: Sequence[float], floor: float) -> int:

@@ -3,7 +3,8 @@
 Each `require_*` returns the value when it fits and otherwise raises ValueError naming
 the field and the bad value ("rounds must be an int >= 1, got 0"). A bool is never an
 int or a number here (Python counts True as 1; a flag passed where a count is due is a
-mistake), and a number must be finite.
+mistake), and a number must be finite unless a check passes `finite=False`. Where a value may come out of numpy arithmetic
+(ids, counts, scalings), `numpy=True` lets a numpy scalar count as an int or a number too.
 """
 
 from __future__ import annotations
@@ -11,15 +12,19 @@ from __future__ import annotations
 import math
 from collections.abc import Collection
 
-
-def is_int(value: object) -> bool:
-    """An int that is not a bool."""
-    return isinstance(value, int) and not isinstance(value, bool)
+import numpy as np
 
 
-def is_number(value: object) -> bool:
-    """A finite int or float that is not a bool."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+def is_int(value: object, *, numpy: bool = False) -> bool:
+    """An int that is not a bool; with `numpy`, a numpy integer scalar counts too."""
+    return isinstance(value, (int, np.integer) if numpy else int) and not isinstance(value, bool)
+
+
+def is_number(value: object, *, numpy: bool = False, finite: bool = True) -> bool:
+    """An int or float that is not a bool, and finite unless `finite` is False; with `numpy`,
+    numpy integer and floating scalars count too."""
+    kinds = (int, float, np.integer, np.floating) if numpy else (int, float)
+    return isinstance(value, kinds) and not isinstance(value, bool) and (not finite or math.isfinite(value))
 
 
 def _bounds(minimum: float | None, maximum: float | None, positive: bool) -> str:
@@ -33,9 +38,16 @@ def _bounds(minimum: float | None, maximum: float | None, positive: bool) -> str
     return (" " + " and ".join(parts)) if parts else ""
 
 
-def require_int(name: str, value: object, minimum: int | None = None, maximum: int | None = None) -> int:
-    """`value` if it is an int in [minimum, maximum] (None: open side); ValueError otherwise."""
-    if not is_int(value) or (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+def require_int(
+    name: str, value: object, minimum: int | None = None, maximum: int | None = None, *, numpy: bool = False
+) -> int:
+    """`value` if it is an int in [minimum, maximum] (None: open side; `numpy`: a numpy integer
+    counts, see is_int); ValueError otherwise."""
+    if (
+        not is_int(value, numpy=numpy)
+        or (minimum is not None and value < minimum)
+        or (maximum is not None and value > maximum)
+    ):
         raise ValueError(f"{name} must be an int{_bounds(minimum, maximum, False)}, got {value!r}")
     return value
 

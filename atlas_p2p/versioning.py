@@ -31,6 +31,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from atlas_p2p.validation import require_int
+
 from .aggregation.arrays import decode_meta, encode_meta, patch_from_arrays, patch_to_arrays
 from .aggregation.digest import DigestMismatchError
 from .aggregation.stacking import Patch, apply_patch, fold_patches
@@ -71,12 +73,6 @@ def _is_hex256(s: Any) -> bool:
     return True
 
 
-def _check_int(value: Any, what: str, minimum: int = 0) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{what} must be an int >= {minimum}, got {value!r}")
-    return int(value)
-
-
 @dataclass(frozen=True, eq=False)
 class PatchRecord:
     """Patch number ``version`` of a cluster, its content digest and the chain after it."""
@@ -94,7 +90,7 @@ class VersionedBase:
         if not isinstance(cluster, str) or not cluster:
             raise ValueError(f"cluster must be a non-empty string, got {cluster!r}")
         self.cluster = cluster
-        self.origin_version = _check_int(origin_version, "origin_version")
+        self.origin_version = int(require_int("origin_version", origin_version, 0, numpy=True))
         if origin_chain is None:
             origin_chain = genesis_chain(cluster)
         if not _is_hex256(origin_chain):
@@ -139,7 +135,7 @@ class VersionedBase:
             raise DigestMismatchError(
                 f"cluster {self.cluster!r}: patch hashes to {actual[:16]}… but was announced as {str(digest)[:16]}…"
             )
-        version = current + 1 if version is None else _check_int(version, "version", 1)
+        version = current + 1 if version is None else int(require_int("version", version, 1, numpy=True))
         if self.origin_version < version <= current:
             held = self._record(version)
             if held.digest != actual:
@@ -196,7 +192,7 @@ class VersionedBase:
     # -- reading the log -----------------------------------------------------------------
     def missing_since(self, version: int) -> list[PatchRecord]:
         """The records a node at ``version`` lacks, oldest first."""
-        version = _check_int(version, "version")
+        version = int(require_int("version", version, 0, numpy=True))
         if version < self.origin_version:
             raise VersionGapError(
                 f"cluster {self.cluster!r}: history starts at version {self.origin_version}, "

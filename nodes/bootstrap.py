@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from atlas_p2p.capabilities import Capabilities
+from atlas_p2p.validation import is_int
 from nodes.config import BootstrapConfig, parse_address
 from nodes.coordinator import Coordinator
 from nodes.peer_table import PeerTable, PeerTableError, open_peer_table
@@ -314,7 +315,7 @@ class Bootstrap:
         metrics = body.metrics
         if metrics.get("event") == "helper_failed":
             helper = metrics.get("helper")
-            if isinstance(helper, bool) or not isinstance(helper, int) or helper < 0:
+            if not is_int(helper) or helper < 0:
                 raise RpcError("bad_request", f"report helper_failed: helper must be a node id, got {helper!r}")
             log.info("node %d reports helper %d failed: %s", body.node_id, helper, metrics.get("why", ""))
             try:

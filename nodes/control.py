@@ -27,6 +27,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from atlas_p2p.validation import is_int
 from nodes.config import NodeConfig, format_address, parse_address
 
 log = logging.getLogger("atlas.node")
@@ -111,7 +112,7 @@ def load_identity(state_dir: Path | None, bootstrap: str) -> int | None:
         node_id, saved_for = data["node_id"], data["bootstrap"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise NodeIdentityError(f"--state: cannot read {path}: {exc}") from None
-    if isinstance(node_id, bool) or not isinstance(node_id, int) or node_id < 0:
+    if not is_int(node_id) or node_id < 0:
         raise NodeIdentityError(f"--state: {path} holds a bad node id {node_id!r}")
     if saved_for != bootstrap:
         log.info("state %s belongs to bootstrap %s, not %s: joining as a new node", path, saved_for, bootstrap)

@@ -169,15 +169,7 @@ class RepairEvent:
     cluster: int | None  # the owner's cluster
 
     def to_dict(self) -> dict[str, Any]:
-        return dict(
-            time=self.time,
-            owner=self.owner,
-            old_helper=self.old_helper,
-            new_helper=self.new_helper,
-            kind=self.kind,
-            cause=self.cause,
-            cluster=self.cluster,
-        )
+        return dataclasses.asdict(self)
 
 
 @dataclass(frozen=True)
@@ -190,7 +182,7 @@ class AnchorChange:
     new_anchor: int | None  # None: no live member left
 
     def to_dict(self) -> dict[str, Any]:
-        return dict(time=self.time, cluster=self.cluster, old_anchor=self.old_anchor, new_anchor=self.new_anchor)
+        return dataclasses.asdict(self)
 
 
 @dataclass(frozen=True)

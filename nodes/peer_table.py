@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from atlas_p2p.capabilities import Capabilities
-from atlas_p2p.validation import is_int
+from atlas_p2p.validation import is_int, is_number
 from atlas_p2p.vocabulary import HELPER, OWNER
 from nodes.liveness import ALIVE, STATUSES
 
@@ -109,7 +109,7 @@ def _check_values(values: Mapping[str, Any]) -> None:
                 raise ValueError(f"column {name!r} cannot be None")
             continue
         if kind is float:
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            ok = is_number(value, finite=False)
         elif kind is int:
             ok = is_int(value) and INT64_MIN <= value <= INT64_MAX
         else:

@@ -44,6 +44,7 @@ if __package__ in (None, ""):  # run as `python scenarios/churn.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from atlas_p2p.synthetic import SyntheticConfig, write_synthetic_jsonl  # noqa: E402
+from atlas_p2p.validation import is_number, require_int  # noqa: E402
 from scenarios.swarm import Swarm, SwarmError  # noqa: E402
 from scenarios.waiting import WaitTimeout, wait_until  # noqa: E402
 from tools import report  # noqa: E402
@@ -95,12 +96,9 @@ class ChurnConfig:
             ("batch_size", 1),
             ("train_examples", 1),
             ("eval_examples", 1),
+            ("clusters", 0),
         ):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"ChurnConfig.{name} must be an int >= {low}, got {value!r}")
-        if isinstance(self.clusters, bool) or not isinstance(self.clusters, int) or self.clusters < 0:
-            raise ValueError(f"ChurnConfig.clusters must be an int >= 0, got {self.clusters!r}")
+            require_int(f"ChurnConfig.{name}", getattr(self, name), low)
         max_tasks = SyntheticConfig().num_tasks
         if self.tasks > max_tasks:
             raise ValueError(
@@ -113,7 +111,7 @@ class ChurnConfig:
             )
         for name in ("kill", "restart"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value < 1.0 + 1e-12:
+            if not is_number(value) or not 0.0 <= value < 1.0 + 1e-12:
                 raise ValueError(f"ChurnConfig.{name} must be a fraction in [0, 1], got {value!r}")
         if kill_count(self.nodes, self.kill) > self.nodes - self.tasks:
             raise ValueError(

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from typing import Any
 
 from atlas_p2p.records import KINDS, CheckpointState, RoundLine, Summary
 from atlas_p2p.records import lost_updates as lost_records
+from atlas_p2p.validation import is_number
 
 log = logging.getLogger("atlas.report")
 
@@ -105,10 +105,7 @@ class NodeRun:
 
 def _number(value: Any) -> float | None:
     """`value` as a finite float, or None (bools, strings, NaN and None are not numbers)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    value = float(value)
-    return value if math.isfinite(value) else None
+    return float(value) if is_number(value) else None
 
 
 def read_metrics(path: Path) -> tuple[list[RoundLine], int]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import msgpack
 import numpy as np
 
+from atlas_p2p.validation import is_int
 from transport.messages import ID_LIMIT, MESSAGE_TYPES, SRC_MAX_LEN, Envelope
 from transport.schema import SchemaError
 from transport.tensors import RawTensor, TensorError, as_frame, check_dtype, check_shape, nbytes, tensor_from_frame
@@ -152,7 +153,7 @@ def _sender_of(view: memoryview) -> tuple[int | None, str | None]:
     except DecodeError:
         return None, None
     msg_id, src = header.get("id"), header.get("src")
-    if isinstance(msg_id, bool) or not isinstance(msg_id, int) or not 0 <= msg_id < ID_LIMIT:
+    if not is_int(msg_id) or not 0 <= msg_id < ID_LIMIT:
         return None, None
     return msg_id, src if isinstance(src, str) and len(src) <= SRC_MAX_LEN else None
 
@@ -206,7 +207,7 @@ def _tensor_from_ref(data: bytes, views: list[memoryview], used: set[int]) -> ob
         shape = check_shape(shape)
     except TensorError as exc:
         raise DecodeError(exc.code, exc.detail) from exc
-    if isinstance(index, bool) or not isinstance(index, int) or not 1 <= index < len(views):
+    if not is_int(index) or not 1 <= index < len(views):
         raise DecodeError("bad_frame_index", f"frame index {index!r} not in [1, {len(views) - 1}]")
     if index in used:
         raise DecodeError("bad_frame_index", f"frame {index} referenced twice")
@@ -227,7 +228,7 @@ def _envelope_from_header(header: dict, views: list[memoryview], used: set[int])
     if set(header) != _HEADER_KEYS:
         raise DecodeError("bad_header", f"header keys {sorted(map(str, header))} != {sorted(_HEADER_KEYS)}")
     msg_id, src = header["id"], header["src"]
-    if isinstance(msg_id, bool) or not isinstance(msg_id, int) or not 0 <= msg_id < ID_LIMIT:
+    if not is_int(msg_id) or not 0 <= msg_id < ID_LIMIT:
         raise DecodeError("bad_header", f"id must be an int in [0, 2**63), got {msg_id!r:.40}")
     if not isinstance(src, str) or len(src) > SRC_MAX_LEN:
         raise DecodeError("bad_header", f"src must be a str of <= {SRC_MAX_LEN} chars", msg_id)

@@ -30,6 +30,7 @@ from typing import Annotated, Any, ClassVar
 import numpy as np
 
 from atlas_p2p.capabilities import Capabilities
+from atlas_p2p.validation import is_int
 from atlas_p2p.vocabulary import NODE_STATES, ROLES, SPLIT_MODES
 from transport.schema import Node, OneOf, Range, SchemaError, TensorSpec, node_for
 from transport.tensors import Tensor
@@ -95,7 +96,7 @@ class Envelope:
             raise SchemaError(
                 "bad_schema", f"Envelope.body is {type(self.body).__name__}, type {self.type!r} needs {cls.__name__}"
             )
-        if isinstance(self.id, bool) or not isinstance(self.id, int) or not 0 <= self.id < ID_LIMIT:
+        if not is_int(self.id) or not 0 <= self.id < ID_LIMIT:
             raise SchemaError("bad_header", f"Envelope.id must be an int in [0, 2**63), got {self.id!r}")
         if not isinstance(self.src, str) or len(self.src) > SRC_MAX_LEN:
             raise SchemaError(

@@ -23,6 +23,7 @@ from typing import Annotated, Any, Union
 
 import numpy as np
 
+from atlas_p2p.validation import is_int, is_number
 from transport.tensors import DTYPE_ITEMSIZE, RawTensor, Tensor, TensorError, dtype_name
 
 INT_MIN, INT_MAX = -(1 << 63), (1 << 64) - 1  # what msgpack can carry
@@ -91,7 +92,7 @@ class IntNode(Node):
         self.bounds, self.choices = bounds, choices
 
     def check(self, value, path):
-        if isinstance(value, bool) or not isinstance(value, int):
+        if not is_int(value):
             self._fail(path, value, "int")
         value = int(value)
         if not INT_MIN <= value <= INT_MAX:
@@ -108,7 +109,7 @@ class FloatNode(Node):
         self.bounds = bounds
 
     def check(self, value, path):
-        if isinstance(value, bool) or not isinstance(value, (float, int)):
+        if not is_number(value, finite=False):
             self._fail(path, value, "float")
         if isinstance(value, int) and not INT_MIN <= value <= INT_MAX:
             raise SchemaError("bad_schema", f"{path}: number {value} does not fit in 64 bits")

@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 import re
 
+from atlas_p2p.validation import is_int
+
 _NUMBER = r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*"
 _SIZE_RE = re.compile(rf"^{_NUMBER}([a-zA-Z]*)\s*$")
 _RATE_RE = re.compile(rf"^{_NUMBER}([kKmMgGtT]?)(bps|bit/s|Bps|B/s)\s*$")
@@ -43,7 +45,7 @@ def _positive(number: str, text: str, what: str) -> float:
 
 def parse_size(text: str) -> int:
     """'8GB' -> 8_000_000_000, '2GiB' -> 2_147_483_648, '512MB', '4096' (bytes). ValueError otherwise."""
-    if isinstance(text, bool) or not isinstance(text, (str, int)):
+    if not (is_int(text) or isinstance(text, str)):
         raise ValueError(f"size must be a string like '8GB' or '2GiB', got {text!r}")
     if isinstance(text, int):
         text = str(text)

@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from atlas_p2p.validation import is_int, is_number
+
 from .digest import digest_entries
 
 __all__ = ["AdapterFactors", "Contribution", "as_factors", "concat_factors"]
@@ -42,7 +44,7 @@ def _as_tensor(value: Any, what: str) -> torch.Tensor:
 def _as_scaling(value: Any, what: str) -> float:
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         value = value.item()
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+    if not is_number(value, numpy=True, finite=False):
         raise ValueError(f"{what}: scaling must be a real number, got {value!r}")
     value = float(value)
     if not math.isfinite(value):
@@ -50,8 +52,26 @@ def _as_scaling(value: Any, what: str) -> float:
     return value
 
 
+class LowRankPair:
+    """What a pair of factors B (d_out, r) and A (r, d_in) of one weight's change tells by its
+    shapes; AdapterFactors and stacking.StackedFactors hold the tensors as fields `A` and `B`."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+
+    @property
+    def rank(self) -> int:
+        """r, the rows of A (an upper bound on the rank of B @ A)."""
+        return int(self.A.shape[0])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(d_out, d_in) of the weight this pair changes."""
+        return int(self.B.shape[0]), int(self.A.shape[1])
+
+
 @dataclass(frozen=True, eq=False)
-class AdapterFactors:
+class AdapterFactors(LowRankPair):
     """ΔW = scaling · B @ A for one adapted module.
 
     A: (r, d_in), B: (d_out, r), r >= 0 (r = 0 means "no adapter here": ΔW = 0).
@@ -75,15 +95,6 @@ class AdapterFactors:
         object.__setattr__(self, "A", a)
         object.__setattr__(self, "B", b)
         object.__setattr__(self, "scaling", _as_scaling(self.scaling, "scaling"))
-
-    @property
-    def rank(self) -> int:
-        return int(self.A.shape[0])
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        """(d_out, d_in) of the weight this adapter changes."""
-        return int(self.B.shape[0]), int(self.A.shape[1])
 
     def delta(self) -> torch.Tensor:
         """γ · B A, dense (d_out, d_in)."""
@@ -156,7 +167,7 @@ class Contribution:
         if not isinstance(self.node_id, str) or not self.node_id:
             raise ValueError(f"node_id must be a non-empty string, got {self.node_id!r}")
         for name, value in (("n_samples", self.n_samples), ("round", self.round)):
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            if not is_int(value, numpy=True):
                 raise ValueError(f"{name} must be an int, got {value!r}")
             if value < 0:
                 raise ValueError(f"{name} must be >= 0, got {value}")

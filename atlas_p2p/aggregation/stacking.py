@@ -23,10 +23,10 @@ from functools import cached_property
 
 import torch
 
-from atlas_p2p.validation import require_int
+from atlas_p2p.validation import is_number, require_int
 
 from .digest import digest_entries
-from .factors import Contribution, _as_tensor, _compute_dtype
+from .factors import Contribution, LowRankPair, _as_tensor, _compute_dtype
 
 __all__ = [
     "StackedFactors",
@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, eq=False)
-class StackedFactors:
+class StackedFactors(LowRankPair):
     """ΔW = B @ A with the weights and scalings already folded into A."""
 
     B: torch.Tensor  # (d_out, R), R = Σ r_k over the stacked contributions
@@ -63,15 +63,6 @@ class StackedFactors:
             raise ValueError(f"stacked factors: B is {b.dtype} but A is {a.dtype}")
         object.__setattr__(self, "B", b)
         object.__setattr__(self, "A", a)
-
-    @property
-    def rank(self) -> int:
-        """R, the stacked rank (an upper bound on the rank of B @ A)."""
-        return int(self.A.shape[0])
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return int(self.B.shape[0]), int(self.A.shape[1])
 
     def dense(self) -> torch.Tensor:
         return self.B @ self.A  # (d_out, d_in)
@@ -106,7 +97,7 @@ class Patch:
             dense[name] = _as_tensor(t, f"patch dense {name!r}")
         weights = {}
         for node, p in self.weights.items():
-            if not isinstance(node, str) or isinstance(p, bool) or not isinstance(p, (int, float)):
+            if not isinstance(node, str) or not is_number(p, finite=False):
                 raise ValueError(f"patch weights must map node ids to numbers, got {node!r}: {p!r}")
             weights[node] = float(p)
         require_int("patch round", self.round, 0)

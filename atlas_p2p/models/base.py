@@ -31,14 +31,15 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from atlas_p2p.validation import require_int
+
 DEFAULT_STD = 0.02  # initializer_range of most Hugging Face configs
 SHORT = 12  # hex digits shown for a digest in tables and logs
 
 
 def tensor_seed(seed: int, name: str) -> int:
     """The generator seed of one fresh tensor: 63 bits of sha256("<seed>/<name>")."""
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed: {seed!r} must be an int >= 0")
+    require_int("seed", seed, 0)
     digest = hashlib.sha256(f"{seed}/{name}".encode()).digest()
     return int.from_bytes(digest[:8], "big") & ((1 << 63) - 1)
 

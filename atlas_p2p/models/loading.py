@@ -27,6 +27,7 @@ from torch import nn
 
 from atlas_p2p.models.base import fresh_names, seeded_init_
 from atlas_p2p.models.families import FAMILIES, family_of, unwrap
+from atlas_p2p.validation import is_int, require_int
 from atlas_p2p.vocabulary import CAUSAL_LM, SEQ_CLS, TASKS
 
 logger = logging.getLogger(__name__)
@@ -175,7 +176,7 @@ def _from_pretrained(load, name: str, what: str, offline: bool | None, need_conf
 def _check_task(task: str, num_labels: int | None) -> None:
     if task not in TASKS:
         raise ValueError(f"task: {task!r} is not one of {TASKS}")
-    if num_labels is not None and (isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 1):
+    if num_labels is not None and (not is_int(num_labels) or num_labels < 1):
         raise ValueError(f"num_labels: {num_labels!r} must be a positive int")
     if task == CAUSAL_LM and num_labels is not None:
         raise ValueError(f"num_labels: {num_labels!r} is only meaningful for task 'seq_cls'")
@@ -402,8 +403,7 @@ def tiny_model(
         ("heads", heads, 1),
         ("max_positions", max_positions, 2),
     ):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{field}: {value!r} must be an int >= {low}")
+        require_int(field, value, low)
     if hidden % heads or (hidden // heads) % 2:
         raise ValueError(f"hidden: {hidden} must split into {heads} heads of even size")
     config = _tiny_config(family, vocab_size, num_layers, hidden, heads, max_positions)

@@ -31,6 +31,7 @@ from torch import nn
 
 from atlas_p2p.models.families import BlockContext, family_of, task_of, unwrap
 from atlas_p2p.models.losses import task_loss
+from atlas_p2p.validation import is_int
 from atlas_p2p.vocabulary import SEQ_CLS, SPLIT_MODES
 
 
@@ -197,14 +198,14 @@ def split_model(model: nn.Module, s: int, mode: str = "two-part", tail: int | No
     if mode not in SPLIT_MODES:
         raise ValueError(f"mode: {mode!r} is not one of {SPLIT_MODES}")
     n = len(family_of(model).blocks(model))
-    if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s <= n:
+    if not is_int(s) or not 0 <= s <= n:
         raise ValueError(f"s: split point {s!r} is outside 0..{n}")
     if mode == "two-part":
         if tail is not None:
             raise ValueError(f"tail: {tail!r} is only meaningful for mode 'u-shape'")
         return OwnerPart(model, s), HelperPart(model, s)
     tail = n if tail is None else tail
-    if isinstance(tail, bool) or not isinstance(tail, int) or not s <= tail <= n:
+    if not is_int(tail) or not s <= tail <= n:
         raise ValueError(f"tail: {tail!r} is outside {s}..{n}")
     return OwnerPart(model, s), MiddlePart(model, s, tail), UShapeHead(model, tail)
 

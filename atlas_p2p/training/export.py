@@ -58,6 +58,7 @@ from atlas_p2p.lora import (
     set_factors,
 )
 from atlas_p2p.models.families import task_of
+from atlas_p2p.validation import is_int, is_number, require_int
 from atlas_p2p.versioning import VersionedBase
 from atlas_p2p.vocabulary import CAUSAL_LM, SEQ_CLS, TASKS
 
@@ -205,17 +206,14 @@ class AdapterCard:
             raise ValueError(f"base_model: {self.base_model!r} must be a non-empty name or path")
         if self.task not in TASKS:
             raise ValueError(f"task: {self.task!r} must be one of {TASKS}")
-        if self.num_labels is not None and (
-            isinstance(self.num_labels, bool) or not isinstance(self.num_labels, int) or self.num_labels < 1
-        ):
+        if self.num_labels is not None and (not is_int(self.num_labels) or self.num_labels < 1):
             raise ValueError(f"num_labels: {self.num_labels!r} must be an int >= 1 or None")
         names = tuple(self.label_names)
         if names and (len(names) != self.num_labels or not all(isinstance(n, str) for n in names)):
             raise ValueError(f"label_names: {names!r} must be {self.num_labels} strings (one per label)")
         object.__setattr__(self, "label_names", names)
         object.__setattr__(self, "members", tuple(int(m) for m in self.members))
-        if isinstance(self.rounds, bool) or not isinstance(self.rounds, int) or self.rounds < 0:
-            raise ValueError(f"rounds: {self.rounds!r} must be an int >= 0")
+        require_int("rounds", self.rounds, 0)
         evals = tuple(RoundEval(int(e[0]), str(e[1]), float(e[2])) for e in self.evals)
         object.__setattr__(self, "evals", evals)
 
@@ -253,9 +251,9 @@ def _refactor(sf: StackedFactors, rank_limit: int | None, exact_tol: float, dtyp
 def _check_args(original, rank, exact_tol, card, reference) -> None:
     if isinstance(original, PeftModel):
         raise ValueError("original: pass the plain original base model, not a peft model")
-    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+    if rank is not None and (not is_int(rank) or rank < 1):
         raise ValueError(f"rank: {rank!r} must be an int >= 1 (lossy) or None (exact)")
-    if isinstance(exact_tol, bool) or not isinstance(exact_tol, (int, float)) or not 0 <= exact_tol < 1:
+    if not is_number(exact_tol) or not 0 <= exact_tol < 1:
         raise ValueError(f"exact_tol: {exact_tol!r} must be a number in [0, 1)")
     if card is not None and not isinstance(card, AdapterCard):
         raise ValueError(f"card: expected an AdapterCard, got {type(card).__name__}")

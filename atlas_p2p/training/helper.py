@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import re
 import warnings
 from collections.abc import Mapping
@@ -40,6 +39,7 @@ from torch import nn
 from atlas_p2p.aggregation import AdapterFactors, Patch
 from atlas_p2p.lora import add_lora_adapter, attach_lora, get_factors, reset_adapters
 from atlas_p2p.models import SPLIT_MODES, family_of, num_layers, split_model, task_of, unwrap
+from atlas_p2p.validation import is_int, require_int, require_number
 from atlas_p2p.versioning import PatchRecord, VersionedBase
 
 from .errors import RoundMismatchError, StepOrderError, UnknownOwnerError, VersionMismatchError
@@ -77,21 +77,8 @@ class HelperConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.cluster, str) or not self.cluster:
             raise ValueError(f"cluster: {self.cluster!r} must be a non-empty string")
-        _check_number(self.lr, "lr")
-        _check_number(self.weight_decay, "weight_decay", allow_zero=True)
-
-
-def _check_number(value: Any, name: str, allow_zero: bool = False) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value < 0 or (value == 0 and not allow_zero):
-        raise ValueError(f"{name}: {value!r} must be a finite number {'>= 0' if allow_zero else '> 0'}")
-    return float(value)
-
-
-def _check_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name}: {value!r} must be an int >= 0")
-    return value
+        require_number("lr", self.lr, positive=True)
+        require_number("weight_decay", self.weight_decay, 0)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -185,25 +172,16 @@ class HelperSession:
 
     @staticmethod
     def _key(owner_id: int | str) -> str:
-        if isinstance(owner_id, bool) or not isinstance(owner_id, (int, str)):
+        if not (is_int(owner_id) or isinstance(owner_id, str)):
             raise ValueError(f"owner_id: {owner_id!r} must be an int or a string")
         key = str(owner_id)
         if not _OWNER_ID.fullmatch(key):
             raise ValueError(f"owner_id: {owner_id!r} must be >= 0 or a string of letters, digits, _ or -")
         return key
 
-    def _device(self) -> torch.device:
-        return model_device(self.model)
-
-    def _dtype(self) -> torch.dtype:
-        return model_dtype(self.model)
-
-    def _classes(self) -> int:
-        return num_classes(self.model, self.task)
-
     # ---- begin --------------------------------------------------------------------------------
     def _plan(self, split, ranks, mode, alpha) -> _Plan:
-        if isinstance(split, bool) or not isinstance(split, int) or not 1 <= split < self.num_layers:
+        if not is_int(split) or not 1 <= split < self.num_layers:
             raise ValueError(f"split: {split!r} must be an int in 1..{self.num_layers - 1}")
         if mode not in SPLIT_MODES:
             raise ValueError(f"mode: {mode!r} is not one of {SPLIT_MODES}")
@@ -216,8 +194,7 @@ class HelperSession:
             layer = layer_of(self.model, name)
             if layer is None or layer >= self.num_layers:
                 raise ValueError(f"ranks: {name!r} is not a module inside a transformer block")
-            if isinstance(r, bool) or not isinstance(r, int) or r < 0:
-                raise ValueError(f"ranks[{name!r}]: {r!r} must be an int >= 0")
+            require_int(f"ranks[{name!r}]", r, 0)
             weight_shape(self.model, name)  # a Linear/Conv1D of this model, or ValueError
             if layer >= split and r > 0:
                 mine[name] = r
@@ -229,7 +206,7 @@ class HelperSession:
                 raise ValueError(f"alpha: no value for modules {missing}")
             alpha = tuple(sorted((n, alpha[n]) for n in mine))
         elif alpha is not None:
-            alpha = _check_number(alpha, "alpha")
+            alpha = require_number("alpha", alpha, positive=True)
         return _Plan(split, mode, tuple(sorted(mine.items())), alpha)
 
     def adapter_name(self, owner_id: int | str) -> str:
@@ -292,10 +269,9 @@ class HelperSession:
         raises RoundMismatchError.
         """
         key = self._key(owner_id)
-        round = _check_int(round, "round")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"seed: {seed!r} must be an int")
-        lr = self.config.lr if lr is None else _check_number(lr, "lr")
+        round = require_int("round", round, 0)
+        require_int("seed", seed)
+        lr = self.config.lr if lr is None else require_number("lr", lr, positive=True)
         plan = self._plan(split, ranks, mode, alpha)
         slot = self._slots.get(key)
         if slot is not None:
@@ -329,11 +305,11 @@ class HelperSession:
     # ---- steps ----------------------------------------------------------------------------------
     def _slot(self, owner_id, round, base_version, mode: str | None) -> _Slot:
         key = self._key(owner_id)
-        round = _check_int(round, "round")
+        round = require_int("round", round, 0)
         slot = self._slots.get(key)
         if slot is None:
             raise UnknownOwnerError(f"owner {key}: no server-side adapter here (begin the round first)")
-        if base_version is not None and _check_int(base_version, "base_version") != self.version:
+        if base_version is not None and require_int("base_version", base_version, 0) != self.version:
             raise VersionMismatchError(self.version, base_version)
         if round != slot.round:
             raise RoundMismatchError(f"owner {key}: request for round {round} but round {slot.round} is held")
@@ -348,7 +324,9 @@ class HelperSession:
         self.model.train()
 
     def _inputs(self, activations, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
-        h = check_float(activations, "activations", self._dtype(), hidden=int(unwrap(self.model).config.hidden_size))
+        h = check_float(
+            activations, "activations", model_dtype(self.model), hidden=int(unwrap(self.model).config.hidden_size)
+        )
         mask = check_mask(attention_mask, h.shape[0], h.shape[1])
         return h, mask
 
@@ -368,7 +346,7 @@ class HelperSession:
 
     def _order(self, slot: _Slot, step: int) -> None:
         """Step ``step`` may run now (restarting the round at step 0), else StepOrderError."""
-        step = _check_int(step, "step")
+        step = require_int("step", step, 0)
         if step == 0:
             if slot.dirty or slot.inflight is not None:
                 self._fresh(slot)
@@ -381,7 +359,7 @@ class HelperSession:
         one AdamW step of the owner's server-side adapter; returns ∂L/∂activations and the loss."""
         slot = self._slot(owner_id, round, base_version, "two-part")
         h, mask = self._inputs(activations, attention_mask)
-        y = check_labels(self.task, labels, h.shape[0], h.shape[1], self._classes())
+        y = check_labels(self.task, labels, h.shape[0], h.shape[1], num_classes(self.model, self.task))
         cache = slot.cache
         if cache is not None and step == cache[0] == slot.next - 1:
             if _same(h, cache[1]) and _same(mask, cache[2]) and _same(y, cache[3]):
@@ -389,7 +367,7 @@ class HelperSession:
             raise StepOrderError(f"round {slot.round}: step {step} was already run with other tensors")
         self._order(slot, step)
         self._activate(slot)
-        device = self._device()
+        device = model_device(self.model)
         x = h.to(device).requires_grad_()
         with seeded(step_seed(slot.seed, step, "helper"), device):
             loss, _ = slot.part(x, mask.to(device), y.to(device))
@@ -412,7 +390,7 @@ class HelperSession:
             slot.inflight = None  # a retried forward: recompute it
         self._order(slot, step)
         self._activate(slot)
-        device = self._device()
+        device = model_device(self.model)
         x = h.to(device).requires_grad_()
         with seeded(step_seed(slot.seed, step, "helper"), device):
             out = slot.part(x, mask.to(device))  # (B, T, H)
@@ -425,11 +403,11 @@ class HelperSession:
         """u-shape, second half: backward of the owner's ∂L/∂hidden (B, T, H) through blocks[s:L],
         one AdamW step; returns ∂L/∂activations."""
         slot = self._slot(owner_id, round, base_version, "u-shape")
-        step = _check_int(step, "step")
+        step = require_int("step", step, 0)
         cache = slot.cache
         if slot.inflight is None or slot.inflight[0] != step:
             if cache is not None and step == cache[0] == slot.next - 1:
-                g = check_float(grad, "grad", self._dtype(), shape=tuple(cache[1].shape))
+                g = check_float(grad, "grad", model_dtype(self.model), shape=tuple(cache[1].shape))
                 if _same(g, cache[1]):
                     return cache[2]
             raise StepOrderError(f"round {slot.round}: no forward pending for step {step}")

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -37,6 +36,7 @@ from peft import PeftModel
 from atlas_p2p.aggregation import Contribution, Patch, as_factors
 from atlas_p2p.lora import ADAPTER, get_factors, reset_adapters
 from atlas_p2p.models import SPLIT_MODES, num_layers, split_model, task_of, unsplit_forward
+from atlas_p2p.validation import is_int, require_int, require_number
 from atlas_p2p.versioning import PatchRecord, VersionedBase
 
 from .carry import carry_over
@@ -61,12 +61,6 @@ from .seeds import round_seed, step_seed
 __all__ = ["OwnerConfig", "OwnerForward", "OwnerSession"]
 
 log = logging.getLogger(__name__)
-
-
-def _positive_number(value: Any, name: str, allow_zero: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value < 0 or (value == 0 and not allow_zero):
-        raise ValueError(f"{name}: {value!r} must be a finite number {'>= 0' if allow_zero else '> 0'}")
 
 
 def _tensors_of(value: Any, name: str) -> Any:
@@ -95,16 +89,15 @@ class OwnerConfig:
     cluster: str = "0"  # cluster id of the base-version log
 
     def __post_init__(self) -> None:
-        if isinstance(self.node_id, bool) or not isinstance(self.node_id, (int, str)) or self.node_id in ("", None):
+        if not (is_int(self.node_id) or isinstance(self.node_id, str)) or self.node_id == "":
             raise ValueError(f"node_id: {self.node_id!r} must be an int or a non-empty string")
         if isinstance(self.node_id, int) and self.node_id < 0:
             raise ValueError(f"node_id: {self.node_id!r} must be >= 0")
-        if isinstance(self.split, bool) or not isinstance(self.split, int) or self.split < 1:
+        if not is_int(self.split) or self.split < 1:
             raise ValueError(f"split: {self.split!r} must be an int >= 1 (the owner runs at least one block)")
-        _positive_number(self.lr, "lr")
-        _positive_number(self.weight_decay, "weight_decay", allow_zero=True)
-        if isinstance(self.run_seed, bool) or not isinstance(self.run_seed, int):
-            raise ValueError(f"run_seed: {self.run_seed!r} must be an int")
+        require_number("lr", self.lr, positive=True)
+        require_number("weight_decay", self.weight_decay, 0)
+        require_int("run_seed", self.run_seed)
         if self.mode not in SPLIT_MODES:
             raise ValueError(f"mode: {self.mode!r} is not one of {SPLIT_MODES}")
         if not isinstance(self.cluster, str) or not self.cluster:
@@ -200,23 +193,13 @@ class OwnerSession:
             params += list(head_params(self.model, ADAPTER).values())
         return params
 
-    def _device(self) -> torch.device:
-        return model_device(self.model)
-
-    def _dtype(self) -> torch.dtype:
-        return model_dtype(self.model)
-
-    def _classes(self) -> int:
-        return num_classes(self.model, self.task)
-
     # ---- rounds ---------------------------------------------------------------------------
     def start_round(self, round: int) -> None:
         """Fresh adapters for ``round`` (A from the round seed, B = 0), head copy at its base, new AdamW.
 
         An earlier round's contribution that was never folded is carried into the next one.
         """
-        if isinstance(round, bool) or not isinstance(round, int) or round < 0:
-            raise ValueError(f"round: {round!r} must be an int >= 0")
+        require_int("round", round, 0)
         if self._outgoing is not None:
             if self._outgoing.round < round:
                 self.pending = self._outgoing  # it already holds the older pending
@@ -256,7 +239,9 @@ class OwnerSession:
             raise ValueError(
                 f"batch: input_ids {tuple(ids.shape)} and attention_mask {tuple(mask.shape)} must be (B, T)"
             )
-        labels = check_labels(self.task, batch["labels"], ids.shape[0], ids.shape[1], self._classes())
+        labels = check_labels(
+            self.task, batch["labels"], ids.shape[0], ids.shape[1], num_classes(self.model, self.task)
+        )
         return ids, mask, labels
 
     def forward(self, batch: Mapping[str, Any]) -> OwnerForward:
@@ -269,7 +254,7 @@ class OwnerSession:
             raise SessionStateError("split == L: this owner trains alone, use local_step(batch)")
         ids, mask, labels = self._unpack(batch)
         self.model.train()
-        with seeded(step_seed(self._seed, self.step, "owner"), self._device()):
+        with seeded(step_seed(self._seed, self.step, "owner"), model_device(self.model)):
             hidden = self._front(ids, mask)  # (B, T, H)
         mask = mask.to(torch.long)
         self._inflight = _InFlight(hidden, mask, labels)
@@ -288,18 +273,15 @@ class OwnerSession:
         flight = self._inflight
         if flight is None:
             raise SessionStateError("finish() needs a forward() first")
-        x = check_float(hidden, "hidden", self._dtype(), shape=tuple(flight.hidden.shape)).to(self._device())
+        x = check_float(hidden, "hidden", model_dtype(self.model), shape=tuple(flight.hidden.shape)).to(
+            model_device(self.model)
+        )
         x.requires_grad_()
         for p in self._trainables():
             p.grad = None
-        with seeded(step_seed(self._seed, self.step, "tail"), self._device()):
+        with seeded(step_seed(self._seed, self.step, "tail"), model_device(self.model)):
             loss, _ = self._tail(x, flight.mask, flight.labels)
-        if not bool(torch.isfinite(loss)):
-            raise ValueError(f"hidden: gives a non-finite loss ({float(loss.detach())})")
-        loss.backward()
-        if not self._grads_finite():
-            self._zero_grads()
-            raise ValueError("hidden: gives non-finite head gradients")
+        self._backward_finite(loss, "hidden", "head gradients")
         flight.finished, flight.loss = True, float(loss.detach())
         return float(loss.detach()), x.grad.detach()  # (B, T, H)
 
@@ -314,7 +296,9 @@ class OwnerSession:
             raise SessionStateError("backward() needs a forward() first")
         if self._tail is not None and not flight.finished:
             raise SessionStateError("u-shape: call finish(hidden) before backward(grad)")
-        g = check_float(grad, "grad", flight.hidden.dtype, shape=tuple(flight.hidden.shape)).to(self._device())
+        g = check_float(grad, "grad", flight.hidden.dtype, shape=tuple(flight.hidden.shape)).to(
+            model_device(self.model)
+        )
         if self._tail is None:
             for p in self._trainables():
                 p.grad = None
@@ -334,16 +318,21 @@ class OwnerSession:
         self.model.train()
         for p in self._trainables():
             p.grad = None
-        with seeded(step_seed(self._seed, self.step, "owner"), self._device()):
+        with seeded(step_seed(self._seed, self.step, "owner"), model_device(self.model)):
             loss, _ = unsplit_forward(self.model, ids, mask, labels)
+        self._backward_finite(loss, "batch", "gradients; step skipped")
+        self._apply_step(ids.shape[0], float(loss.detach()))
+        return float(loss.detach())
+
+    def _backward_finite(self, loss: torch.Tensor, source: str, grads: str) -> None:
+        """Backpropagate a finite ``loss``; a non-finite loss, or non-finite gradients (then
+        cleared), raise ValueError naming ``source``, the input they came from."""
         if not bool(torch.isfinite(loss)):
-            raise ValueError(f"batch: gives a non-finite loss ({float(loss.detach())})")
+            raise ValueError(f"{source}: gives a non-finite loss ({float(loss.detach())})")
         loss.backward()
         if not self._grads_finite():
             self._zero_grads()
-            raise ValueError("batch: gives non-finite gradients; step skipped")
-        self._apply_step(ids.shape[0], float(loss.detach()))
-        return float(loss.detach())
+            raise ValueError(f"{source}: gives non-finite {grads}")
 
     def _grads_finite(self) -> bool:
         return all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in self._trainables())
@@ -417,8 +406,7 @@ class OwnerSession:
             raise SessionStateError("a step is in flight; finish it (backward) or rollback first")
         if n_samples is None:
             n_samples = self.samples
-        if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 0:
-            raise ValueError(f"n_samples: {n_samples!r} must be an int >= 0")
+        require_int("n_samples", n_samples, 0)
         factors, dense = self._check_helper(helper_factors, helper_dense)
         factors.update(self.factors())
         dense.update(self.head_delta())
@@ -444,7 +432,7 @@ class OwnerSession:
         is refused unless ``discard_round``. A duplicate (already held version) changes nothing
         and returns None.
         """
-        held = isinstance(version, int) and not isinstance(version, bool) and version <= self.base.version
+        held = is_int(version) and version <= self.base.version
         if held:  # a duplicate of a folded version: checked against the log, changes nothing
             return fold_into(self.model, self.base, patch, version=version, digest=digest, chain=chain)
         if self.step > 0 and not self.closed and not discard_round:

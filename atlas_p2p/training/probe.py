@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from atlas_p2p.models import split_model, task_of, unwrap
+from atlas_p2p.validation import is_int
 
 from .inputs import check_float, check_labels, check_mask
 
@@ -40,7 +41,7 @@ def _blocks(model: nn.Module) -> int:
 
 def _inputs(model: nn.Module, split: int, activations, attention_mask):
     hf = unwrap(model)
-    if isinstance(split, bool) or not isinstance(split, int) or not 1 <= split < _blocks(hf):
+    if not is_int(split) or not 1 <= split < _blocks(hf):
         raise ValueError(f"split: {split!r} must lie in 1..{_blocks(hf) - 1} for a probe across a cut")
     dtype = next(hf.parameters()).dtype
     h = check_float(activations, "activations", dtype, hidden=int(hf.config.hidden_size))  # (B, T, H)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 
-import numpy as np
+from atlas_p2p.validation import is_int
 
 __all__ = ["round_seed", "step_seed"]
 
@@ -23,7 +23,7 @@ _MASK = (1 << 63) - 1
 
 
 def _int(value, name: str, minimum: int | None = 0) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+    if not is_int(value, numpy=True):
         raise ValueError(f"{name}: {value!r} must be an int")
     if minimum is not None and value < minimum:
         raise ValueError(f"{name}: {value!r} must be >= {minimum}")
