@@ -25,6 +25,7 @@ from nodes.peer_table import MemoryPeerTable, PeerTableError, open_peer_table
 from nodes.registry import Registry, RequestError
 from scenarios.waiting import wait_until_async
 from tests.aio import run
+from tests.peer_rows import PEER_ROW_KEYS
 from transport.codec import decode
 from transport.messages import Envelope, Heartbeat, Join, Leave, Ok, PeerList, Peers, Welcome
 from transport.rpc import RpcClient, RpcError
@@ -279,22 +280,7 @@ def test_service_join_heartbeat_peers_leave(tmp_path):
             (row,) = listing.rows
             assert row["id"] == 1 and row["status"] == "alive" and row["state"] == "training"
             assert row["memory_bytes"] == 8_000_000_000 and row["has_data"] is True and row["role"] == "owner"
-            required = {
-                "id",
-                "address",
-                "memory_bytes",
-                "bandwidth_bps",
-                "status",
-                "cluster",
-                "split",
-                "helper",
-                "last_seen",
-                "role",
-                "state",
-                "round",
-                "base_version",
-            }
-            assert required <= set(row)
+            assert PEER_ROW_KEYS <= set(row), sorted(PEER_ROW_KEYS - set(row))
 
             assert isinstance(await client.call(service.address, Leave(node_id=1), timeout=3), Ok)
             assert service.registry.table.get(1).status == "left"

@@ -16,6 +16,7 @@ import zmq
 
 from nodes.bootstrap import Bootstrap
 from nodes.config import BootstrapConfig
+from tests.peer_rows import PEER_ROW_KEYS
 from tools.cli import main
 from tools.exit_codes import ExitCode
 
@@ -207,18 +208,7 @@ def test_peers_prints_a_table_and_json(live_bootstrap, capsys):
     rows = json.loads(raw)
     assert [row["id"] for row in rows] == [first, second]
     for row in rows:
-        for key in (
-            "id",
-            "address",
-            "memory_bytes",
-            "bandwidth_bps",
-            "status",
-            "cluster",
-            "split",
-            "helper",
-            "last_seen",
-        ):
-            assert key in row
+        assert PEER_ROW_KEYS <= set(row), sorted(PEER_ROW_KEYS - set(row))
         assert row["status"] == "alive" and row["cluster"] is None
 
 
