@@ -19,6 +19,7 @@ from atlas_p2p.models import CAUSAL_LM, SEQ_CLS, tiny_model
 from atlas_p2p.training import AdapterCard, OwnerConfig, OwnerSession, RoundEval, export_adapter, render_card
 from atlas_p2p.training.modules import weight_shape
 from atlas_p2p.versioning import VersionedBase
+from tests.tiny_batches import padded_batches
 
 VOCAB, LAYERS, HIDDEN, HEADS, LABELS = 40, 2, 32, 4, 3
 ROUNDS = 3
@@ -68,17 +69,8 @@ def _folded(family, task, rounds=ROUNDS):
 
 
 def _batches(task, n=3, seed=1):
-    """n batches of 3 rows, one left-padded, as data.collate makes them."""
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        ids = torch.randint(3, VOCAB, (3, 7), generator=gen)
-        mask = torch.ones(3, 7, dtype=torch.long)
-        mask[0, :2] = 0
-        ids = ids.masked_fill(mask == 0, 0)
-        labels = torch.randint(0, LABELS, (3,), generator=gen) if task == SEQ_CLS else ids.masked_fill(mask == 0, -100)
-        out.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
-    return out
+    """n batches of 3 rows of 7 tokens, one left-padded."""
+    return padded_batches(task, n, rows=3, length=7, vocab=VOCAB, num_labels=LABELS, seed=seed)
 
 
 def _logits(model, batch):

@@ -47,6 +47,7 @@ from atlas_p2p.training import (
     round_seed,
 )
 from atlas_p2p.versioning import DigestMismatchError, VersionGapError
+from tests.tiny_batches import padded_batches
 
 VOCAB, LAYERS, HIDDEN, HEADS = 40, 3, 32, 4
 LR, RUN_SEED, ALPHA = 1e-2, 5, 8.0
@@ -74,17 +75,8 @@ def _ranks(family="llama", task=CAUSAL_LM, pattern=(2, 4, 0)):
 
 
 def _batches(task, n, seed=1):
-    """n batches of 2 rows (one left-padded) with labels as data.collate makes them."""
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        ids = torch.randint(3, VOCAB, (2, 6), generator=gen)
-        mask = torch.ones(2, 6, dtype=torch.long)
-        mask[0, :2] = 0
-        ids = ids.masked_fill(mask == 0, 0)
-        labels = torch.randint(0, 3, (2,), generator=gen) if task == SEQ_CLS else ids.masked_fill(mask == 0, -100)
-        out.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
-    return out
+    """n batches of 2 rows of 6 tokens, one left-padded, 3 classes."""
+    return padded_batches(task, n, rows=2, length=6, vocab=VOCAB, num_labels=3, seed=seed)
 
 
 def _wire(t):
