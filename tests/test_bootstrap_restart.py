@@ -12,76 +12,41 @@ import re
 
 import pytest
 
-from atlas_p2p.synthetic import write_synthetic_jsonl
-from scenarios.swarm import Swarm
+from tests.process_swarm import add_data_node, bootstrap_flags, metrics_lines, training_flags
 
 ROUNDS = 12  # long enough that the nodes still train when the bootstrap is back (~40 s to start under load)
-BOOTSTRAP_FLAGS = [
-    "--dead-after",
-    "8",
-    "--task",
-    "seq_cls",
-    "--num-labels",
-    "4",
-    "--min-nodes",
-    "2",
-    "--clusters",
-    "2",
-    "--seed",
-    "11",
-]
-NODE_FLAGS = [
-    "--rounds",
-    str(ROUNDS),
-    "--local-steps",
-    "3",
-    "--lr",
-    "0.01",
-    "--step-delay",
-    "1.5",
-    "--round-deadline",
-    "5",
-]
-
-
-def _lines(path):
-    try:
-        return [json.loads(x) for x in path.read_text().splitlines()]
-    except OSError:
-        return []
 
 
 @pytest.mark.timeout(1800)  # process starts and CPU training: minutes on a loaded 2-core machine
-def test_a_restarted_bootstrap_keeps_clusters_and_versions(tmp_path):
-    with Swarm(tmp_path, heartbeat_s=0.5) as swarm:
-        swarm.start_bootstrap(extra=BOOTSTRAP_FLAGS, timeout=120)
-        for name, task in (("a", 0), ("b", 1)):
-            data = write_synthetic_jsonl(tmp_path / f"{name}.jsonl", task, 48, seed=task)
-            swarm.add_node(name, memory="30MB", data=data, extra=NODE_FLAGS, out=True)
-        ids = {name: swarm.node_id(name, timeout=300) for name in ("a", "b")}
-        swarm.wait_until(lambda: _lines(swarm.out_dir("a") / "metrics.jsonl"), 600, what="a's first round")
+def test_a_restarted_bootstrap_keeps_clusters_and_versions(swarm):
+    swarm.start_bootstrap(extra=bootstrap_flags(dead_after=8, min_nodes=2, clusters=2, seed=11))
+    node_flags = training_flags(ROUNDS, step_delay=1.5, round_deadline=5)
+    for name, task in (("a", 0), ("b", 1)):
+        add_data_node(swarm, name, task=task, seed=task, memory="30MB", extra=node_flags)
+    ids = {name: swarm.node_id(name, timeout=300) for name in ("a", "b")}
+    swarm.wait_until(lambda: metrics_lines(swarm, "a"), 600, what="a's first round")
 
-        before = json.loads((tmp_path / "bootstrap" / "coordinator.json").read_text())
-        swarm.kill("bootstrap")
-        swarm.restart_bootstrap(timeout=120)
+    before = json.loads((swarm.bootstrap.state_dir / "coordinator.json").read_text())
+    swarm.kill("bootstrap")
+    swarm.restart_bootstrap()
 
-        log = swarm.bootstrap.log_text()
-        restored = re.search(r"restored the coordinator: assignment version (\d+), 2 clusters", log)
-        assert restored is not None, swarm.bootstrap.log_tail(40)
-        assert int(restored.group(1)) == before["version"]
-        statuses = swarm.wait_until(
-            lambda: swarm.statuses() == {ids["a"]: "alive", ids["b"]: "alive"},
-            120,
-            what="both nodes alive at the restarted bootstrap",
-        )
-        assert statuses
-        for name in ("a", "b"):
-            assert swarm.wait_exit(name, 900) == 0, swarm.nodes[name].log_tail(40)
+    log = swarm.bootstrap.log_text()
+    restored = re.search(r"restored the coordinator: assignment version (\d+), 2 clusters", log)
+    assert restored is not None, swarm.bootstrap.log_tail(40)
+    assert int(restored.group(1)) == before["version"]
+    statuses = swarm.wait_until(
+        lambda: swarm.statuses() == {ids["a"]: "alive", ids["b"]: "alive"},
+        120,
+        what="both nodes alive at the restarted bootstrap",
+    )
+    assert statuses
+    for name in ("a", "b"):
+        assert swarm.wait_exit(name, 900) == 0, swarm.nodes[name].log_tail(40)
 
-        clusters = {name: before["clusters_of"][str(ids[name])] for name in ("a", "b")}
-        assert clusters["a"] != clusters["b"]
-        for name in ("a", "b"):
-            summary = swarm.summary(name)
-            assert summary["finished"] and summary["rounds_done"] == ROUNDS
-            assert summary["cluster"] == clusters[name]
-            assert {line["cluster"] for line in _lines(swarm.out_dir(name) / "metrics.jsonl")} == {clusters[name]}
+    clusters = {name: before["clusters_of"][str(ids[name])] for name in ("a", "b")}
+    assert clusters["a"] != clusters["b"]
+    for name in ("a", "b"):
+        summary = swarm.summary(name)
+        assert summary["finished"] and summary["rounds_done"] == ROUNDS
+        assert summary["cluster"] == clusters[name]
+        assert {line["cluster"] for line in metrics_lines(swarm, name)} == {clusters[name]}

@@ -9,45 +9,18 @@ its own patch log, and both survivors finish on one chain without losing an upda
 import json
 
 from atlas_p2p.records import Summary, lost_updates
-from atlas_p2p.synthetic import write_synthetic_jsonl
 from nodes.checkpoint import load_checkpoint
 from scenarios.waiting import wait_until
+from tests.process_swarm import add_data_node, bootstrap_flags, training_flags
 
 ROUNDS = 4
 
 
-def test_the_cluster_survives_its_anchor(swarm, tmp_path):
-    swarm.start_bootstrap(
-        extra=[
-            "--dead-after",
-            "3",
-            "--task",
-            "seq_cls",
-            "--num-labels",
-            "4",
-            "--min-nodes",
-            "3",
-            "--clusters",
-            "1",
-            "--seed",
-            "21",
-        ]
-    )
-    flags = [
-        "--rounds",
-        str(ROUNDS),
-        "--local-steps",
-        "3",
-        "--lr",
-        "0.01",
-        "--step-delay",
-        "0.3",
-        "--round-deadline",
-        "6",
-    ]
+def test_the_cluster_survives_its_anchor(swarm):
+    swarm.start_bootstrap(extra=bootstrap_flags(dead_after=3, min_nodes=3, clusters=1, seed=21))
+    node_flags = training_flags(ROUNDS, step_delay=0.3, round_deadline=6)
     for i, name in enumerate(("a", "b", "c")):
-        data = write_synthetic_jsonl(tmp_path / f"{name}.jsonl", 0, 48, seed=i)
-        swarm.add_node(name, memory="30MB", data=data, extra=flags, out=True)
+        add_data_node(swarm, name, task=0, seed=i, memory="30MB", extra=node_flags)
         swarm.node_id(name)
     wait_until(lambda: (swarm.out_dir("a") / "metrics.jsonl").exists(), 120, what="the anchor's first merge")
     swarm.kill("a")

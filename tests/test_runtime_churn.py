@@ -10,59 +10,23 @@ survivor finishes, the repair is recorded, and no contribution is lost.
 import json
 
 from atlas_p2p.records import Summary, lost_updates
-from atlas_p2p.synthetic import write_synthetic_jsonl
 from scenarios.waiting import wait_until
+from tests.process_swarm import add_data_node, bootstrap_flags, metrics_lines, training_flags
 
 ROUNDS = 3
 
 
-def _lines(path):
-    try:
-        return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-    except (OSError, ValueError):
-        return []
-
-
-def test_a_killed_helper_is_replaced_and_no_update_is_lost(swarm, tmp_path):
-    swarm.start_bootstrap(
-        extra=[
-            "--dead-after",
-            "4",
-            "--task",
-            "seq_cls",
-            "--num-labels",
-            "4",
-            "--min-nodes",
-            "2",
-            "--clusters",
-            "2",
-            "--seed",
-            "5",
-        ]
-    )
+def test_a_killed_helper_is_replaced_and_no_update_is_lost(swarm):
+    swarm.start_bootstrap(extra=bootstrap_flags(dead_after=4, min_nodes=2, clusters=2, seed=5))
     for name in ("h1", "h2"):
         swarm.add_node(name, memory="100MB", out=True)
     for name in ("h1", "h2"):
         swarm.node_id(name)
-    flags = [
-        "--rounds",
-        str(ROUNDS),
-        "--local-steps",
-        "3",
-        "--lr",
-        "0.01",
-        "--step-delay",
-        "0.25",
-        "--step-timeout",
-        "2",
-        "--round-deadline",
-        "8",
-    ]
+    node_flags = training_flags(ROUNDS, step_delay=0.25, step_timeout=2, round_deadline=8)
     for i in (0, 1):
-        data = write_synthetic_jsonl(tmp_path / f"t{i}.jsonl", i, 48, seed=i)
-        swarm.add_node(f"o{i}", memory="4MB", data=data, extra=flags, out=True)
+        add_data_node(swarm, f"o{i}", task=i, seed=i, memory="4MB", extra=node_flags)
 
-    first = wait_until(lambda: _lines(swarm.out_dir("o0") / "metrics.jsonl"), 120, what="o0's first round")[0]
+    first = wait_until(lambda: metrics_lines(swarm, "o0"), 120, what="o0's first round")[0]
     victim = {swarm.node_id("h1"): "h1", swarm.node_id("h2"): "h2"}[first["helper"]]
     swarm.kill(victim)
 

@@ -16,46 +16,20 @@ are tested in test_runtime_churn.py.)
 import json
 
 from atlas_p2p.records import Summary, lost_updates
-from atlas_p2p.synthetic import write_synthetic_jsonl
 from nodes.checkpoint import load_checkpoint
 from scenarios.waiting import wait_until
+from tests.process_swarm import bootstrap_flags, data_file, training_flags
 
 ROUNDS = 4
 
 
-def test_a_killed_node_resumes_from_its_checkpoint(swarm, tmp_path):
-    swarm.start_bootstrap(
-        extra=[
-            "--dead-after",
-            "300",
-            "--task",
-            "seq_cls",
-            "--num-labels",
-            "4",
-            "--min-nodes",
-            "2",
-            "--clusters",
-            "1",
-            "--seed",
-            "11",
-        ]
-    )
-    flags = [
-        "--rounds",
-        str(ROUNDS),
-        "--local-steps",
-        "3",
-        "--lr",
-        "0.01",
-        "--step-delay",
-        "0.3",
-        "--round-deadline",
-        "300",
-    ]
-    data = [write_synthetic_jsonl(tmp_path / f"t{i}.jsonl", 0, 48, seed=i) for i in (0, 1)]
-    swarm.add_node("a", memory="30MB", data=data[0], extra=flags, out=True)
+def test_a_killed_node_resumes_from_its_checkpoint(swarm):
+    swarm.start_bootstrap(extra=bootstrap_flags(dead_after=300, min_nodes=2, clusters=1, seed=11))
+    node_flags = training_flags(ROUNDS, step_delay=0.3, round_deadline=300)
+    data = {name: data_file(swarm, name, task=0, seed=i) for i, name in enumerate(("a", "b"))}
+    swarm.add_node("a", memory="30MB", data=data["a"], extra=node_flags, out=True)
     swarm.node_id("a")
-    swarm.add_node("b", memory="30MB", data=data[1], extra=flags, out=True)
+    swarm.add_node("b", memory="30MB", data=data["b"], extra=node_flags, out=True)
     b_id = swarm.node_id("b")
 
     wait_until(lambda: (swarm.out_dir("b") / "checkpoint" / "state.json").exists(), 120, what="b's first checkpoint")
@@ -63,7 +37,7 @@ def test_a_killed_node_resumes_from_its_checkpoint(swarm, tmp_path):
     first_life = (swarm.out_dir("b") / "metrics.jsonl").read_text().splitlines()
     saved = load_checkpoint(swarm.out_dir("b"))
     assert saved is not None and saved.base.version >= 1
-    swarm.add_node("b", memory="30MB", data=data[1], extra=flags, out=True)
+    swarm.add_node("b", memory="30MB", data=data["b"], extra=node_flags, out=True)
 
     for name in ("a", "b"):
         assert swarm.wait_exit(name, 150) == 0, swarm.nodes[name].log_tail(40)

@@ -18,15 +18,13 @@ import asyncio
 
 import numpy as np
 import pytest
-import torch
 
-from atlas_p2p.synthetic import write_synthetic_jsonl
-from nodes.checkpoint import load_checkpoint
 from nodes.config import NodeConfig, SwarmSpec
 from nodes.control import ControlClient
 from scenarios.inprocess import InProcessSwarm
-from scenarios.waiting import wait_until, wait_until_async
-from tests.split_reference import BATCH, LR, ROUNDS, SEED, STEPS, reference_patches
+from scenarios.waiting import wait_until_async
+from tests.process_swarm import flags
+from tests.split_reference import ROUNDS, STEPS, assert_folds_match_reference, train_in_processes
 from transport.messages import (
     Assignment,
     Backward,
@@ -42,69 +40,12 @@ from transport.messages import (
 from transport.rpc import RpcClient, RpcError
 
 
-def test_u_shape_rounds_across_two_processes_match_one_process_and_labels_stay_home(swarm, tmp_path):
-    data = write_synthetic_jsonl(tmp_path / "t0.jsonl", 0, 48, seed=3)
-    swarm.start_bootstrap(
-        extra=[
-            "--task",
-            "seq_cls",
-            "--num-labels",
-            "4",
-            "--min-nodes",
-            "1",
-            "--clusters",
-            "1",
-            "--seed",
-            str(SEED),
-            "--split-mode",
-            "u-shape",
-        ]
-    )
-    swarm.add_node("helper", memory="100MB", out=True)
-    swarm.add_node(
-        "owner",
-        memory="4MB",
-        data=data,
-        out=True,
-        extra=[
-            "--rounds",
-            str(ROUNDS),
-            "--local-steps",
-            str(STEPS),
-            "--lr",
-            str(LR),
-            "--batch-size",
-            str(BATCH),
-            "--split-mode",
-            "u-shape",
-        ],
-    )
-
-    summary = wait_until(
-        lambda: (swarm.summary("owner") or {}).get("finished") and swarm.summary("owner"),
-        150,
-        what="the owner to finish",
-    )
-    assert swarm.wait_exit("owner", 60) == 0, swarm.nodes["owner"].log_tail(40)
-    assert swarm.wait_exit("helper", 60) == 0, swarm.nodes["helper"].log_tail(40)
-    assert summary["role"] == "owner" and summary["helper"] is not None, summary
+def test_u_shape_rounds_across_two_processes_match_one_process_and_labels_stay_home(swarm):
+    data, summary, helper_summary = train_in_processes(swarm, flags(split_mode="u-shape"))
     assert summary["split_mode"] == "u-shape"
-    split, ranks = summary["split"], summary["ranks"]
-    assert 1 <= split < 4
-
-    ckpt = load_checkpoint(swarm.out_dir("owner"))
-    assert ckpt.base.version == ROUNDS
-    expected = reference_patches(data, summary["node_id"], split, {k: int(v) for k, v in ranks.items()}, mode="u-shape")
-    for record, ref in zip(ckpt.base.records, expected):
-        assert set(record.patch.modules) == set(ref.modules)
-        assert [m for m in ref.modules if int(m.split(".")[2]) >= split], "the helper trained no module"
-        for name, sf in ref.modules.items():
-            torch.testing.assert_close(record.patch.modules[name].dense(), sf.dense(), atol=1e-4, rtol=0)
+    for record, ref in assert_folds_match_reference(swarm, data, summary, "u-shape"):
         assert set(record.patch.dense) == set(ref.dense) and ref.dense, "u-shape: the owner trains the head"
-        for name, d in ref.dense.items():
-            torch.testing.assert_close(record.patch.dense[name], d, atol=1e-4, rtol=0)
 
-    helper_summary = swarm.summary("helper")
     assert helper_summary["steps_served"] == ROUNDS * STEPS
     assert helper_summary["requests_served"]["forward"] >= ROUNDS * STEPS
     assert helper_summary["requests_served"]["u_backward"] >= ROUNDS * STEPS

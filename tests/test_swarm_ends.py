@@ -2,7 +2,7 @@
 delays the end by a bounded time (docs/RUNTIME.md), then the survivors export and exit by
 themselves. Real processes through the CLI."""
 
-from atlas_p2p.synthetic import write_synthetic_jsonl
+from tests.process_swarm import add_data_node, bootstrap_flags, flags
 
 DEAD_AFTER = 3.0
 
@@ -12,27 +12,11 @@ def _state(swarm, node_id):
     return next(((r.get("state"), r.get("status")) for r in swarm.peers() if r["id"] == node_id), None)
 
 
-def test_a_node_killed_while_fingerprinting_does_not_keep_the_others_from_ending(swarm, tmp_path):
-    swarm.start_bootstrap(
-        extra=[
-            "--dead-after",
-            str(DEAD_AFTER),
-            "--task",
-            "seq_cls",
-            "--num-labels",
-            "4",
-            "--min-nodes",
-            "3",
-            "--assign-after",
-            "4",
-            "--clusters",
-            "1",
-        ]
-    )
-    flags = ["--rounds", "2", "--local-steps", "2", "--round-deadline", "5"]
+def test_a_node_killed_while_fingerprinting_does_not_keep_the_others_from_ending(swarm):
+    swarm.start_bootstrap(extra=bootstrap_flags(dead_after=DEAD_AFTER, min_nodes=3, assign_after=4, clusters=1))
     for name, delay in (("a", "0"), ("b", "0"), ("slow", "2")):
-        data = write_synthetic_jsonl(tmp_path / f"{name}.jsonl", 0, 48, seed=len(name))
-        swarm.add_node(name, memory="64MB", data=data, extra=["--step-delay", delay, *flags], out=True)
+        node_flags = flags(step_delay=delay, rounds=2, local_steps=2, round_deadline=5)
+        add_data_node(swarm, name, task=0, seed=len(name), memory="64MB", extra=node_flags)
 
     slow = swarm.node_id("slow")
     swarm.wait_until(
