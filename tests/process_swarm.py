@@ -24,8 +24,12 @@ def flags(**options: object) -> list[str]:
 
 
 def bootstrap_flags(**options: object) -> list[str]:
-    """`atlas-node bootstrap` flags: the 4-label seq_cls task, then `options`."""
-    return flags(task="seq_cls", num_labels=4, **options)
+    """`atlas-node bootstrap` flags: the 4-label seq_cls task, then `options`.
+
+    The first assignment waits for --min-nodes fingerprints (--assign-after 600 unless a
+    test sets it): on a loaded machine a node takes tens of seconds to start, and the
+    default 30 s timer would plan the swarm before the test's nodes are all in."""
+    return flags(task="seq_cls", num_labels=4, **{"assign_after": 600, **options})
 
 
 def training_flags(rounds: int, **options: object) -> list[str]:
