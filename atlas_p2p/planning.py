@@ -696,18 +696,6 @@ def replan_reason(
     return None
 
 
-def replan_needed(
-    old: Sequence[NodeInfo],
-    new: Sequence[NodeInfo],
-    importance_moved: float,
-    *,
-    tau: float = TAU,
-    budget_tolerance: float = 0.1,
-) -> bool:
-    """True when `replan_reason` names a reason."""
-    return replan_reason(old, new, importance_moved, tau=tau, budget_tolerance=budget_tolerance) is not None
-
-
 __all__ = [
     "HELPER",
     "OWNER",
@@ -725,7 +713,6 @@ __all__ = [
     "minimum_ranks",
     "privacy_min_split",
     "repair",
-    "replan_needed",
     "replan_reason",
     "water_fill",
 ]
