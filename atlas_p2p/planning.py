@@ -222,6 +222,17 @@ def minimum_ranks(
     return {m.name: q_min for m in _anchors(modules, importance).values()}
 
 
+def fits_whole_model(
+    shape: ModelShape, memory_bytes: int, workload: Workload, config: PlanConfig | None = None
+) -> bool:
+    """Whether a device of `memory_bytes` trains the whole model with the smallest adapters
+    (`minimum_ranks`) within the plan's headroom: it may run alone and host others' later
+    blocks; below this it needs a helper, for its fingerprint too."""
+    config = config or PlanConfig()
+    need = whole_model_footprint(shape, minimum_ranks(lora_candidates(shape), {}, config.rank_set), workload)
+    return need.total <= int(memory_bytes * config.headroom)
+
+
 def water_fill(
     modules: Sequence[LoraModule],
     importance: Mapping[str, float],
@@ -707,6 +718,7 @@ __all__ = [
     "Plan",
     "PlanConfig",
     "PlanContext",
+    "fits_whole_model",
     "format_bps",
     "format_bytes",
     "make_plan",

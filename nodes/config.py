@@ -235,6 +235,7 @@ class TrainConfig:
     round_deadline_s: float = 20.0  # anchor publishes this long after a round's first contribution
     fanout: int = 2  # gossip: members each contribution is pushed to
     poll_s: float = 0.1  # how often waits re-check (manifest, assignment)
+    helper_wait_s: float = 60.0  # a node below the whole model waits this long for a provisional helper
     step_delay_s: float = 0.0  # extra seconds per step: emulates a slow device (stragglers in scenarios)
     emulate_link: bool = False  # shape this node's sends by its own --bandwidth (scenarios on one machine)
     latency_ms: float = 0.0  # with emulate_link: one-way delay added to every message this node sends
@@ -253,6 +254,7 @@ class TrainConfig:
         require_int("seed", self.seed, 0)
         for name in ("lr", "step_timeout_s", "round_deadline_s", "poll_s"):
             require_number(name, getattr(self, name), positive=True)
+        require_number("helper_wait_s", self.helper_wait_s, 0)
         require_number("step_delay_s", self.step_delay_s, 0)
         require_bool("emulate_link", self.emulate_link)
         require_number("latency_ms", self.latency_ms, 0)

@@ -78,7 +78,7 @@ from atlas_p2p.clustering import (
     cluster_fingerprints,
 )
 from atlas_p2p.importance import TAU, cluster_importance, importance_change
-from atlas_p2p.memory import ModelShape, Workload, lora_candidates, whole_model_footprint
+from atlas_p2p.memory import ModelShape, Workload, lora_candidates
 from atlas_p2p.planning import (
     HELPER,
     OWNER,
@@ -88,8 +88,8 @@ from atlas_p2p.planning import (
     Plan,
     PlanConfig,
     PlanContext,
+    fits_whole_model,
     make_plan,
-    minimum_ranks,
     repair,
     replan_reason,
 )
@@ -839,12 +839,7 @@ class Coordinator:
     def _can_host(self, caps: Capabilities) -> bool:
         """Whether a data node fits the whole model with minimum adapters (so it can host others)."""
         cfg = self.config
-        if cfg.plan.split_all:
-            return False
-        need = whole_model_footprint(
-            cfg.shape, minimum_ranks(lora_candidates(cfg.shape), {}, cfg.plan.rank_set), cfg.workload
-        )
-        return need.total <= int(caps.memory_bytes * cfg.plan.headroom)
+        return not cfg.plan.split_all and fits_whole_model(cfg.shape, caps.memory_bytes, cfg.workload, cfg.plan)
 
     def _view(self, node_id: int, board: _Board) -> dict[str, Any]:
         """The node's assignment without version (reason in `note`, the cause added later)."""

@@ -50,7 +50,8 @@ from atlas_p2p.data import Encoded, TaskMismatch, load_for_task, round_batches
 from atlas_p2p.fingerprint import FingerprintConfig, LossFn, fingerprint_sample
 from atlas_p2p.importance import measure
 from atlas_p2p.lora import attach_lora
-from atlas_p2p.memory import shape_from_config
+from atlas_p2p.memory import Workload, shape_from_config
+from atlas_p2p.planning import fits_whole_model
 from atlas_p2p.records import (
     CheckpointState,
     ContributionRecord,
@@ -200,8 +201,9 @@ class Peer:
     # ---- fingerprint -----------------------------------------------------------------------
     async def compute_fingerprint(self) -> np.ndarray:
         """This node's fingerprint (atlas_p2p.training.fingerprinting): across a cut through the
-        provisional helper its first assignment names, else on the whole model here. A helper that
-        fails is asked again after a fresh assignment; after 3 failures the node computes it alone."""
+        provisional helper its assignment names (a node below the whole model waits for one),
+        else on the whole model here. A helper that fails is asked again after a fresh
+        assignment; after 3 failures the node computes it alone."""
         w, t = self.welcome, self.train
         job = functools.partial(
             node_fingerprint,
@@ -213,8 +215,12 @@ class Peer:
             t.step_delay_s,
         )
         peak = PeakRss()
+        shape = shape_from_config(self.base_model.config, self.task, self.num_labels)
+        alone = fits_whole_model(shape, self.config.memory_bytes, Workload(batch=t.batch_size, seq_len=t.max_seq_len))
         for attempt in range(3):
             await self.boot.fetch_assignment()
+            if not alone:
+                await self.wait_provisional_helper()
             a = self.assignment
             address = self.boot.address_of(a.helper) if a is not None and a.cluster is None and a.split else None
             if address is None:
@@ -233,6 +239,27 @@ class Peer:
         self.importance = await self.measure_importance(whole_model_loss, None)
         self.peaks["fingerprint"] = peak.read_mb()
         return vector
+
+    async def wait_provisional_helper(self) -> None:
+        """A node whose budget is below the whole model waits (`helper_wait_s` at most) for the
+        bootstrap to name a provisional helper, which it does once a peer that can run the
+        later blocks is in; a node that joins first must not fingerprint above its budget."""
+        t = self.train
+
+        def named(a: Assignment) -> bool:
+            return a.helper is not None or a.cluster is not None
+
+        if self.assignment is not None and named(self.assignment):
+            return
+        log.info("budget below the whole model: waiting up to %g s for a provisional helper", t.helper_wait_s)
+        try:
+            await asyncio.wait_for(self.boot.wait_assignment(named, "a provisional helper"), t.helper_wait_s)
+        except TimeoutError:
+            log.warning(
+                "no provisional helper after %g s: computing the fingerprint on the whole model here, "
+                "above this node's budget",
+                t.helper_wait_s,
+            )
 
     async def measure_importance(self, loss_fn: LossFn, split: int | None) -> dict[str, float] | None:
         """This node's importance vector (atlas_p2p.importance.measure) on the first micro-batch of
