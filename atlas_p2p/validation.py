@@ -3,8 +3,9 @@
 Each `require_*` returns the value when it fits and otherwise raises ValueError naming
 the field and the bad value ("rounds must be an int >= 1, got 0"). A bool is never an
 int or a number here (Python counts True as 1; a flag passed where a count is due is a
-mistake), and a number must be finite unless a check passes `finite=False`. Where a value may come out of numpy arithmetic
-(ids, counts, scalings), `numpy=True` lets a numpy scalar count as an int or a number too.
+mistake), and a number must be finite unless a check passes `finite=False`. Where a
+value may come out of numpy arithmetic (ids, counts, scalings), `numpy=True` lets a numpy
+scalar count as an int or a number too.
 """
 
 from __future__ import annotations
