@@ -14,6 +14,28 @@ from dataclasses import dataclass
 
 from atlas_p2p.validation import require_bool, require_int, require_number
 
+# What a node may claim at most. Both are above any single device a node runs on today; a
+# larger claim is a typo or a lie, and a lie makes the planner pick the liar as everyone's
+# helper (the helper sees activations, and labels in two-part mode).
+MAX_MEMORY_BYTES = 2**46  # 64 TiB
+MAX_BANDWIDTH_BPS = 800 * 10**9  # 800 Gbit/s, the fastest single Ethernet port
+
+
+def require_memory(name: str, value: object) -> int:
+    """`value` if it is a memory claim in [1 byte, 64 TiB]; ValueError otherwise."""
+    require_int(name, value, 1)
+    if value > MAX_MEMORY_BYTES:
+        raise ValueError(f"{name}: {value} bytes is above 64 TiB, the most memory a node may claim")
+    return value
+
+
+def require_bandwidth(name: str, value: object) -> float:
+    """`value` if it is an uplink claim in [1 bit/s, 800 Gbit/s]; ValueError otherwise."""
+    require_number(name, value, 1)
+    if value > MAX_BANDWIDTH_BPS:
+        raise ValueError(f"{name}: {value:g} bit/s is above 800 Gbit/s, the most bandwidth a node may claim")
+    return value
+
 
 @dataclass(frozen=True)
 class Capabilities:
@@ -25,11 +47,11 @@ class Capabilities:
     has_data: bool  # False: a pure helper that lends compute
 
     def __post_init__(self) -> None:
-        require_int("memory_bytes", self.memory_bytes, 1)
-        require_number("bandwidth_bps", self.bandwidth_bps, 1)
+        require_memory("memory_bytes", self.memory_bytes)
+        require_bandwidth("bandwidth_bps", self.bandwidth_bps)
         object.__setattr__(self, "bandwidth_bps", round(self.bandwidth_bps))
         object.__setattr__(self, "compute_score", require_number("compute_score", self.compute_score, 0))
         require_bool("has_data", self.has_data)
 
 
-__all__ = ["Capabilities"]
+__all__ = ["MAX_BANDWIDTH_BPS", "MAX_MEMORY_BYTES", "Capabilities", "require_bandwidth", "require_memory"]

@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from atlas_p2p.capabilities import Capabilities
+from atlas_p2p.capabilities import Capabilities, require_bandwidth, require_memory
 from atlas_p2p.validation import require_bool, require_choice, require_int, require_name, require_number
 from atlas_p2p.vocabulary import SEQ_CLS, SPLIT_MODES, TASKS
 
@@ -150,8 +150,8 @@ class NodeConfig:
         parse_address(self.bind, allow_port_zero=True, what="bind")
         if self.advertise is not None:
             parse_address(self.advertise, what="advertise")
-        require_int("memory_bytes", self.memory_bytes, 1)
-        require_number("bandwidth_bps", self.bandwidth_bps, 1)
+        require_memory("memory_bytes", self.memory_bytes)
+        require_bandwidth("bandwidth_bps", self.bandwidth_bps)
         object.__setattr__(self, "bandwidth_bps", round(self.bandwidth_bps))
         for name in ("data", "state_dir"):
             value = getattr(self, name)

@@ -60,6 +60,9 @@ def _replace(argv, flag, value):
     [
         (_replace(JOIN, "--memory", "8XB"), ExitCode.BAD_VALUE, "--memory"),
         (_replace(JOIN, "--memory", "-1GB"), ExitCode.BAD_VALUE, "--memory"),
+        (_replace(JOIN, "--memory", "1e300TB"), ExitCode.BAD_VALUE, "--memory"),
+        (_replace(JOIN, "--memory", "1000TB"), ExitCode.BAD_VALUE, "--memory: 1000000000000000 bytes is above 64 TiB"),
+        (_replace(JOIN, "--bandwidth", "1000Gbps"), ExitCode.BAD_VALUE, "--bandwidth: 1e+12 bit/s is above"),
         (_replace(JOIN, "--bandwidth", "fast"), ExitCode.BAD_VALUE, "--bandwidth"),
         (_replace(JOIN, "--bandwidth", "50MHz"), ExitCode.BAD_VALUE, "--bandwidth"),
         (_replace(JOIN, "--bootstrap", "localhost"), ExitCode.BAD_VALUE, "--bootstrap"),
@@ -164,7 +167,7 @@ class _BootstrapThread:
     def _call(self, coro):
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=10)
 
-    def join(self, address: str, memory_bytes: int) -> int:
+    def join(self, address: str, memory_bytes: int, bandwidth_bps: int = 25_000_000) -> int:
         async def go() -> int:
             from transport.messages import Join
             from transport.rpc import RpcClient
@@ -172,7 +175,7 @@ class _BootstrapThread:
             async with RpcClient(f"tester-{address}") as client:
                 reply = await client.call(
                     self.service.address,
-                    Join(memory_bytes=memory_bytes, bandwidth_bps=25_000_000, compute_score=1.0, address=address),
+                    Join(memory_bytes=memory_bytes, bandwidth_bps=bandwidth_bps, compute_score=1.0, address=address),
                     timeout=5,
                 )
             return reply.node_id
@@ -210,6 +213,24 @@ def test_peers_prints_a_table_and_json(live_bootstrap, capsys):
     for row in rows:
         assert PEER_ROW_KEYS <= set(row), sorted(PEER_ROW_KEYS - set(row))
         assert row["status"] == "alive" and row["cluster"] is None
+
+
+@pytest.mark.parametrize(
+    "claim, needle",
+    [
+        ({"memory_bytes": 10**15}, "above 64 TiB"),
+        ({"memory_bytes": 10**9, "bandwidth_bps": 10**12}, "above 800 Gbit/s"),
+    ],
+)
+def test_a_join_claiming_more_than_any_device_is_refused_and_changes_nothing(live_bootstrap, claim, needle):
+    from transport.rpc import RpcError
+
+    first = live_bootstrap.join("127.0.0.1:7101", memory_bytes=8_000_000_000)
+    with pytest.raises(RpcError) as refused:
+        live_bootstrap.join("127.0.0.1:7104", **claim)
+
+    assert refused.value.code == "bad_request" and needle in refused.value.message
+    assert [row["id"] for row in live_bootstrap.service.registry.rows()] == [first]
 
 
 def test_join_refused_by_the_bootstrap_exits_with_rejected(live_bootstrap, capsys):

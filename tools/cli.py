@@ -29,6 +29,7 @@ try:  # typer >= 0.2x ships its own copy of click; older ones use click itself
 except ImportError:  # pragma: no cover - depends on the installed typer
     from click import exceptions as _cx
 
+from atlas_p2p.capabilities import require_bandwidth, require_memory
 from nodes.config import FINGERPRINT_SAMPLES, BootstrapConfig, NodeConfig
 from tools.exit_codes import ExitCode
 
@@ -133,6 +134,14 @@ def _rate(flag: str, text: str) -> float:
         return parse_rate(text)
     except ValueError as exc:
         fail(ExitCode.BAD_VALUE, f"{flag}: {exc}")
+
+
+def _claim(flag: str, value: float, check: Callable[[str, float], float]) -> float:
+    """`value` if `check` (a capabilities bound) accepts it; BAD_VALUE naming the flag otherwise."""
+    try:
+        return check(flag, value)
+    except ValueError as exc:
+        fail(ExitCode.BAD_VALUE, str(exc))
 
 
 def _address(flag: str, text: str, *, allow_port_zero: bool = False) -> str:
@@ -381,8 +390,8 @@ def join(
     bind = _address("--bind", bind, allow_port_zero=True)
     if advertise is not None:
         advertise = _address("--advertise", advertise)
-    memory_bytes = _size("--memory", memory)
-    bandwidth_bps = _rate("--bandwidth", bandwidth)
+    memory_bytes = _claim("--memory", _size("--memory", memory), require_memory)
+    bandwidth_bps = _claim("--bandwidth", _rate("--bandwidth", bandwidth), require_bandwidth)
     if data is not None and not data.is_file():
         fail(ExitCode.BAD_VALUE, f"--data: no such file: {data}")
     if state is not None and state.exists() and not state.is_dir():

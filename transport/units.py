@@ -57,6 +57,8 @@ def parse_size(text: str) -> int:
             f"(units: {', '.join(u for u in ('B', 'kB', 'MB', 'GB', 'TB', 'KiB', 'MiB', 'GiB', 'TiB'))})"
         )
     size = _positive(match.group(1), text, "size") * _SIZE_UNITS[unit]
+    if not math.isfinite(size):
+        raise ValueError(f"size {text!r} is too large to be a size")
     if size < 1:
         raise ValueError(f"size {text!r} is less than one byte")
     return int(round(size))
@@ -74,4 +76,7 @@ def parse_rate(text: str) -> float:
         )
     number, prefix, unit = match.groups()
     bits_per_unit = 8 if unit in ("Bps", "B/s") else 1
-    return _positive(number, text, "rate") * _RATE_PREFIX[prefix.lower()] * bits_per_unit
+    rate = _positive(number, text, "rate") * _RATE_PREFIX[prefix.lower()] * bits_per_unit
+    if not math.isfinite(rate):
+        raise ValueError(f"rate {text!r} is too large to be a rate")
+    return rate
