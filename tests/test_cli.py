@@ -233,6 +233,21 @@ def test_a_join_claiming_more_than_any_device_is_refused_and_changes_nothing(liv
     assert [row["id"] for row in live_bootstrap.service.registry.rows()] == [first]
 
 
+@pytest.mark.parametrize("flag", ["--data", "--eval"])
+def test_a_bad_data_file_is_refused_before_joining(live_bootstrap, tmp_path, capsys, flag):
+    good, bad, out = tmp_path / "good.jsonl", tmp_path / "bad.jsonl", tmp_path / "out"
+    good.write_text('{"text": "a", "label": 1}\n')
+    bad.write_text('{"text": "a", "label": 1}\nnot json\n')
+    files = {"--data": good, "--eval": good, flag: bad}
+    argv = JOIN[:2] + [live_bootstrap.service.address] + JOIN[3:] + ["--out", str(out)]
+    argv += [x for name, path in files.items() for x in (name, str(path))]
+
+    code, _, err = _run(argv, capsys)
+
+    assert code == ExitCode.BAD_VALUE and f"{flag}: {bad}:2: bad JSON" in _last_error_line(err)
+    assert live_bootstrap.service.registry.rows() == [] and not out.exists()
+
+
 def test_join_refused_by_the_bootstrap_exits_with_rejected(live_bootstrap, capsys):
     address = live_bootstrap.service.address
 

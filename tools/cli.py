@@ -144,6 +144,17 @@ def _claim(flag: str, value: float, check: Callable[[str, float], float]) -> flo
         fail(ExitCode.BAD_VALUE, str(exc))
 
 
+def _check_data(flag: str, path: Path) -> None:
+    """BAD_VALUE naming the file and line when `path` is not a readable data file (JSONL
+    records of one kind), before the node joins: a bad file leaves no row and no --out."""
+    from atlas_p2p.data import DataError, load_jsonl
+
+    try:
+        load_jsonl(path)
+    except DataError as exc:
+        fail(ExitCode.BAD_VALUE, f"{flag}: {exc}")
+
+
 def _address(flag: str, text: str, *, allow_port_zero: bool = False) -> str:
     from nodes.config import parse_address
 
@@ -436,6 +447,9 @@ def join(
         emulate_link=emulate_link,
         latency_ms=latency_ms,
     )
+    for flag, path in (("--data", data), ("--eval", eval_file)):
+        if path is not None:
+            _check_data(flag, path)
     from atlas_p2p.models.loading import ModelLoadError
 
     try:
