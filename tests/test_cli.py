@@ -256,6 +256,17 @@ def test_join_refused_by_the_bootstrap_exits_with_rejected(live_bootstrap, capsy
     assert got == ExitCode.REJECTED and "refused" in _last_error_line(err)
 
 
+@pytest.mark.parametrize("bad", [["--bootstrap", "localhost"], ["--memory", "8XB"], ["--bandwidth", "1000Gbps"]])
+def test_join_flag_errors_come_before_torch_is_imported(bad):
+    argv = JOIN.copy()
+    argv[argv.index(bad[0]) + 1] = bad[1]
+    probe = f"import sys; from tools.cli import main; print(main({argv!r}), 'torch' in sys.modules)"
+
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=REPO)
+
+    assert done.stdout.split() == [str(int(ExitCode.BAD_VALUE)), "False"], done.stderr[-400:]
+
+
 def test_console_script_and_module_entry_points_run():
     script = shutil.which("atlas-node", path=str(Path(sys.executable).parent))
     assert script is not None, "the atlas-node console script is not installed in this environment"

@@ -392,10 +392,7 @@ def join(
     ] = 0.0,
 ) -> None:
     """Join a swarm and train: fingerprint, get an assignment, train rounds, merge, export; Ctrl-C leaves cleanly."""
-    from nodes.config import TrainConfig
-    from nodes.control import JoinRefused, NodeIdentityError
-    from nodes.peer import RuntimeFailure
-    from tools.node_runner import run_node
+    from nodes.config import TrainConfig  # torch-free: flag errors come before torch is imported
 
     bootstrap = _address("--bootstrap", bootstrap)
     bind = _address("--bind", bind, allow_port_zero=True)
@@ -451,6 +448,9 @@ def join(
         if path is not None:
             _check_data(flag, path)
     from atlas_p2p.models.loading import ModelLoadError
+    from nodes.control import JoinRefused, NodeIdentityError
+    from nodes.peer import RuntimeFailure
+    from tools.node_runner import run_node
 
     try:
         _run(lambda stop: run_node(config, stop, train), bind=bind)
