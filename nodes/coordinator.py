@@ -56,6 +56,14 @@ into the peer table (and `snapshot()` where the state lives); a heartbeat whose
 `Assignment(**assignment_for(id))`. Not thread-safe; `maybe_assign` and `recluster` run
 k-means with its null reference and a full plan (about a second for tens of nodes), so
 call it from one executor thread if the event loop must keep answering meanwhile.
+
+Batches. The bootstrap queues the same events as `Event` values and feeds everything that
+queued up to `apply(events, now=...)`: each event changes membership (and repairs a lost
+helper's owners) as its method does, then one re-plan check, one `maybe_assign` and one
+publish close the batch, so a burst of N deaths or joins costs one planning pass instead
+of N. `summary()` gives each member's status, data flag, fingerprint flag and version, the
+loop-side copy a heartbeat is answered from; `expected_state` advances it over events still
+queued and `precheck` refuses a bad fingerprint or failure report before it is queued.
 """
 
 from __future__ import annotations
@@ -63,7 +71,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -185,6 +193,126 @@ class AnchorChange:
         return dataclasses.asdict(self)
 
 
+# Kinds of events for `Coordinator.apply` (each maps onto one event method).
+JOIN = "join"  # on_join
+ALIVE = "alive"  # on_alive
+DEAD_EVENT = "dead"  # on_dead
+LEFT_EVENT = "left"  # on_left
+DONE_EVENT = "done"  # on_done
+FINGERPRINT = "fingerprint"  # on_fingerprint
+FAILURE = "failure"  # report_failure (node_id is the owner)
+TICK = "tick"  # nothing but the maybe_assign every batch ends with
+EVENT_KINDS = frozenset({JOIN, ALIVE, DEAD_EVENT, LEFT_EVENT, DONE_EVENT, FINGERPRINT, FAILURE, TICK})
+
+
+@dataclass(frozen=True)
+class Event:
+    """One membership event, queued by the bootstrap and applied by `Coordinator.apply`.
+
+    Build with the class methods; the fields a kind does not use keep their defaults.
+    Values are checked when the event is applied (or by `Coordinator.precheck`).
+    """
+
+    kind: str  # one of EVENT_KINDS
+    node_id: int = 0  # the node the event is about (the reporting owner for a failure)
+    caps: Capabilities | None = None  # join: what the node offers
+    address: str = ""  # join: where it serves peers
+    vector: np.ndarray | None = None  # fingerprint: (d,) raw vector
+    n_samples: int = 0  # fingerprint: examples it averages over
+    importance: Mapping[str, float] | None = None  # fingerprint: optional importance probe
+    helper: int = 0  # failure: the helper the owner saw miss a deadline
+
+    def __post_init__(self) -> None:
+        if self.kind not in EVENT_KINDS:
+            raise ValueError(f"Event.kind must be one of {sorted(EVENT_KINDS)}, got {self.kind!r}")
+
+    @classmethod
+    def join(cls, node_id: int, caps: Capabilities, address: str) -> Event:
+        return cls(JOIN, node_id, caps=caps, address=address)
+
+    @classmethod
+    def alive(cls, node_id: int) -> Event:
+        return cls(ALIVE, node_id)
+
+    @classmethod
+    def dead(cls, node_id: int) -> Event:
+        return cls(DEAD_EVENT, node_id)
+
+    @classmethod
+    def left(cls, node_id: int) -> Event:
+        return cls(LEFT_EVENT, node_id)
+
+    @classmethod
+    def done(cls, node_id: int) -> Event:
+        return cls(DONE_EVENT, node_id)
+
+    @classmethod
+    def fingerprint(
+        cls, node_id: int, vector: np.ndarray, n_samples: int, importance: Mapping[str, float] | None = None
+    ) -> Event:
+        return cls(FINGERPRINT, node_id, vector=vector, n_samples=n_samples, importance=importance)
+
+    @classmethod
+    def failure(cls, owner: int, helper: int) -> Event:
+        return cls(FAILURE, owner, helper=helper)
+
+    @classmethod
+    def tick(cls) -> Event:
+        return cls(TICK)
+
+
+@dataclass(frozen=True)
+class MemberState:
+    """What the bootstrap needs of one member to answer a heartbeat or check a request
+    without waiting for the coordinator (`Coordinator.summary`, `expected_state`)."""
+
+    status: str  # live | dead | left | done | failed
+    has_data: bool  # a data node (False: a pure helper)
+    fingerprinted: bool  # the coordinator holds its fingerprint
+    version: int  # its assignment version (0: never planned)
+
+
+def expected_state(state: MemberState | None, event: Event) -> MemberState | None:
+    """The member's state once `event` is applied, as far as the event alone tells (a
+    failure report depends on the plan and changes nothing here; the version only moves
+    when the coordinator publishes). None: not a member."""
+    if event.kind == JOIN and event.caps is not None:
+        same_kind = state is not None and state.has_data == event.caps.has_data
+        return MemberState(
+            LIVE, event.caps.has_data, same_kind and state.fingerprinted, 0 if state is None else state.version
+        )
+    if state is None:
+        return None
+    if event.kind == ALIVE and state.status == DEAD:
+        return dataclasses.replace(state, status=LIVE)
+    lost = {DEAD_EVENT: DEAD, LEFT_EVENT: LEFT, DONE_EVENT: DONE}.get(event.kind)
+    if lost is not None:
+        return dataclasses.replace(state, status=lost)
+    if event.kind == FINGERPRINT and state.has_data and state.status == LIVE:
+        return dataclasses.replace(state, fingerprinted=True)
+    return state
+
+
+@dataclass(frozen=True)
+class Applied:
+    """What `Coordinator.apply` did with a batch."""
+
+    changed: bool  # some assignment changed (write `peer_columns()`)
+    errors: tuple[ValueError | None, ...]  # per event: why it was refused, or None
+    plans: int  # full planning passes it ran (make_plan), at most one besides the first assignment
+
+
+@dataclass
+class _Batch:
+    """Deferred work while `Coordinator.apply` runs (see there)."""
+
+    grow: bool = False  # some event asked `_grow` for a re-plan check
+    causes: list[str] = dataclasses.field(default_factory=list)  # publish causes, in order
+    node_causes: dict[int, str] = dataclasses.field(default_factory=dict)  # per-node cause overrides
+    subject: int | None = None  # the node of the event being applied
+    broken: bool = False  # an event failed half-way: the batch must be undone
+
+
 @dataclass(frozen=True)
 class _Board:
     """Per-publish summary shared by every view."""
@@ -232,6 +360,8 @@ class Coordinator:
         self._events: list[RepairEvent] = []
         self._anchor_changes: list[AnchorChange] = []
         self._provisional_cache: tuple[tuple[NodeInfo, ...], dict[int, tuple[int, int]]] | None = None
+        self._batch: _Batch | None = None  # set while `apply` runs
+        self.plans_made = 0  # full planning passes (make_plan of the real plan) so far
 
     # --- read-only views -----------------------------------------------------------------
 
@@ -368,13 +498,7 @@ class Coordinator:
         """
         member = self._member(node_id)
         _check_now(now)
-        if not member.caps.has_data:
-            raise ValueError(f"node {node_id} is a pure helper (no data): helpers send no fingerprint")
-        if member.status != LIVE:
-            raise ValueError(f"node {node_id} is {member.status}: join again before sending a fingerprint")
-        unit = self._check_vector(vector)
-        require_int("n_samples", n_samples, 0)
-        scores = self._check_importance(importance)
+        unit, scores = self._check_fingerprint(node_id, self._state(node_id), vector, n_samples, importance)
         with self._atomic():
             member.vector, member.n_samples, member.importance = unit, int(n_samples), scores
             if self._first_fingerprint_at is None:
@@ -460,6 +584,131 @@ class Coordinator:
             log.info("stale failure report: node %d's helper is %s, not %d", owner, current, helper)
             return False
         return self._lose(helper, FAILED, now, f"missed a deadline serving node {owner}")
+
+    # --- batches of events ------------------------------------------------------------------
+
+    def apply(self, events: Sequence[Event], *, now: float) -> Applied:
+        """Apply `events` in order, then at most one planning pass and one publish.
+
+        Each event changes membership as its method does (a lost helper's owners are
+        repaired at once: `planning.repair` touches only them), but the re-plan check that
+        joins, returns and late fingerprints ask for (`_grow`), `maybe_assign` and the
+        recomputation of every assignment (`_publish`) run once for the whole batch. A burst
+        of N events thus costs one full plan and one version bump instead of up to N.
+        Within a batch an assignment that changed twice is published once, and so is an
+        anchor that moved twice; the cause of a changed assignment is its node's own event
+        (or its repair's kind), else the batch's causes joined by "+".
+
+        An event the coordinator refuses (ValueError) gets its error in `Applied.errors` and
+        changes nothing; the others still apply. If anything fails half-way, the batch is
+        undone and the events are applied one by one with their own methods.
+        """
+        _check_now(now)
+        plans_before, was_assigned = self.plans_made, self._plan is not None
+        saved = self._state_copy()
+        batch = self._batch = _Batch()
+        errors: list[ValueError | None] = []
+        try:
+            for event in events:
+                batch.subject = event.node_id if event.kind != TICK else None
+                try:
+                    self._dispatch(event, now)
+                    errors.append(None)
+                except ValueError as exc:
+                    if batch.broken:
+                        raise
+                    errors.append(exc)
+            batch.subject = None
+            self.maybe_assign(now)
+            if self._plan is not None and not was_assigned:
+                batch.causes, batch.node_causes = ["initial"], {}  # every assignment is new: that is why
+            if batch.grow and self._plan is not None:
+                self._regrow()
+            self._batch = None
+            changed = False
+            if batch.causes:
+                cause = "+".join(dict.fromkeys(batch.causes))
+                changed = self._publish(now, cause, batch.node_causes)
+        except Exception:
+            log.exception("a batch of %d events failed half-way: applying them one by one", len(events))
+            self._batch = None
+            vars(self).update(saved)
+            return self._apply_one_by_one(events, now, plans_before)
+        return Applied(changed, tuple(errors), self.plans_made - plans_before)
+
+    def _apply_one_by_one(self, events: Sequence[Event], now: float, plans_before: int) -> Applied:
+        changed, errors = False, []
+        for event in events:
+            try:
+                changed |= self._dispatch(event, now)
+                errors.append(None)
+            except ValueError as exc:
+                errors.append(exc)
+        changed |= self.maybe_assign(now)
+        return Applied(changed, tuple(errors), self.plans_made - plans_before)
+
+    def _dispatch(self, event: Event, now: float) -> bool:
+        n = event.node_id
+        if event.kind == JOIN:
+            return self.on_join(n, event.caps, event.address, now=now)
+        if event.kind == ALIVE:
+            return self.on_alive(n, now=now)
+        if event.kind == DEAD_EVENT:
+            return self.on_dead(n, now=now)
+        if event.kind == LEFT_EVENT:
+            return self.on_left(n, now=now)
+        if event.kind == DONE_EVENT:
+            return self.on_done(n, now=now)
+        if event.kind == FINGERPRINT:
+            return self.on_fingerprint(n, event.vector, event.n_samples, event.importance, now=now)
+        if event.kind == FAILURE:
+            return self.report_failure(n, event.helper, now=now)
+        return False  # TICK: the batch's maybe_assign
+
+    def summary(self) -> dict[int, MemberState]:
+        """Every member's `MemberState` (what a heartbeat answer needs), in id order."""
+        return {n: self._state(n) for n in sorted(self._members)}
+
+    def precheck(self, event: Event, states: Mapping[int, MemberState]) -> None:
+        """Raise the ValueError `apply` would refuse a fingerprint or failure report with,
+        judging membership by `states` (e.g. `summary()` advanced by `expected_state` over
+        the events still queued). Reads only the immutable config, so it may run while
+        another thread applies a batch. Other kinds are not checked here."""
+        if event.kind == FINGERPRINT:
+            self._check_fingerprint(
+                event.node_id, states.get(event.node_id), event.vector, event.n_samples, event.importance
+            )
+        elif event.kind == FAILURE:
+            for n in (event.node_id, event.helper):
+                _check_id(n)
+                if n not in states:
+                    raise _unknown(n)
+            if event.node_id == event.helper:
+                raise ValueError(f"report_failure: owner and helper are both node {event.node_id}")
+
+    def _state(self, node_id: int) -> MemberState:
+        m = self._members[node_id]
+        return MemberState(m.status, m.caps.has_data, m.vector is not None, self._versions.get(node_id, 0))
+
+    def _check_fingerprint(
+        self,
+        node_id: int,
+        state: MemberState | None,
+        vector: Any,
+        n_samples: Any,
+        importance: Mapping[str, float] | None,
+    ) -> tuple[np.ndarray, dict[str, float] | None]:
+        """The unit vector and importance scores of a fingerprint from a member in `state`."""
+        _check_id(node_id)
+        if state is None:
+            raise _unknown(node_id)
+        if not state.has_data:
+            raise ValueError(f"node {node_id} is a pure helper (no data): helpers send no fingerprint")
+        if state.status != LIVE:
+            raise ValueError(f"node {node_id} is {state.status}: join again before sending a fingerprint")
+        unit = self._check_vector(vector)
+        require_int("n_samples", n_samples, 0)
+        return unit, self._check_importance(importance)
 
     # --- answers -------------------------------------------------------------------------
 
@@ -606,7 +855,7 @@ class Coordinator:
         _check_id(node_id)
         member = self._members.get(node_id)
         if member is None:
-            raise ValueError(f"node {node_id} is unknown to the coordinator (it never joined)")
+            raise _unknown(node_id)
         return member
 
     def _check_vector(self, vector: Any) -> np.ndarray:
@@ -642,13 +891,28 @@ class Coordinator:
 
     @contextmanager
     def _atomic(self) -> Iterator[None]:
-        """Apply an event fully or not at all: any error restores the state before it."""
-        saved = {k: copy.deepcopy(v) for k, v in vars(self).items() if k not in ("config", "_modules")}
+        """Apply an event fully or not at all: any error restores the state before it.
+
+        Inside `apply` nothing is copied: an error marks the batch broken and `apply`
+        restores the state it saved before the batch."""
+        if self._batch is not None:
+            try:
+                yield
+            except BaseException:
+                self._batch.broken = True
+                raise
+            return
+        saved = self._state_copy()
         try:
             yield
         except BaseException:
             vars(self).update(saved)
             raise
+
+    def _state_copy(self) -> dict[str, Any]:
+        """A deep copy of everything an event may change."""
+        kept = ("config", "_modules", "_batch", "plans_made")
+        return {k: copy.deepcopy(v) for k, v in vars(self).items() if k not in kept}
 
     # --- internals: clustering and planning ----------------------------------------------
 
@@ -711,11 +975,21 @@ class Coordinator:
         importance = self._importance()
         self._plan = make_plan(self._infos(), self.config.context, importance or None, self._centroids())
         self._plan_importance = importance
+        self.plans_made += 1
 
     def _grow(self, now: float, cause: str) -> bool:
-        """After a join, a return or a late fingerprint: re-plan if the planner sees a reason."""
+        """After a join, a return or a late fingerprint: re-plan if the planner sees a reason
+        (inside `apply`, once at the end of the batch)."""
         if self._plan is None:
             return self._publish(now, cause)
+        if self._batch is not None:
+            self._batch.grow = True
+            return self._publish(now, cause)
+        self._regrow()
+        return self._publish(now, cause)
+
+    def _regrow(self) -> None:
+        """Place late fingerprints and re-plan if `planning.replan_reason` finds a reason."""
         self._place_unclustered()  # e.g. fingerprinted before the first clustering, absent at it
         infos = self._infos()
         importance = self._importance()
@@ -724,7 +998,6 @@ class Coordinator:
         if why is not None:
             log.info("re-planning: %s", why)
             self._replan()
-        return self._publish(now, cause)
 
     def _lose(self, node_id: int, status: str, now: float, note: str) -> bool:
         member = self._member(node_id)
@@ -931,7 +1204,15 @@ class Coordinator:
         """Recompute every view; bump the version once if any changed. True if so.
 
         `cause` is recorded as why a changed view changed; `causes` overrides it per node
-        (a repaired owner's cause is the repair's kind)."""
+        (a repaired owner's cause is the repair's kind). Inside `apply` it only notes the
+        causes; the batch publishes once at its end."""
+        batch = self._batch
+        if batch is not None:
+            batch.causes.append(cause)
+            if batch.subject is not None:
+                batch.node_causes[batch.subject] = cause
+            batch.node_causes.update(causes or {})
+            return False
         plan = self._plan
         board = self._board()
         changed = []
@@ -973,6 +1254,10 @@ def _check_now(now: Any) -> None:
     require_number("now (seconds)", now)
 
 
+def _unknown(node_id: int) -> ValueError:
+    return ValueError(f"node {node_id} is unknown to the coordinator (it never joined)")
+
+
 def _ranks_summary(ranks: Mapping[str, int]) -> str | None:
     """ "12 mods r2-16" (or "4 mods r8" when all equal); None without adapters."""
     positive = [r for r in ranks.values() if r > 0]
@@ -992,7 +1277,11 @@ __all__ = [
     "REPAIR",
     "UNPAIRED",
     "AnchorChange",
+    "Applied",
     "Coordinator",
     "CoordinatorConfig",
+    "Event",
+    "MemberState",
     "RepairEvent",
+    "expected_state",
 ]
