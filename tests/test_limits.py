@@ -108,6 +108,15 @@ def test_throttle_opens_a_new_window_and_keeps_the_old_count():
     assert throttle.suppressed() == {"k": 1}
 
 
+def test_throttle_hands_out_open_windows_when_asked_for_everything():
+    throttle = LogThrottle(lines=1, interval_s=10.0, clock=Clock())
+    throttle.allow("k")
+    throttle.allow("k")
+
+    assert throttle.suppressed(everything=True) == {"k": 1}
+    assert not throttle.holding()
+
+
 def test_throttle_refuses_bad_limits():
     with pytest.raises(ValueError, match="LogThrottle"):
         LogThrottle(lines=0)

@@ -146,6 +146,19 @@ def decode(frames: list, max_bytes: int = DEFAULT_MAX_BYTES, max_frames: int = M
     return _envelope_from_header(header, views, used)
 
 
+def peek_id(frames: list) -> int | None:
+    """The request id in a message's header, read without checking anything else (None: unreadable).
+
+    For answering a message that is refused before it is decoded (e.g. over a rate limit).
+    """
+    if not isinstance(frames, (list, tuple)) or not frames:
+        return None
+    try:
+        return _sender_of(_frame_view(frames[0]))[0]
+    except DecodeError:
+        return None
+
+
 def _sender_of(view: memoryview) -> tuple[int | None, str | None]:
     """Best effort (id, src) of a header that failed to decode, so the error can be answered."""
     try:

@@ -91,11 +91,12 @@ class LogThrottle:
         """Whether any line is held back and not yet handed out by `suppressed()`."""
         return bool(self._ended) or any(window[2] for window in self._windows.values())
 
-    def suppressed(self) -> dict[str, int]:
-        """Key -> lines held back in its windows that have ended (each count is handed out once)."""
+    def suppressed(self, everything: bool = False) -> dict[str, int]:
+        """Key -> lines held back in its windows that have ended (each count is handed out once);
+        `everything` also closes the windows still open (e.g. when the caller stops)."""
         now = self.clock()
         for key, window in list(self._windows.items()):
-            if now - window[0] >= self.interval_s:
+            if everything or now - window[0] >= self.interval_s:
                 if window[2]:
                     self._ended[key] += window[2]
                 del self._windows[key]

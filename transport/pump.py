@@ -116,6 +116,21 @@ class SocketPump:
         self._rearm()
         return future
 
+    def send_now(self, frames: list) -> bool:
+        """Hand a multipart message to ZeroMQ at once (zero-copy) or not at all: False when
+        ZeroMQ pushes back (EAGAIN), and the caller keeps the message. Raises zmq.ZMQError
+        otherwise (e.g. EHOSTUNREACH). For callers that queue per destination themselves;
+        do not mix with `send` on the same socket (its queue would be overtaken)."""
+        if self._closed:
+            raise zmq.ZMQError(zmq.ENOTSOCK, "socket pump is closed")
+        try:
+            self.sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            return False
+        finally:
+            self._rearm()  # a send may consume a pending input signal
+        return True
+
     def _try_send(self, frames: list, future: asyncio.Future) -> bool:
         try:
             self.sock.send_multipart(frames, zmq.NOBLOCK, copy=False)

@@ -27,13 +27,15 @@ import asyncio
 import collections
 import itertools
 import logging
+import math
 import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import zmq
 
-from transport.codec import DEFAULT_MAX_BYTES, DecodeError, EncodeError, decode, encode
+from transport.codec import DEFAULT_MAX_BYTES, DecodeError, EncodeError, decode, encode, peek_id
+from transport.limits import LogThrottle, RequestBudget
 from transport.link import LinkProfile, LinkShaper
 from transport.messages import Envelope, Error, Message, Ok
 from transport.pump import SocketPump
@@ -42,6 +44,9 @@ from transport.security import AllowList, Keypair, release_server, secure_client
 log = logging.getLogger(__name__)
 
 Handler = Callable[[Envelope], Awaitable[Message | None]]
+
+FLUSH_RETRY_S = 0.001  # first wait before retrying replies a client's full pipe refused, doubling ...
+FLUSH_RETRY_MAX_S = 0.05  # ... up to this while nothing moves
 
 
 class RpcError(Exception):
@@ -107,7 +112,7 @@ class ByteCounts(collections.Counter):
 
 @dataclass(frozen=True)
 class RpcServerConfig:
-    """Limits of one RpcServer."""
+    """Limits of one RpcServer. A client is one connection (one ROUTER identity)."""
 
     name: str = "server"  # `src` of the replies it sends
     max_bytes: int = DEFAULT_MAX_BYTES  # largest message accepted (decode limit; MAXMSGSIZE per frame)
@@ -116,19 +121,44 @@ class RpcServerConfig:
     dedup_bytes: int = 32 << 20  # total size of the replies kept to replay to duplicates
     dedup_replay_max: int = 1 << 20  # larger replies are not kept (keeping big buffers alive
     # costs ~10% throughput); a duplicate gets error 'duplicate'
-    send_timeout_s: float = 10.0  # deadline for handing a reply to ZeroMQ
-    max_pending_replies: int = 4096  # error/duplicate replies waiting to go out; beyond, shed
+    send_timeout_s: float = 10.0  # a client whose queued replies have not moved for this long loses them all
+    max_pending_replies: int = 4096  # replies queued for slow clients, all together; beyond, dropped
+    max_pending_bytes: int = 256 << 20  # the same in bytes
+    client_rate: float | None = 1000.0  # requests per second per client, on average (None: no limit);
+    # beyond, error 'rate_limited' and no handler runs
+    client_burst: int = 2000  # requests a client may send at once after an idle spell
+    client_concurrency: int = 16  # handlers one client may have running at once (at most
+    # max_concurrency); its further requests wait in its own queue
+    client_queue: int = 256  # bound of each per-client queue (requests waiting for a handler,
+    # replies waiting for the client to read); beyond, requests get 'rate_limited', replies are dropped
+    client_queue_bytes: int = 64 << 20  # the same in bytes (one larger message may wait alone)
+    log_lines: int = 5  # log lines per error code per log_interval_s; the rest are counted
+    log_interval_s: float = 10.0
     hwm: int = 1000  # ZeroMQ high-water mark (messages) each way
 
     def __post_init__(self) -> None:
-        for name in ("max_bytes", "max_concurrency", "hwm", "max_pending_replies"):
+        for name in (
+            "max_bytes",
+            "max_concurrency",
+            "hwm",
+            "max_pending_replies",
+            "max_pending_bytes",
+            "client_burst",
+            "client_concurrency",
+            "client_queue",
+            "client_queue_bytes",
+            "log_lines",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"RpcServerConfig.{name} must be >= 1, got {getattr(self, name)!r}")
         for name in ("dedup_entries", "dedup_bytes", "dedup_replay_max"):
             if getattr(self, name) < 0:
                 raise ValueError(f"RpcServerConfig.{name} must be >= 0, got {getattr(self, name)!r}")
-        if not self.send_timeout_s > 0:
-            raise ValueError(f"RpcServerConfig.send_timeout_s must be > 0, got {self.send_timeout_s!r}")
+        for name in ("send_timeout_s", "log_interval_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"RpcServerConfig.{name} must be > 0, got {getattr(self, name)!r}")
+        if self.client_rate is not None and not (math.isfinite(self.client_rate) and self.client_rate > 0):
+            raise ValueError(f"RpcServerConfig.client_rate must be > 0 or None, got {self.client_rate!r}")
 
 
 _TOO_BIG = object()  # cache marker: served, but the reply was too large to keep
@@ -166,12 +196,40 @@ class _ReplyCache:
             self.nbytes -= dropped
 
 
+class _Client:
+    """What the server holds for one client (ROUTER identity): its running handlers, its
+    requests waiting for a handler slot, and its replies waiting for it to read."""
+
+    __slots__ = ("running", "waiting", "waiting_bytes", "outbox", "outbox_bytes", "moved_at")
+
+    def __init__(self) -> None:
+        self.running = 0
+        self.waiting: collections.deque[tuple[Envelope, int]] = collections.deque()
+        self.waiting_bytes = 0
+        self.outbox: collections.deque[tuple[list, int]] = collections.deque()  # ([identity, *frames], nbytes)
+        self.outbox_bytes = 0
+        self.moved_at = 0.0  # loop time the outbox last moved (or started)
+
+    def idle(self) -> bool:
+        return not (self.running or self.waiting or self.outbox)
+
+
 class RpcServer:
     """A ROUTER that decodes requests, runs `handlers[type](env)` and answers with the same id.
 
     A handler returns the reply body (None means `ok`) or raises `RpcError(code, message)`
     to answer with that error; any other exception is answered as `handler_error`.
     `stats` counts requests, replies, duplicates and every error code sent.
+
+    Fairness (limits in RpcServerConfig): each client has a request budget (token bucket;
+    beyond it, error `rate_limited` and no handler runs), a cap on its handlers running at
+    once (further requests wait in its own bounded queue), and its own bounded queue of
+    replies. A reply goes to ZeroMQ at once unless that client's pipe is full; then it
+    waits in the client's queue (full: the newest is dropped, `reply_dropped`), and a
+    client whose queue does not move for `send_timeout_s` loses it whole (`send_timeout`).
+    A handler is done when its reply is queued, so a client that does not read never
+    holds a handler slot, and replies to other clients never wait behind its queue.
+    Error replies are logged at most `log_lines` per code per `log_interval_s`.
     With `keypair` the socket speaks CURVE and admits only clients on `allow`
     (None: any client that has a keypair); see transport/security.py.
     """
@@ -206,6 +264,16 @@ class RpcServer:
         self._sock: zmq.Socket | None = None
         self._pump: SocketPump | None = None
         self._active = 0  # handlers running now (reading pauses at max_concurrency)
+        self._clients: dict[bytes, _Client] = {}  # clients with handlers running or messages queued
+        self._client_cap = min(self.config.client_concurrency, self.config.max_concurrency)
+        rate = self.config.client_rate
+        self._budget = RequestBudget(rate, self.config.client_burst) if rate is not None else None
+        self._pending_replies = 0  # replies in all outboxes, and their bytes
+        self._pending_bytes = 0
+        self._flush_timer: asyncio.TimerHandle | None = None
+        self._flush_s = FLUSH_RETRY_S
+        self._log_throttle = LogThrottle(self.config.log_lines, self.config.log_interval_s)
+        self._log_timer: asyncio.TimerHandle | None = None
         self._stopped = False
         self.port: int | None = None
 
@@ -261,11 +329,16 @@ class RpcServer:
         self._stopped = True
         if self._pump is not None:
             self._pump.close()
+        for timer in (self._flush_timer, self._log_timer):
+            if timer is not None:
+                timer.cancel()
+        self._log_suppressed()
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._tasks.clear()
+        self._clients.clear()
         if self._sock is not None:
             self._sock.close(linger=0)
         if self._zap_domain is not None:
@@ -280,6 +353,10 @@ class RpcServer:
             return
         identity = parts[0].bytes
         self.stats["requests"] += 1
+        if self._budget is not None and not self._budget.admit(identity, self._pump.loop.time()):
+            detail = f"over {self.config.client_rate:g} requests/s (burst {self.config.client_burst}) from this client"
+            self._reply_error(identity, peek_id(parts[1:]) or 0, "rate_limited", detail)
+            return
         try:
             env = decode(parts[1:], max_bytes=self.config.max_bytes)
         except DecodeError as exc:
@@ -299,37 +376,87 @@ class RpcServer:
         if key in self._running:
             self.stats["duplicates"] += 1  # the reply on its way answers this copy too
             return
+        client = self._clients.get(identity)
+        if client is None:
+            client = self._clients[identity] = _Client()
+        if client.running < self._client_cap:
+            self._running.add(key)
+            self._start_handler(identity, client, env)
+            return
+        nbytes = _frames_nbytes(parts[1:])
+        if len(client.waiting) >= self.config.client_queue or (
+            client.waiting and client.waiting_bytes + nbytes > self.config.client_queue_bytes
+        ):
+            detail = f"{client.running} requests of this client running and {len(client.waiting)} waiting"
+            self._reply_error(identity, env.id, "rate_limited", detail)
+            return
         self._running.add(key)
+        client.waiting.append((env, nbytes))
+        client.waiting_bytes += nbytes
+
+    def _start_handler(self, identity: bytes, client: _Client, env: Envelope) -> None:
+        client.running += 1
         self._active += 1
         if self._active >= self.config.max_concurrency:
             self._pump.pause()
-        self._spawn(self._handle(identity, env), handler=True)
-
-    def _spawn(self, coro: Awaitable, handler: bool = False) -> None:
-        task = asyncio.ensure_future(coro)
+        task = asyncio.ensure_future(self._handle(identity, env))
         self._tasks.add(task)
+        task.add_done_callback(lambda t: self._handler_done(t, identity, client))
 
-        def finished(t: asyncio.Task) -> None:
-            self._tasks.discard(t)
-            if handler:
-                self._active -= 1
-                if self._active < self.config.max_concurrency and not self._stopped:
-                    self._pump.resume()
-
-        task.add_done_callback(finished)
+    def _handler_done(self, task: asyncio.Task, identity: bytes, client: _Client) -> None:
+        """A handler finished: its slot goes to that client's next waiting request, if any."""
+        self._tasks.discard(task)
+        client.running -= 1
+        self._active -= 1
+        if self._stopped:
+            return
+        if client.waiting:
+            env, nbytes = client.waiting.popleft()
+            client.waiting_bytes -= nbytes
+            self._start_handler(identity, client, env)
+        else:
+            self._forget_if_idle(identity, client)
+        if self._active < self.config.max_concurrency:
+            self._pump.resume()
 
     def _reply_error(self, identity: bytes, msg_id: int, code: str, detail: str) -> None:
         self.stats[code] += 1
-        log.info("rpc server %s: answering error %s: %s", self.address, code, detail[:200])
+        self._log_limited(code, logging.INFO, "answering error %s: %s", code, detail[:200])
         frames = encode(Envelope.of(Error(code=code, message=detail[:1000]), msg_id, self.config.name))
         self._spawn_reply(identity, Error.TYPE, frames)
 
+    def _log_limited(self, key: str, level: int, fmt: str, *args: object, exc_info: bool = False) -> None:
+        """Log one line about a refused message, at most `log_lines` per key per interval."""
+        if self._log_throttle.allow(key):
+            log.log(level, "rpc server %s: " + fmt, self.address, *args, exc_info=exc_info)
+        elif self._log_timer is None and not self._stopped:
+            self._log_timer = self._pump.loop.call_later(self.config.log_interval_s, self._log_suppressed)
+
+    def _log_suppressed(self) -> None:
+        """One line per key whose log lines were held back in an interval that has ended (all, once stopped)."""
+        self._log_timer = None
+        for code, count in sorted(self._log_throttle.suppressed(everything=self._stopped).items()):
+            log.info(
+                "rpc server %s: %d more '%s' lines not logged (at most %d per %g s)",
+                self.address,
+                count,
+                code,
+                self.config.log_lines,
+                self.config.log_interval_s,
+            )
+        if self._log_throttle.holding() and not self._stopped:
+            self._log_timer = self._pump.loop.call_later(self.config.log_interval_s, self._log_suppressed)
+
     def _spawn_reply(self, identity: bytes, msg_type: str, frames: list) -> None:
-        """Send a reply that needs no handler, unless a flood already filled the queue."""
-        if len(self._tasks) - self._active >= self.config.max_pending_replies:
-            self.stats["shed"] += 1
-            return
-        self._spawn(self._send(identity, msg_type, frames))
+        """Send a reply that needs no handler (an error, a replayed duplicate)."""
+        if self._shaper is None:
+            self._reply(identity, msg_type, frames)
+        elif len(self._tasks) - self._active >= self.config.max_pending_replies:
+            self.stats["reply_dropped"] += 1  # a flood already holds that many replies on the emulated link
+        else:
+            task = asyncio.ensure_future(self._send(identity, msg_type, frames))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
     async def _handle(self, identity: bytes, env: Envelope) -> None:
         key = (env.src, env.id)
@@ -345,7 +472,10 @@ class RpcServer:
             self._cache.put(key, reply.TYPE, frames)
         finally:
             self._running.discard(key)
-        await self._send(identity, reply.TYPE, frames)
+        if self._shaper is None:
+            self._reply(identity, reply.TYPE, frames)
+        else:
+            await self._send(identity, reply.TYPE, frames)
 
     async def _run_handler(self, env: Envelope) -> Message:
         handler = self.handlers.get(env.type)
@@ -356,7 +486,7 @@ class RpcServer:
         except RpcError as exc:
             return Error(code=exc.code, message=exc.message)
         except Exception as exc:  # a handler bug must not take the server down
-            log.exception("rpc server %s: handler for %s failed", self.address, env.type)
+            self._log_limited(f"handler {env.type}", logging.ERROR, "handler for %s failed", env.type, exc_info=True)
             return Error(code="handler_error", message=f"{type(exc).__name__}: {exc}"[:1000])
         if reply is None:
             return Ok()
@@ -365,22 +495,104 @@ class RpcServer:
         return reply
 
     async def _send(self, identity: bytes, msg_type: str, frames: list) -> None:
-        self.bytes_sent.add(msg_type, frames)
-        if self._shaper is not None and not await self._shaper.admit(_frames_nbytes(frames)):
+        """A reply through the emulated link (LinkProfile): held as the link would, then `_reply`."""
+        if not await self._shaper.admit(_frames_nbytes(frames)):
+            self.bytes_sent.add(msg_type, frames)
             self.stats["link_dropped"] += 1
             return
-        try:
-            sent = self._pump.send([identity, *frames])
-            if sent.done():
-                sent.result()  # the usual case: ZeroMQ took it at once (raises its error, if any)
-            else:
-                await asyncio.wait_for(sent, self.config.send_timeout_s)
-            self.stats["replies"] += 1
-        except zmq.ZMQError as exc:  # EHOSTUNREACH (ROUTER_MANDATORY): the caller went away
-            self.stats["unroutable"] += 1
-            log.debug("rpc server %s: reply not routable: %s", self.address, exc)
-        except TimeoutError:
-            self.stats["send_timeout"] += 1
+        self._reply(identity, msg_type, frames)
+
+    # ---- the send path: at once, or through the client's own queue
+
+    def _reply(self, identity: bytes, msg_type: str, frames: list) -> None:
+        """Hand a reply to ZeroMQ now (zero-copy) if nothing is queued for this client and its
+        pipe has room; otherwise queue it behind the client's earlier replies, within bounds."""
+        self.bytes_sent.add(msg_type, frames)
+        message = [identity, *frames]
+        client = self._clients.get(identity)
+        if client is None or not client.outbox:
+            try:
+                if self._pump.send_now(message):
+                    self.stats["replies"] += 1
+                    return
+            except zmq.ZMQError as exc:  # EHOSTUNREACH (ROUTER_MANDATORY): the caller went away
+                self.stats["unroutable"] += 1
+                log.debug("rpc server %s: reply not routable: %s", self.address, exc)
+                return
+            if client is None:
+                client = self._clients[identity] = _Client()
+            client.moved_at = self._pump.loop.time()
+        nbytes = _frames_nbytes(frames)
+        cfg = self.config
+        if client.outbox and (
+            len(client.outbox) >= cfg.client_queue or client.outbox_bytes + nbytes > cfg.client_queue_bytes
+        ):
+            self.stats["reply_dropped"] += 1  # this client's queue is full: drop the newest
+            return
+        if self._pending_replies >= cfg.max_pending_replies or self._pending_bytes + nbytes > cfg.max_pending_bytes:
+            self.stats["reply_dropped"] += 1  # all queues together are full
+            self._forget_if_idle(identity, client)
+            return
+        client.outbox.append((message, nbytes))
+        client.outbox_bytes += nbytes
+        self._pending_replies += 1
+        self._pending_bytes += nbytes
+        if self._flush_timer is None:
+            self._flush_s = FLUSH_RETRY_S
+            self._flush_timer = self._pump.loop.call_later(self._flush_s, self._flush)
+
+    def _flush(self) -> None:
+        """Retry every queued reply, client by client; drop a client's queue that has not moved
+        for send_timeout_s (or whose client is gone). ZeroMQ does not say which pipe has room
+        again, so this polls, backing off while nothing moves."""
+        self._flush_timer = None
+        if self._stopped:
+            return
+        now = self._pump.loop.time()
+        moved = False
+        for identity, client in list(self._clients.items()):
+            while client.outbox:
+                message, nbytes = client.outbox[0]
+                try:
+                    if not self._pump.send_now(message):
+                        break
+                except zmq.ZMQError as exc:
+                    self.stats["unroutable"] += len(client.outbox)
+                    log.debug("rpc server %s: queued replies not routable: %s", self.address, exc)
+                    self._drop_outbox(client)
+                    break
+                client.outbox.popleft()
+                client.outbox_bytes -= nbytes
+                self._pending_replies -= 1
+                self._pending_bytes -= nbytes
+                client.moved_at = now
+                moved = True
+                self.stats["replies"] += 1
+            if client.outbox and now - client.moved_at >= self.config.send_timeout_s:
+                self.stats["send_timeout"] += len(client.outbox)
+                self.stats["clients_dropped"] += 1
+                self._log_limited(
+                    "send_timeout",
+                    logging.INFO,
+                    "dropped %d replies to a client that read none for %g s",
+                    len(client.outbox),
+                    self.config.send_timeout_s,
+                )
+                self._drop_outbox(client)
+            self._forget_if_idle(identity, client)
+        if self._pending_replies:
+            self._flush_s = FLUSH_RETRY_S if moved else min(2 * self._flush_s, FLUSH_RETRY_MAX_S)
+            self._flush_timer = self._pump.loop.call_later(self._flush_s, self._flush)
+
+    def _drop_outbox(self, client: _Client) -> None:
+        self._pending_replies -= len(client.outbox)
+        self._pending_bytes -= client.outbox_bytes
+        client.outbox.clear()
+        client.outbox_bytes = 0
+
+    def _forget_if_idle(self, identity: bytes, client: _Client) -> None:
+        if client.idle() and self._clients.get(identity) is client:
+            del self._clients[identity]
 
 
 # ====================================================================== client
