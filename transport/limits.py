@@ -39,11 +39,15 @@ class RequestBudget:
 
     def admit(self, key: Hashable, now: float) -> bool:
         """Take one token from `key`'s bucket if it holds one; False means over the limit."""
-        entry = self._buckets.pop(key, None)
+        buckets = self._buckets
+        entry = buckets.get(key)
         tokens = self.burst if entry is None else self._refilled(entry, now)
         admitted = tokens >= 1.0
-        self._buckets[key] = (tokens - 1.0 if admitted else tokens, now)
-        self._forget_full(now)
+        buckets[key] = (tokens - 1.0 if admitted else tokens, now)
+        if entry is not None:
+            buckets.move_to_end(key)
+        elif len(buckets) > 1:
+            self._forget_full(now)  # a new key: make room (one call per new key keeps this O(1) amortized)
         return admitted
 
     def _refilled(self, entry: tuple[float, float], now: float) -> float:
