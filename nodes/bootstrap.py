@@ -119,7 +119,7 @@ class Bootstrap:
 
         if self.config.state_dir is not None:
             self._lock = _lock_state_dir(self.config.state_dir)
-        self._table = open_peer_table(self.config.state_dir)
+        self._table = open_peer_table(self.config.state_dir, fresh=self.config.fresh_state)
         self.registry = Registry(self._table, self.config, now=self.clock())
         host, port = parse_address(self.config.bind, allow_port_zero=True, what="bind")
         handlers = {
@@ -191,6 +191,7 @@ class Bootstrap:
             address=body.address,
             model=body.model or None,
             node_id=body.node_id,
+            incarnation=body.incarnation,
             client=env.src,
             now=self.clock(),
         )
@@ -208,6 +209,7 @@ class Bootstrap:
                 split_mode=spec.split_mode,
                 fingerprint_samples=spec.fingerprint_samples,
                 init_seed=self.registry.init_seed,
+                incarnation=self.registry.incarnation,
             )
         return Welcome(
             node_id=result.node_id,
@@ -215,6 +217,7 @@ class Bootstrap:
             fingerprint_seed=self.registry.fingerprint_seed,
             heartbeat_s=self.config.heartbeat_s,
             init_seed=self.registry.init_seed,
+            incarnation=self.registry.incarnation,
         )
 
     async def rpc_base_digest(self, env: Any) -> None:

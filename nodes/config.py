@@ -86,6 +86,15 @@ class BootstrapConfig:
     restart_grace_s: float = 10.0
     # How often the liveness sweep runs, seconds.
     sweep_s: float = 0.5
+    # A row dead or left for this long (seconds since its last sign of life) is deleted; the
+    # node, if it ever comes back, joins as a new node. An hour: far beyond any restart or
+    # network outage a node rides out with its id, short enough that a join flood's rows go.
+    expire_after_s: float = 3600.0
+    # At most this many rows (live, dead and left); a join that needs one more is refused (`full`).
+    max_nodes: int = 10_000
+    # A damaged or partial state is moved aside (never deleted) and a new incarnation started,
+    # instead of being refused.
+    fresh_state: bool = False
     # Model name handed to nodes in `welcome` (None: the nodes choose).
     model: str | None = None
     # Seed for the fingerprint projection (None: drawn once and kept in the state).
@@ -100,6 +109,9 @@ class BootstrapConfig:
         for name in ("heartbeat_s", "suspect_after_s", "dead_after_s", "sweep_s"):
             require_number(name, getattr(self, name), positive=True)
         require_number("restart_grace_s", self.restart_grace_s, 0)
+        require_number("expire_after_s", self.expire_after_s, positive=True)
+        require_int("max_nodes", self.max_nodes, 1)
+        require_bool("fresh_state", self.fresh_state)
         if self.suspect_after_s <= self.heartbeat_s:
             raise ValueError(
                 f"suspect_after_s must exceed heartbeat_s ({self.heartbeat_s}), got {self.suspect_after_s}"
@@ -107,6 +119,10 @@ class BootstrapConfig:
         if self.dead_after_s <= self.suspect_after_s:
             raise ValueError(
                 f"dead_after_s must exceed suspect_after_s ({self.suspect_after_s}), got {self.dead_after_s}"
+            )
+        if self.expire_after_s <= self.dead_after_s:
+            raise ValueError(
+                f"expire_after_s must exceed dead_after_s ({self.dead_after_s}), got {self.expire_after_s}"
             )
         if self.model is not None:
             require_name("model", self.model)

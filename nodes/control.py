@@ -25,7 +25,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from atlas_p2p.validation import is_int
 from nodes.config import NodeConfig, format_address, parse_address
@@ -100,8 +100,16 @@ def advertised_address(bound: str, bootstrap: str, advertise: str | None = None)
     return format_address(local, port)
 
 
-def load_identity(state_dir: Path | None, bootstrap: str) -> int | None:
-    """The node id this node had with `bootstrap`, from `state_dir/node.json`, or None."""
+class SavedIdentity(NamedTuple):
+    """What `node.json` keeps: the node's id and the bootstrap state incarnation that gave it."""
+
+    node_id: int
+    incarnation: str  # "" in a file written before incarnations: the bootstrap hands out a new id
+
+
+def load_identity(state_dir: Path | None, bootstrap: str) -> SavedIdentity | None:
+    """The node id (and its incarnation) this node had with `bootstrap`, from `state_dir/node.json`,
+    or None."""
     if state_dir is None:
         return None
     path = Path(state_dir) / IDENTITY_FILE
@@ -109,25 +117,27 @@ def load_identity(state_dir: Path | None, bootstrap: str) -> int | None:
         return None
     try:
         data = json.loads(path.read_text())
-        node_id, saved_for = data["node_id"], data["bootstrap"]
+        node_id, saved_for, incarnation = data["node_id"], data["bootstrap"], data.get("incarnation", "")
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise NodeIdentityError(f"--state: cannot read {path}: {exc}") from None
     if not is_int(node_id) or node_id < 0:
         raise NodeIdentityError(f"--state: {path} holds a bad node id {node_id!r}")
+    if not isinstance(incarnation, str):
+        raise NodeIdentityError(f"--state: {path} holds a bad incarnation {incarnation!r:.80}")
     if saved_for != bootstrap:
         log.info("state %s belongs to bootstrap %s, not %s: joining as a new node", path, saved_for, bootstrap)
         return None
-    return node_id
+    return SavedIdentity(node_id, incarnation)
 
 
-def save_identity(state_dir: Path | None, bootstrap: str, node_id: int) -> None:
+def save_identity(state_dir: Path | None, bootstrap: str, node_id: int, incarnation: str) -> None:
     """Write `state_dir/node.json` atomically (write a temp file, then rename)."""
     if state_dir is None:
         return
     directory = Path(state_dir)
     directory.mkdir(parents=True, exist_ok=True)
     tmp = directory / (IDENTITY_FILE + ".tmp")
-    tmp.write_text(json.dumps({"node_id": node_id, "bootstrap": bootstrap}))
+    tmp.write_text(json.dumps({"node_id": node_id, "bootstrap": bootstrap, "incarnation": incarnation}))
     tmp.replace(directory / IDENTITY_FILE)
 
 
@@ -147,6 +157,7 @@ class ControlClient:
         *,
         compute_score: float,
         node_id: int | None,
+        incarnation: str,
         on_welcome: ReplyHook | None,
         on_heartbeat_reply: ReplyHook | None,
         progress: ProgressFn | None,
@@ -158,6 +169,7 @@ class ControlClient:
         self.client = client  # transport.rpc.RpcClient used for the bootstrap
         self.compute_score = compute_score
         self.node_id = node_id  # None until the first welcome (unless known from --state)
+        self.incarnation = incarnation  # the bootstrap state's incarnation that gave node_id ("": none yet)
         self.welcome: Any = None  # last transport.messages.Welcome
         self.connected = False
         self.failure: BaseException | None = None  # set when the loop gave up (join refused)
@@ -190,7 +202,7 @@ class ControlClient:
         (state, round, base_version, ...). `on_welcome(welcome)` runs after every
         (re)join, `on_heartbeat_reply(reply)` after every answered heartbeat.
         """
-        node_id = load_identity(config.state_dir, config.bootstrap)  # fails before anything opens
+        saved = load_identity(config.state_dir, config.bootstrap)  # fails before anything opens
         owns = client is None
         if owns:
             from transport.rpc import RpcClient
@@ -203,7 +215,8 @@ class ControlClient:
             address,
             client,
             compute_score=compute_score,
-            node_id=node_id,
+            node_id=saved.node_id if saved is not None else None,
+            incarnation=saved.incarnation if saved is not None else "",
             on_welcome=on_welcome,
             on_heartbeat_reply=on_heartbeat_reply,
             progress=progress,
@@ -289,6 +302,7 @@ class ControlClient:
             address=self.address,
             model=self.config.model or "",
             node_id=self.node_id,
+            incarnation=self.incarnation if self.node_id is not None else "",
         )
         try:
             reply = await self.client.call(self.config.bootstrap, body, timeout=self.config.request_timeout_s)
@@ -305,9 +319,10 @@ class ControlClient:
             return False
         rejoined = self.node_id == reply.node_id
         self.node_id = reply.node_id
+        self.incarnation = reply.incarnation
         self.welcome = reply
         self.connected = True
-        save_identity(self.config.state_dir, self.config.bootstrap, reply.node_id)
+        save_identity(self.config.state_dir, self.config.bootstrap, reply.node_id, reply.incarnation)
         log.info(
             "%s bootstrap %s as node %d; serving peers on %s (%s, %d bytes, %d bit/s, heartbeat %g s)",
             "rejoined" if rejoined else "joined",

@@ -10,7 +10,11 @@ opening an older file adds any missing column, so a new column is one new field 
 default. Offers are stored in base units (bytes, bit/s); a file from when rows held
 decimal MB and Mbit/s (`memory_mb`, `bandwidth_mbps`) is converted once on opening.
 Small string settings that must survive a restart (the id counter, the fingerprint
-seed) live in a key/value `meta` table.
+seed, the state's incarnation) live in a key/value `meta` table.
+
+`open_peer_table` checks a state directory before using it (nodes/state_seal.py): a
+damaged or partial state is refused with `DamagedStateError` naming the directory and
+what is wrong, or, with `fresh=True`, set aside and replaced by a new incarnation.
 """
 
 from __future__ import annotations
@@ -30,6 +34,19 @@ from atlas_p2p.capabilities import Capabilities
 from atlas_p2p.validation import is_int, is_number
 from atlas_p2p.vocabulary import HELPER, OWNER
 from nodes.liveness import ALIVE, STATUSES
+from nodes.state_seal import (
+    INCARNATION_KEY,
+    NEXT_ID_KEY,
+    SEAL_FILENAME,
+    Seal,
+    StateDamaged,
+    diagnose,
+    new_incarnation,
+    read_db_facts,
+    read_seal,
+    set_aside,
+    write_seal,
+)
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +56,10 @@ INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1  # what an SQLite INTEGER holds
 
 class PeerTableError(RuntimeError):
     """The state directory or database cannot be used (not a directory, not a database, ...)."""
+
+
+class DamagedStateError(PeerTableError):
+    """The state directory holds a damaged or partial state (refused unless started fresh)."""
 
 
 @dataclass(frozen=True)
@@ -140,6 +161,14 @@ class PeerTable(ABC):
         """All rows in id order."""
 
     @abstractmethod
+    def count(self) -> int:
+        """How many rows the table holds."""
+
+    @abstractmethod
+    def delete_many(self, node_ids: list[int]) -> None:
+        """Remove these rows in one transaction (unknown ids are ignored); their ids are not reused."""
+
+    @abstractmethod
     def _write_many(self, records: list[PeerRecord]) -> None:
         """Replace these rows in one transaction."""
 
@@ -154,6 +183,11 @@ class PeerTable(ABC):
     @abstractmethod
     def close(self) -> None:
         """Release the backend; idempotent."""
+
+    @property
+    def incarnation(self) -> str | None:
+        """The id of this state's incarnation (drawn when the state was created), if it has one."""
+        return self.get_meta(INCARNATION_KEY)
 
     def update(self, node_id: int, **fields: Any) -> PeerRecord:
         """Change some columns of one row; KeyError if unknown id, ValueError if bad field."""
@@ -188,7 +222,7 @@ class MemoryPeerTable(PeerTable):
 
     def __init__(self) -> None:
         self._rows: dict[int, PeerRecord] = {}
-        self._meta: dict[str, str] = {}
+        self._meta: dict[str, str] = {INCARNATION_KEY: new_incarnation()}  # each table is a state of its own
         self._counter = 0
 
     def allocate_id(self) -> int:
@@ -203,6 +237,13 @@ class MemoryPeerTable(PeerTable):
 
     def rows(self) -> list[PeerRecord]:
         return [self._rows[k] for k in sorted(self._rows)]
+
+    def count(self) -> int:
+        return len(self._rows)
+
+    def delete_many(self, node_ids: list[int]) -> None:
+        for node_id in node_ids:
+            self._rows.pop(node_id, None)
 
     def _write_many(self, records: list[PeerRecord]) -> None:
         for record in records:
@@ -243,11 +284,13 @@ class SqlitePeerTable(PeerTable):
 
     WAL with synchronous=NORMAL makes every committed write survive the process being
     killed (only a power cut can lose the last transactions), and readers never block
-    the writer.
+    the writer. With `seal` (its directory's seal, see nodes/state_seal.py) every id
+    allocated is recorded in the seal after it is committed.
     """
 
-    def __init__(self, path: Path | str) -> None:
+    def __init__(self, path: Path | str, *, seal: Seal | None = None) -> None:
         self.path = Path(path)
+        self.seal = seal
         try:
             self._conn = sqlite3.connect(self.path, isolation_level=None, timeout=5.0)
         except sqlite3.Error as exc:
@@ -281,8 +324,11 @@ class SqlitePeerTable(PeerTable):
 
     def allocate_id(self) -> int:
         with self._transaction():
-            current = int(self.get_meta("next_id") or "1")
-            self.set_meta("next_id", str(current + 1))
+            current = int(self.get_meta(NEXT_ID_KEY) or "1")
+            self.set_meta(NEXT_ID_KEY, str(current + 1))
+        if self.seal is not None and current > self.seal.max_id:
+            self.seal = Seal(self.seal.incarnation, current)
+            write_seal(self.path.parent, self.seal)  # after the commit: the database stays ahead of the seal
         return current
 
     def put(self, record: PeerRecord) -> None:
@@ -297,6 +343,13 @@ class SqlitePeerTable(PeerTable):
 
     def rows(self) -> list[PeerRecord]:
         return [self._from_row(r) for r in self._conn.execute(f"SELECT {self._select} FROM peers ORDER BY id")]
+
+    def count(self) -> int:
+        return int(self._conn.execute("SELECT COUNT(*) FROM peers").fetchone()[0])
+
+    def delete_many(self, node_ids: list[int]) -> None:
+        with self._transaction():
+            self._conn.executemany("DELETE FROM peers WHERE id = ?", [(n,) for n in node_ids])
 
     def _write_many(self, records: list[PeerRecord]) -> None:
         placeholders = ", ".join("?" for _ in COLUMNS)
@@ -351,8 +404,14 @@ class _Transaction:
         self._conn.execute("ROLLBACK" if exc_type is not None else "COMMIT")
 
 
-def open_peer_table(state_dir: Path | str | None) -> PeerTable:
-    """SQLite table in `state_dir` (created if missing), or an in-memory one for None."""
+def open_peer_table(state_dir: Path | str | None, *, fresh: bool = False) -> PeerTable:
+    """SQLite table in `state_dir` (created if missing), or an in-memory one for None.
+
+    An existing state is checked first (nodes/state_seal.py). A damaged or partial one
+    raises DamagedStateError naming the directory and the damage; with `fresh` its files
+    are moved into a `damaged-<time>` folder instead and a new state (a new incarnation,
+    ids above the highest the old seal recorded) is started.
+    """
     if state_dir is None:
         return MemoryPeerTable()
     directory = Path(state_dir)
@@ -362,7 +421,60 @@ def open_peer_table(state_dir: Path | str | None) -> PeerTable:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise PeerTableError(f"cannot create state dir {directory}: {exc.strerror or exc}") from None
-    return SqlitePeerTable(directory / DB_FILENAME)
+    try:
+        return _open_sealed(directory)
+    except StateDamaged as exc:
+        if not fresh:
+            raise DamagedStateError(
+                f"state dir {directory} is damaged: {exc.problem}; refusing to start with a partial peer table "
+                "(bootstrap --fresh-state sets the damaged files aside and starts a new incarnation)"
+            ) from None
+        return _start_fresh(directory, exc.problem)
+
+
+_STATE_FILES = [DB_FILENAME, DB_FILENAME + "-wal", DB_FILENAME + "-shm", SEAL_FILENAME]
+
+
+def _open_sealed(directory: Path) -> SqlitePeerTable:
+    """Open the state in `directory` if its database and its seal agree; StateDamaged otherwise."""
+    seal = read_seal(directory)
+    path = directory / DB_FILENAME
+    facts = read_db_facts(path) if path.exists() else None
+    problem = diagnose(facts, seal)
+    if problem is not None:
+        raise StateDamaged(problem)
+    table = SqlitePeerTable(path, seal=seal)
+    if seal is None:  # a new state, or one from before seals: seal it now
+        incarnation = table.incarnation or new_incarnation()
+        if table.incarnation is None:
+            table.set_meta(INCARNATION_KEY, incarnation)
+        table.seal = Seal(incarnation, int(table.get_meta(NEXT_ID_KEY) or "1") - 1)
+        write_seal(directory, table.seal)
+        if facts is not None and facts.tables:
+            log.info("state dir %s: sealed a state from before seals as incarnation %s", directory, incarnation)
+    return table
+
+
+def _start_fresh(directory: Path, problem: str) -> SqlitePeerTable:
+    """Move the damaged state aside and open a new one whose ids start above the old seal's."""
+    try:
+        old = read_seal(directory)
+    except StateDamaged:
+        old = None
+    aside = set_aside(directory, _STATE_FILES)
+    table = _open_sealed(directory)
+    if old is not None and old.max_id > 0:
+        table.set_meta(NEXT_ID_KEY, str(old.max_id + 1))
+        table.seal = Seal(table.seal.incarnation, old.max_id)
+        write_seal(directory, table.seal)
+    log.warning(
+        "state dir %s was damaged (%s): moved its files to %s and started incarnation %s",
+        directory,
+        problem,
+        aside,
+        table.incarnation,
+    )
+    return table
 
 
 def new_record(

@@ -7,6 +7,12 @@ messages. A request that does not make sense (unknown node, bad address) raises
 `RequestError(code, message)`, which the shell answers as an `error` reply; the table is
 left untouched in that case.
 
+Every state has an incarnation (nodes/state_seal.py), handed to nodes in `welcome`: a
+node's id is only its own in the incarnation that gave it, so a join or heartbeat naming an
+id of another incarnation is treated as unknown (a new id; the row holding that id here is
+another node's). Rows dead or left for `expire_after_s` are deleted by the sweep (their ids
+are never handed out again), and the table holds at most `max_nodes` rows (`full`).
+
 One base per swarm: the registry hands out an init seed (the parameters a checkpoint
 lacks are drawn from it) and keeps the swarm's base digest, the first one a node
 reports for the swarm's model (both persisted in the table's meta). A node reporting
@@ -25,6 +31,7 @@ from atlas_p2p.capabilities import Capabilities
 from nodes.config import BootstrapConfig, parse_address
 from nodes.liveness import ALIVE, DEAD, LEFT, silence, status_after_heartbeat, status_after_silence
 from nodes.peer_table import PeerRecord, PeerTable, new_record
+from nodes.state_seal import INCARNATION_KEY, new_incarnation
 
 log = logging.getLogger("atlas.bootstrap")
 
@@ -32,6 +39,7 @@ _SEED_KEY = "fingerprint_seed"
 _INIT_SEED_KEY = "init_seed"
 _BASE_KEY = "base_digest"
 _UNROUTABLE_HOSTS = {"*", "0.0.0.0", "[::]"}
+EXPIRED = "expired"  # what `sweep` reports for a row it deleted
 
 
 class RequestError(Exception):
@@ -58,6 +66,9 @@ class Registry:
         self.table = table
         self.config = config
         self.started_at = now
+        if table.incarnation is None:  # a table opened without its seal (tests): give it one
+            table.set_meta(INCARNATION_KEY, new_incarnation())
+        self.incarnation: str = table.incarnation
         self.fingerprint_seed = self._settle_seed(config.fingerprint_seed)
         self.init_seed = self._settle_seed(config.init_seed, _INIT_SEED_KEY, "init seed")
         # client name -> node id it was given: a join retried by the same process (its
@@ -155,6 +166,7 @@ class Registry:
         public_key: str | None = None,
         node_id: int | None = None,
         client: str | None = None,
+        incarnation: str = "",
     ) -> JoinResult:
         """Admit a node offering `capabilities`; one that names an id the table knows keeps it
         (a rejoin).
@@ -165,6 +177,16 @@ class Registry:
         _check_peer_address(address)
         if not isinstance(capabilities, Capabilities):
             raise RequestError("bad_request", f"capabilities must be a Capabilities, got {capabilities!r:.80}")
+        if node_id is not None and incarnation != self.incarnation:
+            # an id from another incarnation of the state (or from before incarnations): here it
+            # is unknown, or another node's
+            log.info(
+                "join names node id %s of incarnation %r, this state is %s: handing out a new id",
+                node_id,
+                incarnation[:64],
+                self.incarnation,
+            )
+            node_id = None
         if node_id is None and client is not None:
             node_id = self._ids_by_client.get(client)
         known = self.table.get(node_id) if node_id is not None else None
@@ -181,6 +203,10 @@ class Registry:
             log.info("node %d rejoined from %s (was %s)", known.id, address, known.status)
             self._remember(client, known.id)
             return JoinResult(known.id, rejoined=True)
+        if self.table.count() >= self.config.max_nodes:
+            raise RequestError(
+                "full", f"the peer table holds {self.config.max_nodes} nodes, the most it keeps; try again later"
+            )
         new_id = self.table.allocate_id()
         self.table.put(new_record(new_id, capabilities, **fields))
         self._remember(client, new_id)
@@ -209,8 +235,17 @@ class Registry:
         state: str | None = None,
         round: int | None = None,
         base_version: int | None = None,
+        incarnation: str = "",
     ) -> PeerRecord:
-        """Record a sign of life; a suspect or dead node is alive again, a left one must rejoin."""
+        """Record a sign of life; a suspect or dead node is alive again, a left one must rejoin.
+
+        A heartbeat naming the incarnation its id came from ("" = not said) is refused as
+        `unknown_node` when that is not this state's: the row is another node's, not its.
+        """
+        if incarnation and incarnation != self.incarnation:
+            raise RequestError(
+                "unknown_node", f"node id {node_id} is from another incarnation of the state; join again"
+            )
         record = self._known(node_id)
         status = status_after_heartbeat(record.status)
         if status is None:
@@ -240,10 +275,14 @@ class Registry:
     # --- time ----------------------------------------------------------------------------
 
     def sweep(self, now: float) -> list[tuple[int, str, str]]:
-        """Apply silence-based liveness to every row; returns (node_id, old, new) changes."""
+        """Apply silence-based liveness to every row and delete the rows dead or left for
+        `expire_after_s`; returns the (node_id, old, new) changes, new = EXPIRED for a deleted row."""
         changes: list[tuple[int, str, str]] = []
+        expired: list[tuple[int, str, str]] = []
         for record in self.table.rows():
             if record.status in (DEAD, LEFT):
+                if now - record.last_seen >= self.config.expire_after_s:
+                    expired.append((record.id, record.status, EXPIRED))
                 continue
             silent = silence(now, record.last_seen, self.started_at, self.config.restart_grace_s)
             status = status_after_silence(record.status, silent, self.config.suspect_after_s, self.config.dead_after_s)
@@ -253,7 +292,12 @@ class Registry:
             self.table.update_many({node_id: {"status": new} for node_id, _, new in changes})
             for node_id, old, new in changes:
                 log.info("node %d: %s -> %s (no heartbeat)", node_id, old, new)
-        return changes
+        if expired:
+            ids = [node_id for node_id, _, _ in expired]
+            self.table.delete_many(ids)
+            shown = ", ".join(map(str, ids[:10])) + (f" and {len(ids) - 10} more" if len(ids) > 10 else "")
+            log.info("deleted %d rows dead or left for %g s: %s", len(ids), self.config.expire_after_s, shown)
+        return changes + expired
 
     def _known(self, node_id: int) -> PeerRecord:
         record = self.table.get(node_id)

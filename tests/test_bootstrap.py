@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import msgpack
 import pytest
@@ -22,7 +23,7 @@ from nodes.liveness import (
     status_after_silence,
 )
 from nodes.peer_table import MemoryPeerTable, PeerTableError, open_peer_table
-from nodes.registry import Registry, RequestError
+from nodes.registry import EXPIRED, Registry, RequestError
 from scenarios.waiting import wait_until_async
 from tests.aio import run
 from tests.peer_rows import PEER_ROW_KEYS
@@ -108,6 +109,7 @@ def test_rejoin_with_known_id_keeps_it_and_assignment():
         Capabilities(memory_bytes=4_000_000_000, bandwidth_bps=5_000_000, compute_score=1.0, has_data=False),
         now=50.0,
         node_id=node,
+        incarnation=registry.incarnation,
         address="127.0.0.1:7009",
     )
 
@@ -223,6 +225,55 @@ def test_join_repeated_by_the_same_client_keeps_its_first_id():
     assert len(registry.rows()) == 2
 
 
+def test_an_id_from_another_incarnation_is_unknown_and_never_takes_over_a_row():
+    registry = Registry(MemoryPeerTable(), CONFIG, now=0.0)
+    holder = _join(registry, address="127.0.0.1:7001")  # id 1 of this incarnation
+
+    returning = _join(registry, now=1.0, address="127.0.0.1:7002", node_id=holder, incarnation="0123abcd")
+    legacy = _join(registry, now=2.0, address="127.0.0.1:7003", node_id=holder)  # a node.json from before incarnations
+
+    assert holder == 1 and returning == 2 and legacy == 3
+    assert registry.table.get(holder).address == "127.0.0.1:7001" and registry.table.get(holder).joined_at == 0.0
+    with pytest.raises(RequestError) as caught:
+        registry.heartbeat(holder, now=3.0, incarnation="0123abcd")
+    assert caught.value.code == "unknown_node"
+    assert registry.table.get(holder).last_seen == 0.0
+    assert registry.heartbeat(holder, now=3.0, incarnation=registry.incarnation).last_seen == 3.0
+
+
+def test_a_full_table_refuses_new_nodes_and_changes_nothing_but_rejoins_pass():
+    registry = Registry(MemoryPeerTable(), dataclasses.replace(CONFIG, max_nodes=2), now=0.0)
+    first, _ = _join(registry), _join(registry, address="127.0.0.1:7002")
+    rows = registry.rows()
+
+    with pytest.raises(RequestError) as caught:
+        _join(registry, now=1.0, address="127.0.0.1:7003")
+
+    assert caught.value.code == "full" and registry.rows() == rows
+    assert _join(registry, now=1.0, node_id=first, incarnation=registry.incarnation) == first
+
+
+def test_sweep_deletes_rows_dead_or_left_for_expire_after_and_their_ids_stay_used():
+    config = dataclasses.replace(CONFIG, expire_after_s=100.0, restart_grace_s=0.0)
+    registry = Registry(MemoryPeerTable(), config, now=0.0)
+    dead, gone, alive = (_join(registry, address=f"127.0.0.1:{7001 + i}") for i in range(3))
+    registry.leave(gone, now=50.0)
+
+    def sweep(now: float) -> list[tuple[int, str, str]]:
+        registry.heartbeat(alive, now=now)
+        return registry.sweep(now)
+
+    sweep(10.0)  # dead is dead from 10 s; its silence counts from its last heartbeat (0 s)
+
+    early = sweep(99.0)
+    first = sweep(100.0)
+    second = sweep(150.0)
+
+    assert early == [] and first == [(dead, DEAD, EXPIRED)] and second == [(gone, LEFT, EXPIRED)]
+    assert [r["id"] for r in registry.rows()] == [alive]
+    assert _join(registry, now=151.0, node_id=dead, incarnation=registry.incarnation) == 4  # joins as new
+
+
 # --- the service over real sockets on 127.0.0.1 -------------------------------------------
 
 SERVICE = BootstrapConfig(
@@ -299,7 +350,9 @@ def test_service_rejoin_keeps_id_and_unknown_ids_are_told_to_rejoin():
         try:
             first = await client.call(service.address, _join_body(), timeout=3)
             other = await RpcClient.create("another-process")
-            again = await other.call(service.address, _join_body(node_id=first.node_id), timeout=3)
+            again = await other.call(
+                service.address, _join_body(node_id=first.node_id, incarnation=first.incarnation), timeout=3
+            )
             await other.stop()
             assert again.node_id == first.node_id
 

@@ -45,14 +45,32 @@ def test_backoff_rejects_attempt_zero():
 def test_identity_round_trip_and_bootstrap_mismatch(tmp_path):
     assert load_identity(tmp_path, "127.0.0.1:5555") is None
 
-    save_identity(tmp_path, "127.0.0.1:5555", 7)
+    save_identity(tmp_path, "127.0.0.1:5555", 7, "ab12")
 
-    assert load_identity(tmp_path, "127.0.0.1:5555") == 7
+    assert load_identity(tmp_path, "127.0.0.1:5555") == (7, "ab12")
     assert load_identity(tmp_path, "10.0.0.1:5555") is None
-    assert json.loads((tmp_path / "node.json").read_text()) == {"node_id": 7, "bootstrap": "127.0.0.1:5555"}
+    assert json.loads((tmp_path / "node.json").read_text()) == {
+        "node_id": 7,
+        "bootstrap": "127.0.0.1:5555",
+        "incarnation": "ab12",
+    }
 
 
-@pytest.mark.parametrize("content", ["{not json", '{"node_id": "seven", "bootstrap": "x:1"}', "[]"])
+def test_an_identity_from_before_incarnations_is_read_with_none(tmp_path):
+    (tmp_path / "node.json").write_text(json.dumps({"node_id": 7, "bootstrap": "127.0.0.1:5555"}))
+
+    assert load_identity(tmp_path, "127.0.0.1:5555") == (7, "")
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        "{not json",
+        '{"node_id": "seven", "bootstrap": "x:1"}',
+        "[]",
+        '{"node_id": 7, "bootstrap": "x:1", "incarnation": 5}',
+    ],
+)
 def test_corrupt_identity_file_is_a_clear_error(tmp_path, content):
     (tmp_path / "node.json").write_text(content)
 
@@ -119,7 +137,7 @@ def test_joins_heartbeats_with_progress_and_leaves_on_stop(tmp_path):
             assert all(isinstance(r, Ok) for r in replies)
             row = boot.registry.table.get(1)
             assert (row.state, row.round, row.base_version, row.role) == ("training", 3, 2, "owner")
-            assert load_identity(tmp_path / "node", boot.address) == 1
+            assert load_identity(tmp_path / "node", boot.address) == (1, boot.registry.incarnation)
         finally:
             await node.stop()
             await node.stop()  # idempotent

@@ -197,7 +197,7 @@ def test_state_dir_that_is_a_file_is_a_clear_error(tmp_path):
 def test_garbage_database_file_is_a_clear_error(tmp_path):
     (tmp_path / DB_FILENAME).write_bytes(b"this is not an sqlite database" * 100)
 
-    with pytest.raises(PeerTableError, match="not usable"):
+    with pytest.raises(PeerTableError, match="damaged: .*not a usable SQLite database"):
         open_peer_table(tmp_path)
 
 

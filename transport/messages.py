@@ -140,6 +140,7 @@ class Join(Message):
     has_data: bool = False
     model: str = ""  # model the node runs; "" = whatever the swarm runs
     node_id: NodeId | None = None  # set when rejoining after a restart
+    incarnation: str = ""  # the state incarnation that handed out node_id (its welcome's); "" = not known
 
     @classmethod
     def offer(cls, capabilities: Capabilities, **rest: Any) -> Join:
@@ -169,6 +170,7 @@ class Welcome(Message):
     num_labels: Annotated[int, Range(1, None)] | None = None
     split_mode: Annotated[str, OneOf(SPLIT_MODES)] = "two-part"
     init_seed: Annotated[int, Range(0, (1 << 63) - 1)] = 0  # draws the parameters a checkpoint lacks
+    incarnation: str = ""  # the bootstrap state's incarnation: node_id is only this node's within it
 
 
 Digest = str  # sha256 hex of a base (atlas_p2p.models.base); "" = not stated

@@ -1,0 +1,55 @@
+"""A node id is only a node's within the state incarnation that gave it.
+
+A bootstrap that lost its whole state starts a new incarnation and hands out ids from 1
+again; a node that comes back with an id of the old incarnation in its node.json joins as
+a new node instead of taking over the row another node now holds under that id.
+"""
+
+from __future__ import annotations
+
+from nodes.bootstrap import Bootstrap
+from nodes.config import BootstrapConfig, NodeConfig
+from nodes.control import ControlClient, load_identity
+from tests.aio import run
+from tests.test_control import BOOT, restart_on
+
+
+def _node(bootstrap: str, **overrides) -> NodeConfig:
+    fields = dict(
+        bootstrap=bootstrap,
+        memory_bytes=2_000_000_000,
+        bandwidth_bps=20e6,
+        compute_score=1.0,
+        request_timeout_s=0.5,
+        backoff_base_s=0.05,
+        backoff_cap_s=0.2,
+        leave_timeout_s=1.0,
+    )
+    return NodeConfig(**{**fields, **overrides})
+
+
+def test_a_node_back_with_an_id_of_a_lost_state_gets_a_new_id_not_another_nodes_row(tmp_path):
+    async def body():
+        first = await Bootstrap.create(BootstrapConfig(bind="127.0.0.1:0", state_dir=tmp_path / "boot-a", **BOOT))
+        address, old = first.address, first.registry.incarnation
+        x = await ControlClient.create(_node(address, state_dir=tmp_path / "x"), "127.0.0.1:4101")
+        await x.wait_joined(timeout=5)
+        await x.stop(leave=False)  # the node goes down; its node.json keeps (1, incarnation a)
+        await first.stop()
+
+        second = await restart_on(address, state_dir=tmp_path / "boot-b", **BOOT)  # the whole state lost
+        y = await ControlClient.create(_node(address), "127.0.0.1:4102")
+        x_again = await ControlClient.create(_node(address, state_dir=tmp_path / "x"), "127.0.0.1:4101")
+        try:
+            assert (await y.wait_joined(timeout=5)).node_id == 1  # id 1 again, in the new incarnation
+            welcome = await x_again.wait_joined(timeout=5)
+
+            assert welcome.node_id == 2 and welcome.incarnation == second.registry.incarnation != old
+            assert second.registry.table.get(1).address == "127.0.0.1:4102"  # y's row is y's
+            assert load_identity(tmp_path / "x", address) == (2, second.registry.incarnation)
+        finally:
+            await x_again.stop()
+            await y.stop()
+            await second.stop()
+
+    run(body())
