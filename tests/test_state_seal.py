@@ -253,3 +253,16 @@ def test_the_cli_refuses_a_damaged_state_in_one_line_with_the_state_error_code(r
     err = capsys.readouterr().err.strip().splitlines()
     assert code == ExitCode.STATE_ERROR
     assert len(err) == 1 and str(copy) in err[0] and "--fresh-state" in err[0], err
+
+
+@pytest.mark.parametrize(
+    "extra, needle", [(["--expire-after", "10"], "expire_after_s"), (["--max-nodes", "0"], "max_nodes")]
+)
+def test_bad_expiry_and_table_bound_flags_are_one_line_and_start_nothing(tmp_path, capsys, extra, needle):
+    state = tmp_path / "state"
+
+    code = main(["bootstrap", "--bind", "127.0.0.1:0", "--state", str(state), *extra])
+
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == ExitCode.BAD_VALUE and len(err) == 1 and needle in err[0], err
+    assert not state.exists()

@@ -235,6 +235,26 @@ def bootstrap(
             help="After a restart, seconds nodes get to reconnect before silence counts (default: max(10, 2 x heartbeat)).",
         ),
     ] = None,
+    expire_after: Annotated[
+        float,
+        typer.Option(
+            "--expire-after",
+            help="Seconds a dead or departed node's row is kept; then it is deleted (the node, if it "
+            "comes back, joins as a new node).",
+        ),
+    ] = BootstrapConfig.expire_after_s,
+    max_nodes: Annotated[
+        int,
+        typer.Option("--max-nodes", help="Most rows the peer table holds; a join beyond it is refused (full)."),
+    ] = BootstrapConfig.max_nodes,
+    fresh_state: Annotated[
+        bool,
+        typer.Option(
+            "--fresh-state",
+            help="If --state is damaged or partial (the bootstrap refuses it otherwise), move its files "
+            "into a damaged-<time> folder there and start a new state incarnation. A whole state is kept.",
+        ),
+    ] = False,
     model: Annotated[
         str, typer.Option(help="The swarm's model: tiny-gpt2 | tiny-llama | tiny-bert (embedded) or an HF id/path.")
     ] = "tiny-gpt2",
@@ -306,6 +326,9 @@ def bootstrap(
         dead_after_s=dead_after if dead_after is not None else 7.5 * heartbeat,
         restart_grace_s=grace_s if grace_s is not None else max(10.0, 2.0 * heartbeat),
         sweep_s=min(0.5, heartbeat / 2),
+        expire_after_s=expire_after,
+        max_nodes=max_nodes,
+        fresh_state=fresh_state,
         model=model,
         fingerprint_seed=seed,
         init_seed=init_seed,
