@@ -44,10 +44,12 @@ from nodes.config import BootstrapConfig, parse_address
 from nodes.coordinator import Coordinator
 from nodes.peer_table import PeerTable, PeerTableError, open_peer_table
 from nodes.registry import Registry, RequestError
+from transport.security import AllowList, JoinToken, Keypair, load_or_create_keypair, load_public_keys
 
 log = logging.getLogger("atlas.bootstrap")
 
 INFO_FILE = "bootstrap.json"
+TOKEN_FILE = "join-token"  # the join token, for `atlas-node join --token @DIR/join-token`
 LOCK_FILE = "bootstrap.lock"
 MAX_REQUEST_BYTES = 4 << 20  # control messages only: capabilities, fingerprints, reports
 COORDINATOR_KEY = "coordinator"  # peer-table meta key of {"swarm": the SwarmSpec, "state": the snapshot}
@@ -72,6 +74,27 @@ def _lock_state_dir(state_dir: Path) -> IO[str]:
     handle.write(str(os.getpid()))
     handle.flush()
     return handle
+
+
+def bootstrap_identity(state_dir: Path | None) -> tuple[Keypair, JoinToken]:
+    """The bootstrap's keypair and join token, kept in state_dir (`bootstrap.key_secret`,
+    `join-token`, owner-only) so nodes can rejoin after a restart; fresh ones without a state."""
+    if state_dir is None:
+        keypair = Keypair.generate()
+        return keypair, JoinToken.new(keypair.public)
+    keypair = load_or_create_keypair(state_dir, "bootstrap")
+    path = state_dir / TOKEN_FILE
+    try:
+        token = JoinToken.parse(path.read_text())
+    except (OSError, ValueError):
+        token = None
+    if token is None or token.server_key != keypair.public:
+        token = JoinToken.new(keypair.public)
+        tmp = state_dir / (TOKEN_FILE + ".tmp")
+        tmp.touch(mode=0o600)
+        tmp.write_text(token.text() + "\n")
+        tmp.replace(path)
+    return keypair, token
 
 
 def read_bootstrap_info(state_dir: Path | str) -> dict[str, Any] | None:
@@ -100,6 +123,8 @@ class Bootstrap:
         self._lock: IO[str] | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._stopped = False
+        self.keypair: Keypair | None = None  # None: an insecure swarm
+        self.token: JoinToken | None = None  # what a node needs to join (printed by the CLI)
 
     @classmethod
     async def create(
@@ -128,6 +153,7 @@ class Bootstrap:
             "leave": self.rpc_leave,
             "peers": self.rpc_peers,
             "base_digest": self.rpc_base_digest,
+            "whois": self.rpc_whois,
         }
         if self.swarm is not None:
             from nodes.assign import make_coordinator
@@ -137,8 +163,20 @@ class Bootstrap:
                 fingerprint=self.rpc_fingerprint, report=self.rpc_report, get_assignment=self.rpc_get_assignment
             )
             await self._adopt_known_nodes()
+        allow = None
+        if not self.config.insecure:
+            self.keypair, self.token = bootstrap_identity(self.config.state_dir)
+            if self.config.allow_keys is not None:
+                allow = AllowList(load_public_keys(self.config.allow_keys))
+        else:
+            log.warning("INSECURE: no keys, no join token; anyone who reaches %s can join or speak for any node", host)
         self.server = await RpcServer.create(
-            host, port, handlers, config=RpcServerConfig(name="bootstrap", max_bytes=MAX_REQUEST_BYTES)
+            host,
+            port,
+            {name: self._authorized(handler) for name, handler in handlers.items()},
+            config=RpcServerConfig(name="bootstrap", max_bytes=MAX_REQUEST_BYTES),
+            keypair=self.keypair,
+            allow=allow,
         )
         self.address = self.server.address
         if self.config.state_dir is not None:
@@ -180,6 +218,60 @@ class Bootstrap:
         """Requests, replies and every error code answered (from the RpcServer)."""
         return self.server.stats if self.server is not None else Counter()
 
+    # --- identity ---------------------------------------------------------------------------
+
+    def _authorized(self, handler: Callable[[Any], Any]) -> Callable[[Any], Any]:
+        """`handler` behind the identity check of `_authorize`."""
+
+        async def run(env: Any) -> Any:
+            self._authorize(env)
+            return await handler(env)
+
+        return run
+
+    def _authorize(self, env: Any) -> None:
+        """Who may send what, from the key the connection proved (`env.peer_key`).
+
+        `join` needs the token's secret; a request naming a node (heartbeat, leave,
+        fingerprint, report, get_assignment, base_digest) must come from that node's key;
+        `whois` only from a node of the swarm; `peers` from a node or with the secret.
+        Without keys (an insecure swarm) everything passes.
+        """
+        from transport.rpc import RpcError
+
+        if self.token is None:
+            return
+        body = env.body
+        if env.type == "join":
+            if not self.token.admits(body.token):
+                raise RpcError("bad_token", "this join token is not the swarm's (ask its operator for the current one)")
+        elif env.type == "peers":
+            if self.registry.node_of(env.peer_key) is None and not self.token.admits(body.token):
+                raise RpcError("unauthorized", "reading the peer table needs the join token or a node's key")
+        elif env.type == "whois":
+            if self.registry.node_of(env.peer_key) is None:
+                raise RpcError("unauthorized", "only nodes of the swarm may ask who holds a key")
+        else:
+            self._call(self.registry.check_sender, body.node_id, env.peer_key)
+
+    async def rpc_whois(self, env: Any) -> Any:
+        from transport.messages import WhoisReply
+
+        return WhoisReply(node_id=self.registry.node_of(env.body.key))
+
+    def _keys_for(self, assignment: dict[str, Any]) -> dict[str, str]:
+        """Public keys a node needs with its assignment: of every node it may call (its
+        `addresses`) and of every node that may call it (also the helpers of its cluster's
+        members, which pull patches from the anchor)."""
+        if self.token is None:
+            return {}
+        ids = {int(n) for n in assignment["addresses"]}
+        rows = self.registry.table.rows()
+        cluster = assignment.get("cluster")
+        if cluster is not None:
+            ids |= {r.helper for r in rows if r.cluster == cluster and r.helper is not None}
+        return {str(r.id): r.public_key for r in rows if r.id in ids and r.public_key}
+
     # --- handlers (bodies are already schema-checked by the codec) ------------------------
 
     async def rpc_join(self, env: Any) -> Any:
@@ -193,6 +285,7 @@ class Bootstrap:
             node_id=body.node_id,
             incarnation=body.incarnation,
             client=env.src,
+            public_key=env.peer_key or None,
             now=self.clock(),
         )
         if self.coordinator is not None:
@@ -333,9 +426,10 @@ class Bootstrap:
         node_id = env.body.node_id
         self._known(node_id)
         try:
-            return Assignment(**await self._read(self.coordinator.assignment_for, node_id))
+            body = await self._read(self.coordinator.assignment_for, node_id)
         except ValueError as exc:
             raise RpcError("unknown_node", str(exc)) from None
+        return Assignment(**body, keys=self._keys_for(body))
 
     def _known(self, node_id: int) -> None:
         from transport.rpc import RpcError
@@ -499,6 +593,14 @@ class Bootstrap:
 async def serve_bootstrap(config: BootstrapConfig, stop: asyncio.Event, swarm: Any = None) -> None:
     """Run a bootstrap until `stop` is set (the CLI sets it on SIGINT/SIGTERM)."""
     service = await Bootstrap.create(config, swarm=swarm)
+    if service.token is not None:
+        where = f" (kept in {config.state_dir / TOKEN_FILE})" if config.state_dir is not None else ""
+        log.info("join token%s: %s", where, service.token.text())
+        log.info(
+            "nodes join with: atlas-node join --bootstrap %s --token %s ...",
+            service.address,
+            f"@{config.state_dir / TOKEN_FILE}" if config.state_dir is not None else service.token.text(),
+        )
     try:
         await stop.wait()
         log.info("bootstrap shutting down")

@@ -13,7 +13,9 @@ tell it (docs/RUNTIME.md, "Messages"):
   swarm runs another base), both retried with `linear_backoff`;
 - `report_helper`: `report{event: helper_failed}` makes the coordinator re-pair the owner.
 
-It is also the `AssignmentSource` the node's services read the assignment from.
+It is also the `AssignmentSource` the node's services read the assignment from, and it
+says who is calling (`require_caller`): the node bound to the public key a request arrived
+with, from the assignment's `keys` or else asked of the bootstrap (`whois`, cached).
 """
 
 from __future__ import annotations
@@ -26,7 +28,18 @@ from collections.abc import Callable
 
 from nodes.collaborators import Link, LocalNode, TaskSet, linear_backoff
 from nodes.control import JoinRefused
-from transport.messages import Assignment, BaseDigest, Beat, Fingerprint, GetAssignment, Message, Report
+from transport.messages import (
+    Assignment,
+    BaseDigest,
+    Beat,
+    Envelope,
+    Fingerprint,
+    GetAssignment,
+    Message,
+    Report,
+    Whois,
+    WhoisReply,
+)
 from transport.rpc import RpcError
 
 log = logging.getLogger("atlas.peer")
@@ -37,6 +50,8 @@ FINGERPRINT_RETRY_CAP_S = 2.0
 BASE_RETRY_CAP_S = 5.0
 REFETCH_S = 2.0  # wait_assignment asks the bootstrap again after this long without a new assignment
 _BASE_FATAL = ("base_mismatch", "bad_request", "bad_schema")
+STRANGER_CACHE_S = 5.0  # a key the bootstrap does not know is asked about again after this long
+MAX_CACHED_KEYS = 10_000
 
 
 class BootstrapClient:
@@ -54,6 +69,8 @@ class BootstrapClient:
         self._fingerprint: Fingerprint | None = None  # the last one sent, for `need_fingerprint`
         self._rebasing = False
         self._tasks = TaskSet()
+        self._known_keys: dict[str, int] = {}  # public key -> node id (assignments, whois answers)
+        self._strangers: dict[str, float] = {}  # keys the bootstrap did not know -> when asked
 
     async def stop(self) -> None:
         await self._tasks.cancel_all()
@@ -84,6 +101,8 @@ class BootstrapClient:
         if isinstance(a, Assignment):  # the bootstrap is the authority (a restarted one counts from 0 again)
             changed = self.assignment is None or a.version != self.assignment.version
             self.assignment, self.version = a, a.version
+            self.link.learn_keys(a.addresses, a.keys)
+            self._remember_keys({key: int(n) for n, key in a.keys.items()})
             if changed:
                 log.info(
                     "assignment v%d: role %s, cluster %s, split %s, helper %s, anchor %s, serves %s (%s)",
@@ -97,6 +116,44 @@ class BootstrapClient:
                     a.reason,
                 )
             self._assigned.set()
+
+    # ---- who is calling ------------------------------------------------------------------
+    async def require_caller(self, env: Envelope, node_id: int | None = None) -> int | None:
+        """The node that sent `env` (by the key its connection proved); RpcError('unauthorized')
+        when no node of the swarm holds that key, or when it is not `node_id` (a node speaks
+        only for itself). A plain connection (an insecure swarm) passes as None."""
+        if not env.peer_key:
+            return None
+        caller = self._known_keys.get(env.peer_key)
+        if caller is None:
+            caller = await self._whois(env.peer_key)
+        if caller is None:
+            raise RpcError("unauthorized", "the key of this connection is not a node of the swarm")
+        if node_id is not None and caller != node_id:
+            raise RpcError("unauthorized", f"node {caller} may not speak for node {node_id}")
+        return caller
+
+    async def _whois(self, key: str) -> int | None:
+        asked = self._strangers.get(key)
+        if asked is not None and time.monotonic() - asked < STRANGER_CACHE_S:
+            return None
+        try:
+            reply = await self.link.call(self.bootstrap, Whois(key=key))
+        except RpcError as exc:
+            raise RpcError("unauthorized", f"cannot check the caller's key with the bootstrap ({exc.code})") from None
+        node_id = reply.node_id if isinstance(reply, WhoisReply) else None
+        if node_id is None:
+            if len(self._strangers) >= MAX_CACHED_KEYS:
+                self._strangers.clear()
+            self._strangers[key] = time.monotonic()
+        else:
+            self._remember_keys({key: node_id})
+        return node_id
+
+    def _remember_keys(self, keys: dict[str, int]) -> None:
+        if len(self._known_keys) + len(keys) > MAX_CACHED_KEYS:
+            self._known_keys.clear()
+        self._known_keys.update(keys)
 
     async def wait_assignment(self, predicate: Callable[[Assignment], bool], what: str) -> Assignment:
         """Wait until the current assignment satisfies `predicate` (refetching now and then)."""

@@ -281,6 +281,7 @@ class ClusterSync:
     # ---- handlers ------------------------------------------------------------------------------
     async def rpc_contribution(self, env: Envelope) -> None:
         b = env.body
+        await self.assignments.require_caller(env, b.sender)  # the copy's sender, as it states
         if self.cluster is None or b.cluster != self.cluster:
             raise RpcError("wrong_cluster", f"node {self.local.node_id} is not in cluster {b.cluster}")
         try:
@@ -293,6 +294,7 @@ class ClusterSync:
                 self._tasks.spawn(self._send_contribution(t, fwd), f"gossip-{t}")
 
     async def rpc_contribution_get(self, env: Envelope) -> ContributionMsg:
+        await self.assignments.require_caller(env)
         c = self.store.get(env.body.digest)
         if c is None:
             raise RpcError("not_found", f"no contribution {env.body.digest[:12]} here")
@@ -300,6 +302,7 @@ class ClusterSync:
 
     async def rpc_manifest_get(self, env: Envelope) -> Manifest:
         b = env.body
+        await self.assignments.require_caller(env)
         me = self.local.node_id
         alog = self.anchor_logs.get(b.cluster)
         if alog is not None and b.round in alog.manifests:
@@ -313,6 +316,7 @@ class ClusterSync:
 
     async def rpc_patches_get(self, env: Envelope) -> Patches:
         b = env.body
+        await self.assignments.require_caller(env)
         alog = self.anchor_logs.get(b.cluster)
         base = (
             alog.base

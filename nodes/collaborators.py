@@ -26,7 +26,7 @@ from torch import nn
 
 from atlas_p2p.versioning import PatchRecord
 from nodes.executor import torch_lock_released
-from transport.messages import Assignment, Message
+from transport.messages import Assignment, Envelope, Message
 from transport.rpc import RpcClient
 
 CONTROL_TIMEOUT_S = 3.0  # deadline of a small request (control, gossip, manifests)
@@ -49,6 +49,16 @@ class Link:
 
     def attach(self, client: RpcClient) -> None:
         self._client = client
+
+    def learn_keys(self, addresses: dict[str, str], keys: dict[str, str]) -> None:
+        """Talk CURVE to each node in `addresses` ({str(id): HOST:PORT}) under its key in `keys`
+        (an insecure swarm sends no keys: nothing to learn)."""
+        if self._client is None:
+            raise RuntimeError("Link.learn_keys before attach(client)")
+        for node, address in addresses.items():
+            key = keys.get(node)
+            if key:
+                self._client.set_server_key(address, key)
 
     async def call(self, address: str, body: Message, timeout: float = CONTROL_TIMEOUT_S) -> Message:
         """Send `body` to `address`, return the reply (RpcError / RpcTimeout on failure)."""
@@ -96,6 +106,10 @@ class AssignmentSource(Protocol):
 
     async def fetch_assignment(self) -> None:
         """Ask the bootstrap for the current assignment now (a failure is logged, not raised)."""
+
+    async def require_caller(self, env: Envelope, node_id: int | None = None) -> int | None:
+        """The node that sent `env`; RpcError('unauthorized') for a stranger, or for a node
+        speaking for `node_id` that is not itself."""
 
 
 class TaskSet:

@@ -23,6 +23,7 @@ from pathlib import Path
 from atlas_p2p.capabilities import Capabilities, require_bandwidth, require_memory
 from atlas_p2p.validation import require_bool, require_choice, require_int, require_name, require_number
 from atlas_p2p.vocabulary import SEQ_CLS, SPLIT_MODES, TASKS
+from transport.security import JoinToken
 
 EMBEDDED_MODELS = {"tiny-gpt2": "gpt2", "tiny-llama": "llama", "tiny-bert": "bert"}
 FINGERPRINT_SAMPLES = 256  # default m; real text needs it (docs/DECISIONS.md, benchmarks/fingerprint_sweep.py)
@@ -101,11 +102,19 @@ class BootstrapConfig:
     fingerprint_seed: int | None = None
     # Seed of the parameters a checkpoint lacks, e.g. a new head (None: drawn once and kept in the state).
     init_seed: int | None = None
+    # True: plain TCP, no keys, no join token, no identity checks (debugging only).
+    insecure: bool = False
+    # Directory of node public keys (`*.key`): only these may connect (None: any node with the token).
+    allow_keys: Path | None = None
 
     def __post_init__(self) -> None:
         parse_address(self.bind, allow_port_zero=True, what="bind")
-        if self.state_dir is not None and not isinstance(self.state_dir, Path):
-            object.__setattr__(self, "state_dir", Path(self.state_dir))
+        for name in ("state_dir", "allow_keys"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, Path):
+                object.__setattr__(self, name, Path(value))
+        if self.insecure and self.allow_keys is not None:
+            raise ValueError("allow_keys needs keys: it cannot be used with insecure=True")
         for name in ("heartbeat_s", "suspect_after_s", "dead_after_s", "sweep_s"):
             require_number(name, getattr(self, name), positive=True)
         require_number("restart_grace_s", self.restart_grace_s, 0)
@@ -160,6 +169,10 @@ class NodeConfig:
     backoff_cap_s: float = 8.0
     # Deadline of the `leave` sent on shutdown, seconds.
     leave_timeout_s: float = 2.0
+    # The join token printed by the bootstrap (its public key and the swarm's secret).
+    token: str | None = None
+    # True: plain TCP without keys, for a bootstrap started with --insecure (debugging only).
+    insecure: bool = False
 
     def __post_init__(self) -> None:
         parse_address(self.bootstrap, what="bootstrap")
@@ -177,6 +190,15 @@ class NodeConfig:
             require_name("model", self.model)
         if self.compute_score is not None:
             require_number("compute_score", self.compute_score, positive=True)
+        if self.insecure and self.token is not None:
+            raise ValueError("token: an insecure node joins without a token; give one or the other")
+        if not self.insecure:
+            if self.token is None:
+                raise ValueError("token: a join token is required (the bootstrap prints it), or insecure=True")
+            try:
+                JoinToken.parse(self.token)
+            except ValueError as exc:
+                raise ValueError(f"token: {exc}") from None
         for name in ("request_timeout_s", "backoff_base_s", "backoff_cap_s", "leave_timeout_s"):
             require_number(name, getattr(self, name), positive=True)
         if self.backoff_cap_s < self.backoff_base_s:

@@ -29,12 +29,13 @@ from typing import Any, NamedTuple
 
 from atlas_p2p.validation import is_int
 from nodes.config import NodeConfig, format_address, parse_address
+from transport.security import JoinToken, Keypair, load_or_create_keypair
 
 log = logging.getLogger("atlas.node")
 
 IDENTITY_FILE = "node.json"
 # Error codes after which retrying the same join cannot help.
-_FATAL_JOIN_CODES = frozenset({"bad_address", "bad_request", "bad_schema", "forbidden"})
+_FATAL_JOIN_CODES = frozenset({"bad_address", "bad_request", "bad_schema", "forbidden", "bad_token"})
 
 ReplyHook = Callable[[Any], Awaitable[None] | None]
 ProgressFn = Callable[[], dict[str, Any]]
@@ -98,6 +99,32 @@ def advertised_address(bound: str, bootstrap: str, advertise: str | None = None)
     except OSError:
         local = "127.0.0.1"
     return format_address(local, port)
+
+
+def node_keys(config: NodeConfig) -> tuple[Keypair | None, JoinToken | None]:
+    """This node's keypair (kept in `--state` as node.key / node.key_secret, so a restart is
+    the same node; a fresh one per run without a state) and the swarm's join token; (None,
+    None) for an insecure node."""
+    if config.insecure:
+        return None, None
+    token = JoinToken.parse(config.token)
+    if config.state_dir is None:
+        return Keypair.generate(), token
+    try:
+        return load_or_create_keypair(config.state_dir, "node"), token
+    except (OSError, ValueError) as exc:
+        raise NodeIdentityError(f"--state: cannot keep this node's key in {config.state_dir}: {exc}") from None
+
+
+def keyed_client(config: NodeConfig, keypair: Keypair | None, **kwargs: Any) -> Any:
+    """An RpcClient for this node: CURVE with `keypair` (the bootstrap's key from the token),
+    plain for an insecure node (`keypair` None)."""
+    from transport.rpc import RpcClient
+
+    client = RpcClient(f"node-{uuid.uuid4().hex[:12]}", keypair=keypair, **kwargs)
+    if keypair is not None:
+        client.set_server_key(config.bootstrap, JoinToken.parse(config.token).server_key)
+    return client
 
 
 class SavedIdentity(NamedTuple):
@@ -205,9 +232,7 @@ class ControlClient:
         saved = load_identity(config.state_dir, config.bootstrap)  # fails before anything opens
         owns = client is None
         if owns:
-            from transport.rpc import RpcClient
-
-            client = await RpcClient.create(f"node-{uuid.uuid4().hex[:12]}")
+            client = keyed_client(config, node_keys(config)[0])
         if compute_score is None:
             compute_score = config.compute_score or measure_compute_score()
         self = cls(
@@ -303,6 +328,7 @@ class ControlClient:
             model=self.config.model or "",
             node_id=self.node_id,
             incarnation=self.incarnation if self.node_id is not None else "",
+            token="" if self.config.token is None else JoinToken.parse(self.config.token).secret,
         )
         try:
             reply = await self.client.call(self.config.bootstrap, body, timeout=self.config.request_timeout_s)
@@ -310,6 +336,14 @@ class ControlClient:
             self._note_unreachable(failures, "join")
             return False
         except RpcError as exc:
+            if exc.code == "unauthorized" and self.node_id is not None:
+                log.warning(
+                    "node id %d belongs to another key at %s: joining as a new node",
+                    self.node_id,
+                    self.config.bootstrap,
+                )
+                self.node_id = None
+                return False
             if exc.code in _FATAL_JOIN_CODES:
                 raise JoinRefused(exc.code, getattr(exc, "message", str(exc))) from None
             log.warning("join refused by %s (%s); retrying", self.config.bootstrap, exc)

@@ -7,7 +7,8 @@ gradient of those hidden states, backward, AdamW step -> `backward`) and `return
 atlas_p2p.training.HelperSession, one replica per cluster served (HelperPool); every torch
 call runs in the node's executor thread.
 
-A request from an owner this node is not assigned to serve is refused (`not_serving`), and a
+A request must come from the owner it names (the key of its connection: `unauthorized`
+otherwise); a request from an owner this node is not assigned to serve is refused (`not_serving`), and a
 `round_begin` whose base digest is not this node's base is refused (`base_mismatch`): the
 owner reports the helper like a failed one and gets another.
 The base version is checked on every forward: a replica behind the owner first pulls the
@@ -127,6 +128,7 @@ class HelperService:
 
     async def rpc_round_begin(self, env: Envelope) -> None:
         b = env.body
+        await self.assignments.require_caller(env, b.owner_id)
         plan = await self._owner_plan(b.owner_id)
         self._check_base(b.owner_id, b.base_digest)
         if plan.get("cluster") is not None and int(plan["cluster"]) != b.cluster:
@@ -140,6 +142,7 @@ class HelperService:
 
     async def rpc_forward(self, env: Envelope) -> Hidden | Backward:
         b = env.body
+        await self.assignments.require_caller(env, b.owner_id)
         self.requests["forward"] += 1
         self.labels_received += b.labels is not None
         await self._owner_plan(b.owner_id)
@@ -174,6 +177,7 @@ class HelperService:
     async def rpc_u_backward(self, env: Envelope) -> Backward:
         """u-shape, second half of a step: the owner's ∂L/∂hidden -> backward, AdamW step -> ∂L/∂activations."""
         b = env.body
+        await self.assignments.require_caller(env, b.owner_id)
         self.requests["u_backward"] += 1
         await self._owner_plan(b.owner_id)
         replica = self._replica(b.cluster)
@@ -184,6 +188,7 @@ class HelperService:
 
     async def rpc_return_get(self, env: Envelope) -> ServerAdapterMsg:
         b = env.body
+        await self.assignments.require_caller(env, b.owner_id)
         await self._owner_plan(b.owner_id)
         back = await self._torch(self._replica(b.cluster).return_adapter, b.owner_id, b.round)
         tensors, scalings = factors_to_wire(back.factors, back.dense)
@@ -193,8 +198,9 @@ class HelperService:
 
     async def rpc_probe(self, env: Envelope) -> Hidden | Backward:
         """One micro-batch of another node's fingerprint across a cut, on the ORIGINAL base
-        (atlas_p2p.training.probe): nothing here changes, so any joined node may ask."""
+        (atlas_p2p.training.probe): nothing here changes, so any node of the swarm may ask, for itself."""
         b = env.body
+        await self.assignments.require_caller(env, b.owner_id)
         self.requests["probe"] += 1
         base = self.local.base_model
         if base is None:

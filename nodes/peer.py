@@ -38,7 +38,6 @@ import copy
 import functools
 import logging
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -81,7 +80,7 @@ from nodes.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from nodes.cluster_sync import ClusterSync
 from nodes.collaborators import Link, LocalNode
 from nodes.config import EMBEDDED_MODELS, NodeConfig, TrainConfig, parse_address
-from nodes.control import ControlClient, JoinRefused, advertised_address
+from nodes.control import ControlClient, JoinRefused, advertised_address, keyed_client, node_keys
 from nodes.executor import TorchExecutor
 from nodes.fingerprinting import split_loss
 from nodes.helper import HelperService
@@ -294,12 +293,18 @@ class Peer:
         host, port = parse_address(self.config.bind, allow_port_zero=True, what="bind")
         link = self.link_profile()
         handlers = {"ping": self.rpc_ping, **self.helper.handlers(), **self.sync.handlers()}
+        keypair, _ = node_keys(self.config)
         self.server = await RpcServer.create(
-            host, port, handlers, config=RpcServerConfig(name="node", max_bytes=MAX_MESSAGE_BYTES), link=link
+            host,
+            port,
+            handlers,
+            config=RpcServerConfig(name="node", max_bytes=MAX_MESSAGE_BYTES),
+            link=link,
+            keypair=keypair,
         )
         interrupted = False
         try:
-            self.client = await RpcClient.create(f"node-{uuid.uuid4().hex[:12]}", link=link)
+            self.client = keyed_client(self.config, keypair, link=link)
             self.link.attach(self.client)
             address = advertised_address(f"{host}:{self.server.port}", self.config.bootstrap, self.config.advertise)
             self.control = await ControlClient.create(

@@ -74,6 +74,8 @@ class Registry:
         # client name -> node id it was given: a join retried by the same process (its
         # earlier attempt was queued, not lost) gets the same id instead of a second row
         self._ids_by_client: dict[str, int] = {}
+        # public key -> the node id bound to it at its first join (identity by key)
+        self._ids_by_key: dict[str, int] = {r.public_key: r.id for r in table.rows() if r.public_key}
 
     def _settle_seed(self, wanted: int | None, key: str = _SEED_KEY, what: str = "fingerprint seed") -> int:
         """A seed every node uses (fingerprint projection, init of missing parameters); kept in the
@@ -171,24 +173,36 @@ class Registry:
         """Admit a node offering `capabilities`; one that names an id the table knows keeps it
         (a rejoin).
 
-        `client` is the sender's name on the wire (unique per process): a repeated join
-        from the same client without an id is the same node, so it keeps its first id.
+        `public_key` is the key the connection authenticated (None in an insecure swarm). A
+        node id is bound to the key of its first join: a join naming an id bound to another
+        key is refused (`unauthorized`, nothing changes), and a join from a key that already
+        has a row is that node coming back, whatever id it names.
+        Without keys, `client` is the sender's name on the wire (unique per process): a
+        repeated join from the same client without an id is the same node, so it keeps its
+        first id.
         """
         _check_peer_address(address)
         if not isinstance(capabilities, Capabilities):
             raise RequestError("bad_request", f"capabilities must be a Capabilities, got {capabilities!r:.80}")
-        if node_id is not None and incarnation != self.incarnation:
-            # an id from another incarnation of the state (or from before incarnations): here it
-            # is unknown, or another node's
-            log.info(
-                "join names node id %s of incarnation %r, this state is %s: handing out a new id",
-                node_id,
-                incarnation[:64],
-                self.incarnation,
-            )
-            node_id = None
-        if node_id is None and client is not None:
-            node_id = self._ids_by_client.get(client)
+        bound = self.node_of(public_key) if public_key is not None else None
+        if bound is not None:
+            node_id = bound  # this key's node coming back, whatever id it names
+        else:
+            claimed = self.table.get(node_id) if node_id is not None else None
+            if public_key is not None and claimed is not None and claimed.public_key != public_key:
+                raise RequestError("unauthorized", f"node {node_id} belongs to another key; join without an id")
+            if node_id is not None and incarnation != self.incarnation:
+                # an id from another incarnation of the state (or from before incarnations): here it
+                # is unknown, or another node's
+                log.info(
+                    "join names node id %s of incarnation %r, this state is %s: handing out a new id",
+                    node_id,
+                    incarnation[:64],
+                    self.incarnation,
+                )
+                node_id = None
+            if public_key is None and node_id is None and client is not None:
+                node_id = self._ids_by_client.get(client)
         known = self.table.get(node_id) if node_id is not None else None
         if node_id is not None and known is None:
             log.info("join names unknown node id %s: handing out a new one", node_id)
@@ -201,7 +215,7 @@ class Registry:
             }
             self.table.put(PeerRecord(**{**record.to_dict(), **keep}))
             log.info("node %d rejoined from %s (was %s)", known.id, address, known.status)
-            self._remember(client, known.id)
+            self._remember(client, known.id, public_key)
             return JoinResult(known.id, rejoined=True)
         if self.table.count() >= self.config.max_nodes:
             raise RequestError(
@@ -209,7 +223,7 @@ class Registry:
             )
         new_id = self.table.allocate_id()
         self.table.put(new_record(new_id, capabilities, **fields))
-        self._remember(client, new_id)
+        self._remember(client, new_id, public_key)
         log.info(
             "node %d joined from %s: %s, %d bytes, %d bit/s",
             new_id,
@@ -220,12 +234,34 @@ class Registry:
         )
         return JoinResult(new_id, rejoined=False)
 
-    def _remember(self, client: str | None, node_id: int) -> None:
+    def _remember(self, client: str | None, node_id: int, public_key: str | None) -> None:
+        if public_key is not None:
+            self._ids_by_key[public_key] = node_id
+            return
         if client is not None:
             self._ids_by_client[client] = node_id
             if len(self._ids_by_client) > 100_000:  # bound memory: forget the oldest clients
                 for stale in list(self._ids_by_client)[:10_000]:
                     del self._ids_by_client[stale]
+
+    def node_of(self, public_key: str) -> int | None:
+        """The node bound to `public_key`, or None (no node of this swarm holds it)."""
+        node_id = self._ids_by_key.get(public_key)
+        return node_id if node_id is not None and self.table.get(node_id) is not None else None
+
+    def check_sender(self, node_id: int, public_key: str) -> None:
+        """Refuse (`unauthorized`) a request naming `node_id` from a connection with another key.
+
+        `public_key` "" means the swarm runs without keys: nothing to check. An unknown id
+        is left to the request itself (it answers `unknown_node`).
+        """
+        if not public_key:
+            return
+        record = self.table.get(node_id)
+        if record is not None and record.public_key != public_key:
+            raise RequestError(
+                "unauthorized", f"this connection's key is not node {node_id}'s; a node speaks for itself"
+            )
 
     def heartbeat(
         self,

@@ -20,8 +20,10 @@ from typing import Any
 
 from nodes.bootstrap import Bootstrap
 from nodes.config import BootstrapConfig, NodeConfig, SwarmSpec, TrainConfig
+from nodes.control import ControlClient, keyed_client, node_keys
 from nodes.peer import Peer
 from scenarios.waiting import wait_until_async
+from transport.rpc import RpcClient
 
 # bootstrap timings of the in-process tests: a dead peer is declared within seconds
 FAST_TIMING: dict[str, float] = dict(
@@ -64,7 +66,16 @@ class InProcessSwarm:
     ) -> Peer:
         """A peer (not started) with state in WORKDIR/NAME, also its out_dir unless keep_results is
         False; `train` sets TrainConfig fields (rounds, local_steps, lr, ...)."""
-        config = NodeConfig(
+        config = self.node_config(name, memory_bytes, data=data, model=model)
+        out_dir = self.workdir / name if keep_results else None
+        self.peers[name] = Peer(config, TrainConfig(out_dir=out_dir, **train))
+        return self.peers[name]
+
+    def node_config(
+        self, name: str, memory_bytes: int, *, data: Path | None = None, model: str | None = None
+    ) -> NodeConfig:
+        """A node of this swarm with state in WORKDIR/NAME (its key lives there) and the join token."""
+        return NodeConfig(
             bootstrap=self.address,
             memory_bytes=memory_bytes,
             bandwidth_bps=BANDWIDTH_BPS,
@@ -72,10 +83,20 @@ class InProcessSwarm:
             model=model,
             state_dir=self.workdir / name,
             compute_score=1.0,
+            token=None if self.boot.token is None else self.boot.token.text(),
+            insecure=self.boot.token is None,
         )
-        out_dir = self.workdir / name if keep_results else None
-        self.peers[name] = Peer(config, TrainConfig(out_dir=out_dir, **train))
-        return self.peers[name]
+
+    async def wire_node(
+        self, name: str, memory_bytes: int, *, data: Path | None = None
+    ) -> tuple[RpcClient, ControlClient]:
+        """A node that is only its control plane: joined (heartbeating) under its own key; the
+        caller speaks the rest of the protocol itself on `client`. Stop both when done."""
+        config = self.node_config(name, memory_bytes, data=data)
+        client = keyed_client(config, node_keys(config)[0])
+        control = await ControlClient.create(config, "127.0.0.1:1", client=client)
+        await control.wait_joined(timeout=30)
+        return client, control
 
     def start(self, name: str) -> asyncio.Task[dict[str, Any]]:
         """Run peer `name` in a task of this loop (its summary is the task's result)."""

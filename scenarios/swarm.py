@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from nodes.bootstrap import read_bootstrap_info
+from nodes.bootstrap import TOKEN_FILE, read_bootstrap_info
 from nodes.control import IDENTITY_FILE
 from scenarios.waiting import WaitTimeout, wait_until
 
@@ -194,6 +194,13 @@ class Swarm:
             raise SwarmError(f"{exc}\n{child.log_tail()}") from None
         return self.address
 
+    def auth_args(self) -> list[str]:
+        """How `join` and `peers` prove they belong: the join token the bootstrap keeps in its
+        state (`--token @FILE`), or `--insecure` when the bootstrap runs without keys."""
+        if "--insecure" in self.bootstrap_extra:
+            return ["--insecure"]
+        return ["--token", f"@{self.workdir / 'bootstrap' / TOKEN_FILE}"]
+
     def restart_bootstrap(self, timeout: float | None = None) -> str:
         """Start the bootstrap again on the same port and state (after kill/stop)."""
         if self.address is None:
@@ -234,6 +241,7 @@ class Swarm:
             "127.0.0.1:0",
             "--state",
             str(state),
+            *self.auth_args(),
         ]
         if data is not None:
             args += ["--data", str(data)]
@@ -266,7 +274,9 @@ class Swarm:
 
     def peers(self, timeout: float = 3.0) -> list[dict[str, Any]]:
         """Rows from `atlas-node peers --json` (SwarmError when it fails)."""
-        result = self.run_cli("peers", "--bootstrap", str(self.address), "--json", "--timeout", str(timeout))
+        result = self.run_cli(
+            "peers", "--bootstrap", str(self.address), "--json", "--timeout", str(timeout), *self.auth_args()
+        )
         if result.returncode != 0:
             raise SwarmError(f"atlas-node peers exited {result.returncode}: {result.stderr.strip()}")
         return json.loads(result.stdout)

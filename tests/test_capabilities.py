@@ -35,6 +35,7 @@ def _joined(registry: Registry, memory: str, bandwidth: str, port: int) -> int:
         memory_bytes=parse_size(memory),
         bandwidth_bps=parse_rate(bandwidth),
         data=Path("train.jsonl"),
+        insecure=True,
     )
     join = Join.offer(config.capabilities(compute_score=1.0), address=f"127.0.0.1:{port}")
     body = _over_the_wire(join)

@@ -46,7 +46,15 @@ def test_help_explains_every_flag(argv, flags, capsys):
         assert flag in out
 
 
-JOIN = ["join", "--bootstrap", "127.0.0.1:5555", "--memory", "8GB", "--bandwidth", "50Mbps"]
+JOIN = ["join", "--bootstrap", "127.0.0.1:5555", "--memory", "8GB", "--bandwidth", "50Mbps", "--insecure"]
+
+
+def _join_live(boot) -> list[str]:
+    """JOIN against a running bootstrap, with its join token."""
+    return ["join", "--bootstrap", boot.service.address, "--memory", "8GB", "--bandwidth", "50Mbps"] + [
+        "--token",
+        boot.service.token.text(),
+    ]
 
 
 def _replace(argv, flag, value):
@@ -147,7 +155,7 @@ def test_peers_of_an_unreachable_bootstrap_is_one_line_and_code_4(capsys):
     silent.setsockopt(zmq.LINGER, 0)
     port = silent.bind_to_random_port("tcp://127.0.0.1")
     try:
-        got, out, err = _run(["peers", "--bootstrap", f"127.0.0.1:{port}", "--timeout", "0.3"], capsys)
+        got, out, err = _run(["peers", "--bootstrap", f"127.0.0.1:{port}", "--timeout", "0.3", "--insecure"], capsys)
     finally:
         silent.close(linger=0)
 
@@ -171,11 +179,19 @@ class _BootstrapThread:
         async def go() -> int:
             from transport.messages import Join
             from transport.rpc import RpcClient
+            from transport.security import Keypair
 
-            async with RpcClient(f"tester-{address}") as client:
+            async with RpcClient(f"tester-{address}", keypair=Keypair.generate()) as client:
+                client.set_server_key(self.service.address, self.service.keypair.public)
                 reply = await client.call(
                     self.service.address,
-                    Join(memory_bytes=memory_bytes, bandwidth_bps=bandwidth_bps, compute_score=1.0, address=address),
+                    Join(
+                        memory_bytes=memory_bytes,
+                        bandwidth_bps=bandwidth_bps,
+                        compute_score=1.0,
+                        address=address,
+                        token=self.service.token.secret,
+                    ),
                     timeout=5,
                 )
             return reply.node_id
@@ -201,10 +217,13 @@ def test_peers_prints_a_table_and_json(live_bootstrap, capsys):
     second = live_bootstrap.join("127.0.0.1:7102", memory_bytes=512_000_000)
     address = live_bootstrap.service.address
 
-    code, table, _ = _run(["peers", "--bootstrap", address], capsys)
-    code_json, raw, _ = _run(["peers", "--bootstrap", address, "--json"], capsys)
+    token = ["--token", live_bootstrap.service.token.text()]
+    code, table, _ = _run(["peers", "--bootstrap", address, *token], capsys)
+    code_json, raw, _ = _run(["peers", "--bootstrap", address, "--json", *token], capsys)
+    refused, _, err = _run(["peers", "--bootstrap", address, "--token", "atlas1-" + "0" * 96], capsys)
 
     assert code == code_json == ExitCode.OK
+    assert refused == ExitCode.UNREACHABLE  # another server key: the CURVE handshake never completes
     lines = table.strip().splitlines()
     assert lines[0].split()[:3] == ["ID", "STATUS", "ADDRESS"]
     assert "8.0 GB" in lines[1] and "512 MB" in lines[2] and lines[-1] == "2 peers: 2 alive"
@@ -239,7 +258,7 @@ def test_a_bad_data_file_is_refused_before_joining(live_bootstrap, tmp_path, cap
     good.write_text('{"text": "a", "label": 1}\n')
     bad.write_text('{"text": "a", "label": 1}\nnot json\n')
     files = {"--data": good, "--eval": good, flag: bad}
-    argv = JOIN[:2] + [live_bootstrap.service.address] + JOIN[3:] + ["--out", str(out)]
+    argv = _join_live(live_bootstrap) + ["--out", str(out)]
     argv += [x for name, path in files.items() for x in (name, str(path))]
 
     code, _, err = _run(argv, capsys)
@@ -249,9 +268,7 @@ def test_a_bad_data_file_is_refused_before_joining(live_bootstrap, tmp_path, cap
 
 
 def test_join_refused_by_the_bootstrap_exits_with_rejected(live_bootstrap, capsys):
-    address = live_bootstrap.service.address
-
-    got, _, err = _run(JOIN[:2] + [address] + JOIN[3:] + ["--advertise", "0.0.0.0:7103", "--compute", "1"], capsys)
+    got, _, err = _run(_join_live(live_bootstrap) + ["--advertise", "0.0.0.0:7103", "--compute", "1"], capsys)
 
     assert got == ExitCode.REJECTED and "refused" in _last_error_line(err)
 

@@ -89,9 +89,12 @@ def test_advertised_address_replaces_a_wildcard_host():
 BOOT = dict(heartbeat_s=0.2, suspect_after_s=1.0, dead_after_s=2.0, restart_grace_s=0.0, sweep_s=0.05)
 
 
-def _node_config(bootstrap: str, **overrides) -> NodeConfig:
+def _node_config(boot: Bootstrap, **overrides) -> NodeConfig:
+    """A node of `boot`'s swarm, with its join token (insecure when `boot` runs without keys)."""
     fields = dict(
-        bootstrap=bootstrap,
+        bootstrap=boot.address,
+        token=None if boot.token is None else boot.token.text(),
+        insecure=boot.token is None,
         memory_bytes=2_000_000_000,
         bandwidth_bps=20e6,
         compute_score=1.0,
@@ -124,7 +127,7 @@ def test_joins_heartbeats_with_progress_and_leaves_on_stop(tmp_path):
         boot = await Bootstrap.create(BootstrapConfig(bind="127.0.0.1:0", **BOOT))
         replies, welcomes = [], []
         node = await ControlClient.create(
-            _node_config(boot.address, state_dir=tmp_path / "node", data=tmp_path / "data.jsonl"),
+            _node_config(boot, state_dir=tmp_path / "node", data=tmp_path / "data.jsonl"),
             "127.0.0.1:4001",
             progress=lambda: {"state": "training", "round": 3, "base_version": 2},
             on_welcome=welcomes.append,
@@ -152,7 +155,7 @@ def test_reconnects_after_bootstrap_restart_on_same_state_without_rejoining(tmp_
         first = await Bootstrap.create(BootstrapConfig(bind="127.0.0.1:0", state_dir=tmp_path, **BOOT))
         address = first.address
         welcomes = []
-        node = await ControlClient.create(_node_config(address), "127.0.0.1:4002", on_welcome=welcomes.append)
+        node = await ControlClient.create(_node_config(first), "127.0.0.1:4002", on_welcome=welcomes.append)
         await node.wait_joined(timeout=5)
         await first.stop()
         await wait_until_async(lambda: not node.connected, WAIT_S)
@@ -174,14 +177,16 @@ def test_reconnects_after_bootstrap_restart_on_same_state_without_rejoining(tmp_
 
 def test_bootstrap_that_lost_its_state_makes_the_node_rejoin():
     async def body():
-        first = await Bootstrap.create(BootstrapConfig(bind="127.0.0.1:0", **BOOT))  # in-memory table
+        # in-memory table; without keys (a bootstrap that lost its state also lost its key, and
+        # its nodes need the new token: that case is the identity tests')
+        first = await Bootstrap.create(BootstrapConfig(bind="127.0.0.1:0", insecure=True, **BOOT))
         address = first.address
         welcomes = []
-        node = await ControlClient.create(_node_config(address), "127.0.0.1:4003", on_welcome=welcomes.append)
+        node = await ControlClient.create(_node_config(first), "127.0.0.1:4003", on_welcome=welcomes.append)
         await node.wait_joined(timeout=5)
         await first.stop()
 
-        second = await restart_on(address, **BOOT)
+        second = await restart_on(address, insecure=True, **BOOT)
         try:
             await wait_until_async(lambda: len(welcomes) == 2, WAIT_S)
             assert [r["status"] for r in second.registry.rows()] == ["alive"]
@@ -192,16 +197,16 @@ def test_bootstrap_that_lost_its_state_makes_the_node_rejoin():
     run(body())
 
 
-def test_node_started_before_the_bootstrap_joins_once_it_appears():
+def test_node_started_before_the_bootstrap_joins_once_it_appears(tmp_path):
     async def body():
-        probe = await Bootstrap.create(BootstrapConfig(bind="127.0.0.1:0", **BOOT))
+        probe = await Bootstrap.create(BootstrapConfig(bind="127.0.0.1:0", state_dir=tmp_path, **BOOT))
         address = probe.address  # a port known to be ours; the bootstrap is then away
         await probe.stop()
-        node = await ControlClient.create(_node_config(address), "127.0.0.1:4004")
+        node = await ControlClient.create(_node_config(probe), "127.0.0.1:4004")  # the token kept in tmp_path
         await asyncio.sleep(0.8)  # let a few join attempts time out and queue
         assert node.node_id is None
 
-        boot = await restart_on(address, **BOOT)
+        boot = await restart_on(address, state_dir=tmp_path, **BOOT)
         try:
             await node.wait_joined(timeout=10)
             await asyncio.sleep(0.5)  # queued duplicate joins, if any, have arrived by now
@@ -216,7 +221,7 @@ def test_node_started_before_the_bootstrap_joins_once_it_appears():
 def test_refused_join_ends_the_loop_with_a_clear_failure():
     async def body():
         boot = await Bootstrap.create(BootstrapConfig(bind="127.0.0.1:0", **BOOT))
-        node = await ControlClient.create(_node_config(boot.address), "0.0.0.0:4005")
+        node = await ControlClient.create(_node_config(boot), "0.0.0.0:4005")
         try:
             with pytest.raises(JoinRefused) as caught:
                 await node.wait_joined(timeout=5)
@@ -237,7 +242,7 @@ def test_a_failing_hook_does_not_stop_heartbeats():
             calls.append(reply)
             raise RuntimeError("bug in the embedding runtime")
 
-        node = await ControlClient.create(_node_config(boot.address), "127.0.0.1:4006", on_heartbeat_reply=broken)
+        node = await ControlClient.create(_node_config(boot), "127.0.0.1:4006", on_heartbeat_reply=broken)
         try:
             await node.wait_joined(timeout=5)
             await wait_until_async(lambda: len(calls) >= 3, WAIT_S)

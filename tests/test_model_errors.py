@@ -74,6 +74,7 @@ def outcomes(tmp_path_factory):
                 "10Mbps",
                 "--model",
                 names[kind],
+                "--insecure",
             ]
         running[case] = (names[kind], state, commands.start_command(*args))
     try:

@@ -10,7 +10,7 @@ from nodes.peer import RuntimeFailure
 from scenarios.inprocess import InProcessSwarm
 from scenarios.waiting import wait_until_async
 from transport.messages import ContributionMsg, Forward, ManifestGet, PatchesGet, Ping, Report, ReturnGet, RoundBegin
-from transport.rpc import RpcClient, RpcError
+from transport.rpc import RpcError
 
 SPEC = SwarmSpec(task="seq_cls", num_labels=4)
 
@@ -30,23 +30,32 @@ def test_bad_peer_requests_get_error_codes_and_the_node_keeps_serving(tmp_path):
         swarm = await InProcessSwarm.create(tmp_path, SPEC)
         node = swarm.add("n", 10**8)
         task = swarm.start("n")
-        client = await RpcClient.create("prober")
+        client, control = await swarm.wire_node("prober", 10**8)  # a node of the swarm, speaking for itself
+        me = control.node_id
         try:
             await wait_until_async(
                 lambda: node.base_model is not None and node.server is not None, 60, what="the node to serve"
             )
             addr = node.server.address
+            client.set_server_key(addr, node.server.keypair.public)
             acts = np.zeros((1, 3, 64), np.float32)
             bad = [
                 (
-                    Forward(step=0, activations=acts, attention_mask=np.ones((1, 3), np.int64), owner_id=99),
+                    Forward(step=0, activations=acts, attention_mask=np.ones((1, 3), np.int64), owner_id=me),
                     "not_serving",
                 ),
-                (RoundBegin(owner_id=99, cluster=0, round=0, split=1, ranks={}, seed=1, lr=0.01), "not_serving"),
-                (ReturnGet(owner_id=99, cluster=0, round=0), "not_serving"),
+                (RoundBegin(owner_id=me, cluster=0, round=0, split=1, ranks={}, seed=1, lr=0.01), "not_serving"),
+                (ReturnGet(owner_id=me, cluster=0, round=0), "not_serving"),
                 (
                     ContributionMsg(
-                        cluster=0, round=0, node_id=5, n_samples=1, digest="x", tensors={"Q:x": acts}, scalings={}
+                        cluster=0,
+                        round=0,
+                        node_id=5,
+                        n_samples=1,
+                        digest="x",
+                        tensors={"Q:x": acts},
+                        scalings={},
+                        sender=me,
                     ),
                     "wrong_cluster",
                 ),
@@ -60,14 +69,13 @@ def test_bad_peer_requests_get_error_codes_and_the_node_keeps_serving(tmp_path):
             assert await client.call(addr, Ping(), timeout=5) is not None
             with pytest.raises(RpcError) as err:  # a report naming no valid helper is refused by the bootstrap
                 await client.call(
-                    swarm.address,
-                    Report(node_id=node.node_id, metrics={"event": "helper_failed", "helper": "x"}),
-                    timeout=5,
+                    swarm.address, Report(node_id=me, metrics={"event": "helper_failed", "helper": "x"}), timeout=5
                 )
             assert err.value.code == "bad_request"
             assert not task.done()
         finally:
             swarm.stop.set()
+            await control.stop(leave=False)
             await client.stop()
             await asyncio.wait_for(task, 30)
             await swarm.close()
@@ -89,11 +97,23 @@ def test_bad_peer_requests_get_error_codes_and_the_node_keeps_serving(tmp_path):
                 "1Mbps",
                 "--split-mode",
                 "three-part",
+                "--insecure",
             ],
             "split_mode must be one of",
         ),
         (
-            ["join", "--bootstrap", "127.0.0.1:5555", "--memory", "1GB", "--bandwidth", "1Mbps", "--local-steps", "0"],
+            [
+                "join",
+                "--bootstrap",
+                "127.0.0.1:5555",
+                "--memory",
+                "1GB",
+                "--bandwidth",
+                "1Mbps",
+                "--local-steps",
+                "0",
+                "--insecure",
+            ],
             "local_steps must be an int >= 1",
         ),
         (["bootstrap", "--bind", "127.0.0.1:0", "--state", "/tmp/x", "--task", "seq_cls"], "num_labels"),

@@ -9,7 +9,12 @@ from transport.link import LinkProfile
 
 def _peer(tmp_path, **train):
     config = NodeConfig(
-        bootstrap="127.0.0.1:5555", memory_bytes=10**8, bandwidth_bps=20e6, state_dir=tmp_path, compute_score=1.0
+        bootstrap="127.0.0.1:5555",
+        memory_bytes=10**8,
+        bandwidth_bps=20e6,
+        state_dir=tmp_path,
+        compute_score=1.0,
+        insecure=True,
     )
     return Peer(config, TrainConfig(out_dir=None, **train))
 
@@ -38,6 +43,17 @@ def test_cli_refuses_a_latency_without_link_emulation(capsys):
     from tools.cli import main
     from tools.exit_codes import ExitCode
 
-    args = ["join", "--bootstrap", "127.0.0.1:5555", "--memory", "1GB", "--bandwidth", "1Mbps", "--latency-ms", "5"]
+    args = [
+        "join",
+        "--bootstrap",
+        "127.0.0.1:5555",
+        "--memory",
+        "1GB",
+        "--bandwidth",
+        "1Mbps",
+        "--latency-ms",
+        "5",
+        "--insecure",
+    ]
     assert main(args) == ExitCode.BAD_VALUE
     assert "only with emulate_link" in capsys.readouterr().err

@@ -19,8 +19,7 @@ import asyncio
 import numpy as np
 import pytest
 
-from nodes.config import NodeConfig, SwarmSpec
-from nodes.control import ControlClient
+from nodes.config import SwarmSpec
 from scenarios.inprocess import InProcessSwarm
 from scenarios.waiting import wait_until_async
 from tests.process_swarm import flags
@@ -37,7 +36,7 @@ from transport.messages import (
     RoundBegin,
     UBackward,
 )
-from transport.rpc import RpcClient, RpcError
+from transport.rpc import RpcError
 
 
 def test_u_shape_rounds_across_two_processes_match_one_process_and_labels_stay_home(swarm):
@@ -66,27 +65,15 @@ def test_bad_u_shape_requests_get_errors_and_the_helper_keeps_serving(tmp_path):
         helper = swarm.add("h", 10**8, keep_results=False)
         task = swarm.start("h")
         boot = swarm.boot
-        client = await RpcClient.create("owner-on-the-wire")
-        control = None
+        client = control = None
         try:
             await wait_until_async(
                 lambda: getattr(helper, "base_identity", None) is not None and helper.server is not None,
                 60,
                 what="the helper to serve",
             )
-            control = await ControlClient.create(
-                NodeConfig(
-                    bootstrap=boot.address,
-                    memory_bytes=4 * 10**6,
-                    bandwidth_bps=5e7,
-                    state_dir=tmp_path / "o",
-                    compute_score=1.0,
-                    data=tmp_path / "o.jsonl",
-                ),
-                "127.0.0.1:1",
-                client=client,
-            )
-            me = (await control.wait_joined()).node_id
+            client, control = await swarm.wire_node("o", 4 * 10**6, data=tmp_path / "o.jsonl")
+            me = control.node_id
             digest = helper.base_identity["digest"]  # the owner on the wire runs the helper's base
             await client.call(boot.address, BaseDigest(node_id=me, digest=digest), timeout=5)
             vec = np.random.default_rng(0).standard_normal(64).astype(np.float32)
@@ -99,6 +86,7 @@ def test_bad_u_shape_requests_get_errors_and_the_helper_keeps_serving(tmp_path):
             else:
                 raise AssertionError(f"no u-shape owner assignment with the helper: {a}")
             addr = helper.server.address
+            client.set_server_key(addr, a.keys[str(helper.node_id)])  # the helper's key, from the assignment
             await client.call(
                 addr,
                 RoundBegin(
@@ -151,7 +139,7 @@ def test_bad_u_shape_requests_get_errors_and_the_helper_keeps_serving(tmp_path):
             swarm.stop.set()
             if control is not None:
                 await control.stop(leave=False)
-            await client.stop()
+                await client.stop()
             await asyncio.wait_for(task, 30)
             await swarm.close()
 

@@ -155,6 +155,32 @@ def _check_data(flag: str, path: Path) -> None:
         fail(ExitCode.BAD_VALUE, f"{flag}: {exc}")
 
 
+def _token(flag: str, text: str | None, insecure: bool) -> str | None:
+    """The join token given as TOKEN or @FILE (one line, BAD_VALUE when unusable); None with
+    --insecure. Missing both is a USAGE error that says where the token comes from."""
+    from transport.security import JoinToken
+
+    if insecure:
+        if text is not None:
+            fail(ExitCode.USAGE, f"{flag} and --insecure exclude each other: a token means keys")
+        return None
+    if text is None:
+        fail(
+            ExitCode.USAGE,
+            f"{flag}: required (the bootstrap prints it and keeps it in its --state as join-token; "
+            f"pass {flag} @STATE/join-token), or --insecure for a swarm without keys",
+        )
+    if text.startswith("@"):
+        try:
+            text = Path(text[1:]).read_text().strip()
+        except OSError as exc:
+            fail(ExitCode.BAD_VALUE, f"{flag}: cannot read {text[1:]}: {exc.strerror or exc}")
+    try:
+        return JoinToken.parse(text).text()
+    except ValueError as exc:
+        fail(ExitCode.BAD_VALUE, f"{flag}: {exc}")
+
+
 def _address(flag: str, text: str, *, allow_port_zero: bool = False) -> str:
     from nodes.config import parse_address
 
@@ -295,8 +321,26 @@ def bootstrap(
             "about 256; nodes compute it in micro-batches of their --batch-size).",
         ),
     ] = FINGERPRINT_SAMPLES,
+    insecure: Annotated[
+        bool,
+        typer.Option(
+            "--insecure",
+            help="No keys and no join token: anyone who reaches --bind can join or speak for any node. Debugging only.",
+        ),
+    ] = False,
+    allow_keys: Annotated[
+        Path | None,
+        typer.Option(
+            "--allow-keys",
+            help="Directory of node public keys (*.key, each node keeps one in its --state as node.key): "
+            "only these may connect (default: any node with the join token).",
+        ),
+    ] = None,
 ) -> None:
-    """Run the bootstrap: peer table, liveness, clustering, planning and assignments."""
+    """Run the bootstrap: peer table, liveness, clustering, planning and assignments.
+
+    It prints the join token nodes need (`atlas-node join --token ...`) and keeps it, with
+    the bootstrap's key, in --state/join-token."""
     from nodes.bootstrap import serve_bootstrap
     from nodes.config import SwarmSpec
     from nodes.peer_table import PeerTableError
@@ -332,7 +376,17 @@ def bootstrap(
         model=model,
         fingerprint_seed=seed,
         init_seed=init_seed,
+        insecure=insecure,
+        allow_keys=allow_keys,
     )
+    if allow_keys is not None:
+        from transport.security import load_public_keys
+
+        try:
+            if not load_public_keys(allow_keys):
+                fail(ExitCode.BAD_VALUE, f"--allow-keys: no public keys (*.key) in {allow_keys}")
+        except ValueError as exc:
+            fail(ExitCode.BAD_VALUE, f"--allow-keys: {exc}")
     _check_model(model, task)
     from atlas_p2p.models.loading import ModelLoadError
 
@@ -349,6 +403,16 @@ def join(
     bootstrap: Annotated[str, typer.Option(help="HOST:PORT of the bootstrap.")],
     memory: Annotated[str, typer.Option(help="Memory this device lends, e.g. 512MB, 8GB, 2GiB.")],
     bandwidth: Annotated[str, typer.Option(help="Uplink bandwidth of this device, e.g. 50Mbps, 1Gbps.")],
+    token: Annotated[
+        str | None,
+        typer.Option(
+            envvar="ATLAS_TOKEN",
+            help="The join token the bootstrap printed, or @FILE (its --state/join-token). Env: ATLAS_TOKEN.",
+        ),
+    ] = None,
+    insecure: Annotated[
+        bool, typer.Option("--insecure", help="Join a bootstrap started with --insecure (no keys). Debugging only.")
+    ] = False,
     bind: Annotated[
         str, typer.Option(help="HOST:PORT for this node's own server (port 0 picks a free port).")
     ] = NodeConfig.bind,
@@ -427,6 +491,7 @@ def join(
         fail(ExitCode.BAD_VALUE, f"--data: no such file: {data}")
     if state is not None and state.exists() and not state.is_dir():
         fail(ExitCode.STATE_ERROR, f"--state: {state} exists and is not a directory")
+    token = _token("--token", token, insecure)
     config = _config(
         NodeConfig,
         bootstrap=bootstrap,
@@ -438,6 +503,8 @@ def join(
         model=model,
         state_dir=state if state is not None else out,
         compute_score=compute,
+        token=token,
+        insecure=insecure,
     )
     if eval_file is not None and not eval_file.is_file():
         fail(ExitCode.BAD_VALUE, f"--eval: no such file: {eval_file}")
@@ -492,6 +559,13 @@ def peers(
     bootstrap: Annotated[str, typer.Option(help="HOST:PORT of the bootstrap.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON array (one object per peer).")] = False,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the bootstrap.")] = 3.0,
+    token: Annotated[
+        str | None,
+        typer.Option(envvar="ATLAS_TOKEN", help="The swarm's join token, or @FILE. Env: ATLAS_TOKEN."),
+    ] = None,
+    insecure: Annotated[
+        bool, typer.Option("--insecure", help="Read a bootstrap started with --insecure (no keys).")
+    ] = False,
 ) -> None:
     """Print the bootstrap's peer table (readable, or --json for scripts)."""
     from tools.peers_view import PeersRefused, fetch_peers, format_peer_table
@@ -499,8 +573,9 @@ def peers(
     bootstrap = _address("--bootstrap", bootstrap)
     if not timeout > 0:
         fail(ExitCode.BAD_VALUE, f"--timeout: must be > 0, got {timeout}")
+    token = _token("--token", token, insecure)
     try:
-        rows = _run(lambda stop: fetch_peers(bootstrap, timeout))
+        rows = _run(lambda stop: fetch_peers(bootstrap, timeout, token=token))
     except PeersRefused as exc:
         fail(ExitCode.REJECTED, str(exc))
     if rows is None:

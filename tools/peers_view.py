@@ -33,14 +33,23 @@ class PeersRefused(RuntimeError):
     """The bootstrap answered, but not with a peer list."""
 
 
-async def fetch_peers(bootstrap: str, timeout: float) -> list[dict[str, Any]] | None:
-    """Ask `bootstrap` for its rows; None when it does not answer within `timeout`."""
+async def fetch_peers(bootstrap: str, timeout: float, token: str | None = None) -> list[dict[str, Any]] | None:
+    """Ask `bootstrap` for its rows; None when it does not answer within `timeout`.
+
+    With the swarm's join token (its text) the request goes over CURVE to the key the token
+    names and carries the token's secret; without, a plain request (an insecure swarm)."""
     from transport.messages import PeerList, Peers
     from transport.rpc import RpcClient, RpcError, RpcTimeout
+    from transport.security import JoinToken, Keypair
 
-    client = await RpcClient.create(f"peers-{uuid.uuid4().hex[:8]}")
+    parsed = None if token is None else JoinToken.parse(token)
+    client = await RpcClient.create(
+        f"peers-{uuid.uuid4().hex[:8]}", keypair=None if parsed is None else Keypair.generate()
+    )
+    if parsed is not None:
+        client.set_server_key(bootstrap, parsed.server_key)
     try:
-        reply = await client.call(bootstrap, Peers(), timeout=timeout)
+        reply = await client.call(bootstrap, Peers(token="" if parsed is None else parsed.secret), timeout=timeout)
     except RpcTimeout:
         return None
     except RpcError as exc:

@@ -87,6 +87,9 @@ class Envelope:
     id: int
     src: str
     body: Message
+    # Z85 public key of the connection it arrived on, set by a CURVE RpcServer ("" on a plain
+    # socket); never sent: it is what the transport proved, not what the sender claims
+    peer_key: str = ""
 
     def __post_init__(self) -> None:
         cls = MESSAGE_TYPES.get(self.type)
@@ -141,6 +144,7 @@ class Join(Message):
     model: str = ""  # model the node runs; "" = whatever the swarm runs
     node_id: NodeId | None = None  # set when rejoining after a restart
     incarnation: str = ""  # the state incarnation that handed out node_id (its welcome's); "" = not known
+    token: str = ""  # the secret of the swarm's join token ("" in an --insecure swarm)
 
     @classmethod
     def offer(cls, capabilities: Capabilities, **rest: Any) -> Join:
@@ -212,6 +216,7 @@ class Peers(Message):
     """Ask for the peer table (optionally one cluster's rows); answered by `peer_list`."""
 
     cluster: int | None = None
+    token: str = ""  # the join token's secret, for a reader that is not a node of the swarm
 
 
 @message("peer_list")
@@ -269,6 +274,24 @@ class Assignment(Message):
     role: Annotated[str, OneOf(ROLES)] = "waiting"
     # one map per served owner: {"owner", "cluster", "anchor"} (a `round_begin` must name that cluster)
     owners: list[dict[str, Any]] = field(default_factory=list)
+    # str(node_id) -> Z85 public key, for every node in `addresses` and every node that may
+    # call this one (the helpers of its cluster's members); empty in an --insecure swarm
+    keys: dict[str, str] = field(default_factory=dict)
+
+
+@message("whois")
+class Whois(Message):
+    """Node -> bootstrap: which node holds this public key (a caller the assignment does not
+    name); answered by `whois_reply`."""
+
+    key: str
+
+
+@message("whois_reply")
+class WhoisReply(Message):
+    """The node id bound to the key, or None when no node of the swarm holds it."""
+
+    node_id: NodeId | None = None
 
 
 # ---------------------------------------------------------------- peer <-> peer

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import itertools
 import logging
 import math
@@ -362,8 +363,10 @@ class RpcServer:
         except DecodeError as exc:
             self._reply_error(identity, exc.msg_id or 0, exc.code, exc.detail)
             return
+        if self.keypair is not None:  # the key libzmq authenticated, not one the sender states
+            env = dataclasses.replace(env, peer_key=parts[1].get("User-Id"))
         self.bytes_received.add(env.type, parts[1:])
-        key = (env.src, env.id)
+        key = (env.peer_key + env.src, env.id)  # a key is 40 characters or "": no two pairs collide
         cached = self._cache.get(key)
         if cached is _TOO_BIG:
             self.stats["duplicates"] += 1
@@ -459,7 +462,7 @@ class RpcServer:
             task.add_done_callback(self._tasks.discard)
 
     async def _handle(self, identity: bytes, env: Envelope) -> None:
-        key = (env.src, env.id)
+        key = (env.peer_key + env.src, env.id)
         try:
             reply = await self._run_handler(env)
             try:
@@ -703,12 +706,22 @@ class RpcClient:
         await self.stop()
 
     def set_server_key(self, address: str, public_key: bytes | str | None) -> None:
-        """Talk CURVE to `address`, whose public key this is (None: plain again). Applies to new connections."""
+        """Talk CURVE to `address`, whose public key this is (None: plain again).
+
+        A connection already open under another key is closed (its waiting calls fail with
+        RpcError('disconnected')): another node now serves that address.
+        """
         endpoint = tcp_endpoint(address)
-        if public_key is None:
+        key = None if public_key is None else public_key.encode("ascii") if isinstance(public_key, str) else public_key
+        if self._server_keys.get(endpoint) == key:
+            return
+        if key is None:
             self._server_keys.pop(endpoint, None)
         else:
-            self._server_keys[endpoint] = public_key.encode("ascii") if isinstance(public_key, str) else public_key
+            self._server_keys[endpoint] = key
+        peer = self._peers.pop(endpoint, None)
+        if peer is not None:
+            self._close_peer(peer, "disconnected")
 
     def set_link(self, address: str, profile: LinkProfile | None) -> None:
         """Emulate a specific link to `address` (None: back to the client's default link)."""
@@ -775,7 +788,7 @@ class RpcClient:
         """Close the connection to `address`; calls waiting on it fail with RpcError('disconnected')."""
         peer = self._peers.pop(tcp_endpoint(address), None)
         if peer is not None:
-            await self._close_peer(peer, "disconnected")
+            self._close_peer(peer, "disconnected")
 
     async def stop(self) -> None:
         """Close every connection; waiting calls fail with RpcError('stopped'). Safe to call twice."""
@@ -784,7 +797,7 @@ class RpcClient:
         self._stopped = True
         peers, self._peers = list(self._peers.values()), {}
         for peer in peers:
-            await self._close_peer(peer, "stopped")
+            self._close_peer(peer, "stopped")
 
     # ---- internals
 
@@ -808,7 +821,7 @@ class RpcClient:
             self._peers[endpoint] = peer
         return peer
 
-    async def _close_peer(self, peer: _Peer, reason: str) -> None:
+    def _close_peer(self, peer: _Peer, reason: str) -> None:
         if peer.pump is not None:
             peer.pump.close()
         peer.sock.close(linger=0)

@@ -1,11 +1,18 @@
-"""Optional CurveZMQ security: keypairs on disk, allow-lists, and socket set-up.
+"""CurveZMQ security: keypairs on disk, join tokens, allow-lists, and socket set-up.
 
-With `--keys DIR` every node and the bootstrap have a Curve25519 keypair (files
+Every node and the bootstrap have a Curve25519 keypair, kept in their `--state` (files
 `<name>.key` with the public key and `<name>.key_secret` with both, pyzmq's certificate
 format). A server only completes the CURVE handshake with clients whose public key is
-on its `AllowList`; a client must know the server's public key before it connects (nodes
-learn peers' keys from the peer table). Everything after the handshake is encrypted and
-authenticated by libzmq; a peer without an allowed key never reaches our decoder.
+on its `AllowList` (by default any client that has a keypair); a client must know the
+server's public key before it connects. Everything after the handshake is encrypted and
+authenticated by libzmq, and every message a secured RpcServer receives carries the
+client's public key (`Envelope.peer_key`), which the services check against the node
+the request speaks for (docs/RUNTIME.md, identity).
+
+A join token (`JoinToken`) is what a new node needs to enter a swarm: the bootstrap's
+public key (so the node can open a CURVE connection to the right server) and a secret
+(so the bootstrap admits it). Text form: `atlas1-` + 64 hex digits of the key + 32 hex
+digits of the secret, safe to paste into a shell.
 
 Allow-lists are checked by a ZAP handler (ZeroMQ's authentication protocol): one
 `zmq.auth.thread.ThreadAuthenticator` per ZeroMQ context, with one ZAP domain per
@@ -14,6 +21,7 @@ secured server, so several secured servers can share a process.
 
 from __future__ import annotations
 
+import hmac
 import secrets
 import threading
 from dataclasses import dataclass
@@ -55,6 +63,58 @@ class Keypair:
     def generate(cls) -> Keypair:
         public, secret = zmq.curve_keypair()
         return cls(public, secret)
+
+
+TOKEN_PREFIX = "atlas1-"
+_TOKEN_SECRET_BYTES = 16
+
+
+@dataclass(frozen=True, repr=False)
+class JoinToken:
+    """The bootstrap's public key (Z85) and the swarm's admission secret (hex). repr hides the secret."""
+
+    server_key: bytes
+    secret: str
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "server_key", _check_key(self.server_key, "JoinToken.server_key"))
+        if not isinstance(self.secret, str) or len(self.secret) != 2 * _TOKEN_SECRET_BYTES:
+            raise ValueError(f"JoinToken.secret must be {2 * _TOKEN_SECRET_BYTES} hex digits")
+        try:
+            bytes.fromhex(self.secret)
+        except ValueError:
+            raise ValueError("JoinToken.secret must be hex digits") from None
+
+    def __repr__(self) -> str:
+        return f"JoinToken(server_key={self.server_key.decode()!r})"
+
+    @classmethod
+    def new(cls, server_key: bytes | str) -> JoinToken:
+        return cls(_check_key(server_key, "server key"), secrets.token_hex(_TOKEN_SECRET_BYTES))
+
+    @classmethod
+    def parse(cls, text: str) -> JoinToken:
+        """The token printed by the bootstrap; ValueError says what is wrong (never echoes the secret)."""
+        text = text.strip() if isinstance(text, str) else ""
+        body = text[len(TOKEN_PREFIX) :]
+        if not text.startswith(TOKEN_PREFIX) or len(body) != 64 + 2 * _TOKEN_SECRET_BYTES:
+            raise ValueError(
+                f"a join token is '{TOKEN_PREFIX}' and {64 + 2 * _TOKEN_SECRET_BYTES} hex digits "
+                f"(as printed by 'atlas-node bootstrap'); got {len(text)} characters"
+            )
+        try:
+            raw_key = bytes.fromhex(body[:64])
+            bytes.fromhex(body[64:])
+        except ValueError:
+            raise ValueError("a join token has hex digits after its prefix") from None
+        return cls(zmq.utils.z85.encode(raw_key), body[64:])
+
+    def text(self) -> str:
+        return TOKEN_PREFIX + zmq.utils.z85.decode(self.server_key).hex() + self.secret
+
+    def admits(self, secret: str) -> bool:
+        """Whether `secret` is this token's (constant-time comparison)."""
+        return isinstance(secret, str) and hmac.compare_digest(secret.encode(), self.secret.encode())
 
 
 def create_keypair(keys_dir: str | Path, name: str) -> Keypair:
