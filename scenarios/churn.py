@@ -11,17 +11,22 @@ What it does, in order:
    with mixed --memory budgets: per task one strong node that trains the whole model and
    can help, the others too small for the whole model (they need a helper), and for
    N >= 6 at least one pure helper without data (N // 4 of them).
-3. Once every data node has finished about half of its rounds, SIGKILLs the --kill
-   fraction of the N nodes, chosen from the peer table: helpers that serve someone
-   first, then data nodes that are neither their cluster's anchor nor its last member.
+3. Once the plan is in the peer table, SIGKILLs the --kill fraction of the N nodes in the
+   middle of their training, chosen from a table read at kill time
+   (scenarios.victims.choose_victims): helpers that serve planned owners first (pure
+   helpers before data nodes that also serve), then data nodes that are neither their
+   cluster's anchor nor its last member. Each kill is printed with its reason from
+   that table.
 4. Optionally starts the --restart fraction of the killed nodes again on the same --out
    (they resume from their checkpoint).
 5. Waits (global --timeout, a progress line every few seconds) for every surviving data
    node to finish all rounds and exit, then lets the helpers go.
-6. Reads every node's --out (tools.report) and the bootstrap's repair counts, writes the
+6. Reads every node's --out (tools.report) and the bootstrap's repair events, matches
+   them against the victims (what each one served, who was re-paired to whom), writes the
    figures as JSON and checks acceptance: every survivor finished, no lost update, a
-   repair when a serving helper was killed, ARI >= 0.9, each cluster's loss fell.
-   Exit code 0 only when every check passes; the failing ones are named.
+   bootstrap repair naming each killed helper as the old helper, ARI >= 0.9, each
+   cluster's loss fell. Exit code 0 only when every check passes; the failing ones are named. The
+   closing lines say only what the records show.
 """
 
 from __future__ import annotations
@@ -46,6 +51,15 @@ if __package__ in (None, ""):  # run as `python scenarios/churn.py`
 from atlas_p2p.synthetic import SyntheticConfig, write_synthetic_jsonl  # noqa: E402
 from atlas_p2p.validation import is_number, require_int  # noqa: E402
 from scenarios.swarm import Swarm, SwarmError  # noqa: E402
+from scenarios.victims import (  # noqa: E402
+    Victim,
+    choose_victims,
+    describe_outcome,
+    kill_outcomes,
+    plan_exists,
+    serving_helpers,
+    short_claim,
+)
 from scenarios.waiting import WaitTimeout, wait_until  # noqa: E402
 from tools import report  # noqa: E402
 from tools.peers_view import format_peer_table  # noqa: E402
@@ -60,7 +74,6 @@ HELPER_MEMORY = "24MB"  # a pure helper: no data, serves owners' later layers
 MAX_SEQ_LEN = 16  # synthetic sentences are at most 8 words
 BANDWIDTHS = ("50Mbps", "20Mbps", "100Mbps", "10Mbps")
 TRUTH_FILE = "truth.json"
-LIVE = ("alive", "suspect")  # peer-table statuses of a node that may still be running
 
 
 @dataclass(frozen=True)
@@ -208,77 +221,6 @@ def write_data(specs: Sequence[NodeSpec], config: ChurnConfig) -> None:
             write_synthetic_jsonl(spec.eval, spec.task, config.eval_examples, config.kind, seed=base + 1)
 
 
-# --------------------------------------------------------------------------- choosing victims
-
-
-def serving_helpers(rows: Sequence[Mapping[str, Any]]) -> dict[int, list[int]]:
-    """helper id -> ids of the alive owners it serves, from peer table rows."""
-    serving: dict[int, list[int]] = {}
-    for row in rows:
-        helper = row.get("helper")
-        if helper is not None and row.get("status") in LIVE and helper != row.get("id"):
-            serving.setdefault(int(helper), []).append(int(row["id"]))
-    return serving
-
-
-def choose_victims(
-    rows: Sequence[Mapping[str, Any]],
-    names_by_id: Mapping[int, str],
-    pure_helpers: set[str],
-    count: int,
-    eligible: set[int] | None = None,
-) -> list[str]:
-    """`count` node names to kill, helpers among them (see the module doc, step 3).
-
-    Order: helpers serving someone (pure helpers first, anchors last), alternating with
-    data nodes that are not their cluster's anchor and leave at least one other live
-    member behind. `eligible` (None: all) limits who may be picked, e.g. to nodes still
-    in the middle of training."""
-    alive = {int(r["id"]): r for r in rows if r.get("status") in LIVE and int(r["id"]) in names_by_id}
-    pickable = set(alive) if eligible is None else set(alive) & set(eligible)
-    serving = serving_helpers(rows)
-    helpers = sorted(
-        (h for h in serving if h in pickable),
-        key=lambda h: (names_by_id[h] not in pure_helpers, bool(alive[h].get("anchor")), -len(serving[h]), h),
-    )
-    members: dict[Any, set[int]] = {}
-    for node_id, row in alive.items():
-        if names_by_id[node_id] not in pure_helpers and row.get("cluster") is not None:
-            members.setdefault(row["cluster"], set()).add(node_id)
-    data_nodes = sorted(
-        (i for i, r in alive.items() if i in pickable and names_by_id[i] not in pure_helpers and not r.get("anchor")),
-        key=lambda i: (i in serving, -len(members.get(alive[i].get("cluster"), ())), -i),
-    )
-    chosen: list[int] = []
-
-    def can_take(node_id: int) -> bool:
-        if node_id in chosen:
-            return False
-        cluster = alive[node_id].get("cluster")
-        if names_by_id[node_id] in pure_helpers or cluster is None:
-            return True
-        left = members.get(cluster, set()) - set(chosen) - {node_id}
-        return len(left) >= 1
-
-    queues = [helpers, data_nodes]
-    turn = 0
-    while len(chosen) < count and any(queues):
-        queue = queues[turn % 2]
-        turn += 1
-        while queue:
-            candidate = queue.pop(0)
-            if can_take(candidate):
-                chosen.append(candidate)
-                break
-    if len(chosen) < count:  # anything else alive that keeps every cluster populated
-        for node_id in sorted(alive, reverse=True):
-            if len(chosen) >= count:
-                break
-            if node_id in pickable and can_take(node_id) and not alive[node_id].get("anchor"):
-                chosen.append(node_id)
-    return [names_by_id[i] for i in chosen]
-
-
 # --------------------------------------------------------------------------- acceptance
 
 
@@ -305,8 +247,12 @@ def acceptance_failures(result: Mapping[str, Any]) -> list[str]:
         failures.append(f"nodes that exited with an error: {crashed}")
     if result["lost_updates"] != 0:
         failures.append(f"lost_updates = {result['lost_updates']} (must be 0)")
-    if result["killed_serving_helpers"] and result["repairs"] < 1:
-        failures.append(f"helpers {result['killed_serving_helpers']} were killed but repairs = {result['repairs']}")
+    for kill in result["kills"]:
+        if kill["served"] and not kill["repaired"]:
+            failures.append(
+                f"{kill['name']} was killed serving owners {kill['served']} but the bootstrap recorded no repair "
+                f"of them (repairs in all = {result['repairs']})"
+            )
     if result["ari"] is None or result["ari"] < ARI_TARGET:
         failures.append(f"ari = {result['ari']} (must be >= {ARI_TARGET})")
     series = result["loss_by_round_by_cluster"]
@@ -335,37 +281,6 @@ def _bootstrap_repairs(swarm: Swarm) -> dict[str, Any]:
     return {}
 
 
-class _TableWatcher:
-    """Refreshes the peer table in a thread (`atlas-node peers` takes about a second), so
-    a kill can use a table that is at most that old without waiting for it."""
-
-    def __init__(self, swarm: Swarm, interval: float = 0.3) -> None:
-        import threading
-
-        self.swarm = swarm
-        self.interval = interval
-        self.rows: list[dict[str, Any]] = []
-        self.fetched_at: float | None = None  # monotonic time the fetch of `rows` started
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="peer-table", daemon=True)
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            started = time.monotonic()
-            with contextlib.suppress(Exception):
-                self.rows = self.swarm.peers()
-                self.fetched_at = started
-            self._stop.wait(self.interval)
-
-    def __enter__(self) -> _TableWatcher:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
-
-
 def wait_until_quiet(predicate, timeout: float):
     """`swarm.wait_until` without the children's logs in the error (the caller only warns)."""
     return wait_until(predicate, timeout, interval=0.5, what="the repair to show in the peer table")
@@ -381,7 +296,8 @@ class _Progress:
     restarted: list[str] = field(default_factory=list)
     kill_at_s: float | None = None
     repaired_at_s: float | None = None
-    killed_serving_helpers: list[str] = field(default_factory=list)
+    victims: list[Victim] = field(default_factory=list)  # as chosen, with the table's reasons
+    table_read_before_kill_s: float | None = None  # age of the table the victims came from
 
 
 class ChurnRun:
@@ -535,69 +451,70 @@ class ChurnRun:
         if count == 0:
             return
         self.say(
-            f"training; SIGKILL {count} node(s) in the middle of their training "
-            f"(serving helpers first, chosen from the peer table)"
+            f"training; SIGKILL {count} node(s) in the middle of their training, chosen from a peer table "
+            f"read at kill time once the plan is in it (a helper serving owners first)"
         )
         names_by_id = {i: n for n, i in ids.items()}
         pure = {s.name for s in self.specs if not s.has_data}
-        watcher = _TableWatcher(swarm)
         picked: dict[str, Any] = {}
 
-        def middle(node_id: int) -> bool:
-            """A data node between its first and its second-to-last round."""
+        def rounds(node_id: int) -> int:
             name = names_by_id.get(node_id)
-            return name is not None and 1 <= self.rounds_done(swarm, name) <= c.rounds - 2
+            return 0 if name is None or name in pure else self.rounds_done(swarm, name)
 
         def ready() -> bool:
-            rows = watcher.rows
-            if not rows:
-                return False
             if all(self.rounds_done(swarm, n) >= c.rounds for n in self.data_names()):
                 raise SwarmError("every data node finished before a kill could happen mid-training")
+            rows = swarm.peers()
+            read_at = time.monotonic()
+            if not plan_exists(rows):
+                return False
             running = {ids[n] for n, child in swarm.nodes.items() if child.running}
             rows = [r for r in rows if int(r["id"]) in running]
-            serving = serving_helpers(rows)
-            eligible = {h for h, owners in serving.items() if any(middle(o) for o in owners)}
-            eligible |= {int(r["id"]) for r in rows if middle(int(r["id"]))}
+            # a helper whose owners have rounds left; a data node between its first and second-to-last round
+            eligible = {
+                h for h, owners in serving_helpers(rows).items() if any(rounds(o) <= c.rounds - 2 for o in owners)
+            }
+            eligible |= {int(r["id"]) for r in rows if 1 <= rounds(int(r["id"])) <= c.rounds - 2}
             victims = choose_victims(rows, names_by_id, pure, count, eligible)
-            wants_helper = any(h in running for h in serving)
-            if len(victims) < count or (wants_helper and not any(ids[v] in serving for v in victims)):
+            if len(victims) < count:
                 return False
-            picked.update(rows=rows, victims=victims)
+            if any(v.serves and max(rounds(o) for o in v.serves) < 1 for v in victims):
+                return False  # the chosen helper's owners have not finished a round yet: wait, do not pick another
+            picked.update(rows=rows, victims=victims, read_at=read_at)
             return True
 
-        with watcher:
-            try:
-                self.wait_with_progress(swarm, ready, "training to reach the middle", lambda: self.data_names())
-            except SwarmError as exc:
-                if "before a kill" not in str(exc):
-                    raise
-                self.say(f"[{self.elapsed():6.1f} s] no kill: {exc}")
-                return
+        try:
+            self.wait_with_progress(swarm, ready, "training to reach the middle", lambda: self.data_names())
+        except SwarmError as exc:
+            if "before a kill" not in str(exc):
+                raise
+            self.say(f"[{self.elapsed():6.1f} s] no kill: {exc}")
+            return
         rows, victims = picked["rows"], picked["victims"]
-        self.progress.table_before_kill = rows
-        serving = serving_helpers(rows)
-        self.progress.killed_serving_helpers = [n for n in victims if ids[n] in serving]
+        for victim in victims:
+            swarm.kill(victim.name, signal.SIGKILL)
         self.progress.kill_at_s = self.elapsed()
-        for name in victims:
-            swarm.kill(name, signal.SIGKILL)
+        self.progress.table_read_before_kill_s = round(time.monotonic() - picked["read_at"], 2)
+        self.progress.table_before_kill = rows
+        self.progress.victims = victims
+        self.progress.killed = [v.name for v in victims]
         if self.show_tables:
             self.say(
-                f"\n$ atlas-node peers --bootstrap {swarm.address}   # just before the kill\n"
+                f"\n$ atlas-node peers --bootstrap {swarm.address}   # the table the victims were chosen from\n"
                 f"{format_peer_table(rows)}\n"
             )
-        for name in victims:
-            role = (
-                "helper serving " + ", ".join(names_by_id[o] for o in serving[ids[name]])
-                if ids[name] in serving
-                else ("data node" if name not in pure else "idle helper")
-            )
+        for victim in victims:
+            if victim.serves:
+                done = ", ".join(str(rounds(o)) for o in victim.serves)
+                done = f"its owners have done {done} of {c.rounds} rounds"
+            else:
+                done = f"{rounds(victim.node_id)} of {c.rounds} rounds done"
             self.say(
-                f"[{self.progress.kill_at_s:6.1f} s] SIGKILL {name} (id {ids[name]}, {role}, "
-                f"{self.rounds_done(swarm, name)} rounds done)"
+                f"[{self.progress.kill_at_s:6.1f} s] SIGKILL {victim.name} (id {victim.node_id}): {victim.why}; "
+                f"{done} (table read {self.progress.table_read_before_kill_s:.1f} s before the kill)"
             )
-        self.progress.killed = victims
-        self.wait_for_repair(swarm, [ids[n] for n in victims])
+        self.wait_for_repair(swarm, [v.node_id for v in victims])
 
     def wait_for_repair(self, swarm: Swarm, victim_ids: list[int]) -> None:
         """Wait until the peer table shows the victims gone and no live owner paired with one."""
@@ -686,6 +603,12 @@ class ChurnRun:
         truth = {n: self.by_name[n].task for n in self.data_names()}
         boot = _bootstrap_repairs(swarm)
         node_repairs = sum(max((r.repairs_seen for r in run.rows), default=0) for run in runs if run.trains)
+        owner_reports = {
+            run.node_id: [r.helper for r in run.records.repairs]
+            for run in runs
+            if run.node_id is not None and run.records is not None
+        }
+        outcomes = kill_outcomes(self.progress.victims, boot.get("events", []), owner_reports)
         summary = report.summarize(runs)
         return {
             "nodes": self.config.nodes,
@@ -693,7 +616,10 @@ class ChurnRun:
             "pure_helpers": [s.name for s in self.specs if not s.has_data],
             "kill_requested": kill_count(self.config.nodes, self.config.kill),
             "killed": self.progress.killed,
-            "killed_serving_helpers": self.progress.killed_serving_helpers,
+            "killed_serving_helpers": [v.name for v in self.progress.victims if v.serves],
+            "kills": outcomes,
+            "node_ids": ids,
+            "table_read_before_kill_s": self.progress.table_read_before_kill_s,
             "killed_for_good": killed_for_good,
             "restarted": self.progress.restarted,
             "survivors": survivors,
@@ -743,12 +669,29 @@ class ChurnRun:
         return result
 
 
+def kill_lines(result: Mapping[str, Any]) -> list[str]:
+    """What happened to each victim, one sentence each, from the run's records."""
+    names_by_id = {int(i): n for n, i in result["node_ids"].items()}
+    return [describe_outcome(kill, names_by_id) for kill in result["kills"]]
+
+
+def closing_claims(result: Mapping[str, Any]) -> list[str]:
+    """The run's closing summary, each claim read from the figures (for a run that passed)."""
+    names_by_id = {int(i): n for n, i in result["node_ids"].items()}
+    expected = len(set(result["survivors"]) | (set(result["restarted"]) & set(result["data_nodes"])))
+    claims = [f"{len(result['finished'])}/{expected} surviving data nodes finished every round"]
+    claims.append(f"{result['lost_updates']} of {result['contributions']} contributions lost")
+    claims += [short_claim(kill, names_by_id) for kill in result["kills"]] or ["nobody was killed"]
+    claims.append(f"clusters match the tasks (ARI {result['ari']})")
+    claims.append("loss fell in every cluster")
+    return claims
+
+
 def print_result(result: Mapping[str, Any], failures: Sequence[str], say=print) -> None:
     say("")
-    say(
-        f"killed {result['killed']} (serving helpers: {result['killed_serving_helpers']}), "
-        f"restarted {result['restarted']}"
-    )
+    say(f"killed {result['killed']}, restarted {result['restarted']}")
+    for line in kill_lines(result):
+        say(f"  {line}")
     expected = len(set(result["survivors"]) | (set(result["restarted"]) & set(result["data_nodes"])))
     say(
         f"finished {len(result['finished'])}/{expected} (survivors and restarted data nodes); repairs {result['repairs']}, "
@@ -768,7 +711,7 @@ def print_result(result: Mapping[str, Any], failures: Sequence[str], say=print) 
         for line in failures:
             say(f"  - {line}")
     else:
-        say("acceptance: every check passed")
+        say("acceptance: every check passed: " + "; ".join(closing_claims(result)))
 
 
 def main(argv: list[str] | None = None) -> int:

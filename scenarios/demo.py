@@ -8,11 +8,16 @@ and one pure helper without data. The demo prints
 
 1. the peer table once the bootstrap has clustered and paired everyone (clusters,
    split points, ranks, helpers, anchors);
-2. the SIGKILL of a helper that is serving owners halfway through training, and the
-   peer table once the bootstrap has re-paired its owners (the repair);
+2. the SIGKILL of one node halfway through training, chosen from the peer table read at
+   that moment (a helper serving owners when one exists, a pure helper first), with the
+   reason from that table, and the peer table once the bootstrap has re-paired its
+   owners;
 3. per-cluster training loss and held-out accuracy by round, the clustering's ARI
    against the true tasks (which only this script knows), bytes sent by kind;
-4. where every node's PEFT adapter, metrics and logs are.
+4. what the records show happened to the killed node's owners (the bootstrap's repair
+   events and the owners' own reports), and where every node's PEFT adapter, metrics
+   and logs are;
+5. a closing line built from those figures, not a fixed text.
 
 It exits non-zero when any check of the churn scenario fails (a survivor did not
 finish, an update was lost, no repair, clusters wrong, a loss did not fall).
@@ -30,7 +35,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-from scenarios.churn import ChurnConfig, ChurnRun, acceptance_failures, pure_helper_count
+from scenarios.churn import (
+    ChurnConfig,
+    ChurnRun,
+    acceptance_failures,
+    closing_claims,
+    kill_lines,
+    pure_helper_count,
+)
 from scenarios.swarm import SwarmError
 from tools import report
 
@@ -81,14 +93,19 @@ def show_results(result: dict, workdir: Path) -> None:
     print()
     print(f"clusters found: {result['clusters']}")
     print(f"true tasks:     {result['tasks']}   -> ARI {result['ari']}")
-    killed = ", ".join(result["killed"]) or "nobody"
-    print(
-        f"killed {killed} at {result['kill_at_s']:.1f} s; repairs {result['repairs']}, fallbacks "
-        f"{result['fallbacks']}, repair visible after {result['repair_seen_after_s']} s; "
-        f"lost updates {result['lost_updates']} of {result['contributions']} contributions"
-    )
+    if result["killed"]:
+        print(
+            f"killed {', '.join(result['killed'])} at {result['kill_at_s']:.1f} s; repairs in all {result['repairs']}, "
+            f"fallbacks {result['fallbacks']} ({result['repair_source']}), repair visible in the peer table after "
+            f"{result['repair_seen_after_s']} s; lost updates {result['lost_updates']} of {result['contributions']} "
+            f"contributions"
+        )
+    else:
+        print(f"nobody was killed; lost updates {result['lost_updates']} of {result['contributions']} contributions")
+    for line in kill_lines(result):
+        print(f"  {line}")
     for event in result["repair_events"]:
-        print(f"  repair: {json.dumps(event)}")
+        print(f"  bootstrap event: {json.dumps(event)}")
     print("bytes sent by kind: " + ", ".join(f"{k} {v:,}" for k, v in result["bytes_by_kind"].items()))
     print("\nadapters (standard PEFT directories, load with PeftModel.from_pretrained):")
     for name, path in sorted(result["adapters"].items()):
@@ -125,10 +142,7 @@ def run_demo(workdir: Path, nodes: int, rounds: int, seed: int) -> int:
         for line in failures:
             print(f"  - {line}")
         return 1
-    print(
-        "every check passed: survivors finished, no update lost, helper repaired, clusters match the tasks, "
-        "loss fell in every cluster"
-    )
+    print("every check passed: " + "; ".join(closing_claims(result)))
     return 0
 
 

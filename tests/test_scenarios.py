@@ -275,6 +275,8 @@ def test_report_main_fails_clearly_on_empty_dirs(tmp_path, capsys):
 # --------------------------------------------------------------------------- churn scenario, pure parts
 
 from scenarios import churn  # noqa: E402
+from scenarios import victims as victims_mod  # noqa: E402
+from tests.peer_rows import PEER_ROW_KEYS  # noqa: E402
 
 
 def test_churn_plan_mixes_budgets_with_pure_helpers_and_one_task_per_data_node(tmp_path):
@@ -321,12 +323,21 @@ def test_churn_config_names_the_bad_field(kwargs, field):
         churn.ChurnConfig(**kwargs)
 
 
-def _peer(node_id, cluster, helper=None, anchor=False, status="alive"):
-    return {"id": node_id, "cluster": cluster, "helper": helper, "anchor": anchor, "status": status}
+def _peer(node_id, cluster, helper=None, anchor=False, status="alive", role=None):
+    """A full `peers --json` row; the role follows the plan: owner with a helper, whole with
+    a cluster, helper without one (unless given)."""
+    if role is None:
+        role = "helper" if cluster is None else ("owner" if helper is not None else "whole")
+    fields = {"id": node_id, "cluster": cluster, "helper": helper, "anchor": anchor, "status": status, "role": role}
+    return {**dict.fromkeys(PEER_ROW_KEYS), **fields}
+
+
+def _names(victims):
+    return [v.name for v in victims]
 
 
 def test_victims_are_a_serving_pure_helper_then_a_non_anchor_data_node():
-    # cluster 0: 1 (anchor, whole), 2 and 3 owners served by pure helper 7; cluster 1: 4 anchor, 5 served by 8
+    # cluster 0: 1 (anchor, whole), 2 and 3 owners served by pure helper 7 and by 1; cluster 1: 4 anchor, 5, 6 served by 8
     rows = [
         _peer(1, 0, anchor=True),
         _peer(2, 0, helper=7),
@@ -340,10 +351,47 @@ def test_victims_are_a_serving_pure_helper_then_a_non_anchor_data_node():
     ]
     names = {i: f"n{i}" for i in range(1, 10)}
     pure = {"n7", "n8", "n9"}
-    victims = churn.choose_victims(rows, names, pure, 2)
-    assert victims[0] == "n8"  # pure helper serving the most owners; n9 serves nobody
-    assert victims[1] in {"n2", "n3", "n5", "n6"} and victims[1] not in {"n1", "n4"}
-    assert len(churn.choose_victims(rows, names, pure, 4)) == 4
+    victims = victims_mod.choose_victims(rows, names, pure, 2)
+    assert victims[0].name == "n8" and victims[0].serves == (5, 6)  # the pure helper serving most owners
+    assert victims[0].why == "pure helper (no data), helper of n5 (id 5), n6 (id 6)"
+    assert victims[1].name in {"n2", "n3"}  # n5, n6 would lose the helper just chosen; anchors never
+    assert "cluster 0" in victims[1].why and "serves nobody" in victims[1].why
+    assert len(victims_mod.choose_victims(rows, names, pure, 4)) == 4
+
+
+def test_a_provisional_helper_is_no_serving_helper_and_no_plan_means_no_victim_rule():
+    # before the plan: data rows are owners without a cluster; a waiting node names a provisional helper
+    before = [
+        _peer(1, None, role="owner"),
+        _peer(2, None, helper=1, role="waiting"),
+        _peer(3, None),
+    ]
+    assert not victims_mod.plan_exists(before)
+    assert victims_mod.serving_helpers(before) == {}
+    after = [_peer(1, 0, anchor=True), _peer(2, 0, helper=3), _peer(3, None)]
+    assert victims_mod.plan_exists(after)
+    assert victims_mod.serving_helpers(after) == {3: [2]}
+
+
+def test_a_data_node_that_also_serves_comes_after_a_serving_pure_helper():
+    # the demo's table: 1 (whole, anchor of 1) serves 4; pure helper 6 serves 2
+    rows = [
+        _peer(1, 1, anchor=True),
+        _peer(2, 0, helper=6, anchor=True),
+        _peer(3, 0, helper=5),
+        _peer(4, 1, helper=1),
+        _peer(5, 0),
+        _peer(6, None),
+    ]
+    names = {1: "t1-strong0", 2: "t0-weak1", 3: "t0-weak2", 4: "t1-weak1", 5: "t0-strong0", 6: "helper0"}
+    (victim,) = victims_mod.choose_victims(rows, names, {"helper0"}, 1)
+    assert victim.name == "helper0" and victim.serves == (2,)
+    # with the pure helper not eligible, the next serving helper is a data node, and the reason says so
+    (victim,) = victims_mod.choose_victims(rows, names, {"helper0"}, 1, eligible={1, 3, 4, 5})
+    assert victim.name == "t0-strong0"
+    assert (
+        victim.why == "data node, role whole, cluster 0, 2 other live members in its cluster, helper of t0-weak2 (id 3)"
+    )
 
 
 def test_victims_never_empty_a_cluster_or_pick_dead_nodes():
@@ -355,10 +403,51 @@ def test_victims_never_empty_a_cluster_or_pick_dead_nodes():
         _peer(5, None),
     ]
     names = {i: f"n{i}" for i in range(1, 6)}
-    victims = churn.choose_victims(rows, names, {"n5"}, 3)
-    assert "n4" not in victims and "n1" not in victims and "n3" not in victims
-    assert victims == ["n5", "n2"]  # nothing else can go without emptying a cluster
-    assert churn.serving_helpers(rows) == {5: [2]}
+    victims = victims_mod.choose_victims(rows, names, {"n5"}, 3)
+    assert _names(victims) == ["n5", "n2"]  # nothing else can go without emptying a cluster
+    assert victims_mod.serving_helpers(rows) == {5: [2]}
+
+
+def _event(owner, old, new, kind="repair", cause="failed"):
+    return {
+        "time": 1.0,
+        "owner": owner,
+        "old_helper": old,
+        "new_helper": new,
+        "kind": kind,
+        "cause": cause,
+        "cluster": 0,
+    }
+
+
+def test_kill_outcomes_take_only_the_victims_repairs_after_a_kill():
+    victims = [
+        victims_mod.Victim("h", 6, (2, 3), "pure helper"),
+        victims_mod.Victim("d", 4, (), "data node"),
+    ]
+    events = [
+        _event(2, 6, 5),
+        _event(3, 6, None, kind="unpaired", cause="dead"),
+        _event(7, 9, 5),  # another helper
+        _event(8, 6, 5, cause="done"),  # not what a kill causes
+    ]
+    helper, data = victims_mod.kill_outcomes(victims, events, {2: [6], 7: [9]})
+    assert helper["repaired"] == [events[0]] and helper["unpaired"] == [3] and helper["reported_by"] == [2]
+    assert (data["served"], data["repaired"], data["unpaired"], data["reported_by"]) == ([], [], [], [])
+    names = {2: "a", 3: "b", 4: "d", 5: "s", 6: "h"}
+    text = victims_mod.describe_outcome(helper, names)
+    assert "h (id 6) died serving a (id 2), b (id 3)" in text
+    assert "re-paired a -> s (id 5, repair, cause failed)" in text and "b (id 3) found no new helper" in text
+    assert victims_mod.short_claim(helper, names) == "h (helper of a, b) died and a was re-paired (repairs 1)"
+    assert victims_mod.describe_outcome(data, names).endswith("it served no owner, so there was nothing to repair")
+    assert victims_mod.short_claim(data, names) == "d died serving nobody (no repair needed)"
+
+
+def test_a_helper_killed_without_a_repair_event_is_never_claimed_repaired():
+    (outcome,) = victims_mod.kill_outcomes([victims_mod.Victim("h", 6, (2,), "pure helper")], [_event(2, 9, 5)], {})
+    assert outcome["repaired"] == []
+    assert "the bootstrap recorded no repair of its owners" in victims_mod.describe_outcome(outcome, {})
+    assert "none of its owners was re-paired" in victims_mod.short_claim(outcome, {})
 
 
 def _result(**changes):
@@ -371,12 +460,20 @@ def _result(**changes):
         exit_codes={"a": 0, "b": 0, "c": None},
         killed_for_good=["c"],
         lost_updates=0,
-        killed_serving_helpers=["h"],
+        contributions=8,
+        node_ids={"a": 1, "b": 2, "c": 3, "h": 4, "s": 5},
+        kills=[_kill("h", 4, served=[1], repaired=[_event(1, 4, 5)]), _kill("c", 3)],
         repairs=1,
         ari=1.0,
         loss_by_round_by_cluster={"0": {"0": 2.0, "3": 1.0}, "1": {"0": 2.0, "3": 1.5}},
     )
     return {**base, **changes}
+
+
+def _kill(name, node_id, served=(), repaired=()):
+    return dict(
+        name=name, id=node_id, why="", served=list(served), repaired=list(repaired), unpaired=[], reported_by=[]
+    )
 
 
 def test_acceptance_passes_a_good_run_and_names_each_failed_check():
@@ -385,7 +482,7 @@ def test_acceptance_passes_a_good_run_and_names_each_failed_check():
         _result(
             finished=["a"],
             lost_updates=2,
-            repairs=0,
+            kills=[_kill("h", 4, served=[1])],
             ari=0.5,
             exit_codes={"a": 0, "b": 1, "c": None},
             loss_by_round_by_cluster={"0": {"0": 2.0, "3": 2.5}},
@@ -397,13 +494,29 @@ def test_acceptance_passes_a_good_run_and_names_each_failed_check():
         "did not finish every round: b",
         "exited with an error",
         "lost_updates = 2",
-        "repairs = 0",
+        "h was killed serving owners [1] but the bootstrap recorded no repair of them (repairs in all = 1)",
         "ari = 0.5",
         "cluster 0: loss did not fall",
     ):
         assert needle in text
-    assert churn.acceptance_failures(_result(killed_serving_helpers=[], repairs=0)) == []
+    assert churn.acceptance_failures(_result(kills=[_kill("c", 3)], repairs=0)) == []
     assert "ari = None" in "\n".join(churn.acceptance_failures(_result(ari=None)))
+
+
+def test_closing_claims_say_what_the_figures_show():
+    claims = churn.closing_claims(_result())
+    assert claims == [
+        "2/2 surviving data nodes finished every round",
+        "0 of 8 contributions lost",
+        "h (helper of a) died and a was re-paired (repairs 1)",
+        "c died serving nobody (no repair needed)",
+        "clusters match the tasks (ARI 1.0)",
+        "loss fell in every cluster",
+    ]
+    assert "nobody was killed" in churn.closing_claims(_result(kills=[]))
+    assert churn.kill_lines(_result())[0] == (
+        "h (id 4) died serving a (id 1); the bootstrap re-paired a -> s (id 5, repair, cause failed)"
+    )
 
 
 def test_bytes_of_a_restarted_node_add_up_over_its_incarnations(tmp_path):
@@ -431,8 +544,8 @@ def test_victims_come_only_from_the_eligible_nodes_and_a_kill_shortfall_is_a_fai
         _peer(8, None),
     ]
     names = {i: f"n{i}" for i in (1, 2, 3, 4, 5, 7, 8)}
-    assert churn.choose_victims(rows, names, {"n7", "n8"}, 2, eligible={8, 5}) == ["n8", "n5"]
-    assert churn.choose_victims(rows, names, {"n7", "n8"}, 2, eligible=set()) == []
+    assert _names(victims_mod.choose_victims(rows, names, {"n7", "n8"}, 2, eligible={8, 5})) == ["n8", "n5"]
+    assert victims_mod.choose_victims(rows, names, {"n7", "n8"}, 2, eligible=set()) == []
     failures = churn.acceptance_failures(_result(killed=["h"], kill_requested=2))
     assert failures == ["only 1 of 2 nodes could be killed mid-training (training ended first?)"]
 
