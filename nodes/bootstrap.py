@@ -554,13 +554,15 @@ class Bootstrap:
     async def rpc_peers(self, env: Any) -> Any:
         from transport.messages import PeerList
 
+        body = env.body
         now = self.clock()
-        rows = self.registry.rows()
-        if env.body.cluster is not None:
-            rows = [row for row in rows if row["cluster"] == env.body.cluster]
+        records = self.registry.table.rows()
+        if body.cluster is not None:
+            records = [record for record in records if record.cluster == body.cluster]
+        rows = [record.to_dict() for record in records[body.offset : body.offset + body.limit]]
         for row in rows:
             row["last_seen_ago_s"] = round(max(0.0, now - row["last_seen"]), 3)
-        return PeerList(rows=rows)
+        return PeerList(rows=rows, total=len(records))
 
     @staticmethod
     def _call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import uuid
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
+
+from transport.messages import PEERS_PAGE_DEFAULT, PeerList
 
 # (header, row key) in display order; `last_seen_ago_s` is computed by the bootstrap
 _COLUMNS: tuple[tuple[str, str], ...] = (
@@ -33,12 +35,32 @@ class PeersRefused(RuntimeError):
     """The bootstrap answered, but not with a peer list."""
 
 
+async def read_pages(ask: Callable[[int, int], Awaitable[PeerList]], page: int = PEERS_PAGE_DEFAULT) -> list[dict]:
+    """Every row of the peer table, one `peers` request per page: `ask(offset, limit)` returns
+    one page. Pages follow each other until `total` rows (as the latest page counts them) are
+    read or a page comes back empty. A table that changes while it is read may shift a page:
+    a row seen twice is kept once."""
+    rows: list[dict] = []
+    seen: set[object] = set()
+    offset = 0
+    while True:
+        reply = await ask(offset, page)
+        for row in reply.rows:
+            if row.get("id") not in seen:
+                seen.add(row.get("id"))
+                rows.append(row)
+        offset += len(reply.rows)
+        if not reply.rows or offset >= reply.total:
+            return rows
+
+
 async def fetch_peers(bootstrap: str, timeout: float, token: str | None = None) -> list[dict[str, Any]] | None:
-    """Ask `bootstrap` for its rows; None when it does not answer within `timeout`.
+    """Ask `bootstrap` for all its rows, page by page (`read_pages`); None when a page does not
+    come within `timeout`.
 
     With the swarm's join token (its text) the request goes over CURVE to the key the token
     names and carries the token's secret; without, a plain request (an insecure swarm)."""
-    from transport.messages import PeerList, Peers
+    from transport.messages import Peers
     from transport.rpc import RpcClient, RpcError, RpcTimeout
     from transport.security import JoinToken, Keypair
 
@@ -49,16 +71,19 @@ async def fetch_peers(bootstrap: str, timeout: float, token: str | None = None) 
     if parsed is not None:
         client.set_server_key(bootstrap, parsed.server_key)
     try:
-        reply = await client.call(bootstrap, Peers(token="" if parsed is None else parsed.secret), timeout=timeout)
+        secret = "" if parsed is None else parsed.secret
+        rows = await read_pages(
+            lambda offset, limit: client.call(
+                bootstrap, Peers(offset=offset, limit=limit, token=secret), timeout=timeout, expect=PeerList
+            )
+        )
     except RpcTimeout:
         return None
     except RpcError as exc:
         raise PeersRefused(f"bootstrap {bootstrap} refused the request: {exc}") from None
     finally:
         await client.stop()
-    if not isinstance(reply, PeerList):
-        raise PeersRefused(f"bootstrap {bootstrap} answered peers with {type(reply).__name__}")
-    return list(reply.rows)
+    return rows
 
 
 def _cell(key: str, value: Any) -> str:

@@ -32,7 +32,7 @@ import numpy as np
 from atlas_p2p.capabilities import Capabilities
 from atlas_p2p.validation import is_int
 from atlas_p2p.vocabulary import NODE_STATES, ROLES, SPLIT_MODES
-from transport.schema import Node, OneOf, Range, SchemaError, TensorSpec, node_for
+from transport.schema import Length, Node, OneOf, Range, SchemaError, TensorSpec, node_for
 from transport.tensors import Tensor
 
 MESSAGE_TYPES: dict[str, type[Message]] = {}
@@ -41,6 +41,17 @@ SRC_MAX_LEN = 256
 
 NodeId = Annotated[int, Range(0, None)]
 Count = Annotated[int, Range(0, None)]
+
+# Bounded text (any other str is at most transport.schema.STR_MAX_LEN characters)
+ADDRESS_MAX_LEN = 300  # "host:port"; a DNS name has at most 253 characters
+REASON_MAX_LEN = 1000
+Address = Annotated[str, Length(hi=ADDRESS_MAX_LEN)]
+Reason = Annotated[str, Length(hi=REASON_MAX_LEN)]
+PublicKey = Annotated[str, Length(40, 40, or_empty=True)]  # Z85 CurveZMQ public key; "" = none
+Digest = Annotated[str, Length(hi=128)]  # a sha256 hex digest (64); "" = not stated
+
+PEERS_PAGE_MAX = 1000  # rows in one `peer_list`
+PEERS_PAGE_DEFAULT = 500
 
 
 class Message:
@@ -124,7 +135,7 @@ class Ok(Message):
 class Error(Message):
     """A request failed: `code` is a stable token (bad_schema, handler_error, unknown_node, ...)."""
 
-    code: str
+    code: Annotated[str, Length(hi=64)]
     message: str = ""
 
 
@@ -139,7 +150,7 @@ class Join(Message):
     memory_bytes: Annotated[int, Range(1, None)]  # memory budget, bytes
     bandwidth_bps: Annotated[int, Range(1, None)]  # uplink, bits per second
     compute_score: Annotated[float, Range(0.0, None)]
-    address: str  # "host:port" of the node's own RpcServer
+    address: Address  # "host:port" of the node's own RpcServer
     has_data: bool = False
     model: str = ""  # model the node runs; "" = whatever the swarm runs
     node_id: NodeId | None = None  # set when rejoining after a restart
@@ -177,19 +188,16 @@ class Welcome(Message):
     incarnation: str = ""  # the bootstrap state's incarnation: node_id is only this node's within it
 
 
-Digest = str  # sha256 hex of a base (atlas_p2p.models.base); "" = not stated
-
-
 @message("base_digest")
 class BaseDigest(Message):
     """Node -> bootstrap once its model is loaded: the digest of the base it runs; -> `ok`, or
     `error(base_mismatch)` when the swarm runs another base (the node must stop)."""
 
     node_id: NodeId
-    digest: Digest
+    digest: Digest  # sha256 hex of the base (atlas_p2p.models.base)
     model: str = ""  # the model name it loaded
-    revision: str = ""  # the checkpoint revision the digest covers
-    dtype: str = ""
+    revision: Annotated[str, Length(hi=256)] = ""  # the checkpoint revision the digest covers
+    dtype: Annotated[str, Length(hi=32)] = ""
 
 
 @message("heartbeat")
@@ -208,22 +216,27 @@ class Leave(Message):
     """A node departs on purpose; answered by `ok`."""
 
     node_id: NodeId
-    reason: str = ""
+    reason: Reason = ""
 
 
 @message("peers")
 class Peers(Message):
-    """Ask for the peer table (optionally one cluster's rows); answered by `peer_list`."""
+    """Ask for one page of the peer table (optionally one cluster's rows): the rows from
+    `offset` (0-based, in id order), at most `limit`; answered by `peer_list`."""
 
     cluster: int | None = None
+    offset: Count = 0
+    limit: Annotated[int, Range(1, PEERS_PAGE_MAX)] = PEERS_PAGE_DEFAULT
     token: str = ""  # the join token's secret, for a reader that is not a node of the swarm
 
 
 @message("peer_list")
 class PeerList(Message):
-    """Rows of the peer table, each a small map (node_id, address, state, cluster, ...)."""
+    """One page of the peer table, each row a small map (node_id, address, state, cluster, ...);
+    `total`: rows matching the request on all pages (the next page starts at offset + len(rows))."""
 
-    rows: list[dict[str, Any]] = field(default_factory=list)
+    rows: Annotated[list[dict[str, Any]], Length(hi=PEERS_PAGE_MAX)] = field(default_factory=list)
+    total: Count = 0
 
 
 @message("fingerprint")
@@ -241,7 +254,7 @@ class Report(Message):
     """Metrics from a node (loss, bytes sent by kind, peak memory, ...); answered by `ok`."""
 
     node_id: NodeId
-    metrics: dict[str, Any]
+    metrics: Annotated[dict[str, Any], Length(hi=64)]
 
 
 @message("get_assignment")
@@ -270,7 +283,7 @@ class Assignment(Message):
     anchor: NodeId | None  # member that publishes round manifests (None: no cluster)
     reason: str = ""  # why it changed ("initial", "repair", ...) and the plan's note
     serves: list[NodeId] = field(default_factory=list)  # owners this node helps
-    addresses: dict[str, str] = field(default_factory=dict)  # str(node_id) -> "host:port"
+    addresses: dict[str, Address] = field(default_factory=dict)  # str(node_id) -> "host:port"
     role: Annotated[str, OneOf(ROLES)] = "waiting"
     # one map per served owner: {"owner", "cluster", "anchor"} (a `round_begin` must name that cluster)
     owners: list[dict[str, Any]] = field(default_factory=list)
@@ -410,7 +423,7 @@ class ContributionMsg(Message):
     round: Count
     node_id: NodeId  # whose contribution
     n_samples: Count
-    digest: str  # aggregation.Contribution.digest, checked on arrival
+    digest: Digest  # aggregation.Contribution.digest, checked on arrival
     tensors: dict[str, Tensor]
     scalings: dict[str, float]
     sender: NodeId = 0  # who sent this copy (not forwarded back to it)
@@ -421,7 +434,7 @@ class ContributionGet(Message):
     """Ask the anchor for a contribution it holds, by digest; answered by `contribution`."""
 
     cluster: int
-    digest: str
+    digest: Digest
 
 
 @message("manifest_get")
@@ -440,9 +453,9 @@ class Manifest(Message):
     round: Count
     ready: bool  # False: not published yet, ask again
     version: Count = 0  # base version the patch brings the cluster to
-    digests: list[str] = field(default_factory=list)  # contribution digests, sorted
-    patch_digest: str = ""
-    chain: str = ""  # versioning chain digest after this patch
+    digests: list[Digest] = field(default_factory=list)  # contribution digests, sorted
+    patch_digest: Digest = ""
+    chain: Digest = ""  # versioning chain digest after this patch
 
 
 @message("patches_get")

@@ -10,7 +10,14 @@ Supported annotations:
   int, float, str, bool, bytes, X | None, list[X], dict[str, X],
   np.ndarray (numpy tensor), RawTensor (any wire dtype as bytes), Tensor (either),
   Any (a small JSON-like value: None, bool, int, float, str, bytes, lists, str-keyed maps),
-  and Annotated[X, Range(lo, hi) | OneOf(...) | TensorSpec(...)] to narrow one of those.
+  and Annotated[X, Range(lo, hi) | OneOf(...) | TensorSpec(...) | Length(lo, hi)] to narrow one
+  of those.
+
+Lengths are bounded everywhere, so an oversized field is refused (bad_schema) before any
+handler sees it: a str (a field, a map key, or inside an Any value) has at most
+STR_MAX_LEN characters unless its field says otherwise with Length; a list or map inside an
+Any value has at most ANY_MAX_ITEMS items; a list or map field is bounded by its Length,
+else only by the size of the message.
 """
 
 from __future__ import annotations
@@ -28,6 +35,8 @@ from transport.tensors import DTYPE_ITEMSIZE, RawTensor, Tensor, TensorError, dt
 
 INT_MIN, INT_MAX = -(1 << 63), (1 << 64) - 1  # what msgpack can carry
 ANY_MAX_DEPTH = 16  # nesting allowed inside an Any value
+STR_MAX_LEN = 4096  # characters of a str without its own Length (a path fits)
+ANY_MAX_ITEMS = 1 << 16  # items of a list or map inside an Any value
 
 
 class SchemaError(ValueError):
@@ -68,6 +77,34 @@ class TensorSpec:
         for name in self.dtypes or ():
             if name not in DTYPE_ITEMSIZE:
                 raise ValueError(f"TensorSpec.dtypes: {name!r} is not a wire dtype")
+
+
+@dataclass(frozen=True)
+class Length:
+    """len() of a str (characters), bytes (bytes), list (items) or map (keys) in [lo, hi]
+    (hi None: no bound of its own); `or_empty` also accepts an empty one (e.g. a public key:
+    exactly 40 characters, or "" for none)."""
+
+    lo: int = 0
+    hi: int | None = None
+    or_empty: bool = False
+
+    def __post_init__(self) -> None:
+        if self.lo < 0 or (self.hi is not None and self.hi < self.lo):
+            raise ValueError(f"Length needs 0 <= lo <= hi, got lo={self.lo!r}, hi={self.hi!r}")
+
+    def check(self, value: object, path: str, unit: str) -> None:
+        n = len(value)
+        if (n < self.lo or (self.hi is not None and n > self.hi)) and not (self.or_empty and n == 0):
+            want = (
+                f"exactly {self.lo}" if self.lo == self.hi else f"{self.lo}..{self.hi if self.hi is not None else ''}"
+            )
+            also = " (or none)" if self.or_empty else ""
+            raise SchemaError("bad_schema", f"{path}: {n} {unit}, allowed {want}{also}")
+
+
+_DEFAULT_STR = Length(hi=STR_MAX_LEN)
+_ANY_ITEMS = Length(hi=ANY_MAX_ITEMS)
 
 
 # --- schema nodes ---
@@ -123,12 +160,13 @@ class FloatNode(Node):
 class StrNode(Node):
     kind = "str"
 
-    def __init__(self, choices: OneOf | None = None):
-        self.choices = choices
+    def __init__(self, choices: OneOf | None = None, length: Length | None = None):
+        self.choices, self.length = choices, length or _DEFAULT_STR
 
     def check(self, value, path):
         if not isinstance(value, str):
             self._fail(path, value, "str")
+        self.length.check(value, path, "characters")
         _check_choice(self.choices, value, path)
         return value
 
@@ -145,11 +183,16 @@ class BoolNode(Node):
 class BytesNode(Node):
     kind = "bytes"
 
+    def __init__(self, length: Length | None = None):
+        self.length = length
+
     def check(self, value, path):
         if isinstance(value, (bytearray, memoryview)):
             value = bytes(value)
         if not isinstance(value, bytes):
             self._fail(path, value, "bytes")
+        if self.length is not None:
+            self.length.check(value, path, "bytes")
         return value
 
 
@@ -166,28 +209,33 @@ class OptionalNode(Node):
 class ListNode(Node):
     kind = "list"
 
-    def __init__(self, inner: Node):
-        self.inner = inner
+    def __init__(self, inner: Node, length: Length | None = None):
+        self.inner, self.length = inner, length
 
     def check(self, value, path):
         if not isinstance(value, (list, tuple)):
             self._fail(path, value, "list")
+        if self.length is not None:
+            self.length.check(value, path, "items")
         return [self.inner.check(item, f"{path}[{i}]") for i, item in enumerate(value)]
 
 
 class DictNode(Node):
     kind = "dict"
 
-    def __init__(self, inner: Node):
-        self.inner = inner
+    def __init__(self, inner: Node, length: Length | None = None):
+        self.inner, self.length = inner, length
 
     def check(self, value, path):
         if not isinstance(value, dict):
             self._fail(path, value, "dict")
+        if self.length is not None:
+            self.length.check(value, path, "keys")
         out = {}
         for key, item in value.items():
             if not isinstance(key, str):
                 raise SchemaError("bad_schema", f"{path}: key {key!r} is not a str")
+            _DEFAULT_STR.check(key, f"{path} key", "characters")
             out[key] = self.inner.check(item, f"{path}[{key!r}]")
         return out
 
@@ -239,7 +287,10 @@ class AnyNode(Node):
 def _check_plain(value, path, depth):
     if depth > ANY_MAX_DEPTH:
         raise SchemaError("bad_schema", f"{path}: nested deeper than {ANY_MAX_DEPTH}")
-    if value is None or isinstance(value, (bool, str, bytes)):
+    if isinstance(value, str):
+        _DEFAULT_STR.check(value, path, "characters")
+        return value
+    if value is None or isinstance(value, (bool, bytes)):
         return value
     if isinstance(value, int):
         if not INT_MIN <= value <= INT_MAX:
@@ -248,12 +299,15 @@ def _check_plain(value, path, depth):
     if isinstance(value, float):
         return float(value)
     if isinstance(value, (list, tuple)):
+        _ANY_ITEMS.check(value, path, "items")
         return [_check_plain(item, f"{path}[{i}]", depth + 1) for i, item in enumerate(value)]
     if isinstance(value, dict):
+        _ANY_ITEMS.check(value, path, "keys")
         out = {}
         for key, item in value.items():
             if not isinstance(key, str):
                 raise SchemaError("bad_schema", f"{path}: key {key!r} is not a str")
+            _DEFAULT_STR.check(key, f"{path} key", "characters")
             out[key] = _check_plain(item, f"{path}[{key!r}]", depth + 1)
         return out
     raise SchemaError("bad_schema", f"{path}: {type(value).__name__} is not a plain value")
@@ -285,6 +339,7 @@ def node_for(annotation: object, where: str) -> Node:
     bounds = next((m for m in meta if isinstance(m, Range)), None)
     choices = next((m for m in meta if isinstance(m, OneOf)), None)
     spec = next((m for m in meta if isinstance(m, TensorSpec)), None)
+    length = next((m for m in meta if isinstance(m, Length)), None)
 
     origin = typing.get_origin(annotation)
     if origin in (Union, types.UnionType):
@@ -299,12 +354,12 @@ def node_for(annotation: object, where: str) -> Node:
         return OptionalNode(inner) if optional else inner
     if origin is list:
         (item,) = typing.get_args(annotation)
-        return ListNode(node_for(item, where + "[]"))
+        return ListNode(node_for(item, where + "[]"), length)
     if origin is dict:
         key, item = typing.get_args(annotation)
         if key is not str:
             raise TypeError(f"{where}: dict keys must be str")
-        return DictNode(node_for(item, where + "{}"))
+        return DictNode(node_for(item, where + "{}"), length)
     if annotation is Any:
         return AnyNode()
     if annotation in _TENSOR_FORMS:
@@ -312,9 +367,9 @@ def node_for(annotation: object, where: str) -> Node:
     simple = {
         int: lambda: IntNode(bounds, choices),
         float: lambda: FloatNode(bounds),
-        str: lambda: StrNode(choices),
+        str: lambda: StrNode(choices, length),
         bool: BoolNode,
-        bytes: BytesNode,
+        bytes: lambda: BytesNode(length),
     }
     if annotation in simple:
         return simple[annotation]()
@@ -326,6 +381,8 @@ __all__ = [
     "Range",
     "OneOf",
     "TensorSpec",
+    "Length",
+    "STR_MAX_LEN",
     "Node",
     "node_for",
     "Tensor",
