@@ -19,6 +19,9 @@ from atlas_p2p.validation import require_bool, require_int, require_number
 # helper (the helper sees activations, and labels in two-part mode).
 MAX_MEMORY_BYTES = 2**46  # 64 TiB
 MAX_BANDWIDTH_BPS = 800 * 10**9  # 800 Gbit/s, the fastest single Ethernet port
+# The compute score is measured by the node at start (float32 matrix products, GFLOP/s);
+# no flag declares it. A device that measures more than this is not an edge device.
+MAX_COMPUTE_SCORE = 100_000.0  # 100 TFLOP/s
 
 
 def require_memory(name: str, value: object) -> int:
@@ -51,7 +54,18 @@ class Capabilities:
         require_bandwidth("bandwidth_bps", self.bandwidth_bps)
         object.__setattr__(self, "bandwidth_bps", round(self.bandwidth_bps))
         object.__setattr__(self, "compute_score", require_number("compute_score", self.compute_score, 0))
+        if self.compute_score > MAX_COMPUTE_SCORE:
+            raise ValueError(
+                f"compute_score: {self.compute_score:g} GFLOP/s is above {MAX_COMPUTE_SCORE:g}, the most a node may report"
+            )
         require_bool("has_data", self.has_data)
 
 
-__all__ = ["MAX_BANDWIDTH_BPS", "MAX_MEMORY_BYTES", "Capabilities", "require_bandwidth", "require_memory"]
+__all__ = [
+    "MAX_BANDWIDTH_BPS",
+    "MAX_COMPUTE_SCORE",
+    "MAX_MEMORY_BYTES",
+    "Capabilities",
+    "require_bandwidth",
+    "require_memory",
+]

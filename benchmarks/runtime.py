@@ -9,8 +9,12 @@ synthetic tasks. Reported per role, from the nodes' own metrics:
 - adapter_bytes_per_round: factors returned, contributions gossiped, patches served;
 - wall_s: from the first join to every node done (rounds, merges, exports);
 - lost_updates (must be 0) and whether the cluster's members ended on one chain.
+With `--keys both` the same swarm runs four times, with CurveZMQ keys (the default of
+every swarm) and `--insecure` in the order on, off, off, on, and `keys_cost` gives the
+ratios keys on/off of the mean step rates and wall times, and whether every run ended
+with the same losses (keys must not change what is learned).
 
-    python benchmarks/runtime.py [--rounds 3] [--local-steps 8] [--json PATH]
+    python benchmarks/runtime.py [--rounds 3] [--local-steps 8] [--keys on|off|both] [--json PATH]
 """
 
 from __future__ import annotations
@@ -31,10 +35,10 @@ from nodes.config import SwarmSpec  # noqa: E402
 from scenarios.inprocess import InProcessSwarm  # noqa: E402
 
 
-async def _run(workdir: Path, rounds: int, steps: int) -> dict:
+async def _run(workdir: Path, rounds: int, steps: int, insecure: bool = False) -> dict:
     spec = SwarmSpec(task="seq_cls", num_labels=4, min_nodes=2, clusters=1)
     timing = dict(heartbeat_s=0.5, suspect_after_s=3.0, dead_after_s=6.0, restart_grace_s=1.0, sweep_s=0.1)
-    async with await InProcessSwarm.create(workdir, spec, fingerprint_seed=3, **timing) as swarm:
+    async with await InProcessSwarm.create(workdir, spec, fingerprint_seed=3, insecure=insecure, **timing) as swarm:
         nodes = {"owner": (4, 0), "whole": (30, 0), "helper": (100, None)}  # MB, task (None: a pure helper)
         for seed, (name, (memory_mb, task)) in enumerate(nodes.items()):
             data = None if task is None else write_synthetic_jsonl(workdir / f"{name}.jsonl", task, 96, seed=seed)
@@ -43,6 +47,7 @@ async def _run(workdir: Path, rounds: int, steps: int) -> dict:
         summaries = await swarm.run()
     wall = time.perf_counter() - started
     figures = {
+        "keys": not insecure,
         "wall_s": round(wall, 2),
         "rounds": rounds,
         "local_steps": steps,
@@ -74,17 +79,41 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--local-steps", type=int, default=8)
+    parser.add_argument("--keys", choices=("on", "off", "both"), default="on", help="CurveZMQ keys (both: a ratio)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     import torch
 
     torch.set_num_threads(1)
-    with tempfile.TemporaryDirectory() as tmp:
-        figures = asyncio.run(_run(Path(tmp), args.rounds, args.local_steps))
+    runs: list[tuple[str, dict]] = []
+    # both: on, off, off, on, so a drift in the machine's load weighs on both alike
+    for keys in ("on", "off", "off", "on") if args.keys == "both" else (args.keys,):
+        with tempfile.TemporaryDirectory() as tmp:
+            runs.append((keys, asyncio.run(_run(Path(tmp), args.rounds, args.local_steps, insecure=keys == "off"))))
+    if len(runs) == 1:
+        figures = runs[0][1]
+    else:
+
+        def mean(keys: str, get) -> float:
+            values = [get(r) for k, r in runs if k == keys]
+            return sum(values) / len(values)
+
+        def ratio(get) -> float:
+            return round(mean("on", get) / mean("off", get), 3)
+
+        figures = {
+            "runs": [dict(r, keys=k == "on") for k, r in runs],
+            "keys_cost": {
+                "owner_step_rate_ratio": ratio(lambda r: r["owner"]["step_rate"]),
+                "whole_step_rate_ratio": ratio(lambda r: r["whole"]["step_rate"]),
+                "wall_ratio_off_over_on": round(1 / ratio(lambda r: r["wall_s"]), 3),
+                "same_final_losses": len({(r["owner"]["final_loss"], r["whole"]["final_loss"]) for _, r in runs}) == 1,
+            },
+        }
     print(json.dumps(figures, indent=2))
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2))
-    return 0 if figures["lost_updates"] == 0 and figures["one_chain"] else 1
+    return 0 if all(r["lost_updates"] == 0 and r["one_chain"] for _, r in runs) else 1
 
 
 if __name__ == "__main__":

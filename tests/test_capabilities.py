@@ -87,6 +87,7 @@ def test_a_fractional_rate_is_whole_bits_per_second():
         (dict(memory_bytes=3.5e6), "memory_bytes must be an int >= 1, got 3500000.0"),
         (dict(bandwidth_bps=0), "bandwidth_bps"),
         (dict(compute_score=float("inf")), "compute_score"),
+        (dict(compute_score=1e6), "compute_score: 1e\\+06 GFLOP/s is above 100000"),
         (dict(has_data=1), "has_data must be a bool, got 1"),
     ],
 )

@@ -80,8 +80,7 @@ def _replace(argv, flag, value):
         (JOIN + ["--bind", "127.0.0.1:abc"], ExitCode.BAD_VALUE, "--bind"),
         (JOIN + ["--advertise", "nowhere"], ExitCode.BAD_VALUE, "--advertise"),
         (JOIN + ["--data", "/no/such/file.jsonl"], ExitCode.BAD_VALUE, "--data"),
-        (JOIN + ["--compute", "-1"], ExitCode.BAD_VALUE, "compute_score"),
-        (JOIN + ["--compute", "lots"], ExitCode.USAGE, "--compute"),
+        (JOIN + ["--compute", "1"], ExitCode.USAGE, "--compute"),  # measured by the node, never declared
         (JOIN[:3], ExitCode.USAGE, "--memory"),
         (JOIN + ["--frobnicate"], ExitCode.USAGE, "--frobnicate"),
         (["fly"], ExitCode.USAGE, "fly"),
@@ -268,7 +267,7 @@ def test_a_bad_data_file_is_refused_before_joining(live_bootstrap, tmp_path, cap
 
 
 def test_join_refused_by_the_bootstrap_exits_with_rejected(live_bootstrap, capsys):
-    got, _, err = _run(_join_live(live_bootstrap) + ["--advertise", "0.0.0.0:7103", "--compute", "1"], capsys)
+    got, _, err = _run(_join_live(live_bootstrap) + ["--advertise", "0.0.0.0:7103"], capsys)
 
     assert got == ExitCode.REJECTED and "refused" in _last_error_line(err)
 
@@ -303,6 +302,6 @@ def test_console_script_and_module_entry_points_run():
 def test_join_with_a_corrupt_state_file_is_a_state_error(tmp_path, capsys):
     (tmp_path / "node.json").write_text("{broken")
 
-    got, _, err = _run(JOIN + ["--state", str(tmp_path), "--compute", "1"], capsys)
+    got, _, err = _run(JOIN + ["--state", str(tmp_path)], capsys)
 
     assert got == ExitCode.STATE_ERROR and "node.json" in _last_error_line(err)

@@ -424,9 +424,6 @@ def join(
     state: Annotated[
         Path | None, typer.Option(help="Directory for node state; a restart with it keeps the node id.")
     ] = None,
-    compute: Annotated[
-        float | None, typer.Option(help="Compute score in GFLOP/s (default: measured at start).")
-    ] = None,
     out: Annotated[
         Path | None,
         typer.Option(help="Results: adapter/, metrics.jsonl, summary.json, checkpoint/ (default: --state)."),
@@ -502,7 +499,6 @@ def join(
         data=data,
         model=model,
         state_dir=state if state is not None else out,
-        compute_score=compute,
         token=token,
         insecure=insecure,
     )
