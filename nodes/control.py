@@ -406,7 +406,12 @@ class ControlClient:
 
     def _note_unreachable(self, failures: int, what: str) -> None:
         if failures == 0:
-            log.warning("bootstrap %s did not answer %s; retrying with backoff", self.config.bootstrap, what)
+            hint = (
+                " (a bootstrap with keys never answers an --insecure node)"
+                if self.config.insecure
+                else " (it must be the bootstrap whose key the token names: a new token after its state was lost)"
+            )
+            log.warning("bootstrap %s did not answer %s; retrying with backoff%s", self.config.bootstrap, what, hint)
         elif failures % 10 == 0:
             log.info("still no answer from bootstrap %s after %d attempts; retrying", self.config.bootstrap, failures)
         self.connected = False

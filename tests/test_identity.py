@@ -211,3 +211,28 @@ def test_a_node_serves_an_owner_only_to_that_owners_key_and_nothing_to_strangers
             await swarm.close()
 
     asyncio.run(body())
+
+
+def test_with_an_allow_list_only_the_listed_keys_complete_the_handshake(tmp_path):
+    from transport.security import create_keypair
+
+    async def body():
+        listed = create_keypair(tmp_path / "allowed", "n1")  # n1.key lands in the allow-list dir
+        other = Keypair.generate()
+        config = BootstrapConfig(bind="127.0.0.1:0", state_dir=tmp_path / "boot", allow_keys=tmp_path / "allowed")
+        boot = await Bootstrap.create(config)
+        clients = {}
+        try:
+            for name, keypair in (("listed", listed), ("other", other)):
+                clients[name] = RpcClient(name, keypair=keypair)
+                clients[name].set_server_key(boot.address, boot.keypair.public)
+            joined = await clients["listed"].call(boot.address, _join(boot, 7001), timeout=5)
+            with pytest.raises(RpcTimeout):  # the handshake is refused: not even the token helps
+                await clients["other"].call(boot.address, _join(boot, 7002), timeout=0.5)
+            assert [r.id for r in boot.registry.table.rows()] == [joined.node_id]
+        finally:
+            for client in clients.values():
+                await client.stop()
+            await boot.stop()
+
+    asyncio.run(body())
