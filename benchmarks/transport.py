@@ -47,7 +47,7 @@ import zmq  # noqa: E402
 
 from transport.link import LinkProfile  # noqa: E402
 from transport.messages import Backward, Forward, Ping  # noqa: E402
-from transport.rpc import RpcClient, RpcServer, install_uvloop  # noqa: E402
+from transport.rpc import RpcClient, RpcServer, RpcServerConfig, install_uvloop  # noqa: E402
 from transport.security import Keypair  # noqa: E402
 
 PAYLOAD_BYTES = 4 << 20
@@ -86,7 +86,10 @@ def atlas_server(port_queue, stop, use_uvloop: bool, keyed: bool = False, link_m
 
     async def main():
         link = None if link_mbps is None else LinkProfile(bandwidth_mbps=link_mbps)
-        async with RpcServer(handlers={"forward": forward, "ping": ping}, keypair=keypair, link=link) as server:
+        # one client sends as fast as it can here: per-client limits on (their cost is measured), never reached
+        limits = RpcServerConfig(client_rate=1e9, client_concurrency=PIPELINE_DEPTH)
+        handlers = {"forward": forward, "ping": ping}
+        async with RpcServer(handlers=handlers, config=limits, keypair=keypair, link=link) as server:
             port_queue.put(server.port)
             if keypair is not None:
                 port_queue.put(keypair.public)
