@@ -41,13 +41,17 @@ class RequestBudget:
         """Take one token from `key`'s bucket if it holds one; False means over the limit."""
         buckets = self._buckets
         entry = buckets.get(key)
-        tokens = self.burst if entry is None else self._refilled(entry, now)
+        if entry is None:
+            tokens = self.burst
+            if buckets:
+                self._forget_full(now)  # a new key: make room (once per new key: O(1) amortized)
+        else:
+            tokens, last = entry
+            if now > last:
+                tokens = min(self.burst, tokens + self.rate * (now - last))
+            buckets.move_to_end(key)
         admitted = tokens >= 1.0
         buckets[key] = (tokens - 1.0 if admitted else tokens, now)
-        if entry is not None:
-            buckets.move_to_end(key)
-        elif len(buckets) > 1:
-            self._forget_full(now)  # a new key: make room (one call per new key keeps this O(1) amortized)
         return admitted
 
     def _refilled(self, entry: tuple[float, float], now: float) -> float:
@@ -55,9 +59,10 @@ class RequestBudget:
         return min(self.burst, tokens + self.rate * max(0.0, now - last))
 
     def _forget_full(self, now: float) -> None:
+        """Drop the least recently used buckets while they are full by now, or one more key than max_keys is kept."""
         while self._buckets:
             oldest = next(iter(self._buckets.values()))
-            if len(self._buckets) <= self.max_keys and self._refilled(oldest, now) < self.burst:
+            if len(self._buckets) < self.max_keys and self._refilled(oldest, now) < self.burst:
                 return
             self._buckets.popitem(last=False)
 

@@ -205,9 +205,10 @@ class _Client:
 
     def __init__(self) -> None:
         self.running = 0
-        self.waiting: collections.deque[tuple[Envelope, int]] = collections.deque()
+        # deques made on first use (most clients never queue): () until then
+        self.waiting: collections.deque[tuple[Envelope, int]] | tuple = ()
         self.waiting_bytes = 0
-        self.outbox: collections.deque[tuple[list, int]] = collections.deque()  # ([identity, *frames], nbytes)
+        self.outbox: collections.deque[tuple[list, int]] | tuple = ()  # ([identity, *frames], nbytes)
         self.outbox_bytes = 0
         self.moved_at = 0.0  # loop time the outbox last moved (or started)
 
@@ -394,6 +395,8 @@ class RpcServer:
             self._reply_error(identity, env.id, "rate_limited", detail)
             return
         self._running.add(key)
+        if not client.waiting:
+            client.waiting = collections.deque()
         client.waiting.append((env, nbytes))
         client.waiting_bytes += nbytes
 
@@ -536,6 +539,8 @@ class RpcServer:
             self.stats["reply_dropped"] += 1  # all queues together are full
             self._forget_if_idle(identity, client)
             return
+        if not client.outbox:
+            client.outbox = collections.deque()
         client.outbox.append((message, nbytes))
         client.outbox_bytes += nbytes
         self._pending_replies += 1
