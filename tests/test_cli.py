@@ -87,6 +87,7 @@ def _replace(argv, flag, value):
         (["--log-level", "loud", "peers", "--bootstrap", "127.0.0.1:1"], ExitCode.BAD_VALUE, "--log-level"),
         (["peers", "--bootstrap", "nope"], ExitCode.BAD_VALUE, "--bootstrap"),
         (["peers", "--bootstrap", "127.0.0.1:1", "--timeout", "0"], ExitCode.BAD_VALUE, "--timeout"),
+        (["peers", "--bootstrap", "127.0.0.1:1", "--limit", "0"], ExitCode.BAD_VALUE, "--limit"),
     ],
 )
 def test_bad_flags_give_one_line_and_a_registry_code(argv, code, needle, capsys):
@@ -209,6 +210,19 @@ def live_bootstrap():
     boot = _BootstrapThread(BootstrapConfig(bind="127.0.0.1:0"))
     yield boot
     boot.close()
+
+
+def test_peers_limit_shows_the_first_rows(live_bootstrap, capsys):
+    first = live_bootstrap.join("127.0.0.1:7101", memory_bytes=8_000_000_000)
+    live_bootstrap.join("127.0.0.1:7102", memory_bytes=512_000_000)
+    token = ["--token", live_bootstrap.service.token.text()]
+
+    code, raw, _ = _run(
+        ["peers", "--bootstrap", live_bootstrap.service.address, "--json", "--limit", "1", *token], capsys
+    )
+
+    assert code == ExitCode.OK
+    assert [row["id"] for row in json.loads(raw)] == [first]
 
 
 def test_peers_prints_a_table_and_json(live_bootstrap, capsys):

@@ -36,6 +36,16 @@ def test_reader_follows_the_pages_until_it_has_every_row():
     assert calls == [(0, 500), (500, 500), (1000, 500)]
 
 
+def test_reader_with_a_limit_asks_only_for_the_rows_it_shows():
+    rows = [{"id": i} for i in range(1, 1235)]
+    calls: list[tuple[int, int]] = []
+
+    got = run(read_pages(table_pages(rows, calls), page=500, limit=700))
+
+    assert got == rows[:700]
+    assert calls == [(0, 500), (500, 200)]
+
+
 def test_reader_of_an_empty_table_asks_once():
     calls: list[tuple[int, int]] = []
 

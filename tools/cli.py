@@ -562,6 +562,10 @@ def peers(
     insecure: Annotated[
         bool, typer.Option("--insecure", help="Read a bootstrap started with --insecure (no keys).")
     ] = False,
+    limit: Annotated[
+        int | None,
+        typer.Option(help="Show at most this many peers, the first in id order (default: all, read in pages)."),
+    ] = None,
 ) -> None:
     """Print the bootstrap's peer table (readable, or --json for scripts)."""
     from tools.peers_view import PeersRefused, fetch_peers, format_peer_table
@@ -569,9 +573,11 @@ def peers(
     bootstrap = _address("--bootstrap", bootstrap)
     if not timeout > 0:
         fail(ExitCode.BAD_VALUE, f"--timeout: must be > 0, got {timeout}")
+    if limit is not None and limit < 1:
+        fail(ExitCode.BAD_VALUE, f"--limit: must be >= 1, got {limit}")
     token = _token("--token", token, insecure)
     try:
-        rows = _run(lambda stop: fetch_peers(bootstrap, timeout, token=token))
+        rows = _run(lambda stop: fetch_peers(bootstrap, timeout, token=token, limit=limit))
     except PeersRefused as exc:
         fail(ExitCode.REJECTED, str(exc))
     if rows is None:

@@ -35,28 +35,33 @@ class PeersRefused(RuntimeError):
     """The bootstrap answered, but not with a peer list."""
 
 
-async def read_pages(ask: Callable[[int, int], Awaitable[PeerList]], page: int = PEERS_PAGE_DEFAULT) -> list[dict]:
-    """Every row of the peer table, one `peers` request per page: `ask(offset, limit)` returns
-    one page. Pages follow each other until `total` rows (as the latest page counts them) are
-    read or a page comes back empty. A table that changes while it is read may shift a page:
-    a row seen twice is kept once."""
+async def read_pages(
+    ask: Callable[[int, int], Awaitable[PeerList]], page: int = PEERS_PAGE_DEFAULT, limit: int | None = None
+) -> list[dict]:
+    """Every row of the peer table (or the first `limit`), one `peers` request per page:
+    `ask(offset, n)` returns up to n rows from offset. Pages follow each other until `total`
+    rows (as the latest page counts them) are read or a page comes back empty. A table that
+    changes while it is read may shift a page: a row seen twice is kept once."""
     rows: list[dict] = []
     seen: set[object] = set()
     offset = 0
-    while True:
-        reply = await ask(offset, page)
+    while limit is None or len(rows) < limit:
+        reply = await ask(offset, page if limit is None else min(page, limit - len(rows)))
         for row in reply.rows:
             if row.get("id") not in seen:
                 seen.add(row.get("id"))
                 rows.append(row)
         offset += len(reply.rows)
         if not reply.rows or offset >= reply.total:
-            return rows
+            break
+    return rows if limit is None else rows[:limit]
 
 
-async def fetch_peers(bootstrap: str, timeout: float, token: str | None = None) -> list[dict[str, Any]] | None:
-    """Ask `bootstrap` for all its rows, page by page (`read_pages`); None when a page does not
-    come within `timeout`.
+async def fetch_peers(
+    bootstrap: str, timeout: float, token: str | None = None, limit: int | None = None
+) -> list[dict[str, Any]] | None:
+    """Ask `bootstrap` for all its rows (or the first `limit`), page by page (`read_pages`);
+    None when a page does not come within `timeout`.
 
     With the swarm's join token (its text) the request goes over CURVE to the key the token
     names and carries the token's secret; without, a plain request (an insecure swarm)."""
@@ -73,9 +78,10 @@ async def fetch_peers(bootstrap: str, timeout: float, token: str | None = None) 
     try:
         secret = "" if parsed is None else parsed.secret
         rows = await read_pages(
-            lambda offset, limit: client.call(
-                bootstrap, Peers(offset=offset, limit=limit, token=secret), timeout=timeout, expect=PeerList
-            )
+            lambda offset, n: client.call(
+                bootstrap, Peers(offset=offset, limit=n, token=secret), timeout=timeout, expect=PeerList
+            ),
+            limit=limit,
         )
     except RpcTimeout:
         return None
