@@ -29,13 +29,14 @@ async def noop(env: Envelope) -> None:
 
 
 @contextlib.asynccontextmanager
-async def deaf_dealer(address: str):
-    """A DEALER that sends requests and never reads a reply (small receive buffers, so the
-    server's pipe to it fills quickly)."""
+async def dealer(address: str, deaf: bool = False):
+    """A bare DEALER; `deaf`: one that will never read a reply, with small receive buffers so
+    the server's pipe to it fills quickly."""
     sock = zmq.asyncio.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.RCVHWM, 1)
-    sock.setsockopt(zmq.RCVBUF, 4096)
+    if deaf:
+        sock.setsockopt(zmq.RCVHWM, 1)
+        sock.setsockopt(zmq.RCVBUF, 4096)
     sock.connect(tcp_endpoint(address))
     try:
         yield sock
@@ -53,7 +54,7 @@ def test_a_client_that_never_reads_delays_no_other_client():
         config = RpcServerConfig(hwm=8, client_queue_bytes=4 << 20, send_timeout_s=30.0)
         handlers = {"ping": big, "leave": noop}
         async with RpcServer(handlers=handlers, config=config) as server, RpcClient("honest") as client:
-            async with deaf_dealer(server.address) as deaf:
+            async with dealer(server.address, deaf=True) as deaf:
                 await flood(deaf, 1200)
                 await wait_until_async(lambda: server.stats["requests"] >= 1200, 20)
                 await wait_until_async(lambda: server.stats["reply_dropped"] > 0, 20)
@@ -70,7 +71,7 @@ def test_a_client_whose_replies_do_not_move_for_send_timeout_loses_them_all():
     async def main():
         config = RpcServerConfig(hwm=8, client_queue_bytes=4 << 20, send_timeout_s=0.3)
         async with RpcServer(handlers={"ping": big}, config=config) as server:
-            async with deaf_dealer(server.address) as deaf:
+            async with dealer(server.address, deaf=True) as deaf:
                 await flood(deaf, 300)
                 await wait_until_async(lambda: server.stats["clients_dropped"] >= 1, 20)
 
@@ -144,7 +145,7 @@ def test_refused_messages_are_logged_a_few_lines_per_code_then_summed(caplog):
     async def main():
         config = RpcServerConfig(log_lines=2, log_interval_s=60.0)
         async with RpcServer(handlers={}, config=config) as server:
-            async with deaf_dealer(server.address) as sock:
+            async with dealer(server.address, deaf=True) as sock:
                 for _ in range(20):
                     await sock.send_multipart([b"\xc1garbage"])
                 await wait_until_async(lambda: server.stats["bad_header"] == 20, 5)
@@ -160,16 +161,10 @@ def test_refused_messages_are_logged_a_few_lines_per_code_then_summed(caplog):
 def test_a_rate_limited_reply_carries_the_request_id():
     async def main():
         config = RpcServerConfig(client_rate=0.01, client_burst=1)
-        async with RpcServer(handlers={"ping": noop}, config=config) as server:
-            sock = zmq.asyncio.Context.instance().socket(zmq.DEALER)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.connect(tcp_endpoint(server.address))
-            try:
-                await sock.send_multipart(encode(Envelope.of(Ping(), 7, "x")))
-                await sock.send_multipart(encode(Envelope.of(Ping(), 8, "x")))
-                replies = [decode(await asyncio.wait_for(sock.recv_multipart(), 5)) for _ in range(2)]
-            finally:
-                sock.close(linger=0)
+        async with RpcServer(handlers={"ping": noop}, config=config) as server, dealer(server.address) as sock:
+            await sock.send_multipart(encode(Envelope.of(Ping(), 7, "x")))
+            await sock.send_multipart(encode(Envelope.of(Ping(), 8, "x")))
+            replies = [decode(await asyncio.wait_for(sock.recv_multipart(), 5)) for _ in range(2)]
 
             by_id = {reply.id: reply.body for reply in replies}
             assert type(by_id[7]).TYPE == "ok"
