@@ -54,7 +54,7 @@ from atlas_p2p.memory import (
     owner_footprint,
     whole_model_footprint,
 )
-from atlas_p2p.validation import require_int
+from atlas_p2p.validation import require_bool, require_int
 from atlas_p2p.vocabulary import HELPER, OWNER, WAITING, WHOLE
 
 log = logging.getLogger(__name__)
@@ -69,10 +69,14 @@ class NodeInfo:
     node_id: str
     caps: Capabilities  # memory (bytes), bandwidth (bit/s), compute, has_data
     cluster: int | None  # task cluster; None for a pure helper nobody clustered
+    # whether the operator lets this device run other owners' layers (a helper sees their
+    # activations, and labels in two-part mode); False: it trains its own data only
+    may_host: bool = True
 
     def __post_init__(self):
         if not isinstance(self.node_id, str) or not self.node_id:
             raise ValueError(f"node_id={self.node_id!r}: must be a non-empty string")
+        require_bool("may_host", self.may_host)
         if not isinstance(self.caps, Capabilities):
             raise ValueError(f"caps={self.caps!r:.80}: must be a Capabilities")
         if self.cluster is not None:
@@ -484,7 +488,7 @@ def make_plan(
         rows[node_id] = dict(
             cluster=info.cluster, role=role, split=split, ranks=ranks, helper=None, fallbacks=(), reason=reason
         )
-        if role in (WHOLE, HELPER):
+        if role in (WHOLE, HELPER) and info.may_host:
             helpers[node_id] = _Helper(info, _budget(info, cfg), own or Footprint(0, 0, 0), role == WHOLE)
 
     # Pairing, first-fit decreasing on the helper memory an owner needs.
@@ -620,7 +624,7 @@ def repair(
     }
     helpers: dict[str, _Helper] = {}
     for n, p in plan.nodes.items():
-        if n in dead or p.role not in (WHOLE, HELPER):
+        if n in dead or p.role not in (WHOLE, HELPER) or not by_id[n].may_host:
             continue
         own = (
             whole_model_footprint(ctx.shape, p.ranks, ctx.workload, ctx.constants)

@@ -413,6 +413,21 @@ def test_equal_helpers_share_the_owners():
     assert sorted(len(plan[h].serves) for h in ("h1", "h2")) == [2, 2]
 
 
+def test_a_device_the_operator_does_not_let_host_never_serves_an_owner():
+    owners = [node(f"o{i}", owner_memory(2)) for i in range(2)]
+    barred = dataclasses.replace(node("strong", BIG), may_host=False)  # trains alone, hosts nobody
+    barred_pure = dataclasses.replace(node("p", BIG, cluster=None, has_data=False), may_host=False)
+
+    plan = P.make_plan([*owners, barred, barred_pure, node("h", BIG)], CTX)
+
+    assert plan["strong"].role == P.WHOLE and plan["strong"].serves == () and plan["p"].serves == ()
+    assert {plan[o.node_id].helper for o in owners} == {"h"}
+    repaired = P.repair(plan, ["h"], [*owners, barred, barred_pure], centroids=None)
+    assert all(repaired[o.node_id].helper is None for o in owners)  # they wait rather than go to a barred host
+    with pytest.raises(ValueError, match="may_host"):
+        dataclasses.replace(barred, may_host="no")
+
+
 def test_no_helper_is_filled_over_its_capacity_and_the_rest_wait():
     owners = [node(f"o{i}", owner_memory(1)) for i in range(6)]
     one_owner = M.served_owner_footprint(
