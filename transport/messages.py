@@ -48,6 +48,7 @@ REASON_MAX_LEN = 1000
 Address = Annotated[str, Length(hi=ADDRESS_MAX_LEN)]
 Reason = Annotated[str, Length(hi=REASON_MAX_LEN)]
 PublicKey = Annotated[str, Length(40, 40, or_empty=True)]  # Z85 CurveZMQ public key; "" = none
+Secret = Annotated[str, Length(32, 32, or_empty=True)]  # a join token's secret (hex); "" = none
 Digest = Annotated[str, Length(hi=128)]  # a sha256 hex digest (64); "" = not stated
 
 PEERS_PAGE_MAX = 1000  # rows in one `peer_list`
@@ -155,7 +156,7 @@ class Join(Message):
     model: str = ""  # model the node runs; "" = whatever the swarm runs
     node_id: NodeId | None = None  # set when rejoining after a restart
     incarnation: str = ""  # the state incarnation that handed out node_id (its welcome's); "" = not known
-    token: str = ""  # the secret of the swarm's join token ("" in an --insecure swarm)
+    token: Secret = ""  # the secret of the swarm's join token ("" in an --insecure swarm)
 
     @classmethod
     def offer(cls, capabilities: Capabilities, **rest: Any) -> Join:
@@ -227,7 +228,7 @@ class Peers(Message):
     cluster: int | None = None
     offset: Count = 0
     limit: Annotated[int, Range(1, PEERS_PAGE_MAX)] = PEERS_PAGE_DEFAULT
-    token: str = ""  # the join token's secret, for a reader that is not a node of the swarm
+    token: Secret = ""  # the join token's secret, for a reader that is not a node of the swarm
 
 
 @message("peer_list")
@@ -289,7 +290,7 @@ class Assignment(Message):
     owners: list[dict[str, Any]] = field(default_factory=list)
     # str(node_id) -> Z85 public key, for every node in `addresses` and every node that may
     # call this one (the helpers of its cluster's members); empty in an --insecure swarm
-    keys: dict[str, str] = field(default_factory=dict)
+    keys: dict[str, PublicKey] = field(default_factory=dict)
 
 
 @message("whois")
@@ -297,7 +298,7 @@ class Whois(Message):
     """Node -> bootstrap: which node holds this public key (a caller the assignment does not
     name); answered by `whois_reply`."""
 
-    key: str
+    key: PublicKey
 
 
 @message("whois_reply")

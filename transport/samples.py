@@ -44,7 +44,13 @@ def sample_value(node: Node, rng: random.Random, fill_optional: bool = True) -> 
         hi = node.bounds.hi if node.bounds and node.bounds.hi is not None else lo + 2e3
         return rng.uniform(lo, hi)
     if kind == "str":
-        return rng.choice(node.choices.values) if node.choices else f"s{rng.getrandbits(20)}-é"
+        if node.choices:
+            return rng.choice(node.choices.values)
+        text, length = f"s{rng.getrandbits(20)}-é", node.length
+        if length.lo > 0:  # e.g. a public key: exactly 40 characters
+            size = length.lo if length.hi is None else rng.randint(length.lo, length.hi)
+            text = (text * size)[:size]
+        return text if length.hi is None else text[: length.hi]
     if kind == "bool":
         return rng.random() < 0.5
     if kind == "bytes":
