@@ -15,7 +15,7 @@ only claim what a table or a record shows:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -146,7 +146,7 @@ def _why(
     alive: Mapping[int, Row],
     serving: Mapping[int, list[int]],
     members: Mapping[Any, set[int]],
-    pure,
+    pure: Callable[[int], bool],
     names_by_id: Mapping[int, str],
 ) -> str:
     """Why `node_id` was picked, from its row (role, cluster, anchor) and its owners' rows."""
