@@ -122,6 +122,7 @@ class Bootstrap:
         self._table: PeerTable | None = None
         self._lock: IO[str] | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        self._adopter: asyncio.Task[None] | None = None  # adopts the known rows after a restart
         self._stopped = False
         self.keypair: Keypair | None = None  # None: an insecure swarm
         self.token: JoinToken | None = None  # what a node needs to join (printed by the CLI)
@@ -156,13 +157,9 @@ class Bootstrap:
             "whois": self.rpc_whois,
         }
         if self.swarm is not None:
-            from nodes.assign import make_coordinator
-
-            self.coordinator = self._restore_coordinator(make_coordinator(self.swarm))
             handlers.update(
                 fingerprint=self.rpc_fingerprint, report=self.rpc_report, get_assignment=self.rpc_get_assignment
             )
-            await self._adopt_known_nodes()
         allow = None
         if not self.config.insecure:
             self.keypair, self.token = bootstrap_identity(self.config.state_dir)
@@ -184,6 +181,14 @@ class Bootstrap:
             tmp = self.config.state_dir / (INFO_FILE + ".tmp")
             tmp.write_text(json.dumps(info))
             tmp.replace(self.config.state_dir / INFO_FILE)
+        if self.swarm is not None:
+            # Bound first: nodes reach the socket at once. Their first requests wait in its
+            # queue only for the restore (a parse of the kept snapshot, no planning); the known
+            # rows the snapshot lacks are adopted in the background while requests are answered.
+            from nodes.assign import make_coordinator
+
+            self.coordinator = self._restore_coordinator(make_coordinator(self.swarm))
+            self._adopter = asyncio.create_task(self._adopt_known_nodes(), name="bootstrap-adopt")
         self._sweeper = asyncio.create_task(self._sweep_forever(), name="bootstrap-sweep")
         known = self._table.rows()
         log.info(
@@ -201,6 +206,10 @@ class Bootstrap:
         if self._stopped:
             return
         self._stopped = True
+        if self._adopter is not None:
+            self._adopter.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._adopter
         if self._sweeper is not None:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):

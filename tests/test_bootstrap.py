@@ -11,6 +11,7 @@ import zmq
 import zmq.asyncio
 
 from atlas_p2p.capabilities import Capabilities
+from benchmarks.bootstrap_restart import SPEC, build_state
 from nodes.bootstrap import Bootstrap, read_bootstrap_info
 from nodes.config import BootstrapConfig
 from nodes.liveness import (
@@ -28,7 +29,7 @@ from scenarios.waiting import wait_until_async
 from tests.aio import run
 from tests.peer_rows import PEER_ROW_KEYS
 from transport.codec import decode
-from transport.messages import Envelope, Heartbeat, Join, Leave, Ok, PeerList, Peers, Welcome
+from transport.messages import Beat, Envelope, Heartbeat, Join, Leave, Ok, PeerList, Peers, Welcome
 from transport.rpc import RpcClient, RpcError
 
 # --- liveness as a pure function --------------------------------------------------------
@@ -276,8 +277,16 @@ def test_sweep_deletes_rows_dead_or_left_for_expire_after_and_their_ids_stay_use
 
 # --- the service over real sockets on 127.0.0.1 -------------------------------------------
 
+# The service tests speak plain TCP (insecure): what they check is the membership logic;
+# keys and who may send what are tests/test_identity.py's.
 SERVICE = BootstrapConfig(
-    bind="127.0.0.1:0", heartbeat_s=0.5, suspect_after_s=1.5, dead_after_s=3.0, restart_grace_s=0.0, sweep_s=0.05
+    bind="127.0.0.1:0",
+    insecure=True,
+    heartbeat_s=0.5,
+    suspect_after_s=1.5,
+    dead_after_s=3.0,
+    restart_grace_s=0.0,
+    sweep_s=0.05,
 )
 
 
@@ -315,7 +324,9 @@ def _header(msg_type: str, body: dict, msg_id: int = 7) -> bytes:
 
 def test_service_join_heartbeat_peers_leave(tmp_path):
     async def body():
-        service = await Bootstrap.create(BootstrapConfig(bind="127.0.0.1:0", state_dir=tmp_path, model="tiny"))
+        service = await Bootstrap.create(
+            BootstrapConfig(bind="127.0.0.1:0", state_dir=tmp_path, model="tiny", insecure=True)
+        )
         client = await RpcClient.create("test-client")
         try:
             welcome = await client.call(service.address, _join_body(has_data=True), timeout=3)
@@ -462,6 +473,7 @@ def test_restart_on_same_state_shows_same_peers_and_known_heartbeats_revive(tmp_
     async def body():
         config = BootstrapConfig(
             bind="127.0.0.1:0",
+            insecure=True,
             state_dir=tmp_path,
             heartbeat_s=0.5,
             suspect_after_s=1.5,
@@ -485,5 +497,34 @@ def test_restart_on_same_state_shows_same_peers_and_known_heartbeats_revive(tmp_
         finally:
             await client.stop()
             await second.stop()
+
+    run(body())
+
+
+def test_a_restart_binds_first_and_answers_while_it_adopts_the_rows_its_snapshot_lacks(tmp_path):
+    build_state(tmp_path, nodes=12, owners=4)  # a planned swarm kept in the state, 12 rows beyond it
+
+    async def body():
+        config = BootstrapConfig(
+            bind="127.0.0.1:0",
+            insecure=True,
+            state_dir=tmp_path,
+            suspect_after_s=600.0,
+            dead_after_s=900.0,
+            restart_grace_s=900.0,
+        )
+        service = await Bootstrap.create(config, swarm=SPEC)
+        client = await RpcClient.create("test-client")
+        try:
+            rows = [r.id for r in service.registry.table.rows()]
+            reply = await client.call(service.address, Heartbeat(node_id=rows[-1], state="waiting"), timeout=30)
+            assert isinstance(reply, Beat)
+            await wait_until_async(
+                lambda: all(service.coordinator.known(n) for n in rows), 300, what="every known row adopted"
+            )
+            assert service.coordinator.assigned and service.coordinator.version > 0
+        finally:
+            await client.stop()
+            await service.stop()
 
     run(body())
