@@ -44,16 +44,18 @@ def test_a_node_back_with_an_id_of_a_lost_state_gets_a_new_id_not_another_nodes_
 
         second = await restart_on(address, state_dir=tmp_path / "boot-b", insecure=True, **BOOT)  # the whole state lost
         y = await ControlClient.create(_node(address), "127.0.0.1:4102")
-        x_again = await ControlClient.create(_node(address, state_dir=tmp_path / "x"), "127.0.0.1:4101")
+        x_again = None
         try:
             assert (await y.wait_joined(timeout=5)).node_id == 1  # id 1 again, in the new incarnation
+            x_again = await ControlClient.create(_node(address, state_dir=tmp_path / "x"), "127.0.0.1:4101")
             welcome = await x_again.wait_joined(timeout=5)
 
             assert welcome.node_id == 2 and welcome.incarnation == second.registry.incarnation != old
             assert second.registry.table.get(1).address == "127.0.0.1:4102"  # y's row is y's
             assert load_identity(tmp_path / "x", address) == (2, second.registry.incarnation)
         finally:
-            await x_again.stop()
+            if x_again is not None:
+                await x_again.stop()
             await y.stop()
             await second.stop()
 
