@@ -10,25 +10,10 @@ its key, and a node's id is bound to its key besides (tests/test_identity.py).
 from __future__ import annotations
 
 from nodes.bootstrap import Bootstrap
-from nodes.config import BootstrapConfig, NodeConfig
+from nodes.config import BootstrapConfig
 from nodes.control import ControlClient, load_identity
 from tests.aio import run
-from tests.test_control import BOOT, restart_on
-
-
-def _node(bootstrap: str, **overrides) -> NodeConfig:
-    fields = dict(
-        bootstrap=bootstrap,
-        insecure=True,
-        memory_bytes=2_000_000_000,
-        bandwidth_bps=20e6,
-        compute_score=1.0,
-        request_timeout_s=0.5,
-        backoff_base_s=0.05,
-        backoff_cap_s=0.2,
-        leave_timeout_s=1.0,
-    )
-    return NodeConfig(**{**fields, **overrides})
+from tests.test_control import BOOT, _node_config, restart_on
 
 
 def test_a_node_back_with_an_id_of_a_lost_state_gets_a_new_id_not_another_nodes_row(tmp_path):
@@ -37,17 +22,17 @@ def test_a_node_back_with_an_id_of_a_lost_state_gets_a_new_id_not_another_nodes_
             BootstrapConfig(bind="127.0.0.1:0", state_dir=tmp_path / "boot-a", insecure=True, **BOOT)
         )
         address, old = first.address, first.registry.incarnation
-        x = await ControlClient.create(_node(address, state_dir=tmp_path / "x"), "127.0.0.1:4101")
+        x = await ControlClient.create(_node_config(first, state_dir=tmp_path / "x"), "127.0.0.1:4101")
         await x.wait_joined(timeout=5)
         await x.stop(leave=False)  # the node goes down; its node.json keeps (1, incarnation a)
         await first.stop()
 
         second = await restart_on(address, state_dir=tmp_path / "boot-b", insecure=True, **BOOT)  # the whole state lost
-        y = await ControlClient.create(_node(address), "127.0.0.1:4102")
+        y = await ControlClient.create(_node_config(second), "127.0.0.1:4102")
         x_again = None
         try:
             assert (await y.wait_joined(timeout=5)).node_id == 1  # id 1 again, in the new incarnation
-            x_again = await ControlClient.create(_node(address, state_dir=tmp_path / "x"), "127.0.0.1:4101")
+            x_again = await ControlClient.create(_node_config(second, state_dir=tmp_path / "x"), "127.0.0.1:4101")
             welcome = await x_again.wait_joined(timeout=5)
 
             assert welcome.node_id == 2 and welcome.incarnation == second.registry.incarnation != old
