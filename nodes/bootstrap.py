@@ -27,7 +27,6 @@ import asyncio
 import contextlib
 import dataclasses
 import fcntl
-import functools
 import json
 import logging
 import os
@@ -35,13 +34,15 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 from atlas_p2p.capabilities import Capabilities
 from atlas_p2p.validation import is_int
 from nodes.config import BootstrapConfig, parse_address
-from nodes.coordinator import Coordinator
+from nodes.coordination import CoordinatorQueue
+from nodes.coordinator import LIVE, Applied, Coordinator, Event
 from nodes.peer_table import PeerTable, PeerTableError, open_peer_table
 from nodes.registry import Registry, RequestError
 from transport.security import AllowList, JoinToken, Keypair, load_or_create_keypair, load_public_keys
@@ -97,6 +98,14 @@ def bootstrap_identity(state_dir: Path | None) -> tuple[Keypair, JoinToken]:
     return keypair, token
 
 
+@dataclass(frozen=True)
+class _Prepared:
+    """What the coordinator thread computed after a batch for the loop to write."""
+
+    columns: dict[int, dict[str, Any]] | None  # the plan's peer-table columns (None: no assignment changed)
+    state: str  # the coordinator's snapshot as kept in the meta
+
+
 def read_bootstrap_info(state_dir: Path | str) -> dict[str, Any] | None:
     """{"address", "pid", "started_at"} written by the running bootstrap, or None."""
     try:
@@ -113,8 +122,9 @@ class Bootstrap:
         self.swarm = swarm  # nodes.config.SwarmSpec, or None: membership only
         self.coordinator: Any = None  # nodes.coordinator.Coordinator when `swarm` is given
         self._saved_state: str | None = None  # the coordinator state last written to the meta
-        self._coord_lock = asyncio.Lock()  # one coordinator event (or read) at a time
         self._coord_thread = ThreadPoolExecutor(1, thread_name_prefix="coordinator")
+        self._events: CoordinatorQueue[_Prepared] | None = None  # the coordinator's batches (`coordination`)
+        self._done: tuple[float, bool] | None = None  # (when, `_swarm_done`): recomputed heartbeat_s later
         self.clock = clock
         self.registry: Registry | None = None
         self.server: Any = None  # transport.rpc.RpcServer
@@ -216,6 +226,8 @@ class Bootstrap:
                 await self._sweeper
         if self.server is not None:
             await self.server.stop()
+        if self._events is not None:
+            await self._events.stop()  # queued events get a few seconds to settle
         self._coord_thread.shutdown(wait=True)  # an event still running finishes before the table closes
         if self._table is not None:
             self._table.close()
@@ -299,7 +311,7 @@ class Bootstrap:
         )
         if self.coordinator is not None:
             if self._base_accepted(result.node_id):  # a new node is planned once its base is accepted
-                await self._coordinate(self.coordinator.on_join, result.node_id, *self._offer(result.node_id))
+                self._submit(Event.join(result.node_id, *self._offer(result.node_id)))
             spec = self.swarm
             return Welcome(
                 node_id=result.node_id,
@@ -330,8 +342,8 @@ class Bootstrap:
         try:
             self._call(self.registry.accept_base, body.node_id, body.digest, now=self.clock(), model=body.model)
         except RpcError as exc:
-            if exc.code == "base_mismatch" and await self._is_member(body.node_id):
-                await self._coordinate(self.coordinator.on_left, body.node_id)  # never planned again
+            if exc.code == "base_mismatch" and self._is_member(body.node_id):
+                self._submit(Event.left(body.node_id))  # never planned again
             raise
         log.info(
             "node %d runs base %s (%s, %s)",
@@ -340,27 +352,26 @@ class Bootstrap:
             body.revision or body.model,
             body.dtype or "?",
         )
-        if self.coordinator is not None and not await self._is_member(body.node_id):
-            await self._coordinate(self.coordinator.on_join, body.node_id, *self._offer(body.node_id))
+        if self.coordinator is not None and not self._is_member(body.node_id):
+            self._submit(Event.join(body.node_id, *self._offer(body.node_id)))
 
-    async def _is_member(self, node_id: int) -> bool:
-        """Whether the coordinator plans with `node_id` (it has joined and its base was accepted)."""
-        if self.coordinator is None:
-            return False
-        try:
-            await self._read(self.coordinator.version_for, node_id)
-        except ValueError:
-            return False
-        return True
+    def _is_member(self, node_id: int) -> bool:
+        """Whether the coordinator plans with `node_id` (it has joined and its base was accepted),
+        counting the events still queued."""
+        return self.coordinator is not None and node_id in self.coordination.states
 
     def _base_accepted(self, node_id: int) -> bool:
         record = self.registry.table.get(node_id)
         return record is not None and record.base_digest is not None
 
     async def rpc_heartbeat(self, env: Any) -> Any:
+        """Liveness first, and an answer that never waits for the coordinator: the version,
+        `need_fingerprint` and `swarm_done` come from the copies the last batch left
+        (`coordination.states`), and what the heartbeat tells the coordinator (a dead node
+        is back, a node it never saw) is queued."""
         body = env.body
         before = self.registry.table.get(body.node_id) if self.coordinator is not None else None
-        self._call(
+        record = self._call(
             self.registry.heartbeat,
             body.node_id,
             now=self.clock(),
@@ -372,45 +383,35 @@ class Bootstrap:
             return None
         from transport.messages import Beat
 
-        if before is not None and before.status == "dead":
-            await self._coordinate(self.coordinator.on_alive, body.node_id)
-        try:
-            version = await self._read(self.coordinator.version_for, body.node_id)
-        except ValueError:  # a node the coordinator never saw (e.g. joined before a restart)
-            if self._base_accepted(body.node_id):
-                await self._coordinate(self.coordinator.on_join, body.node_id, *self._offer(body.node_id))
-            version = 0
-        record = self.registry.table.get(body.node_id)
-        need = bool(record.has_data) and await self._read(self._needs_fingerprint, body.node_id)
+        events = self.coordination
+        if body.node_id not in events.states:  # a node the coordinator never saw (e.g. joined before a restart)
+            if record.base_digest is not None:
+                self._submit(Event.join(body.node_id, record.capabilities, record.address))
+        elif before.status == "dead":
+            self._submit(Event.alive(body.node_id))
+        state = events.states.get(body.node_id)
+        need = bool(record.has_data) and state is not None and state.status == LIVE and not state.fingerprinted
         return Beat(
-            assignment_version=version,
-            swarm_done=await self._read(self._swarm_done),
+            assignment_version=events.version_for(body.node_id),
+            swarm_done=self._swarm_done(),
             need_fingerprint=need,
             need_base=record.base_digest is None,
         )
 
     async def rpc_leave(self, env: Any) -> None:
         self._call(self.registry.leave, env.body.node_id, now=self.clock())
-        if await self._is_member(env.body.node_id):  # a node refused or still loading was never planned
+        if self._is_member(env.body.node_id):  # a node refused or still loading was never planned
             done = env.body.reason == "done"
-            await self._coordinate(self.coordinator.on_done if done else self.coordinator.on_left, env.body.node_id)
+            self._submit(Event.done(env.body.node_id) if done else Event.left(env.body.node_id))
             if done:
                 self.registry.table.update(env.body.node_id, state="done")
 
     # --- the coordinator ------------------------------------------------------------
 
     async def rpc_fingerprint(self, env: Any) -> None:
-        from transport.rpc import RpcError
-
         body = env.body
         self._known(body.node_id)
-        try:
-            await self._coordinate(
-                self.coordinator.on_fingerprint, body.node_id, body.vector, body.n_samples, body.importance, strict=True
-            )
-        except ValueError as exc:
-            raise RpcError("bad_request", str(exc)) from None
-        await self._coordinate(self.coordinator.maybe_assign)
+        self._submit_checked(Event.fingerprint(body.node_id, body.vector, body.n_samples, body.importance))
 
     async def rpc_report(self, env: Any) -> None:
         from transport.rpc import RpcError
@@ -423,10 +424,7 @@ class Bootstrap:
             if not is_int(helper) or helper < 0:
                 raise RpcError("bad_request", f"report helper_failed: helper must be a node id, got {helper!r}")
             log.info("node %d reports helper %d failed: %s", body.node_id, helper, metrics.get("why", ""))
-            try:
-                await self._coordinate(self.coordinator.report_failure, body.node_id, helper, strict=True)
-            except ValueError as exc:
-                raise RpcError("bad_request", str(exc)) from None
+            self._submit_checked(Event.failure(body.node_id, helper))
 
     async def rpc_get_assignment(self, env: Any) -> Any:
         from transport.messages import Assignment
@@ -435,7 +433,9 @@ class Bootstrap:
         node_id = env.body.node_id
         self._known(node_id)
         try:
-            body = await self._read(self.coordinator.assignment_for, node_id)
+            body = self.coordination.assignments.get(node_id)  # as of the last batch
+            if body is None:  # queued, not applied yet: wait for the batch being applied
+                body = await self.coordination.read(self.coordinator.assignment_for, node_id)
         except ValueError as exc:
             raise RpcError("unknown_node", str(exc)) from None
         return Assignment(**body, keys=self._keys_for(body))
@@ -451,35 +451,64 @@ class Bootstrap:
         record = self.registry.table.get(node_id)
         return record.capabilities, record.address
 
-    async def _coordinate(self, event: Callable[..., bool], *args: Any, strict: bool = False) -> None:
-        """Feed one event to the coordinator; on a change write the plan's columns and its metrics,
-        and keep its state (`_persist`).
+    @property
+    def coordination(self) -> CoordinatorQueue[_Prepared]:
+        """The coordinator's event queue (made on first use; needs the coordinator and a loop)."""
+        if self._events is None:
+            self._events = CoordinatorQueue(
+                self.coordinator,
+                thread=self._coord_thread,
+                clock=self.clock,
+                prepare=self._prepare_batch,
+                commit=self._commit_batch,
+            )
+        return self._events
 
-        Events run on one worker thread (clustering and planning can take seconds on a busy
-        device), so the event loop keeps answering heartbeats meanwhile: a stalled loop made
-        every node look dead at once. The lock keeps loop-side reads (`_read`) from seeing
-        the coordinator half-way through an event.
-        """
-        async with self._coord_lock:
-            call = functools.partial(event, *args, now=self.clock())
-            try:
-                changed = await asyncio.get_running_loop().run_in_executor(self._coord_thread, call)
-            except ValueError as exc:
-                if strict:
-                    raise
-                log.warning("coordinator refused %s: %s", getattr(event, "__name__", event), exc)
-                return
-            if changed:
-                self._publish_plan()
-            self._persist()
+    def _submit(self, event: Event) -> None:
+        """Queue an event for the coordinator (applied in the next batch; never waits)."""
+        self.coordination.submit(event)
 
-    def _persist(self) -> None:
-        """Write the coordinator's snapshot into the peer table's meta when it changed (an event
-        may change it without changing an assignment, e.g. a fingerprint before the first
-        clustering). One SQLite write: a kill -9 leaves the previous state or this one."""
+    def _submit_checked(self, event: Event) -> None:
+        """Queue a fingerprint or failure report once `Coordinator.precheck` accepts it against
+        the members as of the queue, so bad input is still a `bad_request` reply."""
+        from transport.rpc import RpcError
+
+        try:
+            self.coordinator.precheck(event, self.coordination.states)
+        except ValueError as exc:
+            raise RpcError("bad_request", str(exc)) from None
+        self._submit(event)
+
+    def _prepare_batch(self, applied: Applied) -> _Prepared:
+        """On the coordinator thread after a batch: the plan's columns (and `coordinator.json`)
+        when an assignment changed, and the coordinator's state to keep."""
+        columns = None
+        if applied.changed:
+            columns = self.coordinator.peer_columns()
+            if self.config.state_dir is not None:
+                data = {
+                    **self.coordinator.metrics(),
+                    "anchors": self.coordinator.anchors(),
+                    "clusters_of": {str(n): c["cluster"] for n, c in columns.items()},
+                }
+                tmp = self.config.state_dir / "coordinator.json.tmp"
+                tmp.write_text(json.dumps(data, default=str))
+                tmp.replace(self.config.state_dir / "coordinator.json")
         state = json.dumps(
             {"swarm": dataclasses.asdict(self.swarm), "state": self.coordinator.snapshot()}, sort_keys=True
         )
+        return _Prepared(columns, state)
+
+    def _commit_batch(self, prepared: _Prepared) -> None:
+        """On the loop after a batch: write the plan's columns and keep the state (`_persist`)."""
+        if prepared.columns is not None:
+            self._publish_plan(prepared.columns)
+        self._persist(prepared.state)
+
+    def _persist(self, state: str) -> None:
+        """Write the coordinator's snapshot into the peer table's meta when it changed (an event
+        may change it without changing an assignment, e.g. a fingerprint before the first
+        clustering). One SQLite write: a kill -9 leaves the previous state or this one."""
         if state != self._saved_state:
             self.registry.table.set_meta(COORDINATOR_KEY, state)
             self._saved_state = state
@@ -510,38 +539,25 @@ class Bootstrap:
         )
         return coordinator
 
-    async def _read(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """Call a cheap coordinator (or coordinator-reading) function once no event is running."""
-        async with self._coord_lock:
-            return fn(*args)
-
-    def _publish_plan(self) -> None:
-        columns = self.coordinator.peer_columns()
+    def _publish_plan(self, columns: dict[int, dict[str, Any]]) -> None:
         known = {r.id for r in self.registry.table.rows()}
         self.registry.table.update_many({n: c for n, c in columns.items() if n in known})
-        if self.config.state_dir is not None:
-            data = {
-                **self.coordinator.metrics(),
-                "anchors": self.coordinator.anchors(),
-                "clusters_of": {str(n): c["cluster"] for n, c in columns.items()},
-            }
-            tmp = self.config.state_dir / "coordinator.json.tmp"
-            tmp.write_text(json.dumps(data, default=str))
-            tmp.replace(self.config.state_dir / "coordinator.json")
-
-    def _needs_fingerprint(self, node_id: int) -> bool:
-        try:
-            return self.coordinator.status(node_id) == "live" and not self.coordinator.fingerprinted(node_id)
-        except ValueError:
-            return False
 
     def _swarm_done(self) -> bool:
         """Assigned, and every data node still around says it is done.
 
         A data node that died recently still counts as around for another 2 x dead_after_s:
         it may be restarted on its --out and resume, and it needs its cluster's anchor then.
+        It reads the whole table, so heartbeats share one answer for heartbeat_s: a node
+        learns that the swarm is done one heartbeat later at most.
         """
-        if not self.coordinator.assigned:
+        now = self.clock()
+        if self._done is None or not 0 <= now - self._done[0] < self.config.heartbeat_s:
+            self._done = (now, self._swarm_done_now())
+        return self._done[1]
+
+    def _swarm_done_now(self) -> bool:
+        if not self.coordination.assigned:
             return False
         now = self.clock()
         rows = [r for r in self.registry.table.rows() if r.has_data]
@@ -558,7 +574,7 @@ class Bootstrap:
             if self.coordinator.known(record.id):
                 continue
             if record.status in ("alive", "suspect") and record.base_digest is not None:
-                await self._coordinate(self.coordinator.on_join, record.id, *self._offer(record.id))
+                self._submit(Event.join(record.id, *self._offer(record.id)))
 
     async def rpc_peers(self, env: Any) -> Any:
         from transport.messages import PeerList
@@ -588,15 +604,18 @@ class Bootstrap:
     # --- time --------------------------------------------------------------------------------
 
     async def _sweep_forever(self) -> None:
+        """Liveness on its own schedule: the deaths it finds are queued for the coordinator,
+        never awaited (a re-plan must not delay the next sweep)."""
         while True:
             await asyncio.sleep(self.config.sweep_s)
             try:
                 changes = self.registry.sweep(self.clock())
                 if self.coordinator is not None:
                     for node_id, _, new in changes:
-                        if new == "dead":
-                            await self._coordinate(self.coordinator.on_dead, node_id)
-                    await self._coordinate(self.coordinator.maybe_assign)
+                        if new == "dead" and self._is_member(node_id):
+                            self._submit(Event.dead(node_id))
+                    if not self.coordination.assigned:
+                        self._submit(Event.tick())  # the first assignment may be due by the timer
             except Exception:  # a failing disk must not end liveness tracking for good
                 log.exception("liveness sweep failed; retrying")
 

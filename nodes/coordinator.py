@@ -71,7 +71,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -715,7 +715,20 @@ class Coordinator:
     def assignment_for(self, node_id: int) -> dict[str, Any]:
         """The node's assignment as a plain dict; `Assignment(**d)` builds the message."""
         self._member(node_id)
-        view = self._views.get(node_id) or self._view(node_id, self._board())
+        return self._assignment(node_id, None)
+
+    def assignments(self, node_ids: Iterable[int]) -> dict[int, dict[str, Any]]:
+        """`assignment_for` of each node, the board the never-planned ones need computed once."""
+        out, board = {}, None
+        for node_id in node_ids:
+            self._member(node_id)
+            if node_id not in self._views and board is None:
+                board = self._board()
+            out[node_id] = self._assignment(node_id, board)
+        return out
+
+    def _assignment(self, node_id: int, board: _Board | None) -> dict[str, Any]:
+        view = self._views.get(node_id) or self._view(node_id, board or self._board())
         cause = self._causes.get(node_id)
         body = {k: v for k, v in view.items() if k != "note"}
         body["reason"] = f"{cause}: {view['note']}" if cause else view["note"]
