@@ -331,6 +331,9 @@ class Registry:
         if expired:
             ids = [node_id for node_id, _, _ in expired]
             self.table.delete_many(ids)
+            gone = set(ids)  # their keys and client names name no row any more
+            self._ids_by_key = {k: n for k, n in self._ids_by_key.items() if n not in gone}
+            self._ids_by_client = {c: n for c, n in self._ids_by_client.items() if n not in gone}
             shown = ", ".join(map(str, ids[:10])) + (f" and {len(ids) - 10} more" if len(ids) > 10 else "")
             log.info("deleted %d rows dead or left for %g s: %s", len(ids), self.config.expire_after_s, shown)
         return changes + expired

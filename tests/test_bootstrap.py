@@ -257,7 +257,10 @@ def test_a_full_table_refuses_new_nodes_and_changes_nothing_but_rejoins_pass():
 def test_sweep_deletes_rows_dead_or_left_for_expire_after_and_their_ids_stay_used():
     config = dataclasses.replace(CONFIG, expire_after_s=100.0, restart_grace_s=0.0)
     registry = Registry(MemoryPeerTable(), config, now=0.0)
-    dead, gone, alive = (_join(registry, address=f"127.0.0.1:{7001 + i}") for i in range(3))
+    dead, gone, alive = (
+        _join(registry, address=f"127.0.0.1:{7001 + i}", public_key=f"key-of-{name}")
+        for i, name in enumerate(("dead", "gone", "alive"))
+    )
     registry.leave(gone, now=50.0)
 
     def sweep(now: float) -> list[tuple[int, str, str]]:
@@ -272,6 +275,7 @@ def test_sweep_deletes_rows_dead_or_left_for_expire_after_and_their_ids_stay_use
 
     assert early == [] and first == [(dead, DEAD, EXPIRED)] and second == [(gone, LEFT, EXPIRED)]
     assert [r["id"] for r in registry.rows()] == [alive]
+    assert registry.node_of("key-of-dead") is None and set(registry._ids_by_key.values()) == {alive}
     assert _join(registry, now=151.0, node_id=dead, incarnation=registry.incarnation) == 4  # joins as new
 
 
