@@ -135,6 +135,7 @@ class Bootstrap:
         self._adopter: asyncio.Task[None] | None = None  # adopts the known rows after a restart
         self._stopped = False
         self.keypair: Keypair | None = None  # None: an insecure swarm
+        self._hosts: set[str] | None = None  # keys that may host other owners' layers (None: any)
         self.token: JoinToken | None = None  # what a node needs to join (printed by the CLI)
 
     @classmethod
@@ -175,13 +176,16 @@ class Bootstrap:
             self.keypair, self.token = bootstrap_identity(self.config.state_dir)
             if self.config.allow_keys is not None:
                 allow = AllowList(load_public_keys(self.config.allow_keys))
+            if self.config.hosts is not None:
+                self._hosts = {key.decode() for key in load_public_keys(self.config.hosts)}
         else:
             log.warning("INSECURE: no keys, no join token; anyone who reaches %s can join or speak for any node", host)
         self.server = await RpcServer.create(
             host,
             port,
             {name: self._authorized(handler) for name, handler in handlers.items()},
-            config=RpcServerConfig(name="bootstrap", max_bytes=MAX_REQUEST_BYTES),
+            # a node sends a few requests a second; `peers` pages come one after another
+            config=RpcServerConfig(name="bootstrap", max_bytes=MAX_REQUEST_BYTES, client_rate=200.0, client_burst=400),
             keypair=self.keypair,
             allow=allow,
         )
@@ -386,7 +390,7 @@ class Bootstrap:
         events = self.coordination
         if body.node_id not in events.states:  # a node the coordinator never saw (e.g. joined before a restart)
             if record.base_digest is not None:
-                self._submit(Event.join(body.node_id, record.capabilities, record.address))
+                self._submit(Event.join(body.node_id, *self._offer(body.node_id)))
         elif before.status == "dead":
             self._submit(Event.alive(body.node_id))
         state = events.states.get(body.node_id)
@@ -446,10 +450,11 @@ class Bootstrap:
         if self.registry.table.get(node_id) is None:
             raise RpcError("unknown_node", f"node {node_id} is not in the peer table; join again")
 
-    def _offer(self, node_id: int) -> tuple[Capabilities, str]:
-        """What a node offered at its latest join and where it serves peers (coordinator.on_join)."""
+    def _offer(self, node_id: int) -> tuple[Capabilities, str, bool]:
+        """What a node offered at its latest join, where it serves peers, and whether it may
+        host other owners' layers (its key is on `--hosts`, or there is no such list)."""
         record = self.registry.table.get(node_id)
-        return record.capabilities, record.address
+        return record.capabilities, record.address, self._hosts is None or record.public_key in self._hosts
 
     @property
     def coordination(self) -> CoordinatorQueue[_Prepared]:

@@ -106,15 +106,18 @@ class BootstrapConfig:
     insecure: bool = False
     # Directory of node public keys (`*.key`): only these may connect (None: any node with the token).
     allow_keys: Path | None = None
+    # Directory of node public keys that may run other owners' layers (None: any node).
+    hosts: Path | None = None
 
     def __post_init__(self) -> None:
         parse_address(self.bind, allow_port_zero=True, what="bind")
-        for name in ("state_dir", "allow_keys"):
+        for name in ("state_dir", "allow_keys", "hosts"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, Path):
                 object.__setattr__(self, name, Path(value))
-        if self.insecure and self.allow_keys is not None:
-            raise ValueError("allow_keys needs keys: it cannot be used with insecure=True")
+        for name in ("allow_keys", "hosts"):
+            if self.insecure and getattr(self, name) is not None:
+                raise ValueError(f"{name} needs keys: it cannot be used with insecure=True")
         for name in ("heartbeat_s", "suspect_after_s", "dead_after_s", "sweep_s"):
             require_number(name, getattr(self, name), positive=True)
         require_number("restart_grace_s", self.restart_grace_s, 0)

@@ -221,14 +221,15 @@ class Event:
     n_samples: int = 0  # fingerprint: examples it averages over
     importance: Mapping[str, float] | None = None  # fingerprint: optional importance probe
     helper: int = 0  # failure: the helper the owner saw miss a deadline
+    may_host: bool = True  # join: whether the operator lets the node run other owners' layers
 
     def __post_init__(self) -> None:
         if self.kind not in EVENT_KINDS:
             raise ValueError(f"Event.kind must be one of {sorted(EVENT_KINDS)}, got {self.kind!r}")
 
     @classmethod
-    def join(cls, node_id: int, caps: Capabilities, address: str) -> Event:
-        return cls(JOIN, node_id, caps=caps, address=address)
+    def join(cls, node_id: int, caps: Capabilities, address: str, may_host: bool = True) -> Event:
+        return cls(JOIN, node_id, caps=caps, address=address, may_host=may_host)
 
     @classmethod
     def alive(cls, node_id: int) -> Event:
@@ -334,6 +335,7 @@ class _Member:
     importance: dict[str, float] | None = None  # per-weight importance probe
     cluster: int | None = None
     note: str = ""  # why it is out of the plan (status other than live)
+    may_host: bool = True  # the operator lets it run other owners' layers (planning.NodeInfo)
 
 
 # ------------------------------------------------------------------ the coordinator
@@ -448,9 +450,12 @@ class Coordinator:
 
     # --- events --------------------------------------------------------------------------
 
-    def on_join(self, node_id: int, capabilities: Capabilities, address: str, *, now: float) -> bool:
+    def on_join(
+        self, node_id: int, capabilities: Capabilities, address: str, *, may_host: bool = True, now: float
+    ) -> bool:
         """A node offering `capabilities` joined from `address`, or joined again (a rejoin
-        brings back a dead, left or failed node).
+        brings back a dead, left or failed node). `may_host` False: the operator does not let
+        it run other owners' layers (it trains its own data, never helps).
 
         A rejoin that changes `has_data` forgets the node's fingerprint and cluster.
         Returns whether any assignment changed.
@@ -463,12 +468,12 @@ class Coordinator:
         with self._atomic():
             member = self._members.get(node_id)
             if member is None:
-                self._members[node_id] = _Member(capabilities, address)
+                self._members[node_id] = _Member(capabilities, address, may_host=bool(may_host))
                 log.info("node %d joined (%s)", node_id, "data" if capabilities.has_data else "pure helper")
             else:
                 if member.caps.has_data != capabilities.has_data:
                     member.vector, member.importance, member.cluster = None, None, None
-                member.caps, member.address = capabilities, address
+                member.caps, member.address, member.may_host = capabilities, address, bool(may_host)
                 if member.status != LIVE:
                     log.info("node %d is back (was %s)", node_id, member.status)
                 member.status, member.note = LIVE, ""
@@ -650,7 +655,7 @@ class Coordinator:
     def _dispatch(self, event: Event, now: float) -> bool:
         n = event.node_id
         if event.kind == JOIN:
-            return self.on_join(n, event.caps, event.address, now=now)
+            return self.on_join(n, event.caps, event.address, may_host=event.may_host, now=now)
         if event.kind == ALIVE:
             return self.on_alive(n, now=now)
         if event.kind == DEAD_EVENT:
@@ -772,6 +777,7 @@ class Coordinator:
                     importance=m.importance,
                     cluster=m.cluster,
                     note=m.note,
+                    may_host=m.may_host,
                 )
                 for n, m in sorted(self._members.items())
             },
@@ -790,7 +796,7 @@ class Coordinator:
             else dict(
                 nodes={n: dict(dataclasses.asdict(r), ranks=dict(r.ranks)) for n, r in plan.nodes.items()},
                 infos={
-                    n: dict(node_id=i.node_id, caps=dataclasses.asdict(i.caps), cluster=i.cluster)
+                    n: dict(node_id=i.node_id, caps=dataclasses.asdict(i.caps), cluster=i.cluster, may_host=i.may_host)
                     for n, i in plan.infos.items()
                 },
             ),
@@ -825,6 +831,7 @@ class Coordinator:
                     m["importance"],
                     m["cluster"],
                     m["note"],
+                    bool(m.get("may_host", True)),
                 )
             c = state["clustering"]
             if c is not None:
@@ -843,7 +850,8 @@ class Coordinator:
                     for n, r in p["nodes"].items()
                 }
                 infos = {
-                    n: NodeInfo(i["node_id"], Capabilities(**i["caps"]), i["cluster"]) for n, i in p["infos"].items()
+                    n: NodeInfo(i["node_id"], Capabilities(**i["caps"]), i["cluster"], bool(i.get("may_host", True)))
+                    for n, i in p["infos"].items()
                 }
                 coord._plan = Plan(nodes, config.context, infos)
             coord._plan_importance = {int(k): v for k, v in state["plan_importance"].items()}
@@ -966,7 +974,7 @@ class Coordinator:
                 continue
             if m.caps.has_data and (m.vector is None or m.cluster is None):
                 continue  # not fingerprinted or not clustered yet
-            infos.append(NodeInfo(str(n), m.caps, m.cluster if m.caps.has_data else None))
+            infos.append(NodeInfo(str(n), m.caps, m.cluster if m.caps.has_data else None, m.may_host))
         return infos
 
     def _importance(self) -> dict[int, dict[str, float]]:
@@ -1105,12 +1113,14 @@ class Coordinator:
         blind = 0 if self._clustering is None else self._clustering.next_id  # a cluster id nobody has
         infos = []
         for n, m in sorted(self._members.items()):
-            if m.status != LIVE or not (n in pending or not m.caps.has_data or self._can_host(m.caps)):
+            if m.status != LIVE or not (
+                n in pending or (m.may_host and (not m.caps.has_data or self._can_host(m.caps)))
+            ):
                 continue
             cluster = None
             if m.caps.has_data:
                 cluster = blind if n in pending or m.cluster is None else m.cluster
-            infos.append(NodeInfo(str(n), m.caps, cluster))
+            infos.append(NodeInfo(str(n), m.caps, cluster, m.may_host))
         key = tuple(infos)
         if self._provisional_cache is None or self._provisional_cache[0] != key:
             hypothetical = make_plan(infos, self.config.context, None, self._centroids())

@@ -732,3 +732,22 @@ def test_node_absent_at_the_first_clustering_is_placed_when_it_comes_back():
 
     a = coord.assignment_for(4)
     assert back and (a["role"], a["helper"], a["members"]) == (OWNER, 1, [1, 4])
+
+
+def test_a_node_the_operator_does_not_let_host_trains_but_never_helps_and_survives_a_restore():
+    coord = Coordinator(config(min_nodes=3))
+    coord.on_join(1, *offer(1, BIG), may_host=False, now=0.0)  # strong, but not on --hosts
+    coord.on_join(2, *offer(2, WEAK), now=0.0)
+    coord.on_join(3, *offer(3, WEAK), now=0.0)
+    for n in (1, 2, 3):
+        coord.on_fingerprint(n, planted(DIR_A, n), 32, now=0.0)
+    coord.maybe_assign(0.0)
+
+    assert coord.assignment_for(1)["role"] == WHOLE and coord.assignment_for(1)["serves"] == []
+    assert helpers(coord, [2, 3]) == {2: None, 3: None}  # they wait rather than go to node 1
+    coord.on_join(4, *offer(4, BIG, has_data=False), now=1.0)  # a pure helper the operator allows
+    assert helpers(coord, [2, 3]) == {2: 4, 3: 4}
+
+    restored = Coordinator.restore(coord.config, json.loads(json.dumps(coord.snapshot())))
+    restored.on_dead(4, now=2.0)
+    assert helpers(restored, [2, 3]) == {2: None, 3: None}  # the repair does not reach node 1 either

@@ -236,3 +236,26 @@ def test_with_an_allow_list_only_the_listed_keys_complete_the_handshake(tmp_path
             await boot.stop()
 
     asyncio.run(body())
+
+
+def test_only_keys_on_the_hosts_list_are_offered_to_the_planner_as_hosts(tmp_path):
+    from transport.security import create_keypair
+
+    async def body():
+        listed = create_keypair(tmp_path / "hosts", "h1")
+        config = BootstrapConfig(bind="127.0.0.1:0", state_dir=tmp_path / "boot", hosts=tmp_path / "hosts")
+        swarm = SwarmSpec(task="seq_cls", num_labels=4, min_nodes=5, assign_after_s=600)
+        boot = await Bootstrap.create(config, swarm=swarm)
+        clients = [RpcClient("listed", keypair=listed), RpcClient("other", keypair=Keypair.generate())]
+        try:
+            ids = []
+            for port, client in enumerate(clients, 7001):
+                client.set_server_key(boot.address, boot.keypair.public)
+                ids.append((await client.call(boot.address, _join(boot, port), timeout=5)).node_id)
+            assert [boot._offer(n)[2] for n in ids] == [True, False]
+        finally:
+            for client in clients:
+                await client.stop()
+            await boot.stop()
+
+    asyncio.run(body())

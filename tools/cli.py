@@ -336,6 +336,14 @@ def bootstrap(
             "only these may connect (default: any node with the join token).",
         ),
     ] = None,
+    hosts: Annotated[
+        Path | None,
+        typer.Option(
+            "--hosts",
+            help="Directory of node public keys (*.key) that may run other owners' layers; a helper sees "
+            "their activations (and labels in two-part mode). Others train their own data only (default: any node).",
+        ),
+    ] = None,
 ) -> None:
     """Run the bootstrap: peer table, liveness, clustering, planning and assignments.
 
@@ -378,15 +386,17 @@ def bootstrap(
         init_seed=init_seed,
         insecure=insecure,
         allow_keys=allow_keys,
+        hosts=hosts,
     )
-    if allow_keys is not None:
-        from transport.security import load_public_keys
+    for flag, directory in (("--allow-keys", allow_keys), ("--hosts", hosts)):
+        if directory is not None:
+            from transport.security import load_public_keys
 
-        try:
-            if not load_public_keys(allow_keys):
-                fail(ExitCode.BAD_VALUE, f"--allow-keys: no public keys (*.key) in {allow_keys}")
-        except ValueError as exc:
-            fail(ExitCode.BAD_VALUE, f"--allow-keys: {exc}")
+            try:
+                if not load_public_keys(directory):
+                    fail(ExitCode.BAD_VALUE, f"{flag}: no public keys (*.key) in {directory}")
+            except ValueError as exc:
+                fail(ExitCode.BAD_VALUE, f"{flag}: {exc}")
     _check_model(model, task)
     from atlas_p2p.models.loading import ModelLoadError
 
