@@ -452,6 +452,8 @@ def _open_sealed(directory: Path) -> SqlitePeerTable:
         write_seal(directory, table.seal)
         if facts is not None and facts.tables:
             log.info("state dir %s: sealed a state from before seals as incarnation %s", directory, incarnation)
+        else:
+            log.info("state dir %s: a new state, incarnation %s", directory, incarnation)
     return table
 
 

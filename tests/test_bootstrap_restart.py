@@ -30,9 +30,14 @@ def test_a_restarted_bootstrap_keeps_clusters_and_versions(swarm):
     swarm.kill("bootstrap")
     swarm.restart_bootstrap()
 
-    log = swarm.bootstrap.log_text()
-    restored = re.search(r"restored the coordinator: assignment version (\d+), 2 clusters", log)
-    assert restored is not None, swarm.bootstrap.log_tail(40)
+    # it binds first and restores the coordinator right after: the line follows the bind
+    restored = swarm.wait_until(
+        lambda: re.search(
+            r"restored the coordinator: assignment version (\d+), 2 clusters", swarm.bootstrap.log_text()
+        ),
+        120,
+        what="the restarted bootstrap to restore its coordinator",
+    )
     assert int(restored.group(1)) == before["version"]
     statuses = swarm.wait_until(
         lambda: swarm.statuses() == {ids["a"]: "alive", ids["b"]: "alive"},
