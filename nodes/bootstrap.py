@@ -290,12 +290,14 @@ class Bootstrap:
         members, which pull patches from the anchor)."""
         if self.token is None:
             return {}
+        table = self.registry.table
         ids = {int(n) for n in assignment["addresses"]}
-        rows = self.registry.table.rows()
-        cluster = assignment.get("cluster")
-        if cluster is not None:
-            ids |= {r.helper for r in rows if r.cluster == cluster and r.helper is not None}
-        return {str(r.id): r.public_key for r in rows if r.id in ids and r.public_key}
+        for member in assignment.get("members", []):  # a few rows, not the whole table
+            record = table.get(int(member))
+            if record is not None and record.helper is not None:
+                ids.add(record.helper)
+        records = (table.get(n) for n in sorted(ids))
+        return {str(r.id): r.public_key for r in records if r is not None and r.public_key}
 
     # --- handlers (bodies are already schema-checked by the codec) ------------------------
 

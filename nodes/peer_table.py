@@ -90,7 +90,7 @@ class PeerRecord:
     base_digest: str | None = None  # sha256 of the base the node loaded, once the bootstrap accepted it
 
     def __post_init__(self) -> None:
-        _check_values(dataclasses.asdict(self))
+        _check_values({name: getattr(self, name) for name in COLUMNS})
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready row (plain str/int/float/bool/None values)."""
@@ -119,12 +119,16 @@ def _base_type(hint: Any) -> tuple[type, bool]:
     return hint, False
 
 
+# column -> (python type, nullable), worked out once: a table read builds thousands of records
+_KINDS: dict[str, tuple[type, bool]] = {name: _base_type(hint) for name, hint in _HINTS.items()}
+
+
 def _check_values(values: Mapping[str, Any]) -> None:
     """Raise ValueError unless every (column, value) pair fits the column's type."""
     for name, value in values.items():
-        if name not in _HINTS:
+        if name not in _KINDS:
             raise ValueError(f"unknown peer table column {name!r}")
-        kind, nullable = _base_type(_HINTS[name])
+        kind, nullable = _KINDS[name]
         if value is None:
             if not nullable:
                 raise ValueError(f"column {name!r} cannot be None")
@@ -163,6 +167,11 @@ class PeerTable(ABC):
     @abstractmethod
     def count(self) -> int:
         """How many rows the table holds."""
+
+    @abstractmethod
+    def liveness(self) -> list[tuple[int, str, float]]:
+        """(id, status, last_seen) of every row in id order: what the liveness sweep reads,
+        without building whole records (it runs every fraction of a second)."""
 
     @abstractmethod
     def delete_many(self, node_ids: list[int]) -> None:
@@ -240,6 +249,9 @@ class MemoryPeerTable(PeerTable):
 
     def count(self) -> int:
         return len(self._rows)
+
+    def liveness(self) -> list[tuple[int, str, float]]:
+        return [(r.id, r.status, r.last_seen) for r in self.rows()]
 
     def delete_many(self, node_ids: list[int]) -> None:
         for node_id in node_ids:
@@ -347,6 +359,12 @@ class SqlitePeerTable(PeerTable):
     def count(self) -> int:
         return int(self._conn.execute("SELECT COUNT(*) FROM peers").fetchone()[0])
 
+    def liveness(self) -> list[tuple[int, str, float]]:
+        return [
+            (int(i), str(status), float(seen))
+            for i, status, seen in self._conn.execute("SELECT id, status, last_seen FROM peers ORDER BY id")
+        ]
+
     def delete_many(self, node_ids: list[int]) -> None:
         with self._transaction():
             self._conn.executemany("DELETE FROM peers WHERE id = ?", [(n,) for n in node_ids])
@@ -375,7 +393,7 @@ class SqlitePeerTable(PeerTable):
     def _from_row(row: tuple) -> PeerRecord:
         values = dict(zip(COLUMNS, row))
         for name, value in values.items():
-            kind, _ = _base_type(_HINTS[name])
+            kind, _ = _KINDS[name]
             if value is not None and kind is bool:
                 values[name] = bool(value)
             elif value is not None and kind is float:

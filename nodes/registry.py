@@ -315,15 +315,15 @@ class Registry:
         `expire_after_s`; returns the (node_id, old, new) changes, new = EXPIRED for a deleted row."""
         changes: list[tuple[int, str, str]] = []
         expired: list[tuple[int, str, str]] = []
-        for record in self.table.rows():
-            if record.status in (DEAD, LEFT):
-                if now - record.last_seen >= self.config.expire_after_s:
-                    expired.append((record.id, record.status, EXPIRED))
+        for node_id, old, last_seen in self.table.liveness():
+            if old in (DEAD, LEFT):
+                if now - last_seen >= self.config.expire_after_s:
+                    expired.append((node_id, old, EXPIRED))
                 continue
-            silent = silence(now, record.last_seen, self.started_at, self.config.restart_grace_s)
-            status = status_after_silence(record.status, silent, self.config.suspect_after_s, self.config.dead_after_s)
-            if status != record.status:
-                changes.append((record.id, record.status, status))
+            silent = silence(now, last_seen, self.started_at, self.config.restart_grace_s)
+            status = status_after_silence(old, silent, self.config.suspect_after_s, self.config.dead_after_s)
+            if status != old:
+                changes.append((node_id, old, status))
         if changes:
             self.table.update_many({node_id: {"status": new} for node_id, _, new in changes})
             for node_id, old, new in changes:
