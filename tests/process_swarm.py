@@ -14,6 +14,10 @@ from pathlib import Path
 from atlas_p2p.synthetic import write_synthetic_jsonl
 from scenarios.swarm import Child, Swarm
 
+# `atlas-node join` with every required flag, for tests of flag errors that stop it before
+# it reaches a bootstrap (nothing listens on the port)
+OFFLINE_JOIN = ["join", "--bootstrap", "127.0.0.1:5555", "--memory", "1GB", "--bandwidth", "1Mbps", "--insecure"]
+
 
 def flags(**options: object) -> list[str]:
     """`--name value` for each keyword, underscores in the name written as dashes, in order."""

@@ -9,6 +9,7 @@ from nodes.config import SwarmSpec
 from nodes.peer import RuntimeFailure
 from scenarios.inprocess import InProcessSwarm
 from scenarios.waiting import wait_until_async
+from tests.process_swarm import OFFLINE_JOIN
 from transport.messages import ContributionMsg, Forward, ManifestGet, PatchesGet, Ping, Report, ReturnGet, RoundBegin
 from transport.rpc import RpcError
 
@@ -86,36 +87,8 @@ def test_bad_peer_requests_get_error_codes_and_the_node_keeps_serving(tmp_path):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (
-            [
-                "join",
-                "--bootstrap",
-                "127.0.0.1:5555",
-                "--memory",
-                "1GB",
-                "--bandwidth",
-                "1Mbps",
-                "--split-mode",
-                "three-part",
-                "--insecure",
-            ],
-            "split_mode must be one of",
-        ),
-        (
-            [
-                "join",
-                "--bootstrap",
-                "127.0.0.1:5555",
-                "--memory",
-                "1GB",
-                "--bandwidth",
-                "1Mbps",
-                "--local-steps",
-                "0",
-                "--insecure",
-            ],
-            "local_steps must be an int >= 1",
-        ),
+        ([*OFFLINE_JOIN, "--split-mode", "three-part"], "split_mode must be one of"),
+        ([*OFFLINE_JOIN, "--local-steps", "0"], "local_steps must be an int >= 1"),
         (["bootstrap", "--bind", "127.0.0.1:0", "--state", "/tmp/x", "--task", "seq_cls"], "num_labels"),
     ],
 )

@@ -4,6 +4,7 @@ import pytest
 
 from nodes.config import NodeConfig, TrainConfig
 from nodes.peer import Peer
+from tests.process_swarm import OFFLINE_JOIN
 from transport.link import LinkProfile
 
 
@@ -43,17 +44,6 @@ def test_cli_refuses_a_latency_without_link_emulation(capsys):
     from tools.cli import main
     from tools.exit_codes import ExitCode
 
-    args = [
-        "join",
-        "--bootstrap",
-        "127.0.0.1:5555",
-        "--memory",
-        "1GB",
-        "--bandwidth",
-        "1Mbps",
-        "--latency-ms",
-        "5",
-        "--insecure",
-    ]
+    args = [*OFFLINE_JOIN, "--latency-ms", "5"]
     assert main(args) == ExitCode.BAD_VALUE
     assert "only with emulate_link" in capsys.readouterr().err
