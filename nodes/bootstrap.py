@@ -44,7 +44,7 @@ from nodes.config import BootstrapConfig, parse_address
 from nodes.coordination import CoordinatorQueue
 from nodes.coordinator import LIVE, Applied, Coordinator, Event
 from nodes.peer_table import PeerTable, PeerTableError, open_peer_table
-from nodes.registry import Registry, RequestError
+from nodes.registry import EXPIRED, Registry, RequestError
 from transport.security import AllowList, JoinToken, Keypair, load_or_create_keypair, load_public_keys
 
 log = logging.getLogger("atlas.bootstrap")
@@ -619,7 +619,8 @@ class Bootstrap:
                 changes = self.registry.sweep(self.clock())
                 if self.coordinator is not None:
                     for node_id, _, new in changes:
-                        if new == "dead" and self._is_member(node_id):
+                        # an expired row is gone for good: a member still serving is repaired
+                        if new in ("dead", EXPIRED) and self._is_member(node_id):
                             self._submit(Event.dead(node_id))
                     if not self.coordination.assigned:
                         self._submit(Event.tick())  # the first assignment may be due by the timer

@@ -396,6 +396,15 @@ class ControlClient:
                 self.welcome = None
                 self.connected = False
                 return True  # not a failure: rejoin right away
+            if exc.code == "unauthorized":  # the id is bound to another key there: never speak for it
+                log.warning(
+                    "node id %d belongs to another key at %s; joining as a new node",
+                    self.node_id,
+                    self.config.bootstrap,
+                )
+                self.welcome, self.node_id = None, None
+                self.connected = False
+                return True
             log.warning("heartbeat refused (%s)", exc)
             return False
         if not self.connected:
