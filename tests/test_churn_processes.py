@@ -11,15 +11,19 @@ import pytest
 from scenarios.swarm import Swarm
 from transport.messages import Ok, Ping
 from transport.rpc import RpcClient
+from transport.security import Keypair
 
 # short timings so the whole scenario takes well under a minute
 TIMING = dict(heartbeat_s=0.5, suspect_after=1.5, dead_after=3.0, grace_s=3.0)
 
 
-async def _ping_all(addresses: list[str]) -> list:
-    """`ping` every node on the address it advertised in the peer table."""
-    async with RpcClient("churn-test") as client:
-        return [await client.call(address, Ping(), timeout=5) for address in addresses]
+async def _ping_all(rows: list[dict]) -> list:
+    """`ping` every node on the address it advertised in the peer table, over CURVE to the key
+    its row names (the key it joined with)."""
+    async with RpcClient("churn-test", keypair=Keypair.generate()) as client:
+        for row in rows:
+            client.set_server_key(row["address"], row["public_key"])
+        return [await client.call(row["address"], Ping(), timeout=5) for row in rows]
 
 
 @pytest.fixture
@@ -39,7 +43,7 @@ def test_killed_node_is_dead_and_survivors_stay_alive_across_a_bootstrap_crash(s
     rows = {row["id"]: row for row in swarm.peers()}
     assert rows[ids["b"]]["memory_bytes"] == 512_000_000 and rows[ids["c"]]["bandwidth_bps"] == 1_000_000_000
     assert all(row["cluster"] is None and row["helper"] is None for row in rows.values())
-    assert all(isinstance(reply, Ok) for reply in asyncio.run(_ping_all([r["address"] for r in rows.values()])))
+    assert all(isinstance(reply, Ok) for reply in asyncio.run(_ping_all(list(rows.values()))))
 
     swarm.kill("b", signal.SIGKILL)
     swarm.wait_until(lambda: swarm.statuses()[ids["b"]] == "dead", what="node b seen dead")
