@@ -43,7 +43,7 @@ from atlas_p2p.validation import is_int
 from nodes.config import BootstrapConfig, parse_address
 from nodes.coordination import CoordinatorQueue
 from nodes.coordinator import LIVE, Applied, Coordinator, Event
-from nodes.peer_table import PeerTable, PeerTableError, open_peer_table
+from nodes.peer_table import PeerRecord, PeerTable, PeerTableError, open_peer_table
 from nodes.registry import EXPIRED, Registry, RequestError
 from transport.security import AllowList, JoinToken, Keypair, load_or_create_keypair, load_public_keys
 
@@ -125,6 +125,7 @@ class Bootstrap:
         self._coord_thread = ThreadPoolExecutor(1, thread_name_prefix="coordinator")
         self._events: CoordinatorQueue[_Prepared] | None = None  # the coordinator's batches (`coordination`)
         self._done: tuple[float, bool] | None = None  # (when, `_swarm_done`): recomputed heartbeat_s later
+        self._columns: dict[int, dict[str, Any]] = {}  # the plan's columns last written per row
         self.clock = clock
         self.registry: Registry | None = None
         self.server: Any = None  # transport.rpc.RpcServer
@@ -399,7 +400,7 @@ class Bootstrap:
         need = bool(record.has_data) and state is not None and state.status == LIVE and not state.fingerprinted
         return Beat(
             assignment_version=events.version_for(body.node_id),
-            swarm_done=self._swarm_done(),
+            swarm_done=self._swarm_done(record),
             need_fingerprint=need,
             need_base=record.base_digest is None,
         )
@@ -547,19 +548,26 @@ class Bootstrap:
         return coordinator
 
     def _publish_plan(self, columns: dict[int, dict[str, Any]]) -> None:
-        known = {r.id for r in self.registry.table.rows()}
-        self.registry.table.update_many({n: c for n, c in columns.items() if n in known})
+        """Write the plan's columns of the rows whose columns changed since the last write
+        (rows expired meanwhile are skipped)."""
+        changed = {n: c for n, c in columns.items() if self._columns.get(n) != c}
+        table = self.registry.table
+        table.update_many({n: c for n, c in changed.items() if table.get(n) is not None})
+        self._columns.update(changed)
 
-    def _swarm_done(self) -> bool:
+    def _swarm_done(self, asking: PeerRecord) -> bool:
         """Assigned, and every data node still around says it is done.
 
         A data node that died recently still counts as around for another 2 x dead_after_s:
         it may be restarted on its --out and resume, and it needs its cluster's anchor then.
         It reads the whole table, so heartbeats share one answer for heartbeat_s: a node
-        learns that the swarm is done one heartbeat later at most.
+        learns that the swarm is done one heartbeat later at most. A data node that is not
+        done is the answer itself (it is around and not done): no read.
         """
         now = self.clock()
-        if self._done is None or not 0 <= now - self._done[0] < self.config.heartbeat_s:
+        if asking.has_data and asking.state != "done":
+            self._done = (now, False)
+        elif self._done is None or not 0 <= now - self._done[0] < self.config.heartbeat_s:
             self._done = (now, self._swarm_done_now())
         return self._done[1]
 
@@ -612,9 +620,13 @@ class Bootstrap:
 
     async def _sweep_forever(self) -> None:
         """Liveness on its own schedule: the deaths it finds are queued for the coordinator,
-        never awaited (a re-plan must not delay the next sweep)."""
+        never awaited (a re-plan must not delay the next sweep). A sweep reads every row; when
+        that takes long (a big table) the next one waits twice as long as it took, so sweeping
+        holds the event loop a third of the time at most and heartbeats are still answered."""
+        took = 0.0
         while True:
-            await asyncio.sleep(self.config.sweep_s)
+            await asyncio.sleep(max(self.config.sweep_s, 2 * took))
+            started = time.perf_counter()
             try:
                 changes = self.registry.sweep(self.clock())
                 if self.coordinator is not None:
@@ -626,6 +638,7 @@ class Bootstrap:
                         self._submit(Event.tick())  # the first assignment may be due by the timer
             except Exception:  # a failing disk must not end liveness tracking for good
                 log.exception("liveness sweep failed; retrying")
+            took = time.perf_counter() - started
 
 
 async def serve_bootstrap(config: BootstrapConfig, stop: asyncio.Event, swarm: Any = None) -> None:

@@ -39,6 +39,7 @@ log = logging.getLogger("atlas.coordination")
 
 P = TypeVar("P")  # what `prepare` hands to `commit`
 SWITCH_S = 0.0005  # GIL switch interval while a batch runs (see `_quick_switches`)
+_switching: list[float] = []  # the interval before the first batch running now, then one entry per batch
 
 
 @dataclass(frozen=True)
@@ -176,13 +177,18 @@ def _quick_switches() -> Iterator[None]:
     """While a batch plans on the coordinator thread (pure Python, holding the GIL), let the
     interpreter hand the GIL over every SWITCH_S instead of every 5 ms: the event loop
     takes it back after each socket or SQLite call, and each wait would otherwise cost
-    up to 5 ms of a heartbeat's answer."""
-    before = sys.getswitchinterval()
-    sys.setswitchinterval(min(before, SWITCH_S))
+    up to 5 ms of a heartbeat's answer. Nested uses (two bootstraps in one process) restore
+    the interval when the last one ends."""
+    if not _switching:
+        _switching.append(sys.getswitchinterval())
+        sys.setswitchinterval(min(_switching[0], SWITCH_S))
+    _switching.append(SWITCH_S)
     try:
         yield
     finally:
-        sys.setswitchinterval(before)
+        _switching.pop()
+        if len(_switching) == 1:
+            sys.setswitchinterval(_switching.pop())
 
 
 __all__ = ["CoordinatorQueue"]
