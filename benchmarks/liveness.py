@@ -174,13 +174,18 @@ async def _serve(args: argparse.Namespace) -> None:
     version0 = service.coordinator.version
     Path(args.info).write_text(json.dumps({"address": service.address}))
     suspects: set[int] = set()
+    sweep = service.registry.sweep
+
+    def watched_sweep(now: float) -> list[tuple[int, str, str]]:
+        """The registry's sweep, noting honest members it declares suspect or dead (cheaper
+        than reading the table: the bootstrap must not be slowed by its own measurement)."""
+        changes = sweep(now)
+        suspects.update(n for n, _, new in changes if n in honest and new in ("suspect", "dead"))
+        return changes
+
+    service.registry.sweep = watched_sweep
     try:
-        while not stop.is_set():
-            for row in service.registry.table.rows():
-                if row.id in honest and row.status in ("suspect", "dead"):
-                    suspects.add(row.id)
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(stop.wait(), 1.0)
+        await stop.wait()
         queue = getattr(service, "_events", None)  # the batching queue (absent before it existed)
         out = {
             "make_plan_calls": counts["make_plan"],
