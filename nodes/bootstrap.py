@@ -385,6 +385,7 @@ class Bootstrap:
             state=body.state,
             round=body.round,
             base_version=body.base_version,
+            incarnation=body.incarnation,
         )
         if self.coordinator is None:
             return None

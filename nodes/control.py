@@ -380,10 +380,10 @@ class ControlClient:
 
         assert self.node_id is not None
         try:
-            body = Heartbeat(node_id=self.node_id, **self._progress())
+            body = Heartbeat(node_id=self.node_id, incarnation=self.incarnation, **self._progress())
         except Exception:  # a bad progress report must not stop the heartbeats
             log.exception("progress() returned bad heartbeat fields; sending a bare heartbeat")
-            body = Heartbeat(node_id=self.node_id, state="waiting")
+            body = Heartbeat(node_id=self.node_id, state="waiting", incarnation=self.incarnation)
         timeout = min(self.config.request_timeout_s, max(self.welcome.heartbeat_s, 0.5))
         try:
             reply = await self.client.call(self.config.bootstrap, body, timeout=timeout)

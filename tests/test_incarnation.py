@@ -9,6 +9,8 @@ its key, and a node's id is bound to its key besides (tests/test_identity.py).
 
 from __future__ import annotations
 
+import pytest
+
 from nodes.bootstrap import Bootstrap
 from nodes.config import BootstrapConfig
 from nodes.control import ControlClient, load_identity
@@ -43,5 +45,30 @@ def test_a_node_back_with_an_id_of_a_lost_state_gets_a_new_id_not_another_nodes_
                 await x_again.stop()
             await y.stop()
             await second.stop()
+
+    run(body())
+
+
+def test_a_heartbeat_from_another_incarnation_is_refused_and_changes_no_row(tmp_path):
+    from transport.messages import Heartbeat, Join
+    from transport.rpc import RpcClient, RpcError
+
+    async def body():
+        boot = await Bootstrap.create(BootstrapConfig(bind="127.0.0.1:0", state_dir=tmp_path, insecure=True, **BOOT))
+        try:
+            async with RpcClient("node") as client:
+                offer = dict(memory_bytes=10**9, bandwidth_bps=10**7, compute_score=1.0, address="127.0.0.1:4103")
+                welcome = await client.call(boot.address, Join(**offer), timeout=5)
+                before = boot.registry.table.get(welcome.node_id)
+                stale = Heartbeat(node_id=welcome.node_id, state="training", incarnation="0" * 16)
+                with pytest.raises(RpcError) as refused:
+                    await client.call(boot.address, stale, timeout=5)
+                assert refused.value.code == "unknown_node"
+                assert boot.registry.table.get(welcome.node_id) == before
+                ours = Heartbeat(node_id=welcome.node_id, state="training", incarnation=welcome.incarnation)
+                await client.call(boot.address, ours, timeout=5)
+                assert boot.registry.table.get(welcome.node_id).state == "training"
+        finally:
+            await boot.stop()
 
     run(body())

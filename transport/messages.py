@@ -210,6 +210,7 @@ class Heartbeat(Message):
     state: Annotated[str, OneOf(NODE_STATES)]
     round: Count = 0
     base_version: Count = 0
+    incarnation: str = ""  # the state incarnation that gave node_id ("" = not said): another one is refused
 
 
 @message("leave")
