@@ -33,7 +33,7 @@ for a damaged state, a bootstrap that started on it with another number of peers
 the state held (one that refuses, or starts with all of them, did not fall for it). `--json PATH` writes `attacks`
 (name -> {"accepted": ..., "reply": ..., ...}), `honest_heartbeat_p99_s` (over the
 fairness phases, a heartbeat without an answer within its deadline counted as the
-deadline), `honest_suspects`, `bootstrap_peak_rss_mb` (the child's VmHWM) and the per-phase
+deadline), `honest_suspects`, `bootstrap_peak_rss_mb` (VmHWM of the bootstrap and its coordinator process) and the per-phase
 latencies, with this process's own event-loop lag beside them.
 
     python benchmarks/adversarial.py [--honest 40] [--deaf 1000] [--flood 2000]
@@ -71,7 +71,7 @@ import zmq.auth  # noqa: E402
 
 from atlas_p2p.capabilities import Capabilities  # noqa: E402
 from nodes.bootstrap import TOKEN_FILE  # noqa: E402
-from scenarios.swarm import Swarm  # noqa: E402
+from scenarios.swarm import Swarm, tree_peak_rss_mb  # noqa: E402
 from scenarios.waiting import wait_until  # noqa: E402
 from transport.codec import PROTOCOL_VERSION, decode, encode  # noqa: E402
 from transport.messages import (  # noqa: E402
@@ -556,17 +556,6 @@ def start_on(swarm: Swarm, state: Path, timeout: float = 180.0) -> dict[str, Any
 # ------------------------------------------------------------------ the run
 
 
-def rss_peak_mb(pid: int) -> float | None:
-    """VmHWM of a live process, MB (None when it is gone)."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return round(int(line.split()[1]) / 1024, 1)
-    except OSError:
-        return None
-    return None
-
-
 async def fleet(target: Target, count: int, members: list[Member]) -> None:
     """`count` honest members appended to `members` as each joins (so it heartbeats from
     then on): one in five a pure helper, of the data nodes one in three weak; joined, base
@@ -636,7 +625,7 @@ async def run(args: argparse.Namespace, swarm: Swarm, say: Callable[[str], None]
         honest.start_phase("after")
         await asyncio.sleep(2 * HEARTBEAT_S)
     flooded = json.loads(out.read_text()) if out.exists() else {"outcomes": {}, "seconds": None, "unfinished": True}
-    rss = rss_peak_mb(swarm.bootstrap.pid)
+    rss = tree_peak_rss_mb(swarm.bootstrap.pid)  # its coordinator process included
     try:
         page = await reader.call(Peers(), timeout=60.0)
         table_rows = getattr(page, "total", len(page.rows))  # all pages (a page holds at most PEERS_PAGE_MAX)

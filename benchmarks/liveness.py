@@ -17,7 +17,9 @@ The bootstrap runs in a child process; this one drives it over real sockets:
 Reported per phase: honest heartbeat latency p50/p99/max and replies later than the
 heartbeat deadline (a node waits `heartbeat_s` for its answer); then the honest members
 the bootstrap ever saw as suspect or dead, full plans made (make_plan calls, counted in
-the child) and their seconds, assignment versions published, and the child's peak RSS.
+the child; not where a coordinator process plans) and their seconds, assignment versions
+published, the child's peak RSS, and that of the child with its descendants (its
+coordinator process).
 
 `--tree DIR` runs the bootstrap from another checkout (e.g. a git worktree of an older
 commit) with the same driver and the same prepared state, for before/after figures. So
@@ -187,9 +189,12 @@ async def _serve(args: argparse.Namespace) -> None:
     try:
         await stop.wait()
         queue = getattr(service, "_events", None)  # the batching queue (absent before it existed)
+        worker = queue.pid() if hasattr(queue, "pid") else None  # the coordinator's own process, if any
         out = {
-            "make_plan_calls": counts["make_plan"],
-            "make_plan_s": round(timing["make_plan_s"], 1),
+            # counted where make_plan runs in this process (a coordinator thread); a coordinator
+            # process plans out of reach: see coordinator_batches.plans for full plans there
+            "make_plan_calls": counts["make_plan"] if worker is None else None,
+            "make_plan_s": round(timing["make_plan_s"], 1) if worker is None else None,
             "versions_published": service.coordinator.version - version0,
             "honest_suspects": len(suspects),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
@@ -377,6 +382,7 @@ def main() -> None:
                 time.sleep(0.2)
             address = json.loads((work / "info.json").read_text())["address"]
             driven = asyncio.run(_drive(address, members, killed, args))
+            driven["bootstrap_tree_peak_rss_mb"] = _tree_rss(child.pid)  # with its coordinator process
         finally:
             child.send_signal(signal.SIGTERM)
             try:
@@ -396,6 +402,12 @@ def main() -> None:
     print(json.dumps(result, indent=1))
     if args.json is not None:
         args.json.write_text(json.dumps(result, indent=1) + "\n")
+
+
+def _tree_rss(pid: int) -> float | None:
+    from scenarios.swarm import tree_peak_rss_mb
+
+    return tree_peak_rss_mb(pid)
 
 
 def _serve_main() -> None:

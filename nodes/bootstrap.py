@@ -33,7 +33,6 @@ import os
 import time
 from collections import Counter
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -100,10 +99,34 @@ def bootstrap_identity(state_dir: Path | None) -> tuple[Keypair, JoinToken]:
 
 @dataclass(frozen=True)
 class _Prepared:
-    """What the coordinator thread computed after a batch for the loop to write."""
+    """What the coordinator process computed after a batch for the loop to write."""
 
     columns: dict[int, dict[str, Any]] | None  # the plan's peer-table columns (None: no assignment changed)
     state: str  # the coordinator's snapshot as kept in the meta
+
+
+@dataclass(frozen=True)
+class _PrepareBatch:
+    """Run in the coordinator process after a batch: the plan's columns (and `coordinator.json`
+    in the state dir) when an assignment changed, and the coordinator's state to keep."""
+
+    state_dir: Path | None
+    swarm: dict[str, Any]  # the SwarmSpec as a dict, kept with the state
+
+    def __call__(self, coordinator: Coordinator, applied: Applied) -> _Prepared:
+        columns = None
+        if applied.changed:
+            columns = coordinator.peer_columns()
+            if self.state_dir is not None:
+                data = {
+                    **coordinator.metrics(),
+                    "anchors": coordinator.anchors(),
+                    "clusters_of": {str(n): c["cluster"] for n, c in columns.items()},
+                }
+                tmp = self.state_dir / "coordinator.json.tmp"
+                tmp.write_text(json.dumps(data, default=str))
+                tmp.replace(self.state_dir / "coordinator.json")
+        return _Prepared(columns, json.dumps({"swarm": self.swarm, "state": coordinator.snapshot()}, sort_keys=True))
 
 
 def read_bootstrap_info(state_dir: Path | str) -> dict[str, Any] | None:
@@ -120,10 +143,10 @@ class Bootstrap:
     def __init__(self, config: BootstrapConfig, clock: Callable[[], float], swarm: Any = None) -> None:
         self.config = config
         self.swarm = swarm  # nodes.config.SwarmSpec, or None: membership only
-        self.coordinator: Any = None  # nodes.coordinator.Coordinator when `swarm` is given
         self._saved_state: str | None = None  # the coordinator state last written to the meta
-        self._coord_thread = ThreadPoolExecutor(1, thread_name_prefix="coordinator")
         self._events: CoordinatorQueue[_Prepared] | None = None  # the coordinator's batches (`coordination`)
+        self._checker: Coordinator | None = None  # an empty coordinator of the swarm's config (`precheck`)
+        self._replica: tuple[str | None, Coordinator] | None = None  # `coordinator`, and the state it is of
         self._done: tuple[float, bool] | None = None  # (when, `_swarm_done`): recomputed heartbeat_s later
         self._columns: dict[int, dict[str, Any]] = {}  # the plan's columns last written per row
         self.clock = clock
@@ -200,9 +223,7 @@ class Bootstrap:
             # Bound first: nodes reach the socket at once. Their first requests wait in its
             # queue only for the restore (a parse of the kept snapshot, no planning); the known
             # rows the snapshot lacks are adopted in the background while requests are answered.
-            from nodes.assign import make_coordinator
-
-            self.coordinator = self._restore_coordinator(make_coordinator(self.swarm))
+            self._start_coordinator()
             self._adopter = asyncio.create_task(self._adopt_known_nodes(), name="bootstrap-adopt")
         self._sweeper = asyncio.create_task(self._sweep_forever(), name="bootstrap-sweep")
         known = self._table.rows()
@@ -232,8 +253,7 @@ class Bootstrap:
         if self.server is not None:
             await self.server.stop()
         if self._events is not None:
-            await self._events.stop()  # queued events get a few seconds to settle
-        self._coord_thread.shutdown(wait=True)  # an event still running finishes before the table closes
+            await self._events.stop()  # queued events get a few seconds to settle, then the process ends
         if self._table is not None:
             self._table.close()
         if self._lock is not None:
@@ -316,7 +336,7 @@ class Bootstrap:
             public_key=env.peer_key or None,
             now=self.clock(),
         )
-        if self.coordinator is not None:
+        if self.swarm is not None:
             if self._base_accepted(result.node_id):  # a new node is planned once its base is accepted
                 self._submit(Event.join(result.node_id, *self._offer(result.node_id)))
             spec = self.swarm
@@ -359,13 +379,13 @@ class Bootstrap:
             body.revision or body.model,
             body.dtype or "?",
         )
-        if self.coordinator is not None and not self._is_member(body.node_id):
+        if self.swarm is not None and not self._is_member(body.node_id):
             self._submit(Event.join(body.node_id, *self._offer(body.node_id)))
 
     def _is_member(self, node_id: int) -> bool:
         """Whether the coordinator plans with `node_id` (it has joined and its base was accepted),
         counting the events still queued."""
-        return self.coordinator is not None and node_id in self.coordination.states
+        return self._events is not None and node_id in self._events.states
 
     def _base_accepted(self, node_id: int) -> bool:
         record = self.registry.table.get(node_id)
@@ -377,7 +397,7 @@ class Bootstrap:
         (`coordination.states`), and what the heartbeat tells the coordinator (a dead node
         is back, a node it never saw) is queued."""
         body = env.body
-        before = self.registry.table.get(body.node_id) if self.coordinator is not None else None
+        before = self.registry.table.get(body.node_id) if self.swarm is not None else None
         record = self._call(
             self.registry.heartbeat,
             body.node_id,
@@ -387,7 +407,7 @@ class Bootstrap:
             base_version=body.base_version,
             incarnation=body.incarnation,
         )
-        if self.coordinator is None:
+        if self.swarm is None:
             return None
         from transport.messages import Beat
 
@@ -443,7 +463,7 @@ class Bootstrap:
         try:
             body = self.coordination.assignments.get(node_id)  # as of the last batch
             if body is None:  # queued, not applied yet: wait for the batch being applied
-                body = await self.coordination.read(self.coordinator.assignment_for, node_id)
+                body = await self.coordination.call(Coordinator.assignment_for, node_id)
         except ValueError as exc:
             raise RpcError("unknown_node", str(exc)) from None
         return Assignment(**body, keys=self._keys_for(body))
@@ -462,16 +482,67 @@ class Bootstrap:
 
     @property
     def coordination(self) -> CoordinatorQueue[_Prepared]:
-        """The coordinator's event queue (made on first use; needs the coordinator and a loop)."""
+        """The coordinator's event queue (exists when a swarm is given)."""
         if self._events is None:
-            self._events = CoordinatorQueue(
-                self.coordinator,
-                thread=self._coord_thread,
-                clock=self.clock,
-                prepare=self._prepare_batch,
-                commit=self._commit_batch,
-            )
+            raise RuntimeError("this bootstrap has no coordinator (no swarm was given)")
         return self._events
+
+    @property
+    def coordinator(self) -> Coordinator | None:
+        """A copy of the coordinator as of the last batch, restored from the state it kept (for
+        inspection and tests: the live one runs in the coordinator process). None without a
+        swarm."""
+        if self._events is None:
+            return None
+        raw = self._saved_state
+        if self._replica is None or self._replica[0] is not raw:
+            kept = self._kept_snapshot()
+            config = self._events.config
+            self._replica = (raw, Coordinator(config) if kept is None else Coordinator.restore(config, kept))
+        return self._replica[1]
+
+    def _start_coordinator(self) -> None:
+        """Start the coordinator process on the state kept for this swarm (if any)."""
+        from nodes.assign import make_coordinator
+
+        self._checker = make_coordinator(self.swarm)
+        raw = self.registry.table.get_meta(COORDINATOR_KEY)
+        if raw is not None and self._kept_snapshot(raw, warn=True) is not None:
+            self._saved_state = raw
+        self._events, started = CoordinatorQueue.start(
+            self._checker.config,
+            clock=self.clock,
+            prepare=_PrepareBatch(self.config.state_dir, dataclasses.asdict(self.swarm)),
+            commit=self._commit_batch,
+            kept=self._kept_snapshot,
+        )
+        if started.error is not None:
+            log.warning("cannot restore the coordinator kept in the state dir (%s): starting empty", started.error)
+        elif started.restored:
+            log.info(
+                "restored the coordinator: assignment version %d, %s, %d nodes",
+                started.version,
+                "not clustered yet" if started.clusters is None else f"{started.clusters} clusters",
+                started.nodes,
+            )
+
+    def _kept_snapshot(self, raw: str | None = None, warn: bool = False) -> dict[str, Any] | None:
+        """The coordinator state in `raw` (default: the one last kept) if it is this swarm's."""
+        raw = self._saved_state if raw is None else raw
+        if raw is None:
+            return None
+        try:
+            kept = json.loads(raw)
+            if kept.get("swarm") == json.loads(json.dumps(dataclasses.asdict(self.swarm))):
+                return kept["state"]
+            if warn:
+                log.warning(
+                    "the state dir holds a coordinator of another swarm (%s): starting empty", kept.get("swarm")
+                )
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            if warn:
+                log.warning("cannot restore the coordinator kept in the state dir (%s): starting empty", exc)
+        return None
 
     def _submit(self, event: Event) -> None:
         """Queue an event for the coordinator (applied in the next batch; never waits)."""
@@ -483,30 +554,10 @@ class Bootstrap:
         from transport.rpc import RpcError
 
         try:
-            self.coordinator.precheck(event, self.coordination.states)
+            self._checker.precheck(event, self.coordination.states)
         except ValueError as exc:
             raise RpcError("bad_request", str(exc)) from None
         self._submit(event)
-
-    def _prepare_batch(self, applied: Applied) -> _Prepared:
-        """On the coordinator thread after a batch: the plan's columns (and `coordinator.json`)
-        when an assignment changed, and the coordinator's state to keep."""
-        columns = None
-        if applied.changed:
-            columns = self.coordinator.peer_columns()
-            if self.config.state_dir is not None:
-                data = {
-                    **self.coordinator.metrics(),
-                    "anchors": self.coordinator.anchors(),
-                    "clusters_of": {str(n): c["cluster"] for n, c in columns.items()},
-                }
-                tmp = self.config.state_dir / "coordinator.json.tmp"
-                tmp.write_text(json.dumps(data, default=str))
-                tmp.replace(self.config.state_dir / "coordinator.json")
-        state = json.dumps(
-            {"swarm": dataclasses.asdict(self.swarm), "state": self.coordinator.snapshot()}, sort_keys=True
-        )
-        return _Prepared(columns, state)
 
     def _commit_batch(self, prepared: _Prepared) -> None:
         """On the loop after a batch: write the plan's columns and keep the state (`_persist`)."""
@@ -521,32 +572,6 @@ class Bootstrap:
         if state != self._saved_state:
             self.registry.table.set_meta(COORDINATOR_KEY, state)
             self._saved_state = state
-
-    def _restore_coordinator(self, fresh: Coordinator) -> Coordinator:
-        """The coordinator kept in the meta by a previous run of this swarm, else `fresh`."""
-        raw = self.registry.table.get_meta(COORDINATOR_KEY)
-        if raw is None:
-            return fresh
-        try:
-            kept = json.loads(raw)
-            if kept.get("swarm") != json.loads(json.dumps(dataclasses.asdict(self.swarm))):
-                log.warning(
-                    "the state dir holds a coordinator of another swarm (%s): starting empty", kept.get("swarm")
-                )
-                return fresh
-            coordinator = Coordinator.restore(fresh.config, kept["state"])
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            log.warning("cannot restore the coordinator kept in the state dir (%s): starting empty", exc)
-            return fresh
-        self._saved_state = raw
-        clustering = coordinator.clustering
-        log.info(
-            "restored the coordinator: assignment version %d, %s, %d nodes",
-            coordinator.version,
-            "not clustered yet" if clustering is None else f"{clustering.k} clusters",
-            len(coordinator.peer_columns()),
-        )
-        return coordinator
 
     def _publish_plan(self, columns: dict[int, dict[str, Any]]) -> None:
         """Write the plan's columns of the rows whose columns changed since the last write
@@ -587,7 +612,7 @@ class Bootstrap:
         """After a restart on the same state: every live row the coordinator does not hold (it
         started empty, or the node joined after the state was kept) becomes a member."""
         for record in self.registry.table.rows():
-            if self.coordinator.known(record.id):
+            if record.id in self.coordination.states:
                 continue
             if record.status in ("alive", "suspect") and record.base_digest is not None:
                 self._submit(Event.join(record.id, *self._offer(record.id)))
@@ -630,7 +655,7 @@ class Bootstrap:
             started = time.perf_counter()
             try:
                 changes = self.registry.sweep(self.clock())
-                if self.coordinator is not None:
+                if self.swarm is not None:
                     for node_id, _, new in changes:
                         # an expired row is gone for good: a member still serving is repaired
                         if new in ("dead", EXPIRED) and self._is_member(node_id):

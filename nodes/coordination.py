@@ -1,24 +1,32 @@
-"""The coordinator behind a queue: membership events are batched, heartbeats never wait.
+"""The coordinator behind a queue, in a process of its own: membership events are batched,
+heartbeats never wait, and planning never holds the event loop's interpreter.
 
 The bootstrap used to run each coordinator event on its worker thread while holding a
-lock that every heartbeat also took (to read the node's assignment version). A burst of
-deaths then meant one full re-plan per death, one after another, with every heartbeat
-waiting behind them. Here:
+lock that every heartbeat also took. A burst of deaths then meant one full re-plan per
+death, one after another, with every heartbeat waiting behind them. Batching fixed the
+lock; a thread still shared the interpreter lock with the event loop, and during a flood
+of joins the planning thread (pure Python, busy for seconds at a time) cut the loop's
+throughput so far that honest heartbeats queued past their deadline. So:
 
-- `submit(event)` only appends to a queue and returns; one worker task takes everything
-  queued, applies it on the coordinator thread as one `Coordinator.apply` batch (at most
-  one planning pass), and whatever arrives meanwhile forms the next batch.
+- The coordinator lives in a worker process (one `ProcessPoolExecutor` worker, forked from
+  a forkserver that preloaded this module, niced so that on a busy host the loop's
+  answers come before planning). Everything it computes reaches the loop as plain data.
+- `submit(event)` only appends to a queue and returns; one worker task sends everything
+  queued to the process as one `Coordinator.apply` batch (at most one planning pass), and
+  whatever arrives meanwhile forms the next batch.
 - `states` is the loop-side copy of `Coordinator.summary()` taken after every batch and
   advanced by `expected_state` over the events still queued, and `assignments` holds the
   assignment of every member whose version moved (and of every never-planned member), taken
   after every batch. A heartbeat, a fingerprint's membership check or a `get_assignment`
-  reads them without a lock.
-- `read(fn)` still gives a consistent read of the coordinator itself (it waits for the
-  batch being applied) for the rare answer the copies do not hold.
+  reads them without waiting.
+- `call(fn, ...)` runs `fn(coordinator, ...)` in the process between batches, for the rare
+  answer the copies do not hold.
+- If the process dies, the next batch starts a new one from the last state `kept()` gives
+  and applies its events there.
 
-The owner gives two hooks: `prepare(applied)` runs on the coordinator thread right after a
-batch (e.g. the peer-table columns and the state to persist, computed off the loop) and
-`commit(prepared)` runs on the event loop after it (the SQLite writes).
+The owner gives two hooks: `prepare(coordinator, applied)` runs in the process right after
+a batch (e.g. the peer-table columns and the state to persist, computed off the loop; it
+must pickle) and `commit(prepared)` runs on the event loop after it (the SQLite writes).
 """
 
 from __future__ import annotations
@@ -26,25 +34,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import sys
+import multiprocessing
+import os
+import signal
 from collections import Counter
-from collections.abc import Callable, Iterator
-from concurrent.futures import Executor
+from collections.abc import Callable, Mapping
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from nodes.coordinator import Applied, Coordinator, Event, MemberState, expected_state
+from nodes.coordinator import Applied, Coordinator, CoordinatorConfig, Event, MemberState, expected_state
 
 log = logging.getLogger("atlas.coordination")
 
 P = TypeVar("P")  # what `prepare` hands to `commit`
-SWITCH_S = 0.0005  # GIL switch interval while a batch runs (see `_quick_switches`)
-_switching: list[float] = []  # the interval before the first batch running now, then one entry per batch
+NICENESS = 5  # the coordinator process yields the CPU to the event loop's process this much
 
 
 @dataclass(frozen=True)
 class _Outcome(Generic[P]):
-    """What one batch left for the loop (computed on the coordinator thread)."""
+    """What one batch left for the loop (computed in the coordinator process)."""
 
     applied: Applied
     summary: dict[int, MemberState]
@@ -53,35 +63,130 @@ class _Outcome(Generic[P]):
     prepared: P
 
 
+@dataclass(frozen=True)
+class Started:
+    """How the coordinator process began: from the kept state, or empty because it could not
+    restore that (`error`); its assignment version, clusters (None: not clustered yet) and
+    planned nodes then."""
+
+    restored: bool
+    error: str | None
+    version: int
+    clusters: int | None
+    nodes: int
+
+
+class _Worker(Generic[P]):
+    """The coordinator process's side: the coordinator and the versions already handed out."""
+
+    def __init__(self, coordinator: Coordinator, prepare: Callable[[Coordinator, Applied], P]) -> None:
+        self.coordinator = coordinator
+        self.prepare = prepare
+        self.versions: dict[int, int] = {}  # versions `assignments` already holds, per member
+
+    def apply(self, events: list[Event], now: float) -> _Outcome[P]:
+        coordinator = self.coordinator
+        applied = coordinator.apply(events, now=now)
+        summary = coordinator.summary()
+        stale = [n for n, s in summary.items() if s.version == 0 or self.versions.get(n) != s.version]
+        assignments = coordinator.assignments(stale)
+        self.versions.update((n, summary[n].version) for n in stale)
+        return _Outcome(applied, summary, assignments, coordinator.assigned, self.prepare(coordinator, applied))
+
+
+_worker: _Worker[Any] | None = None  # in the coordinator process only
+
+
+def _begin(
+    config: CoordinatorConfig, kept: Mapping[str, Any] | None, prepare: Callable[[Coordinator, Applied], Any]
+) -> Started:
+    """In the new process: the coordinator from `kept` (a `snapshot()`), else an empty one."""
+    global _worker
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the bootstrap, which stops this process
+    with contextlib.suppress(OSError):
+        os.nice(NICENESS)
+    error = None
+    coordinator = Coordinator(config)
+    if kept is not None:
+        try:
+            coordinator = Coordinator.restore(config, kept)
+        except ValueError as exc:
+            error = str(exc)
+    _worker = _Worker(coordinator, prepare)
+    clustering = coordinator.clustering
+    return Started(
+        kept is not None and error is None,
+        error,
+        coordinator.version,
+        None if clustering is None else clustering.k,
+        len(coordinator.peer_columns()),
+    )
+
+
+def _apply(events: list[Event], now: float) -> _Outcome[Any]:
+    assert _worker is not None, "the coordinator process was not started"
+    return _worker.apply(events, now)
+
+
+def _call(fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
+    assert _worker is not None, "the coordinator process was not started"
+    return fn(_worker.coordinator, *args)
+
+
+def _context() -> multiprocessing.context.BaseContext:
+    """Forkserver: each coordinator process is a fork of a server that already imported this
+    module (fast, and free of the parent's threads and sockets)."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
+    return context
+
+
 class CoordinatorQueue(Generic[P]):
-    """Feeds `coordinator` in batches on `thread`; see the module doc."""
+    """Feeds the coordinator process in batches; see the module doc. Build with `start`."""
 
     def __init__(
         self,
-        coordinator: Coordinator,
+        config: CoordinatorConfig,
         *,
-        thread: Executor,
         clock: Callable[[], float],
-        prepare: Callable[[Applied], P],
+        prepare: Callable[[Coordinator, Applied], P],
         commit: Callable[[P], None],
+        kept: Callable[[], Mapping[str, Any] | None],
     ) -> None:
-        self.coordinator = coordinator
-        self._thread = thread
+        self.config = config
         self._clock = clock
         self._prepare = prepare
         self._commit = commit
+        self._kept = kept
+        self._pool: ProcessPoolExecutor | None = None
         self._queue: list[Event] = []
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
-        self._lock = asyncio.Lock()  # held while a batch runs on the thread (see `read`)
+        self._lock = asyncio.Lock()  # held while a batch runs in the process (see `call`)
         self._worker: asyncio.Task[None] | None = None
-        self._versions: dict[int, int] = {}  # versions `assignments` holds (thread side)
-        self.states: dict[int, MemberState] = coordinator.summary()
+        self.states: dict[int, MemberState] = {}
         self.assignments: dict[int, dict[str, Any]] = {}
-        self.assigned = coordinator.assigned
-        self.counts: Counter[str] = Counter()  # events, batches, plans, refused
-        self.submit(Event.tick())  # the first batch fills `assignments`
+        self.assigned = False
+        self.counts: Counter[str] = Counter()  # events, batches, plans, refused, restarts
+
+    @classmethod
+    def start(
+        cls,
+        config: CoordinatorConfig,
+        *,
+        clock: Callable[[], float],
+        prepare: Callable[[Coordinator, Applied], P],
+        commit: Callable[[P], None],
+        kept: Callable[[], Mapping[str, Any] | None],
+    ) -> tuple[CoordinatorQueue[P], Started]:
+        """Start the process on the state `kept()` gives and apply a first (empty) batch, so
+        `states` and `assignments` hold every member before anything is asked. Blocks until
+        then (a fork and a parse of the kept state, no planning)."""
+        queue = cls(config, clock=clock, prepare=prepare, commit=commit, kept=kept)
+        started = queue._spawn()
+        queue._take(queue._pool.submit(_apply, [Event.tick()], clock()).result(), [Event.tick()])
+        return queue, started
 
     # --- loop side ---------------------------------------------------------------------------
 
@@ -101,25 +206,34 @@ class CoordinatorQueue(Generic[P]):
         state = self.states.get(node_id)
         return 0 if state is None else state.version
 
-    async def read(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """Call a cheap coordinator (or coordinator-reading) function between batches."""
+    async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """`fn(coordinator, *args)` in the coordinator process, between batches (`fn` and its
+        arguments and result must pickle)."""
         async with self._lock:
-            return fn(*args)
+            return await asyncio.get_running_loop().run_in_executor(self._pool, _call, fn, args)
 
     async def settled(self) -> None:
         """Wait until every queued event is applied and committed."""
         await self._idle.wait()
 
     async def stop(self, timeout_s: float = 5.0) -> None:
-        """Let the queued events settle for up to `timeout_s`, then stop the worker."""
-        if self._worker is None:
-            return
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self._idle.wait(), timeout_s)
-        self._worker.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._worker
-        self._worker = None
+        """Let the queued events settle for up to `timeout_s`, then stop the worker task and
+        the process."""
+        if self._worker is not None:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), timeout_s)
+            self._worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._worker
+            self._worker = None
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+    def pid(self) -> int | None:
+        """The coordinator process's id (None: not running)."""
+        processes = getattr(self._pool, "_processes", None) or {}
+        return next(iter(processes), None)
 
     async def _work_forever(self) -> None:
         while True:
@@ -134,10 +248,19 @@ class CoordinatorQueue(Generic[P]):
             self._idle.set()
 
     async def _run(self, events: list[Event]) -> None:
+        loop = asyncio.get_running_loop()
         async with self._lock:
-            with _quick_switches():
-                now = self._clock()
-                outcome = await asyncio.get_running_loop().run_in_executor(self._thread, self._apply, events, now)
+            try:
+                outcome = await loop.run_in_executor(self._pool, _apply, events, self._clock())
+            except BrokenProcessPool:
+                log.error("the coordinator process died: starting another from the last kept state")
+                self.counts.update(restarts=1)
+                await loop.run_in_executor(None, self._respawn)
+                outcome = await loop.run_in_executor(self._pool, _apply, events, self._clock())
+        self._take(outcome, events)
+
+    def _take(self, outcome: _Outcome[P], events: list[Event]) -> None:
+        """On the loop after a batch: commit, and the copies a heartbeat reads."""
         self._commit(outcome.prepared)
         self.states = outcome.summary
         for event in self._queue:  # queued while the batch ran: their expected effect again
@@ -160,35 +283,17 @@ class CoordinatorQueue(Generic[P]):
                 err,
             )
 
-    # --- thread side -------------------------------------------------------------------------
+    def _spawn(self) -> Started:
+        self._pool = ProcessPoolExecutor(1, mp_context=_context())
+        return self._pool.submit(_begin, self.config, self._kept(), self._prepare).result()
 
-    def _apply(self, events: list[Event], now: float) -> _Outcome[P]:
-        coordinator = self.coordinator
-        applied = coordinator.apply(events, now=now)
-        summary = coordinator.summary()
-        stale = [n for n, s in summary.items() if s.version == 0 or self._versions.get(n) != s.version]
-        assignments = coordinator.assignments(stale)
-        self._versions.update((n, summary[n].version) for n in stale)
-        return _Outcome(applied, summary, assignments, coordinator.assigned, self._prepare(applied))
-
-
-@contextlib.contextmanager
-def _quick_switches() -> Iterator[None]:
-    """While a batch plans on the coordinator thread (pure Python, holding the GIL), let the
-    interpreter hand the GIL over every SWITCH_S instead of every 5 ms: the event loop
-    takes it back after each socket or SQLite call, and each wait would otherwise cost
-    up to 5 ms of a heartbeat's answer. Nested uses (two bootstraps in one process) restore
-    the interval when the last one ends."""
-    if not _switching:
-        _switching.append(sys.getswitchinterval())
-        sys.setswitchinterval(min(_switching[0], SWITCH_S))
-    _switching.append(SWITCH_S)
-    try:
-        yield
-    finally:
-        _switching.pop()
-        if len(_switching) == 1:
-            sys.setswitchinterval(_switching.pop())
+    def _respawn(self) -> None:
+        """A new process on the last kept state, after the previous one died (blocking)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+        started = self._spawn()
+        if started.error is not None:
+            log.error("the new coordinator process cannot restore the kept state (%s): it starts empty", started.error)
 
 
-__all__ = ["CoordinatorQueue"]
+__all__ = ["CoordinatorQueue", "Started"]

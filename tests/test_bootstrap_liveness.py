@@ -5,6 +5,8 @@ joins and deaths reaches the coordinator in batches, not one planning pass per e
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 
 import numpy as np
 
@@ -73,7 +75,7 @@ def test_heartbeats_assignments_and_bad_input_are_answered_while_the_coordinator
             node, client = members[0]
             version = service.coordination.version_for(node)
 
-            async with service.coordination._lock:  # as while a batch plans on the coordinator thread
+            async with service.coordination._lock:  # as while a batch plans in the coordinator process
                 beat = await client.call(
                     service.address, Heartbeat(node_id=node, state="training"), timeout=config.heartbeat_s
                 )
@@ -159,3 +161,36 @@ def test_a_burst_of_joins_and_deaths_is_planned_in_batches_while_honest_heartbea
             await service.stop()
 
     run(body(), timeout=180)
+
+
+def test_the_coordinator_runs_in_its_own_process_and_a_new_one_takes_over_when_it_dies():
+    async def body():
+        config = BootstrapConfig(bind="127.0.0.1:0")
+        service = await Bootstrap.create(config, swarm=SwarmSpec(model="tiny-gpt2", min_nodes=2, clusters=1))
+        clients: list[RpcClient] = []
+        try:
+            members = [await _member(service, 7001 + i, clients) for i in range(2)]
+            await _planned(service, members)
+            versions = {n: service.coordination.version_for(n) for n, _ in members}
+            pid = service.coordination.pid()
+            assert pid is not None and pid != os.getpid()
+
+            os.kill(pid, signal.SIGKILL)
+            newcomer = _keyed(service, "newcomer", clients)
+            late = await newcomer.call(service.address, _join(service, 7009, has_data=False), timeout=5)
+            await newcomer.call(service.address, BaseDigest(node_id=late.node_id, digest=DIGEST), timeout=5)
+            await service.coordination.settled()
+
+            assert service.coordination.counts["restarts"] == 1
+            assert service.coordination.pid() not in (None, pid)
+            coordinator = service.coordinator  # the new process kept the plan and every member
+            assert coordinator.known(late.node_id)
+            assert all(coordinator.version_for(n) >= v > 0 for n, v in versions.items())
+            assignment = await members[0][1].call(service.address, GetAssignment(node_id=members[0][0]), timeout=5)
+            assert assignment.version == service.coordination.version_for(members[0][0])
+        finally:
+            for c in clients:
+                await c.stop()
+            await service.stop()
+
+    run(body(), timeout=120)
