@@ -53,5 +53,6 @@ class TorchExecutor:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._pool, _locked, functools.partial(fn, *args, **kwargs))
 
-    def shutdown(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+    def shutdown(self, wait: bool = True) -> None:
+        """Cancel the queued jobs; `wait`: block until the running one has ended."""
+        self._pool.shutdown(wait=wait, cancel_futures=True)

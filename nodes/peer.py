@@ -138,6 +138,8 @@ class Peer:
         self.export: dict[str, Any] | None = None
         self.refused: JoinRefused | None = None  # the bootstrap refused this node's base after a restart
         self._main: asyncio.Task | None = None
+        self._running: asyncio.Task | None = None  # the task inside `run` (what `kill` cancels)
+        self.killed = False  # `kill` ended this node as SIGKILL would
         self.peaks: dict[str, float | None] = {}  # peak RSS (MB) by phase: fingerprint, train
         self.finished = False
         self._resume: Checkpoint | None = None
@@ -290,6 +292,49 @@ class Peer:
         return None
 
     async def run(self, stop: asyncio.Event) -> dict[str, Any]:
+        """The node's whole life until `stop` is set (checkpoint, summary, `leave`) or the
+        swarm is done; its summary. After `kill` it returns the summary it holds in memory,
+        having written and sent nothing."""
+        self._running = asyncio.current_task()
+        if not self.killed:
+            try:
+                await self._run(stop)
+            except asyncio.CancelledError:
+                if not self.killed:
+                    raise
+                self._running.uncancel()  # the cancel was `kill`'s: closing the sockets may await
+        if self.killed:
+            await self._drop()
+        return self.summary().to_json()
+
+    async def kill(self) -> None:
+        """End this node as SIGKILL ends its process, for a swarm of nodes in one process: the
+        running `run` is cancelled and every socket closed, with no `leave`, no checkpoint and
+        no summary written. Heartbeats stop; the bootstrap finds the node silent and declares it
+        dead. A torch job already running in the executor thread ends on its own, unseen.
+        Returns once the sockets are closed."""
+        self.killed = True
+        task = self._running
+        if task is not None and not task.done() and task is not asyncio.current_task():
+            task.cancel()
+            await asyncio.wait({task})
+
+    async def _drop(self) -> None:
+        """What is left of a killed node: its tasks cancelled and sockets closed, nothing sent."""
+        if self._main is not None and not self._main.done():
+            self._main.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._main
+        await self.boot.stop()
+        await self.sync.stop()
+        if self.control is not None:
+            await self.control.stop(leave=False)
+        for rpc in (self.client, self.server):
+            if rpc is not None:
+                await rpc.stop()
+        self.executor.shutdown(wait=False)
+
+    async def _run(self, stop: asyncio.Event) -> None:
         host, port = parse_address(self.config.bind, allow_port_zero=True, what="bind")
         link = self.link_profile()
         handlers = {"ping": self.rpc_ping, **self.helper.handlers(), **self.sync.handlers()}
@@ -313,9 +358,11 @@ class Peer:
             main = self._main = asyncio.create_task(self._lifecycle(), name="lifecycle")
             stopper = asyncio.create_task(stop.wait())
             watched = asyncio.create_task(self.control.wait_done())
-            done, _ = await asyncio.wait({main, stopper, watched}, return_when=asyncio.FIRST_COMPLETED)
-            for task in (stopper, watched):
-                task.cancel()
+            try:
+                done, _ = await asyncio.wait({main, stopper, watched}, return_when=asyncio.FIRST_COMPLETED)
+            finally:  # also when `kill` cancels this wait
+                for task in (stopper, watched):
+                    task.cancel()
             if main not in done:
                 interrupted = True
                 main.cancel()
@@ -329,8 +376,8 @@ class Peer:
             else:
                 main.result()
         finally:
-            await self._shutdown(interrupted)
-        return self.summary().to_json()
+            if not self.killed:
+                await self._shutdown(interrupted)
 
     async def _shutdown(self, interrupted: bool) -> None:
         await self.boot.stop()
