@@ -445,7 +445,8 @@ async def deaf_client(target: Target, member: Member, requests: int):
 
 async def flood(target: Target, count: int, concurrency: int = 32) -> dict[str, Any]:
     """`count` joins with the token, each from a fresh key, each followed by a base digest;
-    then silence (the rows die dead_after later)."""
+    then silence (the rows die dead_after later). A join told `busy` (the bootstrap's
+    join rate) is sent again 50 ms later until it gets in; those retries are counted."""
     gate = asyncio.Semaphore(concurrency)
     outcomes: Counter[str] = Counter()
 
@@ -454,9 +455,8 @@ async def flood(target: Target, count: int, concurrency: int = 32) -> dict[str, 
             client = target.client(f"flood-{i}")
             try:
                 offer = Capabilities(memory_bytes=STRONG, bandwidth_bps=50 * 10**6, compute_score=1.0, has_data=True)
-                welcome = await client.call(
-                    target.address, Join.offer(offer, address=f"127.0.0.1:{30000 + i}", token=target.secret), timeout=30
-                )
+                join = Join.offer(offer, address=f"127.0.0.1:{30000 + i}", token=target.secret)
+                welcome = await _join_until_admitted(client, target.address, join, outcomes)
                 await client.call(target.address, BaseDigest(node_id=welcome.node_id, digest=target.digest), timeout=30)
                 outcomes["joined"] += 1
             except RpcTimeout:
@@ -469,6 +469,18 @@ async def flood(target: Target, count: int, concurrency: int = 32) -> dict[str, 
     start = time.perf_counter()
     await asyncio.gather(*(one(i) for i in range(count)))
     return {"outcomes": dict(outcomes), "seconds": round(time.perf_counter() - start, 1)}
+
+
+async def _join_until_admitted(client: RpcClient, address: str, join: Join, outcomes: Counter[str]) -> Any:
+    """`join`, sent again 50 ms after each `busy` (counted as busy_retries) until admitted."""
+    while True:
+        try:
+            return await client.call(address, join, timeout=30)
+        except RpcError as exc:
+            if exc.code != "busy":
+                raise
+            outcomes["busy_retries"] += 1
+            await asyncio.sleep(0.05)
 
 
 def start_flood_process(target: Target, count: int, out: Path) -> subprocess.Popen[bytes]:

@@ -275,13 +275,15 @@ async def _heartbeats(address: str, ids: list[int], silenced: set[int], phases: 
 def _flood_process(address: str, count: int, joined: Any) -> None:
     """The flood in a process of its own, so that its 2,000 clients do not slow the loop that
     sends and times the honest heartbeats; `joined` (a shared int) counts the joins done."""
+    _uvloop()
     asyncio.run(_flood(address, count, joined))
 
 
 async def _flood(address: str, count: int, joined: Any) -> None:
     """`count` strangers join (as strong data nodes, each from a client of its own: the
     bootstrap gives a client that joins again its first id) and send the swarm's base
-    digest, then go silent; 64 at a time."""
+    digest, then go silent; 64 at a time. A join told `busy` (the bootstrap's join rate)
+    is sent again 50 ms later, as long as it takes."""
     from transport.messages import BaseDigest, Join
     from transport.rpc import RpcClient, RpcError
 
@@ -298,7 +300,14 @@ async def _flood(address: str, count: int, joined: Any) -> None:
                     address=f"127.0.0.1:{40000 + i}",
                     has_data=True,
                 )
-                welcome = await client.call(address, join, timeout=30)
+                while True:
+                    try:
+                        welcome = await client.call(address, join, timeout=30)
+                        break
+                    except RpcError as exc:
+                        if exc.code != "busy":
+                            raise
+                        await asyncio.sleep(0.05)
                 await client.call(address, BaseDigest(node_id=welcome.node_id, digest=DIGEST), timeout=30)
                 with joined.get_lock():
                     joined.value += 1
@@ -381,6 +390,7 @@ def main() -> None:
                     raise SystemExit(f"the bootstrap did not start (rc {child.poll()})")
                 time.sleep(0.2)
             address = json.loads((work / "info.json").read_text())["address"]
+            _uvloop()
             driven = asyncio.run(_drive(address, members, killed, args))
             driven["bootstrap_tree_peak_rss_mb"] = _tree_rss(child.pid)  # with its coordinator process
         finally:
@@ -404,6 +414,14 @@ def main() -> None:
         args.json.write_text(json.dumps(result, indent=1) + "\n")
 
 
+def _uvloop() -> None:
+    """uvloop's event loop, as the CLI uses, where the checkout has the switch."""
+    import transport.rpc
+
+    if hasattr(transport.rpc, "install_uvloop"):
+        transport.rpc.install_uvloop()
+
+
 def _tree_rss(pid: int) -> float | None:
     from scenarios.swarm import tree_peak_rss_mb
 
@@ -414,6 +432,7 @@ def _serve_main() -> None:
     parser = argparse.ArgumentParser()
     for name in ("--prepared", "--state", "--info", "--out"):
         parser.add_argument(name, required=True)
+    _uvloop()  # as `atlas-node bootstrap` runs
     asyncio.run(_serve(parser.parse_args(sys.argv[2:])))
 
 

@@ -41,9 +41,10 @@ from atlas_p2p.capabilities import Capabilities
 from atlas_p2p.validation import is_int
 from nodes.config import BootstrapConfig, parse_address
 from nodes.coordination import CoordinatorQueue
-from nodes.coordinator import LIVE, Applied, Coordinator, Event
+from nodes.coordinator import DEAD, LIVE, Applied, Coordinator, Event
 from nodes.peer_table import PeerRecord, PeerTable, PeerTableError, open_peer_table
 from nodes.registry import EXPIRED, Registry, RequestError
+from transport.limits import RequestBudget
 from transport.security import AllowList, JoinToken, Keypair, load_or_create_keypair, load_public_keys
 
 log = logging.getLogger("atlas.bootstrap")
@@ -52,6 +53,7 @@ INFO_FILE = "bootstrap.json"
 TOKEN_FILE = "join-token"  # the join token, for `atlas-node join --token @DIR/join-token`
 LOCK_FILE = "bootstrap.lock"
 MAX_REQUEST_BYTES = 4 << 20  # control messages only: capabilities, fingerprints, reports
+JOIN_BUDGET_KEY = "joins"  # the one bucket of `join_rate`
 COORDINATOR_KEY = "coordinator"  # peer-table meta key of {"swarm": the SwarmSpec, "state": the snapshot}
 
 
@@ -147,6 +149,7 @@ class Bootstrap:
         self._events: CoordinatorQueue[_Prepared] | None = None  # the coordinator's batches (`coordination`)
         self._checker: Coordinator | None = None  # an empty coordinator of the swarm's config (`precheck`)
         self._replica: tuple[str | None, Coordinator] | None = None  # `coordinator`, and the state it is of
+        self._joins = RequestBudget(config.join_rate, max(1, round(2 * config.join_rate)))  # all clients together
         self._done: tuple[float, bool] | None = None  # (when, `_swarm_done`): recomputed heartbeat_s later
         self._columns: dict[int, dict[str, Any]] = {}  # the plan's columns last written per row
         self.clock = clock
@@ -324,7 +327,10 @@ class Bootstrap:
 
     async def rpc_join(self, env: Any) -> Any:
         from transport.messages import Welcome
+        from transport.rpc import RpcError
 
+        if not self._joins.admit(JOIN_BUDGET_KEY, time.monotonic()):
+            raise RpcError("busy", f"this bootstrap admits {self.config.join_rate:g} joins a second; retry shortly")
         body = env.body
         result = self._call(
             lambda **fields: self.registry.join(body.capabilities(), **fields),
@@ -397,7 +403,6 @@ class Bootstrap:
         (`coordination.states`), and what the heartbeat tells the coordinator (a dead node
         is back, a node it never saw) is queued."""
         body = env.body
-        before = self.registry.table.get(body.node_id) if self.swarm is not None else None
         record = self._call(
             self.registry.heartbeat,
             body.node_id,
@@ -415,7 +420,7 @@ class Bootstrap:
         if body.node_id not in events.states:  # a node the coordinator never saw (e.g. joined before a restart)
             if record.base_digest is not None:
                 self._submit(Event.join(body.node_id, *self._offer(body.node_id)))
-        elif before.status == "dead":
+        elif events.states[body.node_id].status == DEAD:  # the coordinator lost it: it is back
             self._submit(Event.alive(body.node_id))
         state = events.states.get(body.node_id)
         need = bool(record.has_data) and state is not None and state.status == LIVE and not state.fingerprinted

@@ -93,6 +93,10 @@ class BootstrapConfig:
     expire_after_s: float = 3600.0
     # At most this many rows (live, dead and left); a join that needs one more is refused (`full`).
     max_nodes: int = 10_000
+    # Joins admitted per second from all clients together (bursts of twice as many); beyond,
+    # `busy` and the node retries its join with backoff. A flood of joins then cannot take
+    # the CPU that answering members' heartbeats needs; 10,000 nodes rejoin in 100 s.
+    join_rate: float = 100.0
     # A damaged or partial state is moved aside (never deleted) and a new incarnation started,
     # instead of being refused.
     fresh_state: bool = False
@@ -123,6 +127,7 @@ class BootstrapConfig:
         require_number("restart_grace_s", self.restart_grace_s, 0)
         require_number("expire_after_s", self.expire_after_s, positive=True)
         require_int("max_nodes", self.max_nodes, 1)
+        require_number("join_rate", self.join_rate, positive=True)
         require_bool("fresh_state", self.fresh_state)
         if self.suspect_after_s <= self.heartbeat_s:
             raise ValueError(

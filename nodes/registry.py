@@ -21,6 +21,7 @@ another digest is refused with `base_mismatch` and marked left.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import secrets
@@ -295,7 +296,8 @@ class Registry:
             changes["base_version"] = base_version
         if record.status != ALIVE:
             log.info("node %d is back: %s -> alive", node_id, record.status)
-        return self.table.update(node_id, **changes)
+        self.table.update_many({node_id: changes})
+        return dataclasses.replace(record, **changes)  # the row as now written, without reading it again
 
     def leave(self, node_id: int, *, now: float) -> None:
         """Mark a node as gone on purpose; repeating it is harmless."""

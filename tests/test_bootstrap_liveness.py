@@ -194,3 +194,37 @@ def test_the_coordinator_runs_in_its_own_process_and_a_new_one_takes_over_when_i
             await service.stop()
 
     run(body(), timeout=120)
+
+
+def test_joins_beyond_the_join_rate_are_told_busy_and_a_node_that_retries_gets_in():
+    async def body():
+        config = BootstrapConfig(bind="127.0.0.1:0", join_rate=2.0)  # bursts of 4
+        service = await Bootstrap.create(config, swarm=SwarmSpec(model="tiny-gpt2", min_nodes=2, clusters=1))
+        clients: list[RpcClient] = []
+        try:
+            codes = []
+            for i in range(6):
+                client = _keyed(service, f"burst-{i}", clients)
+                try:
+                    await client.call(service.address, _join(service, 7100 + i), timeout=5)
+                    codes.append("welcome")
+                except RpcError as exc:
+                    codes.append(exc.code)
+            assert codes[:4] == ["welcome"] * 4 and set(codes[4:]) == {"busy"}
+            assert service.registry.table.count() == 4  # a refused join left no row
+
+            late = _keyed(service, "late", clients)
+            for _ in range(50):  # what a node's join loop does: back off and try again
+                try:
+                    welcome = await late.call(service.address, _join(service, 7200), timeout=5)
+                    break
+                except RpcError as exc:
+                    assert exc.code == "busy"
+                    await asyncio.sleep(0.2)
+            assert welcome.node_id == 5
+        finally:
+            for c in clients:
+                await c.stop()
+            await service.stop()
+
+    run(body(), timeout=60)

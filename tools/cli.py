@@ -273,6 +273,14 @@ def bootstrap(
         int,
         typer.Option("--max-nodes", help="Most rows the peer table holds; a join beyond it is refused (full)."),
     ] = BootstrapConfig.max_nodes,
+    join_rate: Annotated[
+        float,
+        typer.Option(
+            "--join-rate",
+            help="Joins admitted per second from all nodes together (bursts of twice as many); beyond, "
+            "'busy' and the node retries. Keeps a join flood from starving members' heartbeats.",
+        ),
+    ] = BootstrapConfig.join_rate,
     fresh_state: Annotated[
         bool,
         typer.Option(
@@ -380,6 +388,7 @@ def bootstrap(
         sweep_s=min(0.5, heartbeat / 2),
         expire_after_s=expire_after,
         max_nodes=max_nodes,
+        join_rate=join_rate,
         fresh_state=fresh_state,
         model=model,
         fingerprint_seed=seed,
