@@ -37,6 +37,8 @@ import logging
 import multiprocessing
 import os
 import signal
+import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Mapping
 from concurrent.futures import ProcessPoolExecutor
@@ -50,6 +52,7 @@ log = logging.getLogger("atlas.coordination")
 
 P = TypeVar("P")  # what `prepare` hands to `commit`
 NICENESS = 5  # the coordinator process yields the CPU to the event loop's process this much
+OWNER_CHECK_S = 0.5  # how often the coordinator process checks that its bootstrap still runs
 
 
 @dataclass(frozen=True)
@@ -97,12 +100,18 @@ class _Worker(Generic[P]):
 _worker: _Worker[Any] | None = None  # in the coordinator process only
 
 
+def _born(owner: int) -> None:
+    """First thing in the new process (before any task): it ends by itself once the bootstrap
+    process `owner` is gone, and Ctrl-C is left to the bootstrap, which stops it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_exit_without, args=(owner,), name="owner-watch", daemon=True).start()
+
+
 def _begin(
     config: CoordinatorConfig, kept: Mapping[str, Any] | None, prepare: Callable[[Coordinator, Applied], Any]
 ) -> Started:
     """In the new process: the coordinator from `kept` (a `snapshot()`), else an empty one."""
     global _worker
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the bootstrap, which stops this process
     with contextlib.suppress(OSError):
         os.nice(NICENESS)
     error = None
@@ -121,6 +130,19 @@ def _begin(
         None if clustering is None else clustering.k,
         len(coordinator.peer_columns()),
     )
+
+
+def _exit_without(owner: int) -> None:
+    """End this process once `owner` is gone (e.g. SIGKILLed). Nothing else would: the worker
+    holds both ends of its task queue, and its forkserver waits for it to exit."""
+    while True:
+        time.sleep(OWNER_CHECK_S)
+        try:
+            os.kill(owner, 0)
+        except ProcessLookupError:
+            os._exit(0)
+        except PermissionError:  # alive, and another user's: cannot be ours, but keep serving
+            pass
 
 
 def _apply(events: list[Event], now: float) -> _Outcome[Any]:
@@ -284,7 +306,7 @@ class CoordinatorQueue(Generic[P]):
             )
 
     def _spawn(self) -> Started:
-        self._pool = ProcessPoolExecutor(1, mp_context=_context())
+        self._pool = ProcessPoolExecutor(1, mp_context=_context(), initializer=_born, initargs=(os.getpid(),))
         return self._pool.submit(_begin, self.config, self._kept(), self._prepare).result()
 
     def _respawn(self) -> None:

@@ -39,24 +39,31 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
 
 
-def tree_peak_rss_mb(pid: int) -> float | None:
-    """The peak resident memory (VmHWM) of a live process plus that of its live descendants,
-    in MB (a bootstrap's figure then includes its coordinator process); None when it is gone."""
+def descendants(pid: int) -> list[int]:
+    """The live descendants of process `pid` (Linux /proc), e.g. a bootstrap's forkserver
+    and coordinator process."""
     children: dict[int, list[int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         with contextlib.suppress(OSError, ValueError, IndexError):
             fields = stat.read_text().rsplit(")", 1)[1].split()
             children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    total, pending, seen = 0, [pid], set()
+    found, pending = [], list(children.get(pid, []))
     while pending:
         current = pending.pop()
-        if current in seen:
-            continue
-        seen.add(current)
-        with contextlib.suppress(OSError, ValueError, IndexError):
+        if current not in found:
+            found.append(current)
+            pending.extend(children.get(current, []))
+    return found
+
+
+def tree_peak_rss_mb(pid: int) -> float | None:
+    """The peak resident memory (VmHWM) of a live process plus that of its live descendants,
+    in MB (a bootstrap's figure then includes its coordinator process); None when it is gone."""
+    total = 0
+    for current in [pid, *descendants(pid)]:
+        with contextlib.suppress(OSError, ValueError, IndexError, StopIteration):
             lines = Path(f"/proc/{current}/status").read_text().splitlines()
             total += next(int(line.split()[1]) for line in lines if line.startswith("VmHWM:"))
-        pending.extend(children.get(current, []))
     return round(total / 1024, 1) if total else None
 
 

@@ -9,9 +9,11 @@ every round and both finish.
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 
+from scenarios.swarm import descendants
 from tests.process_swarm import add_data_node, bootstrap_flags, metrics_lines, training_flags
 
 ROUNDS = 12  # long enough that the nodes still train when the bootstrap is back (~40 s to start under load)
@@ -55,3 +57,20 @@ def test_a_restarted_bootstrap_keeps_clusters_and_versions(swarm):
         assert summary["finished"] and summary["rounds_done"] == ROUNDS
         assert summary["cluster"] == clusters[name]
         assert {line["cluster"] for line in metrics_lines(swarm, name)} == {clusters[name]}
+
+
+@pytest.mark.timeout(300)
+def test_a_sigkilled_bootstrap_leaves_no_coordinator_process_behind(swarm):
+    swarm.start_bootstrap(extra=bootstrap_flags(dead_after=8, min_nodes=2, clusters=2, seed=11))
+    pid = swarm.bootstrap.proc.pid
+    helpers = swarm.wait_until(lambda: descendants(pid), 60, what="the coordinator process")
+    swarm.kill("bootstrap")
+    swarm.wait_until(lambda: not any(map(_running, helpers)), 30, what="the coordinator process to end")
+
+
+def _running(pid: int) -> bool:
+    """Whether process `pid` still runs (a zombie has ended: only its exit status is left)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
