@@ -40,7 +40,7 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -269,9 +269,8 @@ def acceptance_failures(result: Mapping[str, Any]) -> list[str]:
 # --------------------------------------------------------------------------- the run
 
 
-def _bootstrap_repairs(swarm: Swarm) -> dict[str, Any]:
-    """The coordinator's repair figures the bootstrap persisted in its state dir, if any."""
-    state = swarm.workdir / "bootstrap"
+def bootstrap_repairs(state: Path) -> dict[str, Any]:
+    """The coordinator's repair figures the bootstrap persisted in its state dir `state`, if any."""
     for name in ("coordinator.json", "metrics.json", "assignment.json"):
         path = state / name
         with contextlib.suppress(OSError, json.JSONDecodeError):
@@ -281,14 +280,73 @@ def _bootstrap_repairs(swarm: Swarm) -> dict[str, Any]:
     return {}
 
 
+def midway_victims(
+    rows: Sequence[Mapping[str, Any]],
+    names_by_id: Mapping[int, str],
+    pure: set[str],
+    count: int,
+    rounds: Callable[[int], int],
+    total_rounds: int,
+) -> list[Victim] | None:
+    """`count` victims in the middle of their training, from `rows` (a peer table read now,
+    restricted to the nodes still running), or None while there are none yet: no plan in the
+    table, too few eligible nodes, or a chosen helper whose owners have not finished a round
+    (wait for them rather than pick another). Eligible: a helper whose owners have rounds
+    left, a data node between its first and second-to-last round (`rounds(id)`: rounds done)."""
+    if not plan_exists(rows):
+        return None
+    eligible = {h for h, owners in serving_helpers(rows).items() if any(rounds(o) <= total_rounds - 2 for o in owners)}
+    eligible |= {int(r["id"]) for r in rows if 1 <= rounds(int(r["id"])) <= total_rounds - 2}
+    victims = choose_victims(rows, names_by_id, pure, count, eligible)
+    if len(victims) < count:
+        return None
+    if any(v.serves and max(rounds(o) for o in v.serves) < 1 for v in victims):
+        return None
+    return victims
+
+
+def training_done(victim: Victim, rounds: Callable[[int], int], total_rounds: int) -> str:
+    """How far a victim's training was when it was killed: its owners' rounds for a helper."""
+    if victim.serves:
+        return f"its owners have done {', '.join(str(rounds(o)) for o in victim.serves)} of {total_rounds} rounds"
+    return f"{rounds(victim.node_id)} of {total_rounds} rounds done"
+
+
+def write_truth(workdir: Path, specs: Sequence[NodeSpec], ids: Mapping[str, int]) -> None:
+    """TRUTH_FILE in `workdir`: each node's id, true task, budget and whether it has data."""
+    by_name = {s.name: s for s in specs}
+    truth = {
+        "nodes": {
+            name: {
+                "node_id": ids[name],
+                "task": by_name[name].task,
+                "memory": by_name[name].memory,
+                "has_data": by_name[name].has_data,
+            }
+            for name in ids
+        }
+    }
+    (workdir / TRUTH_FILE).write_text(json.dumps(truth, indent=2))
+
+
+def repair_visible(rows: Sequence[Mapping[str, Any]], victim_ids: Sequence[int]) -> bool:
+    """Whether peer table `rows` shows the victims gone (none alive) and no live owner still
+    paired with one of them."""
+    gone = set(victim_ids)
+    by_id = {int(r["id"]): r for r in rows}
+    if any(by_id.get(v, {}).get("status") == "alive" for v in gone):
+        return False
+    return not any(r.get("status") == "alive" and r.get("helper") in gone for r in rows)
+
+
 def wait_until_quiet(predicate, timeout: float):
     """`swarm.wait_until` without the children's logs in the error (the caller only warns)."""
     return wait_until(predicate, timeout, interval=0.5, what="the repair to show in the peer table")
 
 
 @dataclass
-class _Progress:
-    """What the run saw while it ran (peer table snapshots, kill and restart times)."""
+class RunProgress:
+    """What a run saw while it ran (peer table snapshots, kill and restart times)."""
 
     table_before_kill: list[dict[str, Any]] = field(default_factory=list)
     table_last: list[dict[str, Any]] = field(default_factory=list)
@@ -298,6 +356,96 @@ class _Progress:
     repaired_at_s: float | None = None
     victims: list[Victim] = field(default_factory=list)  # as chosen, with the table's reasons
     table_read_before_kill_s: float | None = None  # age of the table the victims came from
+
+
+def churn_figures(
+    config: ChurnConfig,
+    specs: Sequence[NodeSpec],
+    out_dirs: Mapping[str, Path],
+    ids: Mapping[str, int],
+    progress: RunProgress,
+    bootstrap_state: Path,
+    codes: Mapping[str, int | None],
+    workdir: Path,
+    wall_s: float,
+) -> dict[str, Any]:
+    """The figures of a churn run, read from what it left: every node's out dir (`out_dirs`,
+    by name), the bootstrap's state dir, what the run saw (`progress`: victims, tables read),
+    the node ids and exit codes by name (None: killed for good). Shared by the run with one
+    process per node and the in-process one, so both count alike; `acceptance_failures`
+    checks the result."""
+    data_names = [s.name for s in specs if s.has_data]
+    spec_of = {s.name: s for s in specs}
+    runs = report.read_runs([out_dirs[s.name] for s in specs])
+    by_name = {r.name: r for r in runs}
+    killed_for_good = sorted(set(progress.killed) - set(progress.restarted))
+    survivors = [n for n in data_names if n not in progress.killed]
+    expected = set(survivors) | set(progress.restarted)
+    finished = sorted(
+        n
+        for n in data_names
+        if n in expected and n in by_name and by_name[n].finished and by_name[n].rounds_done >= config.rounds
+    )
+    # clusters: each node's own files first, else the last peer table it appeared in
+    table = {int(r["id"]): r for r in progress.table_before_kill + progress.table_last}
+    clusters = {}
+    for name in data_names:
+        cluster = by_name[name].cluster if name in by_name else None
+        if cluster is None and ids.get(name) in table:
+            cluster = table[ids[name]].get("cluster")
+        clusters[name] = cluster
+    truth = {n: spec_of[n].task for n in data_names}
+    boot = bootstrap_repairs(bootstrap_state)
+    node_repairs = sum(max((r.repairs_seen for r in run.rows), default=0) for run in runs if run.trains)
+    owner_reports = {
+        run.node_id: [r.helper for r in run.records.repairs]
+        for run in runs
+        if run.node_id is not None and run.records is not None
+    }
+    outcomes = kill_outcomes(progress.victims, boot.get("events", []), owner_reports)
+    summary = report.summarize(runs)
+    return {
+        "nodes": config.nodes,
+        "data_nodes": data_names,
+        "pure_helpers": [s.name for s in specs if not s.has_data],
+        "kill_requested": kill_count(config.nodes, config.kill),
+        "killed": progress.killed,
+        "killed_serving_helpers": [v.name for v in progress.victims if v.serves],
+        "kills": outcomes,
+        "node_ids": ids,
+        "table_read_before_kill_s": progress.table_read_before_kill_s,
+        "killed_for_good": killed_for_good,
+        "restarted": progress.restarted,
+        "survivors": survivors,
+        "finished": finished,
+        "repairs": int(boot.get("repairs", node_repairs)),
+        "fallbacks": int(boot.get("fallbacks", 0)),
+        "repair_source": "bootstrap" if boot else "nodes' metrics",
+        "repair_events": boot.get("events", []),
+        "lost_updates": summary["lost_updates"],
+        "lost": summary["lost"],
+        "contributions": summary["contributions"],
+        "ari": report.adjusted_rand(truth, clusters),
+        "clusters": clusters,
+        "tasks": truth,
+        "final_loss_by_cluster": summary["final_loss_by_cluster"],
+        "loss_by_round_by_cluster": summary["loss_by_round_by_cluster"],
+        "eval_by_round_by_cluster": summary["eval_by_round_by_cluster"],
+        "eval_metric": summary["eval_metric"],
+        "bytes_by_kind": summary["bytes_by_kind"],
+        "exit_codes": codes,
+        "kill_at_s": progress.kill_at_s,
+        "repair_seen_after_s": (
+            None if progress.repaired_at_s is None else round(progress.repaired_at_s - (progress.kill_at_s or 0.0), 2)
+        ),
+        "adapters": {r.name: r.summary.adapter_dir for r in runs if r.summary is not None},
+        "peer_table_before_kill": progress.table_before_kill,
+        "peer_table_last": progress.table_last,
+        "clusters_given": config.bootstrap_clusters or None,
+        "config": {k: v for k, v in asdict(config).items()},
+        "workdir": str(workdir),
+        "wall_s": round(wall_s, 2),
+    }
 
 
 class ChurnRun:
@@ -312,7 +460,7 @@ class ChurnRun:
         self.show_tables = show_tables
         self.specs = plan_nodes(config, self.workdir / "data")
         self.by_name = {s.name: s for s in self.specs}
-        self.progress = _Progress()
+        self.progress = RunProgress()
         self.started = time.monotonic()
         self.deadline = self.started + config.timeout_s
 
@@ -431,18 +579,7 @@ class ChurnRun:
                 + (f"task {spec.task} ({spec.data.name})" if spec.has_data else "no data (helper)")
             )
         ids = {spec.name: swarm.node_id(spec.name, timeout=self.remaining()) for spec in self.specs}
-        truth = {
-            "nodes": {
-                name: {
-                    "node_id": ids[name],
-                    "task": self.by_name[name].task,
-                    "memory": self.by_name[name].memory,
-                    "has_data": self.by_name[name].has_data,
-                }
-                for name in ids
-            }
-        }
-        (self.workdir / TRUTH_FILE).write_text(json.dumps(truth, indent=2))
+        write_truth(self.workdir, self.specs, ids)
         return ids
 
     def kill_midway(self, swarm: Swarm, ids: dict[str, int]) -> None:
@@ -467,20 +604,11 @@ class ChurnRun:
                 raise SwarmError("every data node finished before a kill could happen mid-training")
             rows = swarm.peers()
             read_at = time.monotonic()
-            if not plan_exists(rows):
-                return False
             running = {ids[n] for n, child in swarm.nodes.items() if child.running}
             rows = [r for r in rows if int(r["id"]) in running]
-            # a helper whose owners have rounds left; a data node between its first and second-to-last round
-            eligible = {
-                h for h, owners in serving_helpers(rows).items() if any(rounds(o) <= c.rounds - 2 for o in owners)
-            }
-            eligible |= {int(r["id"]) for r in rows if 1 <= rounds(int(r["id"])) <= c.rounds - 2}
-            victims = choose_victims(rows, names_by_id, pure, count, eligible)
-            if len(victims) < count:
+            victims = midway_victims(rows, names_by_id, pure, count, rounds, c.rounds)
+            if victims is None:
                 return False
-            if any(v.serves and max(rounds(o) for o in v.serves) < 1 for v in victims):
-                return False  # the chosen helper's owners have not finished a round yet: wait, do not pick another
             picked.update(rows=rows, victims=victims, read_at=read_at)
             return True
 
@@ -505,29 +633,19 @@ class ChurnRun:
                 f"{format_peer_table(rows)}\n"
             )
         for victim in victims:
-            if victim.serves:
-                done = ", ".join(str(rounds(o)) for o in victim.serves)
-                done = f"its owners have done {done} of {c.rounds} rounds"
-            else:
-                done = f"{rounds(victim.node_id)} of {c.rounds} rounds done"
             self.say(
                 f"[{self.progress.kill_at_s:6.1f} s] SIGKILL {victim.name} (id {victim.node_id}): {victim.why}; "
-                f"{done} (table read {self.progress.table_read_before_kill_s:.1f} s before the kill)"
+                f"{training_done(victim, rounds, c.rounds)} "
+                f"(table read {self.progress.table_read_before_kill_s:.1f} s before the kill)"
             )
         self.wait_for_repair(swarm, [v.node_id for v in victims])
 
     def wait_for_repair(self, swarm: Swarm, victim_ids: list[int]) -> None:
         """Wait until the peer table shows the victims gone and no live owner paired with one."""
-        gone = set(victim_ids)
 
         def repaired() -> list[dict[str, Any]] | None:
             rows = swarm.peers()
-            by_id = {int(r["id"]): r for r in rows}
-            if any(by_id.get(v, {}).get("status") == "alive" for v in gone):
-                return None
-            if any(r.get("status") == "alive" and r.get("helper") in gone for r in rows):
-                return None
-            return rows
+            return rows if repair_visible(rows, victim_ids) else None
 
         try:
             rows = wait_until_quiet(repaired, timeout=min(90.0, self.remaining()))
@@ -582,78 +700,18 @@ class ChurnRun:
         return {n: (None if n in killed_for_good else c) for n, c in codes.items()}
 
     def figures(self, swarm: Swarm, ids: dict[str, int], codes: dict[str, int | None]) -> dict[str, Any]:
-        runs = report.read_runs([swarm.out_dir(s.name) for s in self.specs])
-        by_name = {r.name: r for r in runs}
-        killed_for_good = sorted(set(self.progress.killed) - set(self.progress.restarted))
-        survivors = [n for n in self.data_names() if n not in self.progress.killed]
-        expected = set(survivors) | set(self.progress.restarted)
-        finished = sorted(
-            n
-            for n in self.data_names()
-            if n in expected and n in by_name and by_name[n].finished and by_name[n].rounds_done >= self.config.rounds
+        out_dirs = {s.name: swarm.out_dir(s.name) for s in self.specs}
+        return churn_figures(
+            self.config,
+            self.specs,
+            out_dirs,
+            ids,
+            self.progress,
+            swarm.workdir / "bootstrap",
+            codes,
+            self.workdir,
+            self.elapsed(),
         )
-        # clusters: each node's own files first, else the last peer table it appeared in
-        table = {int(r["id"]): r for r in self.progress.table_before_kill + self.progress.table_last}
-        clusters = {}
-        for name in self.data_names():
-            cluster = by_name[name].cluster if name in by_name else None
-            if cluster is None and ids.get(name) in table:
-                cluster = table[ids[name]].get("cluster")
-            clusters[name] = cluster
-        truth = {n: self.by_name[n].task for n in self.data_names()}
-        boot = _bootstrap_repairs(swarm)
-        node_repairs = sum(max((r.repairs_seen for r in run.rows), default=0) for run in runs if run.trains)
-        owner_reports = {
-            run.node_id: [r.helper for r in run.records.repairs]
-            for run in runs
-            if run.node_id is not None and run.records is not None
-        }
-        outcomes = kill_outcomes(self.progress.victims, boot.get("events", []), owner_reports)
-        summary = report.summarize(runs)
-        return {
-            "nodes": self.config.nodes,
-            "data_nodes": self.data_names(),
-            "pure_helpers": [s.name for s in self.specs if not s.has_data],
-            "kill_requested": kill_count(self.config.nodes, self.config.kill),
-            "killed": self.progress.killed,
-            "killed_serving_helpers": [v.name for v in self.progress.victims if v.serves],
-            "kills": outcomes,
-            "node_ids": ids,
-            "table_read_before_kill_s": self.progress.table_read_before_kill_s,
-            "killed_for_good": killed_for_good,
-            "restarted": self.progress.restarted,
-            "survivors": survivors,
-            "finished": finished,
-            "repairs": int(boot.get("repairs", node_repairs)),
-            "fallbacks": int(boot.get("fallbacks", 0)),
-            "repair_source": "bootstrap" if boot else "nodes' metrics",
-            "repair_events": boot.get("events", []),
-            "lost_updates": summary["lost_updates"],
-            "lost": summary["lost"],
-            "contributions": summary["contributions"],
-            "ari": report.adjusted_rand(truth, clusters),
-            "clusters": clusters,
-            "tasks": truth,
-            "final_loss_by_cluster": summary["final_loss_by_cluster"],
-            "loss_by_round_by_cluster": summary["loss_by_round_by_cluster"],
-            "eval_by_round_by_cluster": summary["eval_by_round_by_cluster"],
-            "eval_metric": summary["eval_metric"],
-            "bytes_by_kind": summary["bytes_by_kind"],
-            "exit_codes": codes,
-            "kill_at_s": self.progress.kill_at_s,
-            "repair_seen_after_s": (
-                None
-                if self.progress.repaired_at_s is None
-                else round(self.progress.repaired_at_s - (self.progress.kill_at_s or 0.0), 2)
-            ),
-            "adapters": {r.name: r.summary.adapter_dir for r in runs if r.summary is not None},
-            "peer_table_before_kill": self.progress.table_before_kill,
-            "peer_table_last": self.progress.table_last,
-            "clusters_given": self.config.bootstrap_clusters or None,
-            "config": {k: v for k, v in asdict(self.config).items()},
-            "workdir": str(self.workdir),
-            "wall_s": round(self.elapsed(), 2),
-        }
 
     def run(self) -> dict[str, Any]:
         c = self.config
