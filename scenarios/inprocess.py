@@ -62,23 +62,30 @@ class InProcessSwarm:
         data: Path | None = None,
         model: str | None = None,
         keep_results: bool = True,
+        bandwidth_bps: float = BANDWIDTH_BPS,
         **train: float | str | Path | None,
     ) -> Peer:
         """A peer (not started) with state in WORKDIR/NAME, also its out_dir unless keep_results is
         False; `train` sets TrainConfig fields (rounds, local_steps, lr, ...)."""
-        config = self.node_config(name, memory_bytes, data=data, model=model)
+        config = self.node_config(name, memory_bytes, data=data, model=model, bandwidth_bps=bandwidth_bps)
         out_dir = self.workdir / name if keep_results else None
         self.peers[name] = Peer(config, TrainConfig(out_dir=out_dir, **train))
         return self.peers[name]
 
     def node_config(
-        self, name: str, memory_bytes: int, *, data: Path | None = None, model: str | None = None
+        self,
+        name: str,
+        memory_bytes: int,
+        *,
+        data: Path | None = None,
+        model: str | None = None,
+        bandwidth_bps: float = BANDWIDTH_BPS,
     ) -> NodeConfig:
         """A node of this swarm with state in WORKDIR/NAME (its key lives there) and the join token."""
         return NodeConfig(
             bootstrap=self.address,
             memory_bytes=memory_bytes,
-            bandwidth_bps=BANDWIDTH_BPS,
+            bandwidth_bps=bandwidth_bps,
             data=data,
             model=model,
             state_dir=self.workdir / name,

@@ -258,6 +258,7 @@ class RpcServer:
         self.stats: collections.Counter[str] = collections.Counter()
         self.bytes_sent = ByteCounts()  # replies, by type (module doc)
         self.bytes_received = ByteCounts()  # requests, by type
+        self.requests_by_type: collections.Counter[str] = collections.Counter()  # decoded requests, by type
         self._shaper = LinkShaper(link) if link is not None else None
         self._context = context or zmq.Context.instance()
         self._cache = _ReplyCache(self.config.dedup_entries, self.config.dedup_bytes, self.config.dedup_replay_max)
@@ -367,6 +368,7 @@ class RpcServer:
         if self.keypair is not None:  # the key libzmq authenticated, not one the sender states
             env = dataclasses.replace(env, peer_key=parts[1].get("User-Id"))
         self.bytes_received.add(env.type, parts[1:])
+        self.requests_by_type[env.type] += 1
         key = (env.peer_key + env.src, env.id)  # a key is 40 characters or "": no two pairs collide
         cached = self._cache.get(key)
         if cached is _TOO_BIG:
