@@ -97,6 +97,8 @@ class OwnerRunner:
                 await asyncio.sleep(0.2)
 
     async def _call_once(self, body: Message, timeout: float) -> Message:
+        if self.helper_address is None:  # the assignment named no address for it: nothing to call
+            raise HelperFailed(self.helper, "the assignment gives no address for this helper")
         try:
             return await self.link.call(self.helper_address, body, timeout=timeout)
         except RpcTimeout:

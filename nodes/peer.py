@@ -537,7 +537,7 @@ class Peer:
             owner_id=self.node_id,
             cluster=a.cluster,
             helper=helper,
-            helper_address=self.boot.address_of(helper),
+            helper_address=None if helper is None else a.addresses.get(str(helper)),  # of `a`, not of a newer one
             ranks=dict(a.ranks),
             base_digest=self.local.base_digest or "",
         )
