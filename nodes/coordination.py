@@ -139,10 +139,8 @@ def _exit_without(owner: int) -> None:
         time.sleep(OWNER_CHECK_S)
         try:
             os.kill(owner, 0)
-        except ProcessLookupError:
+        except (ProcessLookupError, PermissionError):  # gone (its pid, if taken, is another user's)
             os._exit(0)
-        except PermissionError:  # alive, and another user's: cannot be ours, but keep serving
-            pass
 
 
 def _apply(events: list[Event], now: float) -> _Outcome[Any]:

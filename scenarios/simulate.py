@@ -87,7 +87,7 @@ from scenarios.churn import (  # noqa: E402
     write_truth,
 )
 from scenarios.inprocess import InProcessSwarm  # noqa: E402
-from scenarios.swarm import tree_peak_rss_mb  # noqa: E402
+from scenarios.swarm import descendants, status_mb  # noqa: E402
 from transport.rpc import install_uvloop  # noqa: E402
 from transport.units import parse_rate, parse_size  # noqa: E402
 
@@ -135,19 +135,10 @@ def simulate_config(nodes: int, tasks: int, kill: float, **fields: Any) -> Churn
     return ChurnConfig(nodes=nodes, tasks=tasks, kill=kill, **{**timing, **fields})
 
 
-def _vm_mb(pid: int | str, key: str) -> float | None:
-    """VmRSS or VmHWM of process `pid` ("self" for this one) in MB; None when unreadable."""
-    with contextlib.suppress(OSError, ValueError, IndexError, StopIteration):
-        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
-        return int(next(line for line in lines if line.startswith(key + ":")).split()[1]) / 1024.0
-    return None
-
-
 def children_peak_rss_mb() -> float:
-    """The peak RSS of this process's live descendants (the coordinator process and its
-    forkserver), MB: tree_peak_rss_mb of the whole tree minus this process's own VmHWM."""
-    whole = tree_peak_rss_mb(os.getpid()) or 0.0
-    return max(0.0, whole - (_vm_mb("self", "VmHWM") or 0.0))
+    """The peak RSS (VmHWM) of this process's live descendants (the coordinator process and
+    its forkserver), MB."""
+    return sum(status_mb(p, "VmHWM") or 0.0 for p in descendants(os.getpid()))
 
 
 class Watch:
@@ -176,7 +167,7 @@ class Watch:
         self.sample()
 
     def sample(self) -> None:
-        rss = max(_vm_mb("self", "VmRSS") or 0.0, _vm_mb("self", "VmHWM") or 0.0)
+        rss = max(status_mb("self", "VmRSS") or 0.0, status_mb("self", "VmHWM") or 0.0)
         self.peak_mb = max(self.peak_mb, rss)
         queue = self.swarm.boot.coordination
         now = self.clock()
@@ -456,7 +447,7 @@ class SimulateRun:
         write_data(self.specs, c)
         zmq.Context.instance().set(zmq.MAX_SOCKETS, ZMQ_MAX_SOCKETS)  # takes effect if no socket exists yet
         swarm = await InProcessSwarm.create(self.workdir, self.swarm_spec(), **self.bootstrap_timing())
-        rss_before = _vm_mb("self", "VmRSS") or 0.0
+        rss_before = status_mb("self", "VmRSS") or 0.0
         watch = Watch(swarm, len(self.data_names()), time.monotonic)
         watch.start()
         requests_at_start = swarm.boot.server.stats["requests"]

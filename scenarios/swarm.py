@@ -56,15 +56,20 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+def status_mb(pid: int | str, key: str) -> float | None:
+    """A memory field of /proc/PID/status (VmRSS, VmHWM, ...; pid "self" for this process)
+    in MB; None when unreadable."""
+    with contextlib.suppress(OSError, ValueError, IndexError, StopIteration):
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+        return int(next(line for line in lines if line.startswith(key + ":")).split()[1]) / 1024.0
+    return None
+
+
 def tree_peak_rss_mb(pid: int) -> float | None:
     """The peak resident memory (VmHWM) of a live process plus that of its live descendants,
     in MB (a bootstrap's figure then includes its coordinator process); None when it is gone."""
-    total = 0
-    for current in [pid, *descendants(pid)]:
-        with contextlib.suppress(OSError, ValueError, IndexError, StopIteration):
-            lines = Path(f"/proc/{current}/status").read_text().splitlines()
-            total += next(int(line.split()[1]) for line in lines if line.startswith("VmHWM:"))
-    return round(total / 1024, 1) if total else None
+    total = sum(status_mb(p, "VmHWM") or 0.0 for p in [pid, *descendants(pid)])
+    return round(total, 1) if total else None
 
 
 class SwarmError(RuntimeError):
