@@ -305,7 +305,14 @@ class CoordinatorQueue(Generic[P]):
 
     def _spawn(self) -> Started:
         self._pool = ProcessPoolExecutor(1, mp_context=_context(), initializer=_born, initargs=(os.getpid(),))
-        return self._pool.submit(_begin, self.config, self._kept(), self._prepare).result()
+        try:
+            return self._pool.submit(_begin, self.config, self._kept(), self._prepare).result()
+        except BrokenProcessPool as exc:  # e.g. it ran the parent's script again and that failed
+            raise RuntimeError(
+                "the coordinator process could not start; a script that starts a bootstrap must keep "
+                'its top-level code under `if __name__ == "__main__":` (the process imports the script, '
+                "as multiprocessing does)"
+            ) from exc
 
     def _respawn(self) -> None:
         """A new process on the last kept state, after the previous one died (blocking)."""
