@@ -592,6 +592,7 @@ def repair(
     dead_node_ids: Iterable[str],
     infos: Sequence[NodeInfo],
     centroids: Mapping[int, Sequence[float]] | None = None,
+    avoid: Iterable[str] = (),
 ) -> Plan:
     """A new plan without the dead nodes that changes as little as possible.
 
@@ -599,8 +600,10 @@ def repair(
     pure helpers, then the nearest cluster), keeping their split and ranks; with none
     feasible they wait. Everyone else keeps their row; dead ids leave every fallback
     and serves list. `infos`: the live nodes' current records (for their budgets).
+    `avoid`: helpers handed out only when no other fits (nodes silent right now, likely
+    dead with the one being replaced); they keep serving whom they serve.
     """
-    dead = set(dead_node_ids)
+    dead, avoided = set(dead_node_ids), set(avoid)
     unknown = dead - set(plan.nodes)
     if unknown:
         raise ValueError(f"dead_node_ids: {sorted(unknown)} are not in the plan")
@@ -649,7 +652,10 @@ def repair(
     for n in sorted(orphans, key=lambda n: (-size[n], n)):
         lost = rows[n]["helper"]
         demand = _demand(ctx, rows[n]["split"], rows[n]["ranks"])
-        ranked = _rank_helpers(by_id[n], helpers.values(), ctx, demand, centroids, (0, 1, 2))
+        ranked = sorted(
+            _rank_helpers(by_id[n], helpers.values(), ctx, demand, centroids, (0, 1, 2)),
+            key=lambda h: h.info.node_id in avoided,  # stable: the planner's order within each group
+        )
         base = f"split {rows[n]['split']}/{ctx.shape.num_layers}: {format_bytes(by_id[n].caps.memory_bytes)} budget"
         if ranked:
             chosen = ranked[0]

@@ -41,7 +41,8 @@ from atlas_p2p.capabilities import Capabilities
 from atlas_p2p.validation import is_int
 from nodes.config import BootstrapConfig, parse_address
 from nodes.coordination import CoordinatorQueue
-from nodes.coordinator import DEAD, LIVE, Applied, Coordinator, Event
+from nodes.coordinator import DEAD, FAILED, LIVE, Applied, Coordinator, Event
+from nodes.liveness import Probation
 from nodes.peer_table import PeerRecord, PeerTable, PeerTableError, open_peer_table
 from nodes.registry import EXPIRED, Registry, RequestError
 from transport.limits import RequestBudget
@@ -150,6 +151,8 @@ class Bootstrap:
         self._checker: Coordinator | None = None  # an empty coordinator of the swarm's config (`precheck`)
         self._replica: tuple[str | None, Coordinator] | None = None  # `coordinator`, and the state it is of
         self._joins = RequestBudget(config.join_rate, max(1, round(2 * config.join_rate)))  # all clients together
+        self.probation = Probation(config.dead_after_s)  # failed helpers that keep heartbeating come back
+        self._silent: set[int] = set()  # suspect now: a repair hands them out as helpers last
         self._done: tuple[float, bool] | None = None  # (when, `_swarm_done`): recomputed heartbeat_s later
         self._columns: dict[int, dict[str, Any]] = {}  # the plan's columns last written per row
         self.clock = clock
@@ -403,6 +406,7 @@ class Bootstrap:
         (`coordination.states`), and what the heartbeat tells the coordinator (a dead node
         is back, a node it never saw) is queued."""
         body = env.body
+        self._silent.discard(body.node_id)
         record = self._call(
             self.registry.heartbeat,
             body.node_id,
@@ -423,6 +427,9 @@ class Bootstrap:
         elif events.states[body.node_id].status == DEAD:  # the coordinator lost it: it is back
             self._submit(Event.alive(body.node_id))
         state = events.states.get(body.node_id)
+        if state is not None and self.probation.over(body.node_id, state.status == FAILED, self.clock()):
+            log.info("node %d served its probation after a failure report: planned back in", body.node_id)
+            self._submit(Event.alive(body.node_id))
         need = bool(record.has_data) and state is not None and state.status == LIVE and not state.fingerprinted
         return Beat(
             assignment_version=events.version_for(body.node_id),
@@ -457,7 +464,7 @@ class Bootstrap:
             if not is_int(helper) or helper < 0:
                 raise RpcError("bad_request", f"report helper_failed: helper must be a node id, got {helper!r}")
             log.info("node %d reports helper %d failed: %s", body.node_id, helper, metrics.get("why", ""))
-            self._submit_checked(Event.failure(body.node_id, helper))
+            self._submit_checked(Event.failure(body.node_id, helper, avoid=tuple(sorted(self._silent))))
 
     async def rpc_get_assignment(self, env: Any) -> Any:
         from transport.messages import Assignment
@@ -662,9 +669,14 @@ class Bootstrap:
                 changes = self.registry.sweep(self.clock())
                 if self.swarm is not None:
                     for node_id, _, new in changes:
+                        if new == "suspect":
+                            self._silent.add(node_id)
+                        else:
+                            self._silent.discard(node_id)
+                    for node_id, _, new in changes:
                         # an expired row is gone for good: a member still serving is repaired
                         if new in ("dead", EXPIRED) and self._is_member(node_id):
-                            self._submit(Event.dead(node_id))
+                            self._submit(Event.dead(node_id, avoid=tuple(sorted(self._silent))))
                     if not self.coordination.assigned:
                         self._submit(Event.tick())  # the first assignment may be due by the timer
             except Exception:  # a failing disk must not end liveness tracking for good

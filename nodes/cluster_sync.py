@@ -215,14 +215,29 @@ class ClusterSync:
         )
 
     # ---- catch-up ----------------------------------------------------------------------------
-    async def fetch_patches(self, cluster: int, since: int) -> list[PatchRecord]:
-        """Patches after `since` from the anchor of `cluster` (or this node's own log)."""
+    async def fetch_patches(self, cluster: int, since: int, prefer: int | None = None) -> list[PatchRecord]:
+        """Patches after `since` from this node's own log, else from `prefer` (a member known to
+        hold them: the owner a helper serves, alive since it is asking), else from the anchor of
+        `cluster` (which may have died with the patches still on every member)."""
         alog = self.anchor_logs.get(cluster)
         if alog is not None and alog.base.version > since:
             return alog.patches_since(since)
+        if prefer is not None and prefer != self.local.node_id:
+            try:
+                records = await self._patches_from(prefer, cluster, since)
+            except (RpcError, ValueError) as exc:
+                log.info("patches of cluster %d from node %d failed (%s); asking the anchor", cluster, prefer, exc)
+            else:
+                if records:
+                    return records
         anchor = self.assignments.anchor_of(cluster)
-        address = self.assignments.address_of(anchor)
-        if anchor is None or anchor == self.local.node_id or address is None:
+        if anchor is None or anchor == self.local.node_id:
+            return []
+        return await self._patches_from(anchor, cluster, since)
+
+    async def _patches_from(self, node: int, cluster: int, since: int) -> list[PatchRecord]:
+        address = self.assignments.address_of(node)
+        if address is None:
             return []
         reply = await self.link.call(address, PatchesGet(cluster=cluster, since=since))
         if not isinstance(reply, Patches) or reply.cluster != cluster:

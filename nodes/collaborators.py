@@ -33,7 +33,8 @@ CONTROL_TIMEOUT_S = 3.0  # deadline of a small request (control, gossip, manifes
 BLOCKING_TIMEOUT_S = 30.0  # deadline of a request made from the executor thread (fingerprint probes)
 RETRY_STEP_S = 0.2
 
-PatchSource = Callable[[int, int], Awaitable[list[PatchRecord]]]  # (cluster, since) -> records after `since`
+# (cluster, since, prefer) -> records after `since`, asked first of node `prefer` when not None
+PatchSource = Callable[[int, int, int | None], Awaitable[list[PatchRecord]]]
 
 
 def linear_backoff(attempt: int, cap_s: float) -> float:

@@ -111,7 +111,7 @@ LIVE = "live"
 DEAD = "dead"
 LEFT = "left"
 DONE = "done"
-FAILED = "failed"  # an owner reported it missed a deadline; out until it joins again
+FAILED = "failed"  # an owner reported it missed a deadline; out until it joins again or serves its probation
 
 # Kinds of repair events.
 REPAIR = "repair"  # new helper from the owner's cluster, or a pure helper
@@ -222,6 +222,7 @@ class Event:
     importance: Mapping[str, float] | None = None  # fingerprint: optional importance probe
     helper: int = 0  # failure: the helper the owner saw miss a deadline
     may_host: bool = True  # join: whether the operator lets the node run other owners' layers
+    avoid: tuple[int, ...] = ()  # failure, dead: nodes silent right now, handed out as helpers last
 
     def __post_init__(self) -> None:
         if self.kind not in EVENT_KINDS:
@@ -236,8 +237,8 @@ class Event:
         return cls(ALIVE, node_id)
 
     @classmethod
-    def dead(cls, node_id: int) -> Event:
-        return cls(DEAD_EVENT, node_id)
+    def dead(cls, node_id: int, avoid: tuple[int, ...] = ()) -> Event:
+        return cls(DEAD_EVENT, node_id, avoid=tuple(avoid))
 
     @classmethod
     def left(cls, node_id: int) -> Event:
@@ -254,8 +255,8 @@ class Event:
         return cls(FINGERPRINT, node_id, vector=vector, n_samples=n_samples, importance=importance)
 
     @classmethod
-    def failure(cls, owner: int, helper: int) -> Event:
-        return cls(FAILURE, owner, helper=helper)
+    def failure(cls, owner: int, helper: int, avoid: tuple[int, ...] = ()) -> Event:
+        return cls(FAILURE, owner, helper=helper, avoid=tuple(avoid))
 
     @classmethod
     def tick(cls) -> Event:
@@ -284,7 +285,7 @@ def expected_state(state: MemberState | None, event: Event) -> MemberState | Non
         )
     if state is None:
         return None
-    if event.kind == ALIVE and state.status == DEAD:
+    if event.kind == ALIVE and state.status in (DEAD, FAILED):
         return dataclasses.replace(state, status=LIVE)
     lost = {DEAD_EVENT: DEAD, LEFT_EVENT: LEFT, DONE_EVENT: DONE}.get(event.kind)
     if lost is not None:
@@ -480,13 +481,14 @@ class Coordinator:
             return self._grow(now, "joined")
 
     def on_alive(self, node_id: int, *, now: float) -> bool:
-        """A node declared dead answered again (a heartbeat): plan it back in.
+        """A node declared dead answered again (a heartbeat), or a failed helper kept
+        answering heartbeats through its probation (the bootstrap decides when): plan it back in.
 
-        Only a dead node comes back this way; a left or failed one must join again.
+        A left or done node must join again.
         """
         member = self._member(node_id)
         _check_now(now)
-        if member.status != DEAD:
+        if member.status not in (DEAD, FAILED):
             return False
         with self._atomic():
             member.status, member.note = LIVE, ""
@@ -554,9 +556,10 @@ class Coordinator:
             self._replan()
             return self._publish(now, "reclustered")
 
-    def on_dead(self, node_id: int, *, now: float) -> bool:
-        """The bootstrap stopped hearing from the node; a helper's owners are repaired."""
-        return self._lose(node_id, DEAD, now, "no heartbeat")
+    def on_dead(self, node_id: int, *, now: float, avoid: Iterable[int] = ()) -> bool:
+        """The bootstrap stopped hearing from the node; a helper's owners are repaired (the
+        nodes in `avoid`, silent too, are their new helpers only when no other fits)."""
+        return self._lose(node_id, DEAD, now, "no heartbeat", avoid)
 
     def on_left(self, node_id: int, *, now: float) -> bool:
         """The node said `leave`."""
@@ -571,7 +574,7 @@ class Coordinator:
         """
         return self._lose(node_id, DONE, now, "finished every round")
 
-    def report_failure(self, owner: int, helper: int, *, now: float) -> bool:
+    def report_failure(self, owner: int, helper: int, *, now: float, avoid: Iterable[int] = ()) -> bool:
         """`owner` saw `helper` miss a deadline: the helper is failed for planning at once.
 
         A failed node leaves the plan (as if dead) until it joins again. A report about a
@@ -588,7 +591,7 @@ class Coordinator:
             current = None if row is None or row.helper is None else int(row.helper)
             log.info("stale failure report: node %d's helper is %s, not %d", owner, current, helper)
             return False
-        return self._lose(helper, FAILED, now, f"missed a deadline serving node {owner}")
+        return self._lose(helper, FAILED, now, f"missed a deadline serving node {owner}", avoid)
 
     # --- batches of events ------------------------------------------------------------------
 
@@ -659,7 +662,7 @@ class Coordinator:
         if event.kind == ALIVE:
             return self.on_alive(n, now=now)
         if event.kind == DEAD_EVENT:
-            return self.on_dead(n, now=now)
+            return self.on_dead(n, now=now, avoid=event.avoid)
         if event.kind == LEFT_EVENT:
             return self.on_left(n, now=now)
         if event.kind == DONE_EVENT:
@@ -667,7 +670,7 @@ class Coordinator:
         if event.kind == FINGERPRINT:
             return self.on_fingerprint(n, event.vector, event.n_samples, event.importance, now=now)
         if event.kind == FAILURE:
-            return self.report_failure(n, event.helper, now=now)
+            return self.report_failure(n, event.helper, now=now, avoid=event.avoid)
         return False  # TICK: the batch's maybe_assign
 
     def summary(self) -> dict[int, MemberState]:
@@ -1020,7 +1023,7 @@ class Coordinator:
             log.info("re-planning: %s", why)
             self._replan()
 
-    def _lose(self, node_id: int, status: str, now: float, note: str) -> bool:
+    def _lose(self, node_id: int, status: str, now: float, note: str, avoid: Iterable[int] = ()) -> bool:
         member = self._member(node_id)
         _check_now(now)
         if member.status == status:
@@ -1033,15 +1036,16 @@ class Coordinator:
                 return self._publish(now, status)
             events = []
             if status != DONE or not plan.nodes[str(node_id)].serves:
-                events = self._repair_out(node_id, status, now)
+                events = self._repair_out(node_id, status, now, avoid)
             self._prune_done(now)
             return self._publish(now, status, {e.owner: e.kind for e in events})
 
-    def _repair_out(self, node_id: int, cause: str, now: float) -> list[RepairEvent]:
-        """Take `node_id` out of the plan with planning.repair; returns the repair events."""
+    def _repair_out(self, node_id: int, cause: str, now: float, avoid: Iterable[int] = ()) -> list[RepairEvent]:
+        """Take `node_id` out of the plan with planning.repair (helpers in `avoid` last);
+        returns the repair events."""
         plan = self._plan
         infos = [i for i in plan.infos.values() if i.node_id != str(node_id)]
-        repaired = repair(plan, [str(node_id)], infos, self._centroids())
+        repaired = repair(plan, [str(node_id)], infos, self._centroids(), avoid=[str(n) for n in avoid])
         events = self._record_repairs(plan, repaired, node_id, cause, now)
         self._plan = repaired
         return events

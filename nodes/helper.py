@@ -12,7 +12,7 @@ otherwise); a request from an owner this node is not assigned to serve is refuse
 `round_begin` whose base digest is not this node's base is refused (`base_mismatch`): the
 owner reports the helper like a failed one and gets another.
 The base version is checked on every forward: a replica behind the owner first pulls the
-missing patches from the cluster's anchor (digests and chain checked while folding); a
+missing patches from that owner (else from the cluster's anchor, which may be dead) (digests and chain checked while folding); a
 replica ahead answers `version` and the owner catches up. Errors map to codes:
 ReplayNeeded -> `replay` (the owner replays its round from step 0), VersionMismatchError
 -> `version`, a malformed tensor -> `bad_request`; nothing a peer sends crashes the node.
@@ -88,12 +88,13 @@ class HelperService:
             self.pool.add(HelperSession(model, HelperConfig(cluster=key)))
         return self.pool.get(key)
 
-    async def _sync(self, cluster: int, replica: HelperSession, wanted: int) -> None:
-        """Bring the replica to the owner's version `wanted` (pull patches from the anchor)."""
+    async def _sync(self, cluster: int, replica: HelperSession, wanted: int, owner: int) -> None:
+        """Bring the replica to the owner's version `wanted` (pull the patches from that owner,
+        which holds them, else from the anchor)."""
         lock = self._locks.setdefault(cluster, asyncio.Lock())
         async with lock:
             if replica.version < wanted:
-                records = await self.patches(cluster, replica.version)
+                records = await self.patches(cluster, replica.version, owner)
                 for r in records:
                     await self.executor.run(replica.fold, r.patch, version=r.version, digest=r.digest, chain=r.chain)
                 log.info("helper replica of cluster %d caught up to version %d", cluster, replica.version)
@@ -137,7 +138,7 @@ class HelperService:
         for other in self.pool.clusters:  # an owner that moved cluster is dropped from the old replica
             if other != str(b.cluster):
                 await self.executor.run(self.pool.get(other).drop, b.owner_id)
-        await self._sync(b.cluster, replica, b.base_version)
+        await self._sync(b.cluster, replica, b.base_version, b.owner_id)
         await self._torch(replica.begin, b.owner_id, b.round, b.split, dict(b.ranks), b.seed, mode=b.mode, lr=b.lr)
 
     async def rpc_forward(self, env: Envelope) -> Hidden | Backward:
@@ -147,7 +148,7 @@ class HelperService:
         self.labels_received += b.labels is not None
         await self._owner_plan(b.owner_id)
         replica = self._replica(b.cluster)
-        await self._sync(b.cluster, replica, b.base_version)
+        await self._sync(b.cluster, replica, b.base_version, b.owner_id)
         if b.labels is None:  # u-shape: blocks[s:L] only, the owner keeps head, labels and loss
             out = await self._torch(
                 replica.u_forward,
@@ -181,7 +182,7 @@ class HelperService:
         self.requests["u_backward"] += 1
         await self._owner_plan(b.owner_id)
         replica = self._replica(b.cluster)
-        await self._sync(b.cluster, replica, b.base_version)
+        await self._sync(b.cluster, replica, b.base_version, b.owner_id)
         grad = await self._torch(replica.u_backward, b.owner_id, b.round, b.step, b.grad, base_version=b.base_version)
         self.steps_served += 1
         return Backward(step=b.step, grad=grad.detach().cpu().numpy(), loss=None)

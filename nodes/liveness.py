@@ -60,3 +60,35 @@ def status_after_heartbeat(status: str) -> str | None:
     if status == LEFT:
         return None
     return ALIVE
+
+
+class Probation:
+    """When a helper an owner reported failed, but that keeps heartbeating, is planned back in.
+
+    A report means the helper missed one deadline for one owner; on a loaded machine a
+    live helper does that now and then, and dropping it for good would lose its capacity
+    for the rest of the swarm's life. Its k-th failure (k = 1, 2, ...) keeps it out for
+    `base_s * 2**(k - 1)` seconds, counted from the first heartbeat that found it failed,
+    so a helper that keeps failing is tried ever more rarely. Synchronous: the caller passes `now`.
+    """
+
+    def __init__(self, base_s: float) -> None:
+        if base_s <= 0:
+            raise ValueError(f"probation base_s must be > 0, got {base_s!r}")
+        self.base_s = float(base_s)
+        self.failures: dict[int, int] = {}  # node -> failures seen so far
+        self._since: dict[int, float] = {}  # node -> when its current probation began
+
+    def over(self, node_id: int, failed: bool, now: float) -> bool:
+        """A heartbeat from `node_id`, `failed` or not: True once its probation has passed."""
+        if not failed:
+            self._since.pop(node_id, None)
+            return False
+        if node_id not in self._since:
+            self._since[node_id] = now
+            self.failures[node_id] = self.failures.get(node_id, 0) + 1
+        wait = self.base_s * 2 ** (self.failures[node_id] - 1)
+        if now - self._since[node_id] < wait:
+            return False
+        del self._since[node_id]
+        return True

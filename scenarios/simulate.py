@@ -56,7 +56,6 @@ import statistics
 import sys
 import tempfile
 import time
-import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,8 +67,7 @@ if __package__ in (None, ""):  # run as `python scenarios/simulate.py`
 import zmq  # noqa: E402
 
 from atlas_p2p.synthetic import SyntheticConfig  # noqa: E402
-from nodes.config import SwarmSpec  # noqa: E402
-from nodes.peer import Peer  # noqa: E402
+from nodes.config import SwarmSpec, TrainConfig  # noqa: E402
 from scenarios.churn import (  # noqa: E402
     MAX_SEQ_LEN,
     ChurnConfig,
@@ -86,6 +84,16 @@ from scenarios.churn import (  # noqa: E402
     write_data,
     write_truth,
 )
+from scenarios.hosts import (  # noqa: E402
+    ZMQ_MAX_SOCKETS,
+    HostedNode,
+    HostStatus,
+    NodeHost,
+    NodeStatus,
+    Outcome,
+    ProcessHost,
+    split_round_robin,
+)
 from scenarios.inprocess import InProcessSwarm  # noqa: E402
 from scenarios.swarm import descendants, status_mb  # noqa: E402
 from transport.rpc import install_uvloop  # noqa: E402
@@ -94,8 +102,8 @@ from transport.units import parse_rate, parse_size  # noqa: E402
 log = logging.getLogger("atlas.simulate")
 
 HEARTBEATS_PER_S = 200.0  # what the bootstrap is asked to take, whatever N is
-ZMQ_MAX_SOCKETS = 65_536  # libzmq's default (1,023) is two sockets each for 500 nodes
 SAMPLE_S = 0.2  # RSS and coordinator sampling period
+STATUS_S = 0.5  # how often the hosts are asked for their nodes' status
 
 
 @dataclass(frozen=True)
@@ -135,10 +143,10 @@ def simulate_config(nodes: int, tasks: int, kill: float, **fields: Any) -> Churn
     return ChurnConfig(nodes=nodes, tasks=tasks, kill=kill, **{**timing, **fields})
 
 
-def children_peak_rss_mb() -> float:
-    """The peak RSS (VmHWM) of this process's live descendants (the coordinator process and
-    its forkserver), MB."""
-    return sum(status_mb(p, "VmHWM") or 0.0 for p in descendants(os.getpid()))
+def children_peak_rss_mb(skip: set[int]) -> float:
+    """The peak RSS (VmHWM) of this process's live descendants but `skip` (the coordinator
+    process and its forkserver; worker processes report their own sampled peaks), MB."""
+    return sum(status_mb(p, "VmHWM") or 0.0 for p in descendants(os.getpid()) if p not in skip)
 
 
 class Watch:
@@ -187,12 +195,25 @@ class Watch:
 
 
 class SimulateRun:
-    """One in-process churn run in `workdir` (see the module doc); `await run()` gives the figures."""
+    """One in-process churn run in `workdir` (see the module doc); `await run()` gives the figures.
 
-    def __init__(self, config: ChurnConfig, workdir: Path, say: Callable[[str], None] = print) -> None:
+    The peers live on hosts (scenarios/hosts.py): `workers` 0 runs them in this process,
+    W >= 1 in W worker processes (`ProcessHost`), and `make_hosts` may build any other kind
+    (Ray actors). The run sees them only through `status`, `kill` and `stop`."""
+
+    def __init__(
+        self,
+        config: ChurnConfig,
+        workdir: Path,
+        say: Callable[[str], None] = print,
+        workers: int = 0,
+        make_hosts: Callable[[list[list[HostedNode]]], list[Any]] | None = None,
+    ) -> None:
         self.config = config
         self.workdir = Path(workdir)
         self.say = say
+        self.workers = workers
+        self.make_hosts = make_hosts
         self.timing = scaled_timing(config.nodes)
         self.specs = plan_nodes(config, self.workdir / "data")
         self.pure = {s.name for s in self.specs if not s.has_data}
@@ -200,12 +221,21 @@ class SimulateRun:
         self.started = time.monotonic()
         self.deadline = self.started + config.timeout_s
         self.timed_out: str | None = None  # what the run was waiting for when the timeout came
+        self.hosts: list[Any] = []
+        self.host_of: dict[str, Any] = {}
+        self.statuses: dict[str, NodeStatus] = {}  # refreshed every STATUS_S
+        self.host_status: dict[int, HostStatus] = {}  # by host index
+        self.refresher: asyncio.Task[None] | None = None
 
     def elapsed(self) -> float:
         return time.monotonic() - self.started
 
     def data_names(self) -> list[str]:
         return [s.name for s in self.specs if s.has_data]
+
+    def running(self, name: str) -> bool:
+        st = self.statuses.get(name)
+        return st is None or st.running
 
     # -- the swarm ----------------------------------------------------------------------
 
@@ -233,14 +263,13 @@ class SimulateRun:
             sweep_s=min(0.5, c.heartbeat_s / 2),
         )
 
-    def add_peer(self, swarm: InProcessSwarm, spec: NodeSpec) -> Peer:
+    def hosted(self, swarm: InProcessSwarm, spec: NodeSpec) -> HostedNode:
         c = self.config
-        return swarm.add(
-            spec.name,
-            parse_size(spec.memory),
-            data=spec.data,
-            model=c.model,
-            bandwidth_bps=parse_rate(spec.bandwidth),
+        config = swarm.node_config(
+            spec.name, parse_size(spec.memory), data=spec.data, model=c.model, bandwidth_bps=parse_rate(spec.bandwidth)
+        )
+        train = TrainConfig(
+            out_dir=self.workdir / spec.name,
             rounds=c.rounds,
             local_steps=c.local_steps,
             batch_size=c.batch_size,
@@ -251,6 +280,35 @@ class SimulateRun:
             emulate_link=True,
             eval_path=spec.eval,
         )
+        return HostedNode(spec.name, config, train)
+
+    def build_hosts(self, nodes: list[HostedNode]) -> list[Any]:
+        if self.make_hosts is not None:
+            return self.make_hosts(split_round_robin(nodes, max(1, self.workers)))
+        if self.workers == 0:
+            return [NodeHost(nodes)]
+        return [ProcessHost(share, logging.getLogger().level) for share in split_round_robin(nodes, self.workers)]
+
+    async def refresh(self) -> None:
+        """Every host's status, merged into `statuses`."""
+        replies = await asyncio.gather(*(asyncio.to_thread(h.status) for h in self.hosts))
+        for i, reply in enumerate(replies):
+            self.host_status[i] = reply
+            self.statuses.update(reply.nodes)
+
+    async def _refresh_forever(self) -> None:
+        while True:
+            try:
+                await self.refresh()
+            except Exception as exc:  # a host that cannot answer now: the next round may
+                log.warning("host status failed: %s", exc)
+            await asyncio.sleep(STATUS_S)
+
+    async def stop_refresher(self) -> None:
+        if self.refresher is not None:
+            self.refresher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.refresher
 
     def rows(self, swarm: InProcessSwarm) -> list[dict[str, Any]]:
         """The bootstrap's peer table, rows as `atlas-node peers --json` gives them."""
@@ -270,7 +328,7 @@ class SimulateRun:
             if time.monotonic() >= self.deadline:
                 self.timed_out = what
                 self.say(f"[{self.elapsed():7.1f} s] global timeout of {self.config.timeout_s:g} s waiting for {what}")
-                for line in self.running_lines(swarm):
+                for line in self.running_lines():
                     self.say(f"  {line}")
                 return False
             if time.monotonic() >= next_line:
@@ -279,26 +337,25 @@ class SimulateRun:
             await asyncio.sleep(0.2)
         return True
 
-    def running_lines(self, swarm: InProcessSwarm, most: int = 20) -> list[str]:
+    def running_lines(self, most: int = 20) -> list[str]:
         """What the data nodes still running are doing (state, round, version, role, helper)."""
         lines = []
         for name in self.data_names():
-            peer = swarm.peers[name]
-            if name in self.progress.killed or swarm.tasks[name].done():
+            st = self.statuses.get(name)
+            if st is None or name in self.progress.killed or not st.running:
                 continue
-            a = peer.assignment
-            where = "no assignment" if a is None else f"cluster {a.cluster}, {a.role}, helper {a.helper}"
-            lines.append(f"{name} (id {peer.node_id}): {peer.progress()}, rounds done {peer.rounds_done}; {where}")
+            where = "no assignment" if st.role is None else f"cluster {st.cluster}, {st.role}, helper {st.helper}"
+            lines.append(
+                f"{name} (id {st.node_id}): {st.state}, round {st.round}, base version {st.base_version}, "
+                f"rounds done {st.rounds_done}; {where}"
+            )
         return lines[:most]
 
     def progress_line(self, swarm: InProcessSwarm) -> str:
-        training = [
-            swarm.peers[n].rounds_done
-            for n in self.data_names()
-            if n not in self.progress.killed and not swarm.tasks[n].done()
-        ]
-        returned = sum(1 for n in self.data_names() if swarm.tasks[n].done() and n not in self.progress.killed)
-        joined = sum(1 for p in swarm.peers.values() if p.node_id is not None)
+        alive = [n for n in self.data_names() if n not in self.progress.killed and n in self.statuses]
+        training = [self.statuses[n].rounds_done for n in alive if self.statuses[n].running]
+        returned = sum(1 for n in alive if not self.statuses[n].running)
+        joined = sum(1 for st in self.statuses.values() if st.node_id is not None)
         statuses: dict[str, int] = {}
         for record in swarm.boot.registry.table.rows():
             statuses[record.status] = statuses.get(record.status, 0) + 1
@@ -323,18 +380,27 @@ class SimulateRun:
         c = self.config
         data = self.data_names()
         k_note = f"K = {c.bootstrap_clusters} given" if c.bootstrap_clusters else "K by silhouette"
+        where = "this process" if self.workers == 0 and self.make_hosts is None else f"{self.workers} worker(s)"
         self.say(
             f"bootstrap on {swarm.address} ({k_note}; heartbeat {c.heartbeat_s:g} s, dead after {c.dead_after:g} s); "
             f"{len(self.specs)} in-process nodes ({len(data)} with data over {c.tasks} tasks, "
-            f"{len(self.specs) - len(data)} pure helpers)"
+            f"{len(self.specs) - len(data)} pure helpers) in {where}"
         )
-        for spec in self.specs:
-            self.add_peer(swarm, spec)
-            swarm.start(spec.name)
+        nodes = [self.hosted(swarm, spec) for spec in self.specs]
+        self.hosts = await asyncio.to_thread(self.build_hosts, nodes)
+        await self.refresh()
+        for i, host in enumerate(self.hosts):
+            for name in self.host_status[i].nodes:
+                self.host_of[name] = host
+        self.refresher = asyncio.create_task(self._refresh_forever(), name="simulate-status")
         joined = await self.wait(
-            swarm, lambda: all(p.node_id is not None for p in swarm.peers.values()), "every node to join"
+            swarm,
+            lambda: (
+                len(self.statuses) == len(self.specs) and all(st.node_id is not None for st in self.statuses.values())
+            ),
+            "every node to join",
         )
-        ids = {name: peer.node_id for name, peer in swarm.peers.items() if peer.node_id is not None}
+        ids = {name: st.node_id for name, st in self.statuses.items() if st.node_id is not None}
         if joined:
             write_truth(self.workdir, self.specs, ids)
             self.say(f"[{self.elapsed():7.1f} s] {len(ids)} nodes joined")
@@ -354,13 +420,13 @@ class SimulateRun:
 
         def rounds(node_id: int) -> int:
             name = names_by_id.get(node_id)
-            return 0 if name is None or name in self.pure else swarm.peers[name].rounds_done
+            return 0 if name is None or name in self.pure else self.statuses[name].rounds_done
 
         def ready() -> bool:
-            if all(swarm.peers[n].rounds_done >= c.rounds for n in self.data_names()):
+            if all(self.statuses[n].rounds_done >= c.rounds for n in self.data_names()):
                 picked["late"] = True
                 return True
-            running = {ids[n] for n, task in swarm.tasks.items() if n in ids and not task.done()}
+            running = {ids[n] for n in ids if self.running(n)}
             read_at = time.monotonic()
             rows = [r for r in self.rows(swarm) if int(r["id"]) in running]
             victims = midway_victims(rows, names_by_id, self.pure, count, rounds, c.rounds)
@@ -375,7 +441,10 @@ class SimulateRun:
             self.say(f"[{self.elapsed():7.1f} s] no kill: every data node finished before a kill could happen")
             return
         victims = picked["victims"]
-        await asyncio.gather(*(swarm.peers[v.name].kill() for v in victims))
+        by_host: dict[int, list[str]] = {}
+        for v in victims:
+            by_host.setdefault(self.hosts.index(self.host_of[v.name]), []).append(v.name)
+        await asyncio.gather(*(asyncio.to_thread(self.hosts[i].kill, names) for i, names in by_host.items()))
         self.progress.kill_at_s = self.elapsed()
         self.progress.table_read_before_kill_s = round(time.monotonic() - picked["read_at"], 2)
         self.progress.table_before_kill = picked["rows"]
@@ -413,46 +482,58 @@ class SimulateRun:
         """Wait for the surviving data nodes to return (they do once the swarm is done), then
         up to 20 s for the helpers to leave."""
         alive = [n for n in self.data_names() if n not in self.progress.killed]
-        if await self.wait(swarm, lambda: all(swarm.tasks[n].done() for n in alive), "the surviving data nodes"):
+        if await self.wait(swarm, lambda: not any(self.running(n) for n in alive), "the surviving data nodes"):
             self.say(self.progress_line(swarm))
         helpers = [n for n in self.pure if n not in self.progress.killed]
         until = time.monotonic() + 20.0
         await self.wait(
             swarm,
-            lambda: all(swarm.tasks[n].done() for n in helpers) or time.monotonic() >= until,
+            lambda: not any(self.running(n) for n in helpers) or time.monotonic() >= until,
             "the helpers to leave",
         )
         self.progress.table_last = self.rows(swarm) or self.progress.table_last
 
-    def exit_codes(self, swarm: InProcessSwarm) -> dict[str, int | None]:
-        """What a process would have exited with: None killed, 0 returned, 1 raised, -15 still
-        running when the swarm closed (cancelled after its grace)."""
-        codes: dict[str, int | None] = {}
-        for name, task in swarm.tasks.items():
-            if name in self.progress.killed:
-                codes[name] = None
-            elif task.cancelled():
-                codes[name] = -15
-            elif task.exception() is not None:
-                codes[name] = 1
-                error = task.exception()
-                where = traceback.extract_tb(error.__traceback__)[-3:]
-                self.say(f"{name} failed: {error!r} at " + " <- ".join(f"{f.name}:{f.lineno}" for f in reversed(where)))
-            else:
-                codes[name] = 0
-        return codes
+    async def stop_hosts(self, grace_s: float) -> dict[str, Outcome]:
+        outcomes: dict[str, Outcome] = {}
+        for reply in await asyncio.gather(*(asyncio.to_thread(h.stop, grace_s) for h in self.hosts)):
+            outcomes.update(reply)
+        return outcomes
+
+    def exit_codes(self, outcomes: Mapping[str, Outcome]) -> dict[str, int | None]:
+        """What a process would have exited with (scenarios.hosts.Outcome); failures are printed."""
+        for name, outcome in outcomes.items():
+            if outcome.error is not None:
+                self.say(f"{name} failed: {outcome.error}")
+        return {name: (None if name in self.progress.killed else o.code) for name, o in outcomes.items()}
+
+    def memory(self, watch: Watch) -> dict[str, float]:
+        """Peak RSS of the run: this process, the worker processes (their sampled peaks) and the
+        coordinator's processes; per node: what the hosts grew by while their nodes ran."""
+        workers = [h for i, h in self.host_status.items() if h.pid != os.getpid()]
+        own = [h for h in self.host_status.values() if h.pid == os.getpid()]
+        children = children_peak_rss_mb(skip={h.pid for h in workers})
+        workers_mb = sum(h.peak_rss_mb for h in workers)
+        grown = sum(h.peak_rss_mb - h.rss_before_mb for h in workers)
+        grown += sum(max(watch.peak_mb, h.peak_rss_mb) - h.rss_before_mb for h in own)
+        return dict(
+            peak_rss_mb=round(watch.peak_mb + workers_mb + children, 1),
+            process_peak_rss_mb=round(watch.peak_mb, 1),
+            workers_peak_rss_mb=round(workers_mb, 1),
+            children_peak_rss_mb=round(children, 1),
+            rss_per_node_mb=round(grown / self.config.nodes, 2),
+        )
 
     async def run(self) -> dict[str, Any]:
         c = self.config
         write_data(self.specs, c)
         zmq.Context.instance().set(zmq.MAX_SOCKETS, ZMQ_MAX_SOCKETS)  # takes effect if no socket exists yet
         swarm = await InProcessSwarm.create(self.workdir, self.swarm_spec(), **self.bootstrap_timing())
-        rss_before = status_mb("self", "VmRSS") or 0.0
         watch = Watch(swarm, len(self.data_names()), time.monotonic)
         watch.start()
         requests_at_start = swarm.boot.server.stats["requests"]
         beats_at_start = swarm.boot.server.requests_by_type["heartbeat"]
         served_from = time.monotonic()
+        outcomes: dict[str, Outcome] = {}
         try:
             ids = await self.start(swarm)
             await self.kill_midway(swarm, ids)
@@ -462,11 +543,16 @@ class SimulateRun:
             requests = swarm.boot.server.stats["requests"] - requests_at_start
             coordinator = dict(swarm.boot.coordination.counts)
             watch.sample()
-            children_mb = children_peak_rss_mb()  # while the coordinator process is alive
+            await self.stop_refresher()
+            await self.refresh()
+            memory = self.memory(watch)  # while the coordinator and worker processes are alive
         finally:
+            await self.stop_refresher()
+            if self.hosts:
+                outcomes = await self.stop_hosts(grace_s=swarm.grace_s)
             await watch.stop()
             await swarm.close()
-        codes = self.exit_codes(swarm)
+        codes = self.exit_codes(outcomes)
         out_dirs = {s.name: self.workdir / s.name for s in self.specs}
         result = churn_figures(
             c, self.specs, out_dirs, ids, self.progress, self.workdir / "boot", codes, self.workdir, self.elapsed()
@@ -479,11 +565,8 @@ class SimulateRun:
             fingerprints_s = round(watch.due_s - watch.first_fingerprint_s, 2)
         result.update(
             engine="in-process",
-            peak_rss_mb=round(watch.peak_mb + children_mb, 1),
-            process_peak_rss_mb=round(watch.peak_mb, 1),
-            children_peak_rss_mb=round(children_mb, 1),
-            rss_before_nodes_mb=round(rss_before, 1),
-            rss_per_node_mb=round((watch.peak_mb - rss_before) / c.nodes, 2),
+            workers=self.workers,
+            **memory,
             plan_s=plan_s,
             fingerprints_s=fingerprints_s,
             first_assignment_at_s=None if watch.assigned_s is None else round(watch.assigned_s - self.started, 2),
@@ -507,8 +590,9 @@ def simulate_failures(result: Mapping[str, Any]) -> list[str]:
 
 def print_engine(result: Mapping[str, Any], say: Callable[[str], None] = print) -> None:
     say(
-        f"engine: {result['nodes']} in-process nodes; peak RSS {result['peak_rss_mb']:,} MB "
-        f"(this process {result['process_peak_rss_mb']:,}, coordinator {result['children_peak_rss_mb']:,}), "
+        f"engine: {result['nodes']} in-process nodes on {result['workers'] or 'no'} worker process(es); "
+        f"peak RSS {result['peak_rss_mb']:,} MB (this process {result['process_peak_rss_mb']:,}, "
+        f"workers {result['workers_peak_rss_mb']:,}, coordinator {result['children_peak_rss_mb']:,}), "
         f"{result['rss_per_node_mb']} MB per node; bootstrap: plan {result['plan_s']} s after the last "
         f"fingerprint (fingerprints over {result['fingerprints_s']} s), {result['heartbeats_per_s']} heartbeats/s, "
         f"{result['bootstrap_requests_per_s']} requests/s"
@@ -523,6 +607,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=4, help="merge rounds (at least 3: kills come mid-training)")
     parser.add_argument("--local-steps", type=int, default=8, help="E: local steps per round")
     parser.add_argument("--model", default=ChurnConfig.model, help="the embedded tiny-gpt2 (default) or an HF model")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="worker processes the nodes are dealt to (default: one per core); 0 runs them in this process",
+    )
     parser.add_argument("--seed", type=int, default=ChurnConfig.seed)
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds for the whole run")
     parser.add_argument("--json", type=Path, dest="json_path", help="write the figures here")
@@ -542,6 +632,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     except ValueError as exc:
         parser.error(str(exc))
+    if args.workers < 0:
+        parser.error(f"--workers must be >= 0, got {args.workers}")
     if config.kill > 0 and config.rounds < 3:
         parser.error(
             f"--rounds must be >= 3 to kill mid-training (a victim is between its first and last round), got {config.rounds}"
@@ -550,7 +642,7 @@ def main(argv: list[str] | None = None) -> int:
     with contextlib.ExitStack() as stack:
         workdir = args.workdir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="atlas-simulate-")))
         print(f"in-process churn in {workdir}")
-        result = asyncio.run(SimulateRun(config, workdir).run())
+        result = asyncio.run(SimulateRun(config, workdir, workers=args.workers).run())
         failures = simulate_failures(result)
         result["acceptance_failures"] = failures
         print_result(result, failures)

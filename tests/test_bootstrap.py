@@ -19,6 +19,7 @@ from nodes.liveness import (
     DEAD,
     LEFT,
     SUSPECT,
+    Probation,
     silence,
     status_after_heartbeat,
     status_after_silence,
@@ -532,3 +533,18 @@ def test_a_restart_binds_first_and_answers_while_it_adopts_the_rows_its_snapshot
             await service.stop()
 
     run(body())
+
+
+def test_probation_lets_a_failed_node_back_after_a_wait_that_doubles_with_each_failure():
+    p = Probation(10.0)
+    assert not p.over(7, failed=False, now=0.0)
+    assert not p.over(7, failed=True, now=100.0)  # first failure: out for 10 s from here
+    assert not p.over(7, failed=True, now=109.9)
+    assert p.over(7, failed=True, now=110.0)
+    assert not p.over(7, failed=False, now=111.0)  # live again
+    assert not p.over(7, failed=True, now=200.0)  # second failure: 20 s
+    assert not p.over(7, failed=True, now=219.0)
+    assert p.over(7, failed=True, now=220.0)
+    assert p.failures == {7: 2}
+    with pytest.raises(ValueError, match="base_s"):
+        Probation(0.0)

@@ -385,6 +385,17 @@ def test_report_failure_repairs_at_once_and_a_stale_report_changes_nothing():
     assert coord.status(1) == LIVE and coord.assignment_for(1)["role"] == WHOLE
 
 
+def test_a_failed_helper_back_from_probation_is_planned_in_again():
+    coord = swarm(REPAIR_INSIDE)
+    coord.report_failure(2, 1, now=20.0)
+    assert coord.assignment_for(1)["role"] == WAITING
+
+    back = coord.on_alive(1, now=40.0)  # the bootstrap saw it heartbeat through its probation
+
+    assert back and coord.status(1) == LIVE and coord.assignment_for(1)["role"] == WHOLE
+    assert coord.on_alive(1, now=41.0) is False  # live already
+
+
 def test_dead_anchor_is_replaced_by_lowest_live_member():
     coord = swarm(TWO_GROUPS)
     cluster = coord.cluster_of(4)

@@ -534,6 +534,21 @@ def test_repair_uses_the_same_cluster_first_then_the_nearest():
     assert twice["a"].helper == "k" and "from cluster 1" in twice["a"].reason
 
 
+def test_repair_hands_out_a_silent_helper_only_when_no_other_fits():
+    infos = [node("a", owner_memory(2)), node("h", BIG), node("g", BIG), node("k", BIG, cluster=1)]
+    cents = {0: [0.0], 1: [1.0]}
+    plan = P.make_plan(infos, CTX, centroids=cents)
+    first = plan["a"].helper
+    second = ({"g", "h"} - {first}).pop()
+
+    avoided = P.repair(plan, [first], infos, cents, avoid=[second])  # silent: likely dead too
+    last_resort = P.repair(plan, [first], infos, cents, avoid=[second, "k"])
+
+    assert P.repair(plan, [first], infos, cents)["a"].helper == second  # same cluster first
+    assert avoided["a"].helper == "k"  # the nearest cluster rather than a silent node
+    assert last_resort["a"].helper == second  # all silent: the planner's own order
+
+
 def test_repair_without_any_helper_left_makes_the_owner_wait():
     plan = P.make_plan([node("a", owner_memory(2)), node("h", BIG)], CTX)
 
