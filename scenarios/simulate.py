@@ -115,13 +115,17 @@ class Timing:
     dead_after: float
     step_timeout: float
     round_deadline: float
+    poll_s: float
 
 
 def scaled_timing(nodes: int) -> Timing:
     """heartbeat = max(1, N / 200) s (about 200 heartbeats/s at the bootstrap), suspect after
     5 heartbeats, dead after max(15 s, 10 heartbeats); step timeout max(5, N / 20) s; round
     deadline = dead + 4 step timeouts: by `dead` every victim is declared dead and no longer
-    handed out as a helper, then an owner whose helper died gets a repair and a replayed round."""
+    handed out as a helper, then an owner whose helper died gets a repair and a replayed round.
+    A node re-checks what it waits for (a manifest from its anchor, an assignment) every
+    max(0.1, N / 500) s: 1,000 members asking their anchors 10 times a second would be
+    10,000 requests a second on two cores."""
     heartbeat = max(1.0, nodes / HEARTBEATS_PER_S)
     dead = max(15.0, 10.0 * heartbeat)
     step = max(5.0, nodes / 20.0)
@@ -131,6 +135,7 @@ def scaled_timing(nodes: int) -> Timing:
         dead_after=dead,
         step_timeout=step,
         round_deadline=dead + 4.0 * step,
+        poll_s=max(0.1, nodes / 500.0),
     )
 
 
@@ -277,6 +282,7 @@ class SimulateRun:
             seed=c.seed,
             step_timeout_s=c.step_timeout,
             round_deadline_s=self.timing.round_deadline,
+            poll_s=self.timing.poll_s,
             emulate_link=True,
             eval_path=spec.eval,
         )
@@ -604,14 +610,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nodes", type=int, default=50, help="N virtual nodes (data nodes + pure helpers)")
     parser.add_argument("--tasks", type=int, default=4, help="T synthetic tasks, one per data node")
     parser.add_argument("--kill", type=float, default=0.3, help="fraction of the N nodes killed mid-training")
-    parser.add_argument("--rounds", type=int, default=4, help="merge rounds (at least 3: kills come mid-training)")
-    parser.add_argument("--local-steps", type=int, default=8, help="E: local steps per round")
+    parser.add_argument("--rounds", type=int, default=3, help="merge rounds (at least 3: kills come mid-training)")
+    parser.add_argument("--local-steps", type=int, default=4, help="E: local steps per round")
     parser.add_argument("--model", default=ChurnConfig.model, help="the embedded tiny-gpt2 (default) or an HF model")
     parser.add_argument(
         "--workers",
         type=int,
         default=os.cpu_count() or 1,
         help="worker processes the nodes are dealt to (default: one per core); 0 runs them in this process",
+    )
+    parser.add_argument(
+        "--ray",
+        metavar="ADDRESS",
+        help="run the worker hosts as Ray actors on the cluster at ADDRESS ('auto': the one `ray start` made here, "
+        "'local': a new one in this process); needs pip install 'atlas-p2p[ray]'",
     )
     parser.add_argument("--seed", type=int, default=ChurnConfig.seed)
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds for the whole run")
@@ -642,7 +654,12 @@ def main(argv: list[str] | None = None) -> int:
     with contextlib.ExitStack() as stack:
         workdir = args.workdir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="atlas-simulate-")))
         print(f"in-process churn in {workdir}")
-        result = asyncio.run(SimulateRun(config, workdir, workers=args.workers).run())
+        make_hosts = None
+        if args.ray:
+            from scenarios.ray_hosts import ray_hosts
+
+            make_hosts = ray_hosts(args.ray)
+        result = asyncio.run(SimulateRun(config, workdir, workers=args.workers, make_hosts=make_hosts).run())
         failures = simulate_failures(result)
         result["acceptance_failures"] = failures
         print_result(result, failures)

@@ -500,6 +500,8 @@ def test_acceptance_passes_a_good_run_and_names_each_failed_check():
     ):
         assert needle in text
     assert churn.acceptance_failures(_result(kills=[_kill("c", 3)], repairs=0)) == []
+    both_killed = [_kill("h", 4, served=[3]), _kill("c", 3)]  # its only owner died with it: nothing to repair
+    assert churn.acceptance_failures(_result(kills=both_killed, repairs=0)) == []
     assert "ari = None" in "\n".join(churn.acceptance_failures(_result(ari=None)))
 
 

@@ -1,7 +1,8 @@
 """The in-process churn engine (scenarios/simulate.py): its pure parts (timings, the repair
-predicate, the kill rule's waiting cases), without sockets. A swarm run with churn is not
-a test yet: with 30% of 50 nodes killed, survivors do not all finish (runtime causes in
-docs/RUNTIME.md, "In-process swarms")."""
+predicate, the kill rule's waiting cases) without sockets, and one real run: 50 virtual
+nodes on two worker processes, 30% of them killed mid-training."""
+
+import asyncio
 
 from scenarios import simulate
 from scenarios.churn import midway_victims, repair_visible
@@ -23,6 +24,7 @@ def test_timings_keep_the_heartbeat_load_flat_as_nodes_grow():
         assert t.heartbeat_s < t.suspect_after < t.dead_after and t.dead_after >= 15.0
         assert t.round_deadline == t.dead_after + 4 * t.step_timeout
     assert large.step_timeout == 50.0 and small.step_timeout == 5.0
+    assert small.poll_s == 0.1 and large.poll_s == 2.0
     config = simulate.simulate_config(50, 4, 0.3, rounds=3)
     assert (config.heartbeat_s, config.dead_after, config.step_timeout, config.rounds) == (1.0, 15.0, 5.0, 3)
 
@@ -43,3 +45,15 @@ def test_no_victim_before_the_plan_or_before_a_helpers_owners_finished_a_round()
     assert midway_victims(planned, names, {"h"}, 1, lambda i: 0, 4) is None  # owner 2 has done no round
     (victim,) = midway_victims(planned, names, {"h"}, 1, lambda i: 1, 4)
     assert victim.name == "h" and victim.serves == (2,)
+
+
+def test_fifty_virtual_nodes_on_two_workers_survive_a_thirty_percent_kill(tmp_path):
+    config = simulate.simulate_config(50, 4, 0.3, rounds=3, local_steps=2, timeout_s=900.0)
+    lines = []
+    result = asyncio.run(simulate.SimulateRun(config, tmp_path, say=lines.append, workers=2).run())
+
+    assert simulate.simulate_failures(result) == [], "\n".join(lines[-40:])
+    assert len(result["killed"]) == 15 and len(result["kills"]) == 15
+    assert sorted(result["finished"]) == sorted(result["survivors"]) and len(result["survivors"]) >= 20
+    assert result["lost_updates"] == 0 and result["ari"] >= 0.9 and result["repairs"] >= 1
+    assert result["workers"] == 2 and result["workers_peak_rss_mb"] > 0 and result["peak_rss_mb"] > 0
