@@ -48,7 +48,7 @@ base_log = logging.getLogger("atlas.node")  # the base check's lines, as nodes/b
 FINGERPRINT_ATTEMPTS = 10
 FINGERPRINT_RETRY_CAP_S = 2.0
 BASE_RETRY_CAP_S = 5.0
-REFETCH_S = 2.0  # wait_assignment asks the bootstrap again after this long without a new assignment
+REFETCH_S = 2.0  # wait_assignment asks the bootstrap again after this long without a new assignment...
 _BASE_FATAL = ("base_mismatch", "bad_request", "bad_schema")
 STRANGER_CACHE_S = 5.0  # a key the bootstrap does not know is asked about again after this long
 MAX_CACHED_KEYS = 10_000
@@ -64,6 +64,10 @@ class BootstrapClient:
         self.assignment: Assignment | None = None
         self.version = 0  # version of `assignment` (what heartbeats compare with the bootstrap's)
         self.swarm_done = False
+        # ... or two heartbeats, whichever is longer (`heard_heartbeat`): every beat says whether the
+        # assignment moved, so the refetch is only a safety net, and at one a second per waiting
+        # node it would be most of a large swarm's requests
+        self.refetch_s = REFETCH_S
         self._on_refused = on_refused  # a base refused after a restart stops the node like one at join
         self._assigned = asyncio.Event()
         self._fingerprint: Fingerprint | None = None  # the last one sent, for `need_fingerprint`
@@ -71,6 +75,10 @@ class BootstrapClient:
         self._tasks = TaskSet()
         self._known_keys: dict[str, int] = {}  # public key -> node id (assignments, whois answers)
         self._strangers: dict[str, float] = {}  # keys the bootstrap did not know -> when asked
+
+    def heard_heartbeat(self, heartbeat_s: float) -> None:
+        """The swarm's heartbeat period (from the welcome): refetch at most every two beats."""
+        self.refetch_s = max(REFETCH_S, 2.0 * heartbeat_s)
 
     async def stop(self) -> None:
         await self._tasks.cancel_all()
@@ -165,7 +173,7 @@ class BootstrapClient:
             self._assigned.clear()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._assigned.wait(), timeout=1.0)
-            if time.monotonic() - last_fetch > REFETCH_S:
+            if time.monotonic() - last_fetch > self.refetch_s:
                 last_fetch = time.monotonic()
                 await self.fetch_assignment()
                 log.debug("still waiting for %s", what)

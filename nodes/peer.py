@@ -410,6 +410,7 @@ class Peer:
     async def _lifecycle(self) -> None:
         welcome = await self.control.wait_joined()
         self.local.node_id, self.welcome = welcome.node_id, welcome
+        self.boot.heard_heartbeat(welcome.heartbeat_s)
         if self.config.model and welcome.model and self.config.model != welcome.model:
             raise RuntimeFailure(f"--model {self.config.model} disagrees with the swarm's model {welcome.model}")
         name = welcome.model or self.config.model or "tiny-gpt2"

@@ -39,6 +39,7 @@ from transport.rpc import install_uvloop
 log = logging.getLogger("atlas.hosts")
 
 ZMQ_MAX_SOCKETS = 65_536  # libzmq's default (1,023) is two sockets each for 500 nodes
+WORKER_NICENESS = 5  # worker processes yield the CPU to the bootstrap they share the machine with
 SAMPLE_S = 0.2  # RSS sampling period: each node's phase meter resets the kernel's peak
 
 
@@ -203,7 +204,10 @@ class _Failed:
 
 def _serve(conn: multiprocessing.connection.Connection, nodes: Sequence[HostedNode], log_level: int) -> None:
     """A worker process: a NodeHost answering calls from `conn` until `stop`, or until the
-    pipe closes (the driver is gone: its peers are stopped at once)."""
+    pipe closes (the driver is gone: its peers are stopped at once). It runs niced: on one
+    machine the bootstrap must answer heartbeats before the nodes train, as it would on its own
+    machine."""
+    os.nice(WORKER_NICENESS)
     logging.basicConfig(level=log_level, format="%(levelname).1s %(name)s: %(message)s")
     host = NodeHost(nodes)
     while True:
