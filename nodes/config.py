@@ -285,6 +285,7 @@ class TrainConfig:
     step_delay_s: float = 0.0  # extra seconds per step: emulates a slow device (stragglers in scenarios)
     emulate_link: bool = False  # shape this node's sends by its own --bandwidth (scenarios on one machine)
     latency_ms: float = 0.0  # with emulate_link: one-way delay added to every message this node sends
+    shared_base: bool = False  # in-process swarms: view the process's one frozen base (copy-on-write), not a copy
 
     def __post_init__(self) -> None:
         if self.out_dir is not None:
@@ -303,6 +304,7 @@ class TrainConfig:
         require_number("helper_wait_s", self.helper_wait_s, 0)
         require_number("step_delay_s", self.step_delay_s, 0)
         require_bool("emulate_link", self.emulate_link)
+        require_bool("shared_base", self.shared_base)
         require_number("latency_ms", self.latency_ms, 0)
         if self.latency_ms and not self.emulate_link:
             raise ValueError(f"latency_ms ({self.latency_ms!r}) is emulated only with emulate_link")

@@ -21,13 +21,13 @@ ReplayNeeded -> `replay` (the owner replays its round from step 0), VersionMisma
 from __future__ import annotations
 
 import asyncio
-import copy
 import logging
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
 from atlas_p2p.models.base import short
+from atlas_p2p.models.sharing import copy_model
 from atlas_p2p.training import HelperConfig, HelperPool, HelperSession, ReplayNeeded, VersionMismatchError, probe
 from nodes.collaborators import AssignmentSource, LocalNode, PatchSource
 from nodes.executor import TorchExecutor
@@ -84,7 +84,7 @@ class HelperService:
     def _replica(self, cluster: int) -> HelperSession:
         key = str(cluster)
         if key not in self.pool.clusters:
-            model = copy.deepcopy(self.local.base_model)
+            model = copy_model(self.local.base_model)  # views a shared base, if any
             self.pool.add(HelperSession(model, HelperConfig(cluster=key)))
         return self.pool.get(key)
 

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
 import functools
 import logging
 import time
@@ -50,6 +49,7 @@ from atlas_p2p.fingerprint import FingerprintConfig, LossFn, fingerprint_sample
 from atlas_p2p.importance import measure
 from atlas_p2p.lora import attach_lora
 from atlas_p2p.memory import Workload, shape_from_config
+from atlas_p2p.models.sharing import copy_model
 from atlas_p2p.planning import fits_whole_model
 from atlas_p2p.records import (
     CheckpointState,
@@ -85,7 +85,7 @@ from nodes.executor import TorchExecutor
 from nodes.fingerprinting import split_loss
 from nodes.helper import HelperService
 from nodes.metrics import MetricsLog, write_summary
-from nodes.modelname import build_model, build_tokenizer
+from nodes.modelname import build_model, build_tokenizer, shared_model
 from nodes.owner import HelperFailed, OwnerRunner, RoundResult, VersionBehind
 from nodes.rss import PeakRss
 from transport.link import LinkProfile
@@ -421,8 +421,9 @@ class Peer:
                 f"--split-mode {self.train.split_mode} disagrees with the swarm's split mode {self.split_mode}"
             )
         self.tokenizer = await self.executor.run(build_tokenizer, name)
+        build = shared_model if self.train.shared_base else build_model  # one base per process, or our own
         self.local.base_model = await self.executor.run(
-            build_model, name, self.task, self.num_labels, self.train.device, welcome.init_seed
+            build, name, self.task, self.num_labels, self.train.device, welcome.init_seed
         )
         log.info(
             "node %d runs %s (%s%s)",
@@ -503,7 +504,7 @@ class Peer:
             base, pending = self._resume.base, self._resume.pending
         if base is None:
             base = VersionedBase(key)
-        model = attach_lora(copy.deepcopy(self.base_model), {n: int(r) for n, r in a.ranks.items()})
+        model = attach_lora(copy_model(self.base_model), {n: int(r) for n, r in a.ranks.items()})
         if len(base):
             apply_to_model(model, base.folded_delta())
         config = OwnerConfig(

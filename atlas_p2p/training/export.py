@@ -27,7 +27,6 @@ compared with the reference's (:func:`compare_predictions`).
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import logging
@@ -58,6 +57,7 @@ from atlas_p2p.lora import (
     set_factors,
 )
 from atlas_p2p.models.families import task_of
+from atlas_p2p.models.sharing import copy_model
 from atlas_p2p.validation import is_int, is_number, require_int
 from atlas_p2p.versioning import VersionedBase
 from atlas_p2p.vocabulary import CAUSAL_LM, SEQ_CLS, TASKS
@@ -292,7 +292,7 @@ def export_adapter(
     for name, sf in sorted(patch.modules.items()):
         a, b, modules[name] = _refactor(sf, rank, float(exact_tol), dtype)
         factors[name] = AdapterFactors(a, b, 1.0)  # A (r, d_in), B (d_out, r), γ = α / r = 1
-    peft_model = attach_lora(copy.deepcopy(original), {n: m.rank for n, m in modules.items()})  # α = r
+    peft_model = attach_lora(copy_model(original), {n: m.rank for n, m in modules.items()})  # α = r
     set_factors(peft_model, factors)
     heads = get_dense_trainables(peft_model)
     missing = sorted(set(patch.dense) - set(heads))
@@ -306,7 +306,7 @@ def export_adapter(
     del peft_model
     check = None
     if reference is not None:
-        loaded = PeftModel.from_pretrained(copy.deepcopy(original), os.fspath(out))
+        loaded = PeftModel.from_pretrained(copy_model(original), os.fspath(out))
         check = compare_predictions(loaded, reference, eval_batches)
         del loaded
     report = ExportReport(

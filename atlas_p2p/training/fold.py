@@ -20,6 +20,7 @@ from torch import nn
 
 from atlas_p2p.aggregation import Patch
 from atlas_p2p.lora import add_delta_to_base
+from atlas_p2p.models.sharing import own_
 from atlas_p2p.versioning import PatchRecord, VersionedBase
 
 from .modules import dense_base_param, weight_shape
@@ -46,7 +47,8 @@ def check_patch(model: nn.Module, patch: Patch) -> None:
 
 
 def apply_to_model(model: nn.Module, patch: Patch) -> None:
-    """W <- W + B̃ Ã for every module, base head <- base head + ΔD (checked first)."""
+    """W <- W + B̃ Ã for every module, base head <- base head + ΔD (checked first); tensors
+    that view a shared base are copied before they change (atlas_p2p.models.sharing)."""
     check_patch(model, patch)
     for name, sf in patch.modules.items():
         if sf.rank:
@@ -54,6 +56,7 @@ def apply_to_model(model: nn.Module, patch: Patch) -> None:
     with torch.no_grad():
         for name, delta in patch.dense.items():
             param = dense_base_param(model, name)
+            own_(param)  # a head base that views a shared base gets its own copy first
             param.add_(delta.to(device=param.device, dtype=param.dtype))
 
 
