@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from atlas_p2p.aggregation import AdapterFactors, Contribution, patch_from_arrays, patch_to_arrays
+from atlas_p2p.aggregation import AdapterFactors, Contribution, Partial, patch_from_arrays, patch_to_arrays
 from atlas_p2p.versioning import PatchRecord
 
 
@@ -110,3 +110,23 @@ def records_from_msg(body) -> list[PatchRecord]:
             raise ValueError(f"patches: record {i} has no arrays")
         out.append(PatchRecord(row.get("version"), patch_from_arrays(groups[i]), row.get("digest"), row.get("chain")))
     return out
+
+
+def partial_to_msg(p: Partial, cluster: int, sender: int):
+    from transport.messages import PartialMsg
+
+    return PartialMsg(
+        cluster=cluster, round=p.round, sender=sender, covers=dict(p.covers), tensors=patch_to_arrays(p.sums)
+    )
+
+
+def partial_from_msg(body) -> Partial:
+    """The partial a message carries; ValueError unless its arrays hash to their digest, its
+    round is the message's and it covers the nodes it weighs, each a node id."""
+    sums = patch_from_arrays({k: np.array(v, copy=True) for k, v in body.tensors.items()})
+    if sums.round != body.round:
+        raise ValueError(f"partial: sums are of round {sums.round}, the message says round {body.round}")
+    bad = sorted(n for n in body.covers if not (n.isdigit() and n == str(int(n))))
+    if bad:
+        raise ValueError(f"partial covers: {bad} are not node ids")
+    return Partial(sums, body.covers)

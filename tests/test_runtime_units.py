@@ -12,7 +12,7 @@ from atlas_p2p.training import node_fingerprint
 from atlas_p2p.versioning import VersionedBase
 from nodes.checkpoint import load_checkpoint, save_checkpoint
 from nodes.config import SwarmSpec, TrainConfig
-from nodes.merge import AnchorLog, GossipStore, merge_manifest
+from nodes.merge import AnchorLog, GossipStore, merge_contributions, merge_manifest
 from nodes.modelname import build_model, build_tokenizer
 from nodes.wireconv import contribution_from_msg, contribution_to_msg, records_from_msg, records_to_msg
 from transport.messages import Fingerprint
@@ -59,15 +59,15 @@ def test_anchor_publishes_when_all_expected_or_deadline_and_members_rebuild_the_
     assert log.due(held, {"1", "2"}, store.first_seen[(0, 0)], now=15.0, deadline_s=5.0)  # straggler cut off
     store.add(0, c2, now=12.0)
     assert log.due(store.of_round(0, 0), {"1", "2"}, 10.0, now=12.0, deadline_s=5.0)
-    info = log.publish(store.of_round(0, 0))
+    info = log.publish(merge_contributions(list(store.of_round(0, 0).values())))
     assert info.version == 1 and log.next_round == 1
     msg = info.to_msg()
     patch = merge_manifest(msg, [c2, c1])  # any arrival order
     assert patch.digest == msg.patch_digest
     with pytest.raises(ValueError, match="do not match the manifest"):
         merge_manifest(msg, [c1])
-    with pytest.raises(ValueError, match="other rounds"):
-        log.publish({"3": _contribution(3, round_=0)})
+    with pytest.raises(ValueError, match="contributions of round 0"):
+        log.publish(merge_contributions([_contribution(3, round_=0)]))
 
 
 # ---- checkpoints -------------------------------------------------------------------------
