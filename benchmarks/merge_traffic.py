@@ -82,21 +82,22 @@ def make_contribution(node: int, modules, rank: int, hidden: int, gen: torch.Gen
 
 
 def reference(cs: list[Contribution]) -> dict[str, torch.Tensor]:
-    """float64 Σ_k p_k γ_k B_k A_k per module and Σ_k p_k D_k for the head."""
+    """float64 Σ_k p_k γ_k B_k A_k per module and Σ_k p_k D_k per dense trainable, p_k = n_k / Σ n."""
     total = sum(c.n_samples for c in cs)
     out: dict[str, torch.Tensor] = {}
     for c in cs:
         p = c.n_samples / total
         for name, f in c.factors.items():
             out[name] = out.get(name, 0) + p * f.scaling * (f.B.double() @ f.A.double())
-        out[HEAD] = out.get(HEAD, 0) + p * c.dense[HEAD].double()
+        for name, d in c.dense.items():
+            out[name] = out.get(name, 0) + p * d.double()
     return out
 
 
 def max_rel_error(patch: Patch, ref: dict[str, torch.Tensor]) -> float:
-    errs = [float((patch.module_delta(m).double() - ref[m]).norm() / ref[m].norm()) for m in patch.module_names()]
-    errs.append(float((patch.dense[HEAD].double() - ref[HEAD]).norm() / ref[HEAD].norm()))
-    return max(errs)
+    """max over modules and dense trainables of ||patch - ref||_F / ||ref||_F."""
+    got = {m: patch.module_delta(m) for m in patch.module_names()} | dict(patch.dense)
+    return max(float((t.double() - ref[name]).norm() / ref[name].norm()) for name, t in got.items())
 
 
 class LogOnly:

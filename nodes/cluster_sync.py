@@ -277,7 +277,7 @@ class ClusterSync:
         if address is None:
             return "unreachable"
         try:
-            await self.link.call(address, body)
+            await self.link.call(address, body, timeout=self.config.round_deadline_s)  # up to a dense patch
         except RpcError as exc:
             log.debug("partial of round %d to node %s refused or lost (%s)", body.round, target, exc)
             return exc.code
@@ -378,7 +378,8 @@ class ClusterSync:
         if address is None:
             return None, True
         try:
-            reply = await self.link.call(address, PatchesGet(cluster=m.cluster, since=m.version - 1))
+            body = PatchesGet(cluster=m.cluster, since=m.version - 1)
+            reply = await self.link.call(address, body, timeout=self.config.round_deadline_s)  # up to a dense patch
             if not isinstance(reply, Patches) or reply.cluster != m.cluster:
                 raise ValueError("patches_get answered with another type or cluster")
             records = await self.executor.run(records_from_msg, reply)

@@ -17,6 +17,7 @@ from atlas_p2p.aggregation import (
     patch_to_arrays,
     stack_merge,
 )
+from benchmarks.merge_traffic import max_rel_error, reference
 from nodes.merge import ReduceBuffer, merge_contributions
 from nodes.wireconv import partial_from_msg, partial_to_msg
 from transport.codec import decode, encode
@@ -33,27 +34,6 @@ def _contribution(node: int, rank: int = 2, n: int = 3, round_: int = 0, dense: 
     }
     heads = {"head": torch.randn(3, 4, generator=g)} if dense else {}
     return Contribution(factors, n, str(node), round_, heads)
-
-
-def _reference(cs: list[Contribution]) -> dict[str, torch.Tensor]:
-    """float64 Σ_k p_k γ_k B_k A_k per module, Σ_k p_k D_k per dense name."""
-    total = sum(c.n_samples for c in cs)
-    out: dict[str, torch.Tensor] = {}
-    for c in cs:
-        p = c.n_samples / total
-        for name, f in c.factors.items():
-            term = p * f.scaling * (f.B.double() @ f.A.double())
-            out[name] = out.get(name, 0) + term
-        for name, d in c.dense.items():
-            out[name] = out.get(name, 0) + p * d.double()
-    return out
-
-
-def _rel_error(patch, ref) -> float:
-    errors = [float((patch.module_delta(m).double() - ref[m]).norm() / ref[m].norm()) for m in patch.module_names()] + [
-        float((d.double() - ref[name]).norm() / ref[name].norm()) for name, d in patch.dense.items()
-    ]
-    return max(errors)
 
 
 # ---- tree layout ---------------------------------------------------------------------------
@@ -82,13 +62,13 @@ def test_any_tree_of_combines_gives_the_weighted_mean_stack_merge_gives():
     parts = [partial_of(c) for c in cs]
     by_tree = finalize(combine([combine([parts[3], parts[0]]), combine([parts[4], combine([parts[2], parts[1]])])]))
     flat = finalize(combine(parts))
-    reference = stack_merge(cs)
-    for name in reference.modules:
-        want = reference.modules[name].dense()
+    stacked = stack_merge(cs)
+    for name in stacked.modules:
+        want = stacked.modules[name].dense()
         for got in (by_tree, flat):
             assert torch.allclose(got.module_delta(name), want, rtol=1e-6, atol=1e-6)
-    assert _rel_error(by_tree, _reference(cs)) < 1e-6
-    assert by_tree.weights == pytest.approx(reference.weights)
+    assert max_rel_error(by_tree, reference(cs)) < 1e-6
+    assert by_tree.weights == pytest.approx(stacked.weights)
     assert finalize(combine(parts[::-1])).digest == flat.digest  # same parts in any arrival order: same bytes
 
 
@@ -101,13 +81,13 @@ def test_a_module_turns_full_once_its_stacked_rank_reaches_the_bound_and_stays_e
     assert "v" in three.sums.modules  # v: rank 3 stays stacked
     four = finalize(combine([three, partial_of(cs[3])]))  # full + stacked -> full
     assert tuple(four.full["q"].shape) == (D_OUT, D_IN)
-    assert _rel_error(four, _reference(cs)) < 1e-6
+    assert max_rel_error(four, reference(cs)) < 1e-6
 
 
 def test_a_contribution_above_the_bound_is_sent_full_from_the_start():
     c = _contribution(1, rank=8)
     assert "q" in partial_of(c).sums.full
-    assert _rel_error(finalize(partial_of(c)), _reference([c])) < 1e-6
+    assert max_rel_error(finalize(partial_of(c)), reference([c])) < 1e-6
 
 
 def test_overlapping_or_mixed_round_partials_do_not_combine():
@@ -162,8 +142,8 @@ def test_the_buffer_refuses_overlap_and_takes_exact_duplicates_as_held():
     assert buf.offer(0, partial_of(_contribution(5, dense=False)), now=3.0) == "mismatch"  # no head: cannot sum
     assert sorted(buf.covers(0, 0)) == ["1", "2", "3"]
     total = finalize(buf.total(0, 0))
-    ref = _reference([_contribution(k) for k in (1, 2, 3)])
-    assert _rel_error(total, ref) < 1e-6
+    ref = reference([_contribution(k) for k in (1, 2, 3)])
+    assert max_rel_error(total, ref) < 1e-6
     assert buf.holds(0, 0, "2", b.covers["2"]) and not buf.holds(0, 0, "4", "x")
 
 
