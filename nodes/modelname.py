@@ -20,10 +20,12 @@ if TYPE_CHECKING:  # torch is imported when a model is built, not when the CLI s
     from torch import nn
 
 EMBEDDED_SEED = 0  # every node builds the same embedded base
-# shared_model's originals, one per (name, task, num_labels, device, init_seed); read-only
-_SHARED_BASES: dict[tuple[str, str, int | None, str, int], nn.Module] = {}
 # tiny_model seeds torch's global RNG inside fork_rng: builds take turns with every other
 # torch job of this process (nodes/executor.py explains why).
+
+# shared_model's originals, one per (name, task, num_labels, device, init_seed); read-only
+_SHARED_BASES: dict[tuple[str, str, int | None, str, int], nn.Module] = {}
+_SHARED_TOKENIZERS: dict[str, object] = {}  # shared_tokenizer's, by model name
 
 
 def build_tokenizer(name: str):
@@ -37,6 +39,15 @@ def build_tokenizer(name: str):
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def shared_tokenizer(name: str):
+    """`build_tokenizer(name)`, built once per process for the nodes of an in-process swarm
+    (they only read it: encoding a text changes nothing in it)."""
+    with TORCH_LOCK:
+        if name not in _SHARED_TOKENIZERS:
+            _SHARED_TOKENIZERS[name] = build_tokenizer(name)
+        return _SHARED_TOKENIZERS[name]
 
 
 def build_model(name: str, task: str, num_labels: int | None, device: str = "cpu", init_seed: int = 0):
@@ -76,7 +87,7 @@ def shared_model(name: str, task: str, num_labels: int | None, device: str = "cp
 
 
 def drop_shared_models() -> None:
-    """Forget every shared original: later `shared_model` calls build afresh (copies handed
+    """Forget every shared original and tokenizer: later `shared_model` calls build afresh (copies handed
     out keep the tensors they view alive)."""
     from atlas_p2p.models.sharing import unshare
 
@@ -84,6 +95,7 @@ def drop_shared_models() -> None:
         for original in _SHARED_BASES.values():
             unshare(original)
         _SHARED_BASES.clear()
+        _SHARED_TOKENIZERS.clear()
 
 
 def model_config(name: str, task: str, num_labels: int | None):

@@ -85,7 +85,7 @@ from nodes.executor import TorchExecutor
 from nodes.fingerprinting import split_loss
 from nodes.helper import HelperService
 from nodes.metrics import MetricsLog, write_summary
-from nodes.modelname import build_model, build_tokenizer, shared_model
+from nodes.modelname import build_model, build_tokenizer, shared_model, shared_tokenizer
 from nodes.owner import HelperFailed, OwnerRunner, RoundResult, VersionBehind
 from nodes.rss import PeakRss
 from transport.link import LinkProfile
@@ -420,8 +420,9 @@ class Peer:
             raise RuntimeFailure(
                 f"--split-mode {self.train.split_mode} disagrees with the swarm's split mode {self.split_mode}"
             )
-        self.tokenizer = await self.executor.run(build_tokenizer, name)
-        build = shared_model if self.train.shared_base else build_model  # one base per process, or our own
+        shared = self.train.shared_base  # one base (and tokenizer) per process, or our own
+        self.tokenizer = await self.executor.run(shared_tokenizer if shared else build_tokenizer, name)
+        build = shared_model if shared else build_model
         self.local.base_model = await self.executor.run(
             build, name, self.task, self.num_labels, self.train.device, welcome.init_seed
         )
