@@ -7,6 +7,7 @@ from atlas_p2p.aggregation import (
     AdapterFactors,
     Contribution,
     Partial,
+    Patch,
     ReduceTree,
     apply_patch,
     combine,
@@ -107,6 +108,8 @@ def test_a_partial_must_cover_exactly_the_nodes_it_weighs():
         Partial(p.sums, {"2": "ab"})
     with pytest.raises(ValueError, match="at least one"):
         Partial(p.sums, {})
+    with pytest.raises(ValueError, match="sample count"):
+        Partial(Patch({}, weights={"1": float("inf")}), {"1": "ab"})
 
 
 # ---- full modules in patches ---------------------------------------------------------------

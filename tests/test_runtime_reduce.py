@@ -6,13 +6,17 @@ Tree over 7 members with fan_in 2: 1 (anchor) -> 2, 3; 2 -> 4, 5; 3 -> 6, 7.
 
 import asyncio
 
+import pytest
 import torch
 
-from atlas_p2p.aggregation import stack_merge
+from atlas_p2p.aggregation import partial_of, stack_merge
 from benchmarks.merge_traffic import MergeCluster, make_contribution
 from nodes.config import TrainConfig
+from nodes.wireconv import partial_to_msg
 from scenarios.waiting import wait_until_async
 from tests.aio import run
+from transport.messages import PartialMsg
+from transport.rpc import RpcError
 
 MODULES = [("q", 16, 16), ("ffn", 32, 64)]  # full once the stacked rank reaches 8 (q) / 21.3 (ffn)
 
@@ -92,3 +96,33 @@ def test_a_contribution_sent_both_ways_counts_once():
             await cluster.stop()
 
     run(body(), timeout=90)
+
+
+def test_bad_partials_are_refused_with_clear_errors_and_the_round_still_merges():
+    async def body():
+        cs = _contributions(3)
+        cluster = await MergeCluster.create(3, _config())
+        anchor = cluster.servers[0].address
+        good = partial_to_msg(partial_of(cs[1]), cluster=0, sender=2)
+        client = cluster.clients[1]
+        try:
+            cases = {
+                "bad_request": PartialMsg(
+                    **{**good.to_dict(), "covers": {"3": "f" * 64}}
+                ),  # covers whom it does not weigh
+                "wrong_cluster": PartialMsg(**{**good.to_dict(), "cluster": 5}),
+            }
+            tensors = dict(good.tensors)
+            tensors["m0.A"] = tensors["m0.A"][:1]  # a factor cut short: content no longer hashes right
+            cases["bad_request "] = PartialMsg(**{**good.to_dict(), "tensors": tensors})
+            for code, msg in cases.items():
+                with pytest.raises(RpcError) as err:
+                    await client.call(anchor, msg, timeout=5)
+                assert err.value.code == code.strip()
+            assert cluster.syncs[0].reduce.covers(0, 0) == {}  # nothing was kept
+            await asyncio.gather(*(s.contribute(c) for s, c in zip(cluster.syncs, cs)))
+            _assert_exact(cluster.syncs[2].session.base.records[-1].patch, cs)
+        finally:
+            await cluster.stop()
+
+    run(body(), timeout=60)

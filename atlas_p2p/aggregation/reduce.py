@@ -25,6 +25,7 @@ the runtime sends partials up.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -64,7 +65,7 @@ class Partial:
                 f"partial covers nodes {sorted(covers)} but weighs nodes {sorted(self.sums.weights)}: they must agree"
             )
         for node, n in self.sums.weights.items():
-            if not n >= 0:
+            if not (math.isfinite(n) and n >= 0):
                 raise ValueError(f"partial weight of node {node}: {n!r} must be a sample count >= 0")
         object.__setattr__(self, "covers", covers)
 
