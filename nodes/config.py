@@ -286,6 +286,7 @@ class TrainConfig:
     merge: str = "reduce"  # reduce: partial sums up a tree to the anchor; gossip: every contribution to every member
     fan_in: int = 2  # reduce: children per node of the cluster's reduce tree (an inner node serves each the patch)
     reduce_wait_s: float = 2.0  # reduce: a node waits this long for its children before forwarding what it has
+    wire_bf16: bool = False  # an owner sends activations (and u-shape gradients) as bfloat16; its helper answers alike
     poll_s: float = 0.1  # how often waits re-check (manifest, assignment)
     helper_wait_s: float = 60.0  # a node below the whole model waits this long for a provisional helper
     step_delay_s: float = 0.0  # extra seconds per step: emulates a slow device (stragglers in scenarios)
@@ -307,6 +308,7 @@ class TrainConfig:
         require_choice("merge", self.merge, MERGE_MODES)
         require_int("fan_in", self.fan_in, 1)
         require_number("reduce_wait_s", self.reduce_wait_s, positive=True)
+        require_bool("wire_bf16", self.wire_bf16)
         require_int("seed", self.seed, 0)
         for name in ("lr", "step_timeout_s", "round_deadline_s", "poll_s"):
             require_number(name, getattr(self, name), positive=True)

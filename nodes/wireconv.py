@@ -16,6 +16,7 @@ import torch
 
 from atlas_p2p.aggregation import AdapterFactors, Contribution, Partial, patch_from_arrays, patch_to_arrays
 from atlas_p2p.versioning import PatchRecord
+from transport.tensors import RawTensor, bfloat16_from_float32, bfloat16_to_float32
 
 
 def to_numpy(t: torch.Tensor) -> np.ndarray:
@@ -27,6 +28,23 @@ def to_torch(a: Any, what: str) -> torch.Tensor:
     if not isinstance(a, np.ndarray):
         raise ValueError(f"{what}: expected an array, got {type(a).__name__}")
     return torch.from_numpy(np.array(a, copy=True))
+
+
+def tensor_to_wire(t: torch.Tensor, bf16: bool = False) -> np.ndarray | RawTensor:
+    """Activations, hidden states or gradients for a message: as they are, or float32 values
+    rounded to bfloat16 (nearest even; half the bytes, 8 significant bits)."""
+    a = to_numpy(t)
+    return bfloat16_from_float32(a) if bf16 and a.dtype == np.float32 else a
+
+
+def tensor_from_wire(x: Any) -> Any:
+    """A bfloat16 tensor off the wire widened to float32 (exact); anything else as it came
+    (the session checks it)."""
+    return bfloat16_to_float32(x) if is_bf16(x) else x
+
+
+def is_bf16(x: Any) -> bool:
+    return isinstance(x, RawTensor) and x.dtype == "bfloat16"
 
 
 def factors_to_wire(factors: Mapping[str, Any], dense: Mapping[str, torch.Tensor]) -> tuple[dict, dict]:

@@ -14,8 +14,17 @@ from nodes.checkpoint import load_checkpoint, save_checkpoint
 from nodes.config import SwarmSpec, TrainConfig
 from nodes.merge import AnchorLog, GossipStore, merge_contributions, merge_manifest
 from nodes.modelname import build_model, build_tokenizer
-from nodes.wireconv import contribution_from_msg, contribution_to_msg, records_from_msg, records_to_msg
-from transport.messages import Fingerprint
+from nodes.wireconv import (
+    contribution_from_msg,
+    contribution_to_msg,
+    is_bf16,
+    records_from_msg,
+    records_to_msg,
+    tensor_from_wire,
+    tensor_to_wire,
+)
+from transport.codec import encode
+from transport.messages import Backward, Envelope, Fingerprint
 
 
 def _contribution(node, round_=0, n=4, seed=0):
@@ -145,3 +154,16 @@ def test_train_config_names_the_bad_field(tmp_path):
         TrainConfig(out_dir=tmp_path, local_steps=0)
     with pytest.raises(ValueError, match="lr"):
         TrainConfig(out_dir=tmp_path, lr=float("nan"))
+
+
+def test_bfloat16_on_the_wire_halves_the_bytes_and_rounds_to_8_significant_bits():
+    g = torch.randn(4, 16, 32, generator=torch.Generator().manual_seed(0))
+    fp32, bf16 = tensor_to_wire(g), tensor_to_wire(g, bf16=True)
+    assert not is_bf16(fp32) and is_bf16(bf16)
+    sizes = [
+        sum(memoryview(f).nbytes for f in encode(Envelope.of(Backward(step=0, grad=t), 1, "x"))) for t in (fp32, bf16)
+    ]
+    assert sizes[1] < 0.55 * sizes[0]
+    back = torch.as_tensor(tensor_from_wire(bf16))
+    assert back.dtype == torch.float32 and torch.all((back - g).abs() <= g.abs() * 2.0**-8)
+    assert tensor_from_wire(fp32) is fp32  # float32 passes as it came

@@ -493,6 +493,14 @@ def join(
             "--reduce-wait", help="Seconds a node of the reduce tree waits for its children before forwarding."
         ),
     ] = 2.0,
+    wire_bf16: Annotated[
+        bool,
+        typer.Option(
+            "--wire-bf16",
+            help="Send split activations (and u-shape gradients) as bfloat16: half the bytes; the helper "
+            "answers alike (accuracy effect: benchmarks/wire_bf16.py).",
+        ),
+    ] = False,
     step_delay: Annotated[
         float, typer.Option("--step-delay", help="Extra seconds per step, to emulate a slow device (scenarios).")
     ] = 0.0,
@@ -562,6 +570,7 @@ def join(
         merge=merge,
         fan_in=fan_in,
         reduce_wait_s=reduce_wait,
+        wire_bf16=wire_bf16,
         step_delay_s=step_delay,
         emulate_link=emulate_link,
         latency_ms=latency_ms,
