@@ -39,6 +39,7 @@ from atlas_p2p.aggregation.factors import AdapterFactors
 from atlas_p2p.layouts import LORA_KINDS
 from atlas_p2p.models.families import family_of, task_of, unwrap
 from atlas_p2p.models.loading import save_base  # noqa: F401  (re-exported: base + adapter make a checkpoint)
+from atlas_p2p.models.sharing import own_
 from atlas_p2p.validation import require_int, require_number
 
 logger = logging.getLogger(__name__)
@@ -329,7 +330,8 @@ def add_delta_to_base(model: nn.Module, module_name: str, delta) -> None:
     """Fold a dense update into the frozen base weight: ``W <- W + delta``, delta (d_out, d_in).
 
     Accepts a torch tensor or numpy array of any float dtype (cast to the weight's dtype).
-    Works on a plain or peft-wrapped model; adapters are untouched.
+    Works on a plain or peft-wrapped model; adapters are untouched. A weight that views a
+    shared base (atlas_p2p.models.sharing) is first given its own copy: only this model changes.
     """
     module = _base_layer(model, module_name)
     if isinstance(delta, np.ndarray):
@@ -343,6 +345,7 @@ def add_delta_to_base(model: nn.Module, module_name: str, delta) -> None:
         raise ValueError("delta: contains NaN or infinite values")
     w = module.weight
     d = delta.to(device=w.device, dtype=w.dtype)
+    own_(w)
     with torch.no_grad():
         w.add_(d.t() if isinstance(module, Conv1D) else d)
 

@@ -34,6 +34,7 @@ KIND_OF = {
     "u_backward": "gradients",  # u-shape: the owner's gradient of those hidden states
     "server_adapter": "adapters",
     "contribution": "adapters",
+    "partial": "adapters",
     "patches": "adapters",
     "fingerprint": "fingerprints",
     "probe": "fingerprints",  # owner activations of a fingerprint computed across a cut

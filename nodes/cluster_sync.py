@@ -1,24 +1,36 @@
 """The cluster merge protocol of one node (docs/RUNTIME.md, "Rounds" and "Consistency").
 
-`ClusterSync` is the async shell around nodes/merge.py's bookkeeping:
+`ClusterSync` is the async shell around nodes/merge.py's bookkeeping. Two ways up to the
+anchor (TrainConfig.merge):
 
-- gossip: `contribute(c)` keeps this node's contribution, pushes it to the anchor and to
-  `fanout` random members; a node forwards a contribution it has not seen before
-  (`rpc_contribution`), so gossip ends;
+- reduce (default): `contribute(c)` turns this node's contribution into a partial
+  (aggregation.reduce) and keeps it with the partials its children in the cluster's reduce
+  tree sent it (`rpc_partial`); a loop forwards them, combined into one, to its parent once
+  every child sent something or `reduce_wait_s` passed (later pieces follow at once). A
+  forward the parent refuses or cannot take goes straight to the anchor; and while the
+  round is open, each member asks the anchor (`held_get`) every (depth + 1) x
+  `reduce_wait_s` whether it holds its contribution, and sends it there itself if not. The
+  anchor refuses a partial overlapping what it holds (error `overlap`; the sender then
+  sends its pieces one by one), so nothing counts twice;
+- gossip: `contribute(c)` pushes the contribution to the anchor and to `fanout` random
+  members; a node forwards a contribution it has not seen before (`rpc_contribution`), so
+  gossip ends;
 - the anchor: while the assignment names this node anchor of its cluster, a loop
   publishes each round's manifest when due (every member contributed, or the round
   deadline after the first contribution passed);
 - folding: `contribute` then waits until the session's base version moves, in ONE loop:
   ask for the round's manifest (`_manifest`, the one manifest fetch: from this node's own
-  anchor log, or `manifest_get` to the anchor, re-pushing the contribution when the anchor
-  changes), rebuild its patch from the contributions (pulling missing ones by digest) and
-  fold it; when the anchor says the round is older than its log, or a contribution cannot
-  be had, `catch_up` folds the anchor's patches instead;
+  anchor log, or `manifest_get` to the anchor, re-sending the contribution when the anchor
+  changes), get the round's patch and fold it: reduce: the patch itself from the tree
+  parent (`patches_get`; from the anchor when the parent does not have it in
+  `reduce_wait_s`), its digest and chain checked against the manifest; gossip: rebuilt
+  from the contributions (pulling missing ones by digest). When the anchor says the round
+  is older than its log, or the patch cannot be had, `catch_up` folds the anchor's patches;
 - `follow`: a finished member folds rounds its cluster still publishes (carry rounds);
 - `fetch_patches`: the patches of a cluster after a version (catch-up, and the helper's
   lazy fold of a replica).
 
-Handlers: `contribution`, `contribution_get`, `manifest_get`, `patches_get`.
+Handlers: `partial`, `held_get`, `contribution`, `contribution_get`, `manifest_get`, `patches_get`.
 """
 
 from __future__ import annotations
@@ -29,26 +41,36 @@ import random
 import time
 from dataclasses import replace
 
-from atlas_p2p.aggregation import Contribution
+from atlas_p2p.aggregation import Contribution, Partial, ReduceTree, combine, partial_of
 from atlas_p2p.records import FoldedRecord
 from atlas_p2p.training import OwnerSession
 from atlas_p2p.versioning import PatchRecord
 from nodes.collaborators import AssignmentSource, Link, LocalNode, TaskSet
 from nodes.config import TrainConfig
 from nodes.executor import TorchExecutor
-from nodes.merge import AnchorLog, GossipStore, merge_manifest
-from nodes.wireconv import contribution_from_msg, contribution_to_msg, records_from_msg, records_to_msg
+from nodes.merge import AnchorLog, GossipStore, ReduceBuffer, merge_contributions, merge_manifest
+from nodes.wireconv import (
+    contribution_from_msg,
+    contribution_to_msg,
+    partial_from_msg,
+    partial_to_msg,
+    records_from_msg,
+    records_to_msg,
+)
 from transport.messages import (
     Assignment,
     ContributionGet,
     ContributionMsg,
     Envelope,
+    Held,
+    HeldGet,
     Manifest,
     ManifestGet,
+    PartialMsg,
     Patches,
     PatchesGet,
 )
-from transport.rpc import Handler, RpcError
+from transport.rpc import Handler, RpcError, RpcTimeout
 
 log = logging.getLogger("atlas.peer")
 
@@ -66,7 +88,9 @@ class ClusterSync:
         self.assignments = assignments
         self.local = local
         self.config = config  # poll_s, fanout, round_deadline_s
-        self.store = GossipStore()
+        self.store = GossipStore()  # merge="gossip"
+        self.reduce = ReduceBuffer()  # merge="reduce": partials held to forward (or, at the anchor, to publish)
+        self._own: Partial | None = None  # this node's latest contribution as a partial (sent direct if need be)
         self.anchor_logs: dict[int, AnchorLog] = {}
         self.session: OwnerSession | None = None  # the node's training session (set by the lifecycle)
         self.folded: list[FoldedRecord] = []  # one record per patch folded (summary "manifests_folded")
@@ -75,6 +99,8 @@ class ClusterSync:
 
     def handlers(self) -> dict[str, Handler]:
         return {
+            "partial": self.rpc_partial,
+            "held_get": self.rpc_held_get,
             "contribution": self.rpc_contribution,
             "contribution_get": self.rpc_contribution_get,
             "manifest_get": self.rpc_manifest_get,
@@ -93,12 +119,38 @@ class ClusterSync:
         a = self.assignments.assignment
         return None if a is None else a.cluster
 
+    @property
+    def reducing(self) -> bool:
+        return self.config.merge == "reduce"
+
+    def _tree(self, a: Assignment) -> ReduceTree:
+        return ReduceTree.of(a.members, a.anchor, self.config.fan_in)
+
+    def _parent(self, a: Assignment) -> int | None:
+        """This node's parent in the cluster's reduce tree (the anchor if the tree does not name it)."""
+        try:
+            return self._tree(a).parent(self.local.node_id)
+        except KeyError:
+            return a.anchor
+
+    def _fallback_s(self, a: Assignment) -> float:
+        """How long a member leaves its contribution to the tree before checking the anchor has it."""
+        try:
+            depth = self._tree(a).depth(self.local.node_id)
+        except KeyError:
+            depth = 0
+        return (depth + 1) * self.config.reduce_wait_s
+
     # ---- a member's round ------------------------------------------------------------------
     async def contribute(self, c: Contribution) -> None:
-        """Gossip `c` (this node's contribution to round c.round), then fold until the base version moves."""
+        """Send `c` (this node's contribution to round c.round) up, then fold until the base version moves."""
         s = self.session
-        self.store.add(self.cluster, c, time.time())
-        await self._push(c)
+        if self.reducing:
+            self._own = await self.executor.run(partial_of, c)
+            self.reduce.offer(self.cluster, self._own, time.time())
+        else:
+            self.store.add(self.cluster, c, time.time())
+            await self._push(c)
         before = s.version
         while s.version == before:  # a closed round cannot train again: wait until its patch is in
             manifest = await self._wait_manifest(c.round, c)
@@ -111,8 +163,9 @@ class ClusterSync:
                 await asyncio.sleep(self.config.poll_s * RETRY_POLLS)
 
     def forget_before(self, round_: int) -> None:
-        """Drop held contributions of rounds before `round_` (they are folded)."""
+        """Drop held contributions and partials of rounds before `round_` (they are folded)."""
         self.store.forget_before(self.cluster, round_)
+        self.reduce.forget_before(self.cluster, round_)
 
     async def follow(self) -> bool:
         """A finished member folds rounds its cluster still publishes (others' carry rounds)."""
@@ -171,20 +224,94 @@ class ClusterSync:
         return (m if isinstance(m, Manifest) and m.ready else None), False
 
     async def _wait_manifest(self, r: int, c: Contribution) -> Manifest | None:
-        """Round r's manifest (re-pushing `c` if the anchor changes); None: catch up instead."""
+        """Round r's manifest (re-sending `c` if the anchor changes; reduce: straight to the
+        anchor when it does not hold it by the fallback time); None: catch up instead."""
+        me = self.local.node_id
         anchor = self.assignments.assignment.anchor
+        checked = time.monotonic()
         while True:
             a = self.assignments.assignment
             if a.anchor != anchor:
                 anchor = a.anchor
                 log.info("cluster %s: anchor is now node %s; re-sending contribution", a.cluster, anchor)
-                if anchor is not None and anchor != self.local.node_id:
-                    body = contribution_to_msg(c, a.cluster, self.local.node_id)
-                    self._tasks.spawn(self._send_contribution(anchor, body), "repush")
+                if anchor is not None and anchor != me:
+                    if self.reducing:
+                        self._tasks.spawn(self._send_own(a), "repush")
+                    else:
+                        body = contribution_to_msg(c, a.cluster, me)
+                        self._tasks.spawn(self._send_contribution(anchor, body), "repush")
             manifest, behind = await self._manifest(a, r)
             if manifest is not None or behind:
                 return manifest
+            if self.reducing and a.anchor != me and time.monotonic() - checked >= self._fallback_s(a):
+                checked = time.monotonic()
+                await self._ensure_held(a)
             await asyncio.sleep(self.config.poll_s)
+
+    # ---- the reduce (merge="reduce") ---------------------------------------------------------
+    async def _ensure_held(self, a: Assignment) -> None:
+        """Ask the anchor whether it holds this node's contribution; send it there if not."""
+        own, address = self._own, self.assignments.address_of(a.anchor)
+        if own is None or address is None:
+            return
+        me = str(self.local.node_id)
+        body = HeldGet(cluster=a.cluster, round=own.round, node_id=self.local.node_id, digest=own.covers[me])
+        try:
+            reply = await self.link.call(address, body)
+        except RpcError as exc:
+            log.debug("held_get to anchor %s failed (%s)", a.anchor, exc)
+            return
+        if isinstance(reply, Held) and (reply.cluster, reply.round) == (a.cluster, own.round) and not reply.held:
+            log.info("round %d: anchor %s lacks this node's contribution; sending it directly", own.round, a.anchor)
+            await self._send_own(a)
+
+    async def _send_own(self, a: Assignment) -> None:
+        if self._own is not None:
+            await self._send_partial(
+                a.anchor, await self.executor.run(partial_to_msg, self._own, a.cluster, self.local.node_id)
+            )
+
+    async def _send_partial(self, target: int | None, body: PartialMsg) -> str:
+        """Send a partial; "ok", or the error code ("unreachable" for no address)."""
+        address = self.assignments.address_of(target)
+        if address is None:
+            return "unreachable"
+        try:
+            await self.link.call(address, body, timeout=self.config.round_deadline_s)  # up to a dense patch
+        except RpcError as exc:
+            log.debug("partial of round %d to node %s refused or lost (%s)", body.round, target, exc)
+            return exc.code
+        return "ok"
+
+    async def _reduce_step(self) -> None:
+        """Forward what this (non-anchor) node holds when due (module doc)."""
+        a = self.assignments.assignment
+        me = self.local.node_id
+        if not self.reducing or a is None or a.cluster is None or a.anchor is None or a.anchor == me:
+            return
+        try:
+            expected = {str(n) for n in [me, *self._tree(a).children(me)]}
+        except KeyError:
+            expected = {str(me)}
+        if self.session is not None:
+            self.reduce.forget_before(a.cluster, self.session.round)  # published: folded here
+        for r in self.reduce.rounds(a.cluster):
+            if self.reduce.due(a.cluster, r, expected, time.time(), self.config.reduce_wait_s):
+                pieces = self.reduce.unsent(a.cluster, r)
+                self.reduce.mark_sent(a.cluster, r, pieces)
+                self._tasks.spawn(self._forward(a, pieces), f"forward-{r}")
+
+    async def _forward(self, a: Assignment, pieces: list[Partial]) -> None:
+        """Pieces up to the parent, combined; to the anchor if the parent fails, one by one if it overlaps."""
+        me = self.local.node_id
+        total = await self.executor.run(combine, pieces)
+        body = await self.executor.run(partial_to_msg, total, a.cluster, me)
+        parent = self._parent(a)
+        if parent != a.anchor and await self._send_partial(parent, body) == "ok":
+            return
+        if await self._send_partial(a.anchor, body) == "overlap" and len(pieces) > 1:
+            for p in pieces:  # the anchor holds part of it: what it lacks goes piece by piece
+                await self._send_partial(a.anchor, await self.executor.run(partial_to_msg, p, a.cluster, me))
 
     async def _fold(self, m: Manifest) -> None:
         s = self.session
@@ -192,6 +319,9 @@ class ClusterSync:
             return
         if m.version != s.version + 1:
             await self.catch_up()
+            return
+        if self.reducing:
+            await self._fold_record(m)
             return
         contributions = []
         for d in m.digests:
@@ -213,6 +343,57 @@ class ClusterSync:
         self.folded.append(
             FoldedRecord(m.round, m.version, m.patch_digest, tuple(sorted(patch.weights)), "manifest", tuple(m.digests))
         )
+
+    async def _fold_record(self, m: Manifest) -> None:
+        """Fold the round's patch as published: from the anchor log here, the tree parent or the anchor."""
+        a, s = self.assignments.assignment, self.session
+        record = None
+        if a.anchor == self.local.node_id:
+            info = self.anchor_logs.get(m.cluster).manifests.get(m.round) if m.cluster in self.anchor_logs else None
+            record = None if info is None else info.record
+        else:
+            parent, give_up = self._parent(a), time.monotonic() + self.config.reduce_wait_s
+            while parent is not None and parent != a.anchor and record is None:
+                record, dead = await self._record_from(parent, m)
+                if record is not None or dead or time.monotonic() > give_up:
+                    break
+                await asyncio.sleep(self.config.poll_s)
+            if record is None:
+                record, _ = await self._record_from(a.anchor, m)
+        if record is None:
+            log.warning("round %d: patch not available from the tree or the anchor; catching up instead", m.round)
+            await self.catch_up()
+            return
+        await self.executor.run(s.fold, record.patch, version=m.version, digest=m.patch_digest, chain=m.chain)
+        self.folded.append(
+            FoldedRecord(
+                m.round, m.version, m.patch_digest, tuple(sorted(record.patch.weights)), "manifest", tuple(m.digests)
+            )
+        )
+
+    async def _record_from(self, node: int | None, m: Manifest) -> tuple[PatchRecord | None, bool]:
+        """(the record of the manifest's version from `node`, checked against the manifest, or
+        None; whether `node` is unreachable)."""
+        address = self.assignments.address_of(node)
+        if address is None:
+            return None, True
+        try:
+            body = PatchesGet(cluster=m.cluster, since=m.version - 1)
+            reply = await self.link.call(address, body, timeout=self.config.round_deadline_s)  # up to a dense patch
+            if not isinstance(reply, Patches) or reply.cluster != m.cluster:
+                raise ValueError("patches_get answered with another type or cluster")
+            records = await self.executor.run(records_from_msg, reply)
+        except RpcTimeout:
+            return None, True
+        except (RpcError, ValueError) as exc:
+            log.debug("patch of version %d not at node %s (%s)", m.version, node, exc)
+            return None, False
+        for r in records:
+            if r.version == m.version:
+                if r.digest == m.patch_digest and r.chain == m.chain:
+                    return r, False
+                log.warning("node %s serves a patch of version %d unlike the manifest's", node, m.version)
+        return None, False
 
     # ---- catch-up ----------------------------------------------------------------------------
     async def fetch_patches(self, cluster: int, since: int, prefer: int | None = None) -> list[PatchRecord]:
@@ -271,6 +452,7 @@ class ClusterSync:
             await asyncio.sleep(self.config.poll_s)
             try:
                 await self._anchor_step()
+                await self._reduce_step()
             except asyncio.CancelledError:
                 raise
             except Exception:  # never let the anchor loop die silently
@@ -288,12 +470,53 @@ class ClusterSync:
             log.info("node %d anchors cluster %d from version %d", self.local.node_id, cluster, alog.base.version)
         await self.executor.run(alog.sync_from, s.base)
         r = alog.next_round
-        held = self.store.of_round(cluster, r)
         expected = {str(m) for m in a.members}
-        if alog.due(held, expected, self.store.first_seen.get((cluster, r)), time.time(), self.config.round_deadline_s):
-            await self.executor.run(alog.publish, held)
+        if self.reducing:
+            held, first = self.reduce.covers(cluster, r), self.reduce.first_seen.get((cluster, r))
+        else:
+            held, first = self.store.of_round(cluster, r), self.store.first_seen.get((cluster, r))
+        if alog.due(held, expected, first, time.time(), self.config.round_deadline_s):
+            if self.reducing:
+                total = await self.executor.run(combine, self.reduce.pieces(cluster, r))
+            else:
+                total = await self.executor.run(merge_contributions, list(held.values()))
+            await self.executor.run(alog.publish, total)
+            self.reduce.drop(cluster, r)
 
     # ---- handlers ------------------------------------------------------------------------------
+    async def rpc_partial(self, env: Envelope) -> None:
+        b = env.body
+        await self.assignments.require_caller(env, b.sender)
+        if self.cluster is None or b.cluster != self.cluster:
+            raise RpcError("wrong_cluster", f"node {self.local.node_id} is not in cluster {b.cluster}")
+        alog = self.anchor_logs.get(b.cluster)
+        published = alog.next_round if alog is not None else (self.session.round if self.session is not None else 0)
+        if b.round < published:
+            raise RpcError("too_old", f"round {b.round} is closed here (next round {published})")
+        try:
+            p = await self.executor.run(partial_from_msg, b)
+        except ValueError as exc:
+            raise RpcError("bad_request", str(exc)) from None
+        verdict = self.reduce.offer(b.cluster, p, time.time())
+        if verdict == "overlap":
+            raise RpcError("overlap", f"round {b.round}: some of nodes {sorted(p.covers)} are held here already")
+        if verdict == "mismatch":
+            raise RpcError("bad_request", f"round {b.round}: the partial's modules do not match the round's")
+
+    async def rpc_held_get(self, env: Envelope) -> Held:
+        b = env.body
+        await self.assignments.require_caller(env)
+        me, alog = self.local.node_id, self.anchor_logs.get(b.cluster)
+        if alog is not None and b.round in alog.manifests:
+            held = b.digest in alog.manifests[b.round].digests
+        elif alog is not None and b.round < alog.next_round:
+            raise RpcError("too_old", f"round {b.round} was published before node {me} anchored")
+        elif alog is not None and self.cluster == b.cluster and self.assignments.assignment.anchor == me:
+            held = self.reduce.holds(b.cluster, b.round, str(b.node_id), b.digest)
+        else:
+            raise RpcError("not_anchor", f"node {me} does not anchor cluster {b.cluster}")
+        return Held(cluster=b.cluster, round=b.round, held=held)
+
     async def rpc_contribution(self, env: Envelope) -> None:
         b = env.body
         await self.assignments.require_caller(env, b.sender)  # the copy's sender, as it states

@@ -261,6 +261,9 @@ class SwarmSpec:
         require_choice("split_mode", self.split_mode, SPLIT_MODES)
 
 
+MERGE_MODES = ("reduce", "gossip")  # how a cluster's contributions reach its anchor (nodes/cluster_sync.py)
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """How one node trains (`atlas-node join` flags)."""
@@ -279,12 +282,17 @@ class TrainConfig:
     threads: int = 1  # torch threads of the node's single executor thread
     step_timeout_s: float = 10.0  # deadline of one forward/backward exchange before the helper is reported
     round_deadline_s: float = 20.0  # anchor publishes this long after a round's first contribution
-    fanout: int = 2  # gossip: members each contribution is pushed to
+    fanout: int = 2  # gossip: members each contribution is pushed to (merge="gossip" only)
+    merge: str = "reduce"  # reduce: partial sums up a tree to the anchor; gossip: every contribution to every member
+    fan_in: int = 2  # reduce: children per node of the cluster's reduce tree (an inner node serves each the patch)
+    reduce_wait_s: float = 2.0  # reduce: a node waits this long for its children before forwarding what it has
+    wire_bf16: bool = False  # an owner sends activations (and u-shape gradients) as bfloat16; its helper answers alike
     poll_s: float = 0.1  # how often waits re-check (manifest, assignment)
     helper_wait_s: float = 60.0  # a node below the whole model waits this long for a provisional helper
     step_delay_s: float = 0.0  # extra seconds per step: emulates a slow device (stragglers in scenarios)
     emulate_link: bool = False  # shape this node's sends by its own --bandwidth (scenarios on one machine)
     latency_ms: float = 0.0  # with emulate_link: one-way delay added to every message this node sends
+    shared_base: bool = False  # in-process swarms: view the process's one frozen base (copy-on-write), not a copy
 
     def __post_init__(self) -> None:
         if self.out_dir is not None:
@@ -297,12 +305,17 @@ class TrainConfig:
             require_int("export_rank", self.export_rank, 1)
         require_int("max_seq_len", self.max_seq_len, 2)
         require_int("fanout", self.fanout, 0)
+        require_choice("merge", self.merge, MERGE_MODES)
+        require_int("fan_in", self.fan_in, 1)
+        require_number("reduce_wait_s", self.reduce_wait_s, positive=True)
+        require_bool("wire_bf16", self.wire_bf16)
         require_int("seed", self.seed, 0)
         for name in ("lr", "step_timeout_s", "round_deadline_s", "poll_s"):
             require_number(name, getattr(self, name), positive=True)
         require_number("helper_wait_s", self.helper_wait_s, 0)
         require_number("step_delay_s", self.step_delay_s, 0)
         require_bool("emulate_link", self.emulate_link)
+        require_bool("shared_base", self.shared_base)
         require_number("latency_ms", self.latency_ms, 0)
         if self.latency_ms and not self.emulate_link:
             raise ValueError(f"latency_ms ({self.latency_ms!r}) is emulated only with emulate_link")

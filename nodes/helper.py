@@ -21,17 +21,17 @@ ReplayNeeded -> `replay` (the owner replays its round from step 0), VersionMisma
 from __future__ import annotations
 
 import asyncio
-import copy
 import logging
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
 from atlas_p2p.models.base import short
+from atlas_p2p.models.sharing import copy_model
 from atlas_p2p.training import HelperConfig, HelperPool, HelperSession, ReplayNeeded, VersionMismatchError, probe
 from nodes.collaborators import AssignmentSource, LocalNode, PatchSource
 from nodes.executor import TorchExecutor
-from nodes.wireconv import factors_to_wire
+from nodes.wireconv import factors_to_wire, is_bf16, tensor_from_wire, tensor_to_wire
 from transport.messages import Backward, Envelope, Hidden, ServerAdapterMsg
 from transport.rpc import Handler, RpcError
 
@@ -84,7 +84,7 @@ class HelperService:
     def _replica(self, cluster: int) -> HelperSession:
         key = str(cluster)
         if key not in self.pool.clusters:
-            model = copy.deepcopy(self.local.base_model)
+            model = copy_model(self.local.base_model)  # views a shared base, if any
             self.pool.add(HelperSession(model, HelperConfig(cluster=key)))
         return self.pool.get(key)
 
@@ -149,30 +149,31 @@ class HelperService:
         await self._owner_plan(b.owner_id)
         replica = self._replica(b.cluster)
         await self._sync(b.cluster, replica, b.base_version, b.owner_id)
+        bf16, activations = is_bf16(b.activations), tensor_from_wire(b.activations)  # answered in its dtype
         if b.labels is None:  # u-shape: blocks[s:L] only, the owner keeps head, labels and loss
             out = await self._torch(
                 replica.u_forward,
                 b.owner_id,
                 b.round,
                 b.step,
-                b.activations,
+                activations,
                 b.attention_mask,
                 base_version=b.base_version,
             )
-            reply = Hidden(step=b.step, hidden=out.detach().cpu().numpy())
+            reply = Hidden(step=b.step, hidden=tensor_to_wire(out.detach(), bf16))
         else:
             result = await self._torch(
                 replica.step,
                 b.owner_id,
                 b.round,
                 b.step,
-                b.activations,
+                activations,
                 b.attention_mask,
                 b.labels,
                 base_version=b.base_version,
             )
             self.steps_served += 1
-            reply = Backward(step=b.step, grad=result.grad.detach().cpu().numpy(), loss=float(result.loss))
+            reply = Backward(step=b.step, grad=tensor_to_wire(result.grad.detach(), bf16), loss=float(result.loss))
         return reply
 
     async def rpc_u_backward(self, env: Envelope) -> Backward:
@@ -183,9 +184,12 @@ class HelperService:
         await self._owner_plan(b.owner_id)
         replica = self._replica(b.cluster)
         await self._sync(b.cluster, replica, b.base_version, b.owner_id)
-        grad = await self._torch(replica.u_backward, b.owner_id, b.round, b.step, b.grad, base_version=b.base_version)
+        bf16 = is_bf16(b.grad)
+        grad = await self._torch(
+            replica.u_backward, b.owner_id, b.round, b.step, tensor_from_wire(b.grad), base_version=b.base_version
+        )
         self.steps_served += 1
-        return Backward(step=b.step, grad=grad.detach().cpu().numpy(), loss=None)
+        return Backward(step=b.step, grad=tensor_to_wire(grad.detach(), bf16), loss=None)
 
     async def rpc_return_get(self, env: Envelope) -> ServerAdapterMsg:
         b = env.body

@@ -11,12 +11,21 @@ init seed (the bootstrap's welcome), and `base_identity` names the exact base a 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from nodes.config import EMBEDDED_MODELS
 from nodes.executor import TORCH_LOCK
+
+if TYPE_CHECKING:  # torch is imported when a model is built, not when the CLI starts
+    from torch import nn
 
 EMBEDDED_SEED = 0  # every node builds the same embedded base
 # tiny_model seeds torch's global RNG inside fork_rng: builds take turns with every other
 # torch job of this process (nodes/executor.py explains why).
+
+# shared_model's originals, one per (name, task, num_labels, device, init_seed); read-only
+_SHARED_BASES: dict[tuple[str, str, int | None, str, int], nn.Module] = {}
+_SHARED_TOKENIZERS: dict[str, object] = {}  # shared_tokenizer's, by model name
 
 
 def build_tokenizer(name: str):
@@ -30,6 +39,15 @@ def build_tokenizer(name: str):
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def shared_tokenizer(name: str):
+    """`build_tokenizer(name)`, built once per process for the nodes of an in-process swarm
+    (they only read it: encoding a text changes nothing in it)."""
+    with TORCH_LOCK:
+        if name not in _SHARED_TOKENIZERS:
+            _SHARED_TOKENIZERS[name] = build_tokenizer(name)
+        return _SHARED_TOKENIZERS[name]
 
 
 def build_model(name: str, task: str, num_labels: int | None, device: str = "cpu", init_seed: int = 0):
@@ -49,6 +67,35 @@ def build_model(name: str, task: str, num_labels: int | None, device: str = "cpu
     from atlas_p2p.models import load_model
 
     return load_model(name, task, num_labels=num_labels, device=device, init_seed=init_seed)
+
+
+def shared_model(name: str, task: str, num_labels: int | None, device: str = "cpu", init_seed: int = 0) -> nn.Module:
+    """`build_model`'s base for the nodes of one process (the in-process swarm).
+
+    The first call for (name, task, num_labels, device, init_seed) builds the base and keeps
+    it as the process's read-only original (atlas_p2p.models.sharing.share_frozen); every call
+    returns a structural copy of it: modules and Parameter objects of its own, weights viewing
+    the original's storage, written only after a private copy (copy-on-write)."""
+    from atlas_p2p.models.sharing import copy_model, share_frozen
+
+    key = (name, task, num_labels, device, init_seed)
+    with TORCH_LOCK:
+        original = _SHARED_BASES.get(key)
+        if original is None:
+            original = _SHARED_BASES[key] = share_frozen(build_model(name, task, num_labels, device, init_seed))
+        return copy_model(original)
+
+
+def drop_shared_models() -> None:
+    """Forget every shared original and tokenizer: later `shared_model` calls build afresh (copies handed
+    out keep the tensors they view alive)."""
+    from atlas_p2p.models.sharing import unshare
+
+    with TORCH_LOCK:
+        for original in _SHARED_BASES.values():
+            unshare(original)
+        _SHARED_BASES.clear()
+        _SHARED_TOKENIZERS.clear()
 
 
 def model_config(name: str, task: str, num_labels: int | None):

@@ -25,7 +25,7 @@ from atlas_p2p.training import OwnerForward, OwnerSession
 from nodes.collaborators import Link
 from nodes.config import TrainConfig
 from nodes.executor import TorchExecutor
-from nodes.wireconv import factors_from_wire
+from nodes.wireconv import factors_from_wire, tensor_from_wire, tensor_to_wire
 from transport.messages import Backward, Forward, Hidden, Message, ReturnGet, RoundBegin, ServerAdapterMsg, UBackward
 from transport.rpc import RpcError, RpcTimeout
 
@@ -78,6 +78,7 @@ class OwnerRunner:
         self.session = session
         self.step_timeout_s = train.step_timeout_s
         self.step_delay_s = train.step_delay_s
+        self.wire_bf16 = train.wire_bf16
         self.owner_id = owner_id
         self.cluster = cluster
         self.helper = helper
@@ -135,7 +136,7 @@ class OwnerRunner:
             fwd = await run(s.forward, batch)
             body = Forward(
                 step=fwd.step,
-                activations=fwd.activations.cpu().numpy(),
+                activations=tensor_to_wire(fwd.activations, self.wire_bf16),
                 attention_mask=fwd.attention_mask.cpu().numpy(),
                 labels=None if fwd.labels is None else fwd.labels.cpu().numpy(),
                 base_version=s.version,
@@ -152,7 +153,7 @@ class OwnerRunner:
             if not isinstance(reply, Backward) or reply.step != fwd.step:
                 raise HelperFailed(self.helper, f"answered step {fwd.step} with {type(reply).TYPE}")
             try:
-                await run(s.backward, reply.grad, reply.loss if loss is None else loss)
+                await run(s.backward, tensor_from_wire(reply.grad), reply.loss if loss is None else loss)
             except ValueError as exc:  # a malformed gradient: this helper is not to be trusted
                 raise HelperFailed(self.helper, f"sent a bad gradient ({exc})") from None
 
@@ -163,12 +164,12 @@ class OwnerRunner:
         if not isinstance(reply, Hidden) or reply.step != fwd.step:
             raise HelperFailed(self.helper, f"answered u-shape step {fwd.step} with {type(reply).TYPE}")
         try:
-            loss, grad = await self.executor.run(s.finish, reply.hidden)
+            loss, grad = await self.executor.run(s.finish, tensor_from_wire(reply.hidden))
         except ValueError as exc:  # malformed hidden states: this helper is not to be trusted
             raise HelperFailed(self.helper, f"sent bad hidden states ({exc})") from None
         body = UBackward(
             step=fwd.step,
-            grad=grad.cpu().numpy(),
+            grad=tensor_to_wire(grad, self.wire_bf16),
             base_version=s.version,
             owner_id=self.owner_id,
             cluster=self.cluster,

@@ -10,16 +10,16 @@ node itself:
 - `BootstrapClient` (nodes/bootstrap_client.py): the assignment (the `beat` reply carries
   its version, so a stale node fetches its new one), fingerprint, base digest, reports;
   it is the assignment source of the others;
-- `ClusterSync` (nodes/cluster_sync.py): gossip, anchor, manifests, catch-up;
+- `ClusterSync` (nodes/cluster_sync.py): the reduce (or gossip), anchor, manifests, catch-up;
 - `HelperService` (nodes/helper.py): the helper side of split steps and fingerprint probes;
 - `OwnerRunner` (nodes/owner.py): one round of the owner side against its helper.
 All of them are served on the node's own RpcServer; every torch call runs in one executor thread.
 
 A data node (owner or whole) trains rounds r = its cluster's version .. R-1 (docs/RUNTIME.md):
 fresh adapters from the round seed, E steps (alone, or split with its helper), the
-helper's factors pulled back, one contribution pushed to the anchor and gossiped to
-`fanout` members, then the anchor's manifest is rebuilt from the contributions, checked
-against its digest and folded (base version v -> v+1). After each fold the node evaluates,
+helper's factors pulled back, one contribution sent up the cluster's reduce tree to the
+anchor, then the round's patch fetched down the tree, checked against the anchor's
+manifest and folded (base version v -> v+1). After each fold the node evaluates,
 writes one metrics line and an atomic checkpoint. When its rounds are done it exports the
 cluster adapter, and keeps serving (it may be an anchor or a helper) until the bootstrap
 says the swarm is done; then it leaves with reason "done". A node without data only serves.
@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
 import functools
 import logging
 import time
@@ -50,6 +49,7 @@ from atlas_p2p.fingerprint import FingerprintConfig, LossFn, fingerprint_sample
 from atlas_p2p.importance import measure
 from atlas_p2p.lora import attach_lora
 from atlas_p2p.memory import Workload, shape_from_config
+from atlas_p2p.models.sharing import copy_model
 from atlas_p2p.planning import fits_whole_model
 from atlas_p2p.records import (
     CheckpointState,
@@ -85,7 +85,7 @@ from nodes.executor import TorchExecutor
 from nodes.fingerprinting import split_loss
 from nodes.helper import HelperService
 from nodes.metrics import MetricsLog, write_summary
-from nodes.modelname import build_model, build_tokenizer
+from nodes.modelname import build_model, build_tokenizer, shared_model, shared_tokenizer
 from nodes.owner import HelperFailed, OwnerRunner, RoundResult, VersionBehind
 from nodes.rss import PeakRss
 from transport.link import LinkProfile
@@ -421,9 +421,11 @@ class Peer:
             raise RuntimeFailure(
                 f"--split-mode {self.train.split_mode} disagrees with the swarm's split mode {self.split_mode}"
             )
-        self.tokenizer = await self.executor.run(build_tokenizer, name)
+        shared = self.train.shared_base  # one base (and tokenizer) per process, or our own
+        self.tokenizer = await self.executor.run(shared_tokenizer if shared else build_tokenizer, name)
+        build = shared_model if shared else build_model
         self.local.base_model = await self.executor.run(
-            build_model, name, self.task, self.num_labels, self.train.device, welcome.init_seed
+            build, name, self.task, self.num_labels, self.train.device, welcome.init_seed
         )
         log.info(
             "node %d runs %s (%s%s)",
@@ -504,7 +506,7 @@ class Peer:
             base, pending = self._resume.base, self._resume.pending
         if base is None:
             base = VersionedBase(key)
-        model = attach_lora(copy.deepcopy(self.base_model), {n: int(r) for n, r in a.ranks.items()})
+        model = attach_lora(copy_model(self.base_model), {n: int(r) for n, r in a.ranks.items()})
         if len(base):
             apply_to_model(model, base.folded_delta())
         config = OwnerConfig(

@@ -14,8 +14,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from atlas_p2p.aggregation import AdapterFactors, Contribution, patch_from_arrays, patch_to_arrays
+from atlas_p2p.aggregation import AdapterFactors, Contribution, Partial, patch_from_arrays, patch_to_arrays
 from atlas_p2p.versioning import PatchRecord
+from transport.tensors import RawTensor, bfloat16_from_float32, bfloat16_to_float32
 
 
 def to_numpy(t: torch.Tensor) -> np.ndarray:
@@ -27,6 +28,23 @@ def to_torch(a: Any, what: str) -> torch.Tensor:
     if not isinstance(a, np.ndarray):
         raise ValueError(f"{what}: expected an array, got {type(a).__name__}")
     return torch.from_numpy(np.array(a, copy=True))
+
+
+def tensor_to_wire(t: torch.Tensor, bf16: bool = False) -> np.ndarray | RawTensor:
+    """Activations, hidden states or gradients for a message: as they are, or float32 values
+    rounded to bfloat16 (nearest even; half the bytes, 8 significant bits)."""
+    a = to_numpy(t)
+    return bfloat16_from_float32(a) if bf16 and a.dtype == np.float32 else a
+
+
+def tensor_from_wire(x: Any) -> Any:
+    """A bfloat16 tensor off the wire widened to float32 (exact); anything else as it came
+    (the session checks it)."""
+    return bfloat16_to_float32(x) if is_bf16(x) else x
+
+
+def is_bf16(x: Any) -> bool:
+    return isinstance(x, RawTensor) and x.dtype == "bfloat16"
 
 
 def factors_to_wire(factors: Mapping[str, Any], dense: Mapping[str, torch.Tensor]) -> tuple[dict, dict]:
@@ -110,3 +128,23 @@ def records_from_msg(body) -> list[PatchRecord]:
             raise ValueError(f"patches: record {i} has no arrays")
         out.append(PatchRecord(row.get("version"), patch_from_arrays(groups[i]), row.get("digest"), row.get("chain")))
     return out
+
+
+def partial_to_msg(p: Partial, cluster: int, sender: int):
+    from transport.messages import PartialMsg
+
+    return PartialMsg(
+        cluster=cluster, round=p.round, sender=sender, covers=dict(p.covers), tensors=patch_to_arrays(p.sums)
+    )
+
+
+def partial_from_msg(body) -> Partial:
+    """The partial a message carries; ValueError unless its arrays hash to their digest, its
+    round is the message's and it covers the nodes it weighs, each a node id."""
+    sums = patch_from_arrays({k: np.array(v, copy=True) for k, v in body.tensors.items()})
+    if sums.round != body.round:
+        raise ValueError(f"partial: sums are of round {sums.round}, the message says round {body.round}")
+    bad = sorted(n for n in body.covers if not (n.isdigit() and n == str(int(n))))
+    if bad:
+        raise ValueError(f"partial covers: {bad} are not node ids")
+    return Partial(sums, body.covers)

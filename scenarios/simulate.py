@@ -2,14 +2,19 @@
 
     python scenarios/simulate.py --nodes 50 --tasks 4 --kill 0.3 --json out.json
         [--rounds R] [--local-steps E] [--model tiny-gpt2] [--workdir DIR] [--seed S] [--timeout S]
+        [--no-shared-base] [--data DIR]
 
 The churn scenario (scenarios/churn.py) without one OS process per node: the same node
 mix and data (`plan_nodes`, `write_data`: per task one strong node, weak owners that need
 a helper, N // 4 pure helpers), the real bootstrap (`nodes.bootstrap.Bootstrap`, keys on,
 its coordinator in a process of its own) and N `nodes.peer.Peer`s sharing this process's
 event loop over real loopback sockets (scenarios.inprocess.InProcessSwarm). Each node
-keeps its own model copy, adapters, optimizer, data and executor thread; torch jobs of
-all nodes take turns (nodes.executor.TORCH_LOCK), so one core trains.
+views the process's one frozen base (TrainConfig.shared_base, copy-on-write: docs/RUNTIME.md;
+--no-shared-base gives each its own model) and keeps its own adapters, head, optimizer,
+data and executor thread; torch jobs of all nodes take turns (nodes.executor.TORCH_LOCK),
+so one core trains. A model other than the embedded one gets budgets fitted to its
+footprint (scenarios/budgets.py); --data DIR takes real-text tasks from DIR
+(scenarios/textdata.py) instead of synthetic data.
 
 1. Writes the data, starts the bootstrap and the N peers, waits for every node to join.
 2. Once the plan is in the peer table, kills the --kill fraction of the N nodes in the
@@ -68,6 +73,7 @@ import zmq  # noqa: E402
 
 from atlas_p2p.synthetic import SyntheticConfig  # noqa: E402
 from nodes.config import SwarmSpec, TrainConfig  # noqa: E402
+from scenarios.budgets import fit_budgets  # noqa: E402
 from scenarios.churn import (  # noqa: E402
     MAX_SEQ_LEN,
     ChurnConfig,
@@ -96,6 +102,7 @@ from scenarios.hosts import (  # noqa: E402
 )
 from scenarios.inprocess import InProcessSwarm  # noqa: E402
 from scenarios.swarm import descendants, status_mb  # noqa: E402
+from scenarios.textdata import write_text_data  # noqa: E402
 from transport.rpc import install_uvloop  # noqa: E402
 from transport.units import parse_rate, parse_size  # noqa: E402
 
@@ -215,15 +222,26 @@ class SimulateRun:
         workers: int = 0,
         make_hosts: Callable[[list[list[HostedNode]]], list[Any]] | None = None,
         fingerprint_samples: int = FINGERPRINT_SAMPLES,
+        shared_base: bool = True,
+        text_data: Path | None = None,
     ) -> None:
         self.config = config
         self.fingerprint_samples = fingerprint_samples
+        self.shared_base = shared_base  # the nodes view one frozen base per host process (TrainConfig.shared_base)
+        self.text_data = text_data  # a folder of real-text tasks (scenarios/textdata.py); None: synthetic
         self.workdir = Path(workdir)
         self.say = say
         self.workers = workers
         self.make_hosts = make_hosts
         self.timing = scaled_timing(config.nodes)
-        self.specs = plan_nodes(config, self.workdir / "data")
+        self.specs = fit_budgets(
+            plan_nodes(config, self.workdir / "data"),
+            config.model,
+            config.model_task,
+            SyntheticConfig().num_labels if config.model_task == "seq_cls" else None,
+            config.batch_size,
+            MAX_SEQ_LEN,
+        )
         self.pure = {s.name for s in self.specs if not s.has_data}
         self.progress = RunProgress()
         self.started = time.monotonic()
@@ -288,6 +306,7 @@ class SimulateRun:
             round_deadline_s=self.timing.round_deadline,
             poll_s=self.timing.poll_s,
             emulate_link=True,
+            shared_base=self.shared_base,
             eval_path=spec.eval,
         )
         return HostedNode(spec.name, config, train)
@@ -538,7 +557,10 @@ class SimulateRun:
 
     async def run(self) -> dict[str, Any]:
         c = self.config
-        write_data(self.specs, c)
+        if self.text_data is None:
+            write_data(self.specs, c)
+        else:
+            write_text_data(self.specs, c, self.text_data)
         zmq.Context.instance().set(zmq.MAX_SOCKETS, ZMQ_MAX_SOCKETS)  # takes effect if no socket exists yet
         swarm = await InProcessSwarm.create(self.workdir, self.swarm_spec(), **self.bootstrap_timing())
         watch = Watch(swarm, len(self.data_names()), time.monotonic)
@@ -579,6 +601,8 @@ class SimulateRun:
         result.update(
             engine="in-process",
             workers=self.workers,
+            shared_base=self.shared_base,
+            data=str(self.text_data) if self.text_data else "synthetic",
             **memory,
             plan_s=plan_s,
             fingerprints_s=fingerprints_s,
@@ -642,6 +666,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds for the whole run")
     parser.add_argument("--json", type=Path, dest="json_path", help="write the figures here")
     parser.add_argument("--workdir", type=Path, help="keep data and outputs here (default: a temporary dir)")
+    parser.add_argument(
+        "--shared-base",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the nodes view one frozen base per process, copy-on-write (default); --no-shared-base: a model each",
+    )
+    parser.add_argument(
+        "--data",
+        type=Path,
+        dest="text_data",
+        help="a folder of real-text tasks (NAME.train.jsonl + NAME.test.jsonl) instead of synthetic data",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname).1s %(name)s: %(message)s")
     try:
@@ -675,7 +711,13 @@ def main(argv: list[str] | None = None) -> int:
 
             make_hosts = ray_hosts(args.ray)
         run = SimulateRun(
-            config, workdir, workers=args.workers, make_hosts=make_hosts, fingerprint_samples=args.fingerprint_samples
+            config,
+            workdir,
+            workers=args.workers,
+            make_hosts=make_hosts,
+            fingerprint_samples=args.fingerprint_samples,
+            shared_base=args.shared_base,
+            text_data=args.text_data,
         )
         result = asyncio.run(run.run())
         failures = simulate_failures(result)

@@ -12,10 +12,19 @@ from atlas_p2p.training import node_fingerprint
 from atlas_p2p.versioning import VersionedBase
 from nodes.checkpoint import load_checkpoint, save_checkpoint
 from nodes.config import SwarmSpec, TrainConfig
-from nodes.merge import AnchorLog, GossipStore, merge_manifest
+from nodes.merge import AnchorLog, GossipStore, merge_contributions, merge_manifest
 from nodes.modelname import build_model, build_tokenizer
-from nodes.wireconv import contribution_from_msg, contribution_to_msg, records_from_msg, records_to_msg
-from transport.messages import Fingerprint
+from nodes.wireconv import (
+    contribution_from_msg,
+    contribution_to_msg,
+    is_bf16,
+    records_from_msg,
+    records_to_msg,
+    tensor_from_wire,
+    tensor_to_wire,
+)
+from transport.codec import encode
+from transport.messages import Backward, Envelope, Fingerprint
 
 
 def _contribution(node, round_=0, n=4, seed=0):
@@ -59,15 +68,15 @@ def test_anchor_publishes_when_all_expected_or_deadline_and_members_rebuild_the_
     assert log.due(held, {"1", "2"}, store.first_seen[(0, 0)], now=15.0, deadline_s=5.0)  # straggler cut off
     store.add(0, c2, now=12.0)
     assert log.due(store.of_round(0, 0), {"1", "2"}, 10.0, now=12.0, deadline_s=5.0)
-    info = log.publish(store.of_round(0, 0))
+    info = log.publish(merge_contributions(list(store.of_round(0, 0).values())))
     assert info.version == 1 and log.next_round == 1
     msg = info.to_msg()
     patch = merge_manifest(msg, [c2, c1])  # any arrival order
     assert patch.digest == msg.patch_digest
     with pytest.raises(ValueError, match="do not match the manifest"):
         merge_manifest(msg, [c1])
-    with pytest.raises(ValueError, match="other rounds"):
-        log.publish({"3": _contribution(3, round_=0)})
+    with pytest.raises(ValueError, match="contributions of round 0"):
+        log.publish(merge_contributions([_contribution(3, round_=0)]))
 
 
 # ---- checkpoints -------------------------------------------------------------------------
@@ -145,3 +154,16 @@ def test_train_config_names_the_bad_field(tmp_path):
         TrainConfig(out_dir=tmp_path, local_steps=0)
     with pytest.raises(ValueError, match="lr"):
         TrainConfig(out_dir=tmp_path, lr=float("nan"))
+
+
+def test_bfloat16_on_the_wire_halves_the_bytes_and_rounds_to_8_significant_bits():
+    g = torch.randn(4, 16, 32, generator=torch.Generator().manual_seed(0))
+    fp32, bf16 = tensor_to_wire(g), tensor_to_wire(g, bf16=True)
+    assert not is_bf16(fp32) and is_bf16(bf16)
+    sizes = [
+        sum(memoryview(f).nbytes for f in encode(Envelope.of(Backward(step=0, grad=t), 1, "x"))) for t in (fp32, bf16)
+    ]
+    assert sizes[1] < 0.55 * sizes[0]
+    back = torch.as_tensor(tensor_from_wire(bf16))
+    assert back.dtype == torch.float32 and torch.all((back - g).abs() <= g.abs() * 2.0**-8)
+    assert tensor_from_wire(fp32) is fp32  # float32 passes as it came

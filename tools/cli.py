@@ -478,7 +478,29 @@ def join(
     round_deadline: Annotated[
         float, typer.Option("--round-deadline", help="Seconds after a round's first contribution the anchor publishes.")
     ] = 20.0,
-    fanout: Annotated[int, typer.Option(help="Gossip fanout inside the cluster.")] = 2,
+    fanout: Annotated[int, typer.Option(help="Gossip fanout inside the cluster (--merge gossip).")] = 2,
+    merge: Annotated[
+        str,
+        typer.Option(
+            help="How contributions reach the anchor: reduce (partial sums up a tree, the patch back down) "
+            "or gossip (every contribution to every member)."
+        ),
+    ] = "reduce",
+    fan_in: Annotated[int, typer.Option("--fan-in", help="Children per node of the cluster's reduce tree.")] = 2,
+    reduce_wait: Annotated[
+        float,
+        typer.Option(
+            "--reduce-wait", help="Seconds a node of the reduce tree waits for its children before forwarding."
+        ),
+    ] = 2.0,
+    wire_bf16: Annotated[
+        bool,
+        typer.Option(
+            "--wire-bf16",
+            help="Send split activations (and u-shape gradients) as bfloat16: half the bytes; the helper "
+            "answers alike (accuracy effect: benchmarks/wire_bf16.py).",
+        ),
+    ] = False,
     step_delay: Annotated[
         float, typer.Option("--step-delay", help="Extra seconds per step, to emulate a slow device (scenarios).")
     ] = 0.0,
@@ -545,6 +567,10 @@ def join(
         step_timeout_s=step_timeout,
         round_deadline_s=round_deadline,
         fanout=fanout,
+        merge=merge,
+        fan_in=fan_in,
+        reduce_wait_s=reduce_wait,
+        wire_bf16=wire_bf16,
         step_delay_s=step_delay,
         emulate_link=emulate_link,
         latency_ms=latency_ms,

@@ -431,6 +431,38 @@ class ContributionMsg(Message):
     sender: NodeId = 0  # who sent this copy (not forwarded back to it)
 
 
+@message("partial")
+class PartialMsg(Message):
+    """Un-normalised sums over some contributions of a round (atlas_p2p.aggregation.reduce), sent
+    up the cluster's reduce tree or straight to the anchor; answered by `ok`, or error
+    `overlap` (some covered contribution is held already: send the pieces) or `too_old`."""
+
+    cluster: int
+    round: Count
+    sender: NodeId
+    covers: dict[str, Digest]  # str(node id) -> digest of its contribution
+    tensors: dict[str, Tensor]  # the sums as patch arrays (aggregation.arrays, weights = sample counts)
+
+
+@message("held_get")
+class HeldGet(Message):
+    """Ask the anchor whether it holds a member's contribution to a round; answered by `held`."""
+
+    cluster: int
+    round: Count
+    node_id: NodeId
+    digest: Digest
+
+
+@message("held")
+class Held(Message):
+    """The answer to `held_get`."""
+
+    cluster: int
+    round: Count
+    held: bool
+
+
 @message("contribution_get")
 class ContributionGet(Message):
     """Ask the anchor for a contribution it holds, by digest; answered by `contribution`."""

@@ -2,6 +2,7 @@
 
 - ``factors``: contributions (factors, scalings, sample counts) and their validation.
 - ``stacking``: the exact stacked merge, patches, apply / fold, byte counts.
+- ``reduce``: the same merge as partial sums combined up a tree (stacked or full per module).
 - ``refactor``: the optional lossy truncated-SVD re-factoring and its error.
 - ``digest`` / ``arrays``: content digests and the flat-array form of a patch.
 - ``baselines``: SplitLoRA's factor-wise FedAvg and MIRA's task-graph step.
@@ -19,6 +20,7 @@ from .baselines import (
 )
 from .digest import DigestMismatchError, digest_entries
 from .factors import AdapterFactors, Contribution, as_factors, concat_factors
+from .reduce import Partial, ReduceTree, combine, finalize, partial_of
 from .refactor import LowRank, numerical_rank, rank_within, refactor_lossy, stacked_singular_values
 from .stacking import (
     Patch,
@@ -40,22 +42,27 @@ __all__ = [
     "DigestMismatchError",
     "FactorAverage",
     "LowRank",
+    "Partial",
     "Patch",
+    "ReduceTree",
     "StackedFactors",
     "apply_patch",
     "as_factors",
     "average_dense",
     "cluster_adjacency",
+    "combine",
     "concat_factors",
     "cosine_adjacency",
     "dense_delta",
     "dense_nbytes",
     "digest_entries",
     "fedavg_factors",
+    "finalize",
     "fold_patches",
     "mira_mixing_matrix",
     "mira_update",
     "numerical_rank",
+    "partial_of",
     "patch_from_arrays",
     "patch_nbytes",
     "patch_to_arrays",

@@ -10,6 +10,7 @@ order listed in ``meta``:
     m{i}.B      float (d_out, R)
     m{i}.A      float (R, d_in)
     d{j}        float (...)
+    f{j}        float (d_out, d_in)   a full module (``meta["full"]``, absent when none)
 
 Decoding trusts nothing: unknown or missing keys, bad JSON, wrong dtypes or shapes,
 NaNs and a digest that does not match the content are all ``ValueError``.
@@ -70,18 +71,20 @@ def _from_numpy(a: Any, key: str, ndim: int | None = None) -> torch.Tensor:
 def patch_to_arrays(patch: Patch) -> dict[str, np.ndarray]:
     modules = sorted(patch.modules)
     dense = sorted(patch.dense)
-    out = {
-        "meta": encode_meta(
-            {
-                "format": PATCH_FORMAT,
-                "round": patch.round,
-                "weights": patch.weights,
-                "modules": modules,
-                "dense": dense,
-                "digest": patch.digest,
-            }
-        )
+    full = sorted(patch.full)
+    meta = {
+        "format": PATCH_FORMAT,
+        "round": patch.round,
+        "weights": patch.weights,
+        "modules": modules,
+        "dense": dense,
+        "digest": patch.digest,
     }
+    if full:
+        meta["full"] = full
+    out = {"meta": encode_meta(meta)}
+    for j, name in enumerate(full):
+        out[f"f{j}"] = _to_numpy(patch.full[name])
     for i, name in enumerate(modules):
         out[f"m{i}.B"] = _to_numpy(patch.modules[name].B)
         out[f"m{i}.A"] = _to_numpy(patch.modules[name].A)
@@ -108,6 +111,7 @@ def patch_from_arrays(arrays: Mapping[str, Any]) -> Patch:
         raise ValueError(f"patch meta: format must be {PATCH_FORMAT!r}, got {meta.get('format')!r}")
     modules = _str_list(meta, "modules")
     dense = _str_list(meta, "dense")
+    full = _str_list(meta, "full") if "full" in meta else []
     round_, weights, digest = meta.get("round"), meta.get("weights"), meta.get("digest")
     require_int("patch meta 'round'", round_, 0)
     if not isinstance(weights, dict):
@@ -115,7 +119,7 @@ def patch_from_arrays(arrays: Mapping[str, Any]) -> Patch:
     if not isinstance(digest, str):
         raise ValueError("patch meta 'digest': expected a string")
     expected = {"meta"} | {f"m{i}.{x}" for i in range(len(modules)) for x in "BA"}
-    expected |= {f"d{j}" for j in range(len(dense))}
+    expected |= {f"d{j}" for j in range(len(dense))} | {f"f{j}" for j in range(len(full))}
     if set(arrays) != expected:
         extra, missing = sorted(set(arrays) - expected), sorted(expected - set(arrays))
         raise ValueError(f"patch arrays: unexpected keys {extra}, missing keys {missing}")
@@ -124,7 +128,8 @@ def patch_from_arrays(arrays: Mapping[str, Any]) -> Patch:
         for i, name in enumerate(modules)
     }
     dense_t = {name: _from_numpy(arrays[f"d{j}"], f"d{j}") for j, name in enumerate(dense)}
-    patch = Patch(stacked, dense_t, weights, round_)
+    full_t = {name: _from_numpy(arrays[f"f{j}"], f"f{j}", 2) for j, name in enumerate(full)}
+    patch = Patch(stacked, dense_t, weights, round_, full_t)
     if patch.digest != digest:
         raise DigestMismatchError(f"patch content hashes to {patch.digest[:16]}… but was announced as {digest[:16]}…")
     return patch

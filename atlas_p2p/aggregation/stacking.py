@@ -76,13 +76,17 @@ class Patch:
     dense: name -> Σ_k p_k D_k, the weighted mean change of each dense trainable.
     weights: node id -> p_k, the weights used (empty for a fold of several patches).
     round: the round the patch closes (the last one for a fold).
-    The digest covers the content (modules and dense tensors), not the provenance.
+    full: module name -> the same update as one (d_out, d_in) matrix, for modules whose
+    stacked rank reached d_in d_out / (d_in + d_out), where the matrix is the smaller form
+    (aggregation.reduce); a module is in `modules` or in `full`, never both.
+    The digest covers the content (modules, full and dense tensors), not the provenance.
     """
 
     modules: Mapping[str, StackedFactors]
     dense: Mapping[str, torch.Tensor] = field(default_factory=dict)
     weights: Mapping[str, float] = field(default_factory=dict)
     round: int = 0
+    full: Mapping[str, torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name, sf in self.modules.items():
@@ -101,7 +105,18 @@ class Patch:
                 raise ValueError(f"patch weights must map node ids to numbers, got {node!r}: {p!r}")
             weights[node] = float(p)
         require_int("patch round", self.round, 0)
+        full = {}
+        for name, t in self.full.items():
+            if not isinstance(name, str) or not name:
+                raise ValueError(f"patch full-module names must be non-empty strings, got {name!r}")
+            full[name] = _as_tensor(t, f"patch full module {name!r}")
+            if full[name].dim() != 2:
+                raise ValueError(f"patch full module {name!r}: expected (d_out, d_in), got {tuple(full[name].shape)}")
+        both = sorted(set(full) & set(self.modules))
+        if both:
+            raise ValueError(f"patch modules {both} are both stacked and full")
         object.__setattr__(self, "modules", dict(self.modules))
+        object.__setattr__(self, "full", full)
         object.__setattr__(self, "dense", dense)
         object.__setattr__(self, "weights", weights)
 
@@ -113,7 +128,24 @@ class Patch:
             entries.append((("module", name, "B"), sf.B))
             entries.append((("module", name, "A"), sf.A))
         entries.extend((("dense", name), t) for name, t in self.dense.items())
+        entries.extend((("full", name), t) for name, t in self.full.items())  # none: the digest of a stacked patch
         return digest_entries(entries)
+
+    def module_names(self) -> list[str]:
+        """Every module the patch updates, stacked or full, sorted."""
+        return sorted(set(self.modules) | set(self.full))
+
+    def module_shape(self, module: str) -> tuple[int, int]:
+        """(d_out, d_in) of one module's update."""
+        if module in self.full:
+            return tuple(self.full[module].shape)
+        return self.modules[module].shape
+
+    def module_delta(self, module: str) -> torch.Tensor:
+        """The (d_out, d_in) update of one module: B̃ Ã, or the full matrix."""
+        if module in self.full:
+            return self.full[module]
+        return self.modules[module].dense()
 
 
 def sample_weights(contributions: Sequence[Contribution]) -> dict[str, float]:
@@ -241,10 +273,9 @@ def stack_merge(contributions: Sequence[Contribution]) -> Patch:
 
 def dense_delta(patch: Patch, module: str) -> torch.Tensor:
     """B̃ Ã of one module: the dense (d_out, d_in) update the patch adds."""
-    try:
-        return patch.modules[module].dense()
-    except KeyError:
-        raise KeyError(f"patch has no module {module!r} (it has {sorted(patch.modules)})") from None
+    if module not in patch.modules and module not in patch.full:
+        raise KeyError(f"patch has no module {module!r} (it has {patch.module_names()})")
+    return patch.module_delta(module)
 
 
 def apply_patch(weights: Mapping[str, torch.Tensor], patch: Patch) -> dict[str, torch.Tensor]:
@@ -253,15 +284,15 @@ def apply_patch(weights: Mapping[str, torch.Tensor], patch: Patch) -> dict[str, 
     Names absent from ``weights`` are an error; names the patch does not touch are
     passed through unchanged. The inputs are not modified.
     """
-    missing = sorted((set(patch.modules) | set(patch.dense)) - set(weights))
+    missing = sorted((set(patch.module_names()) | set(patch.dense)) - set(weights))
     if missing:
         raise ValueError(f"apply_patch: no base tensor for {missing}")
     out = dict(weights)
-    for name, sf in patch.modules.items():
-        w = weights[name]
-        if tuple(w.shape) != sf.shape:
-            raise ValueError(f"apply_patch: {name!r} is {tuple(w.shape)} but the patch is {sf.shape}")
-        out[name] = w + sf.dense().to(w.dtype)
+    for name in patch.module_names():
+        w, shape = weights[name], patch.module_shape(name)
+        if tuple(w.shape) != shape:
+            raise ValueError(f"apply_patch: {name!r} is {tuple(w.shape)} but the patch is {shape}")
+        out[name] = w + patch.module_delta(name).to(w.dtype)
     for name, d in patch.dense.items():
         w = weights[name]
         if w.shape != d.shape:
@@ -273,16 +304,19 @@ def apply_patch(weights: Mapping[str, torch.Tensor], patch: Patch) -> dict[str, 
 def fold_patches(patches: Sequence[Patch]) -> Patch:
     """One patch equal to applying ``patches`` in order, still exact and low-rank.
 
-    Σ_u B̃_u Ã_u = [B̃_1 | ... | B̃_U] [Ã_1; ...; Ã_U]; dense changes add up. The fold
-    has no weights (it is not one round's merge) and carries the last patch's round.
+    Σ_u B̃_u Ã_u = [B̃_1 | ... | B̃_U] [Ã_1; ...; Ã_U]; dense changes add up. A module
+    that is full in any of the patches is full in the fold (the sum of the matrices). The
+    fold has no weights (it is not one round's merge) and carries the last patch's round.
     """
     if not patches:
         return Patch({})
     modules: dict[str, list[StackedFactors]] = {}
     dense: dict[str, torch.Tensor] = {}
+    full_names = {name for patch in patches for name in patch.full}
     for patch in patches:
         for name, sf in patch.modules.items():
-            modules.setdefault(name, []).append(sf)
+            if name not in full_names:
+                modules.setdefault(name, []).append(sf)
         for name, d in patch.dense.items():
             if name in dense and dense[name].shape != d.shape:
                 raise ValueError(f"fold_patches: dense {name!r} changes shape across patches")
@@ -296,19 +330,33 @@ def fold_patches(patches: Sequence[Patch]) -> Patch:
             torch.cat([p.B.to(dtype) for p in parts], dim=1),  # (d_out, Σ R_u)
             torch.cat([p.A.to(dtype) for p in parts], dim=0),  # (Σ R_u, d_in)
         )
-    return Patch(folded, dense, {}, patches[-1].round)
+    full = {}
+    for name in sorted(full_names):
+        parts = [p.module_delta(name) for p in patches if name in p.modules or name in p.full]
+        if len({tuple(t.shape) for t in parts}) != 1:
+            raise ValueError(f"fold_patches: module {name!r} changes shape across patches")
+        dtype = _compute_dtype(parts)
+        acc = parts[0].to(dtype).clone()  # (d_out, d_in)
+        for t in parts[1:]:
+            acc += t.to(dtype)
+        full[name] = acc
+    return Patch(folded, dense, {}, patches[-1].round, full)
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
 
 
 def patch_nbytes(patch: Patch) -> int:
-    """Bytes of the patch as it travels: stacked factors plus dense tensors."""
-    n = sum((sf.A.numel() + sf.B.numel()) * sf.A.element_size() for sf in patch.modules.values())
-    return n + sum(d.numel() * d.element_size() for d in patch.dense.values())
+    """Bytes of the patch as it travels: stacked factors, full modules and dense tensors."""
+    n = sum(_nbytes(sf.A) + _nbytes(sf.B) for sf in patch.modules.values())
+    return n + sum(_nbytes(t) for t in patch.full.values()) + sum(_nbytes(d) for d in patch.dense.values())
 
 
 def dense_nbytes(patch: Patch) -> int:
     """Bytes of the same update sent as dense matrices (d_out x d_in per module)."""
     n = sum(sf.shape[0] * sf.shape[1] * sf.A.element_size() for sf in patch.modules.values())
-    return n + sum(d.numel() * d.element_size() for d in patch.dense.values())
+    return n + sum(_nbytes(t) for t in patch.full.values()) + sum(_nbytes(d) for d in patch.dense.values())
 
 
 def stacked_is_smaller(total_rank: int, d_in: int, d_out: int) -> bool:

@@ -27,7 +27,6 @@ compared with the reference's (:func:`compare_predictions`).
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import logging
@@ -58,6 +57,7 @@ from atlas_p2p.lora import (
     set_factors,
 )
 from atlas_p2p.models.families import task_of
+from atlas_p2p.models.sharing import copy_model
 from atlas_p2p.validation import is_int, is_number, require_int
 from atlas_p2p.versioning import VersionedBase
 from atlas_p2p.vocabulary import CAUSAL_LM, SEQ_CLS, TASKS
@@ -231,6 +231,14 @@ def total_update(update: Patch | VersionedBase | Sequence[Patch]) -> Patch:
     raise ValueError(f"update: expected a Patch, a VersionedBase or a list of patches, got {type(update).__name__}")
 
 
+def _as_stacked(patch: Patch, name: str) -> StackedFactors:
+    """One module's update as factors: the stacked ones, or a full matrix ΔW as ΔW · I (exact)."""
+    if name in patch.modules:
+        return patch.modules[name]
+    delta = patch.full[name]  # (d_out, d_in)
+    return StackedFactors(delta, torch.eye(delta.shape[1], dtype=delta.dtype, device=delta.device))
+
+
 def _norm(sf: StackedFactors) -> float:
     """||B̃ Ã||_F = sqrt(Σ σ_i²)."""
     return float(torch.sqrt(torch.sum(stacked_singular_values(sf).double() ** 2)))
@@ -284,15 +292,15 @@ def export_adapter(
     _check_args(original, rank, exact_tol, card, reference)
     patch = total_update(update)
     check_patch(original, patch)
-    if not patch.modules:
+    if not patch.module_names():
         raise ValueError("update: no adapted module to export")
     base_model = card.base_model if card is not None else (getattr(original, "name_or_path", "") or None)
     dtype = next(original.parameters()).dtype
     factors, modules = {}, {}
-    for name, sf in sorted(patch.modules.items()):
-        a, b, modules[name] = _refactor(sf, rank, float(exact_tol), dtype)
+    for name in patch.module_names():
+        a, b, modules[name] = _refactor(_as_stacked(patch, name), rank, float(exact_tol), dtype)
         factors[name] = AdapterFactors(a, b, 1.0)  # A (r, d_in), B (d_out, r), γ = α / r = 1
-    peft_model = attach_lora(copy.deepcopy(original), {n: m.rank for n, m in modules.items()})  # α = r
+    peft_model = attach_lora(copy_model(original), {n: m.rank for n, m in modules.items()})  # α = r
     set_factors(peft_model, factors)
     heads = get_dense_trainables(peft_model)
     missing = sorted(set(patch.dense) - set(heads))
@@ -306,7 +314,7 @@ def export_adapter(
     del peft_model
     check = None
     if reference is not None:
-        loaded = PeftModel.from_pretrained(copy.deepcopy(original), os.fspath(out))
+        loaded = PeftModel.from_pretrained(copy_model(original), os.fspath(out))
         check = compare_predictions(loaded, reference, eval_batches)
         del loaded
     report = ExportReport(

@@ -1,7 +1,8 @@
 """Fold an exact merged patch into a node's copy of the cluster's base weights (DESIGN 8).
 
 For every module M of the patch, ``W_M <- W_M + B̃_M Ã_M`` where B̃ Ã = Σ_k p_k γ_k B_k A_k is
-the stacked merge (aggregation.stack_merge); for every dense trainable (a classification
+the stacked merge (aggregation.stack_merge), or ``W_M <- W_M + ΔW_M`` for a module the patch
+holds as a full matrix; for every dense trainable (a classification
 head), ``D <- D + Σ_k p_k ΔD_k`` on its frozen base. Owners and helpers call the same function,
 so every copy of a layer in the cluster holds the same weights afterwards.
 
@@ -20,6 +21,7 @@ from torch import nn
 
 from atlas_p2p.aggregation import Patch
 from atlas_p2p.lora import add_delta_to_base
+from atlas_p2p.models.sharing import own_
 from atlas_p2p.versioning import PatchRecord, VersionedBase
 
 from .modules import dense_base_param, weight_shape
@@ -33,10 +35,10 @@ def check_patch(model: nn.Module, patch: Patch) -> None:
     """ValueError unless every module and dense tensor of ``patch`` fits ``model``."""
     if not isinstance(patch, Patch):
         raise ValueError(f"patch: expected an aggregation.Patch, got {type(patch).__name__}")
-    for name, sf in patch.modules.items():
-        shape = weight_shape(model, name)
-        if shape != sf.shape:
-            raise ValueError(f"patch module {name!r}: update is {sf.shape} but the weight is {shape}")
+    for name in patch.module_names():
+        shape, update = weight_shape(model, name), patch.module_shape(name)
+        if shape != update:
+            raise ValueError(f"patch module {name!r}: update is {update} but the weight is {shape}")
     for name, delta in patch.dense.items():
         param = dense_base_param(model, name)
         if tuple(param.shape) != tuple(delta.shape):
@@ -46,14 +48,18 @@ def check_patch(model: nn.Module, patch: Patch) -> None:
 
 
 def apply_to_model(model: nn.Module, patch: Patch) -> None:
-    """W <- W + B̃ Ã for every module, base head <- base head + ΔD (checked first)."""
+    """W <- W + B̃ Ã for every module, base head <- base head + ΔD (checked first); tensors
+    that view a shared base are copied before they change (atlas_p2p.models.sharing)."""
     check_patch(model, patch)
     for name, sf in patch.modules.items():
         if sf.rank:
             add_delta_to_base(model, name, sf.dense())  # (d_out, d_in)
+    for name, delta in patch.full.items():
+        add_delta_to_base(model, name, delta)  # (d_out, d_in)
     with torch.no_grad():
         for name, delta in patch.dense.items():
             param = dense_base_param(model, name)
+            own_(param)  # a head base that views a shared base gets its own copy first
             param.add_(delta.to(device=param.device, dtype=param.dtype))
 
 
