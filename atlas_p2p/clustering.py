@@ -68,6 +68,10 @@ class ClusteringConfig:
     n_init: int = 10  # k-means restarts (best inertia kept)
     seed: int = 0  # k-means random_state
     max_match_distance: float | None = None  # farther than this, a new cluster gets a fresh id
+    # K is chosen (silhouettes and the null test) on at most this many fingerprints drawn at
+    # random, then the clustering with that K uses them all: the null test's hundreds of
+    # k-means runs cost O(n) each, minutes of CPU at n = 750
+    choose_on: int = 256
 
     def __post_init__(self) -> None:
         if self.k is not None and (not isinstance(self.k, int) or self.k < 1):
@@ -90,6 +94,8 @@ class ClusteringConfig:
             raise ValueError(
                 f"ClusteringConfig.max_match_distance must be None or > 0, got {self.max_match_distance!r}"
             )
+        if not isinstance(self.choose_on, int) or self.choose_on < 8:
+            raise ValueError(f"ClusteringConfig.choose_on must be an int >= 8, got {self.choose_on!r}")
 
 
 @dataclass(frozen=True)
@@ -315,6 +321,14 @@ def null_test(x: np.ndarray, observed: float, config: ClusteringConfig) -> tuple
     return (1 + exceed) / (1 + len(scores)), len(scores), np.array(scores)
 
 
+def _choice_sample(x: np.ndarray, config: ClusteringConfig) -> np.ndarray:
+    """`x` itself, or `config.choose_on` of its rows drawn without replacement (seeded)."""
+    if x.shape[0] <= config.choose_on:
+        return x
+    rng = np.random.default_rng([config.seed, 0x5A3])
+    return x[np.sort(rng.choice(x.shape[0], config.choose_on, replace=False))]
+
+
 def _choose(x: np.ndarray, config: ClusteringConfig):
     """(labels, centroids, silhouette, scores, null (mean, std), p) for the fixed or chosen K."""
     n = x.shape[0]
@@ -326,12 +340,16 @@ def _choose(x: np.ndarray, config: ClusteringConfig):
         sil = silhouette(x, labels) if 2 <= config.k < n and len(np.unique(labels)) > 1 else None
         return labels, centroids, sil, ({config.k: sil} if sil is not None else {}), None, None
     one = (np.zeros(n, dtype=np.int64), x.mean(axis=0, keepdims=True), None)
-    best, scores = _best_silhouette(x, config)
+    sample = _choice_sample(x, config)
+    best, scores = _best_silhouette(sample, config)
     if best is None or best[2] < config.min_silhouette:
         return (*one, scores, None, None)
+    if sample is not x:  # K chosen on the sample: cluster every fingerprint with it
+        labels, centroids = _kmeans(x, len(best[1]), config)
+        best = (labels, centroids, best[2])
     if not config.null_draws:
         return (*best, scores, None, None)
-    p, used, draws = null_test(x, best[2], config)
+    p, used, draws = null_test(sample, best[2], config)
     finite = draws[np.isfinite(draws)]
     null = (float(finite.mean()), float(finite.std())) if len(finite) else None
     if p > config.null_level:

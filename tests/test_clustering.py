@@ -49,6 +49,17 @@ def test_recovers_planted_clusters_with_k_chosen():
     assert result.null_silhouette is not None and result.silhouette > result.null_silhouette[0]
 
 
+def test_k_chosen_on_a_sample_clusters_every_fingerprint():
+    points, truth = planted(k=4, per=60)  # 240 fingerprints, K chosen on 40 of them
+
+    result = cluster_fingerprints(points, ClusteringConfig(choose_on=40))
+
+    assert result.k == 4 and len(result.labels) == 240
+    assert adjusted_rand(truth, result.labels) == 1.0
+    one, _ = planted(k=1, per=240)
+    assert cluster_fingerprints(one, ClusteringConfig(choose_on=40)).k == 1
+
+
 def test_one_round_blob_gives_k_1():
     rng = np.random.default_rng(1)
     blob = unit(np.ones(64) + 0.5 * rng.standard_normal((20, 64)))
@@ -185,6 +196,7 @@ def test_bad_fingerprints_are_refused(bad, words):
         ({"null_level": 0.0}, "null_level"),
         ({"null_level": 1.5}, "null_level"),
         ({"min_cluster_size": 0}, "min_cluster_size"),
+        ({"choose_on": 4}, "choose_on"),
     ],
 )
 def test_bad_config_names_the_field(kwargs, field):
