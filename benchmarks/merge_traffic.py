@@ -374,10 +374,15 @@ def main(argv: list[str] | None = None) -> dict:
         f"largest member {out['max_member_over_dense_patch']:.1f} D, anchor {out['max_anchor_over_dense_patch']:.1f} D; "
         f"max rel error {out['max_rel_error']:.1e}; peak RSS {out['peak_rss_mb']:.0f} MB"
     )
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    for path in {RESULTS, args.json} - {None}:
-        path.write_text(json.dumps(out, indent=2) + "\n")
+    write_results(out, RESULTS, args.json)
     return out
+
+
+def write_results(out: dict, *paths: Path | None) -> None:
+    """`out` as indented JSON to every path given (None: skipped), making their directories."""
+    for path in set(paths) - {None}:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(out, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ from atlas_p2p.data import load_for_task, round_batches  # noqa: E402
 from atlas_p2p.lora import attach_lora  # noqa: E402
 from atlas_p2p.memory import lora_candidates, shape_from_config  # noqa: E402
 from atlas_p2p.training import HelperConfig, HelperSession, OwnerConfig, OwnerSession, evaluate  # noqa: E402
+from benchmarks.merge_traffic import write_results  # noqa: E402
 from nodes.modelname import build_model, build_tokenizer  # noqa: E402
 from nodes.wireconv import tensor_from_wire, tensor_to_wire  # noqa: E402
 from transport.codec import encode  # noqa: E402
@@ -172,9 +172,7 @@ def main(argv: list[str] | None = None) -> dict:
             f"update differs by {diff:.2e} (relative), bytes x{out[mode]['step_bytes_ratio']:.2f}",
             flush=True,
         )
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    for path in {RESULTS, args.json} - {None}:
-        path.write_text(json.dumps(out, indent=2) + "\n")
+    write_results(out, RESULTS, args.json)
     return out
 
 

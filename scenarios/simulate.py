@@ -2,7 +2,7 @@
 
     python scenarios/simulate.py --nodes 50 --tasks 4 --kill 0.3 --json out.json
         [--rounds R] [--local-steps E] [--model tiny-gpt2] [--workdir DIR] [--seed S] [--timeout S]
-        [--no-shared-base] [--data DIR]
+        [--no-shared-base] [--data DIR] [--no-emulate-link] [--step-timeout S] [--dead-after S] [--export-rank R]
 
 The churn scenario (scenarios/churn.py) without one OS process per node: the same node
 mix and data (`plan_nodes`, `write_data`: per task one strong node, weak owners that need
@@ -224,9 +224,13 @@ class SimulateRun:
         fingerprint_samples: int = FINGERPRINT_SAMPLES,
         shared_base: bool = True,
         text_data: Path | None = None,
+        emulate_link: bool = True,
+        export_rank: int | None = None,
     ) -> None:
         self.config = config
         self.fingerprint_samples = fingerprint_samples
+        self.export_rank = export_rank  # TrainConfig.export_rank: None exact, R lossy (faster for a large model)
+        self.emulate_link = emulate_link  # each node's sends shaped by its bandwidth (TrainConfig.emulate_link)
         self.shared_base = shared_base  # the nodes view one frozen base per host process (TrainConfig.shared_base)
         self.text_data = text_data  # a folder of real-text tasks (scenarios/textdata.py); None: synthetic
         self.workdir = Path(workdir)
@@ -303,10 +307,11 @@ class SimulateRun:
             max_seq_len=MAX_SEQ_LEN,
             seed=c.seed,
             step_timeout_s=c.step_timeout,
-            round_deadline_s=self.timing.round_deadline,
+            round_deadline_s=c.dead_after + 4.0 * c.step_timeout,  # scaled_timing's rule, with any override
             poll_s=self.timing.poll_s,
-            emulate_link=True,
+            emulate_link=self.emulate_link,
             shared_base=self.shared_base,
+            export_rank=self.export_rank,
             eval_path=spec.eval,
         )
         return HostedNode(spec.name, config, train)
@@ -602,6 +607,7 @@ class SimulateRun:
             engine="in-process",
             workers=self.workers,
             shared_base=self.shared_base,
+            emulate_link=self.emulate_link,
             data=str(self.text_data) if self.text_data else "synthetic",
             **memory,
             plan_s=plan_s,
@@ -664,6 +670,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--seed", type=int, default=ChurnConfig.seed)
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds for the whole run")
+    parser.add_argument(
+        "--step-timeout",
+        type=float,
+        help="seconds an owner waits for its helper's step (default: scaled_timing's, for the tiny model)",
+    )
+    parser.add_argument(
+        "--dead-after", type=float, help="silence before the bootstrap declares a node dead (default: scaled)"
+    )
     parser.add_argument("--json", type=Path, dest="json_path", help="write the figures here")
     parser.add_argument("--workdir", type=Path, help="keep data and outputs here (default: a temporary dir)")
     parser.add_argument(
@@ -672,6 +686,13 @@ def main(argv: list[str] | None = None) -> int:
         default=True,
         help="the nodes view one frozen base per process, copy-on-write (default); --no-shared-base: a model each",
     )
+    parser.add_argument(
+        "--emulate-link",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="shape each node's sends by its bandwidth (default); --no-emulate-link: loopback speed",
+    )
+    parser.add_argument("--export-rank", type=int, help="cap the exported adapters' ranks (default: exact export)")
     parser.add_argument(
         "--data",
         type=Path,
@@ -690,6 +711,9 @@ def main(argv: list[str] | None = None) -> int:
             model=args.model,
             seed=args.seed,
             timeout_s=args.timeout,
+            **{
+                k: v for k, v in (("step_timeout", args.step_timeout), ("dead_after", args.dead_after)) if v is not None
+            },
         )
     except ValueError as exc:
         parser.error(str(exc))
@@ -718,6 +742,8 @@ def main(argv: list[str] | None = None) -> int:
             fingerprint_samples=args.fingerprint_samples,
             shared_base=args.shared_base,
             text_data=args.text_data,
+            emulate_link=args.emulate_link,
+            export_rank=args.export_rank,
         )
         result = asyncio.run(run.run())
         failures = simulate_failures(result)

@@ -318,7 +318,7 @@ class Forward(Message):
     labels in u-shape mode, by `hidden` (labels never leave the owner)."""
 
     step: Count
-    activations: Tensor  # (B, T, H)
+    activations: Tensor  # (B, T, H), float32, or bfloat16 with --wire-bf16
     attention_mask: Tensor  # (B, T)
     labels: Tensor | None = None  # (B, T) or (B,); None in u-shape mode
     base_version: Count = 0  # both sides must run the same base
