@@ -50,8 +50,10 @@ from atlas_p2p.memory import (
     ServedOwner,
     Workload,
     helper_footprint,
+    helper_weights_bytes,
     lora_candidates,
     owner_footprint,
+    served_owner_footprint,
     whole_model_footprint,
 )
 from atlas_p2p.validation import require_bool, require_int
@@ -293,17 +295,27 @@ class _Helper:
     own: Footprint  # its own training (zero for a pure helper)
     holds_weights: bool  # already holds every layer (trains the whole model)
     served: dict[str, ServedOwner] = field(default_factory=dict)
+    # (owners served, their summed footprint, shallowest split, any head): `used` is asked
+    # for every (owner, helper) pair while planning, the served set changes far more rarely
+    _sum: tuple[tuple, int, int | None, bool] = field(default=((), 0, None, False), repr=False)
 
     def used(self, ctx: PlanContext, extra: ServedOwner | None = None) -> int:
-        owners = list(self.served.values()) + ([extra] if extra else [])
-        hosted = helper_footprint(
-            ctx.shape,
-            owners,
-            weight_bytes=ctx.workload.weight_bytes,
-            holds_weights=self.holds_weights,
-            constants=ctx.constants,
-        )
-        return self.own.total + hosted.total
+        """own + memory.helper_footprint(served owners, and `extra`), its sum kept between calls."""
+        key = tuple(self.served.items())  # an owner's demand may be replaced under the same id
+        if self._sum[0] != key:
+            owners = self.served.values()
+            total = sum(served_owner_footprint(ctx.shape, o, ctx.constants).total for o in owners)
+            first = min((o.split for o in owners), default=None)
+            self._sum = (key, total, first, any(o.head for o in owners))
+        _, total, first, head = self._sum
+        if extra is not None:
+            total += served_owner_footprint(ctx.shape, extra, ctx.constants).total
+            first = extra.split if first is None else min(first, extra.split)
+            head = head or extra.head
+        weights = 0
+        if first is not None and not self.holds_weights:
+            weights = helper_weights_bytes(ctx.shape, first, ctx.workload.weight_bytes, head)
+        return self.own.total + weights + total
 
     def fits(self, ctx: PlanContext, owner: ServedOwner) -> bool:
         return self.used(ctx, owner) <= self.capacity
