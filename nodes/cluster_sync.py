@@ -124,6 +124,10 @@ class ClusterSync:
         return self.config.merge == "reduce"
 
     def _tree(self, a: Assignment) -> ReduceTree:
+        """The cluster's reduce tree; KeyError while the assignment names no anchor (the
+        callers then treat this node as outside the tree)."""
+        if a.anchor is None:
+            raise KeyError(f"cluster {a.cluster} has no anchor in this assignment")
         return ReduceTree.of(a.members, a.anchor, self.config.fan_in)
 
     def _parent(self, a: Assignment) -> int | None:

@@ -11,11 +11,13 @@ import torch
 
 from atlas_p2p.aggregation import partial_of, stack_merge
 from benchmarks.merge_traffic import MergeCluster, make_contribution
+from nodes.cluster_sync import ClusterSync
+from nodes.collaborators import Link, LocalNode
 from nodes.config import TrainConfig
 from nodes.wireconv import partial_to_msg
 from scenarios.waiting import wait_until_async
 from tests.aio import run
-from transport.messages import PartialMsg
+from transport.messages import Assignment, PartialMsg
 from transport.rpc import RpcError
 
 MODULES = [("q", 16, 16), ("ffn", 32, 64)]  # full once the stacked rank reaches 8 (q) / 21.3 (ffn)
@@ -126,3 +128,13 @@ def test_bad_partials_are_refused_with_clear_errors_and_the_round_still_merges()
             await cluster.stop()
 
     run(body(), timeout=60)
+
+
+def test_an_assignment_without_an_anchor_leaves_the_member_outside_the_tree():
+    sync = ClusterSync(Link(), None, None, LocalNode(node_id=3), _config())
+    a = Assignment(
+        node_id=3, version=2, cluster=0, members=[3, 5], ranks={}, split=None, helper=None, anchor=None, role="whole"
+    )
+
+    assert sync._parent(a) is None  # the anchor it falls back to: none yet
+    assert sync._fallback_s(a) == _config().reduce_wait_s  # depth 0, not a crash
