@@ -424,7 +424,11 @@ class ClusterSync:
         address = self.assignments.address_of(node)
         if address is None:
             return []
-        reply = await self.link.call(address, PatchesGet(cluster=cluster, since=since))
+        # patches run to dense size (MBs on a real model, over an emulated slow link): the round's
+        # deadline, as the reduce's transfers get, not the 3 s control deadline
+        reply = await self.link.call(
+            address, PatchesGet(cluster=cluster, since=since), timeout=self.config.round_deadline_s
+        )
         if not isinstance(reply, Patches) or reply.cluster != cluster:
             raise RpcError("bad_reply", f"patches_get for cluster {cluster} answered with another type or cluster")
         return await self.executor.run(records_from_msg, reply)
