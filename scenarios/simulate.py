@@ -1,18 +1,20 @@
-"""In-process churn: N virtual nodes as `Peer`s in one process, some killed mid-training.
+"""In-process churn: N virtual nodes as `Peer`s, many per process, some killed mid-training.
 
     python scenarios/simulate.py --nodes 50 --tasks 4 --kill 0.3 --json out.json
         [--rounds R] [--local-steps E] [--model tiny-gpt2] [--workdir DIR] [--seed S] [--timeout S]
         [--no-shared-base] [--data DIR] [--no-emulate-link] [--step-timeout S] [--dead-after S] [--export-rank R]
+        [--workers W] [--ray ADDRESS] [--fingerprint-samples M]
 
 The churn scenario (scenarios/churn.py) without one OS process per node: the same node
 mix and data (`plan_nodes`, `write_data`: per task one strong node, weak owners that need
 a helper, N // 4 pure helpers), the real bootstrap (`nodes.bootstrap.Bootstrap`, keys on,
-its coordinator in a process of its own) and N `nodes.peer.Peer`s sharing this process's
-event loop over real loopback sockets (scenarios.inprocess.InProcessSwarm). Each node
-views the process's one frozen base (TrainConfig.shared_base, copy-on-write: docs/RUNTIME.md;
+its coordinator in a process of its own) in this process, and N `nodes.peer.Peer`s dealt
+to --workers hosts (scenarios/hosts.py: worker processes by default, one per core; 0: this
+process; --ray: Ray actors), each host running its share in one event loop over real
+loopback sockets. Each node views its process's one frozen base (TrainConfig.shared_base, copy-on-write: docs/RUNTIME.md;
 --no-shared-base gives each its own model) and keeps its own adapters, head, optimizer,
-data and executor thread; torch jobs of all nodes take turns (nodes.executor.TORCH_LOCK),
-so one core trains. A model other than the embedded one gets budgets fitted to its
+data and executor thread; the torch jobs of a host's nodes take turns
+(nodes.executor.TORCH_LOCK), so each host trains on one core. A model other than the embedded one gets budgets fitted to its
 footprint (scenarios/budgets.py); --data DIR takes real-text tasks from DIR
 (scenarios/textdata.py) instead of synthetic data.
 
