@@ -548,7 +548,7 @@ class SimulateRun:
     def memory(self, watch: Watch) -> dict[str, float]:
         """Peak RSS of the run: this process, the worker processes (their sampled peaks) and the
         coordinator's processes; per node: what the hosts grew by while their nodes ran."""
-        workers = [h for i, h in self.host_status.items() if h.pid != os.getpid()]
+        workers = [h for h in self.host_status.values() if h.pid != os.getpid()]
         own = [h for h in self.host_status.values() if h.pid == os.getpid()]
         children = children_peak_rss_mb(skip={h.pid for h in workers})
         workers_mb = sum(h.peak_rss_mb for h in workers)
