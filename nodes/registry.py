@@ -25,6 +25,7 @@ import dataclasses
 import json
 import logging
 import secrets
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,6 +78,8 @@ class Registry:
         self._ids_by_client: dict[str, int] = {}
         # public key -> the node id bound to it at its first join (identity by key)
         self._ids_by_key: dict[str, int] = {r.public_key: r.id for r in table.rows() if r.public_key}
+        # and back: node id -> its key, so an assignment's keys cost no table reads
+        self._keys_by_id: dict[int, str] = {n: k for k, n in self._ids_by_key.items()}
 
     def _settle_seed(self, wanted: int | None, key: str = _SEED_KEY, what: str = "fingerprint seed") -> int:
         """A seed every node uses (fingerprint projection, init of missing parameters); kept in the
@@ -238,6 +241,7 @@ class Registry:
     def _remember(self, client: str | None, node_id: int, public_key: str | None) -> None:
         if public_key is not None:
             self._ids_by_key[public_key] = node_id
+            self._keys_by_id[node_id] = public_key
             return
         if client is not None:
             self._ids_by_client[client] = node_id
@@ -249,6 +253,13 @@ class Registry:
         """The node bound to `public_key`, or None (no node of this swarm holds it)."""
         node_id = self._ids_by_key.get(public_key)
         return node_id if node_id is not None and self.table.get(node_id) is not None else None
+
+    def public_keys(self, node_ids: Iterable[int]) -> dict[str, str]:
+        """{str(id): public key} of those of `node_ids` that joined with a key (from memory: an
+        assignment names hundreds of nodes, and a table read each cost most of a large swarm's
+        bootstrap CPU)."""
+        keys = self._keys_by_id
+        return {str(n): keys[n] for n in sorted(node_ids) if n in keys}
 
     def check_sender(self, node_id: int, public_key: str) -> None:
         """Refuse (`unauthorized`) a request naming `node_id` from a connection with another key.
@@ -335,6 +346,7 @@ class Registry:
             self.table.delete_many(ids)
             gone = set(ids)  # their keys and client names name no row any more
             self._ids_by_key = {k: n for k, n in self._ids_by_key.items() if n not in gone}
+            self._keys_by_id = {n: k for n, k in self._keys_by_id.items() if n not in gone}
             self._ids_by_client = {c: n for c, n in self._ids_by_client.items() if n not in gone}
             shown = ", ".join(map(str, ids[:10])) + (f" and {len(ids) - 10} more" if len(ids) > 10 else "")
             log.info("deleted %d rows dead or left for %g s: %s", len(ids), self.config.expire_after_s, shown)

@@ -263,6 +263,7 @@ def test_sweep_deletes_rows_dead_or_left_for_expire_after_and_their_ids_stay_use
         for i, name in enumerate(("dead", "gone", "alive"))
     )
     registry.leave(gone, now=50.0)
+    assert registry.public_keys([alive, dead]) == {str(dead): "key-of-dead", str(alive): "key-of-alive"}
 
     def sweep(now: float) -> list[tuple[int, str, str]]:
         registry.heartbeat(alive, now=now)
@@ -277,6 +278,7 @@ def test_sweep_deletes_rows_dead_or_left_for_expire_after_and_their_ids_stay_use
     assert early == [] and first == [(dead, DEAD, EXPIRED)] and second == [(gone, LEFT, EXPIRED)]
     assert [r["id"] for r in registry.rows()] == [alive]
     assert registry.node_of("key-of-dead") is None and set(registry._ids_by_key.values()) == {alive}
+    assert registry.public_keys([dead, gone, alive, 99]) == {str(alive): "key-of-alive"}
     assert _join(registry, now=151.0, node_id=dead, incarnation=registry.incarnation) == 4  # joins as new
 
 
