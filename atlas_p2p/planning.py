@@ -398,7 +398,11 @@ def _solo(
         )
     allowance = _allowance(info, cfg, budget - need.frozen - need.activations, need.adapter)
     ranks = water_fill(hosted, imp, allowance, work, cfg.rank_set)
-    return OWNER, l, ranks, f"split {l}/{L}: {mem} budget", None
+    return OWNER, l, ranks, _split_reason(info, l, L), None
+
+
+def _split_reason(info: NodeInfo, split: int, num_layers: int) -> str:
+    return f"split {split}/{num_layers}: {format_bytes(info.caps.memory_bytes)} budget"
 
 
 def _tail(ctx: PlanContext, split: int) -> list[LoraModule]:
@@ -503,38 +507,9 @@ def make_plan(
         if role in (WHOLE, HELPER) and info.may_host:
             helpers[node_id] = _Helper(info, _budget(info, cfg), own or Footprint(0, 0, 0), role == WHOLE)
 
-    # Pairing, first-fit decreasing on the helper memory an owner needs.
-    owners = [n for n in sorted(rows) if rows[n]["role"] == OWNER]
-    demands = {}
-    for n in owners:
-        imp = _importance_for(importance, rows[n]["cluster"])
-        tail_min = minimum_ranks(_tail(context, rows[n]["split"]), imp, cfg.rank_set)
-        demands[n] = _demand(context, rows[n]["split"], {**rows[n]["ranks"], **tail_min})
-    size = {
-        n: helper_footprint(
-            context.shape, [demands[n]], weight_bytes=context.workload.weight_bytes, constants=context.constants
-        ).total
-        for n in owners
-    }
-    order = sorted(owners, key=lambda n: (-size[n], n))
-    for tiers in ((0, 1), (2,)):  # own cluster everywhere first, then cross-cluster
-        for n in order:
-            if rows[n]["helper"] is not None:
-                continue
-            ranked = _rank_helpers(by_id[n], helpers.values(), context, demands[n], centroids, tiers)
-            if ranked:
-                chosen = ranked[0]
-                chosen.served[n] = demands[n]
-                rows[n]["helper"] = chosen.info.node_id
-                rows[n]["reason"] += "; " + _helper_note(chosen, by_id[n], centroids)
-                rows[n]["ranks"] = {**rows[n]["ranks"], **demands[n].ranks}
-    for n in order:
-        if rows[n]["helper"] is None:
-            rows[n]["role"] = WAITING
-            rows[n]["reason"] = (
-                f"waiting: split {rows[n]['split']}/{context.shape.num_layers} needs a helper "
-                f"with {format_bytes(size[n])} free; none has it"
-            )
+    order = _pair(
+        [n for n in sorted(rows) if rows[n]["role"] == OWNER], rows, helpers, by_id, context, importance, centroids
+    )
     for h in sorted(helpers.values(), key=lambda h: h.info.node_id):
         _fill_helper_ranks(h, context, rows, importance)
     for n in order:
@@ -547,6 +522,53 @@ def make_plan(
         {role: sum(r.role == role for r in plan.nodes.values()) for role in (WHOLE, OWNER, HELPER, WAITING)},
     )
     return plan
+
+
+def _pair(
+    owners: Sequence[str],
+    rows: dict[str, dict],
+    helpers: Mapping[str, _Helper],
+    by_id: Mapping[str, NodeInfo],
+    ctx: PlanContext,
+    importance: Mapping | None,
+    centroids,
+) -> list[str]:
+    """Give each of `owners` (rows with a split, no helper) a helper, first-fit decreasing on
+    the helper memory it needs with minimum tail ranks: own cluster and pure helpers
+    everywhere first, then other clusters. Owners none can host become WAITING (split and
+    own ranks kept); returns the owners in pairing order."""
+    demands = {}
+    for n in owners:
+        imp = _importance_for(importance, rows[n]["cluster"])
+        tail_min = minimum_ranks(_tail(ctx, rows[n]["split"]), imp, ctx.config.rank_set)
+        demands[n] = _demand(ctx, rows[n]["split"], {**rows[n]["ranks"], **tail_min})
+    size = {
+        n: helper_footprint(
+            ctx.shape, [demands[n]], weight_bytes=ctx.workload.weight_bytes, constants=ctx.constants
+        ).total
+        for n in owners
+    }
+    order = sorted(owners, key=lambda n: (-size[n], n))
+    for tiers in ((0, 1), (2,)):
+        for n in order:
+            if rows[n]["helper"] is not None:
+                continue
+            ranked = _rank_helpers(by_id[n], helpers.values(), ctx, demands[n], centroids, tiers)
+            if ranked:
+                chosen = ranked[0]
+                chosen.served[n] = demands[n]
+                base = _split_reason(by_id[n], rows[n]["split"], ctx.shape.num_layers)
+                rows[n].update(role=OWNER, helper=chosen.info.node_id)
+                rows[n]["reason"] = f"{base}; {_helper_note(chosen, by_id[n], centroids)}"
+                rows[n]["ranks"] = {**rows[n]["ranks"], **demands[n].ranks}
+    for n in order:
+        if rows[n]["helper"] is None:
+            rows[n]["role"] = WAITING
+            rows[n]["reason"] = (
+                f"waiting: split {rows[n]['split']}/{ctx.shape.num_layers} needs a helper "
+                f"with {format_bytes(size[n])} free; none has it"
+            )
+    return order
 
 
 def _fallbacks(
@@ -624,33 +646,8 @@ def repair(
     if missing:
         raise ValueError(f"infos: no record for live nodes {sorted(missing)}")
     ctx = plan.context
-    rows = {
-        n: dict(
-            cluster=p.cluster,
-            role=p.role,
-            split=p.split,
-            ranks=dict(p.ranks),
-            helper=p.helper,
-            fallbacks=tuple(f for f in p.fallbacks if f not in dead),
-            reason=p.reason,
-        )
-        for n, p in plan.nodes.items()
-        if n not in dead
-    }
-    helpers: dict[str, _Helper] = {}
-    for n, p in plan.nodes.items():
-        if n in dead or p.role not in (WHOLE, HELPER) or not by_id[n].may_host:
-            continue
-        own = (
-            whole_model_footprint(ctx.shape, p.ranks, ctx.workload, ctx.constants)
-            if p.role == WHOLE
-            else Footprint(0, 0, 0)
-        )
-        h = _Helper(by_id[n], _budget(by_id[n], ctx.config), own, p.role == WHOLE)
-        for o in p.serves:
-            if o not in dead:
-                h.served[o] = _demand(ctx, rows[o]["split"], rows[o]["ranks"])
-        helpers[n] = h
+    rows = _rows_of(plan, dead)
+    helpers = _serving(plan, by_id, rows, dead)
     orphans = [n for n in rows if rows[n]["role"] == OWNER and rows[n]["helper"] in dead]
     size = {
         n: helper_footprint(
@@ -668,7 +665,7 @@ def repair(
             _rank_helpers(by_id[n], helpers.values(), ctx, demand, centroids, (0, 1, 2)),
             key=lambda h: h.info.node_id in avoided,  # stable: the planner's order within each group
         )
-        base = f"split {rows[n]['split']}/{ctx.shape.num_layers}: {format_bytes(by_id[n].caps.memory_bytes)} budget"
+        base = _split_reason(by_id[n], rows[n]["split"], ctx.shape.num_layers)
         if ranked:
             chosen = ranked[0]
             chosen.served[n] = demand
@@ -685,12 +682,103 @@ def repair(
             rows[n]["fallbacks"] = ()
     for n, h in helpers.items():  # _assemble adds the serves part again
         rows[n]["reason"] = _serving_reason(rows[n]["role"], h.info, ctx.shape.num_layers)
-    repaired = _assemble(rows, helpers, ctx, {n: by_id[n] for n in rows})
-    keep = {
-        n: (plan.nodes[n] if rows_equal(plan.nodes[n], repaired.nodes[n]) else repaired.nodes[n])
-        for n in repaired.nodes
+    return _keep_unchanged(plan, _assemble(rows, helpers, ctx, {n: by_id[n] for n in rows}))
+
+
+def _rows_of(plan: Plan, dead: set[str]) -> dict[str, dict]:
+    """The plan's rows as the planner's mutable dicts, without `dead` (also out of fallbacks)."""
+    return {
+        n: dict(
+            cluster=p.cluster,
+            role=p.role,
+            split=p.split,
+            ranks=dict(p.ranks),
+            helper=p.helper,
+            fallbacks=tuple(f for f in p.fallbacks if f not in dead),
+            reason=p.reason,
+        )
+        for n, p in plan.nodes.items()
+        if n not in dead
     }
-    return Plan(keep, ctx, repaired.infos)
+
+
+def _serving(plan: Plan, by_id: Mapping[str, NodeInfo], rows: Mapping[str, dict], dead: set[str]) -> dict[str, _Helper]:
+    """The plan's hosts (whole-model nodes and pure helpers that may host) with what they serve, without `dead`."""
+    ctx = plan.context
+    helpers: dict[str, _Helper] = {}
+    for n, p in plan.nodes.items():
+        if n in dead or p.role not in (WHOLE, HELPER) or not by_id[n].may_host:
+            continue
+        own = (
+            whole_model_footprint(ctx.shape, p.ranks, ctx.workload, ctx.constants)
+            if p.role == WHOLE
+            else Footprint(0, 0, 0)
+        )
+        h = _Helper(by_id[n], _budget(by_id[n], ctx.config), own, p.role == WHOLE)
+        for o in p.serves:
+            if o not in dead:
+                h.served[o] = _demand(ctx, rows[o]["split"], rows[o]["ranks"])
+        helpers[n] = h
+    return helpers
+
+
+def _keep_unchanged(plan: Plan, new: Plan) -> Plan:
+    """`new` with every row equal to the old one (apart from the reason) kept as it was."""
+    keep = {
+        n: (plan.nodes[n] if n in plan.nodes and rows_equal(plan.nodes[n], new.nodes[n]) else new.nodes[n])
+        for n in new.nodes
+    }
+    return Plan(keep, new.context, new.infos)
+
+
+def admit(
+    plan: Plan,
+    infos: Sequence[NodeInfo],
+    importance: Mapping[int, Mapping[str, float]] | None = None,
+    centroids: Mapping[int, Sequence[float]] | None = None,
+) -> Plan:
+    """A plan with the nodes of `infos` it does not hold yet (joined, back, or just clustered)
+    added, changing as little as possible: every planned row stays as it is.
+
+    A newcomer gets the role, split and ranks `make_plan` would give it alone; a new owner is
+    paired (first-fit decreasing, own cluster and pure helpers first) with the spare memory
+    of the hosts already planned and of the new ones, with minimum ranks on its helper's
+    side unless that helper is new; a host that is new serves nobody until then. Owners
+    waiting for a helper are tried again the same way. `infos` must hold every planned node.
+    A full `make_plan` places everyone afresh; this keeps a large swarm's running pairs
+    (and their rounds) when one node comes back.
+    """
+    by_id = _index(infos)
+    missing = set(plan.nodes) - set(by_id)
+    if missing:
+        raise ValueError(f"infos: no record for planned nodes {sorted(missing)} (take them out with repair)")
+    ctx, cfg = plan.context, plan.context.config
+    rows = _rows_of(plan, set())
+    helpers = _serving(plan, by_id, rows, set())
+    new = sorted(set(by_id) - set(plan.nodes))
+    fresh: set[str] = set()
+    for node_id in new:
+        info = by_id[node_id]
+        role, split, ranks, reason, own = _solo(info, ctx, _importance_for(importance, info.cluster))
+        rows[node_id] = dict(
+            cluster=info.cluster, role=role, split=split, ranks=ranks, helper=None, fallbacks=(), reason=reason
+        )
+        if role in (WHOLE, HELPER) and info.may_host:
+            helpers[node_id] = _Helper(info, _budget(info, cfg), own or Footprint(0, 0, 0), role == WHOLE)
+            fresh.add(node_id)
+    unpaired = [n for n in new if rows[n]["role"] == OWNER]
+    unpaired += [n for n in sorted(plan.nodes) if rows[n]["role"] == WAITING and rows[n]["split"] is not None]
+    order = _pair(unpaired, rows, helpers, by_id, ctx, importance, centroids)
+    for h in sorted(helpers.values(), key=lambda h: h.info.node_id):
+        if h.info.node_id in fresh:
+            _fill_helper_ranks(h, ctx, rows, importance)
+    for n in order:
+        if rows[n]["role"] == OWNER:
+            rows[n]["fallbacks"] = _fallbacks(by_id[n], rows[n], helpers, ctx, centroids)
+    for n, h in helpers.items():  # _assemble adds the serves part again
+        if h.served or n in fresh:
+            rows[n]["reason"] = _serving_reason(rows[n]["role"], h.info, ctx.shape.num_layers)
+    return _keep_unchanged(plan, _assemble(rows, helpers, ctx, by_id))
 
 
 def rows_equal(a: NodePlan, b: NodePlan) -> bool:
@@ -740,6 +828,7 @@ __all__ = [
     "Plan",
     "PlanConfig",
     "PlanContext",
+    "admit",
     "fits_whole_model",
     "format_bps",
     "format_bytes",

@@ -96,6 +96,7 @@ from atlas_p2p.planning import (
     Plan,
     PlanConfig,
     PlanContext,
+    admit,
     fits_whole_model,
     make_plan,
     repair,
@@ -1018,10 +1019,18 @@ class Coordinator:
         infos = self._infos()
         importance = self._importance()
         moved = max((importance_change(self._plan_importance.get(c), v) for c, v in importance.items()), default=0.0)
-        why = replan_reason(list(self._plan.infos.values()), infos, moved, tau=TAU)
-        if why is not None:
-            log.info("re-planning: %s", why)
-            self._replan()
+        planned = self._plan.infos
+        why = replan_reason(list(planned.values()), infos, moved, tau=TAU)
+        if why is None:
+            return
+        kept = [i for i in infos if i.node_id in planned]
+        if len(kept) == len(planned) and replan_reason(list(planned.values()), kept, moved, tau=TAU) is None:
+            # only newcomers (joined, back, just clustered): add them, keep every running pair
+            self._plan = admit(self._plan, infos, importance or None, self._centroids())
+            log.info("admitted %d node(s) into the plan", len(infos) - len(kept))
+            return
+        log.info("re-planning: %s", why)
+        self._replan()
 
     def _lose(self, node_id: int, status: str, now: float, note: str, avoid: Iterable[int] = ()) -> bool:
         member = self._member(node_id)

@@ -453,6 +453,32 @@ def test_dead_node_coming_back_is_planned_again():
     assert coord.on_alive(3, now=21.0) is False  # alive already
 
 
+def test_a_node_coming_back_moves_no_running_pair():
+    """A return is admitted into the plan: only the cluster's member lists move, no owner
+    changes helper, split or ranks (a full re-plan of a large swarm re-paired everyone)."""
+    coord = swarm(THREE_GROUPS)
+    before = {n: coord.assignment_for(n) for n in coord.summary()}
+    victim = 8  # the pure helper
+    assert before[victim]["serves"]
+    coord.on_dead(victim, now=10.0)
+    repaired = {n: coord.assignment_for(n) for n in coord.summary()}
+    plans = coord.plans_made
+
+    assert coord.on_alive(victim, now=20.0)
+
+    assert coord.plans_made == plans and coord.status(victim) == LIVE
+    for n, a in repaired.items():
+        if n == victim:
+            continue
+        now = coord.assignment_for(n)
+        assert (now["helper"], now["split"], now["ranks"], now["role"]) == (
+            a["helper"],
+            a["split"],
+            a["ranks"],
+            a["role"],
+        )
+
+
 # ================================================================ late joiners
 
 

@@ -575,6 +575,57 @@ def test_repair_rejects_unknown_dead_ids_and_missing_records():
         P.repair(plan, ["h"], [])
 
 
+# ================================================================ admitting newcomers
+
+
+def test_admit_keeps_every_planned_row_and_pairs_a_new_owner_with_spare_room():
+    plan, infos, cents = _two_cluster_plan()
+    newcomers = [node("d", owner_memory(2)), node("p", BIG, cluster=None, has_data=False)]
+
+    admitted = P.admit(plan, infos + newcomers, centroids=cents)
+
+    for n in plan.nodes:
+        if n != admitted["d"].helper:
+            assert admitted[n] is plan[n]  # untouched rows are the very same objects
+    assert admitted["d"].role == P.OWNER and admitted["d"].helper in {"g", "h", "p"}
+    assert admitted["d"].split == P.make_plan([newcomers[0]], CTX)["d"].split
+    helper = admitted["d"].helper
+    assert "d" in admitted[helper].serves and set(plan[helper].serves) < set(admitted[helper].serves)
+    if helper != "p":
+        assert admitted["p"].role == P.HELPER and admitted["p"].serves == ()
+    assert helper_used(admitted, helper) <= admitted.infos[helper].caps.memory_bytes * 0.8
+
+
+def test_admit_gives_a_waiting_owner_the_new_helper():
+    alone = [node("a", owner_memory(2))]
+    plan = P.make_plan(alone, CTX)
+    assert plan["a"].role == P.WAITING
+
+    admitted = P.admit(plan, [*alone, node("h", BIG)])
+
+    assert admitted["a"].role == P.OWNER and admitted["a"].helper == "h"
+    assert admitted["a"].split == plan["a"].split and admitted["h"].serves == ("a",)
+    assert "needs a helper" not in admitted["a"].reason and "helper h" in admitted["a"].reason
+
+
+def test_a_helper_back_after_a_repair_is_admitted_idle():
+    plan, infos, cents = _two_cluster_plan()
+    dead = plan["a"].helper
+    repaired = P.repair(plan, [dead], infos, cents)
+
+    back = P.admit(repaired, infos, centroids=cents)
+
+    assert all(back[n] is repaired[n] for n in repaired.nodes)
+    assert back[dead].serves == () and back[dead].role in (P.HELPER, P.WHOLE)
+
+
+def test_admit_needs_every_planned_node():
+    plan = P.make_plan([node("a", owner_memory(2)), node("h", BIG)], CTX)
+
+    with pytest.raises(ValueError, match="no record for planned nodes"):
+        P.admit(plan, [node("a", owner_memory(2))])
+
+
 # ================================================================ re-planning and validation
 
 BASE = [node("a", 10 * MB), node("b", 20 * MB, cluster=1)]
