@@ -96,7 +96,9 @@ class HelperService:
             if replica.version < wanted:
                 records = await self.patches(cluster, replica.version, owner)
                 for r in records:
-                    await self.executor.run(replica.fold, r.patch, version=r.version, digest=r.digest, chain=r.chain)
+                    await self.executor.run_urgent(
+                        replica.fold, r.patch, version=r.version, digest=r.digest, chain=r.chain
+                    )
                 log.info("helper replica of cluster %d caught up to version %d", cluster, replica.version)
         if replica.version != wanted:
             raise RpcError(
@@ -106,7 +108,7 @@ class HelperService:
 
     async def _torch(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         try:
-            return await self.executor.run(fn, *args, **kwargs)
+            return await self.executor.run_urgent(fn, *args, **kwargs)
         except ReplayNeeded as exc:
             raise RpcError("replay", str(exc)) from None
         except VersionMismatchError as exc:
@@ -137,7 +139,7 @@ class HelperService:
         replica = self._replica(b.cluster)
         for other in self.pool.clusters:  # an owner that moved cluster is dropped from the old replica
             if other != str(b.cluster):
-                await self.executor.run(self.pool.get(other).drop, b.owner_id)
+                await self.executor.run_urgent(self.pool.get(other).drop, b.owner_id)
         await self._sync(b.cluster, replica, b.base_version, b.owner_id)
         await self._torch(replica.begin, b.owner_id, b.round, b.split, dict(b.ranks), b.seed, mode=b.mode, lr=b.lr)
 

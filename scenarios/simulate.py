@@ -47,7 +47,8 @@ repairs, fallbacks, kills, clusters, losses, wall_s, and for the engine:
   first clustering due (min_nodes = every data node) to the first assignment; with
   fingerprints_s (first to last fingerprint) beside it;
 - heartbeats_per_s: heartbeat requests the bootstrap's RpcServer decoded over the run,
-  per second; bootstrap_requests_per_s for all requests.
+  per second; bootstrap_requests_per_s for all requests; bootstrap_requests (by type) and
+  bootstrap_answers (replies sent, and each error code answered) over the whole run.
 Exit code 0 only when every acceptance check passes; the failing ones are printed.
 """
 
@@ -584,6 +585,9 @@ class SimulateRun:
             heartbeats = swarm.boot.server.requests_by_type["heartbeat"] - beats_at_start
             requests = swarm.boot.server.stats["requests"] - requests_at_start
             coordinator = dict(swarm.boot.coordination.counts)
+            server = swarm.boot.server
+            by_type = dict(sorted(server.requests_by_type.items()))
+            answers = {k: v for k, v in sorted(server.stats.items()) if k != "requests"}  # replies and error codes
             watch.sample()
             await self.stop_refresher()
             await self.refresh()
@@ -619,6 +623,8 @@ class SimulateRun:
             heartbeats_per_s=round(heartbeats / served_s, 1) if served_s > 0 else None,
             bootstrap_requests_per_s=round(requests / served_s, 1) if served_s > 0 else None,
             coordinator=coordinator,
+            bootstrap_requests=by_type,
+            bootstrap_answers=answers,
             timing=vars(self.timing),
             timed_out=self.timed_out,
         )
