@@ -439,7 +439,10 @@ class ClusterSync:
         try:
             records = await self.fetch_patches(self.cluster, s.version)
         except (RpcError, ValueError) as exc:
-            log.warning("catch-up from the anchor failed (%s)", exc)
+            if isinstance(exc, RpcError) and exc.code == "not_found":  # the anchor has no round of its own yet
+                log.info("nothing to catch up from the anchor yet (%s)", exc)
+            else:
+                log.warning("catch-up from the anchor failed (%s)", exc)
             return
         for r in records:
             if r.version <= s.version:
