@@ -627,6 +627,7 @@ def repair(
     infos: Sequence[NodeInfo],
     centroids: Mapping[int, Sequence[float]] | None = None,
     avoid: Iterable[str] = (),
+    unpair: Mapping[str, str] | None = None,
 ) -> Plan:
     """A new plan without the dead nodes that changes as little as possible.
 
@@ -636,11 +637,15 @@ def repair(
     and serves list. `infos`: the live nodes' current records (for their budgets).
     `avoid`: helpers handed out only when no other fits (nodes silent right now, likely
     dead with the one being replaced); they keep serving whom they serve.
+    `unpair`: {owner: helper} pairs that failed while the helper lives on: the owner gets
+    another helper (never that one) as if its helper had died; the helper keeps its other
+    owners. A pair the plan no longer holds is ignored.
     """
     dead, avoided = set(dead_node_ids), set(avoid)
     unknown = dead - set(plan.nodes)
     if unknown:
         raise ValueError(f"dead_node_ids: {sorted(unknown)} are not in the plan")
+    unpair = {o: h for o, h in (unpair or {}).items() if o in plan.nodes and plan.nodes[o].helper == h}
     by_id = {i.node_id: i for i in _index(infos).values() if i.node_id not in dead}
     missing = set(plan.nodes) - dead - set(by_id)
     if missing:
@@ -648,7 +653,10 @@ def repair(
     ctx = plan.context
     rows = _rows_of(plan, dead)
     helpers = _serving(plan, by_id, rows, dead)
-    orphans = [n for n in rows if rows[n]["role"] == OWNER and rows[n]["helper"] in dead]
+    for owner, helper in unpair.items():
+        if helper in helpers:
+            del helpers[helper].served[owner]
+    orphans = [n for n in rows if rows[n]["role"] == OWNER and (rows[n]["helper"] in dead or n in unpair)]
     size = {
         n: helper_footprint(
             ctx.shape,
@@ -661,8 +669,9 @@ def repair(
     for n in sorted(orphans, key=lambda n: (-size[n], n)):
         lost = rows[n]["helper"]
         demand = _demand(ctx, rows[n]["split"], rows[n]["ranks"])
+        others = [h for h in helpers.values() if h.info.node_id != unpair.get(n)]
         ranked = sorted(
-            _rank_helpers(by_id[n], helpers.values(), ctx, demand, centroids, (0, 1, 2)),
+            _rank_helpers(by_id[n], others, ctx, demand, centroids, (0, 1, 2)),
             key=lambda h: h.info.node_id in avoided,  # stable: the planner's order within each group
         )
         base = _split_reason(by_id[n], rows[n]["split"], ctx.shape.num_layers)

@@ -471,7 +471,19 @@ class Bootstrap:
             if not is_int(helper) or helper < 0:
                 raise RpcError("bad_request", f"report helper_failed: helper must be a node id, got {helper!r}")
             log.info("node %d reports helper %d failed: %s", body.node_id, helper, metrics.get("why", ""))
-            self._submit_checked(Event.failure(body.node_id, helper, avoid=tuple(sorted(self._silent))))
+            silent = set(self._silent)
+            if not self._heard_lately(helper):
+                silent.add(helper)  # gone, not slow: the coordinator fails it for all its owners
+            self._submit_checked(Event.failure(body.node_id, helper, avoid=tuple(sorted(silent))))
+
+    def _heard_lately(self, node_id: int) -> bool:
+        """Alive, with a heartbeat in the last two periods."""
+        record = self.registry.table.get(node_id)
+        return (
+            record is not None
+            and record.status == "alive"
+            and self.clock() - record.last_seen <= 2.0 * self.config.heartbeat_s
+        )
 
     async def rpc_get_assignment(self, env: Any) -> Any:
         from transport.messages import Assignment

@@ -113,6 +113,7 @@ DEAD = "dead"
 LEFT = "left"
 DONE = "done"
 FAILED = "failed"  # an owner reported it missed a deadline; out until it joins again or serves its probation
+SLOW = "slow"  # a repair cause: the owner reported a helper that still heartbeats; only that pair is undone
 
 # Kinds of repair events.
 REPAIR = "repair"  # new helper from the owner's cluster, or a pure helper
@@ -174,7 +175,7 @@ class RepairEvent:
     old_helper: int
     new_helper: int | None  # None: nobody can help; the owner waits
     kind: str  # REPAIR | FALLBACK | UNPAIRED
-    cause: str  # what happened to the old helper: dead | left | done | failed
+    cause: str  # what happened to the old helper: dead | left | done | failed | slow (only this pair undone)
     cluster: int | None  # the owner's cluster
 
     def to_dict(self) -> dict[str, Any]:
@@ -576,10 +577,15 @@ class Coordinator:
         return self._lose(node_id, DONE, now, "finished every round")
 
     def report_failure(self, owner: int, helper: int, *, now: float, avoid: Iterable[int] = ()) -> bool:
-        """`owner` saw `helper` miss a deadline: the helper is failed for planning at once.
+        """`owner` saw `helper` miss a deadline.
 
-        A failed node leaves the plan (as if dead) until it joins again. A report about a
-        node that is not (any more) the owner's helper is stale and changes nothing.
+        A helper the bootstrap has stopped hearing from (in `avoid`: silent now) is failed
+        for planning at once: it leaves the plan (as if dead) and all its owners get another
+        helper, until it comes back. A helper that still heartbeats is slow for this owner,
+        not gone: only this owner gets another helper (`planning.repair(unpair=...)`, cause
+        "slow") and the helper keeps its other owners; blaming it for everyone made one late
+        reply in an overloaded swarm re-pair all its owners onto helpers that were just as busy.
+        A report about a node that is not (any more) the owner's helper is stale and changes nothing.
         """
         self._member(owner)
         self._member(helper)
@@ -592,7 +598,17 @@ class Coordinator:
             current = None if row is None or row.helper is None else int(row.helper)
             log.info("stale failure report: node %d's helper is %s, not %d", owner, current, helper)
             return False
-        return self._lose(helper, FAILED, now, f"missed a deadline serving node {owner}", avoid)
+        avoid = set(avoid)
+        if helper in avoid:
+            return self._lose(helper, FAILED, now, f"missed a deadline serving node {owner}", avoid)
+        with self._atomic():
+            old = self._plan
+            infos = list(old.infos.values())
+            self._plan = repair(
+                old, [], infos, self._centroids(), avoid=[str(n) for n in avoid], unpair={str(owner): str(helper)}
+            )
+            events = self._record_repairs(old, self._plan, helper, SLOW, now)
+            return self._publish(now, SLOW, {e.owner: e.kind for e in events})
 
     # --- batches of events ------------------------------------------------------------------
 
@@ -1071,7 +1087,7 @@ class Coordinator:
         """Record what happened to every owner `lost` was helping; returns the new events."""
         events = []
         for n, row in sorted(old.nodes.items(), key=lambda kv: int(kv[0])):
-            if row.helper != str(lost) or n not in new.nodes:
+            if row.helper != str(lost) or n not in new.nodes or new.nodes[n].helper == row.helper:
                 continue
             after = new.nodes[n]
             if after.helper is None:

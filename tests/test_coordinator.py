@@ -28,6 +28,7 @@ from nodes.coordinator import (
     LEFT,
     LIVE,
     REPAIR,
+    SLOW,
     UNPAIRED,
     Coordinator,
     CoordinatorConfig,
@@ -373,8 +374,8 @@ def test_dead_helper_is_replaced(spec, kill, owner, new_helper, kind, repairs, f
 def test_report_failure_repairs_at_once_and_a_stale_report_changes_nothing():
     coord = swarm(REPAIR_INSIDE)
 
-    changed = coord.report_failure(2, 1, now=20.0)
-    stale = coord.report_failure(2, 1, now=21.0)
+    changed = coord.report_failure(2, 1, now=20.0, avoid=[1])  # 1 is silent: gone, not slow
+    stale = coord.report_failure(2, 1, now=21.0, avoid=[1])
 
     assert (changed, stale) == (True, False)
     assert coord.status(1) == FAILED and coord.assignment_for(2)["helper"] == 3
@@ -385,9 +386,24 @@ def test_report_failure_repairs_at_once_and_a_stale_report_changes_nothing():
     assert coord.status(1) == LIVE and coord.assignment_for(1)["role"] == WHOLE
 
 
+def test_a_report_about_a_helper_that_still_heartbeats_moves_only_that_owner():
+    coord = swarm(THREE_GROUPS)
+    helper = coord.assignment_for(2)["helper"]
+    others = [o for o in coord.assignment_for(helper)["serves"] if o != 2]
+    assert others, "the helper must serve another owner for this test to mean anything"
+
+    assert coord.report_failure(2, helper, now=20.0)  # not silent: slow for node 2
+
+    assert coord.status(helper) == LIVE and coord.assignment_for(2)["helper"] not in (helper, None)
+    assert all(coord.assignment_for(o)["helper"] == helper for o in others)
+    assert 2 not in coord.assignment_for(helper)["serves"]
+    (event,) = coord.events
+    assert (event.owner, event.old_helper, event.cause) == (2, helper, SLOW)
+
+
 def test_a_failed_helper_back_from_probation_is_planned_in_again():
     coord = swarm(REPAIR_INSIDE)
-    coord.report_failure(2, 1, now=20.0)
+    coord.report_failure(2, 1, now=20.0, avoid=[1])
     assert coord.assignment_for(1)["role"] == WAITING
 
     back = coord.on_alive(1, now=40.0)  # the bootstrap saw it heartbeat through its probation
@@ -719,7 +735,8 @@ def test_churn_keeps_plans_consistent_and_versions_monotonic(spec, events):
         memory, direction, bw = spec[n]
         if kind == "fail":
             helper = lost = coord.assignment_for(n)["helper"]
-            changed = coord.report_failure(n, helper, now=t) if helper is not None else False
+            silent = [helper] if t % 2 and helper is not None else []  # gone (failed) or slow (this pair)
+            changed = coord.report_failure(n, helper, now=t, avoid=silent) if helper is not None else False
         elif kind == "alive":
             changed = coord.on_alive(n, now=t)
         elif kind == "join":

@@ -566,6 +566,17 @@ def test_a_dead_owner_frees_its_helper():
     assert repaired["b"] is plan["b"]
 
 
+def test_unpair_moves_one_owner_off_a_live_helper_that_keeps_the_rest():
+    owners = [node("a", owner_memory(2)), node("b", owner_memory(2))]
+    plan = P.admit(P.make_plan([*owners, node("h", BIG)], CTX), [*owners, node("h", BIG), node("g", BIG)])
+    assert plan["a"].helper == plan["b"].helper == "h" and plan["g"].serves == ()
+
+    moved = P.repair(plan, [], plan.infos.values(), unpair={"a": "h", "zz": "h", "b": "g"})  # stale pairs ignored
+
+    assert moved["a"].helper == "g" and "(replaces h)" in moved["a"].reason
+    assert moved["b"] is plan["b"] and moved["h"].serves == ("b",) and moved["g"].serves == ("a",)
+
+
 def test_repair_rejects_unknown_dead_ids_and_missing_records():
     plan = P.make_plan([node("a", owner_memory(2)), node("h", BIG)], CTX)
 
