@@ -3,6 +3,7 @@
     python benchmarks/simulate_minilm.py --json benchmarks/results/simulate-minilm-100.json
         [--nodes 100] [--rounds 2] [--local-steps 2] [--model DIR] [--data DIR] [--process-nodes 4]
         [--no-shared-base] [--workdir DIR] [--timeout S] [--step-timeout 120] [--dead-after 120] [--export-rank 8]
+        [--fingerprint-samples 256]
 
 What it does, in order (one after the other, never at the same time):
 1. One node process: a bootstrap and `--process-nodes` `atlas-node join` processes
@@ -131,6 +132,7 @@ def run_simulate(args: argparse.Namespace, model: Path, workdir: Path) -> dict[s
         *("--timeout", str(args.timeout), "--json", str(out)),
         *("--step-timeout", str(args.step_timeout), "--dead-after", str(args.dead_after)),
         *("--export-rank", str(args.export_rank), "--no-emulate-link"),
+        *("--fingerprint-samples", str(args.fingerprint_samples)),
         "--shared-base" if args.shared_base else "--no-shared-base",
     ]
     print(" ".join(command), flush=True)
@@ -151,6 +153,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--step-timeout", type=float, default=120.0)
     parser.add_argument("--dead-after", type=float, default=120.0)
     parser.add_argument("--export-rank", type=int, default=8)
+    parser.add_argument(
+        "--fingerprint-samples",
+        type=int,
+        default=256,
+        help="examples each fingerprint averages over (256, the swarm default for real text; at 64 the four tasks fell into one cluster)",
+    )
     parser.add_argument("--workdir", type=Path, help="keep everything here (default: a temporary dir)")
     parser.add_argument("--json", type=Path, dest="json_path", required=True)
     args = parser.parse_args(argv)
@@ -174,11 +182,13 @@ def main(argv: list[str] | None = None) -> int:
             "step_timeout_s": args.step_timeout,
             "dead_after_s": args.dead_after,
             "export_rank": args.export_rank,
+            "fingerprint_samples": args.fingerprint_samples,
             "emulate_link": False,
             "peak_rss_mb": sim["peak_rss_mb"],
+            "workers": sim.get("workers"),
             "process_peak_rss_mb": sim["process_peak_rss_mb"],
+            "workers_peak_rss_mb": sim.get("workers_peak_rss_mb"),
             "coordinator_peak_rss_mb": sim["children_peak_rss_mb"],
-            "rss_before_nodes_mb": sim["rss_before_nodes_mb"],
             "rss_per_node_mb": sim["rss_per_node_mb"],
             "peak_rss_per_node_mb": round(sim["peak_rss_mb"] / args.nodes, 1),
             **measured,
