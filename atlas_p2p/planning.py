@@ -657,18 +657,19 @@ def repair(
         if helper in helpers:
             del helpers[helper].served[owner]
     orphans = [n for n in rows if rows[n]["role"] == OWNER and (rows[n]["helper"] in dead or n in unpair)]
+    # owners already waiting for a helper are tried again: a repair runs when an owner finishes
+    # or moves, which is when room frees up, and nothing else would ever pair them
+    orphans += [n for n in rows if rows[n]["role"] == WAITING and rows[n]["split"] is not None and n not in dead]
+    demands = {n: _owner_demand(ctx, rows[n]) for n in orphans}
     size = {
         n: helper_footprint(
-            ctx.shape,
-            [_demand(ctx, rows[n]["split"], rows[n]["ranks"])],
-            weight_bytes=ctx.workload.weight_bytes,
-            constants=ctx.constants,
+            ctx.shape, [demands[n]], weight_bytes=ctx.workload.weight_bytes, constants=ctx.constants
         ).total
         for n in orphans
     }
     for n in sorted(orphans, key=lambda n: (-size[n], n)):
         lost = rows[n]["helper"]
-        demand = _demand(ctx, rows[n]["split"], rows[n]["ranks"])
+        demand = demands[n]
         others = [h for h in helpers.values() if h.info.node_id != unpair.get(n)]
         ranked = sorted(
             _rank_helpers(by_id[n], others, ctx, demand, centroids, (0, 1, 2)),
@@ -678,9 +679,10 @@ def repair(
         if ranked:
             chosen = ranked[0]
             chosen.served[n] = demand
-            rows[n]["helper"] = chosen.info.node_id
-            rows[n]["reason"] = f"{base}; {_helper_note(chosen, by_id[n], centroids)} (replaces {lost})"
-        else:
+            replaces = "" if lost is None else f" (replaces {lost})"
+            rows[n].update(role=OWNER, helper=chosen.info.node_id, ranks={**rows[n]["ranks"], **demand.ranks})
+            rows[n]["reason"] = f"{base}; {_helper_note(chosen, by_id[n], centroids)}{replaces}"
+        elif lost is not None:
             rows[n].update(
                 role=WAITING, helper=None, reason=f"waiting: helper {lost} left; none has {format_bytes(size[n])} free"
             )
@@ -692,6 +694,16 @@ def repair(
     for n, h in helpers.items():  # _assemble adds the serves part again
         rows[n]["reason"] = _serving_reason(rows[n]["role"], h.info, ctx.shape.num_layers)
     return _keep_unchanged(plan, _assemble(rows, helpers, ctx, {n: by_id[n] for n in rows}))
+
+
+def _owner_demand(ctx: PlanContext, row: dict) -> ServedOwner:
+    """What hosting this owner's tail takes: its tail ranks, or the minimum ones when it never
+    had a helper (a row make_plan left waiting holds its own side's ranks only)."""
+    demand = _demand(ctx, row["split"], row["ranks"])
+    if demand.ranks:
+        return demand
+    tail_min = minimum_ranks(_tail(ctx, row["split"]), {}, ctx.config.rank_set)
+    return _demand(ctx, row["split"], {**row["ranks"], **tail_min})
 
 
 def _rows_of(plan: Plan, dead: set[str]) -> dict[str, dict]:

@@ -40,6 +40,14 @@ def node(node_id, memory, cluster=0, has_data=True, bandwidth=100e6, compute=1.0
 BIG = 100 * MB  # trains the whole model with room to host several owners
 
 
+def helper_room_for_one(split=2, ctx=CTX):
+    """Memory of a pure helper that hosts one owner at `split` with minimum tail ranks, not two."""
+    tail = P.minimum_ranks([m for m in MODULES if m.block >= split], {})
+    one = M.ServedOwner(split, ctx.workload, tail, head=not ctx.config.u_shape)
+    need = M.helper_footprint(SHAPE, [one], weight_bytes=ctx.workload.weight_bytes).total
+    return math.ceil(need / ctx.config.headroom) + 1
+
+
 def helper_used(plan, helper_id, head=True):
     """Bytes the plan puts on `helper_id`, recomputed from the rows with the memory model."""
     ctx, row = plan.context, plan[helper_id]
@@ -555,6 +563,22 @@ def test_repair_without_any_helper_left_makes_the_owner_wait():
     repaired = P.repair(plan, ["h"], [node("a", owner_memory(2))])
 
     assert repaired["a"].role == P.WAITING and "helper h left" in repaired["a"].reason
+
+
+def test_a_repair_pairs_an_owner_left_waiting_once_room_frees_up():
+    owners = [node("a", owner_memory(2)), node("b", owner_memory(2))]
+    small = node("h", helper_room_for_one(), cluster=None, has_data=False)
+    plan = P.make_plan([*owners, small], CTX)
+    waiting = "a" if plan["a"].role == P.WAITING else "b"
+    served = ({"a", "b"} - {waiting}).pop()
+    assert plan[waiting].role == P.WAITING and plan[served].helper == "h"
+
+    repaired = P.repair(plan, [served], [owners[0], owners[1], small])  # served finished: h has room again
+
+    assert repaired[waiting].role == P.OWNER and repaired[waiting].helper == "h"
+    assert "replaces" not in repaired[waiting].reason and repaired["h"].serves == (waiting,)
+    tail = [n for n, r in repaired[waiting].ranks.items() if r > 0 and M.candidate(SHAPE, n).block >= 2]
+    assert tail  # the helper has something to train for it
 
 
 def test_a_dead_owner_frees_its_helper():
