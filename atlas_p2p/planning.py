@@ -98,6 +98,8 @@ class PlanConfig:
     max_fallbacks: int = 3  # length of each owner's fallback list
     split_all: bool = False  # split every data node, even one that could train alone
     u_shape: bool = False  # owners keep the head and the labels (DESIGN 4 split modes)
+    fixed_split: int | None = None  # SplitLoRA's one cut: every data node owns this many blocks (clipped to L-1)
+    uniform_rank: int | None = None  # SplitLoRA's one rank: every candidate weight, whatever the budget
 
     def __post_init__(self):
         if not 0 < self.headroom <= 1:
@@ -117,6 +119,10 @@ class PlanConfig:
             raise ValueError(f"adapter_share={self.adapter_share!r}: must be in (0, 1]")
         if not isinstance(self.max_fallbacks, int) or self.max_fallbacks < 0:
             raise ValueError(f"max_fallbacks={self.max_fallbacks!r}: must be an int >= 0")
+        for name in ("fixed_split", "uniform_rank"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name}={value!r}: must be None or an int >= 1")
 
 
 @dataclass(frozen=True)
@@ -355,11 +361,13 @@ def _solo(
     mem = format_bytes(info.caps.memory_bytes)
     if not info.caps.has_data:
         return HELPER, None, {}, _serving_reason(HELPER, info, L), None
+    if cfg.fixed_split is not None:
+        return _fixed(info, ctx, imp)
     if not cfg.split_all:
         base = whole_model_footprint(shape, minimum_ranks(modules, imp, cfg.rank_set), work, ctx.constants)
         if base.total <= budget:
             allowance = _allowance(info, cfg, budget - base.frozen - base.activations, base.adapter)
-            ranks = water_fill(modules, imp, allowance, work, cfg.rank_set)
+            ranks = _assign_ranks(modules, imp, allowance, ctx)
             full = whole_model_footprint(shape, ranks, work, ctx.constants)
             return WHOLE, L, ranks, _serving_reason(WHOLE, info, L), full
     fitting = None
@@ -397,8 +405,31 @@ def _solo(
             None,
         )
     allowance = _allowance(info, cfg, budget - need.frozen - need.activations, need.adapter)
-    ranks = water_fill(hosted, imp, allowance, work, cfg.rank_set)
+    ranks = _assign_ranks(hosted, imp, allowance, ctx)
     return OWNER, l, ranks, _split_reason(info, l, L), None
+
+
+def _assign_ranks(
+    modules: Sequence[LoraModule], imp: Mapping[str, float], allowance: int, ctx: PlanContext
+) -> dict[str, int]:
+    """Water-filled ranks, or every module at the uniform rank when the plan fixes one."""
+    if ctx.config.uniform_rank is not None:
+        return {m.name: ctx.config.uniform_rank for m in modules}
+    return water_fill(modules, imp, allowance, ctx.workload, ctx.config.rank_set)
+
+
+def _fixed(info: NodeInfo, ctx: PlanContext, imp: Mapping[str, float]) -> tuple[str, int | None, dict, str, None]:
+    """An owner at the plan's fixed split, or waiting when its budget cannot run those blocks."""
+    shape, cfg = ctx.shape, ctx.config
+    L, split = shape.num_layers, min(cfg.fixed_split, shape.num_layers - 1)
+    hosted = [m for m in lora_candidates(shape) if m.block < split]
+    minimum = minimum_ranks(hosted, imp, cfg.rank_set)  # the budget test every split takes
+    need = owner_footprint(shape, split, minimum, ctx.workload, ctx.constants, with_head=cfg.u_shape)
+    if need.total > _budget(info, cfg):
+        mem = format_bytes(info.caps.memory_bytes)
+        return WAITING, None, {}, f"waiting: {mem} budget cannot run the fixed split of {split}/{L} blocks", None
+    ranks = _assign_ranks(hosted, imp, 0, ctx)
+    return OWNER, split, ranks, _split_reason(info, split, L), None
 
 
 def _split_reason(info: NodeInfo, split: int, num_layers: int) -> str:
@@ -477,7 +508,7 @@ def _fill_helper_ranks(h: _Helper, ctx: PlanContext, rows: dict[str, dict], impo
         row = rows[owner_id]
         share = max(minimum[owner_id], pool * minimum[owner_id] // total_min)
         imp = _importance_for(importance, row["cluster"])
-        tail_ranks = water_fill(_tail(ctx, row["split"]), imp, share, ctx.workload, ctx.config.rank_set)
+        tail_ranks = _assign_ranks(_tail(ctx, row["split"]), imp, share, ctx)
         row["ranks"] = {**row["ranks"], **tail_ranks}
         h.served[owner_id] = _demand(ctx, row["split"], row["ranks"])
 

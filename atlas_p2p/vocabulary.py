@@ -16,6 +16,12 @@ TWO_PART = "two-part"  # owner runs blocks[:s], the helper the rest, head and lo
 U_SHAPE = "u-shape"  # the owner also keeps the head and the labels
 SPLIT_MODES = (TWO_PART, U_SHAPE)
 
+# how a cluster's contributions become its round's patch (DESIGN 8, 9)
+EXACT = "exact"  # the weighted mean of the updates, Σ p_k γ_k B_k A_k (stacked: no cross terms)
+FEDAVG = "fedavg"  # SplitLoRA's factor-wise average, (Σ p_k B_k)(Σ p_k γ A_k): a baseline, not exact
+MIRA = "mira"  # MIRA's personal adapters, pulled toward the cluster's mean each round: a baseline
+MERGE_RULES = (EXACT, FEDAVG, MIRA)
+
 # a node's role in a plan (atlas_p2p.planning)
 WHOLE = "whole"  # trains the whole model alone; may also serve owners
 OWNER = "owner"  # runs blocks[:split], paired with a helper
@@ -28,7 +34,11 @@ NODE_STATES = ("joining", "fingerprinting", "waiting", "training", "merging", "r
 
 __all__ = [
     "CAUSAL_LM",
+    "EXACT",
+    "FEDAVG",
     "HELPER",
+    "MERGE_RULES",
+    "MIRA",
     "NODE_STATES",
     "OWNER",
     "ROLES",

@@ -19,7 +19,9 @@ def make_coordinator(spec: SwarmSpec) -> Coordinator:
         CoordinatorConfig(
             shape=shape,
             workload=Workload(spec.batch_size, spec.max_seq_len),
-            plan=PlanConfig(u_shape=spec.split_mode == U_SHAPE),
+            plan=PlanConfig(
+                u_shape=spec.split_mode == U_SHAPE, fixed_split=spec.fixed_split, uniform_rank=spec.uniform_rank
+            ),
             min_nodes=spec.min_nodes,
             assign_after_s=spec.assign_after_s,
             clusters=spec.clusters,

@@ -364,6 +364,7 @@ class Bootstrap:
                 model_task=spec.task,
                 num_labels=spec.num_labels,
                 split_mode=spec.split_mode,
+                merge_rule=spec.merge_rule,
                 fingerprint_samples=spec.fingerprint_samples,
                 init_seed=self.registry.init_seed,
                 incarnation=self.registry.incarnation,

@@ -41,10 +41,11 @@ import random
 import time
 from dataclasses import replace
 
-from atlas_p2p.aggregation import Contribution, Partial, ReduceTree, combine, partial_of
+from atlas_p2p.aggregation import Contribution, Partial, Patch, ReduceTree, combine, mira_personal_patch, partial_of
 from atlas_p2p.records import FoldedRecord
 from atlas_p2p.training import OwnerSession
 from atlas_p2p.versioning import PatchRecord
+from atlas_p2p.vocabulary import EXACT, MIRA
 from nodes.collaborators import AssignmentSource, Link, LocalNode, TaskSet
 from nodes.config import TrainConfig
 from nodes.executor import TorchExecutor
@@ -95,6 +96,8 @@ class ClusterSync:
         self.session: OwnerSession | None = None  # the node's training session (set by the lifecycle)
         self.folded: list[FoldedRecord] = []  # one record per patch folded (summary "manifests_folded")
         self.rng = random.Random()
+        self.merge_rule = EXACT  # the swarm's (welcome); the baselines' fedavg and mira merge by gossip
+        self._mira_mean: dict[int, Patch] = {}  # mira: cluster -> the mean of its members' adapters
         self._tasks = TaskSet()
 
     def handlers(self) -> dict[str, Handler]:
@@ -121,7 +124,8 @@ class ClusterSync:
 
     @property
     def reducing(self) -> bool:
-        return self.config.merge == "reduce"
+        """Partial sums up a tree; the baselines' rules (fedavg, mira) are not sums: they take the gossip path."""
+        return self.config.merge == "reduce" and self.merge_rule == EXACT
 
     def _tree(self, a: Assignment) -> ReduceTree:
         """The cluster's reduce tree; KeyError while the assignment names no anchor (the
@@ -342,11 +346,25 @@ class ClusterSync:
                     await self.catch_up()
                     return
             contributions.append(c)
-        patch = await self.executor.run(merge_manifest, m, contributions)
-        await self.executor.run(s.fold, patch, version=m.version, digest=m.patch_digest, chain=m.chain)
+        if self.merge_rule == MIRA:
+            patch = await self.executor.run(self._mira_patch, m, contributions)
+            await self.executor.run(s.fold, patch, version=m.version)  # personal: no shared digest or chain
+        else:
+            patch = await self.executor.run(merge_manifest, m, contributions, self.merge_rule)
+            await self.executor.run(s.fold, patch, version=m.version, digest=m.patch_digest, chain=m.chain)
         self.folded.append(
-            FoldedRecord(m.round, m.version, m.patch_digest, tuple(sorted(patch.weights)), "manifest", tuple(m.digests))
+            FoldedRecord(m.round, m.version, patch.digest, tuple(sorted(patch.weights)), "manifest", tuple(m.digests))
         )
+
+    def _mira_patch(self, m: Manifest, contributions: list[Contribution]) -> Patch:
+        """This node's MIRA step for the manifest's contributions (aggregation.mira_personal_patch):
+        its own base moves toward the cluster's mean; the cluster's mean is kept here."""
+        if sorted(c.digest for c in contributions) != sorted(m.digests):
+            raise ValueError(f"cluster {m.cluster} round {m.round}: contributions do not match the manifest")
+        own = self.session.base.folded_delta()
+        mean = self._mira_mean.get(m.cluster, Patch({}))
+        patch, self._mira_mean[m.cluster] = mira_personal_patch(contributions, str(self.local.node_id), own, mean)
+        return patch
 
     async def _fold_record(self, m: Manifest) -> None:
         """Fold the round's patch as published: from the anchor log here, the tree parent or the anchor."""
@@ -490,7 +508,7 @@ class ClusterSync:
             if self.reducing:
                 total = await self.executor.run(combine, self.reduce.pieces(cluster, r))
             else:
-                total = await self.executor.run(merge_contributions, list(held.values()))
+                total = await self.executor.run(merge_contributions, list(held.values()), self.merge_rule)
             await self.executor.run(alog.publish, total)
             self.reduce.drop(cluster, r)
 

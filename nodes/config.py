@@ -22,7 +22,7 @@ from pathlib import Path
 
 from atlas_p2p.capabilities import Capabilities, require_bandwidth, require_memory
 from atlas_p2p.validation import require_bool, require_choice, require_int, require_name, require_number
-from atlas_p2p.vocabulary import SEQ_CLS, SPLIT_MODES, TASKS
+from atlas_p2p.vocabulary import MERGE_RULES, SEQ_CLS, SPLIT_MODES, TASKS
 from transport.security import JoinToken
 
 EMBEDDED_MODELS = {"tiny-gpt2": "gpt2", "tiny-llama": "llama", "tiny-bert": "bert"}
@@ -243,6 +243,10 @@ class SwarmSpec:
     max_seq_len: int = 32  # planning workload: tokens per sequence
     split_mode: str = "two-part"  # two-part | u-shape
     fingerprint_samples: int = FINGERPRINT_SAMPLES  # m: examples each node's fingerprint averages over
+    # the SplitLoRA baseline (scenarios/evaluate.py): one cut, one rank, the factor average
+    merge_rule: str = "exact"  # exact | fedavg
+    fixed_split: int | None = None  # every data node runs exactly this many blocks (clipped to L-1)
+    uniform_rank: int | None = None  # every adapted weight gets this rank, whatever the budget
 
     def __post_init__(self) -> None:
         require_name("model", self.model)
@@ -259,6 +263,11 @@ class SwarmSpec:
         require_int("max_seq_len", self.max_seq_len, 2)
         require_int("fingerprint_samples", self.fingerprint_samples, 1)
         require_choice("split_mode", self.split_mode, SPLIT_MODES)
+        require_choice("merge_rule", self.merge_rule, MERGE_RULES)
+        if self.fixed_split is not None:
+            require_int("fixed_split", self.fixed_split, 1)
+        if self.uniform_rank is not None:
+            require_int("uniform_rank", self.uniform_rank, 1)
 
 
 MERGE_MODES = ("reduce", "gossip")  # how a cluster's contributions reach its anchor (nodes/cluster_sync.py)

@@ -28,17 +28,21 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from atlas_p2p.aggregation import Contribution, Partial, Patch, combine, finalize, partial_of
+from atlas_p2p.aggregation import Contribution, Partial, Patch, combine, fedavg_partial, finalize, partial_of
 from atlas_p2p.versioning import PatchRecord, VersionedBase
+from atlas_p2p.vocabulary import EXACT, FEDAVG
 from transport.messages import Manifest
 
 log = logging.getLogger("atlas.merge")
 
 
-def merge_contributions(contributions: list[Contribution]) -> Partial:
-    """The partial over whole contributions (in node-id order: the same set gives the same bytes)."""
+def merge_contributions(contributions: list[Contribution], rule: str = EXACT) -> Partial:
+    """The partial over whole contributions (in node-id order: the same set gives the same bytes);
+    rule "fedavg" makes SplitLoRA's factor average instead of the exact mean (a baseline)."""
     if not contributions:
         raise ValueError("no contributions to merge")
+    if rule == FEDAVG:
+        return fedavg_partial(sorted(contributions, key=lambda c: c.node_id))
     return combine([partial_of(c) for c in contributions])
 
 
@@ -253,12 +257,13 @@ class AnchorLog:
         return self.base.missing_since(version)
 
 
-def merge_manifest(manifest: Manifest, contributions: list[Contribution]) -> Patch:
-    """The manifest's patch rebuilt from its contributions; ValueError unless digests agree."""
+def merge_manifest(manifest: Manifest, contributions: list[Contribution], rule: str = EXACT) -> Patch:
+    """The manifest's patch rebuilt from its contributions by the swarm's merge rule; ValueError
+    unless digests agree."""
     have = sorted(c.digest for c in contributions)
     if have != sorted(manifest.digests):
         raise ValueError(f"cluster {manifest.cluster} round {manifest.round}: contributions do not match the manifest")
-    patch = finalize(merge_contributions(contributions))
+    patch = finalize(merge_contributions(contributions, rule))
     if patch.digest != manifest.patch_digest:
         raise ValueError(
             f"cluster {manifest.cluster} round {manifest.round}: merged patch digest "

@@ -14,15 +14,20 @@ from atlas_p2p.aggregation import (
     AdapterFactors,
     Contribution,
     DigestMismatchError,
+    Patch,
     apply_patch,
     cluster_adjacency,
+    common_rank,
     concat_factors,
     cosine_adjacency,
     dense_delta,
     dense_nbytes,
     fedavg_factors,
+    fedavg_partial,
+    finalize,
     fold_patches,
     mira_mixing_matrix,
+    mira_personal_patch,
     mira_update,
     patch_from_arrays,
     patch_nbytes,
@@ -410,6 +415,33 @@ def test_fedavg_of_factors_refuses_heterogeneous_settings(gen):
         fedavg_factors([a, Contribution({"q": (f.A, f.B, 1.0)}, 1, "b", 0)])
 
 
+def test_the_fedavg_partial_publishes_the_product_of_the_averaged_factors(gen):
+    cs = [make_contribution(gen, f"n{k}", n, {"q": 4, "mlp": 2}) for k, n in enumerate([1, 3, 6])]
+    patch = finalize(fedavg_partial(cs))
+    p = sample_weights(cs)
+    for module in ("q", "mlp"):
+        b = sum(p[c.node_id] * c.factors[module].B for c in cs)
+        a = sum(p[c.node_id] * c.factors[module].A for c in cs)
+        expected = cs[0].factors[module].scaling * b @ a  # SplitLoRA: (Σ p_k B_k)(Σ p_k γ A_k)
+        assert torch.allclose(dense_delta(patch, module), expected, atol=1e-12)
+        assert not torch.allclose(dense_delta(patch, module), reference(cs, module), atol=1e-6)  # not the exact mean
+    assert patch.weights == pytest.approx(p)
+    assert fedavg_partial(cs).covers == {c.node_id: c.digest for c in cs}
+
+
+def test_a_carried_contribution_is_brought_to_the_common_rank_and_keeps_its_digest(gen):
+    cs = [make_contribution(gen, f"n{k}", 2, {"q": 4}) for k in range(3)]
+    carried = make_contribution(gen, "late", 2, {"q": 8})  # two rounds stacked
+    aligned = common_rank([*cs, carried])
+    assert aligned[:3] == cs  # the ones at the common rank are untouched
+    assert aligned[3].factors["q"].rank == 4
+    # the re-factored update is the best rank-4 approximation of the carried one
+    s = torch.linalg.svdvals(carried.delta("q"))
+    error = (aligned[3].delta("q") - carried.delta("q")).norm()
+    assert float(error) == pytest.approx(float(s[4:].norm()), rel=1e-6)
+    assert fedavg_partial([*cs, carried]).covers["late"] == carried.digest
+
+
 # -- baselines: MIRA ----------------------------------------------------------------------------
 
 
@@ -476,3 +508,39 @@ def test_task_graphs():
     assert cosine_adjacency(f, floor=0.8)[0, 1] == 0.0
     with pytest.raises(ValueError, match="zero"):
         cosine_adjacency(np.zeros((2, 3)))
+
+
+def test_mira_personal_patches_keep_every_adapter_where_the_mixing_rule_puts_it(gen):
+    """Three nodes, three rounds: folding each node's personal patch gives, every round,
+    MIRA's cumulative ΔW_k' = Σ_l m_kl (ΔW_l + δ_l) with a complete graph and ηλ = pull / n."""
+    ids, pull = ["a", "b", "c"], 0.5
+    mix = mira_mixing_matrix(np.ones((3, 3)), pull / 3)
+    want = {k: torch.zeros(SHAPES["q"], dtype=torch.float64) for k in ids}
+    want_head = {k: torch.zeros(2, 3, dtype=torch.float64) for k in ids}
+    own = {k: Patch({}) for k in ids}
+    mean_total = Patch({})
+    for r in range(3):
+        heads = [torch.randn(2, 3, generator=gen, dtype=torch.float64) for _ in ids]
+        cs = [
+            make_contribution(gen, k, 1 + i, {"q": 2 + 2 * i}, round_=r, dense={"head": heads[i]})
+            for i, k in enumerate(ids)
+        ]
+        after = [want[k] + c.delta("q") for k, c in zip(ids, cs)]
+        after_head = [want_head[k] + h for k, h in zip(ids, heads)]
+        want = {k: sum(mix[i, j] * after[j] for j in range(3)) for i, k in enumerate(ids)}
+        want_head = {k: sum(mix[i, j] * after_head[j] for j in range(3)) for i, k in enumerate(ids)}
+        for k in ids:
+            patch, new_mean = mira_personal_patch(cs, k, own[k], mean_total, pull)
+            assert patch.weights[k] == pytest.approx(1 - pull + pull / 3)
+            own[k] = fold_patches([own[k], patch])
+        mean_total = new_mean
+        for k in ids:
+            assert torch.allclose(dense_delta(own[k], "q"), want[k], atol=1e-10), (r, k)
+            assert torch.allclose(own[k].dense["head"], want_head[k], atol=1e-12), (r, k)
+    assert not torch.allclose(dense_delta(own["a"], "q"), dense_delta(own["b"], "q"))  # personal, not shared
+
+
+def test_a_pull_outside_zero_to_one_is_refused(gen):
+    cs = [make_contribution(gen, "a", 1, {"q": 2})]
+    with pytest.raises(ValueError, match="pull"):
+        mira_personal_patch(cs, "a", Patch({}), Patch({}), pull=1.0)

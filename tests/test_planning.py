@@ -312,6 +312,35 @@ def test_split_all_splits_even_a_device_that_fits_everything():
     assert (plan["a"].role, plan["a"].split, plan["a"].helper) == (P.OWNER, L - 1, "h")
 
 
+def test_a_fixed_split_and_uniform_rank_make_every_data_node_the_same_owner():
+    """SplitLoRA's plan (the evaluation's baseline): one cut, one rank, strong or weak."""
+    ctx = dataclasses.replace(CTX, config=P.PlanConfig(fixed_split=2, uniform_rank=8))
+    infos = [node("strong", BIG), node("weak", owner_memory(2)), node("h", BIG, cluster=None, has_data=False)]
+
+    plan = P.make_plan(infos, ctx)
+
+    for name in ("strong", "weak"):
+        assert (plan[name].role, plan[name].split) == (P.OWNER, 2)
+        assert plan[name].helper is not None
+        assert plan[name].ranks == {m.name: 8 for m in MODULES}  # its blocks and the helper's tail
+        assert plan[name].reason.startswith(f"split 2/{L}: ")
+
+
+def test_a_device_below_the_fixed_split_waits_and_says_why():
+    ctx = dataclasses.replace(CTX, config=P.PlanConfig(fixed_split=2))
+
+    plan = P.make_plan([node("a", owner_memory(1)), node("h", BIG, cluster=None, has_data=False)], ctx)
+
+    assert plan["a"].role == P.WAITING and "cannot run the fixed split of 2/" in plan["a"].reason
+
+
+@pytest.mark.parametrize("field", ["fixed_split", "uniform_rank"])
+@pytest.mark.parametrize("value", [0, -1, 2.5, "3"])
+def test_bad_fixed_split_or_rank_is_refused(field, value):
+    with pytest.raises(ValueError, match=field):
+        P.PlanConfig(**{field: value})
+
+
 def test_u_shape_owner_keeps_the_head_so_its_split_is_shallower():
     infos = [node("a", owner_memory(3)), node("h", BIG, cluster=None, has_data=False)]
     u_shape = dataclasses.replace(CTX, config=P.PlanConfig(u_shape=True))

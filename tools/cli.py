@@ -329,6 +329,22 @@ def bootstrap(
             "about 256; nodes compute it in micro-batches of their --batch-size).",
         ),
     ] = FINGERPRINT_SAMPLES,
+    merge_rule: Annotated[
+        str,
+        typer.Option(
+            "--merge-rule",
+            help="exact (the weighted mean of the updates); fedavg (SplitLoRA's factor average) and mira "
+            "(personal adapters pulled toward their cluster) are the evaluation's baselines.",
+        ),
+    ] = "exact",
+    fixed_split: Annotated[
+        int | None,
+        typer.Option("--fixed-split", help="Every data node runs exactly this many blocks (SplitLoRA's one cut)."),
+    ] = None,
+    uniform_rank: Annotated[
+        int | None,
+        typer.Option("--uniform-rank", help="Every adapted weight gets this rank, whatever the budget (SplitLoRA)."),
+    ] = None,
     insecure: Annotated[
         bool,
         typer.Option(
@@ -373,6 +389,9 @@ def bootstrap(
         max_seq_len=max_seq_len,
         split_mode=split_mode,
         fingerprint_samples=fingerprint_samples,
+        merge_rule=merge_rule,
+        fixed_split=fixed_split,
+        uniform_rank=uniform_rank,
     )
 
     bind = _address("--bind", bind, allow_port_zero=True)

@@ -31,7 +31,7 @@ import numpy as np
 
 from atlas_p2p.capabilities import Capabilities
 from atlas_p2p.validation import is_int
-from atlas_p2p.vocabulary import NODE_STATES, ROLES, SPLIT_MODES
+from atlas_p2p.vocabulary import MERGE_RULES, NODE_STATES, ROLES, SPLIT_MODES
 from transport.schema import Length, Node, OneOf, Range, SchemaError, TensorSpec, node_for
 from transport.tensors import Tensor
 
@@ -185,6 +185,7 @@ class Welcome(Message):
     model_task: str = "causal_lm"  # or "classification"
     num_labels: Annotated[int, Range(1, None)] | None = None
     split_mode: Annotated[str, OneOf(SPLIT_MODES)] = "two-part"
+    merge_rule: Annotated[str, OneOf(MERGE_RULES)] = "exact"  # fedavg: SplitLoRA's factor average (a baseline)
     init_seed: Annotated[int, Range(0, (1 << 63) - 1)] = 0  # draws the parameters a checkpoint lacks
     incarnation: str = ""  # the bootstrap state's incarnation: node_id is only this node's within it
 

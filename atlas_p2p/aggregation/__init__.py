@@ -11,11 +11,15 @@ All functions are pure and synchronous: tensors in, tensors out.
 
 from .arrays import patch_from_arrays, patch_to_arrays
 from .baselines import (
+    MIRA_PULL,
     FactorAverage,
     cluster_adjacency,
+    common_rank,
     cosine_adjacency,
     fedavg_factors,
+    fedavg_partial,
     mira_mixing_matrix,
+    mira_personal_patch,
     mira_update,
 )
 from .digest import DigestMismatchError, digest_entries
@@ -51,15 +55,19 @@ __all__ = [
     "average_dense",
     "cluster_adjacency",
     "combine",
+    "common_rank",
     "concat_factors",
     "cosine_adjacency",
     "dense_delta",
     "dense_nbytes",
     "digest_entries",
     "fedavg_factors",
+    "fedavg_partial",
     "finalize",
     "fold_patches",
+    "MIRA_PULL",
     "mira_mixing_matrix",
+    "mira_personal_patch",
     "mira_update",
     "numerical_rank",
     "partial_of",

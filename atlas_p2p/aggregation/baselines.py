@@ -26,24 +26,37 @@ import torch
 from atlas_p2p.validation import require_number
 
 from .factors import AdapterFactors, Contribution, _compute_dtype
+from .reduce import Partial, _place, _settle, combine, finalize, partial_of
+from .refactor import refactor_lossy
 from .stacking import (
     Patch,
+    StackedFactors,
     _check_contributions,
     _common_keys,
     _module_holders,
     _stack,
     average_dense,
+    fold_patches,
     sample_weights,
 )
 
 __all__ = [
     "FactorAverage",
+    "common_rank",
     "fedavg_factors",
+    "fedavg_partial",
     "cluster_adjacency",
     "cosine_adjacency",
+    "MIRA_PULL",
     "mira_mixing_matrix",
+    "mira_personal_patch",
     "mira_update",
 ]
+
+# MIRA in the runtime: a_kl = 1 between members of a cluster of n, ηλ = MIRA_PULL / n, so
+# ηλ deg_k = MIRA_PULL (n-1)/n < 1 and each round moves a node's adapter MIRA_PULL of the
+# way to its cluster's mean.
+MIRA_PULL = 0.5
 
 
 @dataclass(frozen=True, eq=False)
@@ -160,3 +173,109 @@ def mira_update(contributions: Sequence[Contribution], adjacency: Any, eta_lambd
         stacked = {m: _stack(h, [row[c.node_id] for c, _ in h]) for m, h in holders.items()}
         out[node] = Patch(stacked, average_dense(contributions, row), row, round_)
     return out
+
+
+def common_rank(contributions: Sequence[Contribution]) -> list[Contribution]:
+    """`contributions` with every module at the rank and scaling most of them have for it.
+
+    A contribution that carries a missed round (training.carry) stacks two rounds' factors,
+    so its rank (and scaling) differ; SplitLoRA has no such case. Its factors are re-factored
+    to the common rank and scaling by truncated SVD (aggregation.refactor_lossy: the best
+    approximation of that rank) so factor-wise averaging stays defined. Contributions already
+    in the common form are returned as they are."""
+    forms: dict[str, list[tuple[int, float]]] = {}
+    for c in contributions:
+        for name, f in c.factors.items():
+            forms.setdefault(name, []).append((f.rank, f.scaling))
+    common = {name: max(set(fs), key=lambda x: (fs.count(x), -x[0])) for name, fs in forms.items()}
+    out = []
+    for c in contributions:
+        odd = {n: f for n, f in c.factors.items() if (f.rank, f.scaling) != common[n]}
+        if not odd:
+            out.append(c)
+            continue
+        factors = dict(c.factors)
+        for name, f in odd.items():
+            rank, scaling = common[name]
+            low = refactor_lossy(StackedFactors(f.B, f.scaling * f.A), rank, scaling)
+            factors[name] = AdapterFactors(low.A, low.B, scaling)
+        out.append(Contribution(factors, c.n_samples, c.node_id, c.round, c.dense))
+    return out
+
+
+def fedavg_partial(contributions: Sequence[Contribution]) -> Partial:
+    """SplitLoRA's round as a partial the runtime publishes like an exact one.
+
+    `reduce.finalize` divides a partial's A factors and dense sums by N = Σ n_k, so the
+    partial holds, per module, B = Σ p_k B_k and A = Σ n_k γ A_k (rank r): finalize then
+    gives the patch B̄ · γĀ, the product of the averaged factors (with its cross terms),
+    and the dense mean Σ p_k D_k. Contributions are first brought to a common rank
+    (`common_rank`); covers name every contribution's digest as sent, as an exact partial's do.
+    """
+    covers = {c.node_id: c.digest for c in contributions}  # what members hold, before any re-factoring
+    contributions = common_rank(contributions)
+    average = fedavg_factors(contributions)
+    total = float(sum(c.n_samples for c in contributions))
+    modules = {
+        name: StackedFactors(f.B.contiguous(), (total * f.scaling) * f.A) for name, f in sorted(average.factors.items())
+    }
+    dense = {name: total * d for name, d in sorted(average.dense.items())}
+    weights = {c.node_id: float(c.n_samples) for c in contributions}
+    return Partial(Patch(modules, dense, weights, contributions[0].round), covers)
+
+
+def _scaled(p: Patch, c: float) -> Patch:
+    return Patch(
+        {n: StackedFactors(sf.B, c * sf.A) for n, sf in p.modules.items()},
+        {n: c * d for n, d in p.dense.items()},
+        {},
+        p.round,
+        {n: c * t for n, t in p.full.items()},
+    )
+
+
+def _compact(p: Patch) -> Patch:
+    """`p` with every module in its smaller exact form (stacked, or dense past the bound)."""
+    modules, full = {}, dict(p.full)
+    for name, sf in p.modules.items():
+        _place(modules, full, name, _settle(sf))
+    return Patch(modules, p.dense, p.weights, p.round, full)
+
+
+def _uniform_mean(contributions: Sequence[Contribution]) -> Patch:
+    """(1/n) Σ_l γ_l B_l A_l and (1/n) Σ_l D_l: MIRA's graph weights, not data sizes."""
+    ones = [Contribution(c.factors, 1, c.node_id, c.round, c.dense) for c in contributions]
+    return finalize(combine([partial_of(c) for c in ones]))
+
+
+def mira_personal_patch(
+    contributions: Sequence[Contribution], me: str, own_total: Patch, mean_total: Patch, pull: float = MIRA_PULL
+) -> tuple[Patch, Patch]:
+    """MIRA's step for node `me` of a cluster, as the patch its own base folds this round.
+
+    Node k's adapter is cumulative, ΔW_k (its folded total, `own_total`). With a complete
+    graph on the cluster's n members and ηλ = pull / n, MIRA's update after the round's
+    local updates δ_l is ΔW_k' = Σ_l m_kl (ΔW_l + δ_l) = (1 - pull)(ΔW_k + δ_k) + pull · mean_l(ΔW_l + δ_l).
+    The mean of the ΔW_l is the sum over past rounds of each round's uniform mean
+    (`mean_total`: mixing keeps the mean), so the patch is
+
+        ΔW_k' - ΔW_k = (1 - pull) δ_k + pull · ū - pull · ΔW_k + pull · mean_total,    ū = mean_l δ_l,
+
+    exact in product space (stacked factors, dense once that is smaller; dense trainables
+    alike). A node without a contribution this round has δ_k = 0. Returns (the patch, with
+    weights = row k of the mixing matrix; the new mean_total = mean_total + ū).
+    """
+    require_number("pull", pull, 0)
+    if not 0 <= pull < 1:
+        raise ValueError(f"pull must be in [0, 1), got {pull!r}")
+    round_ = _check_contributions(contributions)
+    mean = _uniform_mean(contributions)
+    parts = [_scaled(mean, pull), _scaled(own_total, -pull), _scaled(mean_total, pull)]
+    mine = [c for c in contributions if c.node_id == me]
+    weights = {c.node_id: pull / len(contributions) for c in contributions}
+    if mine:
+        parts.append(_scaled(_uniform_mean(mine), 1.0 - pull))
+        weights[me] += 1.0 - pull
+    patch = _compact(fold_patches(parts))
+    new_mean = _compact(fold_patches([mean_total, mean]))
+    return Patch(patch.modules, patch.dense, weights, round_, patch.full), new_mean
