@@ -608,6 +608,7 @@ class Coordinator:
                 old, [], infos, self._centroids(), avoid=[str(n) for n in avoid], unpair={str(owner): str(helper)}
             )
             events = self._record_repairs(old, self._plan, helper, SLOW, now)
+            self._prune_done(now)  # a finished helper this owner was the last of leaves the plan
             return self._publish(now, SLOW, {e.owner: e.kind for e in events})
 
     # --- batches of events ------------------------------------------------------------------

@@ -772,6 +772,22 @@ def test_churn_keeps_plans_consistent_and_versions_monotonic(spec, events):
                 assert a["anchor"] in a["members"] and m in a["members"]
 
 
+def test_a_finished_helper_whose_last_owner_calls_it_slow_leaves_the_plan():
+    """Found by the churn property test: node 1 finished but still served node 2; node 2
+    reported it slow (still heartbeating) and moved away, which left node 1 planned as a
+    helper serving nobody. A finished node that serves nobody leaves the plan."""
+    coord = swarm(FALLBACK_NEAREST)
+    for t, (kind, n) in enumerate([("dead", 3), ("done", 1)], start=1):
+        getattr(coord, f"on_{kind}")(n, now=t)
+    assert coord.assignment_for(2)["helper"] == 1 and coord.assignment_for(1)["serves"] == [2]
+
+    coord.report_failure(2, 1, now=3, avoid=[])
+
+    assert coord.assignment_for(2)["helper"] != 1
+    a = coord.assignment_for(1)
+    assert (a["role"], a["serves"], a["members"]) == (WAITING, [], [])
+
+
 def test_node_absent_at_the_first_clustering_is_placed_when_it_comes_back():
     coord = Coordinator(config(min_nodes=3, clusters=2))  # 3 points are too few for the silhouette test
     for n, memory, direction in ((1, BIG, DIR_A), (2, BIG, DIR_C), (3, BIG, DIR_C), (4, WEAK, DIR_A)):
