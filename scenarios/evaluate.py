@@ -82,7 +82,7 @@ class Setting:
 
 
 SETTINGS = {
-    "a": Setting("a", "tiny-gpt2", "synthetic", 2, 48, 64, 3, 4, 8, 16, 1e-2, 32, round_deadline_s=30, timeout_s=600),
+    "a": Setting("a", "tiny-gpt2", "synthetic", 2, 48, 64, 3, 4, 8, 16, 1e-2, 32, round_deadline_s=10, timeout_s=600),
     "b1": Setting("b1", None, "text", 3, 400, 200, 5, 20, 16, 64, 1e-3, 256),
     "b2": Setting("b2", None, "text", 8, 50, 200, 5, 10, 16, 64, 1e-3, 50, helpers=2),
 }

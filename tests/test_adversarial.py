@@ -53,6 +53,7 @@ async def _stop(members) -> None:
         await member.client.stop()
 
 
+@pytest.mark.serial  # a victim's heartbeat deadline: run alone (Makefile), not beside other tests
 def test_every_impersonation_lie_and_oversized_field_is_refused_and_changes_nothing(tmp_path):
     async def body():
         spec = SwarmSpec(task="seq_cls", num_labels=4, min_nodes=4, assign_after_s=600)
@@ -86,6 +87,7 @@ def test_every_impersonation_lie_and_oversized_field_is_refused_and_changes_noth
     asyncio.run(body())
 
 
+@pytest.mark.serial  # honest requests' deadlines under a flood: run alone
 def test_a_join_flood_beside_a_non_reading_client_leaves_honest_requests_answered(tmp_path):
     async def body():
         boot = await Bootstrap.create(BootstrapConfig(bind="127.0.0.1:0", state_dir=tmp_path))

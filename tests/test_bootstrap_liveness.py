@@ -11,6 +11,7 @@ import signal
 from collections.abc import AsyncIterator
 
 import numpy as np
+import pytest
 
 from nodes.bootstrap import Bootstrap
 from nodes.config import BootstrapConfig, SwarmSpec
@@ -19,6 +20,8 @@ from tests.aio import run
 from transport.messages import Assignment, BaseDigest, Beat, Fingerprint, GetAssignment, Heartbeat, Join, Ok
 from transport.rpc import RpcClient, RpcError
 from transport.security import Keypair
+
+pytestmark = pytest.mark.serial  # deadlines under load: run alone (Makefile), not beside other tests
 
 DIGEST = "ab" * 32
 TASK = np.eye(64, dtype=np.float32)[0]

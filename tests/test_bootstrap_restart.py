@@ -16,7 +16,7 @@ import pytest
 from scenarios.swarm import descendants
 from tests.process_swarm import add_data_node, bootstrap_flags, metrics_lines, training_flags
 
-ROUNDS = 12  # long enough that the nodes still train when the bootstrap is back (~40 s to start under load)
+ROUNDS = 8  # long enough that the nodes still train when the bootstrap is back (~35 s of rounds left)
 
 
 @pytest.mark.timeout(1800)  # process starts and CPU training: minutes on a loaded 2-core machine

@@ -5,8 +5,12 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
+
 from nodes.executor import TorchExecutor, TorchGate
 from tests.aio import run
+
+pytestmark = pytest.mark.serial  # deadlines under load: run alone (Makefile), not beside other tests
 
 
 def _queue_behind(gate: TorchGate, jobs: list[tuple[str, bool]]) -> list[str]:

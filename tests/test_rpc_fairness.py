@@ -8,6 +8,7 @@ import contextlib
 import logging
 
 import numpy as np
+import pytest
 import zmq
 import zmq.asyncio
 
@@ -16,6 +17,8 @@ from tests.aio import run
 from transport.codec import decode, encode
 from transport.messages import Backward, Envelope, Leave, Ping
 from transport.rpc import RpcClient, RpcError, RpcServer, RpcServerConfig, tcp_endpoint
+
+pytestmark = pytest.mark.serial  # deadlines under load: run alone (Makefile), not beside other tests
 
 BIG_REPLY = Backward(step=0, grad=np.zeros((1, 64, 1024), np.float32))  # 256 KiB
 
