@@ -18,7 +18,8 @@ end each node's exported PEFT adapter is loaded with stock `PeftModel.from_pretr
 the original base and scored on its task (the table). The `task` of an example is used only
 here, to partition and to score; node files hold text and label.
 
-Writes DIR/results.json (`setting`, `methods`: name -> mean_accuracy or mean_perplexity,
+Writes DIR/results.json after every method (`complete` false until the last one is in;
+`setting`, `methods`: name -> mean_accuracy or mean_perplexity,
 per_task, bytes_per_node_mb, wall_s, ari where clustering is used, ...), DIR/results.md (the
 table) and DIR/curve.png, bytes.png, time.png. Exit code 0 when every method ran to the end.
 """
@@ -338,6 +339,7 @@ async def evaluate_all(setting: Setting, model: str, methods: Sequence[Method], 
         print(f"== {method.name}: {method.summary}", flush=True)
         result = await run_method(method, setting, model, population, evals, out / "runs" / method.name)
         results["methods"][method.name] = result
+        write_results(results, out, complete=False)  # nothing lost if a later method fails or is stopped
         metric = results["metric"]
         print(
             f"   mean {metric} {tables._fmt(result[f'mean_{metric}'])}, per task "
@@ -347,6 +349,12 @@ async def evaluate_all(setting: Setting, model: str, methods: Sequence[Method], 
         )
     add_targets(results)
     return results
+
+
+def write_results(results: dict[str, Any], out: Path, complete: bool = True) -> Path:
+    path = out / "results.json"
+    path.write_text(json.dumps({**results, "complete": complete}, indent=2, default=str))
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -385,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}")
         return 2
-    (args.out / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    write_results(results, args.out)
     table = tables.markdown(results)
     (args.out / "results.md").write_text(table)
     plots = tables.plots(results, args.out)
