@@ -46,7 +46,14 @@ if __package__ in (None, ""):  # run as `python scenarios/evaluate.py`
 
 from scenarios.evaluation import scoring, tables  # noqa: E402
 from scenarios.evaluation.methods import METHODS, Method, parse_methods  # noqa: E402
-from scenarios.evaluation.population import PARTITIONS, NodeData, build_population, pooled, write_rows  # noqa: E402
+from scenarios.evaluation.population import (  # noqa: E402
+    PARTITIONS,
+    NodeData,
+    build_population,
+    pooled,
+    shuffled,
+    write_rows,
+)
 from scenarios.textdata import DEFAULT_DATA, REAL_TEXT_TASKS, find_model  # noqa: E402
 
 log = logging.getLogger("atlas.evaluate")
@@ -120,7 +127,11 @@ def load_tasks(setting: Setting, data_dir: Path) -> tuple[dict[str, list[dict]],
         return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
     train = {n: read(data_dir / f"{n}.train.jsonl") for n in names}
-    held = {n: read(data_dir / f"{n}.test.jsonl")[: setting.eval_per_task] for n in names}
+    # a seeded sample of the test split: its files may be sorted (by label, say), so never its head
+    held = {
+        n: shuffled(read(data_dir / f"{n}.test.jsonl"), f"{setting.seed}:eval:{n}")[: setting.eval_per_task]
+        for n in names
+    }
     return train, held
 
 

@@ -68,6 +68,23 @@ def test_the_target_is_the_first_round_that_reaches_it():
     assert scoring.per_task({"x": {"a": 0.5}, "y": {"a": 1.0, "b": 0.2}}) == {"a": 0.75, "b": 0.2}
 
 
+def test_the_held_out_rows_are_a_seeded_sample_not_the_head_of_a_sorted_file(tmp_path):
+    """Test files may be sorted by label; scoring on their first rows would score one class."""
+    for task in evaluate.REAL_TEXT_TASKS:
+        for split in ("train", "test"):
+            rows = sorted(_rows(400, task=task), key=lambda r: r["label"])
+            write_rows(tmp_path / f"{task}.{split}.jsonl", rows)
+    setting = evaluate.SETTINGS["b2"]
+
+    _, held = evaluate.load_tasks(setting, tmp_path)
+    again = evaluate.load_tasks(setting, tmp_path)[1]
+
+    for task, rows in held.items():
+        assert len(rows) == setting.eval_per_task
+        assert set(Counter(r["label"] for r in rows)) == {0, 1, 2, 3}, task
+        assert rows == again[task]
+
+
 def test_unknown_methods_are_named():
     assert [m.name for m in parse_methods("atlas, local")] == ["atlas", "local"]
     assert len(parse_methods("all")) == len(METHODS)
