@@ -428,7 +428,8 @@ def _fixed(info: NodeInfo, ctx: PlanContext, imp: Mapping[str, float]) -> tuple[
     if need.total > _budget(info, cfg):
         mem = format_bytes(info.caps.memory_bytes)
         return WAITING, None, {}, f"waiting: {mem} budget cannot run the fixed split of {split}/{L} blocks", None
-    ranks = _assign_ranks(hosted, imp, 0, ctx)
+    allowance = _allowance(info, cfg, _budget(info, cfg) - need.frozen - need.activations, need.adapter)
+    ranks = _assign_ranks(hosted, imp, allowance, ctx)
     return OWNER, split, ranks, _split_reason(info, split, L), None
 
 

@@ -243,8 +243,8 @@ class SwarmSpec:
     max_seq_len: int = 32  # planning workload: tokens per sequence
     split_mode: str = "two-part"  # two-part | u-shape
     fingerprint_samples: int = FINGERPRINT_SAMPLES  # m: examples each node's fingerprint averages over
-    # the SplitLoRA baseline (scenarios/evaluate.py): one cut, one rank, the factor average
-    merge_rule: str = "exact"  # exact | fedavg
+    # the baselines of scenarios/evaluate.py (docs/RUNTIME.md, "Merge rules of the baselines")
+    merge_rule: str = "exact"  # exact | fedavg (SplitLoRA) | mira (MIRA)
     fixed_split: int | None = None  # every data node runs exactly this many blocks (clipped to L-1)
     uniform_rank: int | None = None  # every adapted weight gets this rank, whatever the budget
 

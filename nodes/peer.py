@@ -417,7 +417,7 @@ class Peer:
         self.task = "seq_cls" if welcome.model_task in ("seq_cls", "classification") else "causal_lm"
         self.num_labels = welcome.num_labels
         self.split_mode = welcome.split_mode or "two-part"  # the swarm's, set by the bootstrap
-        self.sync.merge_rule = welcome.merge_rule  # exact, or the SplitLoRA baseline's factor average
+        self.sync.merge_rule = welcome.merge_rule  # exact, or a baseline's rule (fedavg, mira)
         if self.train.split_mode is not None and self.train.split_mode != self.split_mode:
             raise RuntimeFailure(
                 f"--split-mode {self.train.split_mode} disagrees with the swarm's split mode {self.split_mode}"

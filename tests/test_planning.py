@@ -326,6 +326,17 @@ def test_a_fixed_split_and_uniform_rank_make_every_data_node_the_same_owner():
         assert plan[name].reason.startswith(f"split 2/{L}: ")
 
 
+def test_a_fixed_split_alone_keeps_water_filled_ranks():
+    ctx = dataclasses.replace(CTX, config=P.PlanConfig(fixed_split=2))
+
+    plan = P.make_plan([node("a", BIG), node("h", BIG, cluster=None, has_data=False)], ctx)
+
+    assert (plan["a"].role, plan["a"].split) == (P.OWNER, 2)
+    own = {m.name for m in MODULES if m.block < 2}
+    assert {n for n, r in plan["a"].ranks.items() if r > 0} & own  # its blocks carry adapters
+    assert set(plan["a"].ranks.values()) <= set(P.PlanConfig().rank_set)
+
+
 def test_a_device_below_the_fixed_split_waits_and_says_why():
     ctx = dataclasses.replace(CTX, config=P.PlanConfig(fixed_split=2))
 
