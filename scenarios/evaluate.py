@@ -163,6 +163,11 @@ class PeakRss:
             self._task.cancel()
 
 
+def local_steps(setting: Setting, nodes: Sequence[NodeData]) -> int:
+    """Steps per round of each of `nodes`: a pooled node takes those of the nodes it replaces."""
+    return setting.local_steps * max(1, round(setting.nodes_per_task * setting.tasks / len(nodes)))
+
+
 def _cluster_count(method: Method, nodes: int) -> int | None:
     return {"auto": None, "one": 1, "each": nodes}[method.clusters]
 
@@ -190,10 +195,9 @@ async def run_swarm(
         **method.spec,
     )
     timing = dict(heartbeat_s=1.0, suspect_after_s=10.0, dead_after_s=60.0)
-    scale = max(1, round(setting.nodes_per_task * setting.tasks / len(nodes)))  # pooled nodes: equal compute
     train = dict(
         rounds=setting.rounds,
-        local_steps=setting.local_steps * scale,
+        local_steps=local_steps(setting, nodes),
         batch_size=setting.batch,
         max_seq_len=setting.seq_len,
         lr=setting.lr,
@@ -279,7 +283,7 @@ def score_method(
         "finished": sum(1 for r in runs.values() if r.finished),
         "lost_updates": len(report.lost_updates(list(runs.values()))),
         "roles": roles,
-        "local_steps": None,
+        "local_steps": local_steps(setting, nodes),
     }
     clusters = scoring.clustering(runs, task_of)
     out["k"] = clusters["k"]
@@ -302,9 +306,7 @@ async def run_method(
     if workdir.exists():  # a node would resume from the state an earlier evaluation left there
         shutil.rmtree(workdir)
     started, wall, peak = await run_swarm(method, setting, model, nodes, evals, workdir)
-    result = score_method(method, setting, model, nodes, evals, workdir, started, wall, peak)
-    result["local_steps"] = setting.local_steps * max(1, round(len(population) / len(nodes)))
-    return result
+    return score_method(method, setting, model, nodes, evals, workdir, started, wall, peak)
 
 
 def add_targets(results: dict[str, Any]) -> None:
