@@ -62,6 +62,7 @@ from atlas_p2p.records import (
     bytes_by_kind,
 )
 from atlas_p2p.training import (
+    EXPORT_CHECK_ROWS,
     AdapterCard,
     OwnerConfig,
     OwnerSession,
@@ -700,15 +701,19 @@ class Peer:
             base_code=code,
         )
 
-    def _eval_batches(self) -> list[dict[str, Any]]:
-        return [] if self.eval_encoded is None else eval_batches(self.eval_encoded, self.train.batch_size)
+    def _check_batches(self) -> list[dict[str, Any]]:
+        """The export's prediction check: the first EXPORT_CHECK_ROWS evaluation rows."""
+        if self.eval_encoded is None:
+            return []
+        rows = self.eval_encoded.subset(range(min(EXPORT_CHECK_ROWS, len(self.eval_encoded))))
+        return eval_batches(rows, self.train.batch_size)
 
     async def _finish(self) -> None:
         """Export the cluster's adapter (exact unless --export-rank) and, with --eval, check it loads
         with stock peft and predicts as this node's model does (export.json and summary.json)."""
         path = self.out / "adapter"
         try:
-            batches = await self.executor.run(self._eval_batches)
+            batches = await self.executor.run(self._check_batches)
             report = await self.executor.run(
                 export_adapter,
                 self.base_model,

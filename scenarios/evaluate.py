@@ -226,6 +226,16 @@ async def run_swarm(
     return started, time.time() - started, rss.peak_mb
 
 
+def adapter_digest(adapter_dir: str) -> str:
+    """sha256 of an adapter directory's weights and config: equal digests score equally."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        h.update((Path(adapter_dir) / name).read_bytes())
+    return h.hexdigest()
+
+
 def adapter_scores(setting: Setting, model: str, adapter_dir: str, evals: Mapping[str, Path]) -> dict[str, float]:
     """{task: score} of an exported adapter loaded with stock PEFT on the original base."""
     from peft import PeftModel
@@ -260,12 +270,16 @@ def score_method(
     runs = {node.name: report.read_node_dir(workdir / node.name) for node in nodes}
     task_of = {node.name: node.task for node in nodes}
     scores: dict[str, dict[str, float]] = {}
+    seen: dict[tuple[str, tuple[str, ...]], dict[str, float]] = {}  # members of a cluster export the same bytes
     for node in nodes:
         summary = runs[node.name].summary
         if summary is None or not summary.adapter_dir:
             continue
         wanted = {t: p for t, p in evals.items() if t != "*"} if node.task == "*" else {node.task: evals[node.task]}
-        scores[node.name] = adapter_scores(setting, model, summary.adapter_dir, wanted)
+        key = (adapter_digest(summary.adapter_dir), tuple(sorted(wanted)))
+        if key not in seen:
+            seen[key] = adapter_scores(setting, model, summary.adapter_dir, wanted)
+        scores[node.name] = dict(seen[key])
     metric = "accuracy" if setting.kind == "seq_cls" else "perplexity"
     per_task = scoring.per_task(scores)
     roles = {n: r.summary.role if r.summary else None for n, r in runs.items()}
@@ -398,6 +412,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # not one "newly initialized head" report per node and per score
     try:
         methods = parse_methods(args.methods)
     except ValueError as exc:

@@ -29,10 +29,12 @@ from atlas_p2p.aggregation import (
     mira_mixing_matrix,
     mira_personal_patch,
     mira_update,
+    numerical_rank,
     patch_from_arrays,
     patch_nbytes,
     patch_to_arrays,
     refactor_lossy,
+    refactor_within,
     sample_weights,
     stack_merge,
     stacked_is_smaller,
@@ -340,6 +342,24 @@ def test_refactor_rank_zero_and_bad_arguments(hetero):
         refactor_lossy(stacked, 2, scaling=0.0)
     empty = StackedFactors(torch.zeros(4, 0), torch.zeros(0, 5))
     assert refactor_lossy(empty, 3).error == 0.0
+
+
+def test_refactor_within_picks_the_numerical_rank_from_the_same_svd(hetero):
+    stacked = stack_merge(hetero).modules["q"]
+    sigma = torch.linalg.svdvals(stacked.dense())  # reference, from the dense matrix
+    for tol, cap in ((1e-12, None), (0.3, None), (1e-12, 2)):
+        low, s, exact = refactor_within(stacked, tol, cap)
+        assert exact == numerical_rank(stacked, tol)
+        assert torch.allclose(s[: sigma.numel()], sigma, atol=1e-10)
+        rank = exact if cap is None else min(cap, exact)
+        want = refactor_lossy(stacked, rank)
+        assert low.B.shape == (12, rank) and low.error == pytest.approx(want.error, rel=1e-9, abs=1e-12)
+        assert torch.allclose(low.B @ low.A, want.B @ want.A, atol=1e-10)
+    empty = StackedFactors(torch.zeros(4, 0), torch.zeros(0, 5))
+    low, s, exact = refactor_within(empty, 1e-6)
+    assert exact == 0 and low.B.shape == (4, 1) and low.error == 0.0  # peft needs r >= 1
+    with pytest.raises(ValueError, match="cap"):
+        refactor_within(stacked, 1e-6, 0)
 
 
 # -- flat arrays (wire and checkpoints) --------------------------------------------------------

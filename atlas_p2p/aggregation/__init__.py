@@ -25,7 +25,14 @@ from .baselines import (
 from .digest import DigestMismatchError, digest_entries
 from .factors import AdapterFactors, Contribution, as_factors, concat_factors
 from .reduce import Partial, ReduceTree, combine, finalize, partial_of
-from .refactor import LowRank, numerical_rank, rank_within, refactor_lossy, stacked_singular_values
+from .refactor import (
+    LowRank,
+    numerical_rank,
+    rank_within,
+    refactor_lossy,
+    refactor_within,
+    stacked_singular_values,
+)
 from .stacking import (
     Patch,
     StackedFactors,
@@ -76,6 +83,7 @@ __all__ = [
     "patch_to_arrays",
     "rank_within",
     "refactor_lossy",
+    "refactor_within",
     "sample_weights",
     "stack_merge",
     "stacked_is_smaller",

@@ -27,7 +27,14 @@ from atlas_p2p.validation import require_int, require_number
 
 from .stacking import StackedFactors
 
-__all__ = ["LowRank", "numerical_rank", "rank_within", "refactor_lossy", "stacked_singular_values"]
+__all__ = [
+    "LowRank",
+    "numerical_rank",
+    "rank_within",
+    "refactor_lossy",
+    "refactor_within",
+    "stacked_singular_values",
+]
 
 
 class LowRank(NamedTuple):
@@ -90,12 +97,38 @@ def refactor_lossy(stacked: StackedFactors, rank: int, scaling: float = 1.0) -> 
         raise ValueError(f"expected StackedFactors, got {type(stacked).__name__}")
     require_int("rank", rank, 0)
     require_number("scaling", scaling, positive=True)
+    if stacked.rank == 0:
+        return _truncate(stacked, None, rank, scaling)
+    return _truncate(stacked, _svd_of_stack(stacked), rank, scaling)
+
+
+def refactor_within(
+    stacked: StackedFactors, rel_tol: float, cap: int | None = None, scaling: float = 1.0
+) -> tuple[LowRank, torch.Tensor, int]:
+    """(factors, σ, numerical rank): ``refactor_lossy`` at rank min(cap, numerical rank), at least 1.
+
+    One SVD of the stack gives both the numerical rank for ``rel_tol`` (``rank_within``)
+    and the factors; σ is every singular value, descending.
+    """
+    if not isinstance(stacked, StackedFactors):
+        raise ValueError(f"expected StackedFactors, got {type(stacked).__name__}")
+    require_number("scaling", scaling, positive=True)
+    if cap is not None:
+        require_int("cap", cap, 1)
+    svd = _svd_of_stack(stacked) if stacked.rank else None
+    s = stacked.A.new_zeros(0) if svd is None else svd[1]
+    exact = rank_within(s, rel_tol)
+    rank = max(1, exact if cap is None else min(cap, exact))
+    return _truncate(stacked, svd, rank, scaling), s, exact
+
+
+def _truncate(stacked: StackedFactors, svd, rank: int, scaling: float) -> LowRank:
     d_out, d_in = stacked.shape
     b = stacked.B.new_zeros(d_out, rank)
     a = stacked.A.new_zeros(rank, d_in)
-    if stacked.rank == 0:
+    if svd is None:
         return LowRank(b, a, 0.0)
-    left, s, right = _svd_of_stack(stacked)
+    left, s, right = svd
     keep = min(rank, s.numel())
     root = torch.sqrt(s[:keep] / scaling)  # (keep,)
     b[:, :keep] = left[:, :keep] * root  # (d_out, keep)

@@ -24,6 +24,7 @@ from .errors import (
 )
 from .evaluate import eval_batches, evaluate
 from .export import (
+    EXPORT_CHECK_ROWS,
     EXPORT_FORMAT,
     AdapterCard,
     ExportCheck,
@@ -42,6 +43,7 @@ from .owner import OwnerConfig, OwnerForward, OwnerSession
 from .seeds import round_seed, step_seed
 
 __all__ = [
+    "EXPORT_CHECK_ROWS",
     "EXPORT_FORMAT",
     "AdapterCard",
     "CutHelper",

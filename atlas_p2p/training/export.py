@@ -4,7 +4,7 @@ The cluster's base after v merges is W_v = W_0 + Σ_u B̃_u Ã_u per module (DES
 exact low-rank sum (``VersionedBase.folded_delta``). A PEFT adapter stores it as γ B A per
 module, with its own rank r and α per module (peft ``rank_pattern`` / ``alpha_pattern``; we
 take α = r, so γ = 1). B and A come from the stacked factors by two thin QRs and a small SVD
-(``aggregation.refactor_lossy``), never from the dense matrix.
+(``aggregation.refactor_within``, one SVD for both the rank and the factors), never from the dense matrix.
 
 - Exact (the default): r is the update's numerical rank, the smallest r whose dropped
   singular-value tail sqrt(Σ_{i>r} σ_i²) is at most ``exact_tol / 10`` of ||ΔW||_F, so the
@@ -44,8 +44,7 @@ from atlas_p2p.aggregation import (
     Patch,
     StackedFactors,
     fold_patches,
-    rank_within,
-    refactor_lossy,
+    refactor_within,
     stacked_singular_values,
 )
 from atlas_p2p.lora import (
@@ -247,13 +246,10 @@ def _norm(sf: StackedFactors) -> float:
 def _refactor(sf: StackedFactors, rank_limit: int | None, exact_tol: float, dtype: torch.dtype):
     """(A, B) of the written rank in ``dtype`` (γ = 1), and the module's ModuleExport."""
     wide = StackedFactors(sf.B.double(), sf.A.double())  # (d_out, R), (R, d_in)
-    s = stacked_singular_values(wide)  # (k,) descending
-    exact_rank = rank_within(s, exact_tol * RANK_TOL_SHARE)
-    rank = max(1, exact_rank if rank_limit is None else min(rank_limit, exact_rank))  # peft needs r >= 1
-    low = refactor_lossy(wide, rank, 1.0)
+    low, s, exact_rank = refactor_within(wide, exact_tol * RANK_TOL_SHARE, rank_limit)  # one SVD, σ descending
     b, a = low.B.to(dtype), low.A.to(dtype)  # (d_out, r), (r, d_in) as stored
     residual = StackedFactors(torch.cat([wide.B, -b.double()], dim=1), torch.cat([wide.A, a.double()], dim=0))
-    return a, b, ModuleExport(sf.rank, exact_rank, rank, float(torch.sqrt(torch.sum(s**2))), _norm(residual))
+    return a, b, ModuleExport(sf.rank, exact_rank, b.shape[1], float(torch.sqrt(torch.sum(s**2))), _norm(residual))
 
 
 def _check_args(original, rank, exact_tol, card, reference) -> None:
@@ -350,6 +346,11 @@ def _write_text(path: Path, text: str) -> None:
 
 
 # ---- the prediction check ----------------------------------------------------------------------
+# A node checks its export on this many of its evaluation rows: the check is of exactness (the
+# stored factors against the folded model), which 64 rows show as well as thousands.
+EXPORT_CHECK_ROWS = 64
+
+
 def _logits(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
     device = next(model.parameters()).device
     out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
