@@ -22,6 +22,11 @@ FEDAVG = "fedavg"  # SplitLoRA's factor-wise average, (Σ p_k B_k)(Σ p_k γ A_k
 MIRA = "mira"  # MIRA's personal adapters, pulled toward the cluster's mean each round: a baseline
 MERGE_RULES = (EXACT, FEDAVG, MIRA)
 
+# what a task fingerprint is the gradient in (atlas_p2p.fingerprint)
+PROBE_LORA = "lora"  # a rank-4 LoRA on block 0's attention, plain mean loss
+PROBE_HEAD = "head"  # a classifier's head, class-balanced loss (pretrained classifiers)
+FINGERPRINT_PROBES = (PROBE_LORA, PROBE_HEAD)
+
 # a node's role in a plan (atlas_p2p.planning)
 WHOLE = "whole"  # trains the whole model alone; may also serve owners
 OWNER = "owner"  # runs blocks[:split], paired with a helper
@@ -36,11 +41,14 @@ __all__ = [
     "CAUSAL_LM",
     "EXACT",
     "FEDAVG",
+    "FINGERPRINT_PROBES",
     "HELPER",
     "MERGE_RULES",
     "MIRA",
     "NODE_STATES",
     "OWNER",
+    "PROBE_HEAD",
+    "PROBE_LORA",
     "ROLES",
     "SEQ_CLS",
     "SPLIT_MODES",

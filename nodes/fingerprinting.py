@@ -2,7 +2,8 @@
 
 The torch side is atlas_p2p.training.fingerprinting (`node_fingerprint`, `cut_loss`). Here a
 node whose first assignment names a provisional helper reaches that helper with `probe`
-messages: two-part, one `probe` with labels answered by `backward` (∂L/∂h); u-shape, a
+messages: two-part, one `probe` with labels answered by `backward` (∂L/∂h, and a
+classifier head's gradient); u-shape, a
 `probe` without labels answered by `hidden` (z), then a `probe` with ∂L/∂z answered by
 `backward`. A reply of another type is a ValueError, as is a malformed tensor.
 """
@@ -30,8 +31,8 @@ class ProbeHelper:
     split: int
 
     def _ask(
-        self, kind: type[Message], field: str, activations: np.ndarray, attention_mask: np.ndarray, **extra: np.ndarray
-    ) -> np.ndarray:
+        self, kind: type[Message], activations: np.ndarray, attention_mask: np.ndarray, **extra: np.ndarray
+    ) -> Message:
         reply = self.call(
             Probe(
                 owner_id=self.owner_id,
@@ -43,16 +44,19 @@ class ProbeHelper:
         )
         if not isinstance(reply, kind):
             raise ValueError(f"provisional helper answered {type(reply).__name__}, expected {kind.__name__}")
-        return getattr(reply, field)
+        return reply
 
-    def grad(self, activations: np.ndarray, attention_mask: np.ndarray, labels: np.ndarray) -> np.ndarray:
-        return self._ask(Backward, "grad", activations, attention_mask, labels=labels)
+    def grad(
+        self, activations: np.ndarray, attention_mask: np.ndarray, labels: np.ndarray
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        reply = self._ask(Backward, activations, attention_mask, labels=labels)
+        return reply.grad, dict(reply.head_grads or {})
 
     def hidden(self, activations: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        return self._ask(Hidden, "hidden", activations, attention_mask)
+        return self._ask(Hidden, activations, attention_mask).hidden
 
     def vjp(self, activations: np.ndarray, attention_mask: np.ndarray, hidden_grad: np.ndarray) -> np.ndarray:
-        return self._ask(Backward, "grad", activations, attention_mask, hidden_grad=hidden_grad)
+        return self._ask(Backward, activations, attention_mask, hidden_grad=hidden_grad).grad
 
 
 def split_loss(split: int, mode: str, call: ProbeCall, owner_id: int) -> LossFn:

@@ -213,8 +213,11 @@ class HelperService:
         if base is None:
             raise RpcError("not_serving", f"node {self.local.node_id} is still starting")
         if b.labels is not None:
-            grad, loss = await self._torch(probe.probe_grad, base, b.split, b.activations, b.attention_mask, b.labels)
-            reply = Backward(step=0, grad=grad.cpu().numpy(), loss=loss)
+            grad, loss, head = await self._torch(
+                probe.probe_grad, base, b.split, b.activations, b.attention_mask, b.labels
+            )
+            head_grads = {n: g.cpu().numpy() for n, g in head.items()}
+            reply = Backward(step=0, grad=grad.cpu().numpy(), loss=loss, head_grads=head_grads)
         elif b.hidden_grad is None:
             hidden = await self._torch(probe.probe_hidden, base, b.split, b.activations, b.attention_mask)
             reply = Hidden(step=0, hidden=hidden.cpu().numpy())

@@ -215,6 +215,7 @@ class Peer:
             w.fingerprint_samples,
             t.batch_size,
             t.step_delay_s,
+            probe=w.fingerprint_probe,
         )
         peak = PeakRss()
         shape = shape_from_config(self.base_model.config, self.task, self.num_labels)

@@ -44,6 +44,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as `python scenarios/evaluate.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from atlas_p2p.vocabulary import FINGERPRINT_PROBES  # noqa: E402
 from scenarios.evaluation import scoring, tables  # noqa: E402
 from scenarios.evaluation.methods import METHODS, Method, parse_methods  # noqa: E402
 from scenarios.evaluation.population import (  # noqa: E402
@@ -85,6 +86,7 @@ class Setting:
     helpers: int = 1  # pure helpers (no data) beside the data nodes
     round_deadline_s: float = 300.0
     timeout_s: float = 7200.0
+    fingerprint_probe: str = "lora"  # head on the pretrained classifier (atlas_p2p.fingerprint)
 
     def __post_init__(self) -> None:
         from atlas_p2p.validation import require_int, require_number
@@ -94,14 +96,16 @@ class Setting:
         require_int("seq_len", self.seq_len, 2)
         require_int("fingerprint_samples", self.fingerprint_samples, 1)
         require_int("helpers", self.helpers, 0)
+        if self.fingerprint_probe not in FINGERPRINT_PROBES:
+            raise ValueError(f"fingerprint_probe: {self.fingerprint_probe!r} is not one of {FINGERPRINT_PROBES}")
         for name in ("lr", "alpha", "round_deadline_s", "timeout_s"):
             require_number(name, getattr(self, name), positive=True)
 
 
 SETTINGS = {
     "a": Setting("a", "tiny-gpt2", "synthetic", 2, 48, 64, 3, 4, 8, 16, 1e-2, 32, round_deadline_s=10, timeout_s=600),
-    "b1": Setting("b1", None, "text", 3, 400, 200, 5, 20, 16, 64, 1e-3, 256),
-    "b2": Setting("b2", None, "text", 8, 50, 200, 5, 10, 16, 64, 1e-3, 50, helpers=2),
+    "b1": Setting("b1", None, "text", 3, 400, 200, 5, 20, 16, 64, 1e-3, 256, fingerprint_probe="head"),
+    "b2": Setting("b2", None, "text", 8, 50, 200, 5, 10, 16, 64, 1e-3, 50, helpers=2, fingerprint_probe="head"),
 }
 
 
@@ -192,6 +196,7 @@ async def run_swarm(
         batch_size=setting.batch,
         max_seq_len=setting.seq_len,
         fingerprint_samples=setting.fingerprint_samples,
+        fingerprint_probe=setting.fingerprint_probe,
         **method.spec,
     )
     timing = dict(heartbeat_s=1.0, suspect_after_s=10.0, dead_after_s=60.0)
@@ -408,6 +413,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int)
     parser.add_argument("--local-steps", type=int, help="steps per round of one node (pooled nodes get more)")
     parser.add_argument("--seed", type=int, help="partition, fingerprint and head-init seed")
+    parser.add_argument("--fingerprint-probe", choices=FINGERPRINT_PROBES, help="lora or head (atlas_p2p.fingerprint)")
     parser.add_argument("--timeout", type=float, dest="timeout_s", help="seconds one method may take")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -27,6 +28,8 @@ from atlas_p2p.synthetic import SyntheticTasks, synthetic_tokenizer
 TOK = synthetic_tokenizer()
 GEN = SyntheticTasks()
 CONFIG = FingerprintConfig(seed=11, num_samples=64)  # synthetic tasks separate at m = 64; keeps the tests fast
+LORA = FingerprintConfig(seed=11, num_samples=64, probe="lora")  # the default, spelled out
+HEAD = FingerprintConfig(seed=11, num_samples=64, probe="head")  # the classifier's head, class-balanced
 
 
 def hf_loss(model, batch):
@@ -102,7 +105,7 @@ def test_probe_targets_are_block_zero_attention():
 
 
 def test_probe_is_seeded_and_gradients_reach_both_factors():
-    g = probe_gradient(make_model(), client_batches(0, seed=1), hf_loss, CONFIG)
+    g = probe_gradient(make_model(), client_batches(0, seed=1, config=LORA), hf_loss, LORA)
 
     # gpt2 hidden 64, rank 4: c_attn A (4, 64), B (192, 4); c_proj A (4, 64), B (64, 4)
     sizes = [4 * 64, 192 * 4, 4 * 64, 64 * 4]
@@ -111,19 +114,20 @@ def test_probe_is_seeded_and_gradients_reach_both_factors():
     assert all(np.linalg.norm(p) > 0 for p in parts)  # B != 0, so A gets a gradient too
 
 
+@pytest.mark.parametrize("config", [HEAD, LORA], ids=["head", "lora"])
 @pytest.mark.parametrize("family", ["gpt2", "llama", "bert"])
-def test_micro_batches_give_the_one_batch_gradient(family):
+def test_micro_batches_give_the_one_batch_gradient(family, config):
     model = make_model(family)
 
-    whole = probe_gradient(model, client_batches(2, seed=3), hf_loss, CONFIG)
-    pieces = probe_gradient(model, client_batches(2, seed=3, micro_batch=5), hf_loss, CONFIG)
+    whole = probe_gradient(model, client_batches(2, seed=3, config=config), hf_loss, config)
+    pieces = probe_gradient(model, client_batches(2, seed=3, config=config, micro_batch=5), hf_loss, config)
 
     assert np.max(np.abs(pieces - whole)) <= 1e-5 * np.max(np.abs(whole))
 
 
 def test_micro_batches_hold_the_chosen_examples_shortest_first():
     records = GEN.generate(1, 80, seed=8)
-    config = FingerprintConfig(seed=11, num_samples=50)
+    config = FingerprintConfig(seed=11, num_samples=50, probe="lora")
 
     whole = client_batches(1, 0, config=config, records=records)
     pieces = client_batches(1, 0, config=config, records=records, micro_batch=8)
@@ -140,6 +144,59 @@ def test_micro_batches_hold_the_chosen_examples_shortest_first():
     widths = [b["input_ids"].shape[1] for b in pieces]
     assert widths == sorted(widths) and widths[0] < widths[-1]
     assert sum(b["input_ids"].numel() for b in pieces) < whole[0]["input_ids"].numel()
+
+
+def test_head_probe_batches_hold_one_class_each_and_every_chosen_example():
+    records = GEN.generate(1, 80, seed=8)
+    config = FingerprintConfig(seed=11, num_samples=50, probe="head")
+    lora = client_batches(1, 0, config=dataclasses.replace(config, probe="lora"), records=records)
+    head = client_batches(1, 0, config=config, records=records, micro_batch=8)
+
+    def rows(batches):
+        return sorted((tuple(i[m.bool()].tolist()), int(y)) for b in batches for i, m, y in zip(*b.values()))
+
+    assert all(len(set(b["labels"].tolist())) == 1 for b in head)
+    assert rows(head) == rows(lora) and len({int(b["labels"][0]) for b in head}) > 1
+
+
+@pytest.mark.parametrize("family", ["gpt2", "bert"])
+def test_head_probe_is_the_gradient_of_the_class_balanced_loss_in_the_head(family):
+    model = make_model(family)
+    batches = client_batches(3, seed=6, config=HEAD, micro_batch=7)
+
+    g = probe_gradient(model, batches, hf_loss, HEAD)
+
+    # reference: one batch, per-example losses, (1/C) sum_c mean_{i in c} L_i, differentiated in the head
+    ref = make_model(family)
+    head = {n: p for n, p in ref.named_parameters() if n.startswith(("score", "classifier"))}
+    ids = [b["input_ids"] for b in batches]
+    width = max(x.shape[1] for x in ids)
+    pad = ref.config.pad_token_id if ref.config.pad_token_id is not None else 0
+    input_ids = torch.cat([torch.nn.functional.pad(x, (0, width - x.shape[1]), value=pad) for x in ids])
+    mask = torch.cat(
+        [torch.nn.functional.pad(b["attention_mask"], (0, width - b["attention_mask"].shape[1])) for b in batches]
+    )
+    y = torch.cat([b["labels"] for b in batches])
+    ref.eval()
+    losses = torch.nn.functional.cross_entropy(
+        ref(input_ids=input_ids, attention_mask=mask).logits, y, reduction="none"
+    )
+    classes = torch.unique(y)
+    loss = sum(losses[y == c].mean() for c in classes) / len(classes)
+    want = torch.autograd.grad(loss, [head[n] for n in sorted(head)])
+    want = torch.cat([w.reshape(-1) for w in want]).double().numpy()
+
+    assert g.shape == want.shape and np.allclose(g, want, rtol=1e-4, atol=1e-7)
+
+
+def test_head_probe_refuses_a_micro_batch_of_several_classes():
+    model = make_model()
+    mixed = client_batches(0, seed=1, config=LORA)  # one batch, every class
+    before = snapshot(model)
+
+    with pytest.raises(ValueError, match="one class each"):
+        probe_gradient(model, mixed, hf_loss, HEAD)
+    assert_same(before, snapshot(model))
 
 
 def test_each_micro_batch_frees_its_graph_before_the_next_one_runs():
@@ -163,10 +220,11 @@ def test_each_micro_batch_frees_its_graph_before_the_next_one_runs():
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda box: box.tensor):
             return model(**batch).loss
 
-    probe_gradient(make_model("bert"), client_batches(0, seed=2, micro_batch=16), tracked_loss, CONFIG)
+    batches = client_batches(0, seed=2, config=HEAD, micro_batch=16)  # one class a micro-batch: more of them
+    probe_gradient(make_model("bert"), batches, tracked_loss, HEAD)
 
-    assert len(alive_at_start) == 4 and len(saved) > 0
-    assert alive_at_start == [0, 0, 0, 0]  # micro-batch b's activations are gone when b + 1 starts
+    assert len(alive_at_start) == len(batches) > 1 and len(saved) > 0
+    assert alive_at_start == [0] * len(batches)  # micro-batch b's activations are gone when b + 1 starts
     assert all(ref() is None for ref in saved)
 
 
@@ -174,18 +232,18 @@ def test_each_micro_batch_frees_its_graph_before_the_next_one_runs():
 def test_loss_computed_across_a_split_gives_the_same_fingerprint(family):
     model = make_model(family)
     owner, helper = split_model(model, 1)
-    batches = client_batches(1, seed=4)
 
     def split_loss(_, batch):
         hidden = owner(batch["input_ids"], batch["attention_mask"])  # (B, T, H) on the "owner"
         loss, _ = helper(hidden, batch["attention_mask"], batch["labels"])  # on the "helper"
         return loss
 
-    unsplit = probe_gradient(model, batches, hf_loss, CONFIG)
-    probe_on_model = probe_gradient(model, batches, split_loss, CONFIG)
-    probe_on_owner = probe_gradient(owner, batches, split_loss, CONFIG)
-
-    assert np.allclose(probe_on_model, unsplit, rtol=1e-4, atol=1e-6)
+    for config in (HEAD, LORA):
+        batches = client_batches(1, seed=4, config=config)
+        unsplit = probe_gradient(model, batches, hf_loss, config)
+        probe_on_model = probe_gradient(model, batches, split_loss, config)
+        assert np.allclose(probe_on_model, unsplit, rtol=1e-4, atol=1e-6)
+    probe_on_owner = probe_gradient(owner, batches, split_loss, LORA)  # the owner's part: block 0's LoRA probe
     assert np.allclose(probe_on_owner, unsplit, rtol=1e-4, atol=1e-6)
 
 
@@ -283,6 +341,7 @@ def test_dp_epsilon_solves_the_analytic_gaussian_condition():
         ({"dim": 0}, "dim"),
         ({"seed": -1}, "seed"),
         ({"b_std": 0.0}, "b_std"),
+        ({"probe": "block0"}, "probe"),
     ],
 )
 def test_bad_config_names_the_field(kwargs, field):
@@ -312,7 +371,7 @@ def test_bad_probe_targets_are_refused_before_anything_changes():
     before = snapshot(model)
 
     with pytest.raises(ValueError, match="not a module"):
-        probe_gradient(model, batches, hf_loss, FingerprintConfig(seed=1, target_modules=("transformer.h.9.attn",)))
+        probe_gradient(model, batches, hf_loss, dataclasses.replace(LORA, target_modules=("transformer.h.9.attn",)))
     with pytest.raises(ValueError, match="not a Linear/Conv1D"):
-        probe_gradient(model, batches, hf_loss, FingerprintConfig(seed=1, target_modules=("transformer.h.0.ln_1",)))
+        probe_gradient(model, batches, hf_loss, dataclasses.replace(LORA, target_modules=("transformer.h.0.ln_1",)))
     assert_same(before, snapshot(model))

@@ -8,6 +8,9 @@ before the strong node starts.
 
 import asyncio
 
+import numpy as np
+import pytest
+
 from atlas_p2p.memory import candidate
 from atlas_p2p.synthetic import write_synthetic_jsonl
 from nodes.config import SwarmSpec
@@ -15,8 +18,8 @@ from scenarios.inprocess import InProcessSwarm
 from scenarios.waiting import wait_until_async
 
 
-async def _run(tmp_path):
-    spec = SwarmSpec(task="seq_cls", num_labels=4, min_nodes=2, clusters=1, assign_after_s=60)
+async def _run(tmp_path, probe):
+    spec = SwarmSpec(task="seq_cls", num_labels=4, min_nodes=2, clusters=1, assign_after_s=60, fingerprint_probe=probe)
     async with await InProcessSwarm.create(tmp_path, spec, fingerprint_seed=3) as swarm:
         for seed, (name, memory_mb) in enumerate((("weak", 4), ("strong", 30))):
             data = write_synthetic_jsonl(tmp_path / f"{name}.jsonl", 0, 32, seed=seed)
@@ -27,11 +30,13 @@ async def _run(tmp_path):
         assert weak.fingerprint is None  # no helper yet: it waits rather than run the whole model
         summaries = await swarm.run(timeout=240)
         shape = swarm.boot.coordinator.config.shape
-        return summaries, weak.importance, strong.server.bytes_received["probe"], shape
+        return summaries, weak.importance, strong.server.bytes_received["probe"], shape, weak.fingerprint
 
 
-def test_a_weak_node_that_joins_first_waits_for_a_provisional_helper(tmp_path):
-    summaries, importance, probe_bytes, shape = asyncio.run(_run(tmp_path))
+@pytest.mark.parametrize("probe", ["lora", "head"])  # head: the helper sends the head's gradient back
+def test_a_weak_node_that_joins_first_waits_for_a_provisional_helper(tmp_path, probe):
+    summaries, importance, probe_bytes, shape, fingerprint = asyncio.run(_run(tmp_path, probe))
+    assert fingerprint.shape == (64,) and abs(float(np.linalg.norm(fingerprint)) - 1) < 1e-5
     assert all(s["finished"] for s in summaries.values())
     assert probe_bytes > 0  # the strong node served the weak node's fingerprint probes
     blocks = {candidate(shape, m).block for m in importance}

@@ -329,6 +329,15 @@ def bootstrap(
             "about 256; nodes compute it in micro-batches of their --batch-size).",
         ),
     ] = FINGERPRINT_SAMPLES,
+    fingerprint_probe: Annotated[
+        str,
+        typer.Option(
+            "--fingerprint-probe",
+            help="what fingerprints are gradients in: lora (a rank-4 LoRA on block 0; any model) or head "
+            "(a classifier's head, class-balanced: on pretrained classifiers it tells tasks apart from "
+            "50 examples a node, where lora needs about 256).",
+        ),
+    ] = "lora",
     merge_rule: Annotated[
         str,
         typer.Option(
@@ -390,6 +399,7 @@ def bootstrap(
         split_mode=split_mode,
         fingerprint_samples=fingerprint_samples,
         merge_rule=merge_rule,
+        fingerprint_probe=fingerprint_probe,
         fixed_split=fixed_split,
         uniform_rank=uniform_rank,
     )

@@ -31,7 +31,7 @@ import numpy as np
 
 from atlas_p2p.capabilities import Capabilities
 from atlas_p2p.validation import is_int
-from atlas_p2p.vocabulary import MERGE_RULES, NODE_STATES, ROLES, SPLIT_MODES
+from atlas_p2p.vocabulary import FINGERPRINT_PROBES, MERGE_RULES, NODE_STATES, ROLES, SPLIT_MODES
 from transport.schema import Length, Node, OneOf, Range, SchemaError, TensorSpec, node_for
 from transport.tensors import Tensor
 
@@ -186,6 +186,7 @@ class Welcome(Message):
     num_labels: Annotated[int, Range(1, None)] | None = None
     split_mode: Annotated[str, OneOf(SPLIT_MODES)] = "two-part"
     merge_rule: Annotated[str, OneOf(MERGE_RULES)] = "exact"  # fedavg: SplitLoRA's factor average (a baseline)
+    fingerprint_probe: Annotated[str, OneOf(FINGERPRINT_PROBES)] = "lora"  # atlas_p2p.fingerprint
     init_seed: Annotated[int, Range(0, (1 << 63) - 1)] = 0  # draws the parameters a checkpoint lacks
     incarnation: str = ""  # the bootstrap state's incarnation: node_id is only this node's within it
 
@@ -330,11 +331,13 @@ class Forward(Message):
 
 @message("backward")
 class Backward(Message):
-    """Helper -> owner: gradient of the loss with respect to the activations it was sent."""
+    """Helper -> owner: gradient of the loss with respect to the activations it was sent
+    (and, answering a two-part `probe` of a sequence classifier, of the head's parameters)."""
 
     step: Count
     grad: Tensor  # (B, T, H), same dtype as the activations
     loss: float | None = None
+    head_grads: dict[str, Tensor] | None = None  # parameter name -> gradient; `probe` replies only
 
 
 @message("ping")

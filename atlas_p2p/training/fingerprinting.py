@@ -27,8 +27,15 @@ import torch
 from torch import nn
 
 from atlas_p2p.data import Encoded
-from atlas_p2p.fingerprint import FingerprintConfig, LossFn, compute_fingerprint, fingerprint_sample
+from atlas_p2p.fingerprint import (
+    FingerprintConfig,
+    LossFn,
+    compute_fingerprint,
+    fingerprint_sample,
+    head_parameters,
+)
 from atlas_p2p.models import split_model, unsplit_forward
+from atlas_p2p.vocabulary import PROBE_LORA
 
 from .inputs import check_float
 from .probe import surrogate
@@ -39,8 +46,10 @@ __all__ = ["CutHelper", "cut_loss", "node_fingerprint", "whole_model_loss"]
 class CutHelper(Protocol):
     """The provisional helper's half of a cut (it may block; it raises ValueError on a bad answer)."""
 
-    def grad(self, activations: np.ndarray, attention_mask: np.ndarray, labels: np.ndarray) -> np.ndarray:
-        """Two-part: ∂L/∂h of blocks[s:] + head + loss."""
+    def grad(
+        self, activations: np.ndarray, attention_mask: np.ndarray, labels: np.ndarray
+    ) -> tuple[np.ndarray, Mapping[str, np.ndarray]]:
+        """Two-part: ∂L/∂h of blocks[s:] + head + loss, and {name: ∂L/∂p} of a classifier's head."""
 
     def hidden(self, activations: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         """u-shape, first leg: z = blocks[s:L](h)."""
@@ -63,18 +72,45 @@ def cut_loss(split: int, mode: str, helper: CutHelper) -> LossFn:
     def loss_fn(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         mask, labels = batch["attention_mask"], batch["labels"]
         parts = split_model(model, split, mode)
-        h = parts[0](batch["input_ids"], mask)  # (B, T, H), carries the probe's graph
+        h = parts[0](batch["input_ids"], mask)  # (B, T, H), carries a LoRA probe's graph
         acts = h.detach().cpu().numpy()
         if mode == "two-part":
-            grad = checked(helper.grad(acts, mask.numpy(), labels.numpy()), "grad", h)
-        else:  # u-shape: labels stay here; the helper gives z, we give back ∂L/∂z
-            z = checked(helper.hidden(acts, mask.numpy()), "hidden", h).requires_grad_()
-            loss, _ = parts[2](z, mask, labels)
-            (dz,) = torch.autograd.grad(loss, [z])
-            grad = checked(helper.vjp(acts, mask.numpy(), dz.numpy()), "grad", h)
-        return surrogate(h, grad)
+            answer, head_grads = helper.grad(acts, mask.numpy(), labels.numpy())
+            out = _head_surrogate(model, head_grads, checked)
+            if h.requires_grad:  # a LoRA probe on the blocks here
+                out = out + surrogate(h, checked(answer, "grad", h))
+            return out
+        # u-shape: labels and head stay here; the helper gives z, we give back ∂L/∂z
+        z = checked(helper.hidden(acts, mask.numpy()), "hidden", h).requires_grad_()
+        loss, _ = parts[2](z, mask, labels)  # through the head: a head probe's gradient
+        if not h.requires_grad:
+            return loss
+        (dz,) = torch.autograd.grad(loss, [z], retain_graph=True)
+        grad = checked(helper.vjp(acts, mask.numpy(), dz.numpy()), "grad", h)
+        return surrogate(h, grad) + (loss if _head_probed(model) else 0.0)
 
     return loss_fn
+
+
+def _head_probed(model: nn.Module) -> bool:
+    """Whether the head probe is on: the classifier's head is what requires grad."""
+    try:
+        return any(p.requires_grad for p in head_parameters(model).values())
+    except (ValueError, AttributeError):
+        return False
+
+
+def _head_surrogate(model: nn.Module, head_grads: Mapping[str, np.ndarray], checked) -> torch.Tensor:
+    """Σ ⟨W, g_W⟩ over the probed head's parameters, g_W from the helper: its gradient in W is g_W."""
+    out = torch.zeros(())
+    if not _head_probed(model):
+        return out
+    params = head_parameters(model)
+    if set(head_grads) != set(params):
+        raise ValueError(f"helper's head gradients name {sorted(head_grads)}, the head has {sorted(params)}")
+    for name, p in params.items():
+        out = out + (p * checked(head_grads[name], f"head gradient {name}", p).to(p.device)).sum()
+    return out
 
 
 def node_fingerprint(
@@ -85,9 +121,10 @@ def node_fingerprint(
     micro_batch: int,
     step_delay_s: float = 0.0,
     loss_fn: LossFn | None = None,
+    probe: str = PROBE_LORA,
 ) -> np.ndarray:
     """(64,) float32 fingerprint of a node's encoded data, in micro-batches of ``micro_batch``."""
-    config = FingerprintConfig(seed=seed, num_samples=samples)
+    config = FingerprintConfig(seed=seed, num_samples=samples, probe=probe)
     inner = loss_fn or whole_model_loss
 
     def paced(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:

@@ -1,19 +1,21 @@
 """A fingerprint computed across a cut: the provisional helper's half (DESIGN 2.2 and 6).
 
-A node too weak to run the whole model still fingerprints the whole model. Its probe LoRA
-sits on block 0, which is always on the node (the owner), so only the rest of the network
-has to run elsewhere. For one micro-batch with owner activations h = f_θ(x) (θ: the probe):
+A node too weak to run the whole model still fingerprints the whole model. Block 0 is
+always on the node (the owner), so only the rest of the network has to run elsewhere.
+For one micro-batch with owner activations h = f_θ(x) (θ: a LoRA probe on block 0):
 
     dL/dθ = (∂L/∂h)ᵀ · ∂h/∂θ
 
 The helper runs blocks[s:] + final norm + head + loss of the ORIGINAL base (no adapter,
 no optimiser, nothing kept) on h and returns g = ∂L/∂h. The owner then back-propagates
 the surrogate ⟨h, g⟩ with g held fixed, whose gradient in θ is exactly dL/dθ: the
-fingerprint equals the whole-model one up to float rounding.
+fingerprint equals the whole-model one up to float rounding. For a sequence classifier
+the helper also returns the gradient of the head, where the head probe's parameters
+are (atlas_p2p.fingerprint); the owner adds ⟨W, ∂L/∂W⟩ to the surrogate.
 
-In a u-shape swarm labels stay on the owner: the helper runs blocks[s:L] and returns the
-hidden states z; the owner applies its head and loss and sends back ∂L/∂z; the helper
-recomputes blocks[s:L] (it keeps no state between requests) and returns the
+In a u-shape swarm labels and head stay on the owner: the helper runs blocks[s:L] and
+returns the hidden states z; the owner applies its head and loss and sends back ∂L/∂z;
+the helper recomputes blocks[s:L] (it keeps no state between requests) and returns the
 vector-Jacobian product (∂z/∂h)ᵀ ∂L/∂z = ∂L/∂h.
 
 These functions run on the helper, on tensors a peer sent: everything is checked first
@@ -25,7 +27,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from atlas_p2p.fingerprint import head_parameters
 from atlas_p2p.models import split_model, task_of, unwrap
+from atlas_p2p.models.families import SEQ_CLS
 from atlas_p2p.validation import is_int
 
 from .inputs import check_float, check_labels, check_mask
@@ -54,21 +58,33 @@ def _classes(hf: nn.Module) -> int:
     return int(hf.config.vocab_size) if task_of(hf) == "causal_lm" else int(hf.config.num_labels)
 
 
-def probe_grad(model: nn.Module, split: int, activations, attention_mask, labels) -> tuple[torch.Tensor, float]:
-    """Two-part: blocks[split:] + head + loss on the owner's activations -> (∂L/∂h (B, T, H), loss)."""
+def probe_grad(
+    model: nn.Module, split: int, activations, attention_mask, labels
+) -> tuple[torch.Tensor, float, dict[str, torch.Tensor]]:
+    """Two-part: blocks[split:] + head + loss on the owner's activations.
+
+    Returns (∂L/∂h (B, T, H), loss, {name: ∂L/∂p} of a sequence classifier's head, empty
+    for a causal LM): the owner's head probe needs the head's gradient, and the head is here.
+    """
     hf, h, mask = _inputs(model, split, activations, attention_mask)
     y = check_labels(task_of(hf), labels, h.shape[0], h.shape[1], _classes(hf)).to(h.device)
+    head = head_parameters(hf) if task_of(hf) == SEQ_CLS else {}
+    flags = {n: p.requires_grad for n, p in head.items()}
     was_training = hf.training
     hf.eval()  # as the owner's probe: no dropout, the same data gives the same fingerprint
     try:
+        for p in head.values():
+            p.requires_grad_(True)
         with torch.enable_grad():
             loss, _ = split_model(hf, split)[1](h, mask, y)
             if not bool(torch.isfinite(loss)):
                 raise ValueError(f"activations: give a non-finite loss ({float(loss.detach())})")
-            (grad,) = torch.autograd.grad(loss, [h])  # touches no parameter's .grad
+            grads = torch.autograd.grad(loss, [h, *head.values()])  # touches no parameter's .grad
     finally:
+        for n, p in head.items():
+            p.requires_grad_(flags[n])
         hf.train(was_training)
-    return grad.detach(), float(loss.detach())
+    return grads[0].detach(), float(loss.detach()), {n: g.detach() for n, g in zip(head, grads[1:])}
 
 
 def probe_hidden(model: nn.Module, split: int, activations, attention_mask) -> torch.Tensor:
