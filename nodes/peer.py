@@ -64,6 +64,7 @@ from atlas_p2p.records import (
 from atlas_p2p.training import (
     EXPORT_CHECK_ROWS,
     AdapterCard,
+    FactorMemo,
     OwnerConfig,
     OwnerSession,
     RoundEval,
@@ -94,6 +95,8 @@ from transport.messages import Assignment, Envelope, Fingerprint, Leave, Welcome
 from transport.rpc import RpcClient, RpcError, RpcServer, RpcServerConfig
 
 log = logging.getLogger("atlas.peer")
+# in-process swarms on one shared base: members of a cluster export the same update, factored once
+_SHARED_EXPORTS = FactorMemo()
 progress_log = logging.getLogger("atlas.progress")
 
 MAX_MESSAGE_BYTES = 256 << 20
@@ -724,6 +727,7 @@ class Peer:
                 card=self._adapter_card(),
                 reference=self.session.model if batches else None,
                 eval_batches=batches,
+                memo=_SHARED_EXPORTS if self.train.shared_base else None,
             )
             self.export = {"path": str(path), **report.summary(), "error": None}
         except (ValueError, OSError, RuntimeError) as exc:  # a failed export or check must not kill the node

@@ -16,7 +16,16 @@ from peft import PeftModel
 from atlas_p2p.aggregation import Contribution, rank_within, stack_merge, stacked_singular_values
 from atlas_p2p.lora import attach_lora, get_dense_trainables, get_factors, lora_targets
 from atlas_p2p.models import CAUSAL_LM, SEQ_CLS, tiny_model
-from atlas_p2p.training import AdapterCard, OwnerConfig, OwnerSession, RoundEval, export_adapter, render_card
+from atlas_p2p.training import (
+    AdapterCard,
+    FactorMemo,
+    OwnerConfig,
+    OwnerSession,
+    RoundEval,
+    export_adapter,
+    render_card,
+)
+from atlas_p2p.training.export import total_update, update_digest
 from atlas_p2p.training.modules import weight_shape
 from atlas_p2p.versioning import VersionedBase
 from tests.tiny_batches import padded_batches
@@ -177,6 +186,26 @@ def test_stock_peft_load_predicts_as_the_folded_model(tmp_path, family, task):
     assert check == report.check.to_json()
     assert check["same_predictions"] == 1.0 and check["max_abs_logit_diff"] <= 1e-4
     assert check["examples"] == 9 and check["predictions"] == (9 if task == SEQ_CLS else 3 * (3 * 7 - 2))
+
+
+def test_a_memo_factors_an_update_once_and_every_export_still_writes_and_checks_its_own(tmp_path):
+    folded, log = _folded("llama", SEQ_CLS)
+    _, other = _folded("llama", SEQ_CLS, rounds=ROUNDS - 1)
+    original, batches, memo = _model("llama", SEQ_CLS), _batches(SEQ_CLS), FactorMemo(size=1)
+
+    plain = export_adapter(original, log, tmp_path / "plain")
+    first = export_adapter(original, log, tmp_path / "a", memo=memo)
+    second = export_adapter(original, log, tmp_path / "b", memo=memo, reference=folded, eval_batches=batches)
+    assert memo.hits == 1 and second.check.same_predictions == 1.0  # the hit is loaded back and checked
+    export_adapter(original, other, tmp_path / "c", memo=memo)  # another update: factored
+    export_adapter(original, log, tmp_path / "d", memo=memo)  # evicted by it (size 1): factored again
+    export_adapter(_model("llama", SEQ_CLS), log, tmp_path / "e", memo=memo)  # another base object: factored
+
+    assert memo.hits == 1
+    weights = {d: (tmp_path / d / "adapter_model.safetensors").read_bytes() for d in ("plain", "a", "b", "d", "e")}
+    assert len(set(weights.values())) == 1
+    assert first.modules == second.modules == plain.modules
+    assert update_digest(total_update(log)) != update_digest(total_update(other))
 
 
 def test_lossy_export_rank_2_caps_every_module_and_reports_its_error(tmp_path):

@@ -28,9 +28,12 @@ compared with the reference's (:func:`compare_predictions`).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
+import threading
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -65,16 +68,19 @@ from .fold import check_patch
 from .modules import dense_base_param
 
 __all__ = [
+    "EXPORT_CHECK_ROWS",
     "EXPORT_FORMAT",
     "AdapterCard",
     "ExportCheck",
     "ExportReport",
+    "FactorMemo",
     "ModuleExport",
     "RoundEval",
     "compare_predictions",
     "export_adapter",
     "render_card",
     "total_update",
+    "update_digest",
 ]
 
 log = logging.getLogger(__name__)
@@ -265,6 +271,53 @@ def _check_args(original, rank, exact_tol, card, reference) -> None:
         raise ValueError(f"reference: expected a torch module, got {type(reference).__name__}")
 
 
+def update_digest(patch: Patch) -> str:
+    """sha256 of a patch's content: module names, shapes, dtypes and bytes of every tensor."""
+    h = hashlib.sha256()
+
+    def put(kind: str, name: str, t: torch.Tensor) -> None:
+        t = t.detach().cpu().contiguous()
+        h.update(f"{kind}:{name}:{tuple(t.shape)}:{t.dtype};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+
+    for name in sorted(patch.modules):
+        put("B", name, patch.modules[name].B)
+        put("A", name, patch.modules[name].A)
+    for kind, tensors in (("full", patch.full), ("dense", patch.dense)):
+        for name in sorted(tensors):
+            put(kind, name, tensors[name])
+    return h.hexdigest()
+
+
+class FactorMemo:
+    """The factors of the last ``size`` updates exported in this process, by content.
+
+    In an in-process swarm every member of a cluster exports the same update from the same
+    shared base; the truncated SVDs (most of an export's time) then run once per cluster.
+    Each member still writes, loads back and checks its own directory.
+    """
+
+    def __init__(self, size: int = 8) -> None:
+        self.size = size
+        self.hits = 0
+        self._items: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key):
+        with self._lock:
+            if key not in self._items:
+                return None
+            self._items.move_to_end(key)
+            self.hits += 1
+            return self._items[key]
+
+    def put(self, key, value) -> None:
+        with self._lock:
+            self._items[key] = value
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+
+
 def export_adapter(
     original: nn.Module,
     update: Patch | VersionedBase | Sequence[Patch],
@@ -275,6 +328,7 @@ def export_adapter(
     card: AdapterCard | None = None,
     reference: nn.Module | None = None,
     eval_batches: Iterable[Mapping[str, torch.Tensor]] = (),
+    memo: FactorMemo | None = None,
 ) -> ExportReport:
     """Write ``update`` (relative to ``original``) as a PEFT adapter under ``path``.
 
@@ -283,7 +337,9 @@ def export_adapter(
     R (lossy, error reported). ``card`` names the base and writes README.md (without it the
     base's ``name_or_path`` is used, if any). With ``reference`` (the model the update was
     folded into) and ``eval_batches``, the written directory is loaded back and compared
-    (``ExportReport.check``). Everything is checked before anything is written.
+    (``ExportReport.check``). With ``memo``, an update already factored for the same
+    ``original`` (same content, rank and tolerance) is not factored again (``FactorMemo``).
+    Everything is checked before anything is written.
     """
     _check_args(original, rank, exact_tol, card, reference)
     patch = total_update(update)
@@ -293,9 +349,16 @@ def export_adapter(
     base_model = card.base_model if card is not None else (getattr(original, "name_or_path", "") or None)
     dtype = next(original.parameters()).dtype
     factors, modules = {}, {}
-    for name in patch.module_names():
-        a, b, modules[name] = _refactor(_as_stacked(patch, name), rank, float(exact_tol), dtype)
-        factors[name] = AdapterFactors(a, b, 1.0)  # A (r, d_in), B (d_out, r), γ = α / r = 1
+    key = None if memo is None else (id(original), update_digest(patch), rank, float(exact_tol), str(dtype))
+    known = None if memo is None else memo.get(key)
+    if known is not None:
+        factors, modules = known
+    else:
+        for name in patch.module_names():
+            a, b, modules[name] = _refactor(_as_stacked(patch, name), rank, float(exact_tol), dtype)
+            factors[name] = AdapterFactors(a, b, 1.0)  # A (r, d_in), B (d_out, r), γ = α / r = 1
+        if memo is not None:
+            memo.put(key, (factors, modules))
     peft_model = attach_lora(copy_model(original), {n: m.rank for n, m in modules.items()})  # α = r
     set_factors(peft_model, factors)
     heads = get_dense_trainables(peft_model)
