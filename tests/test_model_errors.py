@@ -22,6 +22,8 @@ def _model_dir(root, kind: str) -> str:
     path = root / kind
     if kind == "missing":
         return str(path)
+    if kind == "gguf-missing":  # a GGUF checkpoint is one file: this one is not there
+        return str(root / "absent.Q4_1.gguf")
     path.mkdir()
     if kind == "t5":  # a family ATLAS cannot split
         T5Config(d_model=16, num_layers=1, num_heads=2, d_ff=32, vocab_size=50).save_pretrained(path)
@@ -46,6 +48,8 @@ CASES = {
     "join-hub": ("join", "hub", "not in the Hugging Face cache"),
     "join-missing": ("join", "missing", "no such directory"),
     "join-t5": ("join", "t5", "'t5' checkpoint"),
+    "bootstrap-gguf": ("bootstrap", "gguf-missing", "no such GGUF file"),
+    "join-gguf": ("join", "gguf-missing", "no such GGUF file"),
 }
 
 
@@ -54,7 +58,8 @@ def outcomes(tmp_path_factory):
     """case -> (model name, state dir, CompletedProcess), all commands run side by side."""
     root = tmp_path_factory.mktemp("models")
     names = {
-        kind: HUB_ID if kind == "hub" else _model_dir(root, kind) for kind in ("hub", "missing", "t5", "no-weights")
+        kind: HUB_ID if kind == "hub" else _model_dir(root, kind)
+        for kind in ("hub", "missing", "t5", "no-weights", "gguf-missing")
     }
     running = {}
     commands = Swarm(root / "commands", env={"HF_HUB_OFFLINE": "1"})
@@ -109,3 +114,12 @@ def test_a_node_that_cannot_load_the_swarms_weights_exits_with_one_line(swarm, t
     assert swarm.wait_exit("n", 120) == ExitCode.BAD_VALUE
     line = _one_error_line(swarm.nodes["n"].log_text())
     assert name in line and "no weights" in line
+
+
+def test_a_gguf_name_is_its_folder_and_file():
+    from atlas_p2p.models.loading import gguf_parts
+
+    assert gguf_parts("/m/SmolLM2-135M-Instruct.Q4_1.gguf") == ("/m", "SmolLM2-135M-Instruct.Q4_1.gguf")
+    assert gguf_parts("owner/repo/model.GGUF") == ("owner/repo", "model.GGUF")
+    assert gguf_parts("model.gguf") == (".", "model.gguf")
+    assert gguf_parts("gpt2") == ("gpt2", None) and gguf_parts("/m/dir") == ("/m/dir", None)

@@ -200,6 +200,29 @@ def check_supported(name: str, config, task: str | None = None) -> None:
         )
 
 
+def gguf_parts(name: str) -> tuple[str, str | None]:
+    """(directory or hub id, file) of a name that ends in ``.gguf``, else (name, None).
+
+    A GGUF checkpoint is one file; transformers loads it from its folder (or hub repo) with
+    ``gguf_file=`` and dequantises it. ``path/to/SmolLM2-135M-Instruct.Q4_1.gguf`` and
+    ``owner/repo/file.gguf`` both work as a model name everywhere a name is taken.
+    """
+    if not name.lower().endswith(".gguf"):
+        return name, None
+    folder, _, file = name.replace(os.sep, "/").rpartition("/")
+    return folder or ".", file
+
+
+def _gguf_kwargs(name: str, what: str) -> tuple[str, dict]:
+    """(what to load from, extra kwargs) for ``name``; a GGUF path that is not a file is refused."""
+    folder, gguf = gguf_parts(name)
+    if gguf is None:
+        return name, {}
+    if _looks_like_path(name) and not Path(name).expanduser().is_file():
+        raise ModelLoadError(f"cannot load {what} {name!r}: no such GGUF file")
+    return folder, {"gguf_file": gguf}
+
+
 def load_config(name_or_path: str | os.PathLike, task: str | None = None, offline: bool | None = None):
     """The Hugging Face config of a checkpoint, checked to be of a supported family (and task).
 
@@ -209,7 +232,8 @@ def load_config(name_or_path: str | os.PathLike, task: str | None = None, offlin
     from transformers import AutoConfig
 
     name = os.fspath(name_or_path)
-    config = _from_pretrained(AutoConfig.from_pretrained, name, "model", offline)
+    folder, extra = _gguf_kwargs(name, "model")
+    config = _from_pretrained(AutoConfig.from_pretrained, folder, "model", offline, need_config=not extra, **extra)
     check_supported(name, config, task)
     return config
 
@@ -259,6 +283,7 @@ def load_model(
     name = os.fspath(name_or_path)
     if gguf_file is None:
         load_config(name, task, offline)  # family and task checked before any weight is read
+        name, gguf_file = _gguf_kwargs(name, "model")[0], gguf_parts(name)[1]
     kwargs: dict = {
         "dtype": dtype,
         "attn_implementation": attn_implementation,
@@ -311,7 +336,8 @@ def load_tokenizer(name_or_path: str | os.PathLike, offline: bool | None = None,
     name = os.fspath(name_or_path)
     if padding_side not in (None, "left", "right"):
         raise ValueError(f"padding_side: {padding_side!r} must be 'left', 'right' or None")
-    tok = _from_pretrained(AutoTokenizer.from_pretrained, name, "tokenizer", offline)
+    folder, extra = _gguf_kwargs(name, "tokenizer")
+    tok = _from_pretrained(AutoTokenizer.from_pretrained, folder, "tokenizer", offline, need_config=not extra, **extra)
     if tok.pad_token is None:
         if tok.eos_token is None:
             raise ModelLoadError(f"tokenizer {name!r} has neither a pad token nor an EOS token to pad with")
