@@ -16,9 +16,9 @@ Settings (every field can be overridden by its flag):
 Each method (scenarios/evaluation/methods.py) is one in-process swarm: the real bootstrap
 and one `Peer` per node on loopback sockets in this process, on one frozen shared base, with
 weak nodes (one per task, budget below the whole model) trained through helpers. Every data
-node evaluates its model on its task's held-out rows after each round (the curve); at the
-end each node's exported PEFT adapter is loaded with stock `PeftModel.from_pretrained` on
-the original base and scored on its task (the table). The `task` of an example is used only
+node evaluates its model on the first `--curve-rows` (64) of its task's held-out rows after
+each round (the curve); at the end each node's exported PEFT adapter is loaded with stock
+`PeftModel.from_pretrained` on the original base and scored on all of them (the table). The `task` of an example is used only
 here, to partition and to score; node files hold text and label.
 
 Writes DIR/results.json after every method (`complete` false until the last one is in;
@@ -90,6 +90,10 @@ class Setting:
     round_deadline_s: float = 300.0
     timeout_s: float = 7200.0
     fingerprint_probe: str = "lora"  # head on the pretrained classifier (atlas_p2p.fingerprint)
+    # each node evaluates every round (the curve) on this many of its task's held-out rows; the
+    # table scores the exported adapters on all eval_per_task (on MiniLM, 200 rows a round per
+    # node cost half as much as the round's training)
+    curve_rows: int = 64
 
     def __post_init__(self) -> None:
         from atlas_p2p.validation import require_int, require_number
@@ -99,6 +103,7 @@ class Setting:
         require_int("seq_len", self.seq_len, 2)
         require_int("fingerprint_samples", self.fingerprint_samples, 1)
         require_int("helpers", self.helpers, 0)
+        require_int("curve_rows", self.curve_rows, 1)
         if self.kind not in ("seq_cls", "causal_lm"):
             raise ValueError(f"kind: {self.kind!r} is not seq_cls or causal_lm")
         if (self.kind == "causal_lm") != (self.num_labels is None):
@@ -332,14 +337,16 @@ async def run_method(
     model: str,
     population: Sequence[NodeData],
     evals: Mapping[str, Path],
+    curves: Mapping[str, Path],
     workdir: Path,
 ) -> dict[str, Any]:
+    """One method: its swarm (nodes evaluate on `curves` each round), then the table's scores on `evals`."""
     nodes = pooled(population, method.data)
     if method.whole:
         nodes = [dataclasses.replace(n, weak=False) for n in nodes]
     if workdir.exists():  # a node would resume from the state an earlier evaluation left there
         shutil.rmtree(workdir)
-    started, wall, peak = await run_swarm(method, setting, model, nodes, evals, workdir)
+    started, wall, peak = await run_swarm(method, setting, model, nodes, curves, workdir)
     return score_method(method, setting, model, nodes, evals, workdir, started, wall, peak)
 
 
@@ -380,6 +387,10 @@ async def evaluate_all(
     )
     evals = {t: write_rows(out / "eval" / f"{t}.jsonl", rows) for t, rows in held.items()}
     evals["*"] = write_rows(out / "eval" / "all.jsonl", [r for rows in held.values() for r in rows])
+    # the curve (every node, every round) on the first curve_rows of each task's held-out rows
+    curve = {t: rows[: setting.curve_rows] for t, rows in held.items()}
+    curves = {t: write_rows(out / "eval" / f"{t}.curve.jsonl", rows) for t, rows in curve.items()}
+    curves["*"] = write_rows(out / "eval" / "all.curve.jsonl", [r for rows in curve.values() for r in rows])
     results: dict[str, Any] = {
         "setting": {**dataclasses.asdict(setting), "model": model},
         "metric": "accuracy" if setting.kind == "seq_cls" else "perplexity",
@@ -391,7 +402,7 @@ async def evaluate_all(
     }
     for method in methods:
         print(f"== {method.name}: {method.summary}", flush=True)
-        result = await run_method(method, setting, model, population, evals, out / "runs" / method.name)
+        result = await run_method(method, setting, model, population, evals, curves, out / "runs" / method.name)
         results["methods"][method.name] = result
         write_results(results, out, complete=False)  # nothing lost if a later method fails or is stopped
         metric = results["metric"]
@@ -425,6 +436,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nodes-per-task", type=int)
     parser.add_argument("--per-node", type=int, help="training examples per node")
     parser.add_argument("--eval-per-task", type=int, help="held-out rows each task is scored on")
+    parser.add_argument("--curve-rows", type=int, help="of those, the rows each node evaluates on every round")
     parser.add_argument("--rounds", type=int)
     parser.add_argument("--local-steps", type=int, help="steps per round of one node (pooled nodes get more)")
     parser.add_argument("--seed", type=int, help="partition, fingerprint and head-init seed")

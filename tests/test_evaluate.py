@@ -166,7 +166,7 @@ def test_the_language_modelling_setting_runs_its_methods_and_scores_perplexity(t
         for split, n, seed in (("train", 40, t), ("test", 16, 100 + t)):
             write_synthetic_jsonl(data / f"{name}.{split}.jsonl", t, n, kind="classification", seed=seed)
     out = tmp_path / "out"
-    flags = ["--per-node", "20", "--eval-per-task", "8", "--rounds", "1", "--local-steps", "2"]
+    flags = ["--per-node", "20", "--eval-per-task", "8", "--curve-rows", "4", "--rounds", "1", "--local-steps", "2"]
     code = evaluate.main(
         [
             "--setting",
@@ -193,3 +193,5 @@ def test_the_language_modelling_setting_runs_its_methods_and_scores_perplexity(t
         assert m["mean_perplexity"] is not None
     node_file = next((out / "runs" / "atlas" / "data").glob("*.jsonl")).read_text().splitlines()[0]
     assert set(json.loads(node_file)) == {"text"}  # no label, no task
+    table, curve = (out / "eval" / "wn_pos.jsonl").read_text(), (out / "eval" / "wn_pos.curve.jsonl").read_text()
+    assert len(table.splitlines()) == 8 and curve.splitlines() == table.splitlines()[:4]  # the curve's rows
