@@ -2,7 +2,7 @@
 
     python scenarios/evaluate.py --setting a --out DIR [--methods all] [--partition task|dirichlet|length]
         [--alpha A] [--model DIR] [--data DIR] [--rounds R] [--local-steps E] [--nodes-per-task N]
-        [--per-node M] [--eval-per-task V] [--seed S] [--timeout S]
+        [--per-node M] [--eval-per-task V] [--curve-rows C] [--seed S] [--timeout S] [--resume]
 
 Settings (every field can be overridden by its flag):
 - `a`: the synthetic tasks on the embedded tiny model (tests, CI: a few minutes for all methods);
@@ -25,6 +25,8 @@ Writes DIR/results.json after every method (`complete` false until the last one 
 `setting`, `methods`: name -> mean_accuracy or mean_perplexity,
 per_task, bytes_per_node_mb, wall_s, ari where clustering is used, ...), DIR/results.md (the
 table) and DIR/curve.png, bytes.png, time.png. Exit code 0 when every method ran to the end.
+With `--resume`, the methods already in DIR/results.json are kept (only when it ran the very
+same setting) and the others run: a long evaluation can be stopped and taken up again.
 """
 
 from __future__ import annotations
@@ -381,7 +383,9 @@ async def evaluate_all(
     train: Mapping[str, list[dict]],
     held: Mapping[str, list[dict]],
     out: Path,
+    earlier: Mapping[str, Any] | None = None,
 ) -> dict:
+    """Run `methods` in order; those already in `earlier` (a results.json of the same setting) are kept."""
     population = build_population(
         train, setting.nodes_per_task, setting.per_node, setting.partition, setting.alpha, setting.seed
     )
@@ -392,7 +396,7 @@ async def evaluate_all(
     curves = {t: write_rows(out / "eval" / f"{t}.curve.jsonl", rows) for t, rows in curve.items()}
     curves["*"] = write_rows(out / "eval" / "all.curve.jsonl", [r for rows in curve.values() for r in rows])
     results: dict[str, Any] = {
-        "setting": {**dataclasses.asdict(setting), "model": model},
+        "setting": setting_record(setting, model),
         "metric": "accuracy" if setting.kind == "seq_cls" else "perplexity",
         "tasks": list(train),
         "examples_per_node": {n.name: len(n.rows) for n in population},
@@ -401,6 +405,10 @@ async def evaluate_all(
         "methods": {},
     }
     for method in methods:
+        if earlier is not None and method.name in earlier["methods"]:
+            print(f"== {method.name}: kept from the earlier run in {out}", flush=True)
+            results["methods"][method.name] = earlier["methods"][method.name]
+            continue
         print(f"== {method.name}: {method.summary}", flush=True)
         result = await run_method(method, setting, model, population, evals, curves, out / "runs" / method.name)
         results["methods"][method.name] = result
@@ -414,6 +422,32 @@ async def evaluate_all(
         )
     add_targets(results)
     return results
+
+
+def setting_record(setting: Setting, model: str) -> dict[str, Any]:
+    """The setting as results.json holds it (JSON values)."""
+    return json.loads(json.dumps({**dataclasses.asdict(setting), "model": model}, default=str))
+
+
+def earlier_results(out: Path, setting: Setting, model: str) -> dict[str, Any]:
+    """DIR/results.json of an earlier run of the same setting (``--resume``); ValueError otherwise."""
+    path = out / "results.json"
+    if not path.is_file():
+        raise ValueError(f"--resume: no {path} to resume")
+    try:
+        saved = json.loads(path.read_text())
+        kept = saved["setting"]
+        methods = saved["methods"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"--resume: {path} is not a results.json of this harness ({exc})") from None
+    now = setting_record(setting, model)
+    differ = sorted(k for k in set(now) | set(kept) if now.get(k) != kept.get(k))
+    if differ:
+        k = differ[0]
+        raise ValueError(f"--resume: {path} ran another setting ({k}: {kept.get(k)!r} there, {now.get(k)!r} now)")
+    if not isinstance(methods, dict):
+        raise ValueError(f"--resume: {path} has no methods")
+    return saved
 
 
 def write_results(results: dict[str, Any], out: Path, complete: bool = True) -> Path:
@@ -442,6 +476,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, help="partition, fingerprint and head-init seed")
     parser.add_argument("--fingerprint-probe", choices=FINGERPRINT_PROBES, help="lora or head (atlas_p2p.fingerprint)")
     parser.add_argument("--timeout", type=float, dest="timeout_s", help="seconds one method may take")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the methods already in DIR/results.json (same setting only) and run the rest",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -472,11 +511,12 @@ def main(argv: list[str] | None = None) -> int:
         build_population(
             train, setting.nodes_per_task, setting.per_node, setting.partition, setting.alpha, setting.seed
         )
+        earlier = earlier_results(args.out, setting, model) if args.resume else None
     except (ModelLoadError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}")
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
-    results = asyncio.run(evaluate_all(setting, model, methods, train, held, args.out))
+    results = asyncio.run(evaluate_all(setting, model, methods, train, held, args.out, earlier))
     write_results(results, args.out)
     table = tables.markdown(results)
     (args.out / "results.md").write_text(table)

@@ -167,22 +167,11 @@ def test_the_language_modelling_setting_runs_its_methods_and_scores_perplexity(t
             write_synthetic_jsonl(data / f"{name}.{split}.jsonl", t, n, kind="classification", seed=seed)
     out = tmp_path / "out"
     flags = ["--per-node", "20", "--eval-per-task", "8", "--curve-rows", "4", "--rounds", "1", "--local-steps", "2"]
-    code = evaluate.main(
-        [
-            "--setting",
-            "c",
-            "--model",
-            "tiny-gpt2",
-            "--data",
-            str(data),
-            "--out",
-            str(out),
-            "--methods",
-            "per-task,atlas",
-        ]
-        + flags
-    )
-
+    base = ["--setting", "c", "--model", "tiny-gpt2", "--data", str(data), "--out", str(out), *flags]
+    assert evaluate.main([*base, "--methods", "per-task"]) == 0
+    first = json.loads((out / "results.json").read_text())["methods"]["per-task"]
+    # stopped and taken up again: per-task is kept, atlas runs
+    code = evaluate.main([*base, "--methods", "per-task,atlas", "--resume"])
     assert code == 0
     results = json.loads((out / "results.json").read_text())
     assert results["metric"] == "perplexity" and results["complete"]
@@ -193,5 +182,9 @@ def test_the_language_modelling_setting_runs_its_methods_and_scores_perplexity(t
         assert m["mean_perplexity"] is not None
     node_file = next((out / "runs" / "atlas" / "data").glob("*.jsonl")).read_text().splitlines()[0]
     assert set(json.loads(node_file)) == {"text"}  # no label, no task
+    assert results["methods"]["per-task"] == first
+    before = (out / "results.json").read_bytes()
+    assert evaluate.main([*base, "--methods", "per-task,atlas", "--resume", "--rounds", "2"]) == 2  # another setting
+    assert (out / "results.json").read_bytes() == before
     table, curve = (out / "eval" / "wn_pos.jsonl").read_text(), (out / "eval" / "wn_pos.curve.jsonl").read_text()
     assert len(table.splitlines()) == 8 and curve.splitlines() == table.splitlines()[:4]  # the curve's rows
