@@ -20,7 +20,7 @@ Every node runs the same recipe with the seed handed out by the bootstrap:
      and the plain mean loss. The default, and the one for causal LMs (their head is the
      vocabulary). It also sees a task's label mix, which the head probe balances away: on
      the synthetic tasks with tiny random models, which differ mostly in label mix, it
-     separates tasks (cosine within 0.8-0.98, across below 0.02) where the head probe does
+     separates tasks (cosine within a task at least 0.77, across at most 0.02) where the head probe does
      not (within 0.03 to 0.28 at worst, across up to 0.35). On real text
      at 400 examples per node the cosine within a task is 0.36 at m = 64, 0.46 at
      m = 128 and 0.63 at m = 256 (between tasks about 0.03).
