@@ -129,6 +129,10 @@ class Setting:
             require_number(f"lr of {name}", lr, positive=True)
         if self.eval_split not in EVAL_SPLITS:
             raise ValueError(f"eval_split: {self.eval_split!r} is not one of {EVAL_SPLITS}")
+        if self.eval_split == "validation" and self.source != "text":
+            raise ValueError("eval_split validation: the synthetic tasks draw fresh held-out rows; it is for real text")
+        if self.source == "text" and self.tasks > len(REAL_TEXT_TASKS):
+            raise ValueError(f"tasks: the real text has {len(REAL_TEXT_TASKS)} tasks, not {self.tasks}")
 
     def lr_of(self, method: str) -> float:
         return dict(self.method_lr).get(method, self.lr)

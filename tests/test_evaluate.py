@@ -146,6 +146,8 @@ def _folded_digests(run_dir, *names):
         (["--setting", "c", "--partition", "dirichlet"], "causal_lm settings"),  # no labels to skew
         (["--methods", "atlas,nope"], None),  # argparse: usage error, exit 2
         (["--lr", "atlas=0"], None),
+        (["--eval-split", "validation"], "synthetic tasks draw fresh held-out rows"),
+        (["--setting", "b2", "--tasks", "5"], "the real text has 4 tasks"),
     ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, flags, says):
