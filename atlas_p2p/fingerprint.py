@@ -17,13 +17,27 @@ Every node runs the same recipe with the seed handed out by the bootstrap:
      Only the head is differentiated, so the backward pass stops at the head.
    - lora: a rank-r (r = 4) peft LoRA on the attention projections of block 0, with A
      and B drawn from the seed (B small but non-zero, so the gradient reaches A as well),
-     and the plain mean loss. The default, and the one for causal LMs (their head is the
-     vocabulary). It also sees a task's label mix, which the head probe balances away: on
+     and the plain mean loss. The default (it needs nothing of the model but block 0's
+     attention). It also sees a task's label mix, which the head probe balances away: on
      the synthetic tasks with tiny random models, which differ mostly in label mix, it
      separates tasks (cosine within a task at least 0.77, across at most 0.02) where the head probe does
      not (within 0.03 to 0.28 at worst, across up to 0.35). On real text
      at 400 examples per node the cosine within a task is 0.36 at m = 64, 0.46 at
      m = 128 and 0.63 at m = 256 (between tasks about 0.03).
+   - head on a causal LM: the gradient of the mean next-token loss with respect to a zero
+     output head W0 (V x d) laid on the model's final features h_t (what its LM head reads):
+     G = (1/N) Σ_t (u - e_{y_t}) h_tᵀ over the N counted tokens, u the uniform distribution
+     the zero head predicts. It says which tokens follow which contexts in the node's data,
+     without the model's own predictions, which every task shares. G has V x d entries
+     (28M on SmolLM2), so it is sketched first, S = R1 G R2ᵀ with R1 (k, V) and R2 (k, d)
+     Gaussian from the seed (k = LM_SKETCH = 64), and g = vec(S) goes on to step 3;
+     S is summed token by token and G never exists. Only forward passes run (no backward).
+     Measured on setting c's population (SmolLM2-135M, four tasks x 2 nodes of 100 texts,
+     m = 64, benchmarks/results/fingerprint-sweep-smollm2-c-*.json): the LoRA probe gives
+     cosine within a task 0.42 and between 0.26 and K = 4 in 0 of 2 seeds; this one 0.88
+     and 0.55, K = 4 in 3 of 4. With the model's own head (its predictions in the gradient)
+     the tasks drew closer (a prototype on the 64 x 64 sketches: K = 2 in 2 of 2 seeds, against
+     K = 4 in 2 of 2 with the data term -e_y hᵀ alone).
    A node whose budget is below the whole model computes either across a cut
    (atlas_p2p.training.fingerprinting): block 0 is always on it, and a two-part helper
    sends back the head's gradient with ∂L/∂h.
@@ -62,6 +76,7 @@ logger = logging.getLogger(__name__)
 
 PROBE_ADAPTER = "atlas_probe"
 PROJECTION_CHUNK = 4096  # columns of P generated at a time; part of P's definition
+LM_SKETCH = 64  # k: a causal LM's head gradient is sketched to k x k numbers (module doc)
 _BLOCK_LIST_NAMES = ("h", "layers", "layer", "blocks")
 
 LossFn = Callable[[nn.Module, Mapping[str, torch.Tensor]], torch.Tensor]
@@ -257,9 +272,13 @@ def probe_gradient(
         raise ValueError("probe_gradient got only empty batches")
     from peft import PeftModel
 
+    from atlas_p2p.models import CAUSAL_LM, task_of
+
     if isinstance(model, PeftModel):
         raise ValueError("model is peft-wrapped; fingerprint the base model (before attach_lora)")
     kind = config.probe
+    if kind == PROBE_HEAD and task_of(model) == CAUSAL_LM:
+        return lm_head_gradient(model, batches, loss_fn, config)
     if kind == PROBE_HEAD:
         weights = _class_weights(batches, sizes)
         targets, modules = [], []
@@ -311,6 +330,62 @@ def probe_gradient(
             if name in modes:
                 m.train(modes[name])
     logger.debug("%s probe gradient over %d samples: dim %d, norm %.4g", kind, total, g.size, np.linalg.norm(g))
+    return g
+
+
+def lm_head_gradient(
+    model: nn.Module,
+    batches: Sequence[Mapping[str, torch.Tensor]],
+    loss_fn: LossFn,
+    config: FingerprintConfig,
+) -> np.ndarray:
+    """(LM_SKETCH²,) float64: vec(R1 G R2ᵀ), G the gradient at a zero LM head (module doc).
+
+    ``loss_fn`` only has to run the model's output head on the final features (the whole
+    model, or the owner's head after a helper's hidden states); a forward pre-hook reads
+    them. Nothing is differentiated and the model is left as it came.
+    """
+    from atlas_p2p.models import IGNORE_INDEX
+
+    head = model.get_output_embeddings()
+    if not isinstance(head, nn.Linear):
+        raise ValueError(f"{type(model).__name__} has no linear LM head to probe")
+    vocab, width = head.weight.shape
+    k = LM_SKETCH
+    r1 = torch.from_numpy(np.random.default_rng([config.seed, 0x1A]).standard_normal((vocab, k)))  # R1ᵀ (V, k)
+    r2 = torch.from_numpy(np.random.default_rng([config.seed, 0x2A]).standard_normal((width, k)))  # R2ᵀ (d, k)
+    r1_u = r1.mean(0)  # (k,) R1 u
+    sketch = torch.zeros(k, k, dtype=torch.float64)
+    tokens = 0
+    seen: list[torch.Tensor] = []
+    hook = head.register_forward_pre_hook(lambda _module, args: seen.append(args[0].detach()))
+    modes = {name: m.training for name, m in model.named_modules()}
+    try:
+        model.eval()
+        for batch in batches:
+            seen.clear()
+            with torch.no_grad():
+                loss_fn(model, batch)
+            if len(seen) != 1:
+                raise ValueError(f"the LM head ran {len(seen)} times in one micro-batch, not once")
+            labels = batch["labels"]
+            if labels.dim() != 2 or tuple(labels.shape) != tuple(seen[0].shape[:2]):
+                raise ValueError(f"labels {tuple(labels.shape)} do not match the head's input {tuple(seen[0].shape)}")
+            target = labels[:, 1:]  # (B, T-1): token t+1 is predicted from position t
+            keep = target != IGNORE_INDEX
+            h = seen[0][:, :-1][keep].to(torch.float64)  # (n, d)
+            y = target[keep].long()  # (n,)
+            sketch += (r1_u - r1[y]).T @ (h @ r2)  # Σ_t R1(u - e_y) (R2 h_t)ᵀ, (k, k)
+            tokens += int(y.numel())
+    finally:
+        hook.remove()
+        for name, m in model.named_modules():
+            if name in modes:
+                m.train(modes[name])
+    if tokens == 0:
+        raise ValueError("no counted token to fingerprint (every label is padding)")
+    g = (sketch / tokens).reshape(-1).numpy()
+    logger.debug("lm head probe over %d tokens: norm %.4g", tokens, np.linalg.norm(g))
     return g
 
 
@@ -375,8 +450,8 @@ def fingerprint_sample(encoded, config: FingerprintConfig, micro_batch: int | No
 
     A seeded choice (from ``config.seed``) of min(m, N) examples of a
     :class:`atlas_p2p.data.Encoded`, cut into micro-batches of ``micro_batch`` (default:
-    one batch) to bound memory. Under the head probe the examples are grouped by class
-    first, one class per micro-batch, for the class-balanced loss. Micro-batches take the chosen examples shortest first (ties by index), so each
+    one batch) to bound memory. Under the head probe on classification data the examples
+    are grouped by class first, one class per micro-batch, for the class-balanced loss. Micro-batches take the chosen examples shortest first (ties by index), so each
     pads to about its own length: on real text (lengths 5 to 64 tokens) that halves the
     tokens pushed through the model. The gradient does not depend on how a group is cut.
     """
@@ -389,9 +464,7 @@ def fingerprint_sample(encoded, config: FingerprintConfig, micro_batch: int | No
     chosen = np.sort(np.random.default_rng([config.seed, 0x5A]).choice(n, size=m, replace=False))
     if micro_batch is not None and (not isinstance(micro_batch, int) or micro_batch < 1):
         raise ValueError(f"micro_batch must be None or an int >= 1, got {micro_batch!r}")
-    if config.probe == PROBE_HEAD:
-        if encoded.kind != "classification":
-            raise ValueError(f"the head probe needs classification data, got {encoded.kind!r}")
+    if config.probe == PROBE_HEAD and encoded.kind == "classification":
         labels = np.asarray(encoded.targets)[chosen]
         groups = [chosen[labels == c] for c in np.unique(labels)]
     else:

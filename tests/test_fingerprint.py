@@ -11,6 +11,7 @@ import torch
 
 from atlas_p2p.data import encode, records_from_dicts
 from atlas_p2p.fingerprint import (
+    LM_SKETCH,
     PROBE_ADAPTER,
     PROJECTION_CHUNK,
     FingerprintConfig,
@@ -24,6 +25,7 @@ from atlas_p2p.fingerprint import (
 )
 from atlas_p2p.models import split_model, tiny_model
 from atlas_p2p.synthetic import SyntheticTasks, synthetic_tokenizer
+from atlas_p2p.training.fingerprinting import whole_model_loss
 
 TOK = synthetic_tokenizer()
 GEN = SyntheticTasks()
@@ -375,3 +377,67 @@ def test_bad_probe_targets_are_refused_before_anything_changes():
     with pytest.raises(ValueError, match="not a Linear/Conv1D"):
         probe_gradient(model, batches, hf_loss, dataclasses.replace(LORA, target_modules=("transformer.h.0.ln_1",)))
     assert_same(before, snapshot(model))
+
+
+# -- the head probe on a causal LM ----------------------------------------------------
+LM_HEAD = FingerprintConfig(seed=11, num_samples=40, probe="head")
+
+
+def lm_model(family="gpt2", seed=0):
+    return tiny_model(family, "causal_lm", vocab_size=len(TOK), num_layers=2, seed=seed)
+
+
+def lm_batches(task, seed, micro_batch=None):
+    texts = [{"text": r["text"]} for r in GEN.generate(task, 40, seed=seed)]  # labels dropped: language modelling
+    return fingerprint_sample(encode(records_from_dicts(texts), TOK, max_len=16), LM_HEAD, micro_batch)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_lm_head_probe_is_the_sketched_gradient_at_a_zero_head(family):
+    model = lm_model(family)
+    batches = lm_batches(1, seed=4, micro_batch=6)
+    before = snapshot(model)
+
+    g = probe_gradient(model, batches, whole_model_loss, LM_HEAD)
+
+    # reference: the final features from Hugging Face's own forward, a zero head W0 (V, d) on
+    # them, the shifted mean next-token loss over every counted token, differentiated in W0
+    feats, labels = [], []
+    model.eval()
+    for b in batches:
+        out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], output_hidden_states=True)
+        feats.append(out.hidden_states[-1][:, :-1].reshape(-1, model.config.hidden_size))
+        labels.append(b["labels"][:, 1:].reshape(-1))
+    h, y = torch.cat(feats).double(), torch.cat(labels)
+    w0 = torch.zeros(model.config.vocab_size, model.config.hidden_size, dtype=torch.float64, requires_grad=True)
+    loss = torch.nn.functional.cross_entropy(h @ w0.T, y, ignore_index=-100)
+    (grad,) = torch.autograd.grad(loss, [w0])  # G (V, d)
+    r1 = np.random.default_rng([LM_HEAD.seed, 0x1A]).standard_normal((model.config.vocab_size, LM_SKETCH))
+    r2 = np.random.default_rng([LM_HEAD.seed, 0x2A]).standard_normal((model.config.hidden_size, LM_SKETCH))
+    want = (r1.T @ grad.numpy() @ r2).reshape(-1)  # vec(R1 G R2ᵀ)
+
+    assert g.shape == (LM_SKETCH * LM_SKETCH,)
+    assert np.allclose(g, want, rtol=1e-6, atol=1e-9 * np.abs(want).max())
+    model.train()  # snapshot was taken in train mode; the probe restores it
+    assert_same(before, snapshot(model))
+
+
+def test_lm_head_probe_does_not_depend_on_micro_batches_and_sees_the_data():
+    model = lm_model()
+    one = compute_fingerprint(model, lm_batches(2, seed=5), whole_model_loss, LM_HEAD)
+    pieces = compute_fingerprint(model, lm_batches(2, seed=5, micro_batch=7), whole_model_loss, LM_HEAD)
+    other = compute_fingerprint(model, lm_batches(2, seed=6), whole_model_loss, LM_HEAD)  # other texts
+
+    assert np.allclose(one, pieces, atol=1e-6)
+    assert not np.allclose(one, other, atol=1e-3)
+    assert one.shape == (LM_HEAD.dim,) and math.isclose(float(np.linalg.norm(one)), 1.0, rel_tol=1e-5)
+
+
+def test_lm_head_probe_refuses_a_loss_that_skips_the_head_and_changes_nothing():
+    model = lm_model()
+    before = snapshot(model)
+
+    with pytest.raises(ValueError, match="LM head ran 0 times"):
+        probe_gradient(model, lm_batches(1, seed=2), lambda m, b: torch.zeros(()), LM_HEAD)
+    assert_same(before, snapshot(model))
+    assert not model.get_output_embeddings()._forward_pre_hooks  # the hook is gone

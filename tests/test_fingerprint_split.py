@@ -51,6 +51,7 @@ def _helper(base):
         ("tiny-bert", "seq_cls", 4, "lora"),
         ("tiny-bert", "seq_cls", 4, "head"),
         ("tiny-gpt2", "causal_lm", None, "lora"),
+        ("tiny-gpt2", "causal_lm", None, "head"),  # the owner runs its own head on the helper's z
     ],
 )
 @pytest.mark.parametrize("mode", ["two-part", "u-shape"])

@@ -18,11 +18,13 @@ from scenarios.inprocess import InProcessSwarm
 from scenarios.waiting import wait_until_async
 
 
-async def _run(tmp_path, probe):
-    spec = SwarmSpec(task="seq_cls", num_labels=4, min_nodes=2, clusters=1, assign_after_s=60, fingerprint_probe=probe)
+async def _run(tmp_path, task, probe):
+    labels = 4 if task == "seq_cls" else None
+    spec = SwarmSpec(task=task, num_labels=labels, min_nodes=2, clusters=1, assign_after_s=60, fingerprint_probe=probe)
     async with await InProcessSwarm.create(tmp_path, spec, fingerprint_seed=3) as swarm:
         for seed, (name, memory_mb) in enumerate((("weak", 4), ("strong", 30))):
-            data = write_synthetic_jsonl(tmp_path / f"{name}.jsonl", 0, 32, seed=seed)
+            kind = "classification" if labels else "lm"
+            data = write_synthetic_jsonl(tmp_path / f"{name}.jsonl", 0, 32, seed=seed, kind=kind)
             swarm.add(name, memory_mb * 10**6, data=data, rounds=1, local_steps=1, lr=0.01)
         weak, strong = swarm.peers["weak"], swarm.peers["strong"]
         swarm.start("weak")
@@ -33,9 +35,16 @@ async def _run(tmp_path, probe):
         return summaries, weak.importance, strong.server.bytes_received["probe"], shape, weak.fingerprint
 
 
-@pytest.mark.parametrize("probe", ["lora", "head"])  # head: the helper sends the head's gradient back
-def test_a_weak_node_that_joins_first_waits_for_a_provisional_helper(tmp_path, probe):
-    summaries, importance, probe_bytes, shape, fingerprint = asyncio.run(_run(tmp_path, probe))
+@pytest.mark.parametrize(
+    "task, probe",
+    [
+        ("seq_cls", "lora"),
+        ("seq_cls", "head"),  # the helper sends the classifier head's gradient back
+        ("causal_lm", "head"),  # the helper sends hidden states; the weak node reads them at its own LM head
+    ],
+)
+def test_a_weak_node_that_joins_first_waits_for_a_provisional_helper(tmp_path, task, probe):
+    summaries, importance, probe_bytes, shape, fingerprint = asyncio.run(_run(tmp_path, task, probe))
     assert fingerprint.shape == (64,) and abs(float(np.linalg.norm(fingerprint)) - 1) < 1e-5
     assert all(s["finished"] for s in summaries.values())
     assert probe_bytes > 0  # the strong node served the weak node's fingerprint probes

@@ -334,8 +334,8 @@ def bootstrap(
         typer.Option(
             "--fingerprint-probe",
             help="what fingerprints are gradients in: lora (a rank-4 LoRA on block 0; any model) or head "
-            "(a classifier's head, class-balanced: on pretrained classifiers it tells tasks apart from "
-            "50 examples a node, where lora needs about 256).",
+            "(a classifier's head, class-balanced, or a causal LM's zero LM head on its final features: on "
+            "pretrained models it tells real-text tasks apart where lora gives one cluster).",
         ),
     ] = "lora",
     merge_rule: Annotated[

@@ -9,7 +9,9 @@
 - ``cut_loss``: the loss across a cut at ``split`` when a provisional helper runs the rest
   of the ORIGINAL base (``CutHelper``, reached however the caller likes). The owner runs
   embeddings + blocks[:s] with the probe; the helper answers ∂L/∂h (two-part), or hidden
-  states z and then, given ∂L/∂z from the owner's head and loss, ∂L/∂h (u-shape). The
+  states z and then, given ∂L/∂z from the owner's head and loss, ∂L/∂h (u-shape). When
+  nothing on the owner takes a gradient (the head probe of a causal LM, which only reads
+  the features at the head), the owner runs its own head on z in either mode. The
   surrogate ⟨h, ∂L/∂h⟩ has the probe gradient dL/dθ (atlas_p2p.training.probe), so the
   fingerprint equals the whole-model one.
 
@@ -71,18 +73,18 @@ def cut_loss(split: int, mode: str, helper: CutHelper) -> LossFn:
 
     def loss_fn(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         mask, labels = batch["attention_mask"], batch["labels"]
-        parts = split_model(model, split, mode)
-        h = parts[0](batch["input_ids"], mask)  # (B, T, H), carries a LoRA probe's graph
+        h = split_model(model, split, mode)[0](batch["input_ids"], mask)  # (B, T, H), carries a LoRA probe's graph
         acts = h.detach().cpu().numpy()
-        if mode == "two-part":
+        if mode == "two-part" and (h.requires_grad or _head_probed(model)):
             answer, head_grads = helper.grad(acts, mask.numpy(), labels.numpy())
             out = _head_surrogate(model, head_grads, checked)
             if h.requires_grad:  # a LoRA probe on the blocks here
                 out = out + surrogate(h, checked(answer, "grad", h))
             return out
-        # u-shape: labels and head stay here; the helper gives z, we give back ∂L/∂z
+        # u-shape: labels and head stay here; the helper gives z, we give back ∂L/∂z. Also the
+        # way when nothing here takes a gradient: the LM head probe reads the head's input here
         z = checked(helper.hidden(acts, mask.numpy()), "hidden", h).requires_grad_()
-        loss, _ = parts[2](z, mask, labels)  # through the head: a head probe's gradient
+        loss, _ = split_model(model, split, "u-shape")[2](z, mask, labels)  # through the head
         if not h.requires_grad:
             return loss
         (dz,) = torch.autograd.grad(loss, [z], retain_graph=True)
