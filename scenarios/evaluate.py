@@ -161,8 +161,25 @@ SETTINGS = {
         fingerprint_probe="head",
         method_lr=(("centralized", 1e-3), ("per-task", 1e-3)),
     ),
-    # the same texts as language modelling on a real causal LM, a small budget
-    "c": Setting("c", SMOLLM2, "text", 2, 100, 64, 2, 5, 8, 64, 1e-3, 64, kind="causal_lm", num_labels=None),
+    # the same texts as language modelling on a real causal LM, a small budget; fingerprints
+    # with the zero-LM-head probe (the LoRA probe put the four tasks in one cluster)
+    "c": Setting(
+        "c",
+        SMOLLM2,
+        "text",
+        2,
+        100,
+        64,
+        2,
+        5,
+        8,
+        64,
+        1e-3,
+        64,
+        kind="causal_lm",
+        num_labels=None,
+        fingerprint_probe="head",
+    ),
 }
 
 
