@@ -29,16 +29,13 @@ from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import zmq
-
 from nodes.config import NodeConfig, TrainConfig
 from nodes.peer import Peer
 from scenarios.swarm import status_mb
-from transport.rpc import install_uvloop
+from transport.rpc import allow_many_sockets, install_uvloop
 
 log = logging.getLogger("atlas.hosts")
 
-ZMQ_MAX_SOCKETS = 65_536  # libzmq's default (1,023) is two sockets each for 500 nodes
 WORKER_NICENESS = 5  # worker processes yield the CPU to the bootstrap they share the machine with
 SAMPLE_S = 0.2  # RSS sampling period: each node's phase meter resets the kernel's peak
 
@@ -96,7 +93,7 @@ class NodeHost:
     def __init__(self, nodes: Sequence[HostedNode]) -> None:
         self.rss_before_mb = status_mb("self", "VmRSS") or 0.0
         self.peak_mb = self.rss_before_mb
-        zmq.Context.instance().set(zmq.MAX_SOCKETS, ZMQ_MAX_SOCKETS)  # takes effect if no socket exists yet
+        allow_many_sockets()  # takes effect if no socket exists yet
         install_uvloop()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="node-host", daemon=True)

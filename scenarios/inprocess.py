@@ -23,7 +23,7 @@ from nodes.config import BootstrapConfig, NodeConfig, SwarmSpec, TrainConfig
 from nodes.control import ControlClient, keyed_client, node_keys
 from nodes.peer import Peer
 from scenarios.waiting import wait_until_async
-from transport.rpc import RpcClient
+from transport.rpc import RpcClient, allow_many_sockets
 
 # bootstrap timings of the in-process tests: a dead peer is declared within seconds
 FAST_TIMING: dict[str, float] = dict(
@@ -47,6 +47,7 @@ class InProcessSwarm:
     async def create(cls, workdir: Path, swarm: SwarmSpec, **bootstrap: float) -> InProcessSwarm:
         """Start the bootstrap on a free port; `bootstrap` overrides FAST_TIMING or sets other
         BootstrapConfig fields (e.g. fingerprint_seed)."""
+        allow_many_sockets()  # every node of the swarm opens its sockets in this process's context
         config = BootstrapConfig(bind="127.0.0.1:0", state_dir=Path(workdir) / "boot", **{**FAST_TIMING, **bootstrap})
         return cls(workdir, await Bootstrap.create(config, swarm=swarm))
 

@@ -72,7 +72,6 @@ from typing import Any
 if __package__ in (None, ""):  # run as `python scenarios/simulate.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import zmq  # noqa: E402
 
 from atlas_p2p.synthetic import SyntheticConfig  # noqa: E402
 from nodes.config import SwarmSpec, TrainConfig  # noqa: E402
@@ -94,7 +93,6 @@ from scenarios.churn import (  # noqa: E402
     write_truth,
 )
 from scenarios.hosts import (  # noqa: E402
-    ZMQ_MAX_SOCKETS,
     HostedNode,
     HostStatus,
     NodeHost,
@@ -569,7 +567,6 @@ class SimulateRun:
             write_data(self.specs, c)
         else:
             write_text_data(self.specs, c, self.text_data)
-        zmq.Context.instance().set(zmq.MAX_SOCKETS, ZMQ_MAX_SOCKETS)  # takes effect if no socket exists yet
         swarm = await InProcessSwarm.create(self.workdir, self.swarm_spec(), **self.bootstrap_timing())
         watch = Watch(swarm, len(self.data_names()), time.monotonic)
         watch.start()
