@@ -441,6 +441,15 @@ def _tail(ctx: PlanContext, split: int) -> list[LoraModule]:
     return [m for m in lora_candidates(ctx.shape) if m.block >= split]
 
 
+def _tail_floor(ctx: PlanContext, split: int, importance: Mapping[str, float]) -> dict[str, int]:
+    """The tail ranks a helper must hold for an owner before its left-over budget is shared:
+    the plan's one rank on every weight when it fixes one (SplitLoRA's clients all train the
+    same modules, which its factor average needs), else one smallest adapter per block."""
+    if ctx.config.uniform_rank is not None:
+        return _assign_ranks(_tail(ctx, split), importance, 0, ctx)
+    return minimum_ranks(_tail(ctx, split), importance, ctx.config.rank_set)
+
+
 def _rank_helpers(
     owner: NodeInfo,
     helpers: Iterable[_Helper],
@@ -572,8 +581,7 @@ def _pair(
     demands = {}
     for n in owners:
         imp = _importance_for(importance, rows[n]["cluster"])
-        tail_min = minimum_ranks(_tail(ctx, rows[n]["split"]), imp, ctx.config.rank_set)
-        demands[n] = _demand(ctx, rows[n]["split"], {**rows[n]["ranks"], **tail_min})
+        demands[n] = _demand(ctx, rows[n]["split"], {**rows[n]["ranks"], **_tail_floor(ctx, rows[n]["split"], imp)})
     size = {
         n: helper_footprint(
             ctx.shape, [demands[n]], weight_bytes=ctx.workload.weight_bytes, constants=ctx.constants
@@ -734,8 +742,7 @@ def _owner_demand(ctx: PlanContext, row: dict) -> ServedOwner:
     demand = _demand(ctx, row["split"], row["ranks"])
     if demand.ranks:
         return demand
-    tail_min = minimum_ranks(_tail(ctx, row["split"]), {}, ctx.config.rank_set)
-    return _demand(ctx, row["split"], {**row["ranks"], **tail_min})
+    return _demand(ctx, row["split"], {**row["ranks"], **_tail_floor(ctx, row["split"], {})})
 
 
 def _rows_of(plan: Plan, dead: set[str]) -> dict[str, dict]:
@@ -796,7 +803,7 @@ def admit(
     A newcomer gets the role, split and ranks `make_plan` would give it alone; a new owner is
     paired (first-fit decreasing, own cluster and pure helpers first) with the spare memory
     of the hosts already planned and of the new ones, with minimum ranks on its helper's
-    side unless that helper is new; a host that is new serves nobody until then. Owners
+    side (the plan's one rank, when it fixes one) unless that helper is new; a host that is new serves nobody until then. Owners
     waiting for a helper are tried again the same way. `infos` must hold every planned node.
     A full `make_plan` places everyone afresh; this keeps a large swarm's running pairs
     (and their rounds) when one node comes back.

@@ -326,6 +326,31 @@ def test_a_fixed_split_and_uniform_rank_make_every_data_node_the_same_owner():
         assert plan[name].reason.startswith(f"split 2/{L}: ")
 
 
+def test_splitlora_s_one_rank_holds_for_owners_paired_later_or_after_a_repair():
+    """An owner paired with a helper already planned (a late join; a helper that died) gets the
+    helper's side at the one rank too, not the minimum: b2's SplitLoRA anchor refused a client
+    whose tail held one rank-4 adapter a block ("needs the same modules on every client")."""
+    ctx = dataclasses.replace(CTX, config=P.PlanConfig(fixed_split=2, uniform_rank=8))
+    first = [
+        node("strong", BIG),
+        node("h", BIG, cluster=None, has_data=False),
+        node("g", BIG, cluster=None, has_data=False),
+    ]
+    plan = P.make_plan(first, ctx)
+
+    admitted = P.admit(plan, [*first, node("late", owner_memory(2))])
+    repaired = P.repair(
+        admitted,
+        [admitted["late"].helper],
+        [i for i in [*first, node("late", owner_memory(2))] if i.node_id != admitted["late"].helper],
+    )
+
+    assert admitted["late"].helper is not None
+    assert admitted["late"].ranks == {m.name: 8 for m in MODULES}
+    assert repaired["late"].helper not in (None, admitted["late"].helper)
+    assert repaired["late"].ranks == {m.name: 8 for m in MODULES}
+
+
 def test_a_fixed_split_alone_keeps_water_filled_ranks():
     ctx = dataclasses.replace(CTX, config=P.PlanConfig(fixed_split=2))
 
