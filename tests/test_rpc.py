@@ -140,6 +140,26 @@ def test_call_to_an_address_nobody_listens_on_times_out():
     run(main())
 
 
+def test_a_socket_that_cannot_be_opened_is_an_rpc_error_not_a_zmq_one():
+    """Out of sockets (the context's limit; b2's 32 gossiping nodes in one process hit 1,023),
+    a call fails like any other, so the callers' RpcError handling covers it."""
+
+    async def main():
+        context = zmq.Context()
+        context.set(zmq.MAX_SOCKETS, 1)  # before its first socket, so it holds
+        try:
+            async with RpcClient("a", context=context) as client:
+                with pytest.raises(RpcTimeout):  # the one socket it may open: nobody listens there
+                    await client.call("127.0.0.1:9", Ping(), timeout=0.1)
+                with pytest.raises(RpcError) as exc:
+                    await client.call("127.0.0.1:10", Ping(), timeout=0.1)
+                assert exc.value.code == "no_socket" and client.stats["no_socket"] == 1
+        finally:
+            context.term()
+
+    run(main())
+
+
 def test_retries_reuse_the_id_so_a_slow_request_is_served_once():
     calls = []
 

@@ -760,8 +760,9 @@ class RpcClient:
 
         Each attempt has `timeout` seconds (queueing for the in-flight budget, emulated
         link delay and the reply all count); `retries` more attempts resend the same
-        request id. Raises RpcTimeout, RpcError(code) for an `error` reply, and
-        RpcError('bad_reply') when `expect` is given and the reply is another type.
+        request id. Raises RpcTimeout, RpcError(code) for an `error` reply,
+        RpcError('bad_reply') when `expect` is given and the reply is another type, and
+        RpcError('no_socket') when no socket can be opened (the context's limit, no file descriptors).
         """
         if self._stopped:
             raise RpcError("stopped", "RpcClient is stopped")
@@ -828,7 +829,11 @@ class RpcClient:
             server_key = self._server_keys.get(endpoint)
             if self.keypair is not None and server_key is None:
                 raise RpcError("no_server_key", f"CURVE is on and the public key of {address} is unknown")
-            sock = _new_socket(self._context, zmq.DEALER, self.config.max_bytes, self.config.hwm)
+            try:
+                sock = _new_socket(self._context, zmq.DEALER, self.config.max_bytes, self.config.hwm)
+            except zmq.ZMQError as exc:  # e.g. the context's socket limit: a failed call, like any other
+                self.stats["no_socket"] += 1
+                raise RpcError("no_socket", f"cannot open a socket to {address}: {exc}") from None
             try:
                 if server_key is not None:
                     secure_client(sock, self.keypair or Keypair.generate(), server_key)
