@@ -803,9 +803,9 @@ def admit(
     A newcomer gets the role, split and ranks `make_plan` would give it alone; a new owner is
     paired (first-fit decreasing, own cluster and pure helpers first) with the spare memory
     of the hosts already planned and of the new ones, with minimum ranks on its helper's
-    side (the plan's one rank, when it fixes one) unless that helper is new; a host that is new serves nobody until then. Owners
-    waiting for a helper are tried again the same way. `infos` must hold every planned node.
-    A full `make_plan` places everyone afresh; this keeps a large swarm's running pairs
+    side (the plan's one rank, when it fixes one) unless that helper is new; a host that is
+    new serves nobody until then. Owners waiting for a helper are tried again the same way.
+    `infos` must hold every planned node. A full `make_plan` places everyone afresh; this keeps a large swarm's running pairs
     (and their rounds) when one node comes back.
     """
     by_id = _index(infos)
