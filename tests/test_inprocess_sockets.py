@@ -1,7 +1,7 @@
 """An in-process swarm lifts libzmq's socket limit before its first socket.
 
-b2's task-blind and SplitLoRA runs put 32 gossiping nodes in one process, about 1,100
-sockets in one context; with libzmq's default of 1,023 their sends failed with "Too many
+b2's task-blind and SplitLoRA runs put 32 gossiping nodes in one process, in one context;
+they needed more than libzmq's default of 1,023 sockets, and their sends failed with "Too many
 open files". A fresh interpreter, because the limit only takes effect before a context's
 first socket and a test process has opened many by now.
 """

@@ -94,8 +94,8 @@ def allow_many_sockets() -> None:
     """Raise the shared zmq context's socket limit, for a process that hosts many nodes.
 
     libzmq reads the limit when the context opens its first socket, so call this before any
-    (later it changes nothing). 32 gossiping nodes in one process need about 1,100 sockets:
-    with the default, sends failed with "Too many open files".
+    (later it changes nothing). 32 gossiping nodes in one process (b2) needed more than the
+    default: sends failed with "Too many open files".
     """
     zmq.Context.instance().set(zmq.MAX_SOCKETS, MANY_SOCKETS)
 
