@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from atlas_p2p.capabilities import Capabilities, require_bandwidth, require_memory
+from atlas_p2p.privacy.noise import ActivationNoise
 from atlas_p2p.validation import require_bool, require_choice, require_int, require_name, require_number
 from atlas_p2p.vocabulary import FINGERPRINT_PROBES, MERGE_RULES, PROBE_LORA, SEQ_CLS, SPLIT_MODES, TASKS
 from transport.security import JoinToken
@@ -298,6 +299,7 @@ class TrainConfig:
     fan_in: int = 2  # reduce: children per node of the cluster's reduce tree (an inner node serves each the patch)
     reduce_wait_s: float = 2.0  # reduce: a node waits this long for its children before forwarding what it has
     wire_bf16: bool = False  # an owner sends activations (and u-shape gradients) as bfloat16; its helper answers alike
+    activation_noise: ActivationNoise | None = None  # an owner adds this noise to the activations it sends
     poll_s: float = 0.1  # how often waits re-check (manifest, assignment)
     helper_wait_s: float = 60.0  # a node below the whole model waits this long for a provisional helper
     step_delay_s: float = 0.0  # extra seconds per step: emulates a slow device (stragglers in scenarios)
@@ -320,6 +322,8 @@ class TrainConfig:
         require_int("fan_in", self.fan_in, 1)
         require_number("reduce_wait_s", self.reduce_wait_s, positive=True)
         require_bool("wire_bf16", self.wire_bf16)
+        if self.activation_noise is not None and not isinstance(self.activation_noise, ActivationNoise):
+            raise ValueError(f"activation_noise: {self.activation_noise!r} must be None or an ActivationNoise")
         require_int("seed", self.seed, 0)
         for name in ("lr", "step_timeout_s", "round_deadline_s", "poll_s"):
             require_number(name, getattr(self, name), positive=True)

@@ -522,6 +522,7 @@ class Peer:
             run_seed=int(self.welcome.fingerprint_seed),
             mode=self.split_mode,
             cluster=key,
+            activation_noise=self.train.activation_noise,
         )
         session = OwnerSession(model, config, base=base)
         session.pending = pending

@@ -80,6 +80,9 @@ def _replace(argv, flag, value):
         (JOIN + ["--bind", "127.0.0.1:abc"], ExitCode.BAD_VALUE, "--bind"),
         (JOIN + ["--advertise", "nowhere"], ExitCode.BAD_VALUE, "--advertise"),
         (JOIN + ["--data", "/no/such/file.jsonl"], ExitCode.BAD_VALUE, "--data"),
+        (JOIN + ["--activation-noise", "gaussian"], ExitCode.BAD_VALUE, "--activation-noise"),
+        (JOIN + ["--activation-noise", "uniform:1"], ExitCode.BAD_VALUE, "--activation-noise"),
+        (JOIN + ["--activation-noise", "laplace:-1"], ExitCode.BAD_VALUE, "--activation-noise"),
         (JOIN + ["--compute", "1"], ExitCode.USAGE, "--compute"),  # measured by the node, never declared
         (JOIN[:3], ExitCode.USAGE, "--memory"),
         (JOIN + ["--frobnicate"], ExitCode.USAGE, "--frobnicate"),

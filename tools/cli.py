@@ -144,6 +144,17 @@ def _claim(flag: str, value: float, check: Callable[[str, float], float]) -> flo
         fail(ExitCode.BAD_VALUE, str(exc))
 
 
+def _noise(flag: str, text: str | None):
+    from atlas_p2p.privacy.noise import ActivationNoise
+
+    if text is None:
+        return None
+    try:
+        return ActivationNoise.parse(text)
+    except ValueError as exc:
+        fail(ExitCode.BAD_VALUE, f"{flag}: {exc}")
+
+
 def _check_data(flag: str, path: Path) -> None:
     """BAD_VALUE naming the file and line when `path` is not a readable data file (JSONL
     records of one kind), before the node joins: a bad file leaves no row and no --out."""
@@ -530,6 +541,14 @@ def join(
             "answers alike (accuracy effect: benchmarks/wire_bf16.py).",
         ),
     ] = False,
+    activation_noise: Annotated[
+        str | None,
+        typer.Option(
+            "--activation-noise",
+            help="KIND:SCALE, KIND gaussian or laplace: noise added to the activations this node sends its "
+            "helper, std SCALE x their RMS (leakage and accuracy by scale: benchmarks/privacy.py).",
+        ),
+    ] = None,
     step_delay: Annotated[
         float, typer.Option("--step-delay", help="Extra seconds per step, to emulate a slow device (scenarios).")
     ] = 0.0,
@@ -600,6 +619,7 @@ def join(
         fan_in=fan_in,
         reduce_wait_s=reduce_wait,
         wire_bf16=wire_bf16,
+        activation_noise=_noise("--activation-noise", activation_noise),
         step_delay_s=step_delay,
         emulate_link=emulate_link,
         latency_ms=latency_ms,

@@ -36,6 +36,7 @@ from peft import PeftModel
 from atlas_p2p.aggregation import Contribution, Patch, as_factors
 from atlas_p2p.lora import ADAPTER, get_factors, reset_adapters
 from atlas_p2p.models import SPLIT_MODES, num_layers, split_model, task_of, unsplit_forward
+from atlas_p2p.privacy.noise import ActivationNoise, add_noise, private_generator
 from atlas_p2p.validation import is_int, require_int, require_number
 from atlas_p2p.versioning import PatchRecord, VersionedBase
 
@@ -87,6 +88,7 @@ class OwnerConfig:
     mode: str = "two-part"  # "two-part" (labels travel) or "u-shape" (head and labels stay here)
     weight_decay: float = 0.0  # AdamW weight decay
     cluster: str = "0"  # cluster id of the base-version log
+    activation_noise: ActivationNoise | None = None  # noise on the activations sent (privacy.noise); None: none
 
     def __post_init__(self) -> None:
         if not (is_int(self.node_id) or isinstance(self.node_id, str)) or self.node_id == "":
@@ -102,6 +104,8 @@ class OwnerConfig:
             raise ValueError(f"mode: {self.mode!r} is not one of {SPLIT_MODES}")
         if not isinstance(self.cluster, str) or not self.cluster:
             raise ValueError(f"cluster: {self.cluster!r} must be a non-empty string")
+        if self.activation_noise is not None and not isinstance(self.activation_noise, ActivationNoise):
+            raise ValueError(f"activation_noise: {self.activation_noise!r} must be None or an ActivationNoise")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -170,6 +174,7 @@ class OwnerSession:
         self._optimizer: torch.optim.Optimizer | None = None
         self._head_start: dict[str, torch.Tensor] = {}
         self._seed = 0
+        self._noise_gen = private_generator() if config.activation_noise is not None else None
 
     # ---- state ----------------------------------------------------------------------------
     @property
@@ -259,7 +264,10 @@ class OwnerSession:
         mask = mask.to(torch.long)
         self._inflight = _InFlight(hidden, mask, labels)
         two_part = self.config.mode == "two-part"
-        return OwnerForward(self.round, self.step, hidden.detach(), mask, labels if two_part else None)
+        sent = hidden.detach()
+        if self.config.activation_noise is not None:  # the helper's gradient flows back straight through
+            sent = add_noise(sent, mask, self.config.activation_noise, self._noise_gen)
+        return OwnerForward(self.round, self.step, sent, mask, labels if two_part else None)
 
     def finish(self, hidden) -> tuple[float, torch.Tensor]:
         """u-shape: final norm + head + loss on the helper's output ``hidden`` (B, T, H).
