@@ -27,8 +27,9 @@ Writes DIR/results.json after every method (`complete` false until the last one 
 `setting`, `methods`: name -> mean_accuracy or mean_perplexity,
 per_task, bytes_per_node_mb, wall_s, ari where clustering is used, ...), DIR/results.md (the
 table) and DIR/curve.png, bytes.png, time.png. Exit code 0 when every method ran to the end.
-With `--resume`, the methods already in DIR/results.json are kept (only when it ran the very
-same setting) and the others run: a long evaluation can be stopped and taken up again.
+With `--resume`, every method already in DIR/results.json is kept (only when it ran the very
+same setting), listed in --methods or not, and the listed ones it lacks run: a long evaluation
+can be stopped and taken up again, or completed a few methods at a time.
 """
 
 from __future__ import annotations
@@ -484,7 +485,7 @@ async def evaluate_all(
     out: Path,
     earlier: Mapping[str, Any] | None = None,
 ) -> dict:
-    """Run `methods` in order; those already in `earlier` (a results.json of the same setting) are kept."""
+    """Run `methods` in order; every method of `earlier` (a results.json of the same setting) is kept."""
     population = build_population(
         train, setting.nodes_per_task, setting.per_node, setting.partition, setting.alpha, setting.seed
     )
@@ -501,12 +502,11 @@ async def evaluate_all(
         "examples_per_node": {n.name: len(n.rows) for n in population},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "command": " ".join(["python", "scenarios/evaluate.py", *sys.argv[1:]]),
-        "methods": {},
+        "methods": dict(earlier["methods"]) if earlier is not None else {},  # kept whether asked for again or not
     }
     for method in methods:
-        if earlier is not None and method.name in earlier["methods"]:
+        if method.name in results["methods"]:
             print(f"== {method.name}: kept from the earlier run in {out}", flush=True)
-            results["methods"][method.name] = earlier["methods"][method.name]
             continue
         print(f"== {method.name}: {method.summary}", flush=True)
         result = await run_method(method, setting, model, population, evals, curves, out / "runs" / method.name)
