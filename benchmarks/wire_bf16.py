@@ -85,12 +85,15 @@ def _step(owner, helper, f, cut: Cut, mode: str) -> None:
     owner.backward(cut.cross(grad))
 
 
-def train(args, model_dir: str, ranks: dict, encoded, test, mode: str, bf16: bool) -> dict:
-    """R rounds of split training with the cut in float32 or bfloat16; eval after each fold."""
-    owner = OwnerSession(
-        attach_lora(build_model(model_dir, "seq_cls", 4, init_seed=SEED), ranks),
-        OwnerConfig(node_id=NODE, split=args.split, lr=args.lr, run_seed=SEED, cluster="0", mode=mode),
+def train(args, model_dir: str, ranks: dict, encoded, test, mode: str, bf16: bool, noise=None) -> dict:
+    """R rounds of split training with the cut in float32 or bfloat16; eval after each fold.
+
+    ``noise``: the owner's privacy.noise.ActivationNoise (benchmarks/privacy.py), None: none.
+    """
+    config = OwnerConfig(
+        node_id=NODE, split=args.split, lr=args.lr, run_seed=SEED, cluster="0", mode=mode, activation_noise=noise
     )
+    owner = OwnerSession(attach_lora(build_model(model_dir, "seq_cls", 4, init_seed=SEED), ranks), config)
     helper = HelperSession(build_model(model_dir, "seq_cls", 4, init_seed=SEED), HelperConfig(cluster="0"))
     cut = Cut(bf16)
     owner.start_round(0)
