@@ -74,11 +74,15 @@ class NodeInfo:
     # whether the operator lets this device run other owners' layers (a helper sees their
     # activations, and labels in two-part mode); False: it trains its own data only
     may_host: bool = True
+    # privacy floor of this node's own data (privacy_min_split of the leakage it measured):
+    # blocks it must run before sending; the plan uses the larger of this and PlanConfig.min_split
+    min_split: int = 1
 
     def __post_init__(self):
         if not isinstance(self.node_id, str) or not self.node_id:
             raise ValueError(f"node_id={self.node_id!r}: must be a non-empty string")
         require_bool("may_host", self.may_host)
+        require_int("min_split", self.min_split, 1)
         if not isinstance(self.caps, Capabilities):
             raise ValueError(f"caps={self.caps!r:.80}: must be a Capabilities")
         if self.cluster is not None:
@@ -396,14 +400,9 @@ def _solo(
             None,
         )
     l, hosted, need = fitting
-    if l < cfg.min_split:
-        return (
-            WAITING,
-            None,
-            {},
-            f"waiting: {mem} budget fits {l}/{L} blocks, privacy floor needs {cfg.min_split}",
-            None,
-        )
+    floor = max(cfg.min_split, info.min_split)
+    if l < floor:
+        return (WAITING, None, {}, f"waiting: {mem} budget fits {l}/{L} blocks, privacy floor needs {floor}", None)
     allowance = _allowance(info, cfg, budget - need.frozen - need.activations, need.adapter)
     ranks = _assign_ranks(hosted, imp, allowance, ctx)
     return OWNER, l, ranks, _split_reason(info, l, L), None
@@ -425,6 +424,8 @@ def _fixed(info: NodeInfo, ctx: PlanContext, imp: Mapping[str, float]) -> tuple[
     hosted = [m for m in lora_candidates(shape) if m.block < split]
     minimum = minimum_ranks(hosted, imp, cfg.rank_set)  # the budget test every split takes
     need = owner_footprint(shape, split, minimum, ctx.workload, ctx.constants, with_head=cfg.u_shape)
+    if split < info.min_split:
+        return WAITING, None, {}, f"waiting: the fixed split {split}/{L} is below its privacy floor {info.min_split}", None
     if need.total > _budget(info, cfg):
         mem = format_bytes(info.caps.memory_bytes)
         return WAITING, None, {}, f"waiting: {mem} budget cannot run the fixed split of {split}/{L} blocks", None

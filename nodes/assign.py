@@ -25,5 +25,6 @@ def make_coordinator(spec: SwarmSpec) -> Coordinator:
             min_nodes=spec.min_nodes,
             assign_after_s=spec.assign_after_s,
             clusters=spec.clusters,
+            privacy_floor=spec.privacy_floor,
         )
     )

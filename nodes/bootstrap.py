@@ -367,6 +367,7 @@ class Bootstrap:
                 merge_rule=spec.merge_rule,
                 fingerprint_probe=spec.fingerprint_probe,
                 fingerprint_samples=spec.fingerprint_samples,
+                privacy_floor=spec.privacy_floor,
                 init_seed=self.registry.init_seed,
                 incarnation=self.registry.incarnation,
             )
@@ -460,7 +461,9 @@ class Bootstrap:
     async def rpc_fingerprint(self, env: Any) -> None:
         body = env.body
         self._known(body.node_id)
-        self._submit_checked(Event.fingerprint(body.node_id, body.vector, body.n_samples, body.importance))
+        self._submit_checked(
+            Event.fingerprint(body.node_id, body.vector, body.n_samples, body.importance, body.leakage)
+        )
 
     async def rpc_report(self, env: Any) -> None:
         from transport.rpc import RpcError

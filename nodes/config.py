@@ -249,6 +249,9 @@ class SwarmSpec:
     merge_rule: str = "exact"  # exact | fedavg (SplitLoRA) | mira (MIRA)
     fixed_split: int | None = None  # every data node runs exactly this many blocks (clipped to L-1)
     uniform_rank: int | None = None  # every adapted weight gets this rank, whatever the budget
+    # an owner sends only after the first block where the Fisher leakage psi its data has there
+    # (atlas_p2p.privacy.leakage) is at most this; None: no floor
+    privacy_floor: float | None = None
 
     def __post_init__(self) -> None:
         require_name("model", self.model)
@@ -271,6 +274,8 @@ class SwarmSpec:
             require_int("fixed_split", self.fixed_split, 1)
         if self.uniform_rank is not None:
             require_int("uniform_rank", self.uniform_rank, 1)
+        if self.privacy_floor is not None:
+            require_number("privacy_floor", self.privacy_floor, 0)
 
 
 MERGE_MODES = ("reduce", "gossip")  # how a cluster's contributions reach its anchor (nodes/cluster_sync.py)

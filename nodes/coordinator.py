@@ -71,6 +71,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -99,6 +100,7 @@ from atlas_p2p.planning import (
     admit,
     fits_whole_model,
     make_plan,
+    privacy_min_split,
     repair,
     replan_reason,
 )
@@ -140,6 +142,9 @@ class CoordinatorConfig:
     silhouette_threshold: float = ClusteringConfig.min_silhouette  # no K >= 2 reaching this: one cluster
     seed: int = 0  # k-means random state
     fingerprint_dim: int = 64  # length of a fingerprint vector
+    # --privacy-floor: an owner sends only after the first block where the psi it measured on its
+    # data (atlas_p2p.privacy.leakage) is at most this; None: no floor, nodes measure nothing
+    privacy_floor: float | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.shape, ModelShape):
@@ -156,6 +161,8 @@ class CoordinatorConfig:
         require_number("CoordinatorConfig.silhouette_threshold", self.silhouette_threshold, -1, 1)
         require_int("CoordinatorConfig.seed", self.seed)
         require_int("CoordinatorConfig.fingerprint_dim", self.fingerprint_dim, 1)
+        if self.privacy_floor is not None:
+            require_number("CoordinatorConfig.privacy_floor", self.privacy_floor, 0)
         _ = self.context  # PlanContext checks the privacy floor against the model depth
 
     @property
@@ -222,6 +229,7 @@ class Event:
     vector: np.ndarray | None = None  # fingerprint: (d,) raw vector
     n_samples: int = 0  # fingerprint: examples it averages over
     importance: Mapping[str, float] | None = None  # fingerprint: optional importance probe
+    leakage: tuple[float, ...] | None = None  # fingerprint: psi(s) for s = 1..L-1, when the floor asks
     helper: int = 0  # failure: the helper the owner saw miss a deadline
     may_host: bool = True  # join: whether the operator lets the node run other owners' layers
     avoid: tuple[int, ...] = ()  # failure, dead: nodes silent right now, handed out as helpers last
@@ -252,9 +260,15 @@ class Event:
 
     @classmethod
     def fingerprint(
-        cls, node_id: int, vector: np.ndarray, n_samples: int, importance: Mapping[str, float] | None = None
+        cls,
+        node_id: int,
+        vector: np.ndarray,
+        n_samples: int,
+        importance: Mapping[str, float] | None = None,
+        leakage: Sequence[float] | None = None,
     ) -> Event:
-        return cls(FINGERPRINT, node_id, vector=vector, n_samples=n_samples, importance=importance)
+        leakage = None if leakage is None else tuple(leakage)
+        return cls(FINGERPRINT, node_id, vector=vector, n_samples=n_samples, importance=importance, leakage=leakage)
 
     @classmethod
     def failure(cls, owner: int, helper: int, avoid: tuple[int, ...] = ()) -> Event:
@@ -339,6 +353,7 @@ class _Member:
     cluster: int | None = None
     note: str = ""  # why it is out of the plan (status other than live)
     may_host: bool = True  # the operator lets it run other owners' layers (planning.NodeInfo)
+    leakage: list[float] | None = None  # psi(s) for s = 1..L-1 on its data (privacy floor)
 
 
 # ------------------------------------------------------------------ the coordinator
@@ -498,7 +513,14 @@ class Coordinator:
             return self._grow(now, "back")
 
     def on_fingerprint(
-        self, node_id: int, vector: Any, n_samples: int, importance: Mapping[str, float] | None = None, *, now: float
+        self,
+        node_id: int,
+        vector: Any,
+        n_samples: int,
+        importance: Mapping[str, float] | None = None,
+        *,
+        now: float,
+        leakage: Sequence[float] | None = None,
     ) -> bool:
         """A data node's task fingerprint (and optional importance probe) arrived.
 
@@ -508,8 +530,10 @@ class Coordinator:
         member = self._member(node_id)
         _check_now(now)
         unit, scores = self._check_fingerprint(node_id, self._state(node_id), vector, n_samples, importance)
+        psi = self._check_leakage(leakage)
         with self._atomic():
             member.vector, member.n_samples, member.importance = unit, int(n_samples), scores
+            member.leakage = psi
             if self._first_fingerprint_at is None:
                 self._first_fingerprint_at = float(now)
             if self._clustering is None:
@@ -686,7 +710,9 @@ class Coordinator:
         if event.kind == DONE_EVENT:
             return self.on_done(n, now=now)
         if event.kind == FINGERPRINT:
-            return self.on_fingerprint(n, event.vector, event.n_samples, event.importance, now=now)
+            return self.on_fingerprint(
+                n, event.vector, event.n_samples, event.importance, now=now, leakage=event.leakage
+            )
         if event.kind == FAILURE:
             return self.report_failure(n, event.helper, now=now, avoid=event.avoid)
         return False  # TICK: the batch's maybe_assign
@@ -704,6 +730,7 @@ class Coordinator:
             self._check_fingerprint(
                 event.node_id, states.get(event.node_id), event.vector, event.n_samples, event.importance
             )
+            self._check_leakage(event.leakage)
         elif event.kind == FAILURE:
             for n in (event.node_id, event.helper):
                 _check_id(n)
@@ -777,8 +804,16 @@ class Coordinator:
                 ranks=_ranks_summary(view["ranks"]),
                 anchor=view["anchor"] == node_id,
                 reason=view["reason"],
+                psi=self._psi_at(node_id, view["split"]),
             )
         return out
+
+    def _psi_at(self, node_id: int, split: int | None) -> float | None:
+        """psi of what the node sends at `split` (None: no split, or not measured)."""
+        leakage = self._members[node_id].leakage
+        if leakage is None or split is None or not 1 <= split <= len(leakage):
+            return None
+        return leakage[split - 1]
 
     # --- persistence ---------------------------------------------------------------------
 
@@ -799,6 +834,7 @@ class Coordinator:
                     cluster=m.cluster,
                     note=m.note,
                     may_host=m.may_host,
+                    leakage=m.leakage,
                 )
                 for n, m in sorted(self._members.items())
             },
@@ -817,7 +853,13 @@ class Coordinator:
             else dict(
                 nodes={n: dict(dataclasses.asdict(r), ranks=dict(r.ranks)) for n, r in plan.nodes.items()},
                 infos={
-                    n: dict(node_id=i.node_id, caps=dataclasses.asdict(i.caps), cluster=i.cluster, may_host=i.may_host)
+                    n: dict(
+                        node_id=i.node_id,
+                        caps=dataclasses.asdict(i.caps),
+                        cluster=i.cluster,
+                        may_host=i.may_host,
+                        min_split=i.min_split,
+                    )
                     for n, i in plan.infos.items()
                 },
             ),
@@ -853,6 +895,7 @@ class Coordinator:
                     m["cluster"],
                     m["note"],
                     bool(m.get("may_host", True)),
+                    coord._check_leakage(m.get("leakage")),
                 )
             c = state["clustering"]
             if c is not None:
@@ -871,7 +914,13 @@ class Coordinator:
                     for n, r in p["nodes"].items()
                 }
                 infos = {
-                    n: NodeInfo(i["node_id"], Capabilities(**i["caps"]), i["cluster"], bool(i.get("may_host", True)))
+                    n: NodeInfo(
+                        i["node_id"],
+                        Capabilities(**i["caps"]),
+                        i["cluster"],
+                        bool(i.get("may_host", True)),
+                        int(i.get("min_split", 1)),
+                    )
                     for n, i in p["infos"].items()
                 }
                 coord._plan = Plan(nodes, config.context, infos)
@@ -914,6 +963,32 @@ class Coordinator:
         if norm == 0:
             raise ValueError("fingerprint vector is all zeros")
         return x / norm  # (d,)
+
+    def _check_leakage(self, leakage: Sequence[float] | None) -> list[float] | None:
+        """psi(s) for s = 1..L-1 as a list, checked; None stays None."""
+        if leakage is None:
+            return None
+        want = self.config.shape.num_layers - 1
+        values = list(leakage) if isinstance(leakage, Sequence) and not isinstance(leakage, str) else None
+        if values is None or len(values) != want:
+            raise ValueError(f"leakage must list psi for the splits 1..{want} ({want} numbers), got {leakage!r:.80}")
+        if not all(is_number(v) and v >= 0 for v in values):
+            raise ValueError(f"leakage values must be finite and >= 0, got {values!r:.80}")
+        return [float(v) for v in values]
+
+    def _min_split(self, member: _Member) -> int:
+        """The node's own privacy floor (planning.NodeInfo.min_split): the first split whose
+        psi is at most --privacy-floor; L when none is, or when it measured nothing (it may
+        then train only on the whole model, which sends nothing)."""
+        floor, L = self.config.privacy_floor, self.config.shape.num_layers
+        if floor is None or not member.caps.has_data:
+            return 1
+        if member.leakage is None:
+            return L
+        try:
+            return privacy_min_split([math.inf, *member.leakage], floor)
+        except ValueError:
+            return L
 
     def _check_importance(self, importance: Mapping[str, float] | None) -> dict[str, float] | None:
         if importance is None:
@@ -995,7 +1070,8 @@ class Coordinator:
                 continue
             if m.caps.has_data and (m.vector is None or m.cluster is None):
                 continue  # not fingerprinted or not clustered yet
-            infos.append(NodeInfo(str(n), m.caps, m.cluster if m.caps.has_data else None, m.may_host))
+            cluster = m.cluster if m.caps.has_data else None
+            infos.append(NodeInfo(str(n), m.caps, cluster, m.may_host, self._min_split(m)))
         return infos
 
     def _importance(self) -> dict[int, dict[str, float]]:

@@ -49,8 +49,10 @@ from atlas_p2p.fingerprint import FingerprintConfig, LossFn, fingerprint_sample
 from atlas_p2p.importance import measure
 from atlas_p2p.lora import attach_lora
 from atlas_p2p.memory import Workload, shape_from_config
+from atlas_p2p.models import num_layers
 from atlas_p2p.models.sharing import copy_model
 from atlas_p2p.planning import fits_whole_model
+from atlas_p2p.privacy.leakage import fisher_leakage
 from atlas_p2p.records import (
     CheckpointState,
     ContributionRecord,
@@ -99,6 +101,8 @@ log = logging.getLogger("atlas.peer")
 _SHARED_EXPORTS = FactorMemo()
 progress_log = logging.getLogger("atlas.progress")
 
+LEAKAGE_ROWS = 8  # examples psi is measured on (a cheap, local estimate: forward and backward passes)
+LEAKAGE_PROBES = 2  # random vector-Jacobian products per split
 MAX_MESSAGE_BYTES = 256 << 20
 
 
@@ -132,6 +136,7 @@ class Peer:
         self.eval_encoded: Encoded | None = None
         self.fingerprint: np.ndarray | None = None
         self.importance: dict[str, float] | None = None  # importance probe sent with the fingerprint
+        self.leakage: list[float] | None = None  # psi by split sent with the fingerprint (--privacy-floor)
         self.session: OwnerSession | None = None
         self.runner: OwnerRunner | None = None
         self._plan_key: tuple | None = None
@@ -282,9 +287,33 @@ class Peer:
             log.warning("importance probe failed (%s); the fingerprint goes without it", exc)
             return None
 
+    async def measure_leakage(self) -> list[float] | None:
+        """psi(s) for s = 1..L-1 (atlas_p2p.privacy.leakage) on up to LEAKAGE_ROWS of this node's
+        fingerprint sample, when the swarm has a privacy floor; None otherwise or when it fails
+        (the planner then lets this node train only on the whole model, which sends nothing)."""
+        if self.welcome.privacy_floor is None:
+            return None
+        w = self.welcome
+        config = FingerprintConfig(seed=w.fingerprint_seed, num_samples=w.fingerprint_samples)
+        batch = fingerprint_sample(self.encoded, config, LEAKAGE_ROWS)[0]
+        splits = list(range(1, num_layers(self.base_model)))
+        try:
+            psi = await self.executor.run(
+                fisher_leakage, self.base_model, batch["input_ids"], batch["attention_mask"], splits, LEAKAGE_PROBES
+            )
+        except ValueError as exc:
+            log.warning("leakage probe failed (%s); the fingerprint goes without it", exc)
+            return None
+        log.info("leakage psi by split: %s", ", ".join(f"{s}: {psi[s]:.3g}" for s in splits))
+        return [psi[s] for s in splits]
+
     def _fingerprint_message(self) -> Fingerprint:
         return Fingerprint(
-            node_id=self.node_id, vector=self.fingerprint, n_samples=len(self.encoded), importance=self.importance
+            node_id=self.node_id,
+            vector=self.fingerprint,
+            n_samples=len(self.encoded),
+            importance=self.importance,
+            leakage=self.leakage,
         )
 
     async def report_helper(self, helper: int, why: str) -> None:
@@ -467,6 +496,7 @@ class Peer:
         if self.train.eval_path is not None:
             self.eval_encoded = await self._load_data(self.train.eval_path)
         self.fingerprint = await self.compute_fingerprint()
+        self.leakage = await self.measure_leakage()
         await self.boot.send_fingerprint(self._fingerprint_message())
         self.state = "waiting"
         self.sync.start()

@@ -88,6 +88,7 @@ class PeerRecord:
     anchor: bool = False  # publishes its cluster's round manifests (lowest live member id)
     reason: str | None = None  # the planner's one-line explanation of the row
     base_digest: str | None = None  # sha256 of the base the node loaded, once the bootstrap accepted it
+    psi: float | None = None  # Fisher leakage of what it sends at its split (with --privacy-floor), None: not measured
 
     def __post_init__(self) -> None:
         _check_values({name: getattr(self, name) for name in COLUMNS})

@@ -59,6 +59,7 @@ def fingerprint_header(vector=None, **overrides) -> dict:
         "vector": ref("float32", [64], 1) if vector is None else vector,
         "n_samples": 8,
         "importance": None,
+        "leakage": None,
     }
     header = {"v": 1, "type": "fingerprint", "id": 7, "src": "n1", "body": body}
     header.update(overrides)

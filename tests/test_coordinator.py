@@ -821,3 +821,58 @@ def test_a_node_the_operator_does_not_let_host_trains_but_never_helps_and_surviv
     restored = Coordinator.restore(coord.config, json.loads(json.dumps(coord.snapshot())))
     restored.on_dead(4, now=2.0)
     assert helpers(restored, [2, 3]) == {2: None, 3: None}  # the repair does not reach node 1 either
+
+
+# ================================================================ privacy floor
+
+
+def _floored(leakage, floor=1.0):
+    """Nodes 1 (whole model), 2 and 3 (2 of 4 blocks) of one task; `leakage` per node id."""
+    coord = Coordinator(config(min_nodes=3, privacy_floor=floor))
+    for n, mem in ((1, BIG), (2, WEAK), (3, WEAK)):
+        coord.on_join(n, *offer(n, mem), now=0.0)
+    for n in (1, 2, 3):
+        coord.on_fingerprint(n, planted(DIR_A, n), 32, now=0.0, leakage=leakage.get(n))
+    coord.maybe_assign(0.0)
+    return coord
+
+
+def test_privacy_floor_plans_each_owner_by_the_leakage_it_measured():
+    # node 2's psi falls under the floor at split 2 (its budget's split); node 3's only at 3
+    coord = _floored({1: [9.0, 8.0, 7.0], 2: [5.0, 0.5, 0.1], 3: [5.0, 4.0, 0.9]})
+    cols = coord.peer_columns()
+    assert (cols[2]["role"], cols[2]["split"], cols[2]["psi"]) == (OWNER, 2, 0.5)
+    assert cols[3]["role"] == WAITING and "privacy floor needs 3" in cols[3]["reason"]
+    assert cols[1]["role"] == WHOLE and cols[1]["psi"] is None  # sends nothing
+    # a restarted bootstrap plans the same
+    again = Coordinator.restore(coord.config, json.loads(json.dumps(coord.snapshot())))
+    assert again.peer_columns() == cols
+
+
+def test_privacy_floor_without_measured_leakage_lets_a_node_train_only_whole():
+    coord = _floored({1: None, 2: None, 3: [5.0, 0.5, 0.1]})
+    cols = coord.peer_columns()
+    assert cols[1]["role"] == WHOLE and cols[2]["role"] == WAITING
+    assert cols[3]["role"] == OWNER and cols[3]["psi"] == 0.5
+
+
+def test_without_a_floor_leakage_is_shown_but_changes_nothing():
+    coord = Coordinator(config(min_nodes=2))
+    for n, mem in ((1, BIG), (2, WEAK)):
+        coord.on_join(n, *offer(n, mem), now=0.0)
+        coord.on_fingerprint(n, planted(DIR_A, n), 32, now=0.0, leakage=[5.0, 4.0, 3.0])
+    coord.maybe_assign(0.0)
+    assert coord.peer_columns()[2]["split"] == 2 and coord.peer_columns()[2]["psi"] == 4.0
+
+
+@pytest.mark.parametrize(
+    "leakage, match",
+    [([1.0, 2.0], "3 numbers"), ([1.0, -2.0, 3.0], ">= 0"), ([1.0, math.nan, 3.0], ">= 0"), ("abc", "3 numbers")],
+)
+def test_bad_leakage_is_refused_and_changes_nothing(leakage, match):
+    coord = Coordinator(config(min_nodes=2, privacy_floor=1.0))
+    coord.on_join(1, *offer(1, BIG), now=0.0)
+    before = snapshot(coord)
+    with pytest.raises(ValueError, match=match):
+        coord.on_fingerprint(1, planted(DIR_A, 1), 32, now=0.0, leakage=leakage)
+    assert snapshot(coord) == before

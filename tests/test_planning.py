@@ -802,3 +802,22 @@ def test_format_bytes(n, text):
 
 def test_format_bps():
     assert [P.format_bps(b) for b in (100e6, 1.5e9, 500)] == ["100 Mbps", "1.5 Gbps", "500 bps"]
+
+
+def test_a_node_s_own_privacy_floor_makes_it_wait_or_keeps_its_split():
+    # Prepare: "a" fits 2 blocks; its own floor needs 3, "b" (same budget) needs 2
+    a = dataclasses.replace(node("a", owner_memory(2)), min_split=3)
+    b = dataclasses.replace(node("b", owner_memory(2)), min_split=2)
+    # Execute
+    plan = P.make_plan([a, b, node("h", BIG)], CTX)
+    # Assert
+    assert plan["a"].role == P.WAITING and "privacy floor needs 3" in plan["a"].reason
+    assert plan["b"].role == P.OWNER and plan["b"].split == 2
+
+
+def test_a_fixed_split_below_a_node_s_privacy_floor_makes_it_wait():
+    ctx = dataclasses.replace(CTX, config=P.PlanConfig(fixed_split=1))
+    a = dataclasses.replace(node("a", BIG), min_split=2)
+    plan = P.make_plan([a, node("b", BIG), node("h", BIG, has_data=False)], ctx)
+    assert plan["a"].role == P.WAITING and "below its privacy floor 2" in plan["a"].reason
+    assert plan["b"].role == P.OWNER and plan["b"].split == 1

@@ -349,6 +349,15 @@ def bootstrap(
             "pretrained models it tells real-text tasks apart where lora gives one cluster).",
         ),
     ] = "lora",
+    privacy_floor: Annotated[
+        float | None,
+        typer.Option(
+            "--privacy-floor",
+            help="PSI: every data node measures the Fisher leakage psi of its activations at each split on its "
+            "own data and is planned to run at least the blocks after which psi <= PSI (or to wait); the peer "
+            "table shows each owner's psi (values by layer: benchmarks/privacy.py).",
+        ),
+    ] = None,
     merge_rule: Annotated[
         str,
         typer.Option(
@@ -413,6 +422,7 @@ def bootstrap(
         fingerprint_probe=fingerprint_probe,
         fixed_split=fixed_split,
         uniform_rank=uniform_rank,
+        privacy_floor=privacy_floor,
     )
 
     bind = _address("--bind", bind, allow_port_zero=True)

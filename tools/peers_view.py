@@ -20,6 +20,7 @@ _COLUMNS: tuple[tuple[str, str], ...] = (
     ("STATE", "state"),
     ("CLUSTER", "cluster"),
     ("SPLIT", "split"),
+    ("PSI", "psi"),
     ("HELPER", "helper"),
     ("RANKS", "ranks"),
     ("ANCHOR", "anchor"),
@@ -103,6 +104,8 @@ def _cell(key: str, value: Any) -> str:
         return f"{mbps / 1000:g} Gbps" if mbps >= 1000 else f"{mbps:g} Mbps"
     if key == "anchor":
         return "yes" if value else ""
+    if key == "psi":
+        return f"{float(value):.3g}"
     if key == "base_digest":
         return str(value)[:12]  # short form; --json has the whole sha256
     if key == "reason":

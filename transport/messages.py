@@ -188,6 +188,7 @@ class Welcome(Message):
     merge_rule: Annotated[str, OneOf(MERGE_RULES)] = "exact"  # fedavg: SplitLoRA's factor average (a baseline)
     fingerprint_probe: Annotated[str, OneOf(FINGERPRINT_PROBES)] = "lora"  # atlas_p2p.fingerprint
     init_seed: Annotated[int, Range(0, (1 << 63) - 1)] = 0  # draws the parameters a checkpoint lacks
+    privacy_floor: Annotated[float, Range(0.0, None)] | None = None  # set: send psi by split with the fingerprint
     incarnation: str = ""  # the bootstrap state's incarnation: node_id is only this node's within it
 
 
@@ -251,6 +252,8 @@ class Fingerprint(Message):
     vector: Annotated[np.ndarray, TensorSpec(("float32",), (64,))]
     n_samples: Count
     importance: dict[str, float] | None = None  # per-weight importance probe (section 7)
+    # psi(s) for s = 1..L-1 measured on the node's data (atlas_p2p.privacy.leakage), when asked
+    leakage: Annotated[list[Annotated[float, Range(0.0, None)]], Length(hi=1024)] | None = None
 
 
 @message("report")
