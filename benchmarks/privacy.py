@@ -15,7 +15,7 @@ Parts (``--parts``, all by default), on real pretrained models and the real text
   noise) the accuracy after a fixed budget of owner + helper training on ``--task``
   (benchmarks/wire_bf16.train: OwnerSession and HelperSession, folded, evaluated on the
   task's test split), the token recall of the inversion of the noisy activations the owner
-  sends, and ψ/σ² with σ the noise's std on those activations (no noise: unbounded, null).
+  sends, and ψ at that noise (leakage.py: ψ(1)/scale²; no noise: unbounded, null).
 - ``dp``: the four tasks x 3 nodes x ``--dp-examples`` examples (m = all of them), sample-
   level DP fingerprints (privacy.fingerprint_dp) at each ε of ``--epsilons`` (δ 1e-5):
   every node's mean of unit sketches once, then ``--dp-draws`` noise draws per ε; ARI and
@@ -172,7 +172,7 @@ def noise_part(model_dir: str, args, tokenizer) -> list[dict]:
             "accuracy": run["accuracy"][-1],
             "accuracy_by_round": run["accuracy"],
             "token_recall": recall,
-            "psi": psi / sigma**2 if sigma else None,  # no noise: unbounded (h is a function of e)
+            "psi": psi / scale**2 if noise else None,  # no noise: unbounded (h is a function of e)
             "seconds": round(time.perf_counter() - t0, 1),
         }
         curve.append(row)

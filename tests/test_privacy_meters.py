@@ -24,7 +24,7 @@ def _batch(b=2, t=5, pad=1):
 
 @pytest.mark.parametrize("family", ["bert", "gpt2", "llama"])
 def test_fisher_leakage_matches_the_exact_jacobian(family):
-    # Prepare: ||J||_F^2 / d from the full Jacobian of the owner part at split 2 (real positions only)
+    # Prepare: ||J||_F^2 / (d RMS(h)^2) from the full Jacobian of the owner part at split 2 (real positions only)
     model = _model(family)
     ids, mask = _batch()
     model.eval()
@@ -36,7 +36,8 @@ def test_fisher_leakage_matches_the_exact_jacobian(family):
             return OwnerPart(model, 2)(ids, mask)[real]  # (n_real, H)
 
     jac = torch.autograd.functional.jacobian(owner, e0)  # (n_real, H, B, T, H)
-    exact = float(jac[..., real, :].pow(2).sum()) / (int(real.sum()) * HIDDEN)
+    mean_square = float(owner(e0).double().pow(2).mean())  # noise calibrated to RMS(h)
+    exact = float(jac[..., real, :].pow(2).sum()) / (int(real.sum()) * HIDDEN) / mean_square
     # Execute
     psi = fisher_leakage(model, ids, mask, [2], probes=600)[2]
     # Assert: Hutchinson's estimate within 5% of the exact trace
@@ -49,7 +50,7 @@ def test_noise_divides_leakage_by_its_variance_and_the_model_comes_back_as_it_wa
     model.classifier.weight.requires_grad_(False)
     ids, mask = _batch()
     plain = fisher_leakage(model, ids, mask, [0, 1, LAYERS], probes=4, seed=3)
-    noisy = fisher_leakage(model, ids, mask, [0, 1, LAYERS], probes=4, seed=3, noise_std=2.0)
+    noisy = fisher_leakage(model, ids, mask, [0, 1, LAYERS], probes=4, seed=3, noise_scale=2.0)
     assert set(plain) == {0, 1, LAYERS}
     for s in plain:
         assert noisy[s] == pytest.approx(plain[s] / 4, rel=1e-6)
@@ -64,7 +65,7 @@ def test_noise_divides_leakage_by_its_variance_and_the_model_comes_back_as_it_wa
         ({"splits": [LAYERS + 1]}, "splits"),
         ({"splits": []}, "splits"),
         ({"probes": 0}, "probes"),
-        ({"noise_std": 0.0}, "noise_std"),
+        ({"noise_scale": 0.0}, "noise_scale"),
     ],
 )
 def test_fisher_leakage_refuses_bad_arguments(kwargs, message):

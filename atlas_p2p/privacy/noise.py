@@ -6,7 +6,8 @@ nothing). Calibration: the noise's standard deviation is ``scale`` times the roo
 square of h over the batch's real tokens, so one scale means the same signal-to-noise ratio
 at every split layer (activations grow with depth). Gaussian n ~ N(0, σ²); Laplace with
 b = σ/√2 (the same variance, heavier tails). The owner's backward passes the helper's
-gradient straight through (∂(h + n)/∂h = I). ψ of leakage.py under this noise is ψ/σ².
+gradient straight through (∂(h + n)/∂h = I). leakage.py's ψ under this noise is
+fisher_leakage(..., noise_scale=scale): ψ at scale 1 over scale².
 """
 
 from __future__ import annotations
