@@ -107,7 +107,7 @@ def layers_part(name: str, model_dir: str, kind: str, splits: list[int], args, t
         + ", ".join(f"{s}: {v:.3g}" for s, v in psi.items())
         + f" ({time.perf_counter() - t0:.0f} s)"
     )
-    attack = InversionConfig(steps=args.attack_steps, lr=args.attack_lr)
+    attack = InversionConfig(steps=args.attack_steps, lrs=tuple(args.attack_lrs))
     recall: dict[str, dict[int, float]] = {m: {} for m in MODES}
     same: dict[int, bool] = {}
     seconds: dict[int, float] = {}
@@ -162,7 +162,7 @@ def noise_part(model_dir: str, args, tokenizer) -> list[dict]:
         noise = ActivationNoise(args.noise_kind, scale) if scale > 0 else None
         run = train(train_args, model_dir, ranks, encoded, test, "two-part", False, noise)
         h, _ = sent(model, "seq_cls", s, "two-part", batch, noise)
-        attack = InversionConfig(steps=args.attack_steps, lr=args.attack_lr)
+        attack = InversionConfig(steps=args.attack_steps, lrs=tuple(args.attack_lrs))
         recall = token_recall(invert(model, h, mask, s, attack), batch["input_ids"], mask, special)
         sigma = noise_std(clean, mask, scale) if noise else 0.0
         row = {
@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max-len", type=int, default=32, help="tokens per text")
     parser.add_argument("--probes", type=int, default=4, help="random vector-Jacobian products per psi")
     parser.add_argument("--attack-steps", type=int, default=200)
-    parser.add_argument("--attack-lr", type=float, default=0.05)
+    parser.add_argument("--attack-lrs", type=float, nargs="+", default=list(InversionConfig.lrs))
     parser.add_argument("--noise-split", type=int, default=2)
     parser.add_argument("--noise-kind", default="gaussian", choices=["gaussian", "laplace"])
     parser.add_argument("--noise-scales", type=float, nargs="+", default=[0.0, 0.1, 0.3, 1.0, 3.0])

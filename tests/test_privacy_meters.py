@@ -81,7 +81,7 @@ def test_inversion_recovers_every_token_at_split_zero_and_few_under_heavy_noise(
     ids, mask = _batch(b=2, t=6, pad=2)
     with torch.no_grad():
         h = OwnerPart(model, 0)(ids, mask)
-    config = InversionConfig(steps=300, lr=0.1)
+    config = InversionConfig(steps=300, lrs=(0.1, 10.0))  # 10: diverges, must not be kept
     clean = token_recall(invert(model, h, mask, 0, config), ids, mask)
     noise = 20.0 * float(h.std()) * torch.randn(h.shape, generator=torch.Generator().manual_seed(5))
     noisy = token_recall(invert(model, h + noise, mask, 0, config), ids, mask)
