@@ -55,6 +55,7 @@ from atlas_p2p.privacy.noise import ActivationNoise, noise_std  # noqa: E402
 from atlas_p2p.training import OwnerConfig, OwnerSession  # noqa: E402
 from benchmarks.fingerprint_sweep import node_parts, seed_fresh_head  # noqa: E402
 from benchmarks.merge_traffic import write_results  # noqa: E402
+from benchmarks.realtext import read_jsonl  # noqa: E402
 from nodes.modelname import build_model, build_tokenizer  # noqa: E402
 from scenarios.textdata import DEFAULT_DATA, REAL_TEXT_TASKS, SMOLLM2, find_model  # noqa: E402
 
@@ -72,17 +73,11 @@ def held_out_batch(data: Path, tokenizer, kind: str, texts: int, max_len: int) -
     per_task = -(-texts // len(REAL_TEXT_TASKS))
     rows = []
     for task in REAL_TEXT_TASKS:
-        rows += load_jsonl_dicts(data / f"{task}.test.jsonl")[:per_task]
+        rows += read_jsonl(data / f"{task}.test.jsonl")[:per_task]
     keep = ("text", "label") if kind == "seq_cls" else ("text",)
     rows = [{k: r[k] for k in keep} for r in rows[:texts]]
     encoded = encode(records_from_dicts(rows, num_labels=4 if kind == "seq_cls" else None), tokenizer, max_len)
     return collate(encoded, range(len(rows)))
-
-
-def load_jsonl_dicts(path: Path) -> list[dict]:
-    import json
-
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def sent(model, kind: str, split: int, mode: str, batch, noise: ActivationNoise | None = None):
