@@ -425,7 +425,13 @@ def _fixed(info: NodeInfo, ctx: PlanContext, imp: Mapping[str, float]) -> tuple[
     minimum = minimum_ranks(hosted, imp, cfg.rank_set)  # the budget test every split takes
     need = owner_footprint(shape, split, minimum, ctx.workload, ctx.constants, with_head=cfg.u_shape)
     if split < info.min_split:
-        return WAITING, None, {}, f"waiting: the fixed split {split}/{L} is below its privacy floor {info.min_split}", None
+        return (
+            WAITING,
+            None,
+            {},
+            f"waiting: the fixed split {split}/{L} is below its privacy floor {info.min_split}",
+            None,
+        )
     if need.total > _budget(info, cfg):
         mem = format_bytes(info.caps.memory_bytes)
         return WAITING, None, {}, f"waiting: {mem} budget cannot run the fixed split of {split}/{L} blocks", None
