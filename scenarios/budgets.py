@@ -21,7 +21,15 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
-from atlas_p2p.memory import Workload, lora_candidates, owner_footprint, shape_from_config, whole_model_footprint
+from atlas_p2p.memory import (
+    ServedOwner,
+    Workload,
+    helper_footprint,
+    lora_candidates,
+    owner_footprint,
+    shape_from_config,
+    whole_model_footprint,
+)
 from atlas_p2p.planning import PlanConfig, minimum_ranks
 from nodes.config import EMBEDDED_MODELS
 from nodes.modelname import model_config
@@ -45,6 +53,18 @@ def role_budgets(model: str, task: str, num_labels: int | None, batch: int, seq_
         split = min(blocks, shape.num_layers - 1)
         budgets[memory] = WEAK_MARGIN * owner_footprint(shape, split, ranks, workload).total / headroom
     return {memory: int(round(value)) for memory, value in budgets.items()}
+
+
+def server_budget(
+    model: str, task: str, num_labels: int | None, batch: int, seq_len: int, split: int, rank: int, owners: int
+) -> int:
+    """Bytes of one helper with room for `owners` owners cut at `split` with `rank` on every
+    later module (SplitLoRA's one server for all its clients), WEAK_MARGIN above the need."""
+    shape = shape_from_config(model_config(model, task, num_labels), task, num_labels)
+    tail = {m.name: rank for m in lora_candidates(shape) if m.block >= split}
+    served = [ServedOwner(split, Workload(batch=batch, seq_len=seq_len), tail)] * owners
+    need = helper_footprint(shape, served).total / PlanConfig().headroom
+    return int(round(WEAK_MARGIN * need))
 
 
 def fit_budgets(

@@ -274,8 +274,9 @@ async def run_swarm(
 ) -> tuple[float, float, float]:
     """Run the method's swarm to the end; (start time, wall seconds, peak RSS MB)."""
     from nodes.config import SwarmSpec
-    from scenarios.budgets import role_budgets
+    from scenarios.budgets import role_budgets, server_budget
     from scenarios.churn import HELPER_MEMORY, STRONG_MEMORY, WEAK_MEMORIES
+    from scenarios.evaluation.methods import SPLITLORA_RANK, SPLITLORA_SPLIT
     from scenarios.inprocess import InProcessSwarm
 
     budgets = role_budgets(model, setting.kind, setting.num_labels, setting.batch, setting.seq_len)
@@ -317,6 +318,18 @@ async def run_swarm(
             if any(node.weak for node in nodes):
                 for h in range(setting.helpers):
                     swarm.add(f"helper{h}", budgets[HELPER_MEMORY], shared_base=True, threads=train["threads"])
+            if method.server:
+                room = server_budget(
+                    model,
+                    setting.kind,
+                    setting.num_labels,
+                    setting.batch,
+                    setting.seq_len,
+                    SPLITLORA_SPLIT,
+                    SPLITLORA_RANK,
+                    len(nodes),
+                )
+                swarm.add("server", room, shared_base=True, threads=train["threads"])
             for name in swarm.peers:
                 swarm.start(name)
             data_tasks = [swarm.tasks[node.name] for node in nodes]

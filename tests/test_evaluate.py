@@ -231,3 +231,36 @@ def test_the_language_modelling_setting_runs_its_methods_and_scores_perplexity(t
     assert (out / "results.json").read_bytes() == before
     table, curve = (out / "eval" / "wn_pos.jsonl").read_text(), (out / "eval" / "wn_pos.curve.jsonl").read_text()
     assert len(table.splitlines()) == 8 and curve.splitlines() == table.splitlines()[:4]  # the curve's rows
+
+
+@pytest.mark.parametrize("owners", [8, 32])
+def test_splitlora_s_server_has_room_for_every_client_and_no_more(owners):
+    """SplitLoRA's one server (Method.server): sized by the planner's own footprints so that the
+    plan pairs every client with it; one client fewer of room leaves a client waiting."""
+    from atlas_p2p.capabilities import Capabilities
+    from atlas_p2p.memory import Workload, shape_from_config
+    from atlas_p2p.planning import OWNER, WAITING, NodeInfo, PlanConfig, PlanContext, make_plan
+    from nodes.modelname import model_config
+    from scenarios.budgets import WEAK_MARGIN, server_budget
+    from scenarios.evaluation.methods import SPLITLORA_RANK, SPLITLORA_SPLIT
+
+    s = evaluate.SETTINGS["a"]
+    shape = shape_from_config(model_config(s.model, s.kind, s.num_labels), s.kind, s.num_labels)
+    ctx = PlanContext(
+        shape, Workload(batch=s.batch, seq_len=s.seq_len), PlanConfig(fixed_split=SPLITLORA_SPLIT, uniform_rank=8)
+    )
+    assert SPLITLORA_RANK == 8
+    clients = [NodeInfo(f"c{i:02d}", Capabilities(10**9, 10e6, 1.0, True), 0, may_host=False) for i in range(owners)]
+
+    def plan_with(room):
+        server = NodeInfo("server", Capabilities(room, 100e6, 1.0, False), None)
+        return make_plan([*clients, server], ctx)
+
+    def room(n):
+        return server_budget(s.model, s.kind, s.num_labels, s.batch, s.seq_len, SPLITLORA_SPLIT, 8, n)
+
+    plan = plan_with(room(owners))
+    assert {(plan[c.node_id].role, plan[c.node_id].helper) for c in clients} == {(OWNER, "server")}
+    need, one = room(owners) / WEAK_MARGIN, (room(owners) - room(owners - 1)) / WEAK_MARGIN
+    plan = plan_with(int(need - one / 2))
+    assert sum(plan[c.node_id].role == WAITING for c in clients) >= 1

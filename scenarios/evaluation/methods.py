@@ -16,6 +16,8 @@ the nodes and how a group merges:
 - `spec`: other swarm settings (nodes.config.SwarmSpec): SplitLoRA's one cut
   (`fixed_split`), one rank (`uniform_rank`) and factor-wise average (`merge_rule` fedavg);
   MIRA's personal adapters (`merge_rule` mira).
+- `server`: one more helper with room for every data node's later blocks (SplitLoRA's one
+  server for all its clients; the population's helpers are sized for a few weak owners).
 - `whole`: every data node gets a budget for the whole model (MIRA has no split: its
   devices hold the model), so weak devices do not apply.
 
@@ -44,6 +46,7 @@ class Method:
     summary: str
     spec: Mapping[str, Any] = field(default_factory=dict)
     whole: bool = False
+    server: bool = False
 
 
 METHODS: dict[str, Method] = {
@@ -57,8 +60,10 @@ METHODS: dict[str, Method] = {
             "nodes",
             "one",
             "gossip",
-            f"one cut ({SPLITLORA_SPLIT} blocks), rank {SPLITLORA_RANK} everywhere, factor-wise FedAvg over everyone",
+            f"one cut ({SPLITLORA_SPLIT} blocks), rank {SPLITLORA_RANK} everywhere, one server for every client, "
+            "factor-wise FedAvg over everyone",
             {"merge_rule": "fedavg", "fixed_split": SPLITLORA_SPLIT, "uniform_rank": SPLITLORA_RANK},
+            server=True,
         ),
         Method(
             "hsplitlora",
