@@ -462,7 +462,7 @@ class Bootstrap:
         body = env.body
         self._known(body.node_id)
         self._submit_checked(
-            Event.fingerprint(body.node_id, body.vector, body.n_samples, body.importance, body.leakage)
+            Event.fingerprint(body.node_id, body.vector, body.n_samples, body.importance, body.leakage, body.dp)
         )
 
     async def rpc_report(self, env: Any) -> None:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from atlas_p2p.capabilities import Capabilities, require_bandwidth, require_memory
+from atlas_p2p.privacy.budget import SampleDP
 from atlas_p2p.privacy.noise import ActivationNoise
 from atlas_p2p.validation import require_bool, require_choice, require_int, require_name, require_number
 from atlas_p2p.vocabulary import FINGERPRINT_PROBES, MERGE_RULES, PROBE_LORA, SEQ_CLS, SPLIT_MODES, TASKS
@@ -305,6 +306,7 @@ class TrainConfig:
     reduce_wait_s: float = 2.0  # reduce: a node waits this long for its children before forwarding what it has
     wire_bf16: bool = False  # an owner sends activations (and u-shape gradients) as bfloat16; its helper answers alike
     activation_noise: ActivationNoise | None = None  # an owner adds this noise to the activations it sends
+    fingerprint_dp: SampleDP | None = None  # the fingerprint is released with sample-level (ε, δ)-DP
     poll_s: float = 0.1  # how often waits re-check (manifest, assignment)
     helper_wait_s: float = 60.0  # a node below the whole model waits this long for a provisional helper
     step_delay_s: float = 0.0  # extra seconds per step: emulates a slow device (stragglers in scenarios)
@@ -329,6 +331,8 @@ class TrainConfig:
         require_bool("wire_bf16", self.wire_bf16)
         if self.activation_noise is not None and not isinstance(self.activation_noise, ActivationNoise):
             raise ValueError(f"activation_noise: {self.activation_noise!r} must be None or an ActivationNoise")
+        if self.fingerprint_dp is not None and not isinstance(self.fingerprint_dp, SampleDP):
+            raise ValueError(f"fingerprint_dp: {self.fingerprint_dp!r} must be None or a SampleDP")
         require_int("seed", self.seed, 0)
         for name in ("lr", "step_timeout_s", "round_deadline_s", "poll_s"):
             require_number(name, getattr(self, name), positive=True)

@@ -230,6 +230,7 @@ class Event:
     n_samples: int = 0  # fingerprint: examples it averages over
     importance: Mapping[str, float] | None = None  # fingerprint: optional importance probe
     leakage: tuple[float, ...] | None = None  # fingerprint: psi(s) for s = 1..L-1, when the floor asks
+    dp: tuple[float, float] | None = None  # fingerprint: (epsilon, delta) of its DP release, None: no DP
     helper: int = 0  # failure: the helper the owner saw miss a deadline
     may_host: bool = True  # join: whether the operator lets the node run other owners' layers
     avoid: tuple[int, ...] = ()  # failure, dead: nodes silent right now, handed out as helpers last
@@ -266,9 +267,13 @@ class Event:
         n_samples: int,
         importance: Mapping[str, float] | None = None,
         leakage: Sequence[float] | None = None,
+        dp: Sequence[float] | None = None,
     ) -> Event:
         leakage = None if leakage is None else tuple(leakage)
-        return cls(FINGERPRINT, node_id, vector=vector, n_samples=n_samples, importance=importance, leakage=leakage)
+        dp = None if dp is None else tuple(dp)
+        return cls(
+            FINGERPRINT, node_id, vector=vector, n_samples=n_samples, importance=importance, leakage=leakage, dp=dp
+        )
 
     @classmethod
     def failure(cls, owner: int, helper: int, avoid: tuple[int, ...] = ()) -> Event:
@@ -354,6 +359,20 @@ class _Member:
     note: str = ""  # why it is out of the plan (status other than live)
     may_host: bool = True  # the operator lets it run other owners' layers (planning.NodeInfo)
     leakage: list[float] | None = None  # psi(s) for s = 1..L-1 on its data (privacy floor)
+    dp: list[float] | None = None  # [epsilon, delta] of its fingerprint's DP release, None: no DP
+
+
+def _check_dp(dp: Sequence[float] | None) -> list[float] | None:
+    """[epsilon, delta] of a DP fingerprint release, checked (epsilon finite > 0, delta in (0, 1)); None stays None."""
+    if dp is None:
+        return None
+    from atlas_p2p.privacy.budget import SampleDP
+
+    values = list(dp) if isinstance(dp, Sequence) and not isinstance(dp, str) else None
+    if values is None or len(values) != 2:
+        raise ValueError(f"dp must be [epsilon, delta], got {dp!r:.80}")
+    budget = SampleDP(*values)  # ValueError names the bad one
+    return [float(budget.epsilon), float(budget.delta)]
 
 
 # ------------------------------------------------------------------ the coordinator
@@ -521,8 +540,10 @@ class Coordinator:
         *,
         now: float,
         leakage: Sequence[float] | None = None,
+        dp: Sequence[float] | None = None,
     ) -> bool:
-        """A data node's task fingerprint (and optional importance probe) arrived.
+        """A data node's task fingerprint (and optional importance probe, leakage by split and the
+        (epsilon, delta) of a DP release) arrived.
 
         Before the first clustering it is only stored (see `maybe_assign`); after it, the
         node joins the cluster of the nearest centroid and the swarm is re-planned.
@@ -530,10 +551,10 @@ class Coordinator:
         member = self._member(node_id)
         _check_now(now)
         unit, scores = self._check_fingerprint(node_id, self._state(node_id), vector, n_samples, importance)
-        psi = self._check_leakage(leakage)
+        psi, budget = self._check_leakage(leakage), _check_dp(dp)
         with self._atomic():
             member.vector, member.n_samples, member.importance = unit, int(n_samples), scores
-            member.leakage = psi
+            member.leakage, member.dp = psi, budget
             if self._first_fingerprint_at is None:
                 self._first_fingerprint_at = float(now)
             if self._clustering is None:
@@ -711,7 +732,7 @@ class Coordinator:
             return self.on_done(n, now=now)
         if event.kind == FINGERPRINT:
             return self.on_fingerprint(
-                n, event.vector, event.n_samples, event.importance, now=now, leakage=event.leakage
+                n, event.vector, event.n_samples, event.importance, now=now, leakage=event.leakage, dp=event.dp
             )
         if event.kind == FAILURE:
             return self.report_failure(n, event.helper, now=now, avoid=event.avoid)
@@ -731,6 +752,7 @@ class Coordinator:
                 event.node_id, states.get(event.node_id), event.vector, event.n_samples, event.importance
             )
             self._check_leakage(event.leakage)
+            _check_dp(event.dp)
         elif event.kind == FAILURE:
             for n in (event.node_id, event.helper):
                 _check_id(n)
@@ -791,11 +813,12 @@ class Coordinator:
         """{node_id: peer table columns} for every node planned at least once.
 
         Feed it to `PeerTable.update_many` after an event returned True. Columns: cluster,
-        split, helper, role, ranks (summary), anchor, reason.
+        split, helper, role, ranks (summary), anchor, reason, psi, dp_epsilon, dp_delta.
         """
         out = {}
         for node_id in sorted(self._views):
             view = self.assignment_for(node_id)
+            dp = self._members[node_id].dp or [None, None]
             out[node_id] = dict(
                 cluster=view["cluster"],
                 split=view["split"],
@@ -805,6 +828,8 @@ class Coordinator:
                 anchor=view["anchor"] == node_id,
                 reason=view["reason"],
                 psi=self._psi_at(node_id, view["split"]),
+                dp_epsilon=dp[0],
+                dp_delta=dp[1],
             )
         return out
 
@@ -835,6 +860,7 @@ class Coordinator:
                     note=m.note,
                     may_host=m.may_host,
                     leakage=m.leakage,
+                    dp=m.dp,
                 )
                 for n, m in sorted(self._members.items())
             },
@@ -896,6 +922,7 @@ class Coordinator:
                     m["note"],
                     bool(m.get("may_host", True)),
                     coord._check_leakage(m.get("leakage")),
+                    _check_dp(m.get("dp")),
                 )
             c = state["clustering"]
             if c is not None:

@@ -224,6 +224,8 @@ class Peer:
             t.batch_size,
             t.step_delay_s,
             probe=w.fingerprint_probe,
+            dp=t.fingerprint_dp,
+            num_labels=self.num_labels,
         )
         peak = PeakRss()
         shape = shape_from_config(self.base_model.config, self.task, self.num_labels)
@@ -308,12 +310,14 @@ class Peer:
         return [psi[s] for s in splits]
 
     def _fingerprint_message(self) -> Fingerprint:
+        t = self.train
         return Fingerprint(
             node_id=self.node_id,
             vector=self.fingerprint,
             n_samples=len(self.encoded),
             importance=self.importance,
             leakage=self.leakage,
+            dp=None if t.fingerprint_dp is None else [t.fingerprint_dp.epsilon, t.fingerprint_dp.delta],
         )
 
     async def report_helper(self, helper: int, why: str) -> None:
@@ -496,6 +500,9 @@ class Peer:
         if self.train.eval_path is not None:
             self.eval_encoded = await self._load_data(self.train.eval_path)
         self.fingerprint = await self.compute_fingerprint()
+        if self.train.fingerprint_dp is not None:
+            dp = self.train.fingerprint_dp
+            log.info("fingerprint released under sample-level DP: epsilon %g, delta %g", dp.epsilon, dp.delta)
         self.leakage = await self.measure_leakage()
         await self.boot.send_fingerprint(self._fingerprint_message())
         self.state = "waiting"

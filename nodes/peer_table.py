@@ -89,6 +89,8 @@ class PeerRecord:
     reason: str | None = None  # the planner's one-line explanation of the row
     base_digest: str | None = None  # sha256 of the base the node loaded, once the bootstrap accepted it
     psi: float | None = None  # Fisher leakage of what it sends at its split (with --privacy-floor), None: not measured
+    dp_epsilon: float | None = None  # epsilon of its fingerprint's sample-level DP release, None: released without DP
+    dp_delta: float | None = None  # and its delta
 
     def __post_init__(self) -> None:
         _check_values({name: getattr(self, name) for name in COLUMNS})

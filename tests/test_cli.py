@@ -83,6 +83,10 @@ def _replace(argv, flag, value):
         (JOIN + ["--activation-noise", "gaussian"], ExitCode.BAD_VALUE, "--activation-noise"),
         (JOIN + ["--activation-noise", "uniform:1"], ExitCode.BAD_VALUE, "--activation-noise"),
         (JOIN + ["--activation-noise", "laplace:-1"], ExitCode.BAD_VALUE, "--activation-noise"),
+        (JOIN + ["--fingerprint-epsilon", "0"], ExitCode.BAD_VALUE, "--fingerprint-epsilon"),
+        (JOIN + ["--fingerprint-epsilon", "inf"], ExitCode.BAD_VALUE, "--fingerprint-epsilon"),
+        (JOIN + ["--fingerprint-epsilon", "8", "--fingerprint-delta", "1"], ExitCode.BAD_VALUE, "--fingerprint-delta"),
+        (JOIN + ["--fingerprint-delta", "1e-6"], ExitCode.BAD_VALUE, "needs --fingerprint-epsilon"),
         (JOIN + ["--compute", "1"], ExitCode.USAGE, "--compute"),  # measured by the node, never declared
         (JOIN[:3], ExitCode.USAGE, "--memory"),
         (JOIN + ["--frobnicate"], ExitCode.USAGE, "--frobnicate"),

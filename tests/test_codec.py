@@ -60,6 +60,7 @@ def fingerprint_header(vector=None, **overrides) -> dict:
         "n_samples": 8,
         "importance": None,
         "leakage": None,
+        "dp": None,
     }
     header = {"v": 1, "type": "fingerprint", "id": 7, "src": "n1", "body": body}
     header.update(overrides)
@@ -366,6 +367,9 @@ def test_bool_tensor_with_invalid_bytes():
         ("importance", {"q": "high"}),
         ("importance", [1.0]),
         ("vector", [0.0] * 64),
+        ("dp", [8.0]),
+        ("dp", [8.0, 1e-5, 1.0]),
+        ("dp", [-1.0, 1e-5]),
     ],
 )
 def test_wrong_field_types(field, value):

@@ -32,6 +32,7 @@ from nodes.coordinator import (
     UNPAIRED,
     Coordinator,
     CoordinatorConfig,
+    Event,
 )
 from nodes.peer_table import MemoryPeerTable, new_record
 from tests.planner_inputs import SHAPE, WORK
@@ -875,4 +876,35 @@ def test_bad_leakage_is_refused_and_changes_nothing(leakage, match):
     before = snapshot(coord)
     with pytest.raises(ValueError, match=match):
         coord.on_fingerprint(1, planted(DIR_A, 1), 32, now=0.0, leakage=leakage)
+    assert snapshot(coord) == before
+
+
+# ================================================================ DP fingerprints
+
+
+def test_a_dp_release_s_budget_is_shown_and_kept_across_a_restart():
+    coord = Coordinator(config(min_nodes=2))
+    for n, dp in ((1, [8.0, 1e-5]), (2, None)):
+        coord.on_join(n, *offer(n, BIG), now=0.0)
+        coord.on_fingerprint(n, planted(DIR_A, n), 32, now=0.0, dp=dp)
+    coord.maybe_assign(0.0)
+    cols = coord.peer_columns()
+    assert (cols[1]["dp_epsilon"], cols[1]["dp_delta"]) == (8.0, 1e-5)
+    assert (cols[2]["dp_epsilon"], cols[2]["dp_delta"]) == (None, None)
+    again = Coordinator.restore(coord.config, json.loads(json.dumps(coord.snapshot())))
+    assert again.peer_columns() == cols
+
+
+@pytest.mark.parametrize(
+    "dp, match",
+    [([8.0], r"\[epsilon, delta\]"), ([0.0, 1e-5], "epsilon"), ([8.0, 1.0], "delta"), ([math.inf, 1e-5], "epsilon")],
+)
+def test_a_bad_dp_budget_is_refused_and_changes_nothing(dp, match):
+    coord = Coordinator(config(min_nodes=2))
+    coord.on_join(1, *offer(1, BIG), now=0.0)
+    before = snapshot(coord)
+    with pytest.raises(ValueError, match=match):
+        coord.on_fingerprint(1, planted(DIR_A, 1), 32, now=0.0, dp=dp)
+    with pytest.raises(ValueError, match=match):
+        coord.precheck(Event.fingerprint(1, planted(DIR_A, 1), 32, dp=dp), coord.summary())
     assert snapshot(coord) == before

@@ -1,6 +1,8 @@
 """--privacy-floor in the runtime: every data node measures psi by split on its own data and
 sends it with its fingerprint; the bootstrap plans by it and its peer table shows each owner's
-psi at its split. Bootstrap + 2 nodes in one event loop, real sockets, the embedded tiny model.
+psi at its split; the weak node releases its fingerprint with sample-level DP (computed across
+its cut, one example at a time) and the table shows its (epsilon, delta). Bootstrap + 2 nodes in
+one event loop, real sockets, the embedded tiny model.
 """
 
 import asyncio
@@ -8,6 +10,7 @@ import asyncio
 import pytest
 
 from atlas_p2p.planning import privacy_min_split
+from atlas_p2p.privacy.budget import SampleDP
 from atlas_p2p.synthetic import write_synthetic_jsonl
 from nodes.config import SwarmSpec
 from scenarios.inprocess import InProcessSwarm
@@ -21,7 +24,8 @@ async def _run(tmp_path):
     async with await InProcessSwarm.create(tmp_path, spec, fingerprint_seed=5) as swarm:
         for seed, (name, memory_mb) in enumerate({"strong": 30, "weak": 4}.items()):
             data = write_synthetic_jsonl(tmp_path / f"{name}.jsonl", 0, 32, seed=seed)
-            swarm.add(name, memory_mb * 10**6, data=data, rounds=1, local_steps=1, lr=0.01)
+            dp = SampleDP(8.0) if name == "weak" else None
+            swarm.add(name, memory_mb * 10**6, data=data, rounds=1, local_steps=1, lr=0.01, fingerprint_dp=dp)
         run = asyncio.ensure_future(swarm.run(timeout=240))
         seen = {}
         while not run.done():
@@ -34,7 +38,7 @@ async def _run(tmp_path):
 
 
 @pytest.mark.timeout(300)
-def test_nodes_send_psi_and_the_peer_table_shows_it_at_the_owner_s_split(tmp_path):
+def test_nodes_send_psi_and_their_dp_budget_and_the_peer_table_shows_them(tmp_path):
     rows, leakage = asyncio.run(_run(tmp_path))
 
     blocks = 4  # the embedded tiny model
@@ -44,3 +48,5 @@ def test_nodes_send_psi_and_the_peer_table_shows_it_at_the_owner_s_split(tmp_pat
     assert weak.role == "owner" and weak.split >= privacy_min_split([0.0, *leakage["weak"]], FLOOR)
     assert weak.psi == leakage["weak"][weak.split - 1]
     assert rows["strong"].psi is None  # the whole model: it sends nothing
+    assert (weak.dp_epsilon, weak.dp_delta) == (8.0, 1e-5)
+    assert rows["strong"].dp_epsilon is None and rows["strong"].dp_delta is None

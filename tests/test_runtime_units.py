@@ -49,7 +49,7 @@ def test_task_field_changes_neither_batches_nor_fingerprint(tmp_path):
     for x, y in zip(round_batches(encoded[0], 4, 0, 1, 3), round_batches(encoded[1], 4, 0, 1, 3)):
         assert all(torch.equal(x[k], y[k]) for k in x)
     # what reaches the bootstrap: no task; leakage is measured on the same encoded examples
-    assert set(Fingerprint.SCHEMA) == {"node_id", "vector", "n_samples", "importance", "leakage"}
+    assert set(Fingerprint.SCHEMA) == {"node_id", "vector", "n_samples", "importance", "leakage", "dp"}
 
 
 def test_data_of_the_wrong_kind_is_a_clear_error(tmp_path):

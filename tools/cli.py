@@ -155,6 +155,20 @@ def _noise(flag: str, text: str | None):
         fail(ExitCode.BAD_VALUE, f"{flag}: {exc}")
 
 
+def _sample_dp(epsilon: float | None, delta: float | None):
+    from atlas_p2p.privacy.budget import SampleDP
+
+    if epsilon is None:
+        if delta is not None:
+            fail(ExitCode.BAD_VALUE, "--fingerprint-delta: needs --fingerprint-epsilon")
+        return None
+    try:
+        return SampleDP(epsilon) if delta is None else SampleDP(epsilon, delta)
+    except ValueError as exc:
+        flag = "--fingerprint-epsilon" if "epsilon" in str(exc) else "--fingerprint-delta"
+        fail(ExitCode.BAD_VALUE, f"{flag}: {exc}")
+
+
 def _check_data(flag: str, path: Path) -> None:
     """BAD_VALUE naming the file and line when `path` is not a readable data file (JSONL
     records of one kind), before the node joins: a bad file leaves no row and no --out."""
@@ -559,6 +573,19 @@ def join(
             "helper, std SCALE x their RMS (leakage and accuracy by scale: benchmarks/privacy.py).",
         ),
     ] = None,
+    fingerprint_epsilon: Annotated[
+        float | None,
+        typer.Option(
+            "--fingerprint-epsilon",
+            help="Release this node's fingerprint with sample-level differential privacy at this epsilon "
+            "(one example's influence bounded, Gaussian noise; ARI by epsilon: benchmarks/privacy.py, "
+            "docs/PRIVACY.md); the peer table shows it.",
+        ),
+    ] = None,
+    fingerprint_delta: Annotated[
+        float | None,
+        typer.Option("--fingerprint-delta", help="The delta of --fingerprint-epsilon (default 1e-5)."),
+    ] = None,
     step_delay: Annotated[
         float, typer.Option("--step-delay", help="Extra seconds per step, to emulate a slow device (scenarios).")
     ] = 0.0,
@@ -630,6 +657,7 @@ def join(
         reduce_wait_s=reduce_wait,
         wire_bf16=wire_bf16,
         activation_noise=_noise("--activation-noise", activation_noise),
+        fingerprint_dp=_sample_dp(fingerprint_epsilon, fingerprint_delta),
         step_delay_s=step_delay,
         emulate_link=emulate_link,
         latency_ms=latency_ms,

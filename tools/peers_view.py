@@ -21,6 +21,7 @@ _COLUMNS: tuple[tuple[str, str], ...] = (
     ("CLUSTER", "cluster"),
     ("SPLIT", "split"),
     ("PSI", "psi"),
+    ("DP EPS", "dp_epsilon"),
     ("HELPER", "helper"),
     ("RANKS", "ranks"),
     ("ANCHOR", "anchor"),
@@ -104,7 +105,7 @@ def _cell(key: str, value: Any) -> str:
         return f"{mbps / 1000:g} Gbps" if mbps >= 1000 else f"{mbps:g} Mbps"
     if key == "anchor":
         return "yes" if value else ""
-    if key == "psi":
+    if key in ("psi", "dp_epsilon"):
         return f"{float(value):.3g}"
     if key == "base_digest":
         return str(value)[:12]  # short form; --json has the whole sha256

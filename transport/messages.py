@@ -254,6 +254,8 @@ class Fingerprint(Message):
     importance: dict[str, float] | None = None  # per-weight importance probe (section 7)
     # psi(s) for s = 1..L-1 measured on the node's data (atlas_p2p.privacy.leakage), when asked
     leakage: Annotated[list[Annotated[float, Range(0.0, None)]], Length(hi=1024)] | None = None
+    # [epsilon, delta] of the vector's sample-level DP release (atlas_p2p.privacy.fingerprint_dp), None: no DP
+    dp: Annotated[list[Annotated[float, Range(0.0, None)]], Length(2, 2)] | None = None
 
 
 @message("report")

@@ -57,8 +57,10 @@ def sample_value(node: Node, rng: random.Random, fill_optional: bool = True) -> 
         return rng.randbytes(rng.randint(0, 8))
     if kind == "optional":
         return sample_value(node.inner, rng, fill_optional) if fill_optional else None
-    if kind == "list":
-        return [sample_value(node.inner, rng, fill_optional) for _ in range(rng.randint(0, 3))]
+    if kind == "list":  # 0..3 items within the field's Length (e.g. [epsilon, delta]: exactly 2)
+        lo = node.length.lo if node.length else 0
+        hi = max(lo, min(3, node.length.hi)) if node.length and node.length.hi is not None else max(lo, 3)
+        return [sample_value(node.inner, rng, fill_optional) for _ in range(rng.randint(lo, hi))]
     if kind == "dict":
         return {f"k{i}": sample_value(node.inner, rng, fill_optional) for i in range(rng.randint(0, 3))}
     if kind == "tensor":

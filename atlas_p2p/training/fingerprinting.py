@@ -37,6 +37,8 @@ from atlas_p2p.fingerprint import (
     head_parameters,
 )
 from atlas_p2p.models import split_model, unsplit_forward
+from atlas_p2p.privacy.budget import SampleDP
+from atlas_p2p.privacy.fingerprint_dp import private_fingerprint
 from atlas_p2p.vocabulary import PROBE_LORA
 
 from .inputs import check_float
@@ -124,8 +126,12 @@ def node_fingerprint(
     step_delay_s: float = 0.0,
     loss_fn: LossFn | None = None,
     probe: str = PROBE_LORA,
+    dp: SampleDP | None = None,
+    num_labels: int | None = None,
 ) -> np.ndarray:
-    """(64,) float32 fingerprint of a node's encoded data, in micro-batches of ``micro_batch``."""
+    """(64,) float32 fingerprint of a node's encoded data, in micro-batches of ``micro_batch``;
+    with ``dp``, released under sample-level (ε, δ)-DP (atlas_p2p.privacy.fingerprint_dp: one
+    example at a time, noise from OS entropy; ``num_labels`` None for a causal LM)."""
     config = FingerprintConfig(seed=seed, num_samples=samples, probe=probe)
     inner = loss_fn or whole_model_loss
 
@@ -134,4 +140,7 @@ def node_fingerprint(
             time.sleep(step_delay_s)
         return inner(model, batch)
 
-    return compute_fingerprint(base_model, fingerprint_sample(encoded, config, micro_batch), paced, config)
+    batches = fingerprint_sample(encoded, config, micro_batch)
+    if dp is not None:
+        return private_fingerprint(base_model, batches, paced, config, dp, num_labels)
+    return compute_fingerprint(base_model, batches, paced, config)
