@@ -639,7 +639,9 @@ def _assemble(
             h = helpers[node_id]
             reason += f"; serves {', '.join(serves)} ({format_bytes(h.used(ctx))} of {format_bytes(h.capacity)})"
         elif row["role"] == HELPER:
-            reason += "; idle"
+            reason += (
+                "; idle" if by_id[node_id].may_host else "; idle: may not host other owners (--hosts, or unreachable)"
+            )
         nodes[node_id] = NodePlan(
             node_id,
             row["cluster"],
@@ -861,7 +863,7 @@ def replan_reason(
     tau: float = TAU,
     budget_tolerance: float = 0.1,
 ) -> str | None:
-    """Why a full re-plan is due, or None: membership or cluster changed, a memory
+    """Why a full re-plan is due, or None: membership, cluster or leave to host changed, a memory
     budget or bandwidth moved by more than `budget_tolerance` (relative), or the
     importance moved by more than τ in L1 (`importance_moved`, see
     importance.importance_change)."""
@@ -875,6 +877,8 @@ def replan_reason(
         x, y = a[n], b[n]
         if x.cluster != y.cluster or x.caps.has_data != y.caps.has_data:
             return f"node {n} changed cluster or role"
+        if x.may_host != y.may_host:  # e.g. the bootstrap could not dial it back: it must stop serving
+            return f"node {n} {'may now' if y.may_host else 'may no longer'} host other owners"
         if abs(y.caps.memory_bytes - x.caps.memory_bytes) > budget_tolerance * x.caps.memory_bytes:
             return f"node {n} memory budget changed"
         if abs(y.caps.bandwidth_bps - x.caps.bandwidth_bps) > budget_tolerance * x.caps.bandwidth_bps:

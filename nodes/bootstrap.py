@@ -44,6 +44,7 @@ from nodes.coordination import CoordinatorQueue
 from nodes.coordinator import DEAD, FAILED, LIVE, Applied, Coordinator, Event
 from nodes.liveness import Probation
 from nodes.peer_table import PeerRecord, PeerTable, PeerTableError, open_peer_table
+from nodes.reachability import dial_back
 from nodes.registry import EXPIRED, Registry, RequestError
 from transport.limits import RequestBudget
 from transport.security import AllowList, JoinToken, Keypair, load_or_create_keypair, load_public_keys
@@ -167,6 +168,8 @@ class Bootstrap:
         self.keypair: Keypair | None = None  # None: an insecure swarm
         self._hosts: set[str] | None = None  # keys that may host other owners' layers (None: any)
         self.token: JoinToken | None = None  # what a node needs to join (printed by the CLI)
+        self._dialer: Any = None  # transport.rpc.RpcClient: dials joined nodes back (nodes.reachability)
+        self._reach_checks: set[asyncio.Task[None]] = set()
 
     @classmethod
     async def create(
@@ -182,7 +185,7 @@ class Bootstrap:
         return self
 
     async def _start(self) -> None:
-        from transport.rpc import RpcServer, RpcServerConfig
+        from transport.rpc import RpcClient, RpcServer, RpcServerConfig
 
         if self.config.state_dir is not None:
             self._lock = _lock_state_dir(self.config.state_dir)
@@ -220,6 +223,7 @@ class Bootstrap:
             allow=allow,
         )
         self.address = self.server.address
+        self._dialer = RpcClient("bootstrap-dialback", keypair=self.keypair)
         if self.config.state_dir is not None:
             info = {"address": self.address, "pid": os.getpid(), "started_at": self.registry.started_at}
             tmp = self.config.state_dir / (INFO_FILE + ".tmp")
@@ -256,6 +260,12 @@ class Bootstrap:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
+        for task in list(self._reach_checks):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._dialer is not None:
+            await self._dialer.stop()
         if self.server is not None:
             await self.server.stop()
         if self._events is not None:
@@ -352,6 +362,7 @@ class Bootstrap:
             public_key=env.peer_key or None,
             now=self.clock(),
         )
+        self._check_reachable(result.node_id, body.address, env.peer_key or None)
         if self.swarm is not None:
             if self._base_accepted(result.node_id):  # a new node is planned once its base is accepted
                 self._submit(Event.join(result.node_id, *self._offer(result.node_id)))
@@ -370,6 +381,7 @@ class Bootstrap:
                 privacy_floor=spec.privacy_floor,
                 init_seed=self.registry.init_seed,
                 incarnation=self.registry.incarnation,
+                seen_from=env.peer_host,
             )
         return Welcome(
             node_id=result.node_id,
@@ -378,7 +390,28 @@ class Bootstrap:
             heartbeat_s=self.config.heartbeat_s,
             init_seed=self.registry.init_seed,
             incarnation=self.registry.incarnation,
+            seen_from=env.peer_host,
         )
+
+    def _check_reachable(self, node_id: int, address: str, public_key: str | None) -> None:
+        """Dial the node's advertised address back in the background (nodes.reachability): the
+        join is answered at once, the peer table's `reachable` is written within
+        REACH_TIMEOUT_S, and an unreachable member is offered again, no longer as a host."""
+
+        async def check() -> None:
+            ok = await dial_back(self._dialer, address, public_key)
+            record = self.registry.table.get(node_id)
+            if record is None or record.address != address:
+                return  # gone, or joined again from elsewhere (that join checks its own address)
+            self.registry.table.update(node_id, reachable=ok)
+            if not ok:
+                log.warning("node %d: no answer from its address %s; it will not host other owners", node_id, address)
+                if self._is_member(node_id) and self.coordination.states[node_id].status == LIVE:
+                    self._submit(Event.join(node_id, *self._offer(node_id)))
+
+        task = asyncio.create_task(check(), name=f"reach-{node_id}")
+        self._reach_checks.add(task)
+        task.add_done_callback(self._reach_checks.discard)
 
     async def rpc_base_digest(self, env: Any) -> None:
         """Accept the base a node loaded (the first one is the swarm's) or refuse it (`base_mismatch`)."""
@@ -446,6 +479,7 @@ class Bootstrap:
             swarm_done=self._swarm_done(record),
             need_fingerprint=need,
             need_base=record.base_digest is None,
+            reachable=record.reachable,
         )
 
     async def rpc_leave(self, env: Any) -> None:
@@ -512,9 +546,11 @@ class Bootstrap:
 
     def _offer(self, node_id: int) -> tuple[Capabilities, str, bool]:
         """What a node offered at its latest join, where it serves peers, and whether it may
-        host other owners' layers (its key is on `--hosts`, or there is no such list)."""
+        host other owners' layers (its key is on `--hosts`, or there is no such list, and the
+        bootstrap could dial it back or has not finished trying)."""
         record = self.registry.table.get(node_id)
-        return record.capabilities, record.address, self._hosts is None or record.public_key in self._hosts
+        allowed = self._hosts is None or record.public_key in self._hosts
+        return record.capabilities, record.address, allowed and record.reachable is not False
 
     @property
     def coordination(self) -> CoordinatorQueue[_Prepared]:

@@ -29,6 +29,7 @@ from typing import Any, NamedTuple
 
 from atlas_p2p.validation import is_int
 from nodes.config import NodeConfig, format_address, parse_address
+from nodes.reachability import advice
 from transport.security import JoinToken, Keypair, load_or_create_keypair
 
 log = logging.getLogger("atlas.node")
@@ -199,6 +200,8 @@ class ControlClient:
         self.incarnation = incarnation  # the bootstrap state's incarnation that gave node_id ("": none yet)
         self.welcome: Any = None  # last transport.messages.Welcome
         self.connected = False
+        # whether the bootstrap could dial `address` back (heartbeat replies say; None: not known yet)
+        self.reachable: bool | None = None
         self.failure: BaseException | None = None  # set when the loop gave up (join refused)
         self._on_welcome = on_welcome
         self._on_heartbeat_reply = on_heartbeat_reply
@@ -368,6 +371,8 @@ class ControlClient:
             self.config.bandwidth_bps,
             reply.heartbeat_s,
         )
+        if reply.seen_from and reply.seen_from != parse_address(self.address, what="address")[0]:
+            log.info("the bootstrap sees this node's connection from %s", reply.seen_from)
         if self.config.model and reply.model and reply.model != self.config.model:
             log.warning("this node runs %r but the swarm runs %r", self.config.model, reply.model)
         self._joined.set()
@@ -410,8 +415,16 @@ class ControlClient:
         if not self.connected:
             log.info("reconnected to bootstrap %s", self.config.bootstrap)
             self.connected = True
+        self._note_reachable(getattr(reply, "reachable", None))
         await self._run_hook(self._on_heartbeat_reply, reply)
         return True
+
+    def _note_reachable(self, reachable: bool | None) -> None:
+        """Say once, when the bootstrap reports it could not dial this node back, what to do."""
+        if reachable is False and self.reachable is not False:
+            log.warning("%s", advice(self.address, self.welcome.seen_from if self.welcome else ""))
+        if reachable is not None:
+            self.reachable = reachable
 
     def _note_unreachable(self, failures: int, what: str) -> None:
         if failures == 0:

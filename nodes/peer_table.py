@@ -91,6 +91,7 @@ class PeerRecord:
     psi: float | None = None  # Fisher leakage of what it sends at its split (with --privacy-floor), None: not measured
     dp_epsilon: float | None = None  # epsilon of its fingerprint's sample-level DP release, None: released without DP
     dp_delta: float | None = None  # and its delta
+    reachable: bool | None = None  # the bootstrap dialled its address back at its latest join (None: not yet)
 
     def __post_init__(self) -> None:
         _check_values({name: getattr(self, name) for name in COLUMNS})

@@ -743,6 +743,7 @@ BASE = [node("a", 10 * MB), node("b", 20 * MB, cluster=1)]
         ([node("a", 12 * MB), BASE[1]], 0.0, "memory budget"),
         ([node("a", 10.5 * MB), BASE[1]], 0.0, None),
         ([node("a", 10 * MB, bandwidth=50e6), BASE[1]], 0.0, "bandwidth"),
+        ([dataclasses.replace(BASE[0], may_host=False), BASE[1]], 0.0, "may no longer host"),
     ],
 )
 def test_replan_reason(new, moved, expected):

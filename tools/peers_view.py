@@ -14,6 +14,7 @@ _COLUMNS: tuple[tuple[str, str], ...] = (
     ("ID", "id"),
     ("STATUS", "status"),
     ("ADDRESS", "address"),
+    ("REACH", "reachable"),
     ("MEMORY", "memory_bytes"),
     ("BANDWIDTH", "bandwidth_bps"),
     ("ROLE", "role"),
@@ -105,6 +106,8 @@ def _cell(key: str, value: Any) -> str:
         return f"{mbps / 1000:g} Gbps" if mbps >= 1000 else f"{mbps:g} Mbps"
     if key == "anchor":
         return "yes" if value else ""
+    if key == "reachable":
+        return "yes" if value else "NO"
     if key in ("psi", "dp_epsilon"):
         return f"{float(value):.3g}"
     if key == "base_digest":

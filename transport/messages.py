@@ -102,6 +102,9 @@ class Envelope:
     # Z85 public key of the connection it arrived on, set by a CURVE RpcServer ("" on a plain
     # socket); never sent: it is what the transport proved, not what the sender claims
     peer_key: str = ""
+    # host the connection came from as the server saw it (libzmq's Peer-Address; "" when the
+    # transport does not say), set by RpcServer; never sent
+    peer_host: str = ""
 
     def __post_init__(self) -> None:
         cls = MESSAGE_TYPES.get(self.type)
@@ -190,6 +193,9 @@ class Welcome(Message):
     init_seed: Annotated[int, Range(0, (1 << 63) - 1)] = 0  # draws the parameters a checkpoint lacks
     privacy_floor: Annotated[float, Range(0.0, None)] | None = None  # set: send psi by split with the fingerprint
     incarnation: str = ""  # the bootstrap state's incarnation: node_id is only this node's within it
+    # the host the bootstrap saw the join come from (what to --advertise when the node's own address
+    # cannot be dialled; `beat.reachable` says whether it could); "" when the transport does not say
+    seen_from: Annotated[str, Length(hi=256)] = ""
 
 
 @message("base_digest")
@@ -365,6 +371,7 @@ class Beat(Message):
     swarm_done: bool = False  # every data node finished or left: helpers may stop
     need_fingerprint: bool = False  # the bootstrap holds no fingerprint of this data node
     need_base: bool = False  # the bootstrap holds no base digest of this node: send `base_digest`
+    reachable: bool | None = None  # whether the bootstrap could dial this node back (None: not yet known)
 
 
 @message("round_begin")

@@ -110,6 +110,14 @@ def _new_socket(context: zmq.Context, kind: int, max_bytes: int, hwm: int) -> zm
     return sock
 
 
+def _peer_host(frame: zmq.Frame) -> str:
+    """The address the frame's connection came from (libzmq's Peer-Address), "" if unknown."""
+    try:
+        return str(frame.get("Peer-Address") or "")
+    except (zmq.ZMQError, AttributeError, UnicodeDecodeError):
+        return ""
+
+
 def _frames_nbytes(frames: list) -> int:
     return sum(memoryview(f).nbytes for f in frames)
 
@@ -380,6 +388,9 @@ class RpcServer:
             return
         if self.keypair is not None:  # the key libzmq authenticated, not one the sender states
             env = dataclasses.replace(env, peer_key=parts[1].get("User-Id"))
+        host = _peer_host(parts[1])
+        if host:
+            env = dataclasses.replace(env, peer_host=host)
         self.bytes_received.add(env.type, parts[1:])
         self.requests_by_type[env.type] += 1
         key = (env.peer_key + env.src, env.id)  # a key is 40 characters or "": no two pairs collide

@@ -1,0 +1,131 @@
+"""The bootstrap dials every joined node back (issue 13): over real sockets with CURVE keys, a
+node whose advertised address answers is marked reachable, one whose address takes no
+connection is marked unreachable within one join, is told so on its next heartbeat with what
+to do, and is no longer offered to the planner as a host."""
+
+from __future__ import annotations
+
+import socket
+
+import numpy as np
+
+from nodes.bootstrap import Bootstrap
+from nodes.config import BootstrapConfig, SwarmSpec
+from nodes.reachability import REACH_TIMEOUT_S, advice
+from scenarios.waiting import wait_until_async
+from tests.aio import run
+from tools.peers_view import format_peer_table
+from transport.messages import BaseDigest, Beat, Fingerprint, Heartbeat, Join
+from transport.rpc import RpcClient, RpcServer
+from transport.security import Keypair
+
+DIGEST = "ab" * 32
+
+
+def _closed_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _join(service: Bootstrap, address: str, has_data: bool) -> Join:
+    memory = 4 * 10**6 if has_data else 100 * 10**6  # a weak owner; a helper with room for it
+    return Join(
+        memory_bytes=memory,
+        bandwidth_bps=50 * 10**6,
+        compute_score=1.0,
+        address=address,
+        has_data=has_data,
+        token=service.token.secret,
+    )
+
+
+def test_an_address_that_answers_is_reachable_one_that_does_not_is_not_and_never_hosts():
+    async def body():
+        spec = SwarmSpec(task="seq_cls", num_labels=4, min_nodes=1, clusters=1, assign_after_s=600)
+        service = await Bootstrap.create(BootstrapConfig(bind="127.0.0.1:0"), swarm=spec)
+        keys = {"open": Keypair.generate(), "closed": Keypair.generate()}
+        server = await RpcServer.create("127.0.0.1", 0, {"ping": _pong}, keypair=keys["open"])
+        clients = {name: RpcClient(name, keypair=key) for name, key in keys.items()}
+        try:
+            addresses = {"open": server.address, "closed": f"127.0.0.1:{_closed_port()}"}
+            ids, welcomes = {}, {}
+            for name, client in clients.items():
+                client.set_server_key(service.address, service.keypair.public)
+                # the open node is a weak owner; the closed one a pure helper with room for it
+                welcome = await client.call(service.address, _join(service, addresses[name], name == "open"), timeout=5)
+                ids[name], welcomes[name] = welcome.node_id, welcome
+                await client.call(service.address, BaseDigest(node_id=welcome.node_id, digest=DIGEST), timeout=5)
+            vector = np.eye(64, dtype=np.float32)[0]
+            await clients["open"].call(service.address, Fingerprint(node_id=ids["open"], vector=vector, n_samples=8))
+            assert {w.seen_from for w in welcomes.values()} == {"127.0.0.1"}
+            table = service.registry.table
+
+            def checked():
+                rows = {name: table.get(n) for name, n in ids.items()}
+                return rows if all(r.reachable is not None for r in rows.values()) else None
+
+            rows = await wait_until_async(checked, REACH_TIMEOUT_S + 5, what="both dial-backs")
+            assert rows["open"].reachable is True and rows["closed"].reachable is False
+            assert service._offer(ids["open"])[2] is True and service._offer(ids["closed"])[2] is False
+
+            beats = {
+                name: await clients[name].call(service.address, Heartbeat(node_id=ids[name], state="waiting"))
+                for name in ids
+            }
+            assert isinstance(beats["closed"], Beat) and beats["closed"].reachable is False
+            assert beats["open"].reachable is True
+            rendered = format_peer_table([r.to_dict() for r in rows.values()])
+            assert "REACH" in rendered and "NO" in rendered
+
+            # planned with the closed node's offer again, no longer as a host: the weak owner waits
+            def planned():
+                coord = service.coordinator
+                cols = {} if coord is None else coord.peer_columns()
+                return cols if ids["open"] in cols and "waiting" in str(cols[ids["open"]]["role"]) else None
+
+            cols = await wait_until_async(planned, 10, what="a plan without the closed node as a host")
+            assert cols[ids["open"]]["helper"] is None
+            assert "may not host" in cols[ids["closed"]]["reason"]
+            assert "needs a helper" in cols[ids["open"]]["reason"]
+        finally:
+            for client in clients.values():
+                await client.stop()
+            await server.stop()
+            await service.stop()
+
+    run(body(), timeout=60)
+
+
+async def _pong(env):
+    return None
+
+
+def test_the_advice_names_the_address_and_what_to_advertise():
+    text = advice("192.168.1.5:7000", "203.0.113.9")
+    assert "192.168.1.5:7000" in text and "--advertise 203.0.113.9:7000" in text
+    assert "--advertise" not in advice("127.0.0.1:7000", "127.0.0.1")  # nothing better to suggest
+
+
+def test_a_node_learns_from_its_heartbeats_that_nobody_can_dial_it(tmp_path, caplog):
+    """The real control plane of a node that advertises 127.0.0.1:1 (nothing listens there)."""
+    import logging
+
+    from scenarios.inprocess import InProcessSwarm
+
+    async def body():
+        spec = SwarmSpec(task="seq_cls", num_labels=4, min_nodes=1, assign_after_s=600)
+        async with await InProcessSwarm.create(tmp_path, spec, fingerprint_seed=1) as swarm:
+            client, control = await swarm.wire_node("closed", 100 * 10**6)
+            try:
+                assert control.welcome.seen_from == "127.0.0.1"
+                await wait_until_async(lambda: control.reachable is False, REACH_TIMEOUT_S + 10, what="the verdict")
+            finally:
+                await control.stop()
+                await client.stop()
+
+    with caplog.at_level(logging.WARNING, logger="atlas.node"):
+        run(body(), timeout=60)
+    said = [r.getMessage() for r in caplog.records if "could not reach this node at 127.0.0.1:1" in r.getMessage()]
+    assert len(said) == 1  # once, not on every heartbeat
