@@ -89,7 +89,7 @@ from transport.messages import (  # noqa: E402
     Report,
     ReturnGet,
 )
-from transport.rpc import RpcClient, RpcError, RpcTimeout, tcp_endpoint  # noqa: E402
+from transport.rpc import RpcClient, RpcError, RpcServer, RpcTimeout, tcp_endpoint  # noqa: E402
 from transport.security import JoinToken, Keypair, secure_client  # noqa: E402
 
 DIGEST = "ab" * 32  # the swarm's base digest (the first one accepted is the swarm's)
@@ -121,25 +121,40 @@ class Target:
 
 @dataclass
 class Member:
-    """A synthetic node: its client (with its own key) to the bootstrap, the id it was given."""
+    """A synthetic node: its client (with its own key) to the bootstrap, the id it was given,
+    and a server at its advertised address that answers pings under the same key (the
+    bootstrap dials every joined node back: nodes/reachability.py)."""
 
     name: str
     client: RpcClient
     bootstrap: str
     node_id: int = 0
+    server: RpcServer | None = None
 
     async def call(self, body: Any, timeout: float = 10.0) -> Any:
         return await self.client.call(self.bootstrap, body, timeout=timeout)
 
+    async def stop(self) -> None:
+        await self.client.stop()
+        if self.server is not None:
+            await self.server.stop()
 
-async def enter(target: Target, name: str, memory: int, has_data: bool, port: int, **join: Any) -> Member:
-    """Join `target` with the token from a fresh key and send the swarm's base digest."""
-    member = Member(name, target.client(name), target.address)
+
+async def enter(target: Target, name: str, memory: int, has_data: bool, **join: Any) -> Member:
+    """Join `target` with the token from a fresh key, serving pings at the address it
+    advertises, and send the swarm's base digest."""
+    client = target.client(name)
+    server = await RpcServer.create("127.0.0.1", 0, {"ping": _answer}, keypair=client.keypair)
+    member = Member(name, client, target.address, server=server)
     offer = Capabilities(memory_bytes=memory, bandwidth_bps=50 * 10**6, compute_score=1.0, has_data=has_data)
-    welcome = await member.call(Join.offer(offer, address=f"127.0.0.1:{port}", token=target.secret, **join))
+    welcome = await member.call(Join.offer(offer, address=server.address, token=target.secret, **join))
     member.node_id = welcome.node_id
     await member.call(BaseDigest(node_id=member.node_id, digest=target.digest))
     return member
+
+
+async def _answer(env: Any) -> None:
+    return None
 
 
 def fingerprint(node_id: int, task: int, rng: np.random.Generator) -> Fingerprint:
@@ -576,7 +591,7 @@ async def fleet(target: Target, count: int, members: list[Member]) -> None:
     for i in range(count):
         helper = i % 5 == 4
         memory = HELPER if helper else (WEAK if i % 3 == 2 else STRONG)
-        member = await enter(target, f"honest-{i}", memory, not helper, 20000 + i)
+        member = await enter(target, f"honest-{i}", memory, not helper)
         members.append(member)
         if not helper:
             await member.call(fingerprint(member.node_id, i % TASKS, rng))
@@ -604,7 +619,7 @@ async def run(args: argparse.Namespace, swarm: Swarm, say: Callable[[str], None]
         await fleet(target, args.honest, honest.members)
         members = honest.members
         reader, victim = members[0], members[2]  # a weak owner
-        attacker = await enter(target, "attacker", STRONG, True, 21000)
+        attacker = await enter(target, "attacker", STRONG, True)
         assignment = await wait_planned(victim, 300)
         say(f"planned: victim {victim.node_id} is {assignment.role} with helper {assignment.helper}")
         honest.start_phase("calm")
@@ -654,8 +669,8 @@ async def run(args: argparse.Namespace, swarm: Swarm, say: Callable[[str], None]
     attacks["join_flood"]["flood"] = flooded
     fairness = [honest.phases[p] for p in ("non_reading_client", "join_flood")]
     late = sum(p.late for p in fairness)
-    for client in [m.client for m in [*members, attacker]]:
-        await client.stop()
+    for member in [*members, attacker]:
+        await member.stop()
     attacks.update(damaged_state_attacks(swarm, Path(swarm.workdir)))
     suspects = honest.suspects()
     return {

@@ -41,16 +41,16 @@ async def _swarm(boot: Bootstrap, target: Target, data_nodes: int):
     rng = np.random.default_rng(0)
     members = []
     for i in range(data_nodes):
-        member = await enter(target, f"m{i}", WEAK if i % 2 else STRONG, True, 7100 + i)
+        member = await enter(target, f"m{i}", WEAK if i % 2 else STRONG, True)
         await member.call(fingerprint(member.node_id, i % 2, rng))
         members.append(member)
-    attacker = await enter(target, "attacker", STRONG, True, 7200)
+    attacker = await enter(target, "attacker", STRONG, True)
     return members, attacker
 
 
 async def _stop(members) -> None:
     for member in members:
-        await member.client.stop()
+        await member.stop()
 
 
 @pytest.mark.serial  # a victim's heartbeat deadline: run alone (Makefile), not beside other tests
@@ -92,8 +92,8 @@ def test_a_join_flood_beside_a_non_reading_client_leaves_honest_requests_answere
     async def body():
         boot = await Bootstrap.create(BootstrapConfig(bind="127.0.0.1:0", state_dir=tmp_path))
         target = Target.from_token(boot.address, boot.token)
-        honest = await enter(target, "honest", STRONG, True, 7400)
-        deaf = await enter(target, "deaf", STRONG, True, 7401)
+        honest = await enter(target, "honest", STRONG, True)
+        deaf = await enter(target, "deaf", STRONG, True)
         try:
             async with deaf_client(target, deaf, 300):
                 flooded = await flood(target, 100)
@@ -119,7 +119,7 @@ def test_a_damaged_state_is_refused_or_loses_nothing(tmp_path, state):
         target = Target.from_token(swarm.address, token)
 
         async def join_two():
-            members = [await enter(target, f"m{i}", STRONG, True, 7500 + i) for i in range(2)]
+            members = [await enter(target, f"m{i}", STRONG, True) for i in range(2)]
             await _stop(members)
 
         asyncio.run(join_two())
