@@ -544,13 +544,13 @@ class Bootstrap:
         if self.registry.table.get(node_id) is None:
             raise RpcError("unknown_node", f"node {node_id} is not in the peer table; join again")
 
-    def _offer(self, node_id: int) -> tuple[Capabilities, str, bool]:
-        """What a node offered at its latest join, where it serves peers, and whether it may
-        host other owners' layers (its key is on `--hosts`, or there is no such list, and the
-        bootstrap could dial it back or has not finished trying)."""
+    def _offer(self, node_id: int) -> tuple[Capabilities, str, bool, bool]:
+        """What a node offered at its latest join, where it serves peers, whether it may host
+        other owners' layers (its key is on `--hosts`, or there is no such list), and whether it
+        is dialable (the bootstrap reached it, or has not finished trying)."""
         record = self.registry.table.get(node_id)
         allowed = self._hosts is None or record.public_key in self._hosts
-        return record.capabilities, record.address, allowed and record.reachable is not False
+        return record.capabilities, record.address, allowed, record.reachable is not False
 
     @property
     def coordination(self) -> CoordinatorQueue[_Prepared]:

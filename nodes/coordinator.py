@@ -25,8 +25,9 @@ What it decides (DESIGN 6 and 7, docs/RUNTIME.md):
    event is recorded (time, owner, old helper, new helper, kind) for the metrics;
    `repairs` counts every helper replacement, `fallbacks` the cross-cluster ones.
 4. Anchors. The anchor of a cluster is its live member with the lowest id (members that
-   can train are preferred over waiting ones); a dead anchor is thus replaced at once,
-   and the change is recorded.
+   can train are preferred over waiting ones, and of those, members the bootstrap could
+   dial back over ones nobody can reach: members dial their anchor); a dead anchor is
+   thus replaced at once, and the change is recorded.
 5. Provisional helpers. A data node too weak for the whole model cannot compute its
    fingerprint alone (DESIGN 2.2); until its fingerprint arrives its assignment (role
    waiting, no cluster) names a helper and split from a hypothetical task-blind plan.
@@ -233,6 +234,7 @@ class Event:
     dp: tuple[float, float] | None = None  # fingerprint: (epsilon, delta) of its DP release, None: no DP
     helper: int = 0  # failure: the helper the owner saw miss a deadline
     may_host: bool = True  # join: whether the operator lets the node run other owners' layers
+    reachable: bool = True  # join: False once the bootstrap could not dial its address back
     avoid: tuple[int, ...] = ()  # failure, dead: nodes silent right now, handed out as helpers last
 
     def __post_init__(self) -> None:
@@ -240,8 +242,10 @@ class Event:
             raise ValueError(f"Event.kind must be one of {sorted(EVENT_KINDS)}, got {self.kind!r}")
 
     @classmethod
-    def join(cls, node_id: int, caps: Capabilities, address: str, may_host: bool = True) -> Event:
-        return cls(JOIN, node_id, caps=caps, address=address, may_host=may_host)
+    def join(
+        cls, node_id: int, caps: Capabilities, address: str, may_host: bool = True, reachable: bool = True
+    ) -> Event:
+        return cls(JOIN, node_id, caps=caps, address=address, may_host=may_host, reachable=reachable)
 
     @classmethod
     def alive(cls, node_id: int) -> Event:
@@ -360,6 +364,12 @@ class _Member:
     may_host: bool = True  # the operator lets it run other owners' layers (planning.NodeInfo)
     leakage: list[float] | None = None  # psi(s) for s = 1..L-1 on its data (privacy floor)
     dp: list[float] | None = None  # [epsilon, delta] of its fingerprint's DP release, None: no DP
+    reachable: bool = True  # the bootstrap could dial it back (or has not heard otherwise)
+
+    @property
+    def hosts(self) -> bool:
+        """Whether the planner may give it other owners' layers: allowed, and dialable."""
+        return self.may_host and self.reachable
 
 
 def _check_dp(dp: Sequence[float] | None) -> list[float] | None:
@@ -488,11 +498,20 @@ class Coordinator:
     # --- events --------------------------------------------------------------------------
 
     def on_join(
-        self, node_id: int, capabilities: Capabilities, address: str, *, may_host: bool = True, now: float
+        self,
+        node_id: int,
+        capabilities: Capabilities,
+        address: str,
+        *,
+        may_host: bool = True,
+        reachable: bool = True,
+        now: float,
     ) -> bool:
         """A node offering `capabilities` joined from `address`, or joined again (a rejoin
         brings back a dead, left or failed node). `may_host` False: the operator does not let
-        it run other owners' layers (it trains its own data, never helps).
+        it run other owners' layers (it trains its own data, never helps). `reachable` False:
+        nobody can dial it (the bootstrap's check): it never hosts, and is anchor only of a
+        cluster with no dialable member.
 
         A rejoin that changes `has_data` forgets the node's fingerprint and cluster.
         Returns whether any assignment changed.
@@ -505,12 +524,15 @@ class Coordinator:
         with self._atomic():
             member = self._members.get(node_id)
             if member is None:
-                self._members[node_id] = _Member(capabilities, address, may_host=bool(may_host))
+                self._members[node_id] = _Member(
+                    capabilities, address, may_host=bool(may_host), reachable=bool(reachable)
+                )
                 log.info("node %d joined (%s)", node_id, "data" if capabilities.has_data else "pure helper")
             else:
                 if member.caps.has_data != capabilities.has_data:
                     member.vector, member.importance, member.cluster = None, None, None
                 member.caps, member.address, member.may_host = capabilities, address, bool(may_host)
+                member.reachable = bool(reachable)
                 if member.status != LIVE:
                     log.info("node %d is back (was %s)", node_id, member.status)
                 member.status, member.note = LIVE, ""
@@ -721,7 +743,9 @@ class Coordinator:
     def _dispatch(self, event: Event, now: float) -> bool:
         n = event.node_id
         if event.kind == JOIN:
-            return self.on_join(n, event.caps, event.address, may_host=event.may_host, now=now)
+            return self.on_join(
+                n, event.caps, event.address, may_host=event.may_host, reachable=event.reachable, now=now
+            )
         if event.kind == ALIVE:
             return self.on_alive(n, now=now)
         if event.kind == DEAD_EVENT:
@@ -861,6 +885,7 @@ class Coordinator:
                     may_host=m.may_host,
                     leakage=m.leakage,
                     dp=m.dp,
+                    reachable=m.reachable,
                 )
                 for n, m in sorted(self._members.items())
             },
@@ -923,6 +948,7 @@ class Coordinator:
                     bool(m.get("may_host", True)),
                     coord._check_leakage(m.get("leakage")),
                     _check_dp(m.get("dp")),
+                    bool(m.get("reachable", True)),
                 )
             c = state["clustering"]
             if c is not None:
@@ -1098,7 +1124,7 @@ class Coordinator:
             if m.caps.has_data and (m.vector is None or m.cluster is None):
                 continue  # not fingerprinted or not clustered yet
             cluster = m.cluster if m.caps.has_data else None
-            infos.append(NodeInfo(str(n), m.caps, cluster, m.may_host, self._min_split(m)))
+            infos.append(NodeInfo(str(n), m.caps, cluster, m.hosts, self._min_split(m)))
         return infos
 
     def _importance(self) -> dict[int, dict[str, float]]:
@@ -1227,7 +1253,8 @@ class Coordinator:
             ids = sorted(members.get(c, []))
             members[c] = ids
             active = [n for n in ids if plan.nodes[str(n)].role != WAITING]
-            anchors[c] = (active or ids or [None])[0]
+            dialable = [n for n in active if self._members[n].reachable]  # members dial their anchor
+            anchors[c] = (dialable or active or ids or [None])[0]
         return _Board(members, anchors, self._provisional())
 
     def _provisional(self) -> dict[int, tuple[int, int]]:
@@ -1246,14 +1273,12 @@ class Coordinator:
         blind = 0 if self._clustering is None else self._clustering.next_id  # a cluster id nobody has
         infos = []
         for n, m in sorted(self._members.items()):
-            if m.status != LIVE or not (
-                n in pending or (m.may_host and (not m.caps.has_data or self._can_host(m.caps)))
-            ):
+            if m.status != LIVE or not (n in pending or (m.hosts and (not m.caps.has_data or self._can_host(m.caps)))):
                 continue
             cluster = None
             if m.caps.has_data:
                 cluster = blind if n in pending or m.cluster is None else m.cluster
-            infos.append(NodeInfo(str(n), m.caps, cluster, m.may_host))
+            infos.append(NodeInfo(str(n), m.caps, cluster, m.hosts))
         key = tuple(infos)
         if self._provisional_cache is None or self._provisional_cache[0] != key:
             hypothetical = make_plan(infos, self.config.context, None, self._centroids())

@@ -908,3 +908,34 @@ def test_a_bad_dp_budget_is_refused_and_changes_nothing(dp, match):
     with pytest.raises(ValueError, match=match):
         coord.precheck(Event.fingerprint(1, planted(DIR_A, 1), 32, dp=dp), coord.summary())
     assert snapshot(coord) == before
+
+
+# ================================================================ reachability
+
+
+def test_a_node_nobody_can_dial_never_hosts_and_is_anchor_only_when_no_member_is_dialable():
+    """Node 1 (strong, lowest id) cannot be dialled: node 2 anchors the cluster and node 3 (weak)
+    is served by node 2 or the pure helper 4, never by node 1; kept across a restart. When node
+    2 turns out unreachable too, the pure helper serves node 3, which anchors (the lowest
+    dialable id); with no dialable member left the lowest id anchors."""
+    coord = Coordinator(config(min_nodes=3))
+    for n, mem, data, dialable in (
+        (1, BIG, True, False),
+        (2, BIG, True, True),
+        (3, WEAK, True, True),
+        (4, BIG, False, True),
+    ):
+        coord.on_join(n, *offer(n, mem, data), reachable=dialable, now=0.0)
+    for n in (1, 2, 3):
+        coord.on_fingerprint(n, planted(DIR_A, n), 32, now=0.0)
+    coord.maybe_assign(0.0)
+    cols = coord.peer_columns()
+    assert coord.anchors() == {0: 2}
+    assert cols[3]["helper"] in (2, 4) and cols[1]["role"] != "helper"
+    again = Coordinator.restore(coord.config, json.loads(json.dumps(coord.snapshot())))
+    assert again.anchors() == {0: 2} and again.peer_columns() == cols
+
+    coord.on_join(2, *offer(2, BIG, True), reachable=False, now=1.0)  # the bootstrap's check came back
+    assert coord.anchors() == {0: 3} and coord.peer_columns()[3]["helper"] == 4
+    coord.on_join(3, *offer(3, WEAK, True), reachable=False, now=2.0)
+    assert coord.anchors() == {0: 1}  # nobody dialable: the lowest id (reaching it needs a relay)

@@ -68,7 +68,7 @@ def test_an_address_that_answers_is_reachable_one_that_does_not_is_not_and_never
 
             rows = await wait_until_async(checked, REACH_TIMEOUT_S + 5, what="both dial-backs")
             assert rows["open"].reachable is True and rows["closed"].reachable is False
-            assert service._offer(ids["open"])[2] is True and service._offer(ids["closed"])[2] is False
+            assert service._offer(ids["open"])[3] is True and service._offer(ids["closed"])[3] is False
 
             beats = {
                 name: await clients[name].call(service.address, Heartbeat(node_id=ids[name], state="waiting"))
