@@ -132,7 +132,7 @@ class ClusterSync:
         callers then treat this node as outside the tree)."""
         if a.anchor is None:
             raise KeyError(f"cluster {a.cluster} has no anchor in this assignment")
-        return ReduceTree.of(a.members, a.anchor, self.config.fan_in)
+        return ReduceTree.of(a.members, a.anchor, self.config.fan_in, last=a.unreachable)
 
     def _parent(self, a: Assignment) -> int | None:
         """This node's parent in the cluster's reduce tree (the anchor if the tree does not name it)."""
@@ -198,7 +198,8 @@ class ClusterSync:
 
     def _gossip_targets(self, exclude: set[int | None]) -> list[int]:
         a = self.assignments.assignment
-        members = [m for m in (a.members if a else []) if m not in exclude]
+        skip = exclude | set(a.unreachable if a else ())  # nobody can push to them; they pull
+        members = [m for m in (a.members if a else []) if m not in skip]
         return self.rng.sample(members, min(self.config.fanout, len(members)))
 
     async def _send_contribution(self, target: int, body: ContributionMsg) -> None:

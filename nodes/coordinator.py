@@ -1360,6 +1360,7 @@ class Coordinator:
         return dict(
             cluster=cluster,
             members=members,
+            unreachable=[int(n) for n in members if not self._members[int(n)].reachable],
             ranks=dict(row.ranks),
             split=row.split,
             helper=None if row.helper is None else int(row.helper),

@@ -64,11 +64,15 @@ class InProcessSwarm:
         model: str | None = None,
         keep_results: bool = True,
         bandwidth_bps: float = BANDWIDTH_BPS,
+        advertise: str | None = None,
         **train: float | str | Path | None,
     ) -> Peer:
         """A peer (not started) with state in WORKDIR/NAME, also its out_dir unless keep_results is
-        False; `train` sets TrainConfig fields (rounds, local_steps, lr, ...)."""
-        config = self.node_config(name, memory_bytes, data=data, model=model, bandwidth_bps=bandwidth_bps)
+        False; `train` sets TrainConfig fields (rounds, local_steps, lr, ...); `advertise`: the
+        address it tells the swarm instead of the one it binds (e.g. one nobody can dial)."""
+        config = self.node_config(
+            name, memory_bytes, data=data, model=model, bandwidth_bps=bandwidth_bps, advertise=advertise
+        )
         out_dir = self.workdir / name if keep_results else None
         self.peers[name] = Peer(config, TrainConfig(out_dir=out_dir, **train))
         return self.peers[name]
@@ -81,6 +85,7 @@ class InProcessSwarm:
         data: Path | None = None,
         model: str | None = None,
         bandwidth_bps: float = BANDWIDTH_BPS,
+        advertise: str | None = None,
     ) -> NodeConfig:
         """A node of this swarm with state in WORKDIR/NAME (its key lives there) and the join token."""
         return NodeConfig(
@@ -93,6 +98,7 @@ class InProcessSwarm:
             compute_score=1.0,
             token=None if self.boot.token is None else self.boot.token.text(),
             insecure=self.boot.token is None,
+            advertise=advertise,
         )
 
     async def wire_node(

@@ -932,6 +932,7 @@ def test_a_node_nobody_can_dial_never_hosts_and_is_anchor_only_when_no_member_is
     cols = coord.peer_columns()
     assert coord.anchors() == {0: 2}
     assert cols[3]["helper"] in (2, 4) and cols[1]["role"] != "helper"
+    assert coord.assignment_for(3)["unreachable"] == [1]  # a reduce-tree leaf, no gossip target
     again = Coordinator.restore(coord.config, json.loads(json.dumps(coord.snapshot())))
     assert again.anchors() == {0: 2} and again.peer_columns() == cols
 

@@ -129,3 +129,47 @@ def test_a_node_learns_from_its_heartbeats_that_nobody_can_dial_it(tmp_path, cap
         run(body(), timeout=60)
     said = [r.getMessage() for r in caplog.records if "could not reach this node at 127.0.0.1:1" in r.getMessage()]
     assert len(said) == 1  # once, not on every heartbeat
+
+
+def test_a_node_nobody_can_dial_trains_to_the_end_and_its_updates_are_merged(tmp_path):
+    """Three whole-model nodes of one task, exact reduce with fan_in 1 (a chain: every node but
+    the last is a parent). The first to join, the lowest id, advertises 127.0.0.1:1: it is
+    not the anchor, it is the chain's last link, and it dials everyone it talks to. Every
+    node finishes and nothing it contributed is lost."""
+    import asyncio
+
+    from atlas_p2p.synthetic import write_synthetic_jsonl
+    from scenarios.inprocess import InProcessSwarm
+    from tools import report
+
+    async def body():
+        spec = SwarmSpec(task="seq_cls", num_labels=4, min_nodes=3, clusters=1)
+        train = dict(rounds=2, local_steps=1, lr=0.01, merge="reduce", fan_in=1, round_deadline_s=30.0)
+        async with await InProcessSwarm.create(tmp_path, spec, fingerprint_seed=3) as swarm:
+            for seed, name in enumerate(("closed", "b", "c")):
+                data = write_synthetic_jsonl(tmp_path / f"{name}.jsonl", 0, 24, seed=seed)
+                advertise = "127.0.0.1:1" if name == "closed" else None
+                swarm.add(name, 30 * 10**6, data=data, advertise=advertise, **train)
+            swarm.start("closed")
+            row = await wait_until_async(lambda: swarm.boot.registry.table.get(1), 60, what="the first join")
+            assert row.address == "127.0.0.1:1"
+            await wait_until_async(lambda: swarm.boot.registry.table.get(1).reachable is False, 20, what="a verdict")
+            for name in ("b", "c"):
+                swarm.start(name)
+            everyone = asyncio.ensure_future(asyncio.wait_for(asyncio.gather(*swarm.tasks.values()), 240))
+            anchors = set()  # the anchor while all three train (alone at the end, node 1 anchors itself)
+            while not everyone.done():
+                if not any(t.done() for t in swarm.tasks.values()):
+                    anchors |= set(swarm.boot.coordinator.anchors().values())
+                await asyncio.sleep(0.05)
+            await everyone
+            rows = {r.id: r for r in swarm.boot.registry.table.rows()}
+            return rows, anchors, [report.read_node_dir(tmp_path / n) for n in ("closed", "b", "c")]
+
+    rows, anchors, runs = run(body(), timeout=300)
+    assert rows[1].reachable is False and rows[2].reachable is True and rows[3].reachable is True
+    assert all(r.finished for r in runs)
+    assert report.lost_updates(runs) == []
+    assert anchors and 1 not in anchors
+    assert {r.summary.base_version for r in runs} == {2}  # both rounds folded on every node
+    assert all(len(r.summary.contributions) == 2 for r in runs)

@@ -180,3 +180,13 @@ def test_a_partial_survives_the_wire_and_bad_ones_are_refused():
     tensors.pop("m0.A")
     with pytest.raises(ValueError):
         partial_from_msg(PartialMsg(**{**body.to_dict(), "tensors": tensors}))
+
+
+def test_members_nobody_can_dial_are_leaves_while_there_are_leaves_enough():
+    """Children dial their parent, so a member nobody can dial must have no children."""
+    tree = ReduceTree.of(range(1, 8), root=1, fan_in=2, last=[2, 3])
+    assert tree.order == (1, 4, 5, 6, 7, 2, 3)
+    assert tree.children(2) == [] and tree.children(3) == []
+    assert {tree.parent(2), tree.parent(3)} <= {5, 6}  # dialable parents
+    same = ReduceTree.of(range(1, 8), root=1, fan_in=2)
+    assert sorted(tree.order) == sorted(same.order)  # the same members, only placed

@@ -305,6 +305,9 @@ class Assignment(Message):
     # str(node_id) -> Z85 public key, for every node in `addresses` and every node that may
     # call this one (the helpers of its cluster's members); empty in an --insecure swarm
     keys: dict[str, PublicKey] = field(default_factory=dict)
+    # members of its cluster nobody can dial (the bootstrap's check): leaves of the reduce tree, no
+    # gossip target; they dial the others
+    unreachable: list[NodeId] = field(default_factory=list)
 
 
 @message("whois")

@@ -197,16 +197,19 @@ def finalize(p: Partial) -> Patch:
 @dataclass(frozen=True)
 class ReduceTree:
     """A k-ary tree over a cluster: the root first, then the other members in id order,
-    member i's parent is member (i - 1) // fan_in (heap order), so depth is ~log_k(n)."""
+    member i's parent is member (i - 1) // fan_in (heap order), so depth is ~log_k(n).
+    Members in `last` (nobody can dial them: children dial their parent) go at the end of
+    the order, which makes them leaves as long as they are no more than the leaves."""
 
     order: tuple[int, ...]
     fan_in: int
 
     @classmethod
-    def of(cls, members: Sequence[int], root: int, fan_in: int) -> ReduceTree:
+    def of(cls, members: Sequence[int], root: int, fan_in: int, last: Sequence[int] = ()) -> ReduceTree:
         require_int("fan_in", fan_in, 1)
         rest = sorted({int(m) for m in members} - {int(root)})
-        return cls((int(root), *rest), fan_in)
+        tail = {int(m) for m in last}
+        return cls((int(root), *(m for m in rest if m not in tail), *(m for m in rest if m in tail)), fan_in)
 
     def _index(self, node: int) -> int:
         try:
