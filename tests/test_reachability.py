@@ -8,6 +8,7 @@ from __future__ import annotations
 import socket
 
 import numpy as np
+import pytest
 
 from nodes.bootstrap import Bootstrap
 from nodes.config import BootstrapConfig, SwarmSpec
@@ -131,11 +132,12 @@ def test_a_node_learns_from_its_heartbeats_that_nobody_can_dial_it(tmp_path, cap
     assert len(said) == 1  # once, not on every heartbeat
 
 
-def test_a_node_nobody_can_dial_trains_to_the_end_and_its_updates_are_merged(tmp_path):
-    """Three whole-model nodes of one task, exact reduce with fan_in 1 (a chain: every node but
-    the last is a parent). The first to join, the lowest id, advertises 127.0.0.1:1: it is
-    not the anchor, it is the chain's last link, and it dials everyone it talks to. Every
-    node finishes and nothing it contributed is lost."""
+@pytest.mark.parametrize("merge", ["reduce", "gossip"])
+def test_a_node_nobody_can_dial_trains_to_the_end_and_its_updates_are_merged(tmp_path, merge):
+    """Three whole-model nodes of one task; reduce with fan_in 1 (a chain: every node but the
+    last is a parent), or gossip. The first to join, the lowest id, advertises 127.0.0.1:1:
+    it is not the anchor while the others train, it is the chain's last link, gets no gossip
+    pushes, and dials everyone it talks to. Every node finishes and nothing is lost."""
     import asyncio
 
     from atlas_p2p.synthetic import write_synthetic_jsonl
@@ -144,7 +146,7 @@ def test_a_node_nobody_can_dial_trains_to_the_end_and_its_updates_are_merged(tmp
 
     async def body():
         spec = SwarmSpec(task="seq_cls", num_labels=4, min_nodes=3, clusters=1)
-        train = dict(rounds=2, local_steps=1, lr=0.01, merge="reduce", fan_in=1, round_deadline_s=30.0)
+        train = dict(rounds=2, local_steps=1, lr=0.01, merge=merge, fan_in=1, round_deadline_s=30.0)
         async with await InProcessSwarm.create(tmp_path, spec, fingerprint_seed=3) as swarm:
             for seed, name in enumerate(("closed", "b", "c")):
                 data = write_synthetic_jsonl(tmp_path / f"{name}.jsonl", 0, 24, seed=seed)
