@@ -24,10 +24,12 @@ What it decides (DESIGN 6 and 7, docs/RUNTIME.md):
    centroid first: a *fallback*; none at all: the owner waits, *unpaired*). Each such
    event is recorded (time, owner, old helper, new helper, kind) for the metrics;
    `repairs` counts every helper replacement, `fallbacks` the cross-cluster ones.
-4. Anchors. The anchor of a cluster is its live member with the lowest id (members that
-   can train are preferred over waiting ones, and of those, members the bootstrap could
-   dial back over ones nobody can reach: members dial their anchor); a dead anchor is
-   thus replaced at once, and the change is recorded.
+4. Anchors. The anchor of a cluster is chosen among its live members: members that can
+   train over waiting ones, and of those, members the bootstrap could dial back over ones
+   nobody can reach (members dial their anchor). It stays while it is among the best so
+   chosen (no hand-over between two live members because a lower id arrived); otherwise
+   the lowest id of the best takes over: a dead anchor is replaced at once, and the
+   change is recorded.
 5. Provisional helpers. A data node too weak for the whole model cannot compute its
    fingerprint alone (DESIGN 2.2); until its fingerprint arrives its assignment (role
    waiting, no cluster) names a helper and split from a hypothetical task-blind plan.
@@ -192,7 +194,7 @@ class RepairEvent:
 
 @dataclass(frozen=True)
 class AnchorChange:
-    """A cluster's anchor moved to another member (its anchor went, or a lower id came)."""
+    """A cluster's anchor moved to another member (its anchor went, waits, or cannot be dialled)."""
 
     time: float
     cluster: int
@@ -1254,7 +1256,11 @@ class Coordinator:
             members[c] = ids
             active = [n for n in ids if plan.nodes[str(n)].role != WAITING]
             dialable = [n for n in active if self._members[n].reachable]  # members dial their anchor
-            anchors[c] = (dialable or active or ids or [None])[0]
+            best = dialable or active or ids or [None]
+            # an anchor that is still among the best stays: handing a live anchor's log to another
+            # member mid-round let two anchors publish the same round (a lower id that stopped
+            # waiting took over while the old anchor had already published round 0)
+            anchors[c] = self._anchors.get(c) if self._anchors.get(c) in best else best[0]
         return _Board(members, anchors, self._provisional())
 
     def _provisional(self) -> dict[int, tuple[int, int]]:

@@ -917,7 +917,7 @@ def test_a_node_nobody_can_dial_never_hosts_and_is_anchor_only_when_no_member_is
     """Node 1 (strong, lowest id) cannot be dialled: node 2 anchors the cluster and node 3 (weak)
     is served by node 2 or the pure helper 4, never by node 1; kept across a restart. When node
     2 turns out unreachable too, the pure helper serves node 3, which anchors (the lowest
-    dialable id); with no dialable member left the lowest id anchors."""
+    dialable id); with no dialable member left nobody is better and node 3 stays."""
     coord = Coordinator(config(min_nodes=3))
     for n, mem, data, dialable in (
         (1, BIG, True, False),
@@ -939,4 +939,18 @@ def test_a_node_nobody_can_dial_never_hosts_and_is_anchor_only_when_no_member_is
     coord.on_join(2, *offer(2, BIG, True), reachable=False, now=1.0)  # the bootstrap's check came back
     assert coord.anchors() == {0: 3} and coord.peer_columns()[3]["helper"] == 4
     coord.on_join(3, *offer(3, WEAK, True), reachable=False, now=2.0)
-    assert coord.anchors() == {0: 1}  # nobody dialable: the lowest id (reaching it needs a relay)
+    assert coord.anchors() == {0: 3}  # nobody dialable: nobody is better, the anchor stays (a relay's case)
+
+
+def test_the_anchor_stays_when_a_lower_id_starts_training():
+    """A weak node with the lowest id waits for a helper, then gets one: the anchor does not move
+    to it (two live anchors could both publish the round the first had already published)."""
+    coord = Coordinator(config(min_nodes=2))
+    for n, mem in ((1, WEAK), (2, BIG)):
+        coord.on_join(n, *offer(n, mem), may_host=False, now=0.0)  # node 2 trains, never helps
+        coord.on_fingerprint(n, planted(DIR_A, n), 32, now=0.0)
+    coord.maybe_assign(0.0)
+    assert coord.peer_columns()[1]["role"] == "waiting" and coord.anchors() == {0: 2}
+    coord.on_join(3, *offer(3, BIG, has_data=False), now=1.0)  # a pure helper: node 1 trains now
+    assert coord.peer_columns()[1]["role"] == "owner"
+    assert coord.anchors() == {0: 2} and coord.anchor_changes == ()
