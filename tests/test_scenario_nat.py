@@ -1,0 +1,22 @@
+"""Several hosts for real (issue 13): network namespaces, the bootstrap in one, two nodes
+anyone can dial in another, a node behind an iptables masquerade in a third, all started as
+the README's "Several hosts" section says (scenarios/nat.py). Skips, saying why, where the
+machine does not allow namespaces or has no iptables."""
+
+import pytest
+
+from scenarios import nat
+
+
+@pytest.mark.timeout(400)
+def test_a_node_behind_a_nat_is_marked_unreachable_never_helps_and_its_updates_are_merged(tmp_path):
+    why = nat.unavailable()
+    if why is not None:
+        pytest.skip(f"scenarios/nat.py cannot build its network here: {why}")
+    result = nat.run(tmp_path, rounds=2)
+    assert result["reachable"] == {"open-strong": True, "open-weak": True, "home": False}
+    assert result["advertised"]["home"].startswith(nat.HOME_IP)  # its own address, not dialable
+    assert result["unreachable_as_helper"] == 0
+    assert "open-strong" in result["helpers"]["open-weak"]  # the weak owner trained through a dialable helper
+    assert result["finished"] == {"open-strong": True, "open-weak": True, "home": True}
+    assert result["lost_updates"] == 0
