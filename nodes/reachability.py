@@ -4,15 +4,18 @@ A node advertises the address its peers should dial (its bound address, or `--ad
 Behind a home router, a campus NAT or a firewall that address may take no inbound
 connection, and until now nothing noticed before a helper or a gossip target failed at run
 time. At every join the bootstrap dials the advertised address with a `ping` (CURVE with the
-key the node joined with, as any peer would) and waits at most REACH_TIMEOUT_S; the answer
-goes into the peer table (`reachable`) and the `welcome`, with the host the join came from
-as the bootstrap saw it (`seen_from`), so the node can say what to pass as `--advertise`.
+key the node joined with, as any peer would) and waits at most REACH_TIMEOUT_S, beside the
+join (answered at once). The answer goes into the peer table (`reachable`) and the node's
+heartbeat replies (`beat.reachable`); the `welcome` carries the host the join came from as the
+bootstrap saw it (`seen_from`), so a node nobody can dial can say what to pass as `--advertise`.
 """
 
 from __future__ import annotations
 
 import logging
 from typing import Any
+
+from nodes.config import parse_address
 
 log = logging.getLogger("atlas.reachability")
 
@@ -39,8 +42,6 @@ async def dial_back(client: Any, address: str, public_key: str | None, timeout_s
 
 def advice(address: str, seen_from: str) -> str:
     """What a node the bootstrap could not reach should read."""
-    from nodes.config import parse_address
-
     host, port = parse_address(address, what="address")
     hint = (
         f"the bootstrap sees this node as {seen_from}: if that host is yours and reachable, "
