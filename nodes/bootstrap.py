@@ -396,7 +396,8 @@ class Bootstrap:
     def _check_reachable(self, node_id: int, address: str, public_key: str | None) -> None:
         """Dial the node's advertised address back in the background (nodes.reachability): the
         join is answered at once, the peer table's `reachable` is written within
-        REACH_TIMEOUT_S, and an unreachable member is offered again, no longer as a host."""
+        REACH_TIMEOUT_S, and the member is offered again with the verdict (unreachable: no
+        longer a host; reachable: now a candidate provisional helper)."""
 
         async def check() -> None:
             ok = await dial_back(self._dialer, address, public_key)
@@ -406,8 +407,8 @@ class Bootstrap:
             self.registry.table.update(node_id, reachable=ok)
             if not ok:
                 log.warning("node %d: no answer from its address %s; it will not host other owners", node_id, address)
-                if self._is_member(node_id) and self.coordination.states[node_id].status == LIVE:
-                    self._submit(Event.join(node_id, *self._offer(node_id)))
+            if self.swarm is not None and self._is_member(node_id) and self.coordination.states[node_id].status == LIVE:
+                self._submit(Event.join(node_id, *self._offer(node_id)))  # the verdict, for planning
 
         task = asyncio.create_task(check(), name=f"reach-{node_id}")
         self._reach_checks.add(task)
@@ -544,13 +545,13 @@ class Bootstrap:
         if self.registry.table.get(node_id) is None:
             raise RpcError("unknown_node", f"node {node_id} is not in the peer table; join again")
 
-    def _offer(self, node_id: int) -> tuple[Capabilities, str, bool, bool]:
+    def _offer(self, node_id: int) -> tuple[Capabilities, str, bool, bool | None]:
         """What a node offered at its latest join, where it serves peers, whether it may host
         other owners' layers (its key is on `--hosts`, or there is no such list), and whether it
-        is dialable (the bootstrap reached it, or has not finished trying)."""
+        is dialable (None: the bootstrap's check has not come back)."""
         record = self.registry.table.get(node_id)
         allowed = self._hosts is None or record.public_key in self._hosts
-        return record.capabilities, record.address, allowed, record.reachable is not False
+        return record.capabilities, record.address, allowed, record.reachable
 
     @property
     def coordination(self) -> CoordinatorQueue[_Prepared]:

@@ -236,7 +236,8 @@ class Event:
     dp: tuple[float, float] | None = None  # fingerprint: (epsilon, delta) of its DP release, None: no DP
     helper: int = 0  # failure: the helper the owner saw miss a deadline
     may_host: bool = True  # join: whether the operator lets the node run other owners' layers
-    reachable: bool = True  # join: False once the bootstrap could not dial its address back
+    # join: whether the bootstrap could dial its address back (None: its check has not come back)
+    reachable: bool | None = True
     avoid: tuple[int, ...] = ()  # failure, dead: nodes silent right now, handed out as helpers last
 
     def __post_init__(self) -> None:
@@ -245,7 +246,7 @@ class Event:
 
     @classmethod
     def join(
-        cls, node_id: int, caps: Capabilities, address: str, may_host: bool = True, reachable: bool = True
+        cls, node_id: int, caps: Capabilities, address: str, may_host: bool = True, reachable: bool | None = True
     ) -> Event:
         return cls(JOIN, node_id, caps=caps, address=address, may_host=may_host, reachable=reachable)
 
@@ -366,12 +367,17 @@ class _Member:
     may_host: bool = True  # the operator lets it run other owners' layers (planning.NodeInfo)
     leakage: list[float] | None = None  # psi(s) for s = 1..L-1 on its data (privacy floor)
     dp: list[float] | None = None  # [epsilon, delta] of its fingerprint's DP release, None: no DP
-    reachable: bool = True  # the bootstrap could dial it back (or has not heard otherwise)
+    reachable: bool | None = True  # the bootstrap could dial it back (None: not known yet)
 
     @property
     def hosts(self) -> bool:
-        """Whether the planner may give it other owners' layers: allowed, and dialable."""
-        return self.may_host and self.reachable
+        """Whether the planner may give it other owners' layers: allowed, and dialled back by
+        the bootstrap (until its check comes back it is no helper: owners would dial it)."""
+        return self.may_host and self.reachable is True
+
+
+def _tristate(value: object) -> bool | None:
+    return None if value is None else bool(value)
 
 
 def _check_dp(dp: Sequence[float] | None) -> list[float] | None:
@@ -506,14 +512,15 @@ class Coordinator:
         address: str,
         *,
         may_host: bool = True,
-        reachable: bool = True,
+        reachable: bool | None = True,
         now: float,
     ) -> bool:
         """A node offering `capabilities` joined from `address`, or joined again (a rejoin
         brings back a dead, left or failed node). `may_host` False: the operator does not let
         it run other owners' layers (it trains its own data, never helps). `reachable` False:
         nobody can dial it (the bootstrap's check): it never hosts, and is anchor only of a
-        cluster with no dialable member.
+        cluster with no dialable member; None: the check has not come back (no helper yet;
+        it may anchor).
 
         A rejoin that changes `has_data` forgets the node's fingerprint and cluster.
         Returns whether any assignment changed.
@@ -527,14 +534,14 @@ class Coordinator:
             member = self._members.get(node_id)
             if member is None:
                 self._members[node_id] = _Member(
-                    capabilities, address, may_host=bool(may_host), reachable=bool(reachable)
+                    capabilities, address, may_host=bool(may_host), reachable=_tristate(reachable)
                 )
                 log.info("node %d joined (%s)", node_id, "data" if capabilities.has_data else "pure helper")
             else:
                 if member.caps.has_data != capabilities.has_data:
                     member.vector, member.importance, member.cluster = None, None, None
                 member.caps, member.address, member.may_host = capabilities, address, bool(may_host)
-                member.reachable = bool(reachable)
+                member.reachable = _tristate(reachable)
                 if member.status != LIVE:
                     log.info("node %d is back (was %s)", node_id, member.status)
                 member.status, member.note = LIVE, ""
@@ -950,7 +957,7 @@ class Coordinator:
                     bool(m.get("may_host", True)),
                     coord._check_leakage(m.get("leakage")),
                     _check_dp(m.get("dp")),
-                    bool(m.get("reachable", True)),
+                    _tristate(m.get("reachable", True)),
                 )
             c = state["clustering"]
             if c is not None:
@@ -1255,7 +1262,7 @@ class Coordinator:
             ids = sorted(members.get(c, []))
             members[c] = ids
             active = [n for n in ids if plan.nodes[str(n)].role != WAITING]
-            dialable = [n for n in active if self._members[n].reachable]  # members dial their anchor
+            dialable = [n for n in active if self._members[n].reachable is not False]  # members dial their anchor
             best = dialable or active or ids or [None]
             # an anchor that is still among the best stays: handing a live anchor's log to another
             # member mid-round let two anchors publish the same round (a lower id that stopped
@@ -1269,9 +1276,9 @@ class Coordinator:
         A node too weak for the whole model needs a helper for the one forward/backward
         of its fingerprint (DESIGN 2.2). It comes from a hypothetical task-blind plan of
         the waiting nodes (in a cluster of their own) and every live node able to host
-        later layers (pure helpers, data nodes that fit the whole model); the real plan
-        is not changed. Nodes that can run the whole model, or whom nobody can help, get
-        none. The hypothetical plan is cached on its inputs.
+        later layers (pure helpers, data nodes that fit the whole model; `_Member.hosts`: the
+        bootstrap has dialled them back); the real plan is not changed. Nodes that can run
+        the whole model, or whom nobody can help, get none. The hypothetical plan is cached on its inputs.
         """
         pending = [n for n, m in self._members.items() if m.status == LIVE and m.caps.has_data and m.vector is None]
         if not pending:
@@ -1366,7 +1373,7 @@ class Coordinator:
         return dict(
             cluster=cluster,
             members=members,
-            unreachable=[int(n) for n in members if not self._members[int(n)].reachable],
+            unreachable=[int(n) for n in members if self._members[int(n)].reachable is False],
             ranks=dict(row.ranks),
             split=row.split,
             helper=None if row.helper is None else int(row.helper),

@@ -18,8 +18,8 @@ nobody outside can dial). All three data nodes hold the same synthetic task (one
 While they train, the peer table is read every half second for every (owner, helper) it
 names. The JSON: `reachable` (node -> bool, from the bootstrap's check),
 `unreachable_as_helper` (planned pairings naming a node nobody can dial: must be 0),
-`unreachable_as_provisional_helper` (the fingerprint-time helper named before that node's
-check came back), `lost_updates`, `finished` (node -> bool), `relay_bytes` (None: no relay
+`unreachable_as_provisional_helper` (the same for the helper a weak node gets for its
+fingerprint: must be 0 too), `lost_updates`, `finished` (node -> bool), `relay_bytes` (None: no relay
 exists yet; the home node needs none here, since it is a leaf that dials out for
 everything), `helpers` (owner -> every helper it was given), `advertised`.
 
@@ -208,9 +208,8 @@ def run(workdir: Path, rounds: int = 3, timeout_s: float = 300.0) -> dict[str, A
     closed = {n for n, r in rows.items() if r["reachable"] == 0}
     return {
         "reachable": {name: bool(rows[ids[name]]["reachable"]) for name in NODES},
-        # planned pairings naming a node nobody can dial (must be 0), and provisional ones: the
-        # helper a weak node gets for its fingerprint at join, which may be named in the 3 s
-        # before the bootstrap's check of that helper comes back (the fingerprint then fails over)
+        # pairings naming a node nobody can dial: planned ones, and provisional ones (the helper a
+        # weak node gets for its fingerprint); both must be 0: no node hosts before its check
         "unreachable_as_helper": sum(1 for _, h, planned in paired if planned and h in closed),
         "unreachable_as_provisional_helper": sum(1 for _, h, planned in paired if not planned and h in closed),
         "lost_updates": len(report.lost_updates(runs)),

@@ -16,7 +16,7 @@ def test_a_node_behind_a_nat_is_marked_unreachable_never_helps_and_its_updates_a
     result = nat.run(tmp_path, rounds=2)
     assert result["reachable"] == {"open-strong": True, "open-weak": True, "home": False}
     assert result["advertised"]["home"].startswith(nat.HOME_IP)  # its own address, not dialable
-    assert result["unreachable_as_helper"] == 0
-    assert "open-strong" in result["helpers"]["open-weak"]  # the weak owner trained through a dialable helper
+    assert result["unreachable_as_helper"] == 0 and result["unreachable_as_provisional_helper"] == 0
+    assert result["helpers"]["open-weak"] == ["open-strong"]  # the weak owner's only helper: the dialable one
     assert result["finished"] == {"open-strong": True, "open-weak": True, "home": True}
     assert result["lost_updates"] == 0
