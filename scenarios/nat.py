@@ -132,10 +132,22 @@ class Network:
 
 
 def _spawn(net: Network, role: str, name: str, args: list[str], workdir: Path) -> subprocess.Popen[bytes]:
+    """`atlas-node ARGS` inside namespace `role` (scenarios.swarm.Swarm starts its children on
+    127.0.0.1 and reads the bootstrap's address from its state; here the addresses are fixed)."""
+    from scenarios.swarm import die_with_parent
+
     log = (workdir / "logs" / f"{name}.log").open("wb")
     cmd = ["ip", "netns", "exec", net.ns[role], sys.executable, "-m", "tools.cli", "--log-level", "info", *args]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=env, start_new_session=True)
+    return subprocess.Popen(
+        cmd,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=REPO_ROOT,
+        env=env,
+        start_new_session=True,
+        preexec_fn=die_with_parent,  # scenarios.swarm's rule: no child outlives a killed scenario
+    )
 
 
 def _rows(table: Path) -> list[dict[str, Any]]:

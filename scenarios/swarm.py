@@ -76,7 +76,7 @@ class SwarmError(RuntimeError):
     """A child did not start, died early, or a condition was not met in time."""
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """In the child, before exec: ask Linux to SIGKILL it if the launcher dies first, so a
     crashed test run leaves no orphan nodes behind (best effort; a no-op elsewhere)."""
     if not sys.platform.startswith("linux"):
@@ -178,7 +178,7 @@ class Swarm:
                 cwd=REPO_ROOT,
                 env=self.env,
                 start_new_session=True,  # our own signals only
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent,
             )
         log.debug("started %s (pid %d): %s", name, proc.pid, " ".join(args))
         return Child(name=name, args=args, proc=proc, log_path=log_path, state_dir=state_dir)
