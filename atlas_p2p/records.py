@@ -291,6 +291,9 @@ class Summary:
     bytes_by_kind: dict[str, int]
     peak_rss_mb: dict[str, float | None] = field(default_factory=dict)
     base_digest: str | None = None
+    # nodes/relay.py: {"used": the relay this node was reached through (bytes, round trip), or
+    # None; "served": what it relayed for others with --relay, or None}
+    relay: JsonObject = field(default_factory=lambda: {"used": None, "served": None})
 
     @property
     def folded(self) -> tuple[FoldedRecord, ...]:
@@ -322,6 +325,7 @@ class Summary:
             "bytes_by_kind": dict(self.bytes_by_kind),
             "peak_rss_mb": dict(self.peak_rss_mb),
             "base_digest": self.base_digest,
+            "relay": dict(self.relay),
         }
 
     @classmethod
@@ -351,6 +355,7 @@ class Summary:
             bytes_by_kind=_kinds(data["bytes_by_kind"]),
             peak_rss_mb={str(k): _opt(float, v) for k, v in dict(data["peak_rss_mb"]).items()},
             base_digest=_opt(str, data["base_digest"]),
+            relay=dict(data.get("relay") or {"used": None, "served": None}),
         )
 
 

@@ -42,7 +42,7 @@ from atlas_p2p.validation import is_int
 from nodes.config import BootstrapConfig, parse_address
 from nodes.coordination import CoordinatorQueue
 from nodes.coordinator import DEAD, FAILED, LIVE, Applied, Coordinator, Event
-from nodes.liveness import Probation
+from nodes.liveness import ALIVE, Probation
 from nodes.peer_table import PeerRecord, PeerTable, PeerTableError, open_peer_table
 from nodes.reachability import dial_back
 from nodes.registry import EXPIRED, Registry, RequestError
@@ -56,6 +56,7 @@ TOKEN_FILE = "join-token"  # the join token, for `atlas-node join --token @DIR/j
 LOCK_FILE = "bootstrap.lock"
 MAX_REQUEST_BYTES = 4 << 20  # control messages only: capabilities, fingerprints, reports
 JOIN_BUDGET_KEY = "joins"  # the one bucket of `join_rate`
+RELAYS_REFRESH_S = 2.0  # how stale the list of volunteering relays handed to unreachable nodes may be
 COORDINATOR_KEY = "coordinator"  # peer-table meta key of {"swarm": the SwarmSpec, "state": the snapshot}
 
 
@@ -170,6 +171,8 @@ class Bootstrap:
         self.token: JoinToken | None = None  # what a node needs to join (printed by the CLI)
         self._dialer: Any = None  # transport.rpc.RpcClient: dials joined nodes back (nodes.reachability)
         self._reach_checks: set[asyncio.Task[None]] = set()
+        self.relay: Any = None  # nodes.relay.RelayServer with --relay (carries nodes nobody can dial)
+        self._volunteers: tuple[float, list[tuple[int, str]]] | None = None  # (when, [(node, relay)])
 
     @classmethod
     async def create(
@@ -224,6 +227,10 @@ class Bootstrap:
         )
         self.address = self.server.address
         self._dialer = RpcClient("bootstrap-dialback", keypair=self.keypair)
+        if self.config.relay_port is not None:
+            from nodes.relay import RelayServer
+
+            self.relay = await RelayServer.create(host, self.config.relay_port, slots=self.config.relay_slots)
         if self.config.state_dir is not None:
             info = {"address": self.address, "pid": os.getpid(), "started_at": self.registry.started_at}
             tmp = self.config.state_dir / (INFO_FILE + ".tmp")
@@ -266,6 +273,8 @@ class Bootstrap:
                 await task
         if self._dialer is not None:
             await self._dialer.stop()
+        if self.relay is not None:
+            await self.relay.stop()
         if self.server is not None:
             await self.server.stop()
         if self._events is not None:
@@ -361,6 +370,8 @@ class Bootstrap:
             client=env.src,
             public_key=env.peer_key or None,
             now=self.clock(),
+            via=body.via or None,
+            relay=body.relay or None,
         )
         self._check_reachable(result.node_id, body.address, env.peer_key or None)
         if self.swarm is not None:
@@ -481,7 +492,21 @@ class Bootstrap:
             need_fingerprint=need,
             need_base=record.base_digest is None,
             reachable=record.reachable,
+            relays=self._relays_for(record) if record.reachable is False else [],
         )
+
+    def _relays_for(self, record: PeerRecord) -> list[str]:
+        """Relays a node nobody can dial may use: this bootstrap's (":port", on the host the node
+        dials the bootstrap at), then live nodes that volunteer and were dialled back directly."""
+        from transport.messages import RELAYS_MAX
+
+        now = time.monotonic()
+        if self._volunteers is None or now - self._volunteers[0] > RELAYS_REFRESH_S:  # not a table scan per beat
+            rows = self.registry.table.rows()
+            found = [(r.id, r.relay) for r in rows if r.relay and r.reachable and not r.via and r.status == ALIVE]
+            self._volunteers = (now, found)
+        own = [f":{self.relay.port}"] if self.relay is not None else []
+        return (own + [relay for n, relay in self._volunteers[1] if n != record.id])[:RELAYS_MAX]
 
     async def rpc_leave(self, env: Any) -> None:
         self._call(self.registry.leave, env.body.node_id, now=self.clock())
@@ -545,13 +570,15 @@ class Bootstrap:
         if self.registry.table.get(node_id) is None:
             raise RpcError("unknown_node", f"node {node_id} is not in the peer table; join again")
 
-    def _offer(self, node_id: int) -> tuple[Capabilities, str, bool, bool | None]:
+    def _offer(self, node_id: int) -> tuple[Capabilities, str, bool, bool | None, bool]:
         """What a node offered at its latest join, where it serves peers, whether it may host
-        other owners' layers (its key is on `--hosts`, or there is no such list), and whether it
-        is dialable (None: the bootstrap's check has not come back)."""
+        other owners' layers (its key is on `--hosts`, or there is no such list, and it is not
+        reached through a relay: Petals keeps relayed servers out of routing, they are slow),
+        whether it is dialable (None: the bootstrap's check has not come back), and whether
+        only through a relay."""
         record = self.registry.table.get(node_id)
-        allowed = self._hosts is None or record.public_key in self._hosts
-        return record.capabilities, record.address, allowed, record.reachable
+        allowed = (self._hosts is None or record.public_key in self._hosts) and not record.via
+        return record.capabilities, record.address, allowed, record.reachable, bool(record.via)
 
     @property
     def coordination(self) -> CoordinatorQueue[_Prepared]:

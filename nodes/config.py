@@ -25,6 +25,7 @@ from atlas_p2p.privacy.budget import SampleDP
 from atlas_p2p.privacy.noise import ActivationNoise
 from atlas_p2p.validation import require_bool, require_choice, require_int, require_name, require_number
 from atlas_p2p.vocabulary import FINGERPRINT_PROBES, MERGE_RULES, PROBE_LORA, SEQ_CLS, SPLIT_MODES, TASKS
+from transport.relay_wire import slot_ports
 from transport.security import JoinToken
 
 EMBEDDED_MODELS = {"tiny-gpt2": "gpt2", "tiny-llama": "llama", "tiny-bert": "bert"}
@@ -114,9 +115,14 @@ class BootstrapConfig:
     allow_keys: Path | None = None
     # Directory of node public keys that may run other owners' layers (None: any node).
     hosts: Path | None = None
+    # Relay for nodes nobody can dial (nodes/relay.py): its control port on the bind host (the
+    # relayed nodes get the `relay_slots` ports after it); None: this bootstrap relays nobody.
+    relay_port: int | None = None
+    relay_slots: int = 4
 
     def __post_init__(self) -> None:
         parse_address(self.bind, allow_port_zero=True, what="bind")
+        check_relay(self.relay_port, self.relay_slots)
         for name in ("state_dir", "allow_keys", "hosts"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, Path):
@@ -148,6 +154,17 @@ class BootstrapConfig:
         for name in ("fingerprint_seed", "init_seed"):
             if getattr(self, name) is not None:
                 require_int(name, getattr(self, name), 0, SEED_MAX)
+
+
+def check_relay(port: int | None, slots: int) -> None:
+    """A relay's control port (None: no relay) and slot count, as transport.relay_wire takes them."""
+    require_int("relay_slots", slots, 1, 1024)
+    if port is not None:
+        require_int("relay_port", port, 0, 65535)
+        try:
+            slot_ports(port, slots)
+        except ValueError as exc:
+            raise ValueError(f"relay_port: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -183,10 +200,15 @@ class NodeConfig:
     token: str | None = None
     # True: plain TCP without keys, for a bootstrap started with --insecure (debugging only).
     insecure: bool = False
+    # Volunteer as a relay for nodes nobody can dial (nodes/relay.py): control port on the bind
+    # host, the `relay_slots` ports after it for the relayed nodes; None: relay nobody.
+    relay_port: int | None = None
+    relay_slots: int = 4
 
     def __post_init__(self) -> None:
         parse_address(self.bootstrap, what="bootstrap")
         parse_address(self.bind, allow_port_zero=True, what="bind")
+        check_relay(self.relay_port, self.relay_slots)
         if self.advertise is not None:
             parse_address(self.advertise, what="advertise")
         require_memory("memory_bytes", self.memory_bytes)

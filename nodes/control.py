@@ -194,6 +194,8 @@ class ControlClient:
     ) -> None:
         self.config = config
         self.address = address  # what peers dial to reach this node
+        self.via = ""  # the relay `address` goes through ("" when peers dial the node itself)
+        self.relay = ""  # the relay this node volunteers (--relay), "" for none
         self.client = client  # transport.rpc.RpcClient used for the bootstrap
         self.compute_score = compute_score
         self.node_id = node_id  # None until the first welcome (unless known from --state)
@@ -224,13 +226,15 @@ class ControlClient:
         on_heartbeat_reply: ReplyHook | None = None,
         progress: ProgressFn | None = None,
         rng: random.Random | None = None,
+        relay: str = "",
     ) -> ControlClient:
         """Start the loop; it joins in the background (see `wait_joined`).
 
         `address` is this node's dialable HOST:PORT. `client` is an RpcClient to reuse
         (one is made and owned otherwise). `progress()` returns heartbeat fields
         (state, round, base_version, ...). `on_welcome(welcome)` runs after every
-        (re)join, `on_heartbeat_reply(reply)` after every answered heartbeat.
+        (re)join, `on_heartbeat_reply(reply)` after every answered heartbeat. `relay`: the
+        HOST:PORT of the relay this node volunteers.
         """
         saved = load_identity(config.state_dir, config.bootstrap)  # fails before anything opens
         owns = client is None
@@ -251,6 +255,7 @@ class ControlClient:
             rng=rng or random.Random(),
             owns_client=owns,
         )
+        self.relay = relay
         self._task = asyncio.create_task(self._run(), name=f"control:{address}")
         return self
 
@@ -269,6 +274,13 @@ class ControlClient:
         if not self._joined.is_set():
             raise TimeoutError(f"not joined to {self.config.bootstrap} within {timeout} s")
         return self.welcome
+
+    def readvertise(self, address: str, via: str = "") -> None:
+        """Peers reach this node at `address` from now on, through the relay `via` ("": directly):
+        the loop joins again with it at its next turn (the bootstrap dials the new address back)."""
+        parse_address(address, what="address")
+        self.address, self.via, self.reachable = address, via, None
+        self.welcome = None
 
     async def wait_done(self) -> None:
         """Return once the loop has ended by itself (it gave up: see `failure`) or was stopped."""
@@ -332,6 +344,8 @@ class ControlClient:
             node_id=self.node_id,
             incarnation=self.incarnation if self.node_id is not None else "",
             token="" if self.config.token is None else JoinToken.parse(self.config.token).secret,
+            relay=self.relay,
+            via=self.via,
         )
         try:
             reply = await self.client.call(self.config.bootstrap, body, timeout=self.config.request_timeout_s)

@@ -238,6 +238,7 @@ class Event:
     may_host: bool = True  # join: whether the operator lets the node run other owners' layers
     # join: whether the bootstrap could dial its address back (None: its check has not come back)
     reachable: bool | None = True
+    relayed: bool = False  # join: reached only through a relay (slow: never a helper, anchor last)
     avoid: tuple[int, ...] = ()  # failure, dead: nodes silent right now, handed out as helpers last
 
     def __post_init__(self) -> None:
@@ -246,9 +247,15 @@ class Event:
 
     @classmethod
     def join(
-        cls, node_id: int, caps: Capabilities, address: str, may_host: bool = True, reachable: bool | None = True
+        cls,
+        node_id: int,
+        caps: Capabilities,
+        address: str,
+        may_host: bool = True,
+        reachable: bool | None = True,
+        relayed: bool = False,
     ) -> Event:
-        return cls(JOIN, node_id, caps=caps, address=address, may_host=may_host, reachable=reachable)
+        return cls(JOIN, node_id, caps=caps, address=address, may_host=may_host, reachable=reachable, relayed=relayed)
 
     @classmethod
     def alive(cls, node_id: int) -> Event:
@@ -368,6 +375,7 @@ class _Member:
     leakage: list[float] | None = None  # psi(s) for s = 1..L-1 on its data (privacy floor)
     dp: list[float] | None = None  # [epsilon, delta] of its fingerprint's DP release, None: no DP
     reachable: bool | None = True  # the bootstrap could dial it back (None: not known yet)
+    relayed: bool = False  # its address is a relay's (nodes/relay.py): reachable, slowly
 
     @property
     def hosts(self) -> bool:
@@ -513,6 +521,7 @@ class Coordinator:
         *,
         may_host: bool = True,
         reachable: bool | None = True,
+        relayed: bool = False,
         now: float,
     ) -> bool:
         """A node offering `capabilities` joined from `address`, or joined again (a rejoin
@@ -520,7 +529,9 @@ class Coordinator:
         it run other owners' layers (it trains its own data, never helps). `reachable` False:
         nobody can dial it (the bootstrap's check): it never hosts, and is anchor only of a
         cluster with no dialable member; None: the check has not come back (no helper yet;
-        it may anchor).
+        it may anchor). `relayed`: its address is a relay's: peers reach it, but through a
+        detour, so it is an anchor only when no member is dialled directly (the bootstrap also
+        keeps it from hosting).
 
         A rejoin that changes `has_data` forgets the node's fingerprint and cluster.
         Returns whether any assignment changed.
@@ -534,14 +545,18 @@ class Coordinator:
             member = self._members.get(node_id)
             if member is None:
                 self._members[node_id] = _Member(
-                    capabilities, address, may_host=bool(may_host), reachable=_tristate(reachable)
+                    capabilities,
+                    address,
+                    may_host=bool(may_host),
+                    reachable=_tristate(reachable),
+                    relayed=bool(relayed),
                 )
                 log.info("node %d joined (%s)", node_id, "data" if capabilities.has_data else "pure helper")
             else:
                 if member.caps.has_data != capabilities.has_data:
                     member.vector, member.importance, member.cluster = None, None, None
                 member.caps, member.address, member.may_host = capabilities, address, bool(may_host)
-                member.reachable = _tristate(reachable)
+                member.reachable, member.relayed = _tristate(reachable), bool(relayed)
                 if member.status != LIVE:
                     log.info("node %d is back (was %s)", node_id, member.status)
                 member.status, member.note = LIVE, ""
@@ -753,7 +768,13 @@ class Coordinator:
         n = event.node_id
         if event.kind == JOIN:
             return self.on_join(
-                n, event.caps, event.address, may_host=event.may_host, reachable=event.reachable, now=now
+                n,
+                event.caps,
+                event.address,
+                may_host=event.may_host,
+                reachable=event.reachable,
+                relayed=event.relayed,
+                now=now,
             )
         if event.kind == ALIVE:
             return self.on_alive(n, now=now)
@@ -895,6 +916,7 @@ class Coordinator:
                     leakage=m.leakage,
                     dp=m.dp,
                     reachable=m.reachable,
+                    relayed=m.relayed,
                 )
                 for n, m in sorted(self._members.items())
             },
@@ -958,6 +980,7 @@ class Coordinator:
                     coord._check_leakage(m.get("leakage")),
                     _check_dp(m.get("dp")),
                     _tristate(m.get("reachable", True)),
+                    bool(m.get("relayed", False)),
                 )
             c = state["clustering"]
             if c is not None:
@@ -1263,7 +1286,8 @@ class Coordinator:
             members[c] = ids
             active = [n for n in ids if plan.nodes[str(n)].role != WAITING]
             dialable = [n for n in active if self._members[n].reachable is not False]  # members dial their anchor
-            best = dialable or active or ids or [None]
+            direct = [n for n in dialable if not self._members[n].relayed]  # a relay is a detour for every member
+            best = direct or dialable or active or ids or [None]
             # an anchor that is still among the best stays: handing a live anchor's log to another
             # member mid-round let two anchors publish the same round (a lower id that stopped
             # waiting took over while the old anchor had already published round 0)

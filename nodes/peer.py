@@ -91,6 +91,7 @@ from nodes.helper import HelperService
 from nodes.metrics import MetricsLog, write_summary
 from nodes.modelname import build_model, build_tokenizer, shared_model, shared_tokenizer
 from nodes.owner import HelperFailed, OwnerRunner, RoundResult, VersionBehind
+from nodes.relay import Relaying, RelayServer, loopback_if_wildcard
 from nodes.rss import PeakRss
 from transport.link import LinkProfile
 from transport.messages import Assignment, Envelope, Fingerprint, Leave, Welcome
@@ -155,6 +156,8 @@ class Peer:
         self.server: RpcServer | None = None
         self.client: RpcClient | None = None
         self.control: ControlClient | None = None
+        self.relay_server: RelayServer | None = None  # --relay: carries nodes nobody can dial
+        self.relaying: Relaying | None = None  # uses a relay when nobody can dial this node
 
     # ---- what the services learnt ----------------------------------------------------------
     @property
@@ -367,6 +370,7 @@ class Peer:
         await self.sync.stop()
         if self.control is not None:
             await self.control.stop(leave=False)
+        await self._stop_relays()
         for rpc in (self.client, self.server):
             if rpc is not None:
                 await rpc.stop()
@@ -390,8 +394,26 @@ class Peer:
             self.client = keyed_client(self.config, keypair, link=link)
             self.link.attach(self.client)
             address = advertised_address(f"{host}:{self.server.port}", self.config.bootstrap, self.config.advertise)
+            if self.config.relay_port is not None:
+                self.relay_server = await RelayServer.create(
+                    host,
+                    self.config.relay_port,
+                    advertise_host=parse_address(address, what="address")[0],
+                    slots=self.config.relay_slots,
+                )
+            self.relaying = Relaying(
+                local=f"{loopback_if_wildcard(host)}:{self.server.port}",
+                own=address,
+                bootstrap=self.config.bootstrap,
+                readvertise=lambda slot, via: self.control.readvertise(slot, via),
+            )
             self.control = await ControlClient.create(
-                self.config, address, client=self.client, progress=self.progress, on_heartbeat_reply=self.boot.on_beat
+                self.config,
+                address,
+                client=self.client,
+                progress=self.progress,
+                on_heartbeat_reply=self._on_beat,
+                relay="" if self.relay_server is None else self.relay_server.address,
             )
             main = self._main = asyncio.create_task(self._lifecycle(), name="lifecycle")
             stopper = asyncio.create_task(stop.wait())
@@ -417,6 +439,17 @@ class Peer:
             if not self.killed:
                 await self._shutdown(interrupted)
 
+    def _on_beat(self, reply: Any) -> Any:
+        if self.relaying is not None:
+            self.relaying.label = str(self.node_id or "")
+            self.relaying.on_beat(reply)
+        return self.boot.on_beat(reply)
+
+    async def _stop_relays(self) -> None:
+        for relay in (self.relaying, self.relay_server):
+            if relay is not None:
+                await relay.stop()
+
     async def _shutdown(self, interrupted: bool) -> None:
         await self.boot.stop()
         await self.sync.stop()
@@ -439,6 +472,7 @@ class Peer:
                 except RpcError as exc:
                     log.warning("leave not acknowledged (%s)", exc)
             await self.control.stop(leave=False)
+        await self._stop_relays()
         if self.client is not None:
             await self.client.stop()
         if self.server is not None:
@@ -802,6 +836,10 @@ class Peer:
             bytes_by_kind=self.bytes_sent(),
             peak_rss_mb=dict(self.peaks),
             base_digest=None if self.base_identity is None else self.base_identity["digest"],
+            relay={
+                "used": None if self.relaying is None else self.relaying.to_json(),
+                "served": None if self.relay_server is None else self.relay_server.stats.to_json(),
+            },
         )
 
 

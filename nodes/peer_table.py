@@ -92,6 +92,8 @@ class PeerRecord:
     dp_epsilon: float | None = None  # epsilon of its fingerprint's sample-level DP release, None: released without DP
     dp_delta: float | None = None  # and its delta
     reachable: bool | None = None  # the bootstrap dialled its address back at its latest join (None: not yet)
+    via: str | None = None  # the relay its address goes through (nobody can dial it directly), None: direct
+    relay: str | None = None  # the relay it volunteers for nodes nobody can dial (--relay), None: none
 
     def __post_init__(self) -> None:
         _check_values({name: getattr(self, name) for name in COLUMNS})
@@ -529,6 +531,8 @@ def new_record(
     now: float,
     model: str | None = None,
     public_key: str | None = None,
+    via: str | None = None,
+    relay: str | None = None,
 ) -> PeerRecord:
     """Row for a node that has just joined: alive, "joining", seen now, nothing assigned yet."""
     return PeerRecord(
@@ -542,4 +546,6 @@ def new_record(
         public_key=public_key,
         role=OWNER if capabilities.has_data else HELPER,
         state="joining",
+        via=via,
+        relay=relay,
     )

@@ -173,6 +173,8 @@ class Registry:
         node_id: int | None = None,
         client: str | None = None,
         incarnation: str = "",
+        via: str | None = None,
+        relay: str | None = None,
     ) -> JoinResult:
         """Admit a node offering `capabilities`; one that names an id the table knows keeps it
         (a rejoin).
@@ -183,9 +185,15 @@ class Registry:
         has a row is that node coming back, whatever id it names.
         Without keys, `client` is the sender's name on the wire (unique per process): a
         repeated join from the same client without an id is the same node, so it keeps its
-        first id.
+        first id. `via`: the relay its address goes through; `relay`: the relay it volunteers.
         """
         _check_peer_address(address)
+        for name, value in (("via", via), ("relay", relay)):
+            if value is not None:
+                _check_peer_address(value, what=name)
+        if relay is not None and parse_address(relay, what="relay")[0] != parse_address(address, what="address")[0]:
+            # a volunteer names its own host: nobody steers relayed nodes to a third machine
+            raise RequestError("bad_address", f"relay {relay!r} is not on the node's own host ({address!r})")
         if not isinstance(capabilities, Capabilities):
             raise RequestError("bad_request", f"capabilities must be a Capabilities, got {capabilities!r:.80}")
         bound = self.node_of(public_key) if public_key is not None else None
@@ -210,7 +218,7 @@ class Registry:
         known = self.table.get(node_id) if node_id is not None else None
         if node_id is not None and known is None:
             log.info("join names unknown node id %s: handing out a new one", node_id)
-        fields = dict(address=address, model=model or None, public_key=public_key, now=now)
+        fields = dict(address=address, model=model or None, public_key=public_key, now=now, via=via, relay=relay)
         if known is not None:
             record = new_record(known.id, capabilities, **fields)
             # keep what planning assigned; the node reports its progress again by heartbeat
@@ -359,11 +367,11 @@ class Registry:
         return record
 
 
-def _check_peer_address(address: str) -> None:
-    """A node's advertised address must be dialable: HOST:PORT, a real host, port > 0."""
+def _check_peer_address(address: str, what: str = "address") -> None:
+    """A node's advertised address (or relay) must be dialable: HOST:PORT, a real host, port > 0."""
     try:
-        host, _ = parse_address(address, what="address")
+        host, _ = parse_address(address, what=what)
     except ValueError as exc:
         raise RequestError("bad_address", str(exc)) from None
     if host in _UNROUTABLE_HOSTS:
-        raise RequestError("bad_address", f"address {address!r} is not dialable by peers (wildcard host)")
+        raise RequestError("bad_address", f"{what} {address!r} is not dialable by peers (wildcard host)")

@@ -65,13 +65,21 @@ class InProcessSwarm:
         keep_results: bool = True,
         bandwidth_bps: float = BANDWIDTH_BPS,
         advertise: str | None = None,
+        relay_port: int | None = None,
         **train: float | str | Path | None,
     ) -> Peer:
         """A peer (not started) with state in WORKDIR/NAME, also its out_dir unless keep_results is
         False; `train` sets TrainConfig fields (rounds, local_steps, lr, ...); `advertise`: the
-        address it tells the swarm instead of the one it binds (e.g. one nobody can dial)."""
+        address it tells the swarm instead of the one it binds (e.g. one nobody can dial);
+        `relay_port`: it volunteers as a relay there (0: any free port)."""
         config = self.node_config(
-            name, memory_bytes, data=data, model=model, bandwidth_bps=bandwidth_bps, advertise=advertise
+            name,
+            memory_bytes,
+            data=data,
+            model=model,
+            bandwidth_bps=bandwidth_bps,
+            advertise=advertise,
+            relay_port=relay_port,
         )
         out_dir = self.workdir / name if keep_results else None
         self.peers[name] = Peer(config, TrainConfig(out_dir=out_dir, **train))
@@ -86,6 +94,7 @@ class InProcessSwarm:
         model: str | None = None,
         bandwidth_bps: float = BANDWIDTH_BPS,
         advertise: str | None = None,
+        relay_port: int | None = None,
     ) -> NodeConfig:
         """A node of this swarm with state in WORKDIR/NAME (its key lives there) and the join token."""
         return NodeConfig(
@@ -99,6 +108,7 @@ class InProcessSwarm:
             token=None if self.boot.token is None else self.boot.token.text(),
             insecure=self.boot.token is None,
             advertise=advertise,
+            relay_port=relay_port,
         )
 
     async def wire_node(

@@ -121,6 +121,22 @@ def test_rejoin_with_known_id_keeps_it_and_assignment():
     assert row.cluster == 3 and row.split == 2
 
 
+def test_a_rejoin_through_a_relay_keeps_the_row_and_names_the_relay():
+    registry = Registry(MemoryPeerTable(), CONFIG, now=0.0)
+    node = _join(registry, has_data=True)
+    relay = _join(registry, address="127.0.0.1:7002", relay="127.0.0.1:7100")
+    registry.table.update(node, reachable=False)
+
+    again = _join(
+        registry, node_id=node, incarnation=registry.incarnation, address="127.0.0.1:7101", via="127.0.0.1:7100"
+    )
+
+    row = registry.table.get(node)
+    assert again == node and row.address == "127.0.0.1:7101" and row.via == "127.0.0.1:7100"
+    assert row.reachable is None  # the new address gets its own check
+    assert registry.table.get(relay).relay == "127.0.0.1:7100"
+
+
 def test_rejoin_with_unknown_id_gets_a_new_one():
     registry = Registry(MemoryPeerTable(), CONFIG, now=0.0)
 
@@ -140,6 +156,9 @@ def test_rejoin_with_unknown_id_gets_a_new_one():
         ({"address": "nonsense"}, "bad_address"),
         ({"address": "0.0.0.0:7001"}, "bad_address"),
         ({"address": "127.0.0.1:0"}, "bad_address"),
+        ({"via": "0.0.0.0:7100"}, "bad_address"),
+        ({"relay": "nonsense"}, "bad_address"),
+        ({"relay": "10.0.0.9:7100"}, "bad_address"),  # a volunteer's relay is on its own host
     ],
 )
 def test_bad_join_is_refused_and_changes_nothing(overrides, code):

@@ -156,6 +156,35 @@ def test_bind_address_in_use_is_its_own_code(tmp_path, capsys):
     assert got == ExitCode.ADDRESS_IN_USE and "in use" in _last_error_line(err)
 
 
+@pytest.mark.parametrize(
+    "flags, match",
+    [
+        (["--relay", "70000"], "relay_port"),
+        (["--relay", "65534"], "past 65535"),
+        (["--relay-slots", "0"], "relay_slots"),
+    ],
+)
+def test_bad_relay_flags_are_one_line_errors(tmp_path, capsys, flags, match):
+    got, _, err = _run(["bootstrap", "--bind", "127.0.0.1:0", "--state", str(tmp_path / "s"), *flags], capsys)
+
+    assert got == ExitCode.BAD_VALUE and match in _last_error_line(err)
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_relay_port_in_use_is_named_as_the_relays(tmp_path, capsys):
+    ctx = zmq.Context.instance()
+    holder = ctx.socket(zmq.ROUTER)
+    holder.setsockopt(zmq.LINGER, 0)
+    port = holder.bind_to_random_port("tcp://127.0.0.1")
+    try:
+        argv = ["bootstrap", "--bind", "127.0.0.1:0", "--state", str(tmp_path), "--relay", str(port)]
+        got, _, err = _run(argv, capsys)
+    finally:
+        holder.close(linger=0)
+
+    assert got == ExitCode.ADDRESS_IN_USE and f"--relay: cannot listen on 127.0.0.1:{port}" in _last_error_line(err)
+
+
 def test_peers_of_an_unreachable_bootstrap_is_one_line_and_code_4(capsys):
     ctx = zmq.Context.instance()
     silent = ctx.socket(zmq.ROUTER)  # accepts connections, never answers

@@ -954,3 +954,22 @@ def test_the_anchor_stays_when_a_lower_id_starts_training():
     coord.on_join(3, *offer(3, BIG, has_data=False), now=1.0)  # a pure helper: node 1 trains now
     assert coord.peer_columns()[1]["role"] == "owner"
     assert coord.anchors() == {0: 2} and coord.anchor_changes == ()
+
+
+def test_a_relayed_member_anchors_only_when_nobody_is_dialled_directly():
+    """Node 1 (lowest id) is reached through a relay (nodes/relay.py): reachable, but every
+    member would reach the anchor through the detour, so node 2 anchors; kept across a restart.
+    When node 2 goes, the relayed node is the best there is."""
+    coord = Coordinator(config(min_nodes=2))
+    coord.on_join(1, *offer(1, BIG), may_host=False, relayed=True, now=0.0)
+    coord.on_join(2, *offer(2, BIG), now=0.0)
+    for n in (1, 2):
+        coord.on_fingerprint(n, planted(DIR_A, n), 32, now=0.0)
+    coord.maybe_assign(0.0)
+    assert coord.anchors() == {0: 2}
+    assert coord.assignment_for(2)["unreachable"] == []  # a gossip target and a reduce parent like anyone
+    again = Coordinator.restore(coord.config, json.loads(json.dumps(coord.snapshot())))
+    assert again.anchors() == {0: 2}
+
+    coord.on_dead(2, now=1.0)
+    assert coord.anchors() == {0: 1}

@@ -175,3 +175,58 @@ def test_a_node_nobody_can_dial_trains_to_the_end_and_its_updates_are_merged(tmp
     assert anchors and 1 not in anchors
     assert {r.summary.base_version for r in runs} == {2}  # both rounds folded on every node
     assert all(len(r.summary.contributions) == 2 for r in runs)
+
+
+@pytest.mark.parametrize("volunteer", ["bootstrap", "peer"])
+def test_a_node_nobody_can_dial_is_carried_by_a_relay_and_its_updates_are_merged(tmp_path, volunteer):
+    """As above, with a relay: the bootstrap (`--relay`) or node b volunteers. The closed node
+    learns it cannot be dialled, takes a slot on the relay, joins again with the slot's address,
+    is dialled back through it, and from then on is an ordinary gossip target reached through
+    the relay; it never hosts. Both ends count the bytes; nothing is lost."""
+    import asyncio
+
+    from atlas_p2p.synthetic import write_synthetic_jsonl
+    from scenarios.inprocess import InProcessSwarm
+    from tools import report
+
+    async def body():
+        spec = SwarmSpec(task="seq_cls", num_labels=4, min_nodes=3, clusters=1)
+        train = dict(rounds=2, local_steps=1, lr=0.01, merge="gossip", round_deadline_s=30.0)
+        boot = {"relay_port": 0} if volunteer == "bootstrap" else {}
+        async with await InProcessSwarm.create(tmp_path, spec, fingerprint_seed=3, **boot) as swarm:
+            for seed, name in enumerate(("b", "closed", "c")):
+                data = write_synthetic_jsonl(tmp_path / f"{name}.jsonl", 0, 24, seed=seed)
+                swarm.add(
+                    name,
+                    30 * 10**6,
+                    data=data,
+                    advertise="127.0.0.1:1" if name == "closed" else None,
+                    relay_port=0 if (name == "b" and volunteer == "peer") else None,
+                    **train,
+                )
+            swarm.start("b")
+            await swarm.joined("b")
+            swarm.start("closed")
+            closed = await swarm.joined("closed")
+            row = await wait_until_async(
+                lambda: (r := swarm.boot.registry.table.get(closed)) and r.via and r.reachable and r,
+                30,
+                what="the closed node dialled back through its relay",
+            )
+            swarm.start("c")
+            summaries = await asyncio.wait_for(asyncio.gather(*swarm.tasks.values()), 240)
+            relay = swarm.boot.relay if volunteer == "bootstrap" else swarm.peers["b"].relay_server
+            return row, relay.stats.to_json(), dict(zip(swarm.tasks, summaries))
+
+    row, served, summaries = run(body(), timeout=300)
+    runs = [report.read_node_dir(tmp_path / n) for n in ("b", "closed", "c")]
+    assert row.address != "127.0.0.1:1" and row.via  # the slot, and the relay it is on
+    assert all(r.finished for r in runs)
+    assert report.lost_updates(runs) == []
+    assert {r.summary.base_version for r in runs} == {2}
+    used = summaries["closed"]["relay"]["used"]
+    assert used["bytes_out"] > 0 and used["rtt_ms"] is not None
+    # the dial-back and peers' pushes: a tiny model's patches are hundreds of kB, a ping ~100 B
+    assert used["connections"] >= 2 and used["bytes_in"] > 64 << 10
+    assert served["bytes"] == used["bytes_in"] + used["bytes_out"]  # one relay, both ends agree
+    assert all(s["helper"] != int(row.id) for s in summaries.values())

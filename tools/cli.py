@@ -240,6 +240,10 @@ def _run(main_coro: Callable[[asyncio.Event], Awaitable[Any]], bind: str | None 
     try:
         return asyncio.run(runner())
     except (OSError, zmq.ZMQError) as exc:
+        from nodes.relay import RelayPortError
+
+        if isinstance(exc, RelayPortError):
+            fail(ExitCode.ADDRESS_IN_USE if exc.errno == errno.EADDRINUSE else ExitCode.BAD_VALUE, exc.strerror)
         if exc.errno == errno.EADDRINUSE:
             fail(ExitCode.ADDRESS_IN_USE, f"--bind: {bind or 'address'} is already in use by another process")
         if exc.errno in (errno.EADDRNOTAVAIL, errno.ENODEV, errno.EINVAL) and bind is not None:
@@ -411,6 +415,18 @@ def bootstrap(
             "their activations (and labels in two-part mode). Others train their own data only (default: any node).",
         ),
     ] = None,
+    relay: Annotated[
+        int | None,
+        typer.Option(
+            "--relay",
+            help="Volunteer as a relay for nodes nobody can dial (behind a NAT): control port PORT on the "
+            "bind host; relayed nodes are reached on the --relay-slots ports after it (open PORT..PORT+slots "
+            "in the firewall). The relay carries end-to-end encrypted bytes; it cannot read or forge them.",
+        ),
+    ] = None,
+    relay_slots: Annotated[
+        int, typer.Option("--relay-slots", help="Most nodes this relay carries at once (one port each).")
+    ] = 4,
 ) -> None:
     """Run the bootstrap: peer table, liveness, clustering, planning and assignments.
 
@@ -460,6 +476,8 @@ def bootstrap(
         insecure=insecure,
         allow_keys=allow_keys,
         hosts=hosts,
+        relay_port=relay,
+        relay_slots=relay_slots,
     )
     for flag, directory in (("--allow-keys", allow_keys), ("--hosts", hosts)):
         if directory is not None:
@@ -586,6 +604,18 @@ def join(
         float | None,
         typer.Option("--fingerprint-delta", help="The delta of --fingerprint-epsilon (default 1e-5)."),
     ] = None,
+    relay: Annotated[
+        int | None,
+        typer.Option(
+            "--relay",
+            help="Volunteer as a relay for nodes nobody can dial (behind a NAT): control port PORT on the "
+            "--bind host; relayed nodes are reached on the --relay-slots ports after it (open PORT..PORT+slots "
+            "in the firewall). The relay carries end-to-end encrypted bytes; it cannot read or forge them.",
+        ),
+    ] = None,
+    relay_slots: Annotated[
+        int, typer.Option("--relay-slots", help="Most nodes this relay carries at once (one port each).")
+    ] = 4,
     step_delay: Annotated[
         float, typer.Option("--step-delay", help="Extra seconds per step, to emulate a slow device (scenarios).")
     ] = 0.0,
@@ -627,6 +657,8 @@ def join(
         state_dir=state if state is not None else out,
         token=token,
         insecure=insecure,
+        relay_port=relay,
+        relay_slots=relay_slots,
     )
     if eval_file is not None and not eval_file.is_file():
         fail(ExitCode.BAD_VALUE, f"--eval: no such file: {eval_file}")

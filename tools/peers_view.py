@@ -15,6 +15,7 @@ _COLUMNS: tuple[tuple[str, str], ...] = (
     ("STATUS", "status"),
     ("ADDRESS", "address"),
     ("REACH", "reachable"),
+    ("VIA", "via"),
     ("MEMORY", "memory_bytes"),
     ("BANDWIDTH", "bandwidth_bps"),
     ("ROLE", "role"),

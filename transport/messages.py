@@ -46,6 +46,7 @@ Count = Annotated[int, Range(0, None)]
 ADDRESS_MAX_LEN = 300  # "host:port"; a DNS name has at most 253 characters
 REASON_MAX_LEN = 1000
 Address = Annotated[str, Length(hi=ADDRESS_MAX_LEN)]
+RELAYS_MAX = 8  # relays a beat names
 Reason = Annotated[str, Length(hi=REASON_MAX_LEN)]
 PublicKey = Annotated[str, Length(40, 40, or_empty=True)]  # Z85 CurveZMQ public key; "" = none
 Secret = Annotated[str, Length(32, 32, or_empty=True)]  # a join token's secret (hex); "" = none
@@ -160,6 +161,8 @@ class Join(Message):
     node_id: NodeId | None = None  # set when rejoining after a restart
     incarnation: str = ""  # the state incarnation that handed out node_id (its welcome's); "" = not known
     token: Secret = ""  # the secret of the swarm's join token ("" in an --insecure swarm)
+    relay: Address = ""  # "host:port" of the relay this node volunteers (--relay), "" for none
+    via: Address = ""  # the relay `address` goes through (this node cannot be dialled), "" for none
 
     @classmethod
     def offer(cls, capabilities: Capabilities, **rest: Any) -> Join:
@@ -375,6 +378,8 @@ class Beat(Message):
     need_fingerprint: bool = False  # the bootstrap holds no fingerprint of this data node
     need_base: bool = False  # the bootstrap holds no base digest of this node: send `base_digest`
     reachable: bool | None = None  # whether the bootstrap could dial this node back (None: not yet known)
+    # when it could not: relays that volunteer ("host:port"; ":port" is the bootstrap's own host)
+    relays: Annotated[list[Address], Length(hi=RELAYS_MAX)] = field(default_factory=list)
 
 
 @message("round_begin")
