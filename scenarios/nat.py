@@ -4,8 +4,9 @@ Linux network namespaces stand in for hosts, veth pairs and a bridge for the wir
 iptables masquerade for a home router:
 
     BOOT  10.77.0.1   the bootstrap, `--bind 0.0.0.0:5555`
-    OPEN  10.77.0.3   two nodes that anyone can dial: a strong one, and a weak one that
-                      needs a helper for its later blocks
+    OPEN  10.77.0.3   two nodes that anyone can dial: a strong one that also volunteers as
+                      a relay (`--relay 7100`), and a weak one that needs a helper for its
+                      later blocks
     NAT   10.77.0.2   the router: a bridge for the public side, 10.78.0.1 to the home side,
                       masquerade for what leaves the home side
     HOME  10.78.0.2   a strong node behind the NAT: it dials out, nobody can dial in
@@ -14,19 +15,26 @@ Every process is `ip netns exec NS python -m tools.cli ...` and follows the READ
 "Several hosts" section as written: the bootstrap binds 0.0.0.0, the open nodes bind
 0.0.0.0:7000/7001 and `--advertise` their address, the home node binds 0.0.0.0:7000 and
 advertises nothing (so it advertises its own address on the route to the bootstrap, which
-nobody outside can dial). All three data nodes hold the same synthetic task (one cluster).
-While they train, the peer table is read every half second for every (owner, helper) it
-names. The JSON: `reachable` (node -> bool, from the bootstrap's check),
+nobody outside can dial). The bootstrap's check finds that out, the home node takes a slot on
+the relay and is reached through it from then on (`--relay-via none`: no relay, the home node
+then dials out for everything and nobody can push to it). All three data nodes hold the same
+synthetic task (one cluster) and merge by gossip (every member pushes its contribution to
+every member, so the home node has inbound traffic: through the relay). While they train, the peer table is read every half second for
+every verdict and every (owner, helper) it names. The JSON: `reachable` (node -> bool, the
+bootstrap's check of the address the node advertised itself), `relayed` (node -> the relay it
+was reached through, or None; the relay leaves when its own node is done, and the home node
+then advertises its own address again),
 `unreachable_as_helper` (planned pairings naming a node nobody can dial: must be 0),
 `unreachable_as_provisional_helper` (the same for the helper a weak node gets for its
-fingerprint: must be 0 too), `lost_updates`, `finished` (node -> bool), `relay_bytes` (None: no relay
-exists yet; the home node needs none here, since it is a leaf that dials out for
-everything), `helpers` (owner -> every helper it was given), `advertised`.
+fingerprint: must be 0 too), `lost_updates`, `finished` (node -> bool), `relay_bytes` (what
+the relay spliced, both ways; None without a relay), `relay_rtt_ms` (the round trip the home
+node measured to its relay: the latency the detour adds to each exchange), `helpers` (owner ->
+every helper it was given), `advertised` (the address the swarm dialled at the end).
 
 Needs root, `ip` and `iptables`; otherwise `unavailable()` says why and the script exits 0
 after printing it (the test skips).
 
-    sudo .venv/bin/python scenarios/nat.py --workdir /tmp/atlas-nat --json nat.json
+    .venv/bin/python scenarios/nat.py --workdir /tmp/atlas-nat --json nat.json   # as root
 """
 
 from __future__ import annotations
@@ -47,10 +55,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BOOT_IP, OPEN_IP, ROUTER_IP, ROUTER_HOME_IP, HOME_IP = "10.77.0.1", "10.77.0.3", "10.77.0.2", "10.78.0.1", "10.78.0.2"
 BOOT_PORT = 5555
-NODES = {  # name -> (namespace role, --bind, --advertise or None, --memory, has data)
+RELAY_PORT = 7100  # open-strong's --relay: the firewall would open 7100..7104
+NODES = {  # name -> (namespace role, --bind, --advertise or None, --memory)
     "open-strong": ("open", "0.0.0.0:7000", f"{OPEN_IP}:7000", "32MB"),
-    "open-weak": ("open", "0.0.0.0:7001", f"{OPEN_IP}:7001", "3MB"),
     "home": ("home", "0.0.0.0:7000", None, "32MB"),
+    "open-weak": ("open", "0.0.0.0:7001", f"{OPEN_IP}:7001", "3MB"),
 }
 
 
@@ -159,8 +168,44 @@ def _rows(table: Path) -> list[dict[str, Any]]:
         return []
 
 
-def run(workdir: Path, rounds: int = 3, timeout_s: float = 300.0) -> dict[str, Any]:
-    """Build the network, run the swarm to the end, return the JSON's dict (module doc)."""
+RELAY_VIA = ("peer", "bootstrap", "none")
+
+
+class _Watch:
+    """What the peer table showed over the run: the first verdict on each node's own address,
+    and every (owner, helper, planned) pairing."""
+
+    def __init__(self, table: Path) -> None:
+        self.table = table
+        self.direct: dict[int, bool] = {}  # node -> the check of the address it advertised itself
+        self.paired: set[tuple[int, int, bool]] = set()  # (owner, helper, planned: in a cluster)
+        self.via: dict[int, str] = {}  # node -> the first relay it was reached through
+
+    def look(self) -> list[dict[str, Any]]:
+        rows = _rows(self.table)
+        for r in rows:
+            if r.get("helper") is not None:
+                self.paired.add((r["id"], r["helper"], r.get("cluster") is not None))
+            if r.get("reachable") is not None and not r.get("via"):
+                self.direct.setdefault(r["id"], bool(r["reachable"]))
+            if r.get("via"):
+                self.via.setdefault(r["id"], r["via"])
+        return rows
+
+    def wait_relayed(self, procs: dict[str, subprocess.Popen[bytes]], workdir: Path, timeout_s: float = 60.0) -> None:
+        """Until a row says its node is dialled back through a relay."""
+        deadline = time.time() + timeout_s
+        while not any(r.get("via") and r.get("reachable") for r in self.look()):
+            if time.time() > deadline or any(p.poll() is not None for p in procs.values()):
+                raise RuntimeError(f"the home node was not reached through its relay: logs in {workdir / 'logs'}")
+            time.sleep(0.2)
+
+
+def run(workdir: Path, rounds: int = 3, timeout_s: float = 300.0, relay_via: str = "peer") -> dict[str, Any]:
+    """Build the network, run the swarm to the end, return the JSON's dict (module doc).
+    `relay_via`: who volunteers as the relay (open-strong, the bootstrap, or nobody)."""
+    if relay_via not in RELAY_VIA:
+        raise ValueError(f"relay_via must be one of {RELAY_VIA}, got {relay_via!r}")
     from atlas_p2p.synthetic import write_synthetic_jsonl
     from tools import report
 
@@ -177,7 +222,8 @@ def run(workdir: Path, rounds: int = 3, timeout_s: float = 300.0) -> dict[str, A
                 "bootstrap",
                 ["bootstrap", "--bind", f"0.0.0.0:{BOOT_PORT}", "--state", str(boot_state), "--model", "tiny-gpt2"]
                 + ["--task", "seq_cls", "--num-labels", "4", "--min-nodes", "3", "--clusters", "1"]
-                + ["--heartbeat-s", "0.5"],
+                + ["--heartbeat-s", "0.5"]
+                + (["--relay", str(RELAY_PORT)] if relay_via == "bootstrap" else []),
                 workdir,
             )
             token = boot_state / "join-token"
@@ -186,24 +232,28 @@ def run(workdir: Path, rounds: int = 3, timeout_s: float = 300.0) -> dict[str, A
                 if time.time() > deadline or procs["bootstrap"].poll() is not None:
                     raise RuntimeError(f"the bootstrap did not start: see {workdir / 'logs' / 'bootstrap.log'}")
                 time.sleep(0.1)
+            watch = _Watch(boot_state / "peers.sqlite3")
             for i, (name, (role, bind, advertise, memory)) in enumerate(NODES.items()):
+                if name == "open-weak" and relay_via != "none":
+                    # the swarm trains once all three have joined (--min-nodes 3): the last one
+                    # comes once the home node is reached through its relay, so that it trains
+                    # through it from the first step (a real run is long enough not to need this)
+                    watch.wait_relayed(procs, workdir)
                 data = write_synthetic_jsonl(workdir / f"{name}.jsonl", 0, 48, seed=i)
                 args = ["join", "--bootstrap", f"{BOOT_IP}:{BOOT_PORT}", "--token", f"@{token}", "--bind", bind]
                 args += ["--advertise", advertise] if advertise else []
                 args += ["--memory", memory, "--bandwidth", "50Mbps", "--data", str(data), "--out", str(workdir / name)]
                 args += ["--rounds", str(rounds), "--local-steps", "2", "--batch-size", "8", "--max-seq-len", "16"]
+                args += ["--merge", "gossip"]  # every member pushes to every member: the home node's inbound
+                args += ["--relay", str(RELAY_PORT)] if (name == "open-strong" and relay_via == "peer") else []
                 procs[name] = _spawn(net, role, name, args, workdir)
-            table = boot_state / "peers.sqlite3"
-            paired: set[tuple[int, int, bool]] = set()  # (owner, helper, planned: in a cluster)
             deadline = time.time() + timeout_s
             while any(procs[n].poll() is None for n in NODES):
                 if time.time() > deadline:
                     raise RuntimeError(f"the swarm did not finish in {timeout_s:g} s: logs in {workdir / 'logs'}")
-                for r in _rows(table):
-                    if r.get("helper") is not None:
-                        paired.add((r["id"], r["helper"], r.get("cluster") is not None))
+                watch.look()
                 time.sleep(0.5)
-            rows = {r["id"]: r for r in _rows(table)}
+            rows = {r["id"]: r for r in watch.look()}
         finally:
             for proc in procs.values():
                 if proc.poll() is None:
@@ -217,15 +267,21 @@ def run(workdir: Path, rounds: int = 3, timeout_s: float = 300.0) -> dict[str, A
     ids = {name: json.loads((workdir / name / "node.json").read_text())["node_id"] for name in NODES}
     runs = [report.read_node_dir(workdir / name) for name in NODES]
     by_id = {v: k for k, v in ids.items()}
-    closed = {n for n, r in rows.items() if r["reachable"] == 0}
+    direct, paired = watch.direct, watch.paired
+    closed = {n for n, ok in direct.items() if not ok}
+    served = [r.summary.relay.get("served") for r in runs if r.summary.relay.get("served")]
+    used = {r.name: r.summary.relay.get("used") for r in runs}
     return {
-        "reachable": {name: bool(rows[ids[name]]["reachable"]) for name in NODES},
+        "reachable": {name: direct.get(ids[name]) for name in NODES},
+        "relayed": {name: watch.via.get(ids[name]) for name in NODES},
         # pairings naming a node nobody can dial: planned ones, and provisional ones (the helper a
         # weak node gets for its fingerprint); both must be 0: no node hosts before its check
         "unreachable_as_helper": sum(1 for _, h, planned in paired if planned and h in closed),
         "unreachable_as_provisional_helper": sum(1 for _, h, planned in paired if not planned and h in closed),
         "lost_updates": len(report.lost_updates(runs)),
-        "relay_bytes": None,
+        "relay_bytes": sum(u["bytes_in"] + u["bytes_out"] for u in used.values() if u) if any(used.values()) else None,
+        "relay_bytes_served": [s["bytes"] for s in served],
+        "relay_rtt_ms": {name: u["rtt_ms"] for name, u in used.items() if u},
         "finished": {r.name: bool(r.finished) for r in runs},
         "exit_codes": {name: procs[name].returncode for name in NODES},
         "helpers": {
@@ -243,12 +299,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=Path("runs/nat"))
     parser.add_argument("--json", type=Path, default=None, help="also write the result here")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--relay-via", choices=RELAY_VIA, default="peer", help="who volunteers as the home node's relay"
+    )
     args = parser.parse_args(argv)
     why = unavailable()
     if why is not None:
         print(f"skipped: {why}")
         return 0
-    result = run(args.workdir, args.rounds)
+    result = run(args.workdir, args.rounds, relay_via=args.relay_via)
     text = json.dumps(result, indent=2)
     print(text)
     if args.json is not None:
