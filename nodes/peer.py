@@ -459,8 +459,10 @@ class Peer:
         if self.out is not None:
             with contextlib.suppress(Exception):
                 write_summary(self.out, self.summary())
+        if self.relaying is not None:
+            await self.relaying.stop()  # its relay leaving now must not start a rejoin that skips the leave
         if self.control is not None:
-            if self.node_id is not None and self.control.welcome is not None:
+            if self.node_id is not None and self.welcome is not None:
                 reason = "done" if self.finished or (self.encoded is None and self.boot.swarm_done) else "shutdown"
                 try:
                     await self.client.call(
