@@ -230,3 +230,41 @@ def test_a_node_nobody_can_dial_is_carried_by_a_relay_and_its_updates_are_merged
     assert used["connections"] >= 2 and used["bytes_in"] > 64 << 10
     assert served["bytes"] == used["bytes_in"] + used["bytes_out"]  # one relay, both ends agree
     assert all(s["helper"] != int(row.id) for s in summaries.values())
+
+
+def test_more_members_nobody_can_dial_than_leaves_still_merge_everything(tmp_path):
+    """A chain (fan_in 1) of four whole-model nodes of which two advertise addresses nobody can
+    dial and no relay volunteers: a chain has one leaf, so one of them is adopted by a
+    dialable member (atlas_p2p.aggregation.reduce.ReduceTree). Every node finishes, nothing is
+    lost, every round is folded everywhere."""
+    import asyncio
+
+    from atlas_p2p.synthetic import write_synthetic_jsonl
+    from scenarios.inprocess import InProcessSwarm
+    from tools import report
+
+    names = ("closed1", "closed2", "b", "c")
+
+    async def body():
+        spec = SwarmSpec(task="seq_cls", num_labels=4, min_nodes=4, clusters=1)
+        train = dict(rounds=2, local_steps=1, lr=0.01, merge="reduce", fan_in=1, round_deadline_s=30.0)
+        async with await InProcessSwarm.create(tmp_path, spec, fingerprint_seed=3) as swarm:
+            for seed, name in enumerate(names):
+                data = write_synthetic_jsonl(tmp_path / f"{name}.jsonl", 0, 24, seed=seed)
+                advertise = f"127.0.0.1:{seed + 1}" if name.startswith("closed") else None
+                swarm.add(name, 30 * 10**6, data=data, advertise=advertise, **train)
+            for name in names[:2]:
+                swarm.start(name)
+                await swarm.joined(name)
+            await wait_until_async(
+                lambda: all(r.reachable is False for r in swarm.boot.registry.table.rows()), 20, what="two verdicts"
+            )
+            for name in names[2:]:
+                swarm.start(name)
+            await asyncio.wait_for(asyncio.gather(*swarm.tasks.values()), 240)
+
+    run(body(), timeout=300)
+    runs = [report.read_node_dir(tmp_path / n) for n in names]
+    assert all(r.finished for r in runs)
+    assert report.lost_updates(runs) == []
+    assert {r.summary.base_version for r in runs} == {2}

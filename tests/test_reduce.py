@@ -49,6 +49,34 @@ def test_tree_is_heap_ordered_over_sorted_members_with_the_anchor_as_root():
         tree.parent(4)
 
 
+@pytest.mark.parametrize("fan_in", [1, 2, 3])
+@pytest.mark.parametrize("closed", [[], [2], [2, 3], [1, 2, 3, 4], [2, 3, 4, 5, 6]])
+def test_nobody_pushes_to_a_member_nobody_can_dial(fan_in, closed):
+    """Whatever the number of unreachable members (none, fewer than the leaves, more, all but the
+    root): every member has one path to the root, every parent is dialable, and a dialable
+    member keeps its heap place."""
+    members = [0, 1, 2, 3, 4, 5, 6]
+    tree = ReduceTree.of(members, root=0, fan_in=fan_in, last=closed)
+
+    for m in members:
+        assert tree.parent(m) not in closed
+        assert (tree.parent(m) is None) == (m == 0)
+        assert all(tree.parent(c) == m for c in tree.children(m))
+    assert sorted(c for m in members for c in tree.children(m)) == members[1:]
+    assert max(tree.depth(m) for m in members) < len(members)
+    plain = ReduceTree.of([m for m in members if m not in closed], root=0, fan_in=fan_in)
+    for m in plain.order:
+        assert tree.parent(m) == plain.parent(m)
+
+
+def test_an_unreachable_member_whose_heap_parent_is_unreachable_is_adopted_round_robin():
+    tree = ReduceTree.of([0, 1, 2, 3, 4], root=0, fan_in=1, last=[2, 3, 4])  # a chain: 0 1 | 2 3 4
+    assert tree.parent(2) == 1  # a leaf of a dialable parent: its heap place
+    assert tree.adopted == ((3, 0), (4, 1))
+    assert tree.children(0) == [1, 3] and tree.children(1) == [2, 4] and tree.children(2) == []
+    assert [tree.depth(n) for n in (0, 1, 2, 3, 4)] == [0, 1, 2, 1, 2]
+
+
 def test_tree_depth_grows_with_log_of_the_cluster():
     tree = ReduceTree.of(range(32), root=0, fan_in=4)
     assert max(tree.depth(n) for n in range(32)) == 3

@@ -199,17 +199,27 @@ class ReduceTree:
     """A k-ary tree over a cluster: the root first, then the other members in id order,
     member i's parent is member (i - 1) // fan_in (heap order), so depth is ~log_k(n).
     Members in `last` (nobody can dial them: children dial their parent) go at the end of
-    the order, which makes them leaves as long as they are no more than the leaves."""
+    the order, so they are leaves while they are no more than the leaves; one whose heap
+    parent is itself in `last` is adopted by a dialable member instead (`adopted`: (child,
+    parent) pairs, round robin over the dialable members from the root), which then has
+    more than fan_in children. Nobody ever pushes to an unreachable parent."""
 
     order: tuple[int, ...]
     fan_in: int
+    adopted: tuple[tuple[int, int], ...] = ()
 
     @classmethod
     def of(cls, members: Sequence[int], root: int, fan_in: int, last: Sequence[int] = ()) -> ReduceTree:
         require_int("fan_in", fan_in, 1)
         rest = sorted({int(m) for m in members} - {int(root)})
-        tail = {int(m) for m in last}
-        return cls((int(root), *(m for m in rest if m not in tail), *(m for m in rest if m in tail)), fan_in)
+        tail = {int(m) for m in last} - {int(root)}  # the root receives whatever it is
+        dialable = (int(root), *(m for m in rest if m not in tail))
+        order = (*dialable, *(m for m in rest if m in tail))
+        adopted: list[tuple[int, int]] = []
+        for i in range(len(dialable), len(order)):
+            if order[(i - 1) // fan_in] in tail:
+                adopted.append((order[i], dialable[len(adopted) % len(dialable)]))
+        return cls(order, fan_in, tuple(adopted))
 
     def _index(self, node: int) -> int:
         try:
@@ -219,15 +229,20 @@ class ReduceTree:
 
     def parent(self, node: int) -> int | None:
         i = self._index(node)
+        for child, parent in self.adopted:
+            if child == node:
+                return parent
         return None if i == 0 else self.order[(i - 1) // self.fan_in]
 
     def children(self, node: int) -> list[int]:
         i = self._index(node)
         lo = i * self.fan_in + 1
-        return list(self.order[lo : lo + self.fan_in])
+        moved = {child for child, _ in self.adopted}
+        heap = [c for c in self.order[lo : lo + self.fan_in] if c not in moved]
+        return heap + [child for child, parent in self.adopted if parent == node]
 
     def depth(self, node: int) -> int:
-        i, d = self._index(node), 0
-        while i:
-            i, d = (i - 1) // self.fan_in, d + 1
+        d, up = 0, self.parent(node)
+        while up is not None:
+            d, up = d + 1, self.parent(up)
         return d
