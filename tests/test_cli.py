@@ -4,6 +4,7 @@ nothing started on a bad flag; `peers` against a live bootstrap and an unreachab
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import shutil
 import subprocess
@@ -143,15 +144,20 @@ def _last_error_line(err: str) -> str:
     return [line for line in err.strip().splitlines() if "error:" in line][-1]
 
 
-def test_bind_address_in_use_is_its_own_code(tmp_path, capsys):
-    ctx = zmq.Context.instance()
-    holder = ctx.socket(zmq.ROUTER)
+@contextlib.contextmanager
+def _held_port():
+    """A port of 127.0.0.1 another socket holds for the duration."""
+    holder = zmq.Context.instance().socket(zmq.ROUTER)
     holder.setsockopt(zmq.LINGER, 0)
-    port = holder.bind_to_random_port("tcp://127.0.0.1")
     try:
-        got, _, err = _run(["bootstrap", "--bind", f"127.0.0.1:{port}", "--state", str(tmp_path)], capsys)
+        yield holder.bind_to_random_port("tcp://127.0.0.1")
     finally:
         holder.close(linger=0)
+
+
+def test_bind_address_in_use_is_its_own_code(tmp_path, capsys):
+    with _held_port() as port:
+        got, _, err = _run(["bootstrap", "--bind", f"127.0.0.1:{port}", "--state", str(tmp_path)], capsys)
 
     assert got == ExitCode.ADDRESS_IN_USE and "in use" in _last_error_line(err)
 
@@ -172,15 +178,9 @@ def test_bad_relay_flags_are_one_line_errors(tmp_path, capsys, flags, match):
 
 
 def test_a_relay_port_in_use_is_named_as_the_relays(tmp_path, capsys):
-    ctx = zmq.Context.instance()
-    holder = ctx.socket(zmq.ROUTER)
-    holder.setsockopt(zmq.LINGER, 0)
-    port = holder.bind_to_random_port("tcp://127.0.0.1")
-    try:
+    with _held_port() as port:
         argv = ["bootstrap", "--bind", "127.0.0.1:0", "--state", str(tmp_path), "--relay", str(port)]
         got, _, err = _run(argv, capsys)
-    finally:
-        holder.close(linger=0)
 
     assert got == ExitCode.ADDRESS_IN_USE and f"--relay: cannot listen on 127.0.0.1:{port}" in _last_error_line(err)
 

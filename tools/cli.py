@@ -267,6 +267,20 @@ def _check_model(name: str, task: str | None = None) -> None:
 
 # --- commands -------------------------------------------------------------------------
 
+# the same relay flags on `bootstrap` and `join` (nodes/relay.py)
+RelayPort = Annotated[
+    int | None,
+    typer.Option(
+        "--relay",
+        help="Volunteer as a relay for nodes nobody can dial (behind a NAT): control port PORT on the "
+        "--bind host; relayed nodes are reached on the --relay-slots ports after it (open PORT..PORT+slots "
+        "in the firewall). The relay carries end-to-end encrypted bytes; it cannot read or forge them.",
+    ),
+]
+RelaySlots = Annotated[
+    int, typer.Option("--relay-slots", help="Most nodes this relay carries at once (one port each).")
+]
+
 
 @app.command()
 def bootstrap(
@@ -415,18 +429,8 @@ def bootstrap(
             "their activations (and labels in two-part mode). Others train their own data only (default: any node).",
         ),
     ] = None,
-    relay: Annotated[
-        int | None,
-        typer.Option(
-            "--relay",
-            help="Volunteer as a relay for nodes nobody can dial (behind a NAT): control port PORT on the "
-            "bind host; relayed nodes are reached on the --relay-slots ports after it (open PORT..PORT+slots "
-            "in the firewall). The relay carries end-to-end encrypted bytes; it cannot read or forge them.",
-        ),
-    ] = None,
-    relay_slots: Annotated[
-        int, typer.Option("--relay-slots", help="Most nodes this relay carries at once (one port each).")
-    ] = 4,
+    relay: RelayPort = None,
+    relay_slots: RelaySlots = 4,
 ) -> None:
     """Run the bootstrap: peer table, liveness, clustering, planning and assignments.
 
@@ -604,18 +608,8 @@ def join(
         float | None,
         typer.Option("--fingerprint-delta", help="The delta of --fingerprint-epsilon (default 1e-5)."),
     ] = None,
-    relay: Annotated[
-        int | None,
-        typer.Option(
-            "--relay",
-            help="Volunteer as a relay for nodes nobody can dial (behind a NAT): control port PORT on the "
-            "--bind host; relayed nodes are reached on the --relay-slots ports after it (open PORT..PORT+slots "
-            "in the firewall). The relay carries end-to-end encrypted bytes; it cannot read or forge them.",
-        ),
-    ] = None,
-    relay_slots: Annotated[
-        int, typer.Option("--relay-slots", help="Most nodes this relay carries at once (one port each).")
-    ] = 4,
+    relay: RelayPort = None,
+    relay_slots: RelaySlots = 4,
     step_delay: Annotated[
         float, typer.Option("--step-delay", help="Extra seconds per step, to emulate a slow device (scenarios).")
     ] = 0.0,
