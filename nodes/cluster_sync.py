@@ -496,6 +496,7 @@ class ClusterSync:
         alog = self.anchor_logs.get(cluster)
         if alog is None:
             alog = await self.executor.run(AnchorLog.from_base, cluster, s.base)
+            await self._take_over(alog, a)
             self.anchor_logs[cluster] = alog
             log.info("node %d anchors cluster %d from version %d", self.local.node_id, cluster, alog.base.version)
         await self.executor.run(alog.sync_from, s.base)
@@ -512,6 +513,31 @@ class ClusterSync:
                 total = await self.executor.run(merge_contributions, list(held.values()), self.merge_rule)
             await self.executor.run(alog.publish, total)
             self.reduce.drop(cluster, r)
+
+    async def _take_over(self, alog: AnchorLog, a: Assignment) -> None:
+        """A new anchor first takes what any member holds beyond its own log: the old anchor may
+        have published versions this node never folded, and publishing its own patches for
+        those rounds would fork the chain of every member that folded the old ones (each would
+        then refuse the next version: DigestMismatchError). MIRA's bases are personal: none to take."""
+        if self.merge_rule == MIRA:
+            return
+        for m in a.members:
+            if m == self.local.node_id or m in a.unreachable:
+                continue
+            try:
+                records = await self._patches_from(m, a.cluster, alog.base.version)
+                taken = await self.executor.run(alog.base.extend, records)
+            except (RpcError, ValueError) as exc:  # behind this node, gone, or on another chain
+                log.debug("take-over of cluster %d: nothing from node %d (%s)", a.cluster, m, exc)
+                continue
+            if taken:
+                log.info(
+                    "take-over of cluster %d: versions %d..%d from node %d, published before this node anchored",
+                    a.cluster,
+                    taken[0].version,
+                    taken[-1].version,
+                    m,
+                )
 
     # ---- handlers ------------------------------------------------------------------------------
     async def rpc_partial(self, env: Envelope) -> None:
