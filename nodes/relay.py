@@ -24,6 +24,7 @@ import collections
 import contextlib
 import logging
 import secrets
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -391,14 +392,13 @@ class RelayAgent:
         task.add_done_callback(self._tasks.discard)
 
     async def _read(self, reader: asyncio.StreamReader) -> None:
-        loop = asyncio.get_running_loop()
         try:
             while True:
                 frame = await read_frame(reader, None)
                 if frame.kind == "open":
                     self._spawn(self._serve(frame.value), f"relay-conn-{frame.value}")
                 elif frame.kind == "pong":
-                    self.rtt_ms = max(0.0, (loop.time() - frame.value) * 1000.0)
+                    self.rtt_ms = max(0.0, (time.perf_counter() - frame.value) * 1000.0)
                 else:
                     log.warning("relay %s sent %s on the control connection; leaving it", self.relay, frame.kind)
                     break
@@ -409,10 +409,9 @@ class RelayAgent:
             self.lost.set()
 
     async def _ping(self) -> None:
-        loop = asyncio.get_running_loop()
         with contextlib.suppress(*_IO_ERRORS):
             while not self.lost.is_set():
-                await send_frame(self._writer, "ping", loop.time())
+                await send_frame(self._writer, "ping", time.perf_counter())  # uvloop's clock ticks in ms
                 await asyncio.sleep(PING_S)
 
     async def _serve(self, conn: int) -> None:
