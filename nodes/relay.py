@@ -24,6 +24,7 @@ import collections
 import contextlib
 import logging
 import secrets
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -334,6 +335,7 @@ class RelayAgent:
         self.bytes_out = 0  # this node's server -> relay
         self.connections = 0
         self.rtt_ms: float | None = None  # latest round trip to the relay
+        self._rtts: collections.deque[float] = collections.deque(maxlen=64)  # the recent ones
         self.lost = asyncio.Event()  # the control connection closed
         self._writer: asyncio.StreamWriter | None = None
         self._tasks: set[asyncio.Task] = set()
@@ -372,6 +374,8 @@ class RelayAgent:
             "bytes_out": self.bytes_out,
             "connections": self.connections,
             "rtt_ms": self.rtt_ms,
+            # the median of the last 64 (a ping every PING_S): one slow answer says little
+            "rtt_ms_median": statistics.median(self._rtts) if self._rtts else None,
         }
 
     async def stop(self) -> None:
@@ -399,6 +403,7 @@ class RelayAgent:
                     self._spawn(self._serve(frame.value), f"relay-conn-{frame.value}")
                 elif frame.kind == "pong":
                     self.rtt_ms = max(0.0, (time.perf_counter() - frame.value) * 1000.0)
+                    self._rtts.append(self.rtt_ms)
                 else:
                     log.warning("relay %s sent %s on the control connection; leaving it", self.relay, frame.kind)
                     break

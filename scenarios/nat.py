@@ -27,7 +27,7 @@ then advertises its own address again),
 `unreachable_as_helper` (planned pairings naming a node nobody can dial: must be 0),
 `unreachable_as_provisional_helper` (the same for the helper a weak node gets for its
 fingerprint: must be 0 too), `lost_updates`, `finished` (node -> bool), `relay_bytes` (what
-the relay spliced, both ways; None without a relay), `relay_rtt_ms` (the round trip the home
+the relay spliced, both ways; None without a relay), `relay_rtt_ms` (the median round trip the home
 node measured to its relay: the latency the detour adds to each exchange), `helpers` (owner ->
 every helper it was given), `advertised` (the address the swarm dialled at the end).
 
@@ -281,7 +281,7 @@ def run(workdir: Path, rounds: int = 3, timeout_s: float = 300.0, relay_via: str
         "lost_updates": len(report.lost_updates(runs)),
         "relay_bytes": sum(u["bytes_in"] + u["bytes_out"] for u in used.values() if u) if any(used.values()) else None,
         "relay_bytes_served": [s["bytes"] for s in served],
-        "relay_rtt_ms": {name: u["rtt_ms"] for name, u in used.items() if u},
+        "relay_rtt_ms": {name: u["rtt_ms_median"] for name, u in used.items() if u},
         "finished": {r.name: bool(r.finished) for r in runs},
         "exit_codes": {name: procs[name].returncode for name in NODES},
         "helpers": {
