@@ -12,7 +12,9 @@ Frames and slot ports: transport/relay_wire.py.
 
 The relay trusts nobody: a connection that sends a bad frame, or none in time, is closed; a
 `data` frame must name a connection the relay is waiting for (ids are random); an agent gets
-at most one slot per control connection and the relay has `slots` of them. Both sides count
+at most one slot per control connection and the relay has `slots` of them; a control
+connection silent for SILENCE_S (the agent pings every PING_S, the relay answers) is dead on
+either side, and its slot is freed. Both sides count
 the bytes they splice (`RelayStats`, `RelayAgent.bytes_in/out`) and the agent measures the
 round trip to the relay (`rtt_ms`), the latency a relayed hop adds.
 """
@@ -48,6 +50,8 @@ HELLO_TIMEOUT_S = 5.0  # a new control connection names itself (hello or data) w
 PAIR_TIMEOUT_S = 5.0  # an agent dials back for a peer's connection within this
 DIAL_TIMEOUT_S = 5.0  # the agent's own dials (relay, local server)
 PING_S = 5.0  # the agent's round-trip probe
+SILENCE_S = 4 * PING_S  # a control connection silent this long is dead (a vanished NAT mapping, a
+# powered-off node: TCP alone would hold the slot, or wait on the relay, for many minutes)
 CHUNK = 1 << 16
 _IO_ERRORS = (ConnectionError, OSError, asyncio.IncompleteReadError, RelayFrameError, TimeoutError)
 
@@ -210,12 +214,11 @@ class RelayServer:
 
     # --- connections ---------------------------------------------------------------------
 
-    def _track(self) -> asyncio.Task | None:
+    def _track(self) -> None:
         task = asyncio.current_task()
         if task is not None:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-        return task
 
     async def _on_control(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._track()
@@ -262,7 +265,7 @@ class RelayServer:
             await send_frame(writer, "slot", agent.address)
             log.info("relay: node %s is reached at %s", agent.label, agent.address)
             while True:
-                frame = await read_frame(reader, None)
+                frame = await read_frame(reader, SILENCE_S)
                 if frame.kind != "ping":
                     self.stats.bad += 1
                     break
@@ -398,7 +401,7 @@ class RelayAgent:
     async def _read(self, reader: asyncio.StreamReader) -> None:
         try:
             while True:
-                frame = await read_frame(reader, None)
+                frame = await read_frame(reader, SILENCE_S)
                 if frame.kind == "open":
                     self._spawn(self._serve(frame.value), f"relay-conn-{frame.value}")
                 elif frame.kind == "pong":

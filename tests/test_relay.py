@@ -296,3 +296,36 @@ def test_a_reachable_node_never_looks_for_a_relay():
         assert use._task is None and use.to_json() is None
 
     run(main())
+
+
+def test_a_silent_agent_loses_its_slot_and_a_silent_relay_is_left(monkeypatch):
+    """A node that vanishes without closing (its NAT mapping gone, its power off) would hold its
+    slot for as long as TCP keeps a dead connection; a relay that vanishes so would keep the
+    agent waiting. Both sides give up after SILENCE_S without a frame."""
+    from nodes import relay as relay_mod
+
+    monkeypatch.setattr(relay_mod, "SILENCE_S", 0.3)
+
+    async def main():
+        relay = await RelayServer.create("127.0.0.1", 0, slots=1)
+        host, port = relay.address.rsplit(":", 1)
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(encode_frame("hello", "mute"))  # then nothing: no pings
+        assert (await read_frame(reader, 5)).kind == "slot"
+        assert relay.relayed
+        await wait_until_async(lambda: not relay.relayed, 5, what="the slot freed")
+        writer.close()
+
+        async def mute_relay(r, w):  # answers the hello, then never a pong
+            await read_frame(r, 5)
+            w.write(encode_frame("slot", "127.0.0.1:9"))
+            await r.read()
+
+        fake = await asyncio.start_server(mute_relay, "127.0.0.1", 0)
+        agent = await RelayAgent.create(f"127.0.0.1:{fake.sockets[0].getsockname()[1]}", "127.0.0.1:1")
+        await asyncio.wait_for(agent.lost.wait(), 5)
+        await agent.stop()
+        fake.close()
+        await relay.stop()
+
+    run(main())
