@@ -406,6 +406,7 @@ class Peer:
                 own=address,
                 bootstrap=self.config.bootstrap,
                 readvertise=lambda slot, via: self.control.readvertise(slot, via),
+                label=lambda: str(self.node_id or ""),
             )
             self.control = await ControlClient.create(
                 self.config,
@@ -440,9 +441,7 @@ class Peer:
                 await self._shutdown(interrupted)
 
     def _on_beat(self, reply: Any) -> Any:
-        if self.relaying is not None:
-            self.relaying.label = str(self.node_id or "")
-            self.relaying.on_beat(reply)
+        self.relaying.on_beat(reply)
         return self.boot.on_beat(reply)
 
     async def _stop_relays(self) -> None:

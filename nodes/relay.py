@@ -460,12 +460,19 @@ class Relaying:
     dials it back through the relay). When the relay is lost, advertise the node's own address
     again; the bootstrap's next verdict starts over."""
 
-    def __init__(self, local: str, own: str, bootstrap: str, readvertise: Callable[[str, str], None]) -> None:
+    def __init__(
+        self,
+        local: str,
+        own: str,
+        bootstrap: str,
+        readvertise: Callable[[str, str], None],
+        label: Callable[[], str] = str,
+    ) -> None:
         self.local = local  # HOST:PORT of this node's server, as the agent dials it
         self.own = own  # the address the node advertises when no relay carries it
         self.bootstrap = bootstrap
         self.readvertise = readvertise
-        self.label = ""  # the node id, for the relay's logs and counts
+        self.label = label  # () -> the node id, for the relay's logs and counts
         self.agent: RelayAgent | None = None
         self.past: list[dict[str, Any]] = []  # agents lost, as to_json() left them
         self._task: asyncio.Task | None = None
@@ -519,7 +526,7 @@ class Relaying:
             for relay in relays:
                 try:
                     address = relay_dial_address(relay, self.bootstrap)
-                    agent = await RelayAgent.create(address, self.local, label=self.label)
+                    agent = await RelayAgent.create(address, self.local, label=self.label())
                 except (RelayRefused, *_IO_ERRORS, ValueError) as exc:
                     log.info("relay %s gave no slot: %s", relay, exc)
                     continue
