@@ -329,3 +329,22 @@ def test_a_silent_agent_loses_its_slot_and_a_silent_relay_is_left(monkeypatch):
         await relay.stop()
 
     run(main())
+
+
+@pytest.mark.parametrize("slot", ["0.0.0.0:7101", "*:7101", "nonsense"])
+def test_an_agent_refuses_a_slot_nobody_can_dial(slot):
+    """Advertising a wildcard slot would get the node's rejoin refused (bad_address): the agent
+    refuses it first, and the node tries the next relay."""
+
+    async def main():
+        async def bad_relay(r, w):
+            await read_frame(r, 5)
+            w.write(encode_frame("slot", slot))
+            await r.read()
+
+        fake = await asyncio.start_server(bad_relay, "127.0.0.1", 0)
+        with pytest.raises(ValueError):  # RelayFrameError for a wildcard, parse_address's for nonsense
+            await RelayAgent.create(f"127.0.0.1:{fake.sockets[0].getsockname()[1]}", "127.0.0.1:1")
+        fake.close()
+
+    run(main())
