@@ -27,7 +27,8 @@ then advertises its own address again),
 `unreachable_as_helper` (planned pairings naming a node nobody can dial: must be 0),
 `unreachable_as_provisional_helper` (the same for the helper a weak node gets for its
 fingerprint: must be 0 too), `lost_updates`, `finished` (node -> bool), `relay_bytes` (what
-the relay spliced, both ways; None without a relay), `relay_rtt_ms` (the median round trip the home
+went through relays both ways, as the relayed nodes counted it; None without a relay),
+`relay_bytes_served` (the same as each volunteer node counted it), `relay_rtt_ms` (the median round trip the home
 node measured to its relay: the latency the detour adds to each exchange), `helpers` (owner ->
 every helper it was given), `advertised` (the address the swarm dialled at the end).
 
