@@ -636,7 +636,7 @@ class Peer:
             a = await self.boot.wait_assignment(self._trainable, "a trainable assignment")
             await self._ensure_session(a)
             s = self.session
-            if s.round >= R:
+            if self.rounds_done >= R:  # rounds of its own: one the cluster published while it caught up does not count
                 break
             self.state = "training"
             r = s.round
@@ -715,11 +715,12 @@ class Peer:
         b = line.bytes_by_kind
         ev = "" if evaluation is None else f" {evaluation['metric']} {evaluation['value']:.4f}"
         progress_log.info(
-            "node %d round %d/%d cluster %s: loss %s%s, %.2f steps/s, sent act %s grad %s adapters %s fp %s ctl %s",
+            "node %d round %d/%d (cluster %s round %d): loss %s%s, %.2f steps/s, sent act %s grad %s adapters %s fp %s ctl %s",
             self.node_id,
-            r + 1,
+            self.rounds_done,
             self.train.rounds,
             self.cluster,
+            r + 1,
             "n/a" if result.loss is None else f"{result.loss:.4f}",
             ev,
             line.step_rate or 0.0,

@@ -47,3 +47,45 @@ def test_a_straggler_is_cut_off_and_carried_without_losing_updates(tmp_path):
     chains = {load_checkpoint(tmp_path / n).base.chain for n in ("n0", "n1")}
     assert len(chains) == 1
     assert fast["export"]["base_version"] == slow["export"]["base_version"] == fast["base_version"]
+
+
+async def _run_owners(tmp_path):
+    """Two weak owners of one cluster on one pure helper; the second is slow."""
+    spec = SwarmSpec(task="seq_cls", num_labels=4, min_nodes=2, clusters=1)
+    async with await InProcessSwarm.create(tmp_path, spec, fingerprint_seed=5) as swarm:
+        swarm.add("h", 10**8, keep_results=False)
+        swarm.start("h")
+        await swarm.joined("h")
+        for i, delay in enumerate((0.0, 0.8)):
+            data = write_synthetic_jsonl(tmp_path / f"d{i}.jsonl", 0, 48, seed=i)
+            swarm.add(
+                f"w{i}",
+                4 * 10**6,
+                data=data,
+                rounds=2,
+                local_steps=3,
+                lr=0.01,
+                round_deadline_s=1.0,
+                step_delay_s=delay,
+            )
+            if i == 0:  # the fast owner joins first: the lower data-node id anchors the cluster
+                swarm.start("w0")
+                await swarm.joined("w0")
+        summaries = await swarm.run(timeout=120)
+    return summaries["w0"], summaries["w1"]
+
+
+def test_an_owner_whose_helper_moved_on_catches_up_and_still_trains_every_round(tmp_path):
+    """The helper's replica follows the fast owner to the next version while the slow owner is
+    mid-round: the slow owner's next step is refused (`version`), it folds the cluster's patch
+    and drops its partial round. It must still contribute as many rounds as it was asked to,
+    even when the cluster's own rounds are over by then (the anchor publishes the extra ones)."""
+    fast, slow = asyncio.run(_run_owners(tmp_path))
+    assert fast["role"] == slow["role"] == "owner" and fast["helper"] == slow["helper"]
+    assert any(f["via"] == "catch-up" for f in slow["manifests_folded"])  # it fell behind its helper
+    assert fast["finished"] and slow["finished"]
+    assert slow["rounds_done"] == fast["rounds_done"] == 2
+    assert len({c["round"] for c in slow["contributions"] if not c.get("carry")}) == 2
+    assert lost_updates(Summary.from_json(x) for x in (fast, slow)) == []
+    chains = {load_checkpoint(tmp_path / n).base.chain for n in ("w0", "w1")}
+    assert len(chains) == 1 and fast["base_version"] == slow["base_version"]
