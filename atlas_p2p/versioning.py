@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from atlas_p2p.validation import require_int
+from atlas_p2p.validation import is_int, require_int
 
 from .aggregation.arrays import decode_meta, encode_meta, patch_from_arrays, patch_to_arrays
 from .aggregation.digest import DigestMismatchError
@@ -189,7 +189,36 @@ class VersionedBase:
         self._records.extend(staged)
         return staged
 
+    def rebased(self, records: Sequence[PatchRecord]) -> tuple[VersionedBase, int]:
+        """This log moved onto a peer's history: (a new log holding the peer's ``records``, the
+        last version on which both histories agree).
+
+        ``records`` are the peer's from this log's origin on (its ``missing_since(origin)``);
+        their chain is checked from this log's origin, all or nothing. Chains are cumulative,
+        so the histories agree up to one version and differ after it. ValueError when the
+        peer's history is a prefix of this one (it is behind, not elsewhere: nothing to take).
+        """
+        new = VersionedBase(self.cluster, self.origin_version, self.origin_chain)
+        new.extend(records)
+        fork = self.origin_version
+        for mine, theirs in zip(self._records, new._records, strict=False):
+            if mine.chain != theirs.chain:
+                break
+            fork = mine.version
+        if fork == new.version and new.version <= self.version:
+            raise VersionGapError(
+                f"cluster {self.cluster!r}: the peer's history (version {new.version}) is a prefix of this one "
+                f"(version {self.version}): nothing to take"
+            )
+        return new, fork
+
     # -- reading the log -----------------------------------------------------------------
+    def chain_at(self, version: int) -> str | None:
+        """The chain after ``version`` in this log; None for a version it does not cover."""
+        if not is_int(version) or not self.origin_version <= version <= self.version:
+            return None
+        return self.origin_chain if version == self.origin_version else self._record(version).chain
+
     def missing_since(self, version: int) -> list[PatchRecord]:
         """The records a node at ``version`` lacks, oldest first."""
         version = int(require_int("version", version, 0, numpy=True))

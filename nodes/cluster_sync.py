@@ -26,6 +26,9 @@ anchor (TrainConfig.merge):
   `reduce_wait_s`), its digest and chain checked against the manifest; gossip: rebuilt
   from the contributions (pulling missing ones by digest). When the anchor says the round
   is older than its log, or the patch cannot be had, `catch_up` folds the anchor's patches;
+- `resync`: a patch that does not fit this node's history (DigestMismatchError: it folded a
+  version the anchor's log does not have, e.g. from an anchor that died before the new
+  one heard of it) moves the node onto the anchor's history instead of stopping it;
 - `follow`: a finished member folds rounds its cluster still publishes (carry rounds);
 - `fetch_patches`: the patches of a cluster after a version (catch-up, and the helper's
   lazy fold of a replica).
@@ -44,7 +47,7 @@ from dataclasses import replace
 from atlas_p2p.aggregation import Contribution, Partial, Patch, ReduceTree, combine, mira_personal_patch, partial_of
 from atlas_p2p.records import FoldedRecord
 from atlas_p2p.training import OwnerSession
-from atlas_p2p.versioning import PatchRecord
+from atlas_p2p.versioning import DigestMismatchError, PatchRecord
 from atlas_p2p.vocabulary import EXACT, MIRA
 from nodes.collaborators import AssignmentSource, Link, LocalNode, TaskSet
 from nodes.config import TrainConfig
@@ -159,14 +162,14 @@ class ClusterSync:
         else:
             self.store.add(self.cluster, c, time.time())
             await self._push(c)
-        before = s.version
-        while s.version == before:  # a closed round cannot train again: wait until its patch is in
+        before = s.base.chain  # moves with every fold, and with a re-sync that keeps the version
+        while s.base.chain == before:  # a closed round cannot train again: wait until its patch is in
             manifest = await self._wait_manifest(c.round, c)
             if manifest is not None:
                 await self._fold(manifest)
             else:
                 await self.catch_up()
-            if s.version == before:
+            if s.base.chain == before:
                 log.warning("round %d: nothing folded yet; asking the anchor again", c.round)
                 await asyncio.sleep(self.config.poll_s * RETRY_POLLS)
 
@@ -180,11 +183,11 @@ class ClusterSync:
         s, a = self.session, self.assignments.assignment
         if s is None or a is None or a.cluster is None:
             return False
-        before = s.version
+        before = s.base.chain
         manifest, _ = await self._manifest(a, s.round)
         if manifest is not None:
             await self._fold(manifest)
-        return s.version > before
+        return s.base.chain != before
 
     async def _push(self, c: Contribution) -> None:
         """Send our contribution to the anchor and to `fanout` random members (gossip)."""
@@ -325,6 +328,9 @@ class ClusterSync:
     async def _fold(self, m: Manifest) -> None:
         s = self.session
         if m.version <= s.version:
+            held = s.base.chain_at(m.version)
+            if self.merge_rule != MIRA and m.chain and held is not None and held != m.chain:
+                await self.resync(f"the anchor's version {m.version} is not the one folded here")
             return
         if m.version != s.version + 1:
             await self.catch_up()
@@ -352,7 +358,8 @@ class ClusterSync:
             await self.executor.run(s.fold, patch, version=m.version)  # personal: no shared digest or chain
         else:
             patch = await self.executor.run(merge_manifest, m, contributions, self.merge_rule)
-            await self.executor.run(s.fold, patch, version=m.version, digest=m.patch_digest, chain=m.chain)
+            if not await self._fold_checked(patch, m.version, m.patch_digest, m.chain):
+                return
         self.folded.append(
             FoldedRecord(m.round, m.version, patch.digest, tuple(sorted(patch.weights)), "manifest", tuple(m.digests))
         )
@@ -369,7 +376,7 @@ class ClusterSync:
 
     async def _fold_record(self, m: Manifest) -> None:
         """Fold the round's patch as published: from the anchor log here, the tree parent or the anchor."""
-        a, s = self.assignments.assignment, self.session
+        a = self.assignments.assignment
         record = None
         if a.anchor == self.local.node_id:
             info = self.anchor_logs.get(m.cluster).manifests.get(m.round) if m.cluster in self.anchor_logs else None
@@ -387,7 +394,8 @@ class ClusterSync:
             log.warning("round %d: patch not available from the tree or the anchor; catching up instead", m.round)
             await self.catch_up()
             return
-        await self.executor.run(s.fold, record.patch, version=m.version, digest=m.patch_digest, chain=m.chain)
+        if not await self._fold_checked(record.patch, m.version, m.patch_digest, m.chain):
+            return
         self.folded.append(
             FoldedRecord(
                 m.round, m.version, m.patch_digest, tuple(sorted(record.patch.weights)), "manifest", tuple(m.digests)
@@ -466,14 +474,76 @@ class ClusterSync:
         for r in records:
             if r.version <= s.version:
                 continue
-            await self.executor.run(
-                s.fold, r.patch, version=r.version, digest=r.digest, chain=r.chain, discard_round=True
-            )
+            if not await self._fold_checked(r.patch, r.version, r.digest, r.chain, discard_round=True):
+                return
             self.folded.append(
                 FoldedRecord(r.patch.round, r.version, r.digest, tuple(sorted(r.patch.weights)), "catch-up")
             )
         if records:
             log.info("caught up to base version %d", s.version)
+
+    async def _fold_checked(
+        self, patch: Patch, version: int, digest: str, chain: str, discard_round: bool = False
+    ) -> bool:
+        """Fold a patch of the anchor's history; False when it did not fit this node's (it was
+        re-synced onto the anchor's instead, or could not be yet)."""
+        try:
+            await self.executor.run(
+                self.session.fold, patch, version=version, digest=digest, chain=chain, discard_round=discard_round
+            )
+        except DigestMismatchError as exc:
+            await self.resync(str(exc))
+            return False
+        return True
+
+    async def resync(self, why: str) -> bool:
+        """Take the anchor's history from where this node's left it (module doc); True if moved.
+
+        The versions only this node folded are taken back out (the warning names them): a
+        contribution merged only in them is lost to the cluster; this node's own contribution
+        still waiting for its manifest stays pending and goes into its next one."""
+        a, s = self.assignments.assignment, self.session
+        me = self.local.node_id
+        if a is None or a.cluster is None or a.anchor in (None, me):
+            log.error(
+                "cluster %s: a patch does not fit this node's history (%s); no other anchor to follow",
+                a and a.cluster,
+                why,
+            )
+            return False
+        try:
+            records = await self._patches_from(a.anchor, a.cluster, s.base.origin_version)
+            base, fork = await self.executor.run(s.base.rebased, records)
+        except (RpcError, ValueError) as exc:
+            log.warning(
+                "cluster %d: history differs from anchor %d's (%s) and cannot be re-synced yet (%s)",
+                a.cluster,
+                a.anchor,
+                why,
+                exc,
+            )
+            return False
+        before = s.version
+        await self.executor.run(s.rebase, base, fork)
+        kept = [f for f in self.folded if f.version <= fork]
+        taken = [
+            FoldedRecord(r.patch.round, r.version, r.digest, tuple(sorted(r.patch.weights)), "catch-up")
+            for r in base.missing_since(fork)
+        ]
+        self.folded[:] = kept + taken
+        log.warning(
+            "cluster %d: this node's history left anchor %d's after version %d (%s): versions %d..%d dropped, "
+            "the anchor's %d..%d folded",
+            a.cluster,
+            a.anchor,
+            fork,
+            why,
+            fork + 1,
+            before,
+            fork + 1,
+            base.version,
+        )
+        return True
 
     # ---- the anchor ----------------------------------------------------------------------------
     async def _anchor_loop(self) -> None:

@@ -46,7 +46,7 @@ from atlas_p2p.training import (
     export_adapter,
     round_seed,
 )
-from atlas_p2p.versioning import DigestMismatchError, VersionGapError
+from atlas_p2p.versioning import DigestMismatchError, VersionedBase, VersionGapError
 from tests.tiny_batches import padded_batches
 
 VOCAB, LAYERS, HIDDEN, HEADS = 40, 3, 32, 4
@@ -450,6 +450,36 @@ def test_fold_refuses_an_uncommitted_round_and_ignores_a_duplicate():
     assert o1.version == 1 and o1.step == 1
     o1.fold(later, discard_round=True)
     assert o1.version == 2 and o1.round == 2
+
+
+def test_rebase_takes_a_forked_patch_out_and_the_anchors_history_in():
+    o1, o2, helper, c1, c2 = _two_contributions()
+    canonical = stack_merge([c1, c2])
+    o1.fold(canonical)  # the anchor's version 1
+    o2.fold(stack_merge([c2]))  # a version 1 that only owner 2 folded (its anchor died)
+    assert o2.base.chain != o1.base.chain
+
+    base, fork = o2.base.rebased(o1.base.missing_since(0))
+    o2.rebase(base, fork)
+
+    assert fork == 0 and (o2.version, o2.base.chain, o2.round, o2.step) == (1, o1.base.chain, 1, 0)
+    batch = _batches(SEQ_CLS, 1, seed=9)[0]
+    assert torch.allclose(
+        _logits(o2.model, batch), _logits(_dense_reference("llama", SEQ_CLS, [c1, c2]), batch), atol=TOL
+    )
+    with pytest.raises(ValueError, match="cluster"):
+        o2.rebase(VersionedBase("another"), 0)
+
+
+@pytest.mark.parametrize("merged", [True, False])
+def test_rebase_keeps_a_sent_contribution_pending_unless_the_new_history_merged_it(merged):
+    o1, o2, helper, c1, c2 = _two_contributions()  # both rounds are closed, nothing folded yet
+    anchor = VersionedBase(o2.base.cluster)
+    anchor.apply(stack_merge([c1, c2] if merged else [c1]))
+    base, fork = o2.base.rebased(anchor.records)
+    o2.rebase(base, fork)
+    assert o2.version == 1 and o2.round == 1
+    assert o2.pending is (None if merged else c2)
 
 
 # ---- (d) one helper, several owners ----------------------------------------------------------------

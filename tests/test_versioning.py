@@ -138,6 +138,31 @@ def test_extend_is_all_or_nothing(patches):
     assert lagger.version == 1
 
 
+def test_a_log_that_left_the_peers_history_is_rebased_from_where_they_agree(patches):
+    mine = filled([patches[0], patches[1], patches[2]])  # versions 2 and 3 only this node folded
+    theirs = filled([patches[0], patches[3]])
+    rebased, fork = mine.rebased(theirs.missing_since(0))
+    assert fork == 1
+    assert (rebased.version, rebased.chain) == (theirs.version, theirs.chain)
+    assert (mine.version, mine.chain) == (3, filled(patches[:3]).chain)  # the old log is untouched
+    assert mine.chain_at(1) == theirs.chain_at(1) and mine.chain_at(2) != theirs.chain_at(2)
+    assert mine.chain_at(0) == genesis_chain("c1") and mine.chain_at(4) is None and mine.chain_at("1") is None
+    ahead = filled(patches[:3])  # the peer is further along the same history: everything agrees
+    assert ahead.rebased(filled(patches).missing_since(0))[1] == 3
+
+
+def test_a_rebase_onto_a_prefix_or_a_broken_history_is_refused(patches):
+    mine = filled(patches[:3])
+    with pytest.raises(VersionGapError, match="prefix"):
+        mine.rebased(filled(patches[:2]).missing_since(0))  # behind, not elsewhere
+    records = list(filled([patches[0], patches[3]]).missing_since(0))
+    forged = PatchRecord(2, patches[3], patches[3].digest, genesis_chain("x"))
+    with pytest.raises(DigestMismatchError):
+        mine.rebased([records[0], forged])
+    with pytest.raises(VersionGapError, match="cannot apply version 2"):
+        mine.rebased(records[1:])  # the peer's records must start at this log's origin
+
+
 def test_state_round_trips_through_safetensors(patches, tmp_path):
     from safetensors.numpy import load_file, save_file
 

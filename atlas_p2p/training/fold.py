@@ -47,20 +47,23 @@ def check_patch(model: nn.Module, patch: Patch) -> None:
             )
 
 
-def apply_to_model(model: nn.Module, patch: Patch) -> None:
+def apply_to_model(model: nn.Module, patch: Patch, sign: float = 1.0) -> None:
     """W <- W + B̃ Ã for every module, base head <- base head + ΔD (checked first); tensors
-    that view a shared base are copied before they change (atlas_p2p.models.sharing)."""
+    that view a shared base are copied before they change (atlas_p2p.models.sharing).
+    ``sign`` -1 takes a folded patch back out (to float rounding)."""
+    if sign not in (1.0, -1.0):
+        raise ValueError(f"sign must be 1 or -1, got {sign!r}")
     check_patch(model, patch)
     for name, sf in patch.modules.items():
         if sf.rank:
-            add_delta_to_base(model, name, sf.dense())  # (d_out, d_in)
+            add_delta_to_base(model, name, sign * sf.dense())  # (d_out, d_in)
     for name, delta in patch.full.items():
-        add_delta_to_base(model, name, delta)  # (d_out, d_in)
+        add_delta_to_base(model, name, sign * delta)  # (d_out, d_in)
     with torch.no_grad():
         for name, delta in patch.dense.items():
             param = dense_base_param(model, name)
             own_(param)  # a head base that views a shared base gets its own copy first
-            param.add_(delta.to(device=param.device, dtype=param.dtype))
+            param.add_(delta.to(device=param.device, dtype=param.dtype), alpha=sign)
 
 
 def fold_into(

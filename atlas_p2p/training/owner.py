@@ -12,6 +12,7 @@ One round (docs/RUNTIME.md) on the owner:
     alone (s == L):        local_step(batch) -> loss
     end of round:          contribution(n, helper_factors, helper_dense) -> aggregation.Contribution
     merge:                 fold(patch)  (W += B̃ Ã on every module, head base += ΔD; next round starts)
+    history left the anchor's: rebase(base, fork)  (patches after fork out, the anchor's in)
 
 The backward across the cut is the chain rule split in two: with h the activations sent,
 ∂L/∂θ_owner = (∂h/∂θ_owner)ᵀ ∂L/∂h, and ∂L/∂h is what the helper returns; AdamW is
@@ -42,7 +43,7 @@ from atlas_p2p.versioning import PatchRecord, VersionedBase
 
 from .carry import carry_over
 from .errors import SessionStateError
-from .fold import fold_into
+from .fold import apply_to_model, fold_into
 from .inputs import as_tensor, check_float, check_labels
 from .modules import (
     adapted_modules,
@@ -423,6 +424,34 @@ class OwnerSession:
         return self._outgoing
 
     # ---- merge --------------------------------------------------------------------------------
+    def rebase(self, base: VersionedBase, fork: int) -> None:
+        """Move onto another history of the cluster (``VersionedBase.rebased``): take this log's
+        patches after version ``fork`` back out of the weights, add ``base``'s, and start the
+        round after its last patch fresh. A contribution sent but not in ``base`` stays pending."""
+        if not isinstance(base, VersionedBase) or base.cluster != self.base.cluster:
+            raise ValueError(f"base: expected a VersionedBase of cluster {self.base.cluster!r}")
+        dropped, taken = self.base.missing_since(fork), base.missing_since(fork)
+        for r in reversed(dropped):
+            apply_to_model(self.model, r.patch, sign=-1.0)
+        for r in taken:
+            apply_to_model(self.model, r.patch)
+        self.base = base
+        out = self._outgoing
+        if out is not None:
+            merged = any(str(self.config.node_id) in r.patch.weights and r.patch.round >= out.round for r in taken)
+            self.pending = None if merged else out
+            self._outgoing = None
+        log.warning(
+            "owner %s: cluster %s history replaced after version %d (%d patch(es) out, %d in)",
+            self.config.node_id,
+            base.cluster,
+            fork,
+            len(dropped),
+            len(taken),
+        )
+        last = max((r.patch.round for r in base.records), default=self.round - 1)
+        self.start_round(max(self.round, last + 1, 0))
+
     def fold(
         self,
         patch: Patch,
