@@ -533,7 +533,7 @@ def join(
         Path | None,
         typer.Option(help="Results: adapter/, metrics.jsonl, summary.json, checkpoint/ (default: --state)."),
     ] = None,
-    rounds: Annotated[int, typer.Option(help="Merge rounds to train.")] = 3,
+    rounds: Annotated[int, typer.Option(help="Rounds of its own this node trains and contributes (merge rounds).")] = 3,
     local_steps: Annotated[int, typer.Option("--local-steps", help="Steps per round (E).")] = 5,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences per step.")] = 4,
     lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-3,
