@@ -13,7 +13,10 @@ otherwise); a request from an owner this node is not assigned to serve is refuse
 owner reports the helper like a failed one and gets another.
 The base version is checked on every forward: a replica behind the owner first pulls the
 missing patches from that owner (else from the cluster's anchor, which may be dead) (digests and chain checked while folding); a
-replica ahead answers `version` and the owner catches up. Errors map to codes:
+replica ahead answers `version` and the owner catches up. A replica at the owner's version
+on another chain (`round_begin` states the owner's) settles it with the anchor: rebuilt from
+the owner if the owner's chain is the anchor's, else `history` (the owner re-syncs).
+Errors map to codes:
 ReplayNeeded -> `replay` (the owner replays its round from step 0), VersionMismatchError
 -> `version`, a malformed tensor -> `bad_request`; nothing a peer sends crashes the node.
 """
@@ -29,6 +32,7 @@ from typing import Any
 from atlas_p2p.models.base import short
 from atlas_p2p.models.sharing import copy_model
 from atlas_p2p.training import HelperConfig, HelperPool, HelperSession, ReplayNeeded, VersionMismatchError, probe
+from atlas_p2p.versioning import DigestMismatchError
 from nodes.collaborators import AssignmentSource, LocalNode, PatchSource
 from nodes.executor import TorchExecutor
 from nodes.wireconv import factors_to_wire, is_bf16, tensor_from_wire, tensor_to_wire
@@ -88,23 +92,61 @@ class HelperService:
             self.pool.add(HelperSession(model, HelperConfig(cluster=key)))
         return self.pool.get(key)
 
-    async def _sync(self, cluster: int, replica: HelperSession, wanted: int, owner: int) -> None:
+    async def _sync(
+        self, cluster: int, replica: HelperSession, wanted: int, owner: int, chain: str = ""
+    ) -> HelperSession:
         """Bring the replica to the owner's version `wanted` (pull the patches from that owner,
-        which holds them, else from the anchor)."""
+        which holds them, else from the anchor); the replica to serve it with. `chain`: the
+        owner's chain at `wanted`, when it states it (`round_begin`)."""
         lock = self._locks.setdefault(cluster, asyncio.Lock())
         async with lock:
+            forked = False
             if replica.version < wanted:
                 records = await self.patches(cluster, replica.version, owner)
-                for r in records:
-                    await self.executor.run_urgent(
-                        replica.fold, r.patch, version=r.version, digest=r.digest, chain=r.chain
-                    )
-                log.info("helper replica of cluster %d caught up to version %d", cluster, replica.version)
+                try:
+                    for r in records:
+                        await self.executor.run_urgent(
+                            replica.fold, r.patch, version=r.version, digest=r.digest, chain=r.chain
+                        )
+                except DigestMismatchError:
+                    forked = True  # the owner's patches do not continue this replica's history
+                else:
+                    log.info("helper replica of cluster %d caught up to version %d", cluster, replica.version)
+                chain = chain or next((r.chain for r in records if r.version == wanted), "")
+            if forked or (chain and replica.version == wanted and replica.base.chain != chain):
+                replica = await self._settle_fork(cluster, wanted, owner, chain)
         if replica.version != wanted:
             raise RpcError(
                 "version",
                 f"helper replica of cluster {cluster} is at version {replica.version}, the request at {wanted}",
             )
+        return replica
+
+    async def _settle_fork(self, cluster: int, wanted: int, owner: int, chain: str) -> HelperSession:
+        """The replica's history and the owner's differ: the one that is not the anchor's gives
+        way. The owner's: `history` (it re-syncs, then begins again). The replica's: it is built
+        again from the owner's patches (the owners it served replay their round)."""
+        try:
+            anchors = await self.patches(cluster, wanted - 1, None)  # the anchor's record of version `wanted`
+        except (RpcError, ValueError) as exc:
+            raise RpcError(
+                "history", f"cluster {cluster}: histories differ and the anchor cannot be asked ({exc})"
+            ) from None
+        theirs = next((r.chain for r in anchors if r.version == wanted), None)
+        if not chain or theirs != chain:
+            raise RpcError("history", f"owner {owner}'s base version {wanted} is not its cluster anchor's: re-sync")
+        log.warning(
+            "helper replica of cluster %d left the anchor's history; rebuilding it from owner %d", cluster, owner
+        )
+        self.pool.remove(str(cluster))
+        replica = self._replica(cluster)
+        try:
+            for r in await self.patches(cluster, 0, owner):
+                await self.executor.run_urgent(replica.fold, r.patch, version=r.version, digest=r.digest, chain=r.chain)
+        except (RpcError, ValueError) as exc:
+            self.pool.remove(str(cluster))  # half built: the next request starts over
+            raise RpcError("version", f"helper replica of cluster {cluster} could not be rebuilt ({exc})") from None
+        return replica
 
     async def _torch(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         try:
@@ -140,7 +182,7 @@ class HelperService:
         for other in self.pool.clusters:  # an owner that moved cluster is dropped from the old replica
             if other != str(b.cluster):
                 await self.executor.run_urgent(self.pool.get(other).drop, b.owner_id)
-        await self._sync(b.cluster, replica, b.base_version, b.owner_id)
+        replica = await self._sync(b.cluster, replica, b.base_version, b.owner_id, b.base_chain)
         await self._torch(replica.begin, b.owner_id, b.round, b.split, dict(b.ranks), b.seed, mode=b.mode, lr=b.lr)
 
     async def rpc_forward(self, env: Envelope) -> Hidden | Backward:
@@ -150,7 +192,7 @@ class HelperService:
         self.labels_received += b.labels is not None
         await self._owner_plan(b.owner_id)
         replica = self._replica(b.cluster)
-        await self._sync(b.cluster, replica, b.base_version, b.owner_id)
+        replica = await self._sync(b.cluster, replica, b.base_version, b.owner_id)
         bf16, activations = is_bf16(b.activations), tensor_from_wire(b.activations)  # answered in its dtype
         if b.labels is None:  # u-shape: blocks[s:L] only, the owner keeps head, labels and loss
             out = await self._torch(
@@ -185,7 +227,7 @@ class HelperService:
         self.requests["u_backward"] += 1
         await self._owner_plan(b.owner_id)
         replica = self._replica(b.cluster)
-        await self._sync(b.cluster, replica, b.base_version, b.owner_id)
+        replica = await self._sync(b.cluster, replica, b.base_version, b.owner_id)
         bf16 = is_bf16(b.grad)
         grad = await self._torch(
             replica.u_backward, b.owner_id, b.round, b.step, tensor_from_wire(b.grad), base_version=b.base_version

@@ -8,7 +8,9 @@ node runtime acts on:
 
 - `HelperFailed`: the helper missed a step's deadline or cannot serve (the runtime reports
   it to the bootstrap, waits for a new helper, rolls back and replays the round);
-- `VersionBehind`: the helper runs a newer base (the runtime catches up from the anchor).
+- `VersionBehind`: the helper runs a newer base (the runtime catches up from the anchor);
+- `HistoryDiffers`: the helper asked the anchor, and this owner's base at its version is
+  not the anchor's (the runtime re-syncs onto the anchor's history: ClusterSync.resync).
 A helper answering `replay` (it lost this owner's server-side adapter, or a new helper)
 makes the owner roll back and replay the round from step 0 here, a bounded number of times.
 """
@@ -42,6 +44,10 @@ class HelperFailed(Exception):
 
 class VersionBehind(Exception):
     """The helper is on a newer base version than this owner."""
+
+
+class HistoryDiffers(Exception):
+    """The helper found that this owner's base is not its cluster anchor's history (re-sync)."""
 
 
 @dataclass
@@ -107,6 +113,8 @@ class OwnerRunner:
         except RpcError as exc:
             if exc.code == "version":
                 raise VersionBehind(exc.message) from None
+            if exc.code == "history":
+                raise HistoryDiffers(exc.message) from None
             if exc.code in ("replay", "not_serving"):
                 raise
             raise HelperFailed(self.helper, f"{type(body).TYPE} refused: {exc}") from None
@@ -125,6 +133,7 @@ class OwnerRunner:
                 mode=s.config.mode,
                 base_version=s.version,
                 base_digest=self.base_digest,
+                base_chain=s.base.chain,
             ),
             self.step_timeout_s,
         )

@@ -81,7 +81,7 @@ from atlas_p2p.versioning import VersionedBase
 from nodes.base_check import settle_base
 from nodes.bootstrap_client import BootstrapClient
 from nodes.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from nodes.cluster_sync import ClusterSync
+from nodes.cluster_sync import RETRY_POLLS, ClusterSync
 from nodes.collaborators import Link, LocalNode
 from nodes.config import EMBEDDED_MODELS, NodeConfig, TrainConfig, parse_address
 from nodes.control import ControlClient, JoinRefused, advertised_address, keyed_client, node_keys
@@ -90,7 +90,7 @@ from nodes.fingerprinting import split_loss
 from nodes.helper import HelperService
 from nodes.metrics import MetricsLog, write_summary
 from nodes.modelname import build_model, build_tokenizer, shared_model, shared_tokenizer
-from nodes.owner import HelperFailed, OwnerRunner, RoundResult, VersionBehind
+from nodes.owner import HelperFailed, HistoryDiffers, OwnerRunner, RoundResult, VersionBehind
 from nodes.relay import Relaying, RelayServer, loopback_if_wildcard
 from nodes.rss import PeakRss
 from transport.link import LinkProfile
@@ -656,6 +656,10 @@ class Peer:
             except VersionBehind as exc:
                 log.info("round %d: %s; catching up", r, exc)
                 await self.sync.catch_up()
+                continue
+            except HistoryDiffers as exc:
+                if not await self.sync.resync(str(exc)):
+                    await asyncio.sleep(self.train.poll_s * RETRY_POLLS)  # the anchor cannot be asked yet
                 continue
             await self._merge(result)
         while self.session.pending is not None:

@@ -396,6 +396,7 @@ class RoundBegin(Message):
     mode: Annotated[str, OneOf(SPLIT_MODES)] = "two-part"
     base_version: Count = 0
     base_digest: Digest = ""  # the owner's base; a helper on another base refuses (`base_mismatch`)
+    base_chain: Digest = ""  # the chain of the owner's cluster log at base_version; "" = not stated
 
 
 @message("hidden")
