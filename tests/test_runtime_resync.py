@@ -18,8 +18,8 @@ import asyncio
 import pytest
 
 from atlas_p2p.aggregation import Patch, fold_patches
-from atlas_p2p.records import FoldedRecord
 from atlas_p2p.synthetic import write_synthetic_jsonl
+from benchmarks.resync import fork_member
 from nodes.checkpoint import load_checkpoint
 from nodes.config import SwarmSpec
 from scenarios.inprocess import InProcessSwarm
@@ -28,17 +28,6 @@ from tests.test_versioning import filled, make_patch
 from transport.rpc import RpcError
 
 ROUNDS = 3
-
-
-async def _fork_member(peer) -> str:
-    """Fold a version 2 into `peer`'s log that its anchor never published; its digest."""
-    s = peer.session
-    first = s.base.records[0].patch
-    twice = fold_patches([first, first])  # round 0's update once more: content of its own
-    forged = Patch(twice.modules, twice.dense, first.weights, round=0, full=twice.full)
-    record = await peer.executor.run(s.fold, forged, version=2, discard_round=True)
-    peer.sync.folded.append(FoldedRecord(0, 2, record.digest, tuple(sorted(forged.weights)), "manifest"))
-    return record.digest
 
 
 async def _run(tmp_path):
@@ -53,7 +42,7 @@ async def _run(tmp_path):
         await wait_until_async(
             lambda: member.session is not None and member.session.version == 1, 90, what="the member's first fold"
         )
-        forged = await _fork_member(member)
+        forged = await fork_member(member)
         summaries = await swarm.run(timeout=120)
     return summaries["n0"], summaries["n1"], forged
 
