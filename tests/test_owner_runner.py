@@ -14,19 +14,24 @@ from transport.messages import Ping
 from transport.rpc import RpcError
 
 
-def test_a_helper_without_an_address_is_a_failed_helper_not_a_crash():
-    runner = OwnerRunner(
-        None,  # no link, executor or session: nothing may be called
+def _runner(link, helper_address):
+    """An owner runner for helper 7 with no executor or session: nothing else may be called."""
+    return OwnerRunner(
+        link,
         None,
         None,
         TrainConfig(out_dir=None),
         owner_id=1,
         cluster=0,
         helper=7,
-        helper_address=None,
+        helper_address=helper_address,
         ranks={},
         base_digest="",
     )
+
+
+def test_a_helper_without_an_address_is_a_failed_helper_not_a_crash():
+    runner = _runner(None, None)
     with pytest.raises(HelperFailed) as failed:
         asyncio.run(runner._call(Ping(), timeout=1.0))
     assert failed.value.helper == 7 and "no address" in failed.value.why
@@ -46,17 +51,6 @@ class _Answers:
     "code, raised", [("version", VersionBehind), ("history", HistoryDiffers), ("bad_request", HelperFailed)]
 )
 def test_the_helpers_error_codes_become_what_the_runtime_acts_on(code, raised):
-    runner = OwnerRunner(
-        _Answers(code),
-        None,
-        None,
-        TrainConfig(out_dir=None),
-        owner_id=1,
-        cluster=0,
-        helper=7,
-        helper_address="127.0.0.1:1",
-        ranks={},
-        base_digest="",
-    )
+    runner = _runner(_Answers(code), "127.0.0.1:1")
     with pytest.raises(raised):
         asyncio.run(runner._call_once(Ping(), timeout=1.0))
