@@ -566,8 +566,8 @@ class ClusterSync:
         alog = self.anchor_logs.get(cluster)
         if alog is None:
             alog = await self.executor.run(AnchorLog.from_base, cluster, s.base)
+            self.anchor_logs[cluster] = alog  # members' partials and held_get are answered during the take-over
             await self._take_over(alog, a)
-            self.anchor_logs[cluster] = alog
             log.info("node %d anchors cluster %d from version %d", self.local.node_id, cluster, alog.base.version)
         await self.executor.run(alog.sync_from, s.base)
         r = alog.next_round
@@ -591,13 +591,22 @@ class ClusterSync:
         then refuse the next version: DigestMismatchError). MIRA's bases are personal: none to take."""
         if self.merge_rule == MIRA:
             return
-        for m in a.members:
-            if m == self.local.node_id or m in a.unreachable:
+        others = [m for m in a.members if m != self.local.node_id and m not in a.unreachable]
+        since = alog.base.version
+        # all at once: a dead member costs one timeout, not one each (before, a dead member held
+        # the first publish for a whole round deadline while its subtree's fallbacks were refused)
+        answers = await asyncio.gather(
+            *(self._patches_from(m, a.cluster, since) for m in others), return_exceptions=True
+        )
+        for m, records in zip(others, answers, strict=True):
+            if isinstance(records, BaseException):
+                if not isinstance(records, (RpcError, ValueError)):
+                    raise records
+                log.debug("take-over of cluster %d: nothing from node %d (%s)", a.cluster, m, records)
                 continue
             try:
-                records = await self._patches_from(m, a.cluster, alog.base.version)
                 taken = await self.executor.run(alog.base.extend, records)
-            except (RpcError, ValueError) as exc:  # behind this node, gone, or on another chain
+            except ValueError as exc:  # behind this node's log now, or on another chain
                 log.debug("take-over of cluster %d: nothing from node %d (%s)", a.cluster, m, exc)
                 continue
             if taken:
