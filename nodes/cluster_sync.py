@@ -81,6 +81,11 @@ log = logging.getLogger("atlas.peer")
 RETRY_POLLS = 10  # a round with nothing folded is asked again after this many polls
 
 
+def _caught_up(r: PatchRecord) -> FoldedRecord:
+    """The record of a patch folded from the anchor's log rather than from a manifest."""
+    return FoldedRecord(r.patch.round, r.version, r.digest, tuple(sorted(r.patch.weights)), "catch-up")
+
+
 class ClusterSync:
     """Gossip, anchor, manifests and catch-up of this node's cluster (module doc)."""
 
@@ -476,9 +481,7 @@ class ClusterSync:
                 continue
             if not await self._fold_checked(r.patch, r.version, r.digest, r.chain, discard_round=True):
                 return
-            self.folded.append(
-                FoldedRecord(r.patch.round, r.version, r.digest, tuple(sorted(r.patch.weights)), "catch-up")
-            )
+            self.folded.append(_caught_up(r))
         if records:
             log.info("caught up to base version %d", s.version)
 
@@ -526,11 +529,7 @@ class ClusterSync:
         before = s.version
         await self.executor.run(s.rebase, base, fork)
         kept = [f for f in self.folded if f.version <= fork]
-        taken = [
-            FoldedRecord(r.patch.round, r.version, r.digest, tuple(sorted(r.patch.weights)), "catch-up")
-            for r in base.missing_since(fork)
-        ]
-        self.folded[:] = kept + taken
+        self.folded[:] = kept + [_caught_up(r) for r in base.missing_since(fork)]
         log.warning(
             "cluster %d: this node's history left anchor %d's after version %d (%s): versions %d..%d dropped, "
             "the anchor's %d..%d folded",

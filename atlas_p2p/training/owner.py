@@ -441,7 +441,7 @@ class OwnerSession:
             merged = any(str(self.config.node_id) in r.patch.weights and r.patch.round >= out.round for r in taken)
             self.pending = None if merged else out
             self._outgoing = None
-        log.warning(
+        log.info(  # the caller (nodes.cluster_sync.resync) warns, naming the versions
             "owner %s: cluster %s history replaced after version %d (%d patch(es) out, %d in)",
             self.config.node_id,
             base.cluster,
